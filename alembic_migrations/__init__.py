@@ -1,0 +1,1 @@
+"""Alembic revisions: the toolkit's own tables and each milestone's schema changes."""

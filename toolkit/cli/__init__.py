@@ -1,0 +1,1 @@
+"""The ``toolkit`` command: thin Click commands over the library."""

@@ -1,0 +1,60 @@
+"""What every command shares: the target database, resolved once, and the output mode."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+from sqlalchemy.engine import Engine
+
+from toolkit import output
+from toolkit.db import Target, create_engine, resolve_target
+
+
+@dataclass
+class AppContext:
+    database_url: str | None = None
+    json_mode: bool = False
+    quiet: bool = False
+    command: str = ""
+    _target: Target | None = field(default=None, repr=False)
+    _engine: Engine | None = field(default=None, repr=False)
+
+    def target(self) -> Target:
+        if self._target is None:
+            self._target = resolve_target(self.database_url)
+            output.out.secrets = self._target.secrets
+            if self._target.source == "sandbox":
+                output.out.say(f"Using the sandbox database {self._target.describe()} "
+                               "(no --database-url or TOOLKIT_DATABASE_URL given).")
+        return self._target
+
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = create_engine(self.target())
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def finish(self, result: dict[str, Any], *, ok: bool = True, exit_code: int = 0) -> None:
+        """Emit the command's one JSON document (no-op for a person)."""
+        output.out.document(envelope(self.command, ok, exit_code, result=result))
+
+
+def envelope(command: str, ok: bool, exit_code: int, **parts: Any) -> dict[str, Any]:
+    """The stable shape of every --json document (documented in the README)."""
+    return {"command": command, "ok": ok, "exit_code": exit_code, **parts}
+
+
+def app(ctx: click.Context | None = None) -> AppContext:
+    ctx = ctx or click.get_current_context()
+    return ctx.ensure_object(AppContext)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("TOOLKIT_DEBUG", "") not in ("", "0")

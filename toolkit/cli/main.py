@@ -1,0 +1,102 @@
+"""The ``toolkit`` group, its global options, and the one place errors become messages.
+
+Every expected failure is a :class:`~toolkit.errors.ToolkitError`; :meth:`ToolkitGroup.invoke`
+prints it as one line (problem, then the next step) and exits with its code. Doing this
+in the group rather than in a wrapper around ``main`` means Click's ``CliRunner`` in the
+tests sees exactly what an operator sees.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import click
+from sqlalchemy.exc import DBAPIError
+
+from toolkit import __version__, output
+from toolkit.cli.context import AppContext, app, debug_enabled, envelope
+from toolkit.db import DATABASE_URL_ENV, classify
+from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode, Interrupted, ToolkitError
+
+
+def _exit_code_help() -> str:
+    return "\n".join(f"  {int(code):>3}  {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items())
+
+
+class ToolkitGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except ToolkitError as exc:
+            _report(ctx, exc)
+        except KeyboardInterrupt:
+            _report(ctx, Interrupted("Interrupted", "run the same command again to resume"))
+        except DBAPIError as exc:
+            if debug_enabled():
+                raise
+            where = app(ctx)._target.describe() if app(ctx)._target else "the database"
+            _report(ctx, classify(exc, where, output.out.secrets))
+        except Exception as exc:
+            if debug_enabled():
+                raise
+            _report(ctx, ToolkitError(f"Unexpected error: {type(exc).__name__}: {exc}",
+                                      "run again with TOOLKIT_DEBUG=1 and report the traceback"),
+                    code=ExitCode.INTERNAL)
+        finally:
+            app(ctx).close()
+
+
+def _report(ctx: click.Context, exc: ToolkitError, code: ExitCode | None = None) -> None:
+    code = code or exc.exit_code
+    state = app(ctx)
+    if debug_enabled():
+        traceback.print_exc()
+    if state.json_mode:
+        output.out.document(envelope(
+            state.command, False, int(code),
+            error={"kind": type(exc).__name__, "problem": output.out._clean(exc.problem),
+                   "next_step": exc.next_step, "details": exc.details},
+        ))
+    output.out.error(exc.one_line())
+    ctx.exit(int(code))
+
+
+@click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=f"\b\nExit codes:\n{_exit_code_help()}")
+@click.option("--database-url", metavar="URL",
+              help=f"GitLab's PostgreSQL database (default: ${DATABASE_URL_ENV}, else the running "
+                   "sandbox). The password is never printed.")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document instead of text.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings; no progress bars.")
+@click.version_option(__version__, prog_name="toolkit")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, json_mode: bool, quiet: bool) -> None:
+    """Merge GitLab's Model experiments into the Model registry, safely.
+
+    Runs the blueprint's four milestones on a live GitLab PostgreSQL database with a
+    dry run that writes nothing, batched resumable apply, verify and rollback.
+
+    Example: toolkit demo
+    """
+    state = ctx.ensure_object(AppContext)
+    state.database_url = database_url
+    state.json_mode = json_mode
+    state.quiet = quiet
+    state.command = ctx.invoked_subcommand or ""
+    output.configure(json_mode=json_mode, quiet=quiet)
+
+
+def _register() -> None:
+    from toolkit.cli import demo, sandbox
+
+    cli.add_command(sandbox.sandbox)
+    cli.add_command(demo.demo)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="toolkit")

@@ -1,0 +1,89 @@
+"""Exceptions that carry an exit code and the operator's next step.
+
+Every expected failure is raised as a :class:`ToolkitError`; the CLI turns it into one
+line (problem, then what to do) and the exit code below, without a traceback. Keeping the
+codes here, in one table, is what lets the README document them and CI rely on them.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    VERIFY_FAILED = 1
+    USAGE = 2
+    REFUSED = 3
+    LOCKED = 4
+    DATABASE = 5
+    INTERNAL = 70
+    INTERRUPTED = 130
+
+
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "success",
+    ExitCode.VERIFY_FAILED: "a verification failed (the database is not in the state checked for)",
+    ExitCode.USAGE: "usage error (unknown option, bad value)",
+    ExitCode.REFUSED: "refused: a precondition does not hold; nothing was changed",
+    ExitCode.LOCKED: "a lock could not be had or a statement timed out; the current batch was rolled back",
+    ExitCode.DATABASE: "the database could not be reached or used (connection, authentication, privileges)",
+    ExitCode.INTERNAL: "an unexpected internal error (a bug: please report it with TOOLKIT_DEBUG=1 output)",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C or signal); progress up to the last batch is kept",
+}
+
+
+class ToolkitError(Exception):
+    """An expected failure: what went wrong and what the operator should do next."""
+
+    exit_code: ExitCode = ExitCode.REFUSED
+
+    def __init__(self, problem: str, next_step: str | None = None, *, details: object = None):
+        super().__init__(problem)
+        self.problem = problem
+        self.next_step = next_step
+        self.details = details
+
+    def one_line(self) -> str:
+        if self.next_step:
+            return f"{self.problem.rstrip('.')}. Next: {self.next_step}"
+        return self.problem
+
+
+class UsageProblem(ToolkitError):
+    exit_code = ExitCode.USAGE
+
+
+class PreconditionRefused(ToolkitError):
+    exit_code = ExitCode.REFUSED
+
+
+class VerificationFailed(ToolkitError):
+    exit_code = ExitCode.VERIFY_FAILED
+
+
+class LockUnavailable(ToolkitError):
+    exit_code = ExitCode.LOCKED
+
+
+class DatabaseProblem(ToolkitError):
+    exit_code = ExitCode.DATABASE
+
+
+class Interrupted(ToolkitError):
+    exit_code = ExitCode.INTERRUPTED
+
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)", re.I)
+_PASSWORD_PARAM = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'[^']*'|\S+)", re.I)
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Mask passwords in URLs, in ``password=...`` fragments and any known secret."""
+    text = _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***{m['tail']}" if m["pw"] else m[0], text)
+    text = _PASSWORD_PARAM.sub(lambda m: f"{m['head']}***", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,122 @@
+"""All terminal output goes through here: narration, tables, warnings, JSON, progress.
+
+One module means one place that knows whether we are talking to a person (plain lines,
+progress bars on a terminal) or to CI (``--json``: exactly one JSON document on stdout,
+nothing else there). Every string passes through :func:`toolkit.errors.redact` so a
+password can never reach the screen or a log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from toolkit.errors import redact
+
+
+@dataclass
+class Output:
+    json_mode: bool = False
+    quiet: bool = False
+    secrets: tuple[str, ...] = ()
+    stdout: TextIO | None = None
+    stderr: TextIO | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    # Streams are looked up at call time so Click's CliRunner, which swaps sys.stdout,
+    # captures everything.
+    def _out(self) -> TextIO:
+        return self.stdout or sys.stdout
+
+    def _err(self) -> TextIO:
+        return self.stderr or sys.stderr
+
+    def _clean(self, text: str) -> str:
+        return redact(text, self.secrets)
+
+    def say(self, message: str = "") -> None:
+        """Narration for a person; silent with --json or --quiet."""
+        if not self.json_mode and not self.quiet:
+            print(self._clean(message), file=self._out(), flush=True)
+
+    def warn(self, message: str) -> None:
+        """A warning is kept for the JSON document and shown to a person on stderr."""
+        message = self._clean(message)
+        self.warnings.append(message)
+        if not self.json_mode:
+            print(f"warning: {message}", file=self._err(), flush=True)
+
+    def error(self, message: str) -> None:
+        print(f"error: {self._clean(message)}", file=self._err(), flush=True)
+
+    def table(self, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """A plain aligned table; numbers right-aligned so counts can be compared by eye."""
+        if self.json_mode or self.quiet:
+            return
+        rows = [["" if v is None else str(v) for v in row] for row in rows]
+        widths = [len(h) for h in headers]
+        for row in rows:
+            widths = [max(w, len(v)) for w, v in zip(widths, row, strict=True)]
+        numeric = [all(_is_number(r[i]) for r in rows) and rows != [] for i in range(len(headers))]
+
+        def fmt(values: Sequence[str]) -> str:
+            cells = [
+                v.rjust(w) if num else v.ljust(w)
+                for v, w, num in zip(values, widths, numeric, strict=True)
+            ]
+            return "  ".join(cells).rstrip()
+
+        self.say(fmt(list(headers)))
+        self.say(fmt(["-" * w for w in widths]))
+        for row in rows:
+            self.say(fmt(row))
+
+    def document(self, doc: dict[str, Any]) -> None:
+        """The one JSON document of a command (only with --json)."""
+        if self.json_mode:
+            if self.warnings and "warnings" not in doc:
+                doc = {**doc, "warnings": self.warnings}
+            text = json.dumps(doc, indent=2, sort_keys=True, default=str)
+            print(self._clean(text), file=self._out(), flush=True)
+
+    def progress(self, total: int | None, description: str, unit: str = "rows") -> tqdm:
+        """A progress bar with rate and ETA on a terminal; a silent no-op otherwise."""
+        stream = self._err()
+        disabled = self.json_mode or self.quiet or not getattr(stream, "isatty", lambda: False)()
+        return tqdm(
+            total=total,
+            desc=description,
+            unit=f" {unit}",
+            unit_scale=True,
+            file=stream,
+            disable=disabled,
+            leave=False,
+            dynamic_ncols=True,
+        )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+out = Output()
+
+
+def configure(*, json_mode: bool = False, quiet: bool = False, secrets: tuple[str, ...] = ()) -> Output:
+    """Reset the shared output for one command invocation."""
+    out.json_mode = json_mode
+    out.quiet = quiet
+    out.secrets = secrets
+    out.warnings = []
+    out.stdout = None
+    out.stderr = None
+    return out

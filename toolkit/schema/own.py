@@ -1,0 +1,46 @@
+"""The toolkit's own tables, in a PostgreSQL schema of its own.
+
+Nothing here touches GitLab's tables: run history, checkpoints (and, in later
+milestones, undo ledgers and the archive) live in ``toolkit``, created by the Alembic
+revisions in ``alembic_migrations/`` whose version table is ``toolkit.alembic_version``.
+A dry run never creates this schema; it reads it only when it already exists.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, DateTime, Identity, MetaData, Table, Text, text
+from sqlalchemy.dialects.postgresql import JSONB
+
+SCHEMA = "toolkit"
+VERSION_TABLE = "alembic_version"
+
+metadata = MetaData(schema=SCHEMA)
+
+runs = Table(
+    "runs", metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("command", Text, nullable=False),
+    Column("milestone", Text),
+    Column("options", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("database_user", Text, nullable=False),
+    Column("os_user", Text),
+    Column("host", Text),
+    Column("toolkit_version", Text, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("outcome", Text, nullable=False, server_default=text("'running'")),
+    Column("rows_by_step", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("error", Text),
+)
+
+checkpoints = Table(
+    "checkpoints", metadata,
+    Column("milestone", Text, primary_key=True),
+    Column("step", Text, primary_key=True),
+    Column("last_key", BigInteger),
+    Column("rows_done", BigInteger, nullable=False, server_default=text("0")),
+    Column("batches_done", BigInteger, nullable=False, server_default=text("0")),
+    Column("run_id", BigInteger),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
