@@ -196,8 +196,9 @@ packages_packages = Table(
 
 
 def _pkg_unique(name: str, package_type: int) -> Index:
+    c = packages_packages.c
     return Index(
-        name, "project_id", "name", "version", unique=True,
+        name, c.project_id, c.name, c.version, unique=True,
         postgresql_where=text(f"((package_type = {package_type}) AND (status <> 4))"),
     )
 

@@ -1,0 +1,104 @@
+"""The CLI as a whole: demo, connection resolution, errors as one line with an exit code."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from toolkit.cli.main import cli
+from toolkit.errors import ExitCode, redact
+
+
+def run(*args: str, env: dict | None = None):
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_demo_starts_seeds_and_shows_counts(sandbox_dir):
+    result = run("demo")
+    assert result.exit_code == 0, result.output
+    assert "Starting the sandbox" in result.output
+    for table in ("ml_experiments", "ml_candidates", "ml_candidate_metrics", "packages_packages"):
+        assert table in result.output
+    doc = json.loads(run("--json", "demo").output)
+    assert doc["ok"] is True and doc["exit_code"] == 0
+    assert doc["result"]["counts"]["ml_experiments"] == 24
+
+
+def test_no_database_and_no_sandbox_is_refused_with_the_next_step(sandbox_dir):
+    from toolkit.cli.context import app
+
+    @cli.command("probe-connection", hidden=True)
+    def probe() -> None:
+        app().target()
+
+    try:
+        result = run("probe-connection")
+    finally:
+        cli.commands.pop("probe-connection")
+    assert result.exit_code == ExitCode.REFUSED
+    assert "sandbox is not running" in result.output
+    assert "toolkit sandbox start" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unreachable_database_is_one_line_without_the_password(sandbox_dir):
+    from toolkit.cli.context import app
+
+    @cli.command("probe-connection", hidden=True)
+    def probe() -> None:
+        with app().engine().connect():
+            pass
+
+    try:
+        result = run("--database-url", "postgresql://gitlab:s3cr3t-pw@127.0.0.1:1/gitlabhq_production",
+                     "probe-connection")
+        as_json = run("--json", "probe-connection",
+                      env={"TOOLKIT_DATABASE_URL": "postgresql://gitlab:s3cr3t-pw@127.0.0.1:1/x"})
+    finally:
+        cli.commands.pop("probe-connection")
+    assert result.exit_code == ExitCode.DATABASE
+    assert "s3cr3t-pw" not in result.output
+    assert "gitlab:***@127.0.0.1:1" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    doc = json.loads(as_json.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == ExitCode.DATABASE
+    assert doc["error"]["kind"] == "DatabaseProblem"
+    assert "s3cr3t-pw" not in as_json.output
+
+
+def test_non_postgres_url_is_a_usage_error(sandbox_dir):
+    from toolkit.cli.context import app
+
+    @cli.command("probe-connection", hidden=True)
+    def probe() -> None:
+        app().target()
+
+    try:
+        result = run("--database-url", "mysql://root:pw@localhost/db", "probe-connection")
+    finally:
+        cli.commands.pop("probe-connection")
+    assert result.exit_code == ExitCode.USAGE
+    assert "PostgreSQL only" in result.output
+
+
+def test_redact_masks_passwords_everywhere():
+    assert redact("postgresql://u:p%40ss@h/db") == "postgresql://u:***@h/db"
+    assert redact("host=h password=hunter2 user=u") == "host=h password=*** user=u"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert redact("failed for 'topsecret'", ("topsecret",)) == "failed for '***'"
+
+
+def test_every_command_has_help_with_an_example():
+    def walk(group, prefix):
+        for name, command in group.commands.items():
+            if command.hidden:
+                continue
+            yield f"{prefix} {name}".strip(), command
+            if hasattr(command, "commands"):
+                yield from walk(command, f"{prefix} {name}")
+
+    for path, _command in walk(cli, ""):
+        result = run(*path.split(), "--help")
+        assert result.exit_code == 0
+        assert "Example:" in result.output, path

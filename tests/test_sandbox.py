@@ -1,0 +1,67 @@
+"""`toolkit sandbox` start/stop/restart/status/url/seed, through the CLI as an operator uses it."""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from toolkit.cli.main import cli
+from toolkit.db import create_engine
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_start_stop_restart_keeps_data(sandbox_dir):
+    status = json.loads(run("--json", "sandbox", "status").output)
+    assert status["result"]["running"] is False and status["result"]["initialized"] is False
+
+    started = run("sandbox", "start")
+    assert started.exit_code == 0, started.output
+    assert "Started the sandbox server" in started.output
+    assert "Created the empty database gitlab_sandbox" in started.output
+
+    again = run("sandbox", "start")
+    assert again.exit_code == 0 and "already running" in again.output
+
+    url = run("sandbox", "url").output.strip()
+    assert url.startswith("postgresql://postgres@/gitlab_sandbox?host=")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE kept (x int)"))
+        conn.execute(sa.text("INSERT INTO kept VALUES (42)"))
+    engine.dispose()
+
+    assert run("sandbox", "stop").exit_code == 0
+    stopped = json.loads(run("--json", "sandbox", "status").output)["result"]
+    assert stopped["running"] is False and stopped["initialized"] is True
+    assert "was not running" in run("sandbox", "stop").output
+
+    url_when_stopped = run("sandbox", "url")
+    assert url_when_stopped.exit_code == 3
+    assert "toolkit sandbox start" in url_when_stopped.output
+
+    assert run("sandbox", "start").exit_code == 0
+    engine = create_engine(run("sandbox", "url").output.strip())
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT x FROM kept")).scalar() == 42
+    engine.dispose()
+
+
+def test_seed_starts_the_sandbox_and_reports_counts(sandbox_dir):
+    result = run("--json", "sandbox", "seed", "--scale", "small", "--profile", "adversarial", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["ok"] is True and doc["command"] == "sandbox seed"
+    counts = doc["result"]["counts"]
+    assert counts["ml_candidates"] > 240 and counts["ml_experiments"] > 24
+    engine = create_engine(run("sandbox", "url").output.strip())
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM ml_candidates")).scalar() == counts["ml_candidates"]
+    engine.dispose()
+    # seeding again replaces the database rather than adding to it
+    again = json.loads(run("--json", "sandbox", "seed", "--seed", "3").output)["result"]["counts"]
+    assert again["ml_candidates"] < counts["ml_candidates"]

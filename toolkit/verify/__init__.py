@@ -1,0 +1,1 @@
+"""Read-only checks: content digests now; fingerprints and the MLflow view build on them."""
