@@ -16,10 +16,20 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from toolkit.errors import DatabaseProblem, PreconditionRefused, UsageProblem, redact
+from toolkit.errors import (
+    DatabaseProblem,
+    LockUnavailable,
+    PreconditionRefused,
+    ToolkitError,
+    UsageProblem,
+    redact,
+)
 
 DATABASE_URL_ENV = "TOOLKIT_DATABASE_URL"
 APPLICATION_NAME = "toolkit"
+# Every session of the toolkit waits at most this long for a lock (batches set their own,
+# shorter, limit): a read must fail clearly rather than queue behind an ACCESS EXCLUSIVE lock.
+SESSION_LOCK_TIMEOUT_MS = 5000
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,7 @@ class Target:
         return (self.url.password,) if self.url.password else ()
 
     def describe(self) -> str:
-        return self.url.render_as_string(hide_password=True)
+        return self.url.set(drivername="postgresql").render_as_string(hide_password=True)
 
 
 def parse_url(raw: str) -> URL:
@@ -73,7 +83,8 @@ def create_engine(target: Target | URL | str, **kwargs: object) -> Engine:
         url = target.url
     else:
         url = parse_url(target) if isinstance(target, str) else target
-    connect_args = {"application_name": APPLICATION_NAME, "connect_timeout": 10}
+    connect_args = {"application_name": APPLICATION_NAME, "connect_timeout": 10,
+                    "options": f"-c lock_timeout={SESSION_LOCK_TIMEOUT_MS}"}
     connect_args.update(kwargs.pop("connect_args", {}))  # type: ignore[arg-type]
     return sa.create_engine(url, connect_args=connect_args, pool_pre_ping=False, **kwargs)
 
@@ -96,7 +107,7 @@ def database_errors(target: Target | None = None) -> Iterator[None]:
 _PRIVILEGE_STATES = {"42501", "25006"}
 
 
-def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> DatabaseProblem:
+def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> ToolkitError:
     orig = exc.orig
     sqlstate = getattr(orig, "sqlstate", None)
     first = redact(str(orig).strip().splitlines()[0] if str(orig).strip() else repr(orig), secrets)

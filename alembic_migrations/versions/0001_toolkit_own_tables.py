@@ -1,4 +1,7 @@
-"""The toolkit's own tables: run history and checkpoints.
+"""The toolkit's own tables: run history, checkpoints, milestone states, milestone 1's ledger.
+
+This is the first revision of the ``toolkit`` branch; milestone schema changes to GitLab's
+tables live on the separate ``gitlab`` branch, so rolling one back never drops a ledger.
 
 Revision ID: 0001_own_tables
 Revises:
@@ -11,7 +14,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0001_own_tables"
 down_revision = None
-branch_labels = None
+branch_labels = ("toolkit",)
 depends_on = None
 
 SCHEMA = "toolkit"
@@ -49,8 +52,31 @@ def upgrade() -> None:
                   server_default=sa.text("now()")),
         schema=SCHEMA,
     )
+    op.create_table(
+        "milestones",
+        sa.Column("milestone", sa.Text, primary_key=True),
+        sa.Column("state", sa.Text, nullable=False),
+        sa.Column("applied_at", sa.DateTime(timezone=True)),
+        sa.Column("verified_at", sa.DateTime(timezone=True)),
+        sa.Column("rolled_back_at", sa.DateTime(timezone=True)),
+        sa.Column("last_run_id", sa.BigInteger),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.text("now()")),
+        schema=SCHEMA,
+    )
+    op.create_table(
+        "m1_converted_packages",
+        sa.Column("package_id", sa.BigInteger, primary_key=True),
+        sa.Column("previous_package_type", sa.SmallInteger, nullable=False),
+        sa.Column("run_id", sa.BigInteger),
+        sa.Column("converted_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.text("now()")),
+        schema=SCHEMA,
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("m1_converted_packages", schema=SCHEMA)
+    op.drop_table("milestones", schema=SCHEMA)
     op.drop_table("checkpoints", schema=SCHEMA)
     op.drop_table("runs", schema=SCHEMA)

@@ -89,10 +89,11 @@ def cli(ctx: click.Context, database_url: str | None, json_mode: bool, quiet: bo
 
 
 def _register() -> None:
-    from toolkit.cli import demo, sandbox
+    from toolkit.cli import demo, migrate, sandbox
 
-    cli.add_command(sandbox.sandbox)
-    cli.add_command(demo.demo)
+    for command in (migrate.status, migrate.plan, migrate.migrate, migrate.verify, migrate.rollback,
+                    migrate.sql, migrate.history, sandbox.sandbox, demo.demo):
+        cli.add_command(command)
 
 
 _register()

@@ -7,17 +7,19 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 import alembic_migrations
 from toolkit.schema.own import SCHEMA, VERSION_TABLE
 
-OWN_TABLES_HEAD = "0001_own_tables"
+OWN_TABLES_HEAD = "toolkit@head"
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(Path(alembic_migrations.__file__).parent))
+    # __path__ rather than __file__: works for a regular and a namespace-style (editable) install.
+    config.set_main_option("script_location", str(Path(next(iter(alembic_migrations.__path__)))))
     config.attributes["connection"] = connection
     return config
 
@@ -30,19 +32,26 @@ def downgrade(connection: Connection, revision: str) -> None:
     command.downgrade(alembic_config(connection), revision)
 
 
-def current_revision(connection: Connection) -> str | None:
-    """The applied revision, read without creating anything (safe in a dry run)."""
-    exists = connection.execute(
+def own_schema_exists(connection: Connection) -> bool:
+    return connection.execute(
         sa.text("SELECT to_regclass(:name) IS NOT NULL"), {"name": f"{SCHEMA}.{VERSION_TABLE}"}
     ).scalar_one()
-    if not exists:
-        return None
-    return connection.execute(
-        sa.text(f"SELECT version_num FROM {SCHEMA}.{VERSION_TABLE}")
-    ).scalar_one_or_none()
+
+
+def applied_revisions(connection: Connection) -> set[str]:
+    """The heads recorded in the version table, read without creating anything (dry-run safe)."""
+    if not own_schema_exists(connection):
+        return set()
+    return {r[0] for r in connection.execute(sa.text(f"SELECT version_num FROM {SCHEMA}.{VERSION_TABLE}"))}
+
+
+def own_tables_current(connection: Connection) -> bool:
+    script = ScriptDirectory.from_config(alembic_config())
+    return script.get_revision(OWN_TABLES_HEAD).revision in applied_revisions(connection)
 
 
 def ensure_own_tables(connection: Connection) -> None:
-    """Create the toolkit's schema and tables if this database has never seen the toolkit."""
-    if current_revision(connection) is None:
+    """Bring the toolkit's own schema up to date; a no-op when it already is."""
+    if not own_tables_current(connection):
         upgrade(connection, OWN_TABLES_HEAD)
+        connection.commit()

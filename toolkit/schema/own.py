@@ -8,7 +8,17 @@ A dry run never creates this schema; it reads it only when it already exists.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, DateTime, Identity, MetaData, Table, Text, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 
 SCHEMA = "toolkit"
@@ -43,4 +53,24 @@ checkpoints = Table(
     Column("run_id", BigInteger),
     Column("completed_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+
+milestones = Table(
+    "milestones", metadata,
+    Column("milestone", Text, primary_key=True),
+    Column("state", Text, nullable=False),  # in_progress, applied, verified, rolled_back
+    Column("applied_at", DateTime(timezone=True)),
+    Column("verified_at", DateTime(timezone=True)),
+    Column("rolled_back_at", DateTime(timezone=True)),
+    Column("last_run_id", BigInteger),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+
+# Milestone 1's undo ledger: exactly the packages it converted, and what they were.
+m1_converted_packages = Table(
+    "m1_converted_packages", metadata,
+    Column("package_id", BigInteger, primary_key=True),
+    Column("previous_package_type", SmallInteger, nullable=False),
+    Column("run_id", BigInteger),
+    Column("converted_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )

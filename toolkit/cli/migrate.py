@@ -1,0 +1,260 @@
+"""``plan``, ``migrate``, ``verify``, ``rollback``, ``sql``, ``status``, ``history``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from toolkit import milestones as registry
+from toolkit.cli import render
+from toolkit.cli.context import app
+from toolkit.engine import state
+from toolkit.engine.batches import RunOptions
+from toolkit.engine.runner import ApplyResult, PlanResult, Runner
+from toolkit.milestones.base import Milestone
+from toolkit.output import out
+
+MILESTONE = click.argument("milestone", metavar="MILESTONE")
+
+
+def run_options(func: Callable) -> Callable:
+    """Options every writing command shares."""
+    options = [
+        click.option("--batch-size", type=click.IntRange(1), default=1000, show_default=True,
+                     help="Keys of the driving table per batch (one short transaction each)."),
+        click.option("--pause-ms", type=click.IntRange(0), default=0, show_default=True,
+                     help="Pause between batches, to leave room for GitLab's own traffic."),
+        click.option("--max-batches", type=click.IntRange(1), default=None,
+                     help="Do this many batches now, then stop; the next run resumes."),
+        click.option("--max-runtime", type=click.FloatRange(0), default=None, metavar="SECONDS",
+                     help="Stop at the first batch boundary after this long; the next run resumes."),
+        click.option("--lock-timeout-ms", type=click.IntRange(1), default=2000, show_default=True,
+                     help="Longest a statement waits for a lock before the batch is retried."),
+        click.option("--statement-timeout-ms", type=click.IntRange(1), default=60_000,
+                     show_default=True, help="Longest a single statement may run."),
+        click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
+                     help="Retries of a batch after a lock or statement timeout (with backoff)."),
+        click.option("--lock-wait", type=click.FloatRange(0), default=10.0, show_default=True,
+                     metavar="SECONDS", help="How long to poll for the one-runner lock."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _runner(opts: dict[str, Any] | None = None) -> Runner:
+    opts = dict(opts or {})
+    lock_wait = opts.pop("lock_wait", 10.0)
+    if "max_runtime" in opts:
+        opts["max_runtime_s"] = opts.pop("max_runtime")
+    options = RunOptions(**opts)
+    return Runner(app().engine(), options, command=_command_line(), lock_wait_s=lock_wait)
+
+
+def _command_line() -> str:
+    """The command as typed, less defaults (recorded in history; never holds the URL)."""
+    ctx = click.get_current_context()
+    words = [ctx.command_path]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words.append(str(value)) if value is not None else None
+        elif value != param.default and value not in (None, False):
+            words.append(param.opts[0] if value is True else f"{param.opts[0]}={value}")
+    return " ".join(words)
+
+
+def _plan_doc(result: PlanResult) -> dict[str, Any]:
+    return {"milestone": result.milestone.name, "title": result.milestone.title, "rows": result.rows,
+            "gate": result.gate.as_dict(), "steps": [s.as_dict() for s in result.steps]}
+
+
+def _apply_doc(result: ApplyResult) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "milestone": result.milestone.name, "run_id": result.run_id, "complete": result.complete,
+        "stopped": result.stopped, "rows": result.rows,
+        "passes": [{"name": p.name, "rows": p.rows, "batches": p.batches, "complete": p.complete}
+                   for p in result.passes],
+    }
+    if result.verify is not None:
+        doc["verify"] = {"ok": result.verify.ok, "checks": [c.as_dict() for c in result.verify.checks]}
+    return doc
+
+
+@click.command()
+@click.argument("milestone", metavar="[MILESTONE]", required=False)
+@click.option("--no-sql", is_flag=True, help="Leave out the SQL of each step.")
+def plan(milestone: str | None, no_sql: bool) -> None:
+    """Show what each milestone would change: exact counts, anomalies, SQL. Writes nothing.
+
+    Runs in one READ ONLY, REPEATABLE READ transaction, so the counts are one consistent
+    snapshot and nothing can be written, even on a database the toolkit never touched.
+
+    Example: toolkit plan milestone-1
+    """
+    chosen = [registry.get(milestone)] if milestone else list(registry.MILESTONES.values())
+    runner = _runner()
+    results = [runner.plan(m) for m in chosen]
+    for result in results:
+        render.plan(result, show_sql=not no_sql)
+    app().finish({"dry_run": True, "milestones": [_plan_doc(r) for r in results]})
+
+
+@click.command()
+@MILESTONE
+@click.option("--dry-run", is_flag=True, help="Show what would happen (as `plan`) and write nothing.")
+@click.option("--no-verify", is_flag=True, help="Do not verify after applying.")
+@run_options
+def migrate(milestone: str, dry_run: bool, no_verify: bool, **opts: Any) -> None:
+    """Apply a milestone in short batches; resumable, one runner at a time.
+
+    Refuses to start until the previous milestone verifies. Ctrl-C stops at the next
+    batch boundary; running the same command again resumes. Verifies at the end.
+
+    Example: toolkit migrate milestone-1 --dry-run
+    """
+    chosen = registry.get(milestone)
+    runner = _runner(opts)
+    if dry_run:
+        result = runner.plan(chosen)
+        render.plan(result)
+        if not result.gate.ok:
+            raise result.gate.refusal(chosen)
+        out.say("Dry run: nothing was written.")
+        app().finish({"dry_run": True, "milestones": [_plan_doc(result)]})
+        return
+    out.say(f"Applying {chosen.name}: {chosen.title}")
+    result = runner.migrate(chosen, verify_after=not no_verify)
+    _report_apply(result)
+    app().finish(_apply_doc(result), ok=not (result.verify and not result.verify.ok),
+                 exit_code=1 if result.verify and not result.verify.ok else 0)
+    if result.verify is not None and not result.verify.ok:
+        raise result.verify.failure()
+
+
+def _report_apply(result: ApplyResult) -> None:
+    for p in result.passes:
+        state_word = "done" if p.complete else f"stopped ({p.stopped})"
+        out.say(f"  {p.name}: {p.rows} rows changed in {p.batches} batches — {state_word}")
+    if not result.complete:
+        out.say(f"Stopped early ({result.stopped}); run the same command again to continue.")
+    if result.verify is not None:
+        out.say(f"Verify {result.milestone.name}:")
+        render.checks(result.verify.checks)
+
+
+@click.command()
+@click.argument("milestone", metavar="[MILESTONE]", required=False)
+def verify(milestone: str | None) -> None:
+    """Check a milestone's post-conditions; exit 1 when one fails. Read-only.
+
+    Example: toolkit verify milestone-1 --json
+    """
+    chosen = [registry.get(milestone)] if milestone else list(registry.MILESTONES.values())
+    runner = _runner()
+    results = [runner.verify(m) for m in chosen]
+    for result in results:
+        out.say(f"{result.milestone.name}: {'verifies' if result.ok else 'does NOT verify'}")
+        render.checks(result.checks)
+    docs = [{"milestone": r.milestone.name, "ok": r.ok, "checks": [c.as_dict() for c in r.checks]}
+            for r in results]
+    failed = [r for r in results if not r.ok]
+    app().finish({"milestones": docs}, ok=not failed, exit_code=1 if failed else 0)
+    if failed:
+        raise failed[0].failure()
+
+
+@click.command()
+@MILESTONE
+@run_options
+def rollback(milestone: str, **opts: Any) -> None:
+    """Undo a milestone exactly, from its ledger; later milestones must be rolled back first.
+
+    Example: toolkit rollback milestone-1
+    """
+    chosen = registry.get(milestone)
+    out.say(f"Rolling back {chosen.name}: {chosen.title}")
+    result, checks = _runner(opts).rollback(chosen)
+    _report_apply(result)
+    render.checks(checks)
+    ok = all(c.ok for c in checks)
+    doc = {**_apply_doc(result), "checks": [c.as_dict() for c in checks]}
+    app().finish(doc, ok=ok, exit_code=0 if ok else 1)
+    if not ok:
+        failed = next(c for c in checks if not c.ok)
+        from toolkit.errors import VerificationFailed
+
+        raise VerificationFailed(f"{chosen.name} rollback incomplete: {failed.detail}", failed.remedy)
+
+
+@click.command()
+@MILESTONE
+@click.option("--rollback", "backward", is_flag=True, help="The rollback statements instead.")
+def sql(milestone: str, backward: bool) -> None:
+    """Print the statements a milestone runs, for a DBA to review. Connects to nothing.
+
+    Example: toolkit sql milestone-1 --rollback
+    """
+    chosen = registry.get(milestone)
+    statements = _sql_statements(chosen, backward)
+    if not app().json_mode:
+        click.echo("\n".join(statements))
+    app().finish({"milestone": chosen.name, "rollback": backward, "statements": statements})
+
+
+def _sql_statements(milestone: Milestone, backward: bool) -> list[str]:
+    lines = []
+    for step in (reversed(milestone.steps) if backward else milestone.steps):
+        for kpass in (step.backward() if backward else step.forward()):
+            lines.append(
+                f"-- {milestone.name} / {kpass.name}: {kpass.description}\n"
+                f"-- Runs in batches, each one transaction with SET LOCAL lock_timeout and\n"
+                f"-- statement_timeout. Batch bounds: :lo (exclusive, the checkpoint) and :hi from\n"
+                f"{_comment(kpass.next_key_sql())};\n"
+                f"{kpass.change_sql.strip()};"
+            )
+    return lines
+
+
+def _comment(sql_text: str) -> str:
+    return "\n".join(f"--   {line}" for line in sql_text.splitlines())
+
+
+@click.command()
+def status() -> None:
+    """Where each milestone stands, and what is left to do, in rows. Read-only.
+
+    Example: toolkit status
+    """
+    report = _runner().status()
+    rows = []
+    for entry in report:
+        left = sum(entry["remaining"].values())
+        progress = [cp for cp in entry["checkpoints"] if cp["completed_at"] is None]
+        where = ", ".join(f"{cp['step']} after key {cp['last_key']} ({cp['rows_done']} rows)"
+                          for cp in progress)
+        rows.append([entry["milestone"], entry["state"].replace("_", " "), left, where or "-"])
+    out.table(["milestone", "state", "rows left", "checkpoint"], rows)
+    app().finish({"milestones": report})
+
+
+@click.command()
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+def history(limit: int) -> None:
+    """Who ran what, when, how many rows, and how it ended.
+
+    Example: toolkit history --limit 5
+    """
+    with app().engine().connect() as conn:
+        runs = state.history(conn, limit)
+    out.table(
+        ["id", "started", "command", "user", "outcome", "rows"],
+        [[r["id"], r["started_at"].strftime("%Y-%m-%d %H:%M:%S"), r["command"],
+          f"{r['os_user']}@{r['host']} as {r['database_user']}", r["outcome"],
+          sum(r["rows_by_step"].values())] for r in runs],
+    )
+    if not runs:
+        out.say("No runs recorded yet.")
+    app().finish({"runs": runs})

@@ -1,0 +1,66 @@
+"""How plans, checks and runs look to a person (JSON shapes come from the as_dict methods)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from toolkit.engine.runner import PlanResult
+from toolkit.engine.step import Anomaly, Check
+from toolkit.output import out
+
+SHOWN_IDS = 12
+
+
+def ids_preview(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    key = next(iter(rows[0]))
+    ids = [str(r[key]) for r in rows[:SHOWN_IDS]]
+    more = f" … and {len(rows) - SHOWN_IDS} more (--json lists all)" if len(rows) > SHOWN_IDS else ""
+    return f"{key}s {', '.join(ids)}{more}"
+
+
+def anomaly(a: Anomaly) -> None:
+    if not a.count:
+        return
+    label = "BLOCKING" if a.blocking else "warning "
+    effect = "left untouched" if a.blocking else "converted anyway"
+    out.say(f"    {label} {a.title}: {a.count} ({effect}) — {ids_preview(a.rows)}")
+    out.say(f"             what to do: {a.resolution}")
+
+
+def plan(result: PlanResult, *, show_sql: bool = True) -> None:
+    m = result.milestone
+    out.say(f"{m.name}: {m.title}")
+    for step in result.steps:
+        parts = ", ".join(f"{k} {v}" for k, v in step.breakdown.items())
+        out.say(f"  step {step.step}: {step.description}")
+        out.say(f"    would change {step.rows} rows" + (f" ({parts})" if parts else ""))
+        for label, count in step.context.items():
+            out.say(f"    {label}: {count}")
+        for a in step.anomalies:
+            anomaly(a)
+        if not any(a.count for a in step.anomalies):
+            out.say("    no anomalies")
+        if show_sql:
+            out.say("    SQL, per batch (:lo exclusive, :hi inclusive key bounds):")
+            for statement in step.sql:
+                for line in statement.splitlines():
+                    out.say(f"      {line}")
+    gate = result.gate
+    if gate.previous is None:
+        out.say("  gate: open (first milestone)")
+    elif gate.ok:
+        out.say(f"  gate: open ({gate.previous} verifies)")
+    else:
+        out.say(f"  gate: CLOSED — {gate.previous} does not verify; migrate would refuse")
+
+
+def checks(items: list[Check]) -> None:
+    for c in items:
+        out.say(f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+        if not c.ok and c.rows:
+            out.say(f"         {ids_preview(c.rows)}")
+        if not c.ok and c.remedy:
+            for remedy in c.remedy.split(" | "):
+                out.say(f"         what to do: {remedy}")

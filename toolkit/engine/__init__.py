@@ -1,0 +1,1 @@
+"""The machinery every milestone uses: steps, keyset batches, locks, the runner."""

@@ -1,0 +1,175 @@
+"""Running a :class:`~toolkit.engine.step.KeysetPass`: short batches, resumable, interruptible.
+
+Each batch is one transaction that (1) sets ``lock_timeout`` and ``statement_timeout``
+for itself only, (2) finds the batch's upper key, (3) runs the change, and (4) writes the
+checkpoint. So a crash at any instant leaves either the whole batch and its checkpoint or
+neither, and the next run resumes exactly after the last committed batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from toolkit.engine import state
+from toolkit.engine.locks import (
+    TRANSIENT_STATES,
+    UNIQUE_VIOLATION,
+    describe_holder,
+    set_local_timeouts,
+    table_lock_holders,
+)
+from toolkit.engine.step import KeysetPass
+from toolkit.errors import LockUnavailable
+from toolkit.output import out
+
+# Read by the engine only, for tests: SIGKILL this process right after the Nth batch commits.
+FAULT_KILL_AFTER_BATCHES_ENV = "TOOLKIT_FAULT_KILL_AFTER_BATCHES"
+
+
+@dataclass
+class RunOptions:
+    batch_size: int = 1000
+    pause_ms: int = 0
+    max_batches: int | None = None
+    max_runtime_s: float | None = None
+    lock_timeout_ms: int = 2000
+    statement_timeout_ms: int = 60_000
+    retries: int = 5
+    backoff_s: float = 0.5
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Budget:
+    """How much of the work to do now (``--max-batches``, ``--max-runtime``, Ctrl-C)."""
+
+    options: RunOptions
+    started: float = field(default_factory=time.monotonic)
+    batches: int = 0
+    stop_requested: bool = False
+
+    def exhausted_reason(self) -> str | None:
+        if self.stop_requested:
+            return "interrupted"
+        if self.options.max_batches is not None and self.batches >= self.options.max_batches:
+            return "max-batches"
+        if (self.options.max_runtime_s is not None
+                and time.monotonic() - self.started >= self.options.max_runtime_s):
+            return "max-runtime"
+        return None
+
+
+@dataclass
+class PassResult:
+    name: str
+    rows: int = 0
+    batches: int = 0
+    complete: bool = False
+    stopped: str | None = None
+    batch_seconds: list[float] = field(default_factory=list)
+
+
+def sqlstate(exc: DBAPIError) -> str | None:
+    return getattr(exc.orig, "sqlstate", None)
+
+
+def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, options: RunOptions,
+             budget: Budget) -> PassResult:
+    result = PassResult(kpass.name)
+    with engine.connect() as conn:
+        checkpoint = state.read_checkpoint(conn, milestone, kpass.name)
+        if checkpoint is None or checkpoint.completed_at is not None:
+            state.restart_checkpoint(conn, milestone, kpass.name, run_id)
+            lo = 0
+        else:
+            lo = checkpoint.last_key or 0
+        total = conn.execute(sa.text(kpass.remaining_sql()), {"lo": lo}).scalar_one()
+        conn.commit()
+        with out.progress(total, kpass.description) as bar:
+            while True:
+                if reason := budget.exhausted_reason():
+                    result.stopped = reason
+                    return result
+                began = time.perf_counter()
+                hi, changed, scanned = _one_batch(conn, milestone, kpass, lo, run_id, options, budget)
+                if hi is None:
+                    state.complete_checkpoint(conn, milestone, kpass.name, run_id)
+                    conn.commit()
+                    result.complete = True
+                    return result
+                result.batch_seconds.append(time.perf_counter() - began)
+                lo = hi
+                result.rows += changed
+                result.batches += 1
+                budget.batches += 1
+                bar.update(scanned)
+                _maybe_inject_fault(budget.batches)
+                if options.pause_ms:
+                    _sleep(options.pause_ms / 1000, budget)
+
+
+def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, run_id: int,
+               options: RunOptions, budget: Budget) -> tuple[int | None, int, int]:
+    for attempt in range(options.retries + 1):
+        try:
+            with conn.begin():
+                set_local_timeouts(conn, options.lock_timeout_ms, options.statement_timeout_ms)
+                hi, scanned = conn.execute(
+                    sa.text(f"SELECT max(k), count(*) FROM ({kpass.next_key_sql()}) AS b(k)"),
+                    {"lo": lo, "size": options.batch_size},
+                ).one()
+                if hi is None:
+                    return None, 0, 0
+                changed = conn.execute(sa.text(kpass.change_sql),
+                                       {"lo": lo, "hi": hi, "run_id": run_id}).scalar_one()
+                state.save_checkpoint(conn, milestone, kpass.name, hi, changed, run_id)
+            return hi, changed, scanned
+        except DBAPIError as exc:
+            code = sqlstate(exc)
+            retryable = code in TRANSIENT_STATES or (
+                code == UNIQUE_VIOLATION and kpass.retry_unique_violation)
+            if not retryable:
+                raise
+            if attempt == options.retries or budget.stop_requested:
+                raise _gave_up(conn, kpass, code, attempt + 1) from exc
+            delay = options.backoff_s * 2 ** attempt
+            out.warn(f"{kpass.name}: {TRANSIENT_STATES.get(code, 'unique violation')} on the batch "
+                     f"after key {lo}; rolled back, retry {attempt + 1}/{options.retries} in {delay:.1f}s")
+            _sleep(delay, budget)
+    raise AssertionError("unreachable")
+
+
+def _gave_up(conn: Connection, kpass: KeysetPass, code: str | None, tries: int) -> LockUnavailable:
+    holders = table_lock_holders(conn, kpass.locks)
+    conn.rollback()
+    who = "; ".join(describe_holder(h) for h in holders[:3]) or "no lock holder is visible now"
+    what = TRANSIENT_STATES.get(code or "", "a conflicting write")
+    return LockUnavailable(
+        f"{kpass.name}: {what} in {tries} tries; the last batch was rolled back. Holding locks: {who}",
+        "find out why that session holds its lock (or end it), then run the same command again "
+        "to resume; --lock-timeout-ms raises the wait per try",
+        details={"holders": holders},
+    )
+
+
+def _sleep(seconds: float, budget: Budget) -> None:
+    """Sleep in small steps so Ctrl-C during a pause stops promptly."""
+    deadline = time.monotonic() + seconds
+    while not budget.stop_requested and time.monotonic() < deadline:
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
+def _maybe_inject_fault(batches_done: int) -> None:
+    raw = os.environ.get(FAULT_KILL_AFTER_BATCHES_ENV)
+    if raw and batches_done >= int(raw):
+        os.kill(os.getpid(), signal.SIGKILL)

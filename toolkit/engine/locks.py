@@ -1,0 +1,117 @@
+"""Locks: one runner at a time, short lock waits, and naming whoever is in the way.
+
+The runner lock is a session-level advisory lock taken with ``pg_try_advisory_lock`` and
+*polled*: a blocking ``pg_advisory_lock`` could deadlock with CREATE INDEX CONCURRENTLY,
+which waits for every older transaction (including a waiting lock request) to finish.
+It lives on a connection of its own in autocommit mode, so it is never idle in a
+transaction, and it disappears with the session if the process is killed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from toolkit.errors import LockUnavailable
+
+# pg_try_advisory_lock(int4, int4): 'tkit' and 1. Shows in pg_locks as classid/objid, objsubid 2.
+RUNNER_LOCK_KEYS = (0x746B6974, 1)
+
+# SQLSTATEs worth a retry with backoff: the batch was rolled back and can simply run again.
+TRANSIENT_STATES = {
+    "55P03": "lock timeout",
+    "57014": "statement timeout",
+    "40P01": "deadlock",
+    "40001": "serialization failure",
+}
+UNIQUE_VIOLATION = "23505"
+
+
+def set_local_timeouts(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: int) -> None:
+    """Per transaction: a waiting lock must never queue GitLab's traffic behind us for long."""
+    conn.execute(
+        sa.text("SELECT set_config('lock_timeout', :lt, true), set_config('statement_timeout', :st, true)"),
+        {"lt": f"{lock_timeout_ms}ms", "st": f"{statement_timeout_ms}ms"},
+    )
+
+
+def runner_lock_holders(conn: Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(sa.text("""
+        SELECT a.pid, a.application_name, a.usename, a.client_addr::text, a.backend_start
+        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.classid = :c AND l.objid = :o AND l.objsubid = 2
+          AND l.granted AND l.pid <> pg_backend_pid()
+    """), {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]})
+    return [dict(r._mapping) for r in rows]
+
+
+def table_lock_holders(conn: Connection, tables: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Sessions (other than ours) holding a lock on any of ``tables``, oldest first."""
+    if not tables:
+        return []
+    rows = conn.execute(sa.text("""
+        SELECT DISTINCT a.pid, a.application_name, a.usename, l.mode, c.relname AS table_name,
+               a.xact_start, left(a.query, 200) AS query
+        FROM pg_locks l
+        JOIN pg_class c ON c.oid = l.relation
+        JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE c.relname = ANY(:tables) AND l.granted AND a.pid <> pg_backend_pid()
+          AND l.mode IN ('AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock',
+                         'ShareLock', 'ShareUpdateExclusiveLock', 'RowExclusiveLock')
+        ORDER BY a.xact_start NULLS LAST
+    """), {"tables": list(tables)})
+    return [dict(r._mapping) for r in rows]
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    since = holder.get("xact_start") or holder.get("backend_start")
+    app = holder.get("application_name") or "no application_name"
+    what = f" {holder['mode']} on {holder['table_name']}" if holder.get("mode") else ""
+    return f"pid {holder['pid']} ({app}, user {holder.get('usename')}){what} since {since}"
+
+
+@dataclass
+class RunnerLock:
+    """The one-runner-at-a-time lock; use as a context manager."""
+
+    engine: Engine
+    label: str
+    wait_s: float = 10.0
+    poll_s: float = 0.5
+    _conn: Connection | None = None
+
+    def __enter__(self) -> RunnerLock:
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(sa.text("SELECT set_config('application_name', :n, false)"),
+                     {"n": self.label[:63]})
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:c, :o)"),
+                               {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]}).scalar_one()
+            if got:
+                self._conn = conn
+                return self
+            if time.monotonic() >= deadline:
+                holders = runner_lock_holders(conn)
+                conn.close()
+                who = "; ".join(describe_holder(h) for h in holders) or "a session that just ended"
+                raise LockUnavailable(
+                    f"Another toolkit run holds the runner lock: {who}",
+                    "wait for it to finish (`toolkit history` shows it), or stop it; "
+                    "never run two at once",
+                    details={"holders": holders},
+                )
+            time.sleep(self.poll_s)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute(sa.text("SELECT pg_advisory_unlock(:c, :o)"),
+                                   {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]})
+            finally:
+                self._conn.close()
+                self._conn = None

@@ -1,0 +1,160 @@
+"""The toolkit's memory in its own schema: runs (history), checkpoints, milestone states.
+
+Readers here work on a database that has never seen the toolkit (they report "nothing
+yet" instead of failing), which is what lets a dry run stay read-only.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from toolkit import __version__
+from toolkit.schema.migrations import own_schema_exists
+from toolkit.schema.own import SCHEMA
+
+NOT_STARTED = "not started"
+IN_PROGRESS = "in_progress"
+APPLIED = "applied"
+VERIFIED = "verified"
+ROLLED_BACK = "rolled_back"
+
+
+@dataclass
+class Checkpoint:
+    milestone: str
+    step: str
+    last_key: int | None
+    rows_done: int
+    batches_done: int
+    completed_at: datetime | None
+
+
+# -- runs ------------------------------------------------------------------------------
+def start_run(conn: Connection, command: str, milestone: str | None, options: dict[str, Any]) -> int:
+    try:
+        os_user = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        os_user = os.environ.get("USER")
+    run_id = conn.execute(sa.text(f"""
+        INSERT INTO {SCHEMA}.runs (command, milestone, options, database_user, os_user, host,
+                                   toolkit_version)
+        VALUES (:command, :milestone, CAST(:options AS jsonb), current_user, :os_user, :host, :version)
+        RETURNING id
+    """), {"command": command, "milestone": milestone, "options": json.dumps(options, default=str),
+           "os_user": os_user, "host": socket.gethostname(), "version": __version__}).scalar_one()
+    conn.commit()
+    return run_id
+
+
+def finish_run(conn: Connection, run_id: int, outcome: str, rows_by_step: dict[str, int],
+               error: str | None = None) -> None:
+    conn.execute(sa.text(f"""
+        UPDATE {SCHEMA}.runs SET finished_at = clock_timestamp(), outcome = :outcome,
+               rows_by_step = CAST(:rows AS jsonb), error = :error
+        WHERE id = :id
+    """), {"id": run_id, "outcome": outcome, "rows": json.dumps(rows_by_step), "error": error})
+    conn.commit()
+
+
+def history(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
+    if not own_schema_exists(conn):
+        return []
+    rows = conn.execute(sa.text(f"""
+        SELECT id, command, milestone, options, database_user, os_user, host, toolkit_version,
+               started_at, finished_at, outcome, rows_by_step, error
+        FROM {SCHEMA}.runs ORDER BY id DESC LIMIT :limit
+    """), {"limit": limit})
+    return [dict(r._mapping) for r in rows]
+
+
+# -- checkpoints -----------------------------------------------------------------------
+def read_checkpoint(conn: Connection, milestone: str, step: str) -> Checkpoint | None:
+    if not own_schema_exists(conn):
+        return None
+    row = conn.execute(sa.text(f"""
+        SELECT milestone, step, last_key, rows_done, batches_done, completed_at
+        FROM {SCHEMA}.checkpoints WHERE milestone = :m AND step = :s
+    """), {"m": milestone, "s": step}).one_or_none()
+    return Checkpoint(*row) if row else None
+
+
+def save_checkpoint(conn: Connection, milestone: str, step: str, last_key: int, rows: int,
+                    run_id: int) -> None:
+    """Called inside the batch's own transaction: the batch and its checkpoint commit together."""
+    conn.execute(sa.text(f"""
+        INSERT INTO {SCHEMA}.checkpoints (milestone, step, last_key, rows_done, batches_done, run_id,
+                                          completed_at, updated_at)
+        VALUES (:m, :s, :k, :r, 1, :run, NULL, clock_timestamp())
+        ON CONFLICT (milestone, step) DO UPDATE SET
+            last_key = EXCLUDED.last_key,
+            rows_done = {SCHEMA}.checkpoints.rows_done + EXCLUDED.rows_done,
+            batches_done = {SCHEMA}.checkpoints.batches_done + 1,
+            run_id = EXCLUDED.run_id, completed_at = NULL, updated_at = EXCLUDED.updated_at
+    """), {"m": milestone, "s": step, "k": last_key, "r": rows, "run": run_id})
+
+
+def restart_checkpoint(conn: Connection, milestone: str, step: str, run_id: int) -> None:
+    """A completed pass starts over (from key 0, counters reset) on the next run."""
+    conn.execute(sa.text(f"""
+        INSERT INTO {SCHEMA}.checkpoints (milestone, step, last_key, rows_done, batches_done, run_id)
+        VALUES (:m, :s, 0, 0, 0, :run)
+        ON CONFLICT (milestone, step) DO UPDATE SET last_key = 0, rows_done = 0, batches_done = 0,
+            run_id = EXCLUDED.run_id, completed_at = NULL, updated_at = clock_timestamp()
+    """), {"m": milestone, "s": step, "run": run_id})
+
+
+def complete_checkpoint(conn: Connection, milestone: str, step: str, run_id: int) -> None:
+    conn.execute(sa.text(f"""
+        INSERT INTO {SCHEMA}.checkpoints (milestone, step, last_key, run_id, completed_at)
+        VALUES (:m, :s, 0, :run, clock_timestamp())
+        ON CONFLICT (milestone, step) DO UPDATE SET completed_at = clock_timestamp(),
+            run_id = EXCLUDED.run_id, updated_at = clock_timestamp()
+    """), {"m": milestone, "s": step, "run": run_id})
+
+
+def clear_checkpoints(conn: Connection, milestone: str, prefix: str = "") -> None:
+    conn.execute(sa.text(f"DELETE FROM {SCHEMA}.checkpoints WHERE milestone = :m AND step LIKE :p"),
+                 {"m": milestone, "p": f"{prefix}%"})
+
+
+def checkpoints(conn: Connection, milestone: str) -> list[Checkpoint]:
+    if not own_schema_exists(conn):
+        return []
+    rows = conn.execute(sa.text(f"""
+        SELECT milestone, step, last_key, rows_done, batches_done, completed_at
+        FROM {SCHEMA}.checkpoints WHERE milestone = :m ORDER BY step
+    """), {"m": milestone})
+    return [Checkpoint(*r) for r in rows]
+
+
+# -- milestone states ------------------------------------------------------------------
+def milestone_state(conn: Connection, milestone: str) -> dict[str, Any]:
+    if not own_schema_exists(conn):
+        return {"state": NOT_STARTED}
+    row = conn.execute(sa.text(f"""
+        SELECT state, applied_at, verified_at, rolled_back_at, last_run_id, updated_at
+        FROM {SCHEMA}.milestones WHERE milestone = :m
+    """), {"m": milestone}).one_or_none()
+    return dict(row._mapping) if row else {"state": NOT_STARTED}
+
+
+def set_milestone_state(conn: Connection, milestone: str, state: str, run_id: int | None) -> None:
+    stamp = {APPLIED: "applied_at", VERIFIED: "verified_at", ROLLED_BACK: "rolled_back_at"}.get(state)
+    extra = f", {stamp} = clock_timestamp()" if stamp else ""
+    insert_extra = (f", {stamp}", ", clock_timestamp()") if stamp else ("", "")
+    conn.execute(sa.text(f"""
+        INSERT INTO {SCHEMA}.milestones (milestone, state, last_run_id{insert_extra[0]})
+        VALUES (:m, :s, :run{insert_extra[1]})
+        ON CONFLICT (milestone) DO UPDATE SET state = :s, last_run_id = COALESCE(:run,
+            {SCHEMA}.milestones.last_run_id), updated_at = clock_timestamp(){extra}
+    """), {"m": milestone, "s": state, "run": run_id})
+    conn.commit()

@@ -1,0 +1,133 @@
+"""What a step is, apart from how and when it runs (Alembic's ops vs. toimpl vs. runtime).
+
+A milestone is an ordered list of :class:`Step` objects. One step object answers every
+question the commands ask, so ``plan``, ``sql``, ``migrate``, ``verify`` and
+``rollback`` cannot drift apart:
+
+* :meth:`Step.plan` counts exactly what would change and finds anomalies (read-only);
+* :meth:`Step.forward` / :meth:`Step.backward` return the *passes* that change data:
+  their SQL is what ``toolkit sql`` prints and what the engine executes;
+* :meth:`Step.verify` checks post-conditions (read-only, Sqitch-style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+
+@dataclass
+class Anomaly:
+    """A class of rows that needs the operator's attention.
+
+    ``blocking`` anomalies are left untouched by apply; the others are changed and
+    reported as warnings.
+    """
+
+    kind: str
+    title: str
+    blocking: bool
+    resolution: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def as_dict(self, limit: int | None = None) -> dict[str, Any]:
+        return {"kind": self.kind, "title": self.title, "blocking": self.blocking,
+                "count": self.count, "resolution": self.resolution,
+                "rows": self.rows if limit is None else self.rows[:limit]}
+
+
+@dataclass
+class StepPlan:
+    step: str
+    description: str
+    rows: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # sums to ``rows``
+    context: dict[str, int] = field(default_factory=dict)  # related counts left unchanged
+    anomalies: list[Anomaly] = field(default_factory=list)
+    sql: list[str] = field(default_factory=list)
+
+    def as_dict(self, limit: int | None = None) -> dict[str, Any]:
+        return {"step": self.step, "description": self.description, "rows": self.rows,
+                "breakdown": self.breakdown, "context": self.context,
+                "anomalies": [a.as_dict(limit) for a in self.anomalies], "sql": self.sql}
+
+
+@dataclass
+class Check:
+    """One post-condition: what was checked, whether it holds, and what to do if not."""
+
+    name: str
+    ok: bool
+    detail: str
+    remedy: str | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail, "remedy": self.remedy,
+                "rows": self.rows}
+
+
+@dataclass(frozen=True)
+class KeysetPass:
+    """A data change done in short batches over the primary key of a driving table.
+
+    Each batch covers the next ``batch_size`` keys after the checkpoint: the engine finds
+    the batch's upper key, then runs ``change_sql`` with ``:lo`` (exclusive) and ``:hi``
+    (inclusive) and ``:run_id`` bound; ``change_sql`` returns one row, the number of rows
+    it changed. It must be idempotent: a pass restarts from the beginning after it has
+    once completed, so rows written late by the application are picked up.
+    """
+
+    name: str
+    description: str
+    driving_table: str
+    change_sql: str
+    key: str = "id"
+    locks: tuple[str, ...] = ()  # tables whose lock holders to name on a lock timeout
+    retry_unique_violation: bool = False  # a concurrent insert can race the collision check
+
+    def next_key_sql(self) -> str:
+        return (f"SELECT max({self.key}) FROM (SELECT {self.key} FROM {self.driving_table} "
+                f"WHERE {self.key} > :lo ORDER BY {self.key} LIMIT :size) AS batch")
+
+    def remaining_sql(self) -> str:
+        return f"SELECT count(*) FROM {self.driving_table} WHERE {self.key} > :lo"
+
+
+class Step:
+    """Base class; subclasses override what applies to them."""
+
+    name: str = ""
+    description: str = ""
+
+    def plan(self, conn: Connection) -> StepPlan:
+        raise NotImplementedError
+
+    def forward(self) -> list[KeysetPass]:
+        return []
+
+    def backward(self) -> list[KeysetPass]:
+        return []
+
+    def verify(self, conn: Connection) -> list[Check]:
+        return []
+
+    def remaining(self, conn: Connection) -> int:
+        """Rows still to change; ``status`` calls this, so it should be cheaper than plan."""
+        return self.plan(conn).rows
+
+    def rollback_checks(self, conn: Connection) -> list[Check]:
+        """After the backward passes: is everything the step did undone?"""
+        return []
+
+    def forward_sql(self) -> list[str]:
+        return [p.change_sql.strip() for p in self.forward()]
+
+    def backward_sql(self) -> list[str]:
+        return [p.change_sql.strip() for p in self.backward()]

@@ -1,0 +1,26 @@
+"""The blueprint's milestones, in order. Each module holds one milestone's steps, nothing else."""
+
+from __future__ import annotations
+
+from toolkit.errors import UsageProblem
+from toolkit.milestones.base import Milestone
+from toolkit.milestones.m1_packages import MILESTONE_1
+
+MILESTONES: dict[str, Milestone] = {m.name: m for m in (MILESTONE_1,)}
+
+
+def get(name: str) -> Milestone:
+    key = name if name.startswith("milestone-") else f"milestone-{name}"
+    try:
+        return MILESTONES[key]
+    except KeyError:
+        known = ", ".join(MILESTONES)
+        raise UsageProblem(f"Unknown milestone {name!r}", f"use one of: {known}") from None
+
+
+def previous(milestone: Milestone) -> Milestone | None:
+    return next((m for m in MILESTONES.values() if m.number == milestone.number - 1), None)
+
+
+def later(milestone: Milestone) -> list[Milestone]:
+    return [m for m in MILESTONES.values() if m.number > milestone.number]

@@ -1,0 +1,276 @@
+"""Milestone 1: candidate packages go from ``generic`` (7) to ``ml_model`` (14).
+
+Only ``package_type`` changes. Names, versions, files and ``updated_at`` stay as they are,
+so rollback can give back the table row for row. Two anomalies block a package's
+conversion and are reported, never "fixed":
+
+* the package lives in another project than a candidate using it;
+* an ``ml_model`` package with the same project/name/version (status <> 4) exists, so the
+  conversion would violate ``uniq_idx_packages_packages_on_project_id_name_version_ml_model``.
+
+A third blocks it because PostgreSQL would: a ``status_message`` over 255 characters.
+GitLab's ``check_d6301aedeb`` is NOT VALID, so old rows may break it, but PostgreSQL checks
+it on every UPDATE of such a row; truncating the message would be a silent fix.
+
+Two are warnings, and those packages are converted: a package shared by several
+candidates, and a version GitLab's current ml_model version rule rejects.
+
+:data:`ELIGIBLE` is the one definition of "convertible", used by the count, the batch
+UPDATE and verify alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
+from toolkit.milestones.base import Milestone
+from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES
+
+LEDGER = "toolkit.m1_converted_packages"
+
+# GitLab's Gitlab::Regex.semver_regex (anchored), in PostgreSQL's ARE syntax.
+SEMVER = (
+    r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    r"(-((0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)(\.(0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(\+([0-9a-zA-Z-]+(\.[0-9a-zA-Z-]+)*))?$"
+)
+# ml_model_version_name_regex = Regexp.union(semver_regex, /candidate_\d+/): the second
+# branch is unanchored, so it matches anywhere in the version.
+VERSION_ACCEPTED = f"(p.version ~ '{SEMVER}' OR p.version ~ 'candidate_[0-9]+')"
+
+CROSS_PROJECT = """EXISTS (SELECT 1 FROM ml_candidates x
+                  WHERE x.package_id = p.id AND x.project_id IS DISTINCT FROM p.project_id)"""
+COLLIDES = """(p.status <> 4 AND EXISTS (
+                  SELECT 1 FROM packages_packages q
+                  WHERE q.package_type = 14 AND q.project_id = p.project_id AND q.name = p.name
+                    AND q.version = p.version AND q.status <> 4 AND q.id <> p.id))"""
+LONG_STATUS_MESSAGE = "COALESCE(char_length(p.status_message) > 255, false)"
+ELIGIBLE = f"p.package_type = 7 AND NOT {CROSS_PROJECT} AND NOT {COLLIDES} AND NOT {LONG_STATUS_MESSAGE}"
+CANDIDATE_LINKED = "p.id IN (SELECT package_id FROM ml_candidates WHERE package_id IS NOT NULL)"
+
+CONVERT_BATCH = f"""
+WITH targets AS (
+    SELECT DISTINCT c.package_id AS id
+    FROM ml_candidates c
+    WHERE c.id > :lo AND c.id <= :hi AND c.package_id IS NOT NULL
+), converted AS (
+    UPDATE packages_packages p SET package_type = 14
+    FROM targets t
+    WHERE p.id = t.id AND {ELIGIBLE}
+    RETURNING p.id
+), ledger AS (
+    INSERT INTO {LEDGER} (package_id, previous_package_type, run_id)
+    SELECT id, 7, :run_id FROM converted
+    ON CONFLICT (package_id) DO NOTHING
+)
+SELECT count(*) FROM converted"""
+
+# Undo exactly the ledger's rows. A row is skipped (and stays in the ledger) when a generic
+# package with the same key has appeared since, because restoring it would collide.
+RESTORE_BATCH = f"""
+WITH restored AS (
+    UPDATE packages_packages p SET package_type = l.previous_package_type
+    FROM {LEDGER} l
+    WHERE l.package_id > :lo AND l.package_id <= :hi AND p.id = l.package_id
+      AND p.package_type = 14
+      AND NOT (p.status <> 4 AND EXISTS (
+          SELECT 1 FROM packages_packages q
+          WHERE q.package_type = l.previous_package_type AND q.project_id = p.project_id
+            AND q.name = p.name AND q.version = p.version AND q.status <> 4 AND q.id <> p.id))
+    RETURNING p.id
+), forgotten AS (
+    DELETE FROM {LEDGER} l
+    WHERE l.package_id > :lo AND l.package_id <= :hi
+      AND (l.package_id IN (SELECT id FROM restored)
+           OR NOT EXISTS (SELECT 1 FROM packages_packages gone WHERE gone.id = l.package_id))
+)
+SELECT count(*) FROM restored"""
+
+RESOLUTIONS = {
+    "cross_project_package": (
+        "The package belongs to another project than its candidate, so moving it under the "
+        "candidate's model would expose it to the wrong project. Decide which project owns the "
+        "artifacts: re-upload them to the candidate's project, or unlink the package from the "
+        "candidate (ml_candidates.package_id = NULL). Then run `toolkit migrate milestone-1` again."
+    ),
+    "ml_model_collision": (
+        "An ml_model package with the same project, name and version already exists, so the "
+        "conversion would break the unique index. Keep one: mark the unwanted package "
+        "pending destruction (status 4) in GitLab, then run `toolkit migrate milestone-1` again."
+    ),
+    "status_message_too_long": (
+        "The package's status_message is longer than GitLab's 255-character limit (an old row the "
+        "NOT VALID check never checked), and PostgreSQL enforces that check on any update. Shorten "
+        "the message (it is an error text shown in the UI), then run `toolkit migrate milestone-1` "
+        "again."
+    ),
+    "shared_package": (
+        "Several candidates use one package. It is converted once; all of them keep using it. "
+        "Nothing to do unless each candidate should own its own artifacts."
+    ),
+    "version_rejected_by_ml_model_rule": (
+        "GitLab's ml_model version rule (semver or candidate_N) rejects this legacy version. The "
+        "package is converted as the blueprint asks; GitLab must accept legacy versions, or it "
+        "will refuse to edit these packages."
+    ),
+}
+
+
+def _rows(conn: Connection, sql: str) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in conn.execute(sa.text(sql))]
+
+
+def find_anomalies(conn: Connection) -> list[Anomaly]:
+    cross = _rows(conn, f"""
+        SELECT p.id AS package_id, p.project_id AS package_project_id,
+               array_agg(c.id ORDER BY c.id) AS candidate_ids,
+               array_agg(DISTINCT c.project_id) AS candidate_project_ids
+        FROM packages_packages p JOIN ml_candidates c ON c.package_id = p.id
+        WHERE p.package_type = 7 AND {CROSS_PROJECT}
+        GROUP BY p.id ORDER BY p.id""")
+    collisions = _rows(conn, f"""
+        SELECT p.id AS package_id, p.project_id, p.name, p.version,
+               (SELECT array_agg(q.id ORDER BY q.id) FROM packages_packages q
+                WHERE q.package_type = 14 AND q.project_id = p.project_id AND q.name = p.name
+                  AND q.version = p.version AND q.status <> 4) AS ml_model_package_ids
+        FROM packages_packages p
+        WHERE p.package_type = 7 AND {CANDIDATE_LINKED} AND {COLLIDES}
+        ORDER BY p.id""")
+    long_messages = _rows(conn, f"""
+        SELECT p.id AS package_id, char_length(p.status_message) AS status_message_length
+        FROM packages_packages p
+        WHERE p.package_type = 7 AND {CANDIDATE_LINKED} AND {LONG_STATUS_MESSAGE}
+        ORDER BY p.id""")
+    shared = _rows(conn, """
+        SELECT p.id AS package_id, array_agg(c.id ORDER BY c.id) AS candidate_ids
+        FROM packages_packages p JOIN ml_candidates c ON c.package_id = p.id
+        WHERE p.package_type = 7
+        GROUP BY p.id HAVING count(*) > 1 ORDER BY p.id""")
+    rejected = _rows(conn, f"""
+        SELECT p.id AS package_id, p.version
+        FROM packages_packages p
+        WHERE {ELIGIBLE} AND {CANDIDATE_LINKED} AND NOT COALESCE({VERSION_ACCEPTED}, false)
+        ORDER BY p.id""")
+    return [
+        Anomaly("cross_project_package", "package in another project than its candidate", True,
+                RESOLUTIONS["cross_project_package"], cross),
+        Anomaly("ml_model_collision", "conversion would collide with an existing ml_model package",
+                True, RESOLUTIONS["ml_model_collision"], collisions),
+        Anomaly("status_message_too_long", "status_message over 255 characters (NOT VALID check)",
+                True, RESOLUTIONS["status_message_too_long"], long_messages),
+        Anomaly("shared_package", "package shared by several candidates", False,
+                RESOLUTIONS["shared_package"], shared),
+        Anomaly("version_rejected_by_ml_model_rule", "version GitLab's ml_model rule rejects", False,
+                RESOLUTIONS["version_rejected_by_ml_model_rule"], rejected),
+    ]
+
+
+class ConvertCandidatePackages(Step):
+    name = "convert-candidate-packages"
+    description = "candidate packages: generic (7) -> ml_model (14)"
+
+    def forward(self) -> list[KeysetPass]:
+        return [KeysetPass(self.name, self.description, "ml_candidates", CONVERT_BATCH,
+                           locks=("packages_packages", "ml_candidates"),
+                           retry_unique_violation=True)]
+
+    def backward(self) -> list[KeysetPass]:
+        return [KeysetPass(f"{self.name}:revert", "restore converted packages to generic (7)",
+                           LEDGER, RESTORE_BATCH, key="package_id", locks=("packages_packages",),
+                           retry_unique_violation=True)]
+
+    def plan(self, conn: Connection) -> StepPlan:
+        by_status = conn.execute(sa.text(f"""
+            SELECT p.status, count(*) FROM packages_packages p
+            WHERE {ELIGIBLE} AND {CANDIDATE_LINKED} GROUP BY p.status ORDER BY p.status""")).all()
+        breakdown = {PACKAGE_STATUS_NAMES.get(s, str(s)): n for s, n in by_status}
+        by_type = dict(conn.execute(sa.text(f"""
+            SELECT CASE p.package_type WHEN 7 THEN 'generic' WHEN 14 THEN 'ml_model' ELSE 'other' END,
+                   count(*)
+            FROM packages_packages p WHERE {CANDIDATE_LINKED} GROUP BY 1""")).all())
+        context = {
+            "candidate packages already ml_model (unchanged)": by_type.get("ml_model", 0),
+            "candidate packages of other types (never touched)": by_type.get("other", 0),
+            "candidate packages still generic": by_type.get("generic", 0),
+        }
+        return StepPlan(self.name, self.description, sum(breakdown.values()), breakdown, context,
+                        find_anomalies(conn), self.forward_sql())
+
+    def remaining(self, conn: Connection) -> int:
+        return conn.execute(sa.text(
+            f"SELECT count(*) FROM packages_packages p WHERE {ELIGIBLE} AND {CANDIDATE_LINKED}"
+        )).scalar_one()
+
+    def rollback_checks(self, conn: Connection) -> list[Check]:
+        left = _rows(conn, f"SELECT package_id FROM {LEDGER} ORDER BY package_id") \
+            if _ledger_exists(conn) else []
+        return [Check(
+            "every converted package restored",
+            not left,
+            "the ledger is empty" if not left else
+            f"{len(left)} packages stay ml_model: a generic package with the same key exists now",
+            "resolve the duplicate generic package, then run `toolkit rollback milestone-1` again"
+            if left else None,
+            left,
+        )]
+
+    def verify(self, conn: Connection) -> list[Check]:
+        remaining = _rows(conn, f"""
+            SELECT p.id AS package_id,
+                   CASE WHEN {CROSS_PROJECT} THEN 'cross_project_package'
+                        WHEN {COLLIDES} THEN 'ml_model_collision'
+                        WHEN {LONG_STATUS_MESSAGE} THEN 'status_message_too_long'
+                        ELSE 'not_yet_converted' END AS reason
+            FROM packages_packages p
+            WHERE p.package_type = 7 AND {CANDIDATE_LINKED}
+            ORDER BY p.id""")
+        reasons: dict[str, int] = {}
+        for row in remaining:
+            reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+        remedies = {**RESOLUTIONS,
+                    "not_yet_converted": "new or not yet processed: run `toolkit migrate milestone-1`"}
+        checks = [Check(
+            "no candidate-linked generic packages",
+            not remaining,
+            "none remain" if not remaining else
+            f"{len(remaining)} remain: " + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())),
+            " | ".join(f"{k}: {remedies[k]}" for k in sorted(reasons)) or None,
+            remaining,
+        )]
+        undone = _rows(conn, f"""
+            SELECT l.package_id, p.package_type FROM {LEDGER} l
+            JOIN packages_packages p ON p.id = l.package_id
+            WHERE p.package_type <> 14 ORDER BY l.package_id""") if _ledger_exists(conn) else []
+        checks.append(Check(
+            "converted packages are still ml_model",
+            not undone,
+            "all are" if not undone else f"{len(undone)} converted packages changed type since",
+            "find out what changed them; run `toolkit migrate milestone-1` to convert them again"
+            if undone else None,
+            undone,
+        ))
+        return checks
+
+
+def _ledger_exists(conn: Connection) -> bool:
+    return conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": LEDGER}).scalar_one()
+
+
+def ledger_size(conn: Connection) -> int:
+    if not _ledger_exists(conn):
+        return 0
+    return conn.execute(sa.text(f"SELECT count(*) FROM {LEDGER}")).scalar_one()
+
+
+MILESTONE_1 = Milestone(
+    name="milestone-1",
+    number=1,
+    title="Candidate packages become ml_model packages",
+    steps=(ConvertCandidatePackages(),),
+    reads=("ml_candidates", "packages_packages"),
+    updates=("packages_packages",),
+)
