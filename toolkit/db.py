@@ -18,7 +18,6 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from toolkit.errors import (
     DatabaseProblem,
-    LockUnavailable,
     PreconditionRefused,
     ToolkitError,
     UsageProblem,
