@@ -18,6 +18,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from toolkit.errors import (
     DatabaseProblem,
+    LockUnavailable,
     PreconditionRefused,
     ToolkitError,
     UsageProblem,
@@ -126,6 +127,17 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
         )
     if sqlstate == "3D000" or ("does not exist" in first and "database" in first):
         return DatabaseProblem(f"Database not found: {first}", "check the database name in the URL")
+    if sqlstate == "55P03":
+        return LockUnavailable(
+            f"A lock on {where} could not be had in time: {first}",
+            "another session holds a conflicting lock (pg_locks shows it); try again when it is gone",
+        )
+    if sqlstate and not sqlstate.startswith("08"):
+        return DatabaseProblem(
+            f"The database refused a statement ({sqlstate}): {first}",
+            "nothing of the failing transaction was kept; `toolkit history` shows the run. "
+            "Report this message if it is not about your data",
+        )
     return DatabaseProblem(
         f"Cannot use {where}: {first}",
         "check that the server is up and reachable, and the URL (host, port, user, database)",

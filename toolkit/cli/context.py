@@ -41,9 +41,12 @@ class AppContext:
             self._engine.dispose()
             self._engine = None
 
-    def finish(self, result: dict[str, Any], *, ok: bool = True, exit_code: int = 0) -> None:
-        """Emit the command's one JSON document (no-op for a person)."""
-        output.out.document(envelope(self.command, ok, exit_code, result=result))
+    def finish(self, result: dict[str, Any]) -> None:
+        """Emit a successful command's one JSON document (no-op for a person).
+
+        A failing command raises instead; the error handler emits its document.
+        """
+        output.out.document(envelope(self.command, True, 0, result=result))
 
 
 def envelope(command: str, ok: bool, exit_code: int, **parts: Any) -> dict[str, Any]:

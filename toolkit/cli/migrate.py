@@ -13,6 +13,7 @@ from toolkit.cli.context import app
 from toolkit.engine import state
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import ApplyResult, PlanResult, Runner
+from toolkit.errors import VerificationFailed
 from toolkit.milestones.base import Milestone
 from toolkit.output import out
 
@@ -56,7 +57,7 @@ def _runner(opts: dict[str, Any] | None = None) -> Runner:
 def _command_line() -> str:
     """The command as typed, less defaults (recorded in history; never holds the URL)."""
     ctx = click.get_current_context()
-    words = [ctx.command_path]
+    words = ["toolkit", *ctx.command_path.split()[1:]]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if isinstance(param, click.Argument):
@@ -128,10 +129,11 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, **opts: Any) -> None
     out.say(f"Applying {chosen.name}: {chosen.title}")
     result = runner.migrate(chosen, verify_after=not no_verify)
     _report_apply(result)
-    app().finish(_apply_doc(result), ok=not (result.verify and not result.verify.ok),
-                 exit_code=1 if result.verify and not result.verify.ok else 0)
     if result.verify is not None and not result.verify.ok:
-        raise result.verify.failure()
+        failure = result.verify.failure()
+        failure.details = {"result": _apply_doc(result)}
+        raise failure
+    app().finish(_apply_doc(result))
 
 
 def _report_apply(result: ApplyResult) -> None:
@@ -161,9 +163,11 @@ def verify(milestone: str | None) -> None:
     docs = [{"milestone": r.milestone.name, "ok": r.ok, "checks": [c.as_dict() for c in r.checks]}
             for r in results]
     failed = [r for r in results if not r.ok]
-    app().finish({"milestones": docs}, ok=not failed, exit_code=1 if failed else 0)
     if failed:
-        raise failed[0].failure()
+        failure = failed[0].failure()
+        failure.details = {"result": {"milestones": docs}}
+        raise failure
+    app().finish({"milestones": docs})
 
 
 @click.command()
@@ -179,14 +183,12 @@ def rollback(milestone: str, **opts: Any) -> None:
     result, checks = _runner(opts).rollback(chosen)
     _report_apply(result)
     render.checks(checks)
-    ok = all(c.ok for c in checks)
     doc = {**_apply_doc(result), "checks": [c.as_dict() for c in checks]}
-    app().finish(doc, ok=ok, exit_code=0 if ok else 1)
-    if not ok:
-        failed = next(c for c in checks if not c.ok)
-        from toolkit.errors import VerificationFailed
-
-        raise VerificationFailed(f"{chosen.name} rollback incomplete: {failed.detail}", failed.remedy)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise VerificationFailed(f"{chosen.name} rollback incomplete: {failed[0].detail}",
+                                 failed[0].remedy, details={"result": doc})
+    app().finish(doc)
 
 
 @click.command()

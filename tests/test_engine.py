@@ -1,0 +1,257 @@
+"""The execution engine, exercised through milestone 1 and through small test-only steps."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import sqlalchemy as sa
+from helpers import own_schema_exists, snapshot, toolkit, toolkit_json, toolkit_process
+
+from toolkit import milestones as registry
+from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
+from toolkit.engine.runner import Runner
+from toolkit.engine.step import KeysetPass, Step, StepPlan
+from toolkit.errors import ExitCode
+from toolkit.milestones.base import Milestone
+
+LEDGER_SQL = "SELECT package_id, previous_package_type FROM toolkit.m1_converted_packages ORDER BY 1"
+
+
+class WritesDuringPlan(Step):
+    name = "writes-during-plan"
+    description = "a faulty step that tries to write while planning"
+
+    def plan(self, conn):
+        conn.execute(sa.text("UPDATE packages_packages SET package_type = 14 WHERE package_type = 7"))
+        conn.execute(sa.text("CREATE SCHEMA toolkit"))
+        return StepPlan(self.name, self.description, 0)
+
+
+class TouchNothing(Step):
+    """A test milestone-2 step: one pass over ml_candidates that changes no row."""
+
+    name = "touch-nothing"
+    description = "scan candidates, change nothing"
+
+    def plan(self, conn):
+        return StepPlan(self.name, self.description, 0)
+
+    def forward(self):
+        return [KeysetPass(self.name, self.description, "ml_candidates", "SELECT 0")]
+
+
+@pytest.fixture
+def with_test_milestone_2(monkeypatch):
+    m2 = Milestone("milestone-2", 2, "test-only milestone", (TouchNothing(),), ("ml_candidates",))
+    monkeypatch.setitem(registry.MILESTONES, "milestone-2", m2)
+    return m2
+
+
+def test_dry_run_is_read_only_even_when_a_step_tries_to_write(realistic_db):
+    before = snapshot(realistic_db)
+    faulty = Milestone("milestone-1", 1, "faulty", (WritesDuringPlan(),), ("packages_packages",))
+    with pytest.raises(sa.exc.DBAPIError, match="read-only transaction"):
+        Runner(realistic_db.engine).plan(faulty)
+    assert snapshot(realistic_db) == before
+    assert not own_schema_exists(realistic_db)
+    with Runner(realistic_db.engine).read_only() as conn:
+        assert conn.execute(sa.text("SHOW transaction_read_only")).scalar() == "on"
+        assert conn.execute(sa.text("SHOW transaction_isolation")).scalar() == "repeatable read"
+
+
+def test_dry_run_on_a_database_the_toolkit_never_touched_creates_nothing(adversarial_db):
+    before = snapshot(adversarial_db)
+    schemas = adversarial_db.scalar("SELECT array_agg(nspname ORDER BY nspname) FROM pg_namespace")
+    for args in (["plan"], ["migrate", "milestone-1", "--dry-run"], ["status"], ["verify", "milestone-1"],
+                 ["history"]):
+        result = toolkit(adversarial_db, *args)
+        assert result.exit_code in (0, ExitCode.VERIFY_FAILED), result.output
+    assert snapshot(adversarial_db) == before
+    assert adversarial_db.scalar("SELECT array_agg(nspname ORDER BY nspname) FROM pg_namespace") == schemas
+    dry = toolkit(adversarial_db, "migrate", "milestone-1", "--dry-run")
+    assert "Dry run: nothing was written." in dry.output
+    assert "UPDATE packages_packages p SET package_type = 14" in dry.output
+
+
+def test_killed_run_resumes_to_the_same_end_state_as_an_uninterrupted_one(make_database):
+    killed, clean = make_database("realistic:small"), make_database("realistic:small")
+    died = toolkit_process(killed, "migrate", "milestone-1", "--batch-size", "20",
+                           env={FAULT_KILL_AFTER_BATCHES_ENV: "3"})
+    assert died.returncode == -signal.SIGKILL
+    checkpoint = killed.rows("SELECT last_key, batches_done, completed_at FROM toolkit.checkpoints")
+    assert checkpoint == [(60, 3, None)]
+    assert killed.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") > 0
+    assert killed.scalar("SELECT outcome FROM toolkit.runs") == "running"  # died without a word
+
+    resumed = toolkit_process(killed, "migrate", "milestone-1", "--batch-size", "20")
+    assert resumed.returncode == 0, resumed.stderr
+    # 3 batches before the kill + 10 after: none done twice, none skipped
+    assert killed.scalar("SELECT batches_done FROM toolkit.checkpoints") == 13
+    assert killed.scalar("SELECT sum(rows_done) FROM toolkit.checkpoints") == \
+        killed.scalar("SELECT count(*) FROM toolkit.m1_converted_packages")
+    assert toolkit_process(clean, "migrate", "milestone-1", "--batch-size", "20").returncode == 0
+
+    tables = ("packages_packages", "packages_package_files", "ml_candidates")
+    assert snapshot(killed, tables) == snapshot(clean, tables)
+    assert killed.rows(LEDGER_SQL) == clean.rows(LEDGER_SQL)
+
+
+def test_ctrl_c_stops_at_a_batch_boundary_and_the_next_run_resumes(realistic_db):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "toolkit", "--database-url", realistic_db.url_text, "migrate",
+         "milestone-1", "--batch-size", "10", "--pause-ms", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if realistic_db.scalar("SELECT to_regclass('toolkit.checkpoints') IS NOT NULL") and \
+                (realistic_db.scalar("SELECT max(batches_done) FROM toolkit.checkpoints") or 0) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == ExitCode.INTERRUPTED, stderr
+    assert "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    done = realistic_db.scalar("SELECT batches_done FROM toolkit.checkpoints")
+    assert 2 <= done < 25
+    assert realistic_db.scalar("SELECT outcome FROM toolkit.runs") == "interrupted"
+    assert realistic_db.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") == \
+        realistic_db.scalar("SELECT rows_done FROM toolkit.checkpoints")
+
+    assert toolkit(realistic_db, "migrate", "milestone-1", "--batch-size", "10").exit_code == 0
+    assert toolkit(realistic_db, "verify", "milestone-1").exit_code == 0
+
+
+def test_a_held_table_lock_is_retried_then_fails_cleanly_with_nothing_half_done(realistic_db):
+    before = snapshot(realistic_db, ("packages_packages",))
+    holder = realistic_db.engine.connect()
+    holder.execute(sa.text("SET application_name = 'gitlab-puma'"))
+    holder.execute(sa.text("LOCK TABLE packages_packages IN ACCESS EXCLUSIVE MODE"))
+    holder_pid = holder.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+    try:
+        result = toolkit(realistic_db, "migrate", "milestone-1", "--lock-timeout-ms", "100",
+                         "--retries", "2")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == ExitCode.LOCKED
+    assert "lock timeout in 3 tries" in result.output
+    assert f"pid {holder_pid} (gitlab-puma" in result.output
+    assert result.output.count("retry") == 2
+    assert snapshot(realistic_db, ("packages_packages",)) == before
+    assert realistic_db.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") == 0
+    assert realistic_db.scalar("SELECT outcome FROM toolkit.runs") == "failed"
+    assert toolkit(realistic_db, "migrate", "milestone-1").exit_code == 0
+
+
+def test_a_read_behind_an_access_exclusive_lock_fails_instead_of_hanging(realistic_db):
+    holder = realistic_db.engine.connect()
+    holder.execute(sa.text("LOCK TABLE ml_candidates IN ACCESS EXCLUSIVE MODE"))
+    try:
+        started = time.monotonic()
+        result = toolkit(realistic_db, "plan", "milestone-1")
+        elapsed = time.monotonic() - started
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == ExitCode.LOCKED
+    assert "could not be had in time" in result.output
+    assert elapsed < 30
+
+
+def test_a_second_runner_is_refused_and_told_who_holds_the_lock(realistic_db):
+    rival = realistic_db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    rival.execute(sa.text("SET application_name = 'toolkit migrate milestone-1'"))
+    rival.execute(sa.text("SELECT pg_advisory_lock(1953196404, 1)"))
+    rival_pid = rival.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+    try:
+        result = toolkit(realistic_db, "migrate", "milestone-1", "--lock-wait", "0.3")
+        rolled = toolkit(realistic_db, "rollback", "milestone-1", "--lock-wait", "0")
+    finally:
+        rival.close()
+    assert result.exit_code == ExitCode.LOCKED
+    assert f"pid {rival_pid} (toolkit migrate milestone-1" in result.output
+    assert "never run two at once" in result.output
+    assert rolled.exit_code == ExitCode.LOCKED
+    assert realistic_db.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") == 0
+
+
+def test_gate_refuses_a_milestone_until_the_previous_one_verifies(adversarial_db, with_test_milestone_2):
+    code, doc = toolkit_json(adversarial_db, "migrate", "milestone-2")
+    assert code == ExitCode.REFUSED
+    assert "milestone-1 does not verify" in doc["error"]["problem"]
+    assert "toolkit verify milestone-1" in doc["error"]["next_step"]
+    dry = toolkit(adversarial_db, "migrate", "milestone-2", "--dry-run")
+    assert dry.exit_code == ExitCode.REFUSED and "gate: CLOSED" in dry.output
+    assert not own_schema_exists(adversarial_db)
+
+
+def test_gate_opens_once_the_previous_milestone_verifies(realistic_db, with_test_milestone_2):
+    assert toolkit(realistic_db, "migrate", "milestone-1").exit_code == 0
+    result = toolkit(realistic_db, "migrate", "milestone-2")
+    assert result.exit_code == 0, result.output
+    refused = toolkit(realistic_db, "rollback", "milestone-1")
+    assert refused.exit_code == ExitCode.REFUSED
+    assert "toolkit rollback milestone-2" in refused.output
+    assert toolkit(realistic_db, "rollback", "milestone-2").exit_code == 0
+    assert toolkit(realistic_db, "rollback", "milestone-1").exit_code == 0
+
+
+def test_history_records_who_ran_what_and_how_it_ended(realistic_db):
+    toolkit(realistic_db, "migrate", "milestone-1", "--batch-size", "100")
+    toolkit(realistic_db, "verify", "milestone-1")  # read-only: not recorded
+    toolkit(realistic_db, "rollback", "milestone-1")
+    runs = realistic_db.rows("SELECT command, milestone, outcome, database_user, os_user, host, "
+                             "rows_by_step, finished_at >= started_at, options FROM toolkit.runs ORDER BY id")
+    assert [r[0] for r in runs] == ["toolkit migrate milestone-1 --batch-size=100", "toolkit rollback milestone-1"]
+    converted = runs[0][6]["convert-candidate-packages"]
+    assert converted > 0 and runs[1][6]["convert-candidate-packages:revert"] == converted
+    for _command, milestone, outcome, db_user, os_user, host, _rows, ordered, options in runs:
+        assert (milestone, outcome, ordered) == ("milestone-1", "succeeded", True)
+        assert db_user == realistic_db.scalar("SELECT current_user") and os_user and host
+        assert options["batch_size"] in (100, 1000)
+    assert "postgresql://" not in str(runs)
+    history = toolkit_json(realistic_db, "history")[1]["result"]["runs"]
+    assert [h["outcome"] for h in history] == ["succeeded", "succeeded"]
+
+
+def test_max_batches_does_part_of_the_work_and_status_shows_the_checkpoint(realistic_db):
+    code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "20", "--max-batches", "2")
+    assert code == 0
+    assert doc["result"]["complete"] is False and doc["result"]["stopped"] == "max-batches"
+    status = toolkit_json(realistic_db, "status")[1]["result"]["milestones"][0]
+    assert status["state"] == "in_progress"
+    assert status["checkpoints"][0]["last_key"] == 40 and status["checkpoints"][0]["batches_done"] == 2
+    assert status["remaining"]["convert-candidate-packages"] > 0
+    assert "after key 40" in toolkit(realistic_db, "status").output
+    code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "20")
+    assert code == 0 and doc["result"]["complete"] is True
+    status = toolkit_json(realistic_db, "status")[1]["result"]["milestones"][0]
+    assert status["state"] == "verified" and status["remaining"]["convert-candidate-packages"] == 0
+
+
+def test_json_documents_have_the_documented_shape(adversarial_db):
+    code, plan = toolkit_json(adversarial_db, "plan", "milestone-1")
+    assert code == 0
+    assert set(plan) == {"command", "ok", "exit_code", "result"}
+    milestone = plan["result"]["milestones"][0]
+    assert set(milestone) == {"milestone", "title", "rows", "gate", "steps"}
+    step = milestone["steps"][0]
+    assert set(step) == {"step", "description", "rows", "breakdown", "context", "anomalies", "sql"}
+    assert set(step["anomalies"][0]) == {"kind", "title", "blocking", "count", "resolution", "rows"}
+
+    code, applied = toolkit_json(adversarial_db, "migrate", "milestone-1")
+    assert code == ExitCode.VERIFY_FAILED and applied["ok"] is False
+    assert set(applied) == {"command", "ok", "exit_code", "error"}
+    assert set(applied["error"]) == {"kind", "problem", "next_step", "details"}
+    assert applied["error"]["kind"] == "VerificationFailed"
+
+
+def test_usage_errors_exit_2(realistic_db):
+    assert toolkit(realistic_db, "migrate", "milestone-9").exit_code == ExitCode.USAGE
+    assert toolkit(realistic_db, "migrate", "milestone-1", "--batch-size", "0").exit_code == ExitCode.USAGE
+    assert toolkit(realistic_db, "frobnicate").exit_code == ExitCode.USAGE
