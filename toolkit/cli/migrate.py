@@ -13,6 +13,7 @@ from toolkit.cli.context import app
 from toolkit.engine import state
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import ApplyResult, PlanResult, Runner
+from toolkit.engine.step import KeysetPass
 from toolkit.errors import VerificationFailed
 from toolkit.milestones.base import Milestone
 from toolkit.output import out
@@ -209,14 +210,21 @@ def sql(milestone: str, backward: bool) -> None:
 def _sql_statements(milestone: Milestone, backward: bool) -> list[str]:
     lines = []
     for step in (reversed(milestone.steps) if backward else milestone.steps):
-        for kpass in (step.backward() if backward else step.forward()):
-            lines.append(
-                f"-- {milestone.name} / {kpass.name}: {kpass.description}\n"
-                f"-- Runs in batches, each one transaction with SET LOCAL lock_timeout and\n"
-                f"-- statement_timeout. Batch bounds: :lo (exclusive, the checkpoint) and :hi from\n"
-                f"{_comment(kpass.next_key_sql())};\n"
-                f"{kpass.change_sql.strip()};"
-            )
+        for action in (step.backward() if backward else step.forward()):
+            if isinstance(action, KeysetPass):
+                lines.append(
+                    f"-- {milestone.name} / {action.name}: {action.description}\n"
+                    f"-- Runs in batches, each one transaction with SET LOCAL lock_timeout and\n"
+                    f"-- statement_timeout. Batch bounds: :lo (exclusive, the checkpoint) and :hi from\n"
+                    f"{_comment(action.next_key_sql())};\n"
+                    f"{action.change_sql.strip()};"
+                )
+            else:
+                lines.append(
+                    f"-- {milestone.name} / {action.name}: {action.description}\n"
+                    f"-- Schema change (Alembic revision {action.revision}), run with lock_timeout\n"
+                    f"-- and retries.\n{action.sql()}"
+                )
     return lines
 
 

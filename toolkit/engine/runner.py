@@ -18,9 +18,10 @@ from sqlalchemy.engine import Connection, Engine
 from toolkit import milestones as registry
 from toolkit.engine import state
 from toolkit.engine.batches import Budget, PassResult, RunOptions, run_pass
+from toolkit.engine.ddl import DdlAction, run_ddl
 from toolkit.engine.locks import RunnerLock
 from toolkit.engine.preflight import check_gitlab_schema, check_privileges, check_writable
-from toolkit.engine.step import Check, KeysetPass, StepPlan
+from toolkit.engine.step import Action, Check, StepPlan
 from toolkit.errors import Interrupted, PreconditionRefused, ToolkitError, VerificationFailed, redact
 from toolkit.milestones.base import Milestone
 from toolkit.output import out
@@ -146,7 +147,9 @@ class Runner:
                     "state": recorded["state"],
                     "updated_at": recorded.get("updated_at"),
                     "checkpoints": [cp.__dict__ for cp in state.checkpoints(conn, milestone.name)],
-                    "remaining": {s.name: s.remaining(conn) for s in milestone.steps},
+                    "remaining": {s.name: s.remaining(conn) for s in milestone.steps if s.unit == "rows"},
+                    "schema_changes_left": sum(s.remaining(conn) for s in milestone.steps
+                                               if s.unit != "rows"),
                 })
         return report
 
@@ -208,7 +211,7 @@ class Runner:
         self._finish(result, outcome)
         return result, checks
 
-    def _run_passes(self, milestone: Milestone, passes: list[KeysetPass], state_during: str | None,
+    def _run_passes(self, milestone: Milestone, passes: list[Action], state_during: str | None,
                     verb: str) -> ApplyResult:
         label = f"toolkit {verb} {milestone.name}"
         with RunnerLock(self.engine, label, self.lock_wait_s):
@@ -221,8 +224,16 @@ class Runner:
             budget = Budget(self.options)
             try:
                 with _stop_on_signals(budget):
-                    for kpass in passes:
-                        done = run_pass(self.engine, milestone.name, kpass, run_id, self.options, budget)
+                    for action in passes:
+                        if isinstance(action, DdlAction):
+                            if reason := budget.exhausted_reason():
+                                done = PassResult(action.name, stopped=reason)
+                            else:
+                                run_ddl(self.engine, action, self.options, budget)
+                                done = PassResult(action.name, complete=True)
+                        else:
+                            done = run_pass(self.engine, milestone.name, action, run_id, self.options,
+                                            budget)
                         result.passes.append(done)
                         if not done.complete:
                             result.stopped = done.stopped

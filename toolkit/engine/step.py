@@ -13,9 +13,12 @@ question the commands ask, so ``plan``, ``sql``, ``migrate``, ``verify`` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from sqlalchemy.engine import Connection
+
+if TYPE_CHECKING:
+    from toolkit.engine.ddl import DdlAction
 
 
 @dataclass
@@ -100,19 +103,27 @@ class KeysetPass:
         return f"SELECT count(*) FROM {self.driving_table} WHERE {self.key} > :lo"
 
 
+Action = Union[KeysetPass, "DdlAction"]
+
+
+def action_sql(action: Action) -> str:
+    return action.change_sql.strip() if isinstance(action, KeysetPass) else action.sql()
+
+
 class Step:
     """Base class; subclasses override what applies to them."""
 
     name: str = ""
     description: str = ""
+    unit: str = "rows"  # what ``remaining`` counts
 
     def plan(self, conn: Connection) -> StepPlan:
         raise NotImplementedError
 
-    def forward(self) -> list[KeysetPass]:
+    def forward(self) -> list[Action]:
         return []
 
-    def backward(self) -> list[KeysetPass]:
+    def backward(self) -> list[Action]:
         return []
 
     def verify(self, conn: Connection) -> list[Check]:
@@ -127,7 +138,7 @@ class Step:
         return []
 
     def forward_sql(self) -> list[str]:
-        return [p.change_sql.strip() for p in self.forward()]
+        return [action_sql(a) for a in self.forward()]
 
     def backward_sql(self) -> list[str]:
-        return [p.change_sql.strip() for p in self.backward()]
+        return [action_sql(a) for a in self.backward()]

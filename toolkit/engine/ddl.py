@@ -1,0 +1,139 @@
+"""Schema changes: one Alembic revision per DDL step, run under lock_timeout with retries.
+
+A DDL step's forward action upgrades to its revision, its backward action downgrades to
+the revision's parent, and ``toolkit sql`` prints Alembic's offline rendering of the same
+revision: one definition, as with data passes. Transactional DDL runs in Alembic's
+per-revision transaction. CREATE INDEX CONCURRENTLY runs in an autocommit block inside
+the revision, which first drops an INVALID index left by an interrupted build.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from toolkit.engine.batches import Budget, RunOptions, sqlstate
+from toolkit.engine.locks import TRANSIENT_STATES, describe_holder, table_lock_holders
+from toolkit.engine.step import Check, Step, StepPlan
+from toolkit.errors import LockUnavailable
+from toolkit.output import out
+from toolkit.schema import migrations
+
+GITLAB_BASE = "gitlab@base"
+
+
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(migrations.alembic_config())
+
+
+def parent_of(revision: str) -> str:
+    down = _script().get_revision(revision).down_revision
+    return down if isinstance(down, str) else GITLAB_BASE
+
+
+@dataclass(frozen=True)
+class DdlAction:
+    """Apply (``up``) or undo (``down``) one revision of the ``gitlab`` Alembic branch."""
+
+    name: str
+    description: str
+    revision: str
+    up: bool = True
+    tables: tuple[str, ...] = ()  # whose lock holders to name if a lock cannot be had
+
+    def done(self, conn: Connection) -> bool:
+        return is_applied(conn, self.revision) == self.up
+
+    def sql(self) -> str:
+        """Alembic's offline rendering of this one revision, up or down."""
+        config = migrations.alembic_config()
+        config.output_buffer = buffer = io.StringIO()
+        if self.up:
+            command.upgrade(config, f"{parent_of(self.revision)}:{self.revision}", sql=True)
+        else:
+            command.downgrade(config, f"{self.revision}:{parent_of(self.revision)}", sql=True)
+        return buffer.getvalue().strip()
+
+
+def is_applied(conn: Connection, revision: str) -> bool:
+    """True when ``revision`` is at or below a head recorded in the version table."""
+    script = _script()
+    return any(
+        revision in {r.revision for r in script.iterate_revisions(head, "base")}
+        for head in migrations.applied_revisions(conn)
+    )
+
+
+def run_ddl(engine: Engine, action: DdlAction, options: RunOptions, budget: Budget) -> bool:
+    """Apply one DDL action with retries; False when it was already done."""
+    for attempt in range(options.retries + 1):
+        with engine.connect() as conn:
+            if action.done(conn):
+                return False
+            conn.rollback()
+            try:
+                # Session-level: Alembic runs CONCURRENTLY outside a transaction, where SET
+                # LOCAL would not reach.
+                conn.execute(sa.text("SELECT set_config('lock_timeout', :l, false), "
+                                     "set_config('statement_timeout', :s, false)"),
+                             {"l": f"{options.lock_timeout_ms}ms", "s": f"{options.statement_timeout_ms}ms"})
+                conn.commit()
+                if action.up:
+                    migrations.upgrade(conn, action.revision)
+                else:
+                    migrations.downgrade(conn, parent_of(action.revision))
+                conn.commit()
+                return True
+            except DBAPIError as exc:
+                conn.rollback()
+                code = sqlstate(exc)
+                if code not in TRANSIENT_STATES:
+                    raise
+                if attempt == options.retries or budget.stop_requested:
+                    holders = table_lock_holders(conn, action.tables)
+                    who = "; ".join(describe_holder(h) for h in holders[:3]) or "none visible now"
+                    raise LockUnavailable(
+                        f"{action.name}: {TRANSIENT_STATES[code]} in {attempt + 1} tries; the "
+                        f"change was rolled back. Holding locks: {who}",
+                        "find out why that session holds its lock (or end it), then run the same "
+                        "command again; --lock-timeout-ms raises the wait per try",
+                        details={"holders": holders},
+                    ) from exc
+                delay = options.backoff_s * 2 ** attempt
+                out.warn(f"{action.name}: {TRANSIENT_STATES[code]}; rolled back, retry "
+                         f"{attempt + 1}/{options.retries} in {delay:.1f}s")
+                time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class SchemaStep(Step):
+    """A step that is one Alembic revision on the ``gitlab`` branch."""
+
+    revision: str = ""
+    tables: tuple[str, ...] = ()
+    unit = "schema changes"
+
+    def forward(self) -> list[DdlAction]:
+        return [DdlAction(self.name, self.description, self.revision, True, self.tables)]
+
+    def backward(self) -> list[DdlAction]:
+        return [DdlAction(f"{self.name}:revert", f"undo: {self.description}", self.revision, False,
+                          self.tables)]
+
+    def plan(self, conn: Connection) -> StepPlan:
+        applied = is_applied(conn, self.revision)
+        return StepPlan(self.name, self.description, 0, {},
+                        {"schema change already applied": int(applied)}, [], self.forward_sql())
+
+    def remaining(self, conn: Connection) -> int:
+        return 0 if is_applied(conn, self.revision) else 1
+
+    def verify(self, conn: Connection) -> list[Check]:
+        return []
