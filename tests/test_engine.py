@@ -241,7 +241,7 @@ def test_json_documents_have_the_documented_shape(adversarial_db):
     milestone = plan["result"]["milestones"][0]
     assert set(milestone) == {"milestone", "title", "rows", "gate", "steps"}
     step = milestone["steps"][0]
-    assert set(step) == {"step", "description", "rows", "breakdown", "context", "anomalies", "sql"}
+    assert set(step) == {"step", "kind", "description", "rows", "breakdown", "context", "anomalies", "sql"}
     assert set(step["anomalies"][0]) == {"kind", "title", "blocking", "count", "resolution", "rows"}
 
     code, applied = toolkit_json(adversarial_db, "migrate", "milestone-1")

@@ -77,7 +77,8 @@ def _apply_doc(result: ApplyResult) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "milestone": result.milestone.name, "run_id": result.run_id, "complete": result.complete,
         "stopped": result.stopped, "rows": result.rows,
-        "passes": [{"name": p.name, "rows": p.rows, "batches": p.batches, "complete": p.complete}
+        "passes": [{"name": p.name, "rows": p.rows, "batches": p.batches, "complete": p.complete,
+                    "schema_change": p.schema_change, "changed": p.changed}
                    for p in result.passes],
     }
     if result.verify is not None:
@@ -139,8 +140,12 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, **opts: Any) -> None
 
 def _report_apply(result: ApplyResult) -> None:
     for p in result.passes:
-        state_word = "done" if p.complete else f"stopped ({p.stopped})"
-        out.say(f"  {p.name}: {p.rows} rows changed in {p.batches} batches — {state_word}")
+        if not p.complete:
+            out.say(f"  {p.name}: stopped ({p.stopped}) after {p.rows} rows in {p.batches} batches")
+        elif p.schema_change:
+            out.say(f"  {p.name}: {'schema changed' if p.changed else 'already in place'}")
+        else:
+            out.say(f"  {p.name}: {p.rows} rows changed in {p.batches} batches")
     if not result.complete:
         out.say(f"Stopped early ({result.stopped}); run the same command again to continue.")
     if result.verify is not None:
@@ -245,8 +250,9 @@ def status() -> None:
         progress = [cp for cp in entry["checkpoints"] if cp["completed_at"] is None]
         where = ", ".join(f"{cp['step']} after key {cp['last_key']} ({cp['rows_done']} rows)"
                           for cp in progress)
-        rows.append([entry["milestone"], entry["state"].replace("_", " "), left, where or "-"])
-    out.table(["milestone", "state", "rows left", "checkpoint"], rows)
+        rows.append([entry["milestone"], entry["state"].replace("_", " "), left,
+                     entry["schema_changes_left"], where or "-"])
+    out.table(["milestone", "state", "rows left", "schema changes left", "checkpoint"], rows)
     app().finish({"milestones": report})
 
 

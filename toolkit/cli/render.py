@@ -33,17 +33,22 @@ def plan(result: PlanResult, *, show_sql: bool = True) -> None:
     m = result.milestone
     out.say(f"{m.name}: {m.title}")
     for step in result.steps:
-        parts = ", ".join(f"{k} {v}" for k, v in step.breakdown.items())
         out.say(f"  step {step.step}: {step.description}")
-        out.say(f"    would change {step.rows} rows" + (f" ({parts})" if parts else ""))
-        for label, count in step.context.items():
-            out.say(f"    {label}: {count}")
+        if step.kind == "schema":
+            applied = step.context.get("schema change already applied")
+            out.say(f"    schema change: {'already applied' if applied else 'pending'}")
+        else:
+            parts = ", ".join(f"{k} {v}" for k, v in step.breakdown.items())
+            out.say(f"    would change {step.rows} rows" + (f" ({parts})" if parts else ""))
+            for label, count in step.context.items():
+                out.say(f"    {label}: {count}")
         for a in step.anomalies:
             anomaly(a)
         if not any(a.count for a in step.anomalies):
             out.say("    no anomalies")
         if show_sql:
-            out.say("    SQL, per batch (:lo exclusive, :hi inclusive key bounds):")
+            out.say("    SQL (Alembic revision):" if step.kind == "schema" else
+                    "    SQL, per batch (:lo exclusive, :hi inclusive key bounds):")
             for statement in step.sql:
                 for line in statement.splitlines():
                     out.say(f"      {line}")

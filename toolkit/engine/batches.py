@@ -77,6 +77,8 @@ class PassResult:
     complete: bool = False
     stopped: str | None = None
     batch_seconds: list[float] = field(default_factory=list)
+    schema_change: bool = False  # a DDL action rather than a data pass
+    changed: bool = True
 
 
 def sqlstate(exc: DBAPIError) -> str | None:

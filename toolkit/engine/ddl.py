@@ -56,7 +56,9 @@ class DdlAction:
         config = migrations.alembic_config()
         config.output_buffer = buffer = io.StringIO()
         if self.up:
-            command.upgrade(config, f"{parent_of(self.revision)}:{self.revision}", sql=True)
+            # Offline mode cannot start from "gitlab@base"; plain "base" means the same here.
+            start = parent_of(self.revision).replace(GITLAB_BASE, "base")
+            command.upgrade(config, f"{start}:{self.revision}", sql=True)
         else:
             command.downgrade(config, f"{self.revision}:{parent_of(self.revision)}", sql=True)
         return buffer.getvalue().strip()
@@ -130,7 +132,8 @@ class SchemaStep(Step):
     def plan(self, conn: Connection) -> StepPlan:
         applied = is_applied(conn, self.revision)
         return StepPlan(self.name, self.description, 0, {},
-                        {"schema change already applied": int(applied)}, [], self.forward_sql())
+                        {"schema change already applied": int(applied)}, [], self.forward_sql(),
+                        kind="schema")
 
     def remaining(self, conn: Connection) -> int:
         return 0 if is_applied(conn, self.revision) else 1

@@ -229,8 +229,9 @@ class Runner:
                             if reason := budget.exhausted_reason():
                                 done = PassResult(action.name, stopped=reason)
                             else:
-                                run_ddl(self.engine, action, self.options, budget)
-                                done = PassResult(action.name, complete=True)
+                                changed = run_ddl(self.engine, action, self.options, budget)
+                                done = PassResult(action.name, complete=True, schema_change=True,
+                                                  changed=changed)
                         else:
                             done = run_pass(self.engine, milestone.name, action, run_id, self.options,
                                             budget)

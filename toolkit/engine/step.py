@@ -54,9 +54,10 @@ class StepPlan:
     context: dict[str, int] = field(default_factory=dict)  # related counts left unchanged
     anomalies: list[Anomaly] = field(default_factory=list)
     sql: list[str] = field(default_factory=list)
+    kind: str = "data"  # or "schema": an Alembic revision, no rows
 
     def as_dict(self, limit: int | None = None) -> dict[str, Any]:
-        return {"step": self.step, "description": self.description, "rows": self.rows,
+        return {"step": self.step, "kind": self.kind, "description": self.description, "rows": self.rows,
                 "breakdown": self.breakdown, "context": self.context,
                 "anomalies": [a.as_dict(limit) for a in self.anomalies], "sql": self.sql}
 

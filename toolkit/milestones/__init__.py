@@ -5,8 +5,9 @@ from __future__ import annotations
 from toolkit.errors import UsageProblem
 from toolkit.milestones.base import Milestone
 from toolkit.milestones.m1_packages import MILESTONE_1
+from toolkit.milestones.m2_model_parent import MILESTONE_2
 
-MILESTONES: dict[str, Milestone] = {m.name: m for m in (MILESTONE_1,)}
+MILESTONES: dict[str, Milestone] = {m.name: m for m in (MILESTONE_1, MILESTONE_2)}
 
 
 def get(name: str) -> Milestone:

@@ -1,0 +1,26 @@
+"""Milestone 2: VALIDATE the model_id foreign key (after the backfill).
+
+Revision ID: m2_0005
+Revises: m2_0004
+Create Date: 2026-11-23
+"""
+
+from alembic import op
+
+revision = "m2_0005"
+down_revision = "m2_0004"
+branch_labels = None
+depends_on = None
+
+FK = "fk_ml_candidates_model_id"
+
+
+def upgrade() -> None:
+    op.execute(f"ALTER TABLE ml_candidates VALIDATE CONSTRAINT {FK}")
+
+
+def downgrade() -> None:
+    # Back to exactly the state of m2_0004: the same constraint, NOT VALID.
+    op.execute(f"ALTER TABLE ml_candidates DROP CONSTRAINT IF EXISTS {FK}")
+    op.execute(f"ALTER TABLE ml_candidates ADD CONSTRAINT {FK} FOREIGN KEY (model_id) "
+               "REFERENCES ml_models(id) ON DELETE CASCADE NOT VALID")

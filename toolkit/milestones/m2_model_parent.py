@@ -1,0 +1,160 @@
+"""Milestone 2: ``ml_models`` becomes the parent of candidates (``ml_candidates.model_id``).
+
+Schema first, each change brief under lock_timeout: a nullable column, its index built
+CONCURRENTLY, a foreign key added NOT VALID, and a transition trigger so rows GitLab
+writes from now on get ``model_id`` too. Then the backfill in keyset batches, then
+VALIDATE of the foreign key (SHARE UPDATE EXCLUSIVE: writes go on).
+
+``experiment_id`` stays until milestone 4: candidates of experiments that have no model
+yet would otherwise lose their parent before milestone 3 creates one.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from toolkit.engine.ddl import SchemaStep, is_applied
+from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
+from toolkit.milestones.base import Milestone
+
+INDEX = "index_ml_candidates_on_model_id"
+FK = "fk_ml_candidates_model_id"
+TRIGGER = "trigger_ml_candidates_model_id_transition"
+
+# One definition of "this candidate's model_id is not what its experiment says".
+MISMATCH = "c.model_id IS DISTINCT FROM e.model_id"
+
+BACKFILL_BATCH = f"""
+WITH changed AS (
+    UPDATE ml_candidates c SET model_id = e.model_id
+    FROM ml_experiments e
+    WHERE c.id > :lo AND c.id <= :hi AND e.id = c.experiment_id AND {MISMATCH}
+    RETURNING c.id
+)
+SELECT count(*) FROM changed"""
+
+
+def column_exists(conn: Connection) -> bool:
+    return conn.execute(sa.text(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ml_candidates'::regclass "
+        "AND attname = 'model_id' AND NOT attisdropped)")).scalar_one()
+
+
+class AddModelIdColumn(SchemaStep):
+    name = "add-model-id-column"
+    description = "add nullable ml_candidates.model_id"
+    revision = "m2_0001"
+    tables = ("ml_candidates",)
+
+    def verify(self, conn: Connection) -> list[Check]:
+        ok = column_exists(conn)
+        return [Check("ml_candidates.model_id exists", ok, "present" if ok else "missing",
+                      None if ok else "run `toolkit migrate milestone-2`")]
+
+
+class IndexModelId(SchemaStep):
+    name = "index-model-id"
+    description = f"build {INDEX} CONCURRENTLY (an invalid leftover is rebuilt)"
+    revision = "m2_0002"
+    tables = ("ml_candidates",)
+
+    def verify(self, conn: Connection) -> list[Check]:
+        valid = conn.execute(sa.text(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:i)"), {"i": INDEX}).scalar()
+        detail = {True: "valid", False: "INVALID (an interrupted build)", None: "missing"}[valid]
+        return [Check(f"{INDEX} is valid", bool(valid), detail,
+                      None if valid else "run `toolkit migrate milestone-2` to rebuild it")]
+
+
+class AddModelIdForeignKey(SchemaStep):
+    name = "add-model-id-foreign-key"
+    description = f"add {FK} -> ml_models(id) ON DELETE CASCADE, NOT VALID"
+    revision = "m2_0003"
+    tables = ("ml_candidates", "ml_models")
+
+
+class AddTransitionTrigger(SchemaStep):
+    name = "add-transition-trigger"
+    description = f"{TRIGGER}: new candidates get model_id from their experiment"
+    revision = "m2_0004"
+    tables = ("ml_candidates",)
+
+    def verify(self, conn: Connection) -> list[Check]:
+        enabled = conn.execute(sa.text(
+            "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'ml_candidates'::regclass AND tgname = :t"),
+            {"t": TRIGGER}).scalar()
+        ok = enabled in ("O", "A")
+        return [Check(f"{TRIGGER} is in place", ok,
+                      "enabled" if ok else ("disabled" if enabled else "missing"),
+                      None if ok else "run `toolkit migrate milestone-2`")]
+
+
+class BackfillModelId(Step):
+    name = "backfill-model-id"
+    description = "ml_candidates.model_id := its experiment's model (default experiments)"
+
+    def forward(self) -> list[KeysetPass]:
+        return [KeysetPass(self.name, self.description, "ml_candidates", BACKFILL_BATCH,
+                           locks=("ml_candidates", "ml_experiments"))]
+
+    def _count_sql(self, conn: Connection) -> str:
+        candidate_model = "c.model_id" if column_exists(conn) else "NULL::bigint"
+        return (f"FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id "
+                f"WHERE {candidate_model} IS DISTINCT FROM e.model_id")
+
+    def plan(self, conn: Connection) -> StepPlan:
+        count_from = self._count_sql(conn)
+        rows = conn.execute(sa.text(f"SELECT count(*) {count_from}")).scalar_one()
+        context = dict(conn.execute(sa.text("""
+            SELECT CASE WHEN e.model_id IS NULL THEN 'candidates of experiments without a model '
+                        || '(get model_id in milestone 3)'
+                        ELSE 'candidates of default experiments' END, count(*)
+            FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id GROUP BY 1""")).all())
+        return StepPlan(self.name, self.description, rows, {"set model_id": rows}, context, [],
+                        self.forward_sql())
+
+    def remaining(self, conn: Connection) -> int:
+        return conn.execute(sa.text(f"SELECT count(*) {self._count_sql(conn)}")).scalar_one()
+
+    def verify(self, conn: Connection) -> list[Check]:
+        if not column_exists(conn):
+            return []
+        wrong = [dict(r._mapping) for r in conn.execute(sa.text(f"""
+            SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id
+            FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
+            WHERE {MISMATCH} ORDER BY c.id"""))]
+        return [Check("every candidate's model_id is its experiment's model", not wrong,
+                      "all match" if not wrong else f"{len(wrong)} candidates differ",
+                      None if not wrong else "run `toolkit migrate milestone-2` (it backfills again)",
+                      wrong)]
+
+
+class ValidateForeignKey(SchemaStep):
+    name = "validate-model-id-foreign-key"
+    description = f"VALIDATE {FK} (SHARE UPDATE EXCLUSIVE: GitLab's writes go on)"
+    revision = "m2_0005"
+    tables = ("ml_candidates", "ml_models")
+
+    def verify(self, conn: Connection) -> list[Check]:
+        validated = conn.execute(sa.text(
+            "SELECT convalidated FROM pg_constraint WHERE conrelid = 'ml_candidates'::regclass "
+            "AND conname = :f"), {"f": FK}).scalar()
+        detail = {True: "validated", False: "NOT VALID yet", None: "missing"}[validated]
+        return [Check(f"{FK} is validated", bool(validated), detail,
+                      None if validated else "run `toolkit migrate milestone-2`")]
+
+
+def schema_applied(conn: Connection) -> bool:
+    return is_applied(conn, ValidateForeignKey.revision)
+
+
+MILESTONE_2 = Milestone(
+    name="milestone-2",
+    number=2,
+    title="ml_models becomes the parent of candidates (ml_candidates.model_id)",
+    steps=(AddModelIdColumn(), IndexModelId(), AddModelIdForeignKey(), AddTransitionTrigger(),
+           BackfillModelId(), ValidateForeignKey()),
+    reads=("ml_candidates", "ml_experiments", "ml_models"),
+    updates=("ml_candidates",),
+)
