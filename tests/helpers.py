@@ -39,3 +39,49 @@ def snapshot(db, tables: tuple[str, ...] = ML_AND_OWN) -> dict:
 
 def own_schema_exists(db) -> bool:
     return db.scalar("SELECT to_regnamespace('toolkit') IS NOT NULL")
+
+
+def schema_snapshot(db, tables: tuple[str, ...] = ("ml_candidates", "ml_experiments", "ml_models",
+                                                   "packages_packages")) -> dict:
+    """What reflection sees: columns, constraints, indexes, triggers and public functions."""
+    names = list(tables)
+    return {
+        "columns": db.rows("""
+            SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                   pg_get_expr(d.adbin, d.adrelid)
+            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+            WHERE c.relname = ANY(:n) AND a.attnum > 0 AND NOT a.attisdropped
+            ORDER BY c.relname, a.attnum""", n=names),
+        "constraints": db.rows("""
+            SELECT c.relname, k.conname, pg_get_constraintdef(k.oid), k.convalidated
+            FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+            WHERE c.relname = ANY(:n) ORDER BY 1, 2""", n=names),
+        "indexes": db.rows("""
+            SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid), i.indisvalid
+            FROM pg_index i WHERE i.indrelid::regclass::text = ANY(:n) ORDER BY 1""", n=names),
+        "triggers": db.rows("""
+            SELECT tgname, pg_get_triggerdef(oid), tgenabled FROM pg_trigger
+            WHERE tgrelid::regclass::text = ANY(:n) AND NOT tgisinternal ORDER BY 1""", n=names),
+        "functions": db.rows("""
+            SELECT p.proname, pg_get_functiondef(p.oid) FROM pg_proc p
+            JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'
+              AND p.prokind = 'f' AND p.proname LIKE 'trigger%' ORDER BY 1"""),
+    }
+
+
+def resolve_m1_anomalies(db) -> None:
+    """What an operator does about milestone 1's blocking anomalies, as docs/blueprint.md says."""
+    db.execute("""
+        -- cross-project package: unlink it from the candidate
+        UPDATE ml_candidates c SET package_id = NULL FROM packages_packages p
+        WHERE p.id = c.package_id AND p.package_type = 7 AND p.project_id <> c.project_id;
+        -- collision: mark the existing ml_model twin pending destruction
+        UPDATE packages_packages q SET status = 4 FROM packages_packages p
+        WHERE p.package_type = 7 AND q.package_type = 14 AND q.project_id = p.project_id
+          AND q.name = p.name AND q.version = p.version AND q.status <> 4 AND p.status <> 4
+          AND p.id IN (SELECT package_id FROM ml_candidates WHERE package_id IS NOT NULL);
+        -- an over-long status message: shorten it
+        UPDATE packages_packages SET status_message = left(status_message, 255)
+        WHERE char_length(status_message) > 255;
+    """)

@@ -255,3 +255,24 @@ def test_usage_errors_exit_2(realistic_db):
     assert toolkit(realistic_db, "migrate", "milestone-9").exit_code == ExitCode.USAGE
     assert toolkit(realistic_db, "migrate", "milestone-1", "--batch-size", "0").exit_code == ExitCode.USAGE
     assert toolkit(realistic_db, "frobnicate").exit_code == ExitCode.USAGE
+
+
+def test_a_pass_ends_at_the_largest_key_it_saw_when_it_started(realistic_db):
+    """The application may insert faster than batches go; a pass must still end."""
+    db = realistic_db
+    top = db.scalar("SELECT max(id) FROM ml_candidates")
+    assert toolkit(db, "migrate", "milestone-1", "--batch-size", "20", "--max-batches", "1").exit_code == 0
+    assert db.scalar("SELECT upper_key FROM toolkit.checkpoints") == top
+    db.execute("""
+        WITH pkg AS (INSERT INTO packages_packages (project_id, created_at, updated_at, name, version, package_type)
+                     SELECT project_id, now(), now(), 'ml_experiment_' || iid, '777', 7
+                     FROM ml_experiments WHERE model_id IS NULL ORDER BY id LIMIT 1 RETURNING id, project_id)
+        INSERT INTO ml_candidates (created_at, updated_at, experiment_id, eid, project_id, package_id)
+        SELECT now(), now(), e.id, gen_random_uuid(), pkg.project_id, pkg.id
+        FROM pkg JOIN ml_experiments e ON e.project_id = pkg.project_id AND e.model_id IS NULL
+        ORDER BY e.id LIMIT 1""")
+    resumed = toolkit(db, "migrate", "milestone-1", "--batch-size", "20")
+    assert resumed.exit_code == ExitCode.VERIFY_FAILED  # the resumed pass stops at its bound...
+    assert "1 not_yet_converted" in resumed.output  # ...and verify sees the newcomer
+    assert toolkit(db, "migrate", "milestone-1").exit_code == 0  # a new pass takes it
+    assert db.scalar("SELECT upper_key FROM toolkit.checkpoints") == top + 1

@@ -44,6 +44,7 @@ def upgrade() -> None:
         sa.Column("milestone", sa.Text, primary_key=True),
         sa.Column("step", sa.Text, primary_key=True),
         sa.Column("last_key", sa.BigInteger),
+        sa.Column("upper_key", sa.BigInteger),
         sa.Column("rows_done", sa.BigInteger, nullable=False, server_default=sa.text("0")),
         sa.Column("batches_done", sa.BigInteger, nullable=False, server_default=sa.text("0")),
         sa.Column("run_id", sa.BigInteger),

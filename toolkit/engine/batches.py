@@ -90,12 +90,13 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
     result = PassResult(kpass.name)
     with engine.connect() as conn:
         checkpoint = state.read_checkpoint(conn, milestone, kpass.name)
-        if checkpoint is None or checkpoint.completed_at is not None:
-            state.restart_checkpoint(conn, milestone, kpass.name, run_id)
+        if checkpoint is None or checkpoint.completed_at is not None or checkpoint.upper_key is None:
             lo = 0
+            upper = conn.execute(sa.text(kpass.upper_key_sql())).scalar_one()
+            state.restart_checkpoint(conn, milestone, kpass.name, run_id, upper)
         else:
-            lo = checkpoint.last_key or 0
-        total = conn.execute(sa.text(kpass.remaining_sql()), {"lo": lo}).scalar_one()
+            lo, upper = checkpoint.last_key or 0, checkpoint.upper_key
+        total = conn.execute(sa.text(kpass.remaining_sql()), {"lo": lo, "upper": upper}).scalar_one()
         conn.commit()
         with out.progress(total, kpass.description) as bar:
             while True:
@@ -103,7 +104,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                     result.stopped = reason
                     return result
                 began = time.perf_counter()
-                hi, changed, scanned = _one_batch(conn, milestone, kpass, lo, run_id, options, budget)
+                hi, changed, scanned = _one_batch(conn, milestone, kpass, lo, upper, run_id, options,
+                                                  budget)
                 if hi is None:
                     state.complete_checkpoint(conn, milestone, kpass.name, run_id)
                     conn.commit()
@@ -120,15 +122,15 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                     _sleep(options.pause_ms / 1000, budget)
 
 
-def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, run_id: int,
-               options: RunOptions, budget: Budget) -> tuple[int | None, int, int]:
+def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,
+               run_id: int, options: RunOptions, budget: Budget) -> tuple[int | None, int, int]:
     for attempt in range(options.retries + 1):
         try:
             with conn.begin():
                 set_local_timeouts(conn, options.lock_timeout_ms, options.statement_timeout_ms)
                 hi, scanned = conn.execute(
                     sa.text(f"SELECT max(k), count(*) FROM ({kpass.next_key_sql()}) AS b(k)"),
-                    {"lo": lo, "size": options.batch_size},
+                    {"lo": lo, "upper": upper, "size": options.batch_size},
                 ).one()
                 if hi is None:
                     return None, 0, 0

@@ -33,6 +33,7 @@ class Checkpoint:
     milestone: str
     step: str
     last_key: int | None
+    upper_key: int | None
     rows_done: int
     batches_done: int
     completed_at: datetime | None
@@ -81,7 +82,7 @@ def read_checkpoint(conn: Connection, milestone: str, step: str) -> Checkpoint |
     if not own_schema_exists(conn):
         return None
     row = conn.execute(sa.text(f"""
-        SELECT milestone, step, last_key, rows_done, batches_done, completed_at
+        SELECT milestone, step, last_key, upper_key, rows_done, batches_done, completed_at
         FROM {SCHEMA}.checkpoints WHERE milestone = :m AND step = :s
     """), {"m": milestone, "s": step}).one_or_none()
     return Checkpoint(*row) if row else None
@@ -102,14 +103,17 @@ def save_checkpoint(conn: Connection, milestone: str, step: str, last_key: int, 
     """), {"m": milestone, "s": step, "k": last_key, "r": rows, "run": run_id})
 
 
-def restart_checkpoint(conn: Connection, milestone: str, step: str, run_id: int) -> None:
-    """A completed pass starts over (from key 0, counters reset) on the next run."""
+def restart_checkpoint(conn: Connection, milestone: str, step: str, run_id: int,
+                       upper_key: int) -> None:
+    """A pass starts (again) from key 0 up to ``upper_key``, counters reset."""
     conn.execute(sa.text(f"""
-        INSERT INTO {SCHEMA}.checkpoints (milestone, step, last_key, rows_done, batches_done, run_id)
-        VALUES (:m, :s, 0, 0, 0, :run)
-        ON CONFLICT (milestone, step) DO UPDATE SET last_key = 0, rows_done = 0, batches_done = 0,
-            run_id = EXCLUDED.run_id, completed_at = NULL, updated_at = clock_timestamp()
-    """), {"m": milestone, "s": step, "run": run_id})
+        INSERT INTO {SCHEMA}.checkpoints (milestone, step, last_key, upper_key, rows_done,
+                                          batches_done, run_id)
+        VALUES (:m, :s, 0, :u, 0, 0, :run)
+        ON CONFLICT (milestone, step) DO UPDATE SET last_key = 0, upper_key = :u, rows_done = 0,
+            batches_done = 0, run_id = EXCLUDED.run_id, completed_at = NULL,
+            updated_at = clock_timestamp()
+    """), {"m": milestone, "s": step, "run": run_id, "u": upper_key})
 
 
 def complete_checkpoint(conn: Connection, milestone: str, step: str, run_id: int) -> None:
@@ -130,7 +134,7 @@ def checkpoints(conn: Connection, milestone: str) -> list[Checkpoint]:
     if not own_schema_exists(conn):
         return []
     rows = conn.execute(sa.text(f"""
-        SELECT milestone, step, last_key, rows_done, batches_done, completed_at
+        SELECT milestone, step, last_key, upper_key, rows_done, batches_done, completed_at
         FROM {SCHEMA}.checkpoints WHERE milestone = :m ORDER BY step
     """), {"m": milestone})
     return [Checkpoint(*r) for r in rows]

@@ -81,7 +81,9 @@ class Check:
 class KeysetPass:
     """A data change done in short batches over the primary key of a driving table.
 
-    Each batch covers the next ``batch_size`` keys after the checkpoint: the engine finds
+    A pass covers the keys up to the largest one when it started (kept in the checkpoint,
+    so a resumed pass has the same end); it never chases rows inserted meanwhile. Each
+    batch covers the next ``batch_size`` keys after the checkpoint: the engine finds
     the batch's upper key, then runs ``change_sql`` with ``:lo`` (exclusive) and ``:hi``
     (inclusive) and ``:run_id`` bound; ``change_sql`` returns one row, the number of rows
     it changed. It must be idempotent: a pass restarts from the beginning after it has
@@ -98,10 +100,13 @@ class KeysetPass:
 
     def next_key_sql(self) -> str:
         return (f"SELECT max({self.key}) FROM (SELECT {self.key} FROM {self.driving_table} "
-                f"WHERE {self.key} > :lo ORDER BY {self.key} LIMIT :size) AS batch")
+                f"WHERE {self.key} > :lo AND {self.key} <= :upper ORDER BY {self.key} LIMIT :size) AS batch")
+
+    def upper_key_sql(self) -> str:
+        return f"SELECT COALESCE(max({self.key}), 0) FROM {self.driving_table}"
 
     def remaining_sql(self) -> str:
-        return f"SELECT count(*) FROM {self.driving_table} WHERE {self.key} > :lo"
+        return f"SELECT count(*) FROM {self.driving_table} WHERE {self.key} > :lo AND {self.key} <= :upper"
 
 
 Action = Union[KeysetPass, "DdlAction"]

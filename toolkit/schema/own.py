@@ -48,6 +48,9 @@ checkpoints = Table(
     Column("milestone", Text, primary_key=True),
     Column("step", Text, primary_key=True),
     Column("last_key", BigInteger),
+    # The pass's last key, fixed when it starts: rows inserted later are not chased (the
+    # application could insert faster than batches go); the next run or a trigger covers them.
+    Column("upper_key", BigInteger),
     Column("rows_done", BigInteger, nullable=False, server_default=text("0")),
     Column("batches_done", BigInteger, nullable=False, server_default=text("0")),
     Column("run_id", BigInteger),

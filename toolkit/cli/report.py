@@ -1,0 +1,46 @@
+"""``toolkit report``: read-only reports built on the migrated data."""
+
+from __future__ import annotations
+
+import click
+
+from toolkit.cli.context import app
+from toolkit.engine.runner import Runner
+from toolkit.output import out
+from toolkit.report import candidate_report
+
+
+@click.group()
+def report() -> None:
+    """Read-only reports over the migrated data.
+
+    Example: toolkit report candidates --project 1 --model churn-xgb-0 --metric loss --order asc
+    """
+
+
+@report.command()
+@click.option("--project", "project_id", type=int, required=True, help="The project's id.")
+@click.option("--model", "model_name", required=True, help="The model's name.")
+@click.option("--metric", help="Sort by the latest value of this metric.")
+@click.option("--order", type=click.Choice(["asc", "desc"]), default="desc", show_default=True)
+def candidates(project_id: int, model_name: str, metric: str | None, order: str) -> None:
+    """A model's candidates with params and latest metrics (read through model_id).
+
+    Example: toolkit report candidates --project 1 --model my-model --metric accuracy
+    """
+    with Runner(app().engine()).read_only() as conn:
+        doc = candidate_report(conn, project_id, model_name, metric, order)
+    metrics = doc["metric_names"]
+    out.say(f"Model {doc['model']['name']} (id {doc['model']['id']}) in project {project_id}: "
+            f"{len(doc['candidates'])} candidates")
+    out.table(
+        ["iid", "eid", "name", "status", "params", *metrics],
+        [[c["iid"], c["eid"], c["name"], c["status"],
+          "; ".join(f"{k}={v}" for k, v in c["params"].items()),
+          *[_number(c["metrics"].get(m)) for m in metrics]] for c in doc["candidates"]],
+    )
+    app().finish(doc)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
