@@ -15,16 +15,23 @@ def ids_preview(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     key = next(iter(rows[0]))
-    ids = [str(r[key]) for r in rows[:SHOWN_IDS]]
+    if "slug" in rows[0]:  # show what each experiment's model will be called
+        ids = [f"{r[key]} {_short(r['name'])!r} -> {_short(r['slug'])}" for r in rows[:SHOWN_IDS]]
+    else:
+        ids = [str(r[key]) for r in rows[:SHOWN_IDS]]
     more = f" … and {len(rows) - SHOWN_IDS} more (--json lists all)" if len(rows) > SHOWN_IDS else ""
     return f"{key}s {', '.join(ids)}{more}"
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def anomaly(a: Anomaly) -> None:
     if not a.count:
         return
     label = "BLOCKING" if a.blocking else "warning "
-    effect = "left untouched" if a.blocking else "converted anyway"
+    effect = "left untouched" if a.blocking else "goes ahead"
     out.say(f"    {label} {a.title}: {a.count} ({effect}) — {ids_preview(a.rows)}")
     out.say(f"             what to do: {a.resolution}")
 

@@ -30,6 +30,8 @@ from toolkit.engine.step import KeysetPass
 from toolkit.errors import LockUnavailable
 from toolkit.output import out
 
+MAX_CATCH_UP_ROUNDS = 5
+
 # Read by the engine only, for tests: SIGKILL this process right after the Nth batch commits.
 FAULT_KILL_AFTER_BATCHES_ENV = "TOOLKIT_FAULT_KILL_AFTER_BATCHES"
 
@@ -98,6 +100,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
             lo, upper = checkpoint.last_key or 0, checkpoint.upper_key
         total = conn.execute(sa.text(kpass.remaining_sql()), {"lo": lo, "upper": upper}).scalar_one()
         conn.commit()
+        catch_ups = 0
         with out.progress(total, kpass.description) as bar:
             while True:
                 if reason := budget.exhausted_reason():
@@ -107,6 +110,13 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 hi, changed, scanned = _one_batch(conn, milestone, kpass, lo, upper, run_id, options,
                                                   budget)
                 if hi is None:
+                    new_upper = conn.execute(sa.text(kpass.upper_key_sql())).scalar_one()
+                    if kpass.catch_up and new_upper > upper and catch_ups < MAX_CATCH_UP_ROUNDS:
+                        catch_ups += 1
+                        lo, upper = upper, new_upper
+                        state.extend_checkpoint(conn, milestone, kpass.name, lo, upper)
+                        conn.commit()
+                        continue
                     state.complete_checkpoint(conn, milestone, kpass.name, run_id)
                     conn.commit()
                     result.complete = True
@@ -134,8 +144,11 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
                 ).one()
                 if hi is None:
                     return None, 0, 0
-                changed = conn.execute(sa.text(kpass.change_sql),
-                                       {"lo": lo, "hi": hi, "run_id": run_id}).scalar_one()
+                if kpass.apply is not None:
+                    changed = kpass.apply(conn, lo, hi, run_id)
+                else:
+                    changed = conn.execute(sa.text(kpass.change_sql),
+                                           {"lo": lo, "hi": hi, "run_id": run_id}).scalar_one()
                 state.save_checkpoint(conn, milestone, kpass.name, hi, changed, run_id)
             return hi, changed, scanned
         except DBAPIError as exc:

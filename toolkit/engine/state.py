@@ -116,6 +116,15 @@ def restart_checkpoint(conn: Connection, milestone: str, step: str, run_id: int,
     """), {"m": milestone, "s": step, "run": run_id, "u": upper_key})
 
 
+def extend_checkpoint(conn: Connection, milestone: str, step: str, last_key: int,
+                      upper_key: int) -> None:
+    """A catch-up round: the pass goes on from its old bound to a new one."""
+    conn.execute(sa.text(f"""
+        UPDATE {SCHEMA}.checkpoints SET last_key = :k, upper_key = :u, updated_at = clock_timestamp()
+        WHERE milestone = :m AND step = :s
+    """), {"m": milestone, "s": step, "k": last_key, "u": upper_key})
+
+
 def complete_checkpoint(conn: Connection, milestone: str, step: str, run_id: int) -> None:
     conn.execute(sa.text(f"""
         INSERT INTO {SCHEMA}.checkpoints (milestone, step, last_key, run_id, completed_at)

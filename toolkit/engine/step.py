@@ -12,6 +12,7 @@ question the commands ask, so ``plan``, ``sql``, ``migrate``, ``verify`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
@@ -97,6 +98,12 @@ class KeysetPass:
     key: str = "id"
     locks: tuple[str, ...] = ()  # tables whose lock holders to name on a lock timeout
     retry_unique_violation: bool = False  # a concurrent insert can race the collision check
+    # When the pass reaches its bound, go on up to the new largest key (rows the
+    # application inserted meanwhile), a few rounds at most.
+    catch_up: bool = False
+    # A batch body in Python, for changes SQL alone cannot express (slugs). It must run
+    # only the statements ``change_sql`` shows, and return the rows it changed.
+    apply: Callable[[Connection, int, int, int], int] | None = field(default=None, compare=False)
 
     def next_key_sql(self) -> str:
         return (f"SELECT max({self.key}) FROM (SELECT {self.key} FROM {self.driving_table} "

@@ -1,0 +1,372 @@
+"""Milestone 3: a display-named model for every experiment.
+
+Models get ``display_name`` (the experiment name, verbatim, for the models this creates;
+the model's own name for models that exist). Every experiment without a model gets one in
+its project, named by a slug GitLab's model-name rule accepts (:mod:`slug`), and becomes
+its default experiment; its candidates get ``model_id``; its metadata is copied to the
+model. Metadata of experiments that already were a model's default experiment is copied
+too (after milestone 4 it is the only copy); a name the model already has with a
+different value is a clash, recorded in ``toolkit.m3_metadata_clashes``, never overwritten.
+
+Per batch of experiments, one transaction: lock the batch's experiments (FOR UPDATE),
+compute slugs against the names taken in their projects, then run the SQL below with the
+slugs bound. Everything an experiment needs happens in that one transaction, and the
+ledgers let rollback remove exactly what was created.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from toolkit.engine.ddl import SchemaStep
+from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
+from toolkit.milestones import slug
+from toolkit.milestones.base import Milestone
+from toolkit.milestones.m2_model_parent import MISMATCH
+
+CREATED = "toolkit.m3_created_models"
+COPIED = "toolkit.m3_copied_metadata"
+CLASHES = "toolkit.m3_metadata_clashes"
+DISPLAY_CHECK = "check_ml_models_display_name_length"
+DISPLAY_TRIGGER = "trigger_ml_models_display_name_transition"
+
+BACKFILL_DISPLAY_NAME = """
+WITH changed AS (
+    UPDATE ml_models SET display_name = name
+    WHERE id > :lo AND id <= :hi AND display_name IS NULL
+    RETURNING id
+)
+SELECT count(*) FROM changed"""
+
+LOCK_EXPERIMENTS = """
+SELECT id, project_id, iid, name FROM ml_experiments
+WHERE id > :lo AND id <= :hi AND model_id IS NULL
+ORDER BY id FOR UPDATE"""
+
+TAKEN_NAMES = "SELECT project_id, name FROM ml_models WHERE project_id = ANY(:projects)"
+
+CREATE_MODELS = f"""
+WITH input AS (
+    SELECT * FROM unnest(CAST(:experiment_ids AS bigint[]), CAST(:slugs AS text[]))
+        AS t(experiment_id, slug)
+), created AS (
+    INSERT INTO ml_models (created_at, updated_at, project_id, name, user_id, display_name)
+    SELECT e.created_at, e.updated_at, e.project_id, i.slug, e.user_id, e.name
+    FROM input i JOIN ml_experiments e ON e.id = i.experiment_id
+    RETURNING id, project_id, name
+), linked AS (
+    UPDATE ml_experiments e SET model_id = c.id
+    FROM input i, created c
+    WHERE e.id = i.experiment_id AND c.project_id = e.project_id AND c.name = i.slug
+    RETURNING e.id AS experiment_id, c.id AS model_id, e.project_id
+), ledger AS (
+    INSERT INTO {CREATED} (model_id, experiment_id, project_id, run_id)
+    SELECT model_id, experiment_id, project_id, :run_id FROM linked
+)
+SELECT count(*) FROM linked"""
+
+SET_CANDIDATES = f"""
+UPDATE ml_candidates c SET model_id = e.model_id
+FROM ml_experiments e
+WHERE e.id > :lo AND e.id <= :hi AND c.experiment_id = e.id AND {MISMATCH}"""
+
+RECORD_CLASHES = f"""
+INSERT INTO {CLASHES} (experiment_id, name, model_id, experiment_value, model_value, run_id)
+SELECT e.id, em.name, e.model_id, em.value, mm.value, :run_id
+FROM ml_experiments e
+JOIN ml_experiment_metadata em ON em.experiment_id = e.id
+JOIN ml_model_metadata mm ON mm.model_id = e.model_id AND mm.name = em.name
+WHERE e.id > :lo AND e.id <= :hi AND mm.value <> em.value
+ON CONFLICT (experiment_id, name) DO NOTHING"""
+
+COPY_METADATA = f"""
+WITH copied AS (
+    INSERT INTO ml_model_metadata (created_at, updated_at, model_id, name, value, project_id)
+    SELECT em.created_at, em.updated_at, e.model_id, em.name, em.value, em.project_id
+    FROM ml_experiments e JOIN ml_experiment_metadata em ON em.experiment_id = e.id
+    WHERE e.id > :lo AND e.id <= :hi AND e.model_id IS NOT NULL
+    ON CONFLICT (model_id, name) DO NOTHING
+    RETURNING id, model_id
+)
+INSERT INTO {COPIED} (model_metadata_id, model_id, run_id) SELECT id, model_id, :run_id FROM copied"""
+
+
+def create_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
+    """The batch body: the statements of :data:`CREATE_MODELS` and friends, slugs bound."""
+    bounds = {"lo": lo, "hi": hi, "run_id": run_id}
+    experiments = conn.execute(sa.text(LOCK_EXPERIMENTS), bounds).all()
+    created = 0
+    if experiments:
+        taken: dict[int, set[str]] = {}
+        projects = sorted({e.project_id for e in experiments})
+        for project_id, name in conn.execute(sa.text(TAKEN_NAMES), {"projects": projects}):
+            taken.setdefault(project_id, set()).add(name)
+        slugs = slug.assign_all([(e.id, e.project_id, e.iid, e.name) for e in experiments], taken)
+        ids = sorted(slugs)
+        created = conn.execute(sa.text(CREATE_MODELS), {
+            "experiment_ids": ids, "slugs": [slugs[i][0] for i in ids], "run_id": run_id,
+        }).scalar_one()
+    conn.execute(sa.text(SET_CANDIDATES), bounds)
+    conn.execute(sa.text(RECORD_CLASHES), bounds)
+    conn.execute(sa.text(COPY_METADATA), bounds)
+    return created
+
+
+# -- rollback ---------------------------------------------------------------------------
+# A created model that GitLab has since given versions or metadata of its own is kept
+# (and stays in the ledger): deleting it would delete that work too.
+UNDO_BATCH = f"""
+SELECT l.model_id, l.experiment_id FROM {CREATED} l
+WHERE l.model_id > :lo AND l.model_id <= :hi
+  AND NOT EXISTS (SELECT 1 FROM ml_model_versions v WHERE v.model_id = l.model_id)
+  AND NOT EXISTS (SELECT 1 FROM ml_model_metadata mm WHERE mm.model_id = l.model_id
+                  AND mm.id NOT IN (SELECT model_metadata_id FROM {COPIED}))"""
+UNLINK_CANDIDATES = "UPDATE ml_candidates SET model_id = NULL WHERE model_id = ANY(:models)"
+UNLINK_EXPERIMENTS = "UPDATE ml_experiments SET model_id = NULL WHERE model_id = ANY(:models)"
+DELETE_MODEL_METADATA = "DELETE FROM ml_model_metadata WHERE model_id = ANY(:models)"
+DELETE_MODELS = "DELETE FROM ml_models WHERE id = ANY(:models)"
+FORGET_MODELS = f"""
+DELETE FROM {COPIED} WHERE model_id = ANY(:models);
+DELETE FROM {CREATED} WHERE model_id = ANY(:models)"""
+
+REMOVE_COPIED_METADATA = f"""
+WITH batch AS (
+    DELETE FROM {COPIED} WHERE model_metadata_id > :lo AND model_metadata_id <= :hi
+    RETURNING model_metadata_id
+), removed AS (
+    DELETE FROM ml_model_metadata WHERE id IN (SELECT model_metadata_id FROM batch) RETURNING id
+)
+SELECT count(*) FROM removed"""
+
+FORGET_CLASHES = f"""
+WITH gone AS (DELETE FROM {CLASHES} WHERE experiment_id > :lo AND experiment_id <= :hi RETURNING 1)
+SELECT count(*) FROM gone"""
+
+
+def remove_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
+    rows = conn.execute(sa.text(UNDO_BATCH), {"lo": lo, "hi": hi}).all()
+    models = [r.model_id for r in rows]
+    if not models:
+        return 0
+    # Unlink first: both foreign keys to ml_models cascade, and a cascade would delete
+    # the experiment and its candidates with the model.
+    for statement in (UNLINK_CANDIDATES, UNLINK_EXPERIMENTS, DELETE_MODEL_METADATA, DELETE_MODELS,
+                      *FORGET_MODELS.strip().split(";\n")):
+        conn.execute(sa.text(statement), {"models": models})
+    return len(models)
+
+
+def _rows(conn: Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
+
+
+def display_name_exists(conn: Connection) -> bool:
+    return conn.execute(sa.text(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ml_models'::regclass "
+        "AND attname = 'display_name' AND NOT attisdropped)")).scalar_one()
+
+
+def _ledger_exists(conn: Connection) -> bool:
+    return conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": CREATED}).scalar_one()
+
+
+class AddDisplayName(SchemaStep):
+    name = "add-display-name"
+    description = f"add ml_models.display_name with {DISPLAY_CHECK} (<= 255) NOT VALID"
+    revision = "m3_0001"
+    tables = ("ml_models",)
+
+
+class AddDisplayNameTrigger(SchemaStep):
+    name = "add-display-name-trigger"
+    description = f"{DISPLAY_TRIGGER}: models GitLab creates get display_name = name"
+    revision = "m3_0002"
+    tables = ("ml_models",)
+
+    def verify(self, conn: Connection) -> list[Check]:
+        present = conn.execute(sa.text(
+            "SELECT tgenabled IN ('O', 'A') FROM pg_trigger WHERE tgrelid = 'ml_models'::regclass "
+            "AND tgname = :t"), {"t": DISPLAY_TRIGGER}).scalar()
+        return [Check(f"{DISPLAY_TRIGGER} is in place", bool(present),
+                      "enabled" if present else "missing or disabled",
+                      None if present else "run `toolkit migrate milestone-3`")]
+
+
+class BackfillDisplayName(Step):
+    name = "backfill-display-name"
+    description = "existing models: display_name := name"
+
+    def forward(self) -> list[KeysetPass]:
+        return [KeysetPass(self.name, self.description, "ml_models", BACKFILL_DISPLAY_NAME,
+                           locks=("ml_models",), catch_up=True)]
+
+    def remaining(self, conn: Connection) -> int:
+        where = "display_name IS NULL" if display_name_exists(conn) else "true"
+        return conn.execute(sa.text(f"SELECT count(*) FROM ml_models WHERE {where}")).scalar_one()
+
+    def plan(self, conn: Connection) -> StepPlan:
+        rows = self.remaining(conn)
+        return StepPlan(self.name, self.description, rows, {"display_name := name": rows}, {}, [],
+                        self.forward_sql())
+
+    def verify(self, conn: Connection) -> list[Check]:
+        if not display_name_exists(conn):
+            return [Check("ml_models.display_name exists", False, "missing",
+                          "run `toolkit migrate milestone-3`")]
+        missing = _rows(conn, "SELECT id AS model_id FROM ml_models WHERE display_name IS NULL ORDER BY id")
+        return [Check("every model has a display_name", not missing,
+                      "all do" if not missing else f"{len(missing)} have none",
+                      None if not missing else "run `toolkit migrate milestone-3`", missing)]
+
+
+class ValidateDisplayNameCheck(SchemaStep):
+    name = "validate-display-name-check"
+    description = f"VALIDATE {DISPLAY_CHECK}"
+    revision = "m3_0003"
+    tables = ("ml_models",)
+
+    def verify(self, conn: Connection) -> list[Check]:
+        validated = conn.execute(sa.text(
+            "SELECT convalidated FROM pg_constraint WHERE conrelid = 'ml_models'::regclass "
+            "AND conname = :c"), {"c": DISPLAY_CHECK}).scalar()
+        return [Check(f"{DISPLAY_CHECK} is validated", bool(validated),
+                      {True: "validated", False: "NOT VALID yet", None: "missing"}[validated],
+                      None if validated else "run `toolkit migrate milestone-3`")]
+
+
+def planned_slugs(conn: Connection) -> dict[int, tuple[str, str, bool]]:
+    """The slug every experiment without a model would get, exactly as apply computes it."""
+    experiments = conn.execute(sa.text(
+        "SELECT id, project_id, iid, name FROM ml_experiments WHERE model_id IS NULL")).all()
+    taken: dict[int, set[str]] = {}
+    for project_id, name in conn.execute(sa.text("SELECT project_id, name FROM ml_models")):
+        taken.setdefault(project_id, set()).add(name)
+    return slug.assign_all([tuple(e) for e in experiments], taken)
+
+
+class CreateModelsForExperiments(Step):
+    name = "create-models-for-experiments"
+    description = ("one model per experiment without one (name = slug, display_name = experiment "
+                   "name), linked as its default experiment; candidates and metadata follow")
+
+    def forward(self) -> list[KeysetPass]:
+        sql = ";\n".join(s.strip() for s in (LOCK_EXPERIMENTS, TAKEN_NAMES, CREATE_MODELS,
+                                             SET_CANDIDATES, RECORD_CLASHES, COPY_METADATA))
+        return [KeysetPass(self.name, self.description, "ml_experiments", sql,
+                           locks=("ml_experiments", "ml_models", "ml_candidates"),
+                           retry_unique_violation=True, catch_up=True, apply=create_models_batch)]
+
+    def backward(self) -> list[KeysetPass]:
+        undo = ";\n".join(s.strip() for s in (UNDO_BATCH, UNLINK_CANDIDATES, UNLINK_EXPERIMENTS,
+                                              DELETE_MODEL_METADATA, DELETE_MODELS, FORGET_MODELS))
+        return [
+            KeysetPass(f"{self.name}:revert", "remove the models milestone 3 created", CREATED, undo,
+                       key="model_id", locks=("ml_models", "ml_experiments", "ml_candidates"),
+                       apply=remove_models_batch),
+            KeysetPass(f"{self.name}:revert-metadata", "remove metadata copied to existing models",
+                       COPIED, REMOVE_COPIED_METADATA, key="model_metadata_id",
+                       locks=("ml_model_metadata",)),
+            KeysetPass(f"{self.name}:forget-clashes", "forget the recorded metadata clashes",
+                       CLASHES, FORGET_CLASHES, key="experiment_id"),
+        ]
+
+    def remaining(self, conn: Connection) -> int:
+        return conn.execute(sa.text(
+            "SELECT count(*) FROM ml_experiments WHERE model_id IS NULL")).scalar_one()
+
+    def plan(self, conn: Connection) -> StepPlan:
+        slugs = planned_slugs(conn)
+        names = {r.id: r for r in conn.execute(sa.text(
+            "SELECT id, project_id, name FROM ml_experiments WHERE model_id IS NULL"))}
+        collisions = [{"experiment_id": i, "project_id": names[i].project_id, "name": names[i].name,
+                       "wanted": base, "slug": s}
+                      for i, (s, base, fell_back) in sorted(slugs.items()) if s != base and not fell_back]
+        fallbacks = [{"experiment_id": i, "project_id": names[i].project_id, "name": names[i].name,
+                      "slug": s}
+                     for i, (s, _base, fell_back) in sorted(slugs.items()) if fell_back]
+        # Clashes: metadata of default experiments that their model already has, differently.
+        clashes = _rows(conn, """
+            SELECT e.id AS experiment_id, e.model_id, em.name, left(em.value, 100) AS experiment_value,
+                   left(mm.value, 100) AS model_value
+            FROM ml_experiments e JOIN ml_experiment_metadata em ON em.experiment_id = e.id
+            JOIN ml_model_metadata mm ON mm.model_id = e.model_id AND mm.name = em.name
+            WHERE mm.value <> em.value ORDER BY e.id, em.name""")
+        context = dict(conn.execute(sa.text("""
+            SELECT 'candidates that get model_id', count(*) FROM ml_candidates c
+            JOIN ml_experiments e ON e.id = c.experiment_id WHERE e.model_id IS NULL
+            UNION ALL
+            SELECT 'experiment metadata rows to copy', count(*) FROM ml_experiment_metadata em
+            JOIN ml_experiments e ON e.id = em.experiment_id
+            WHERE NOT EXISTS (SELECT 1 FROM ml_model_metadata mm
+                              WHERE mm.model_id = e.model_id AND mm.name = em.name)
+            UNION ALL
+            SELECT 'experiments that already have a model (kept)', count(*) FROM ml_experiments
+            WHERE model_id IS NOT NULL""")).all())
+        anomalies = [
+            Anomaly("slug_collision", "slug taken in the project: a suffix is added", False,
+                    "Nothing to do: the model's display_name keeps the experiment's name; only "
+                    "its URL-safe name differs.", collisions),
+            Anomaly("slug_fallback", "nothing left after slugging: experiment_<iid> is used", False,
+                    "Nothing to do; rename the model in GitLab afterwards if you want another name.",
+                    fallbacks),
+            Anomaly("metadata_clash", "model already has this metadata key with another value", False,
+                    "The model's value is kept; the experiment's is recorded in "
+                    "toolkit.m3_metadata_clashes (and archived by milestone 4). Decide which to keep.",
+                    clashes),
+        ]
+        return StepPlan(self.name, self.description, len(slugs), {"models to create": len(slugs)},
+                        context, anomalies, self.forward_sql())
+
+    def verify(self, conn: Connection) -> list[Check]:
+        orphans = _rows(conn, "SELECT id AS experiment_id, name FROM ml_experiments "
+                              "WHERE model_id IS NULL ORDER BY id")
+        checks = [Check("every experiment has a model", not orphans,
+                        "all do" if not orphans else f"{len(orphans)} experiments have none",
+                        None if not orphans else "run `toolkit migrate milestone-3` (it catches up)",
+                        orphans)]
+        if display_name_exists(conn) and _ledger_exists(conn):
+            wrong = _rows(conn, f"""
+                SELECT m.id AS model_id, m.display_name, e.name AS experiment_name
+                FROM {CREATED} l JOIN ml_models m ON m.id = l.model_id
+                JOIN ml_experiments e ON e.id = l.experiment_id
+                WHERE m.display_name IS DISTINCT FROM e.name ORDER BY m.id""")
+            checks.append(Check("created models' display_name is the experiment's name", not wrong,
+                                "all are" if not wrong else f"{len(wrong)} differ",
+                                None if not wrong else "find out what renamed them", wrong))
+            bad = [r for r in _rows(conn, f"""
+                SELECT m.id AS model_id, m.name FROM {CREATED} l JOIN ml_models m ON m.id = l.model_id""")
+                if not slug.is_valid_model_name(r["name"])]
+            checks.append(Check("created model names pass GitLab's model-name rule", not bad,
+                                "all do" if not bad else f"{len(bad)} do not", None, bad))
+        mismatched = _rows(conn, f"""
+            SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id
+            FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
+            WHERE {MISMATCH} ORDER BY c.id""")
+        checks.append(Check("every candidate's model_id is its experiment's model", not mismatched,
+                            "all match" if not mismatched else f"{len(mismatched)} differ",
+                            None if not mismatched else "run `toolkit migrate milestone-3`", mismatched))
+        return checks
+
+    def rollback_checks(self, conn: Connection) -> list[Check]:
+        left = _rows(conn, f"SELECT model_id, experiment_id FROM {CREATED} ORDER BY model_id") \
+            if _ledger_exists(conn) else []
+        return [Check("every created model removed", not left,
+                      "none left" if not left else
+                      f"{len(left)} models kept: GitLab gave them versions or metadata since",
+                      "decide about each model (delete it in GitLab, or keep it), then run "
+                      "`toolkit rollback milestone-3` again" if left else None, left)]
+
+
+MILESTONE_3 = Milestone(
+    name="milestone-3",
+    number=3,
+    title="A display-named model for every experiment",
+    steps=(AddDisplayName(), AddDisplayNameTrigger(), BackfillDisplayName(), ValidateDisplayNameCheck(),
+           CreateModelsForExperiments()),
+    reads=("ml_experiments", "ml_experiment_metadata", "ml_models", "ml_model_metadata",
+           "ml_candidates", "ml_model_versions"),
+    updates=("ml_models", "ml_experiments", "ml_candidates", "ml_model_metadata"),
+)
