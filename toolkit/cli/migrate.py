@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from toolkit.engine import state
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import ApplyResult, PlanResult, Runner
 from toolkit.engine.step import KeysetPass
-from toolkit.errors import VerificationFailed
+from toolkit.errors import PreconditionRefused, VerificationFailed
 from toolkit.milestones.base import Milestone
 from toolkit.output import out
 
@@ -109,8 +110,9 @@ def plan(milestone: str | None, no_sql: bool) -> None:
 @MILESTONE
 @click.option("--dry-run", is_flag=True, help="Show what would happen (as `plan`) and write nothing.")
 @click.option("--no-verify", is_flag=True, help="Do not verify after applying.")
+@click.option("--yes", is_flag=True, help="Confirm a destructive milestone (4) without the prompt.")
 @run_options
-def migrate(milestone: str, dry_run: bool, no_verify: bool, **opts: Any) -> None:
+def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: Any) -> None:
     """Apply a milestone in short batches; resumable, one runner at a time.
 
     Refuses to start until the previous milestone verifies. Ctrl-C stops at the next
@@ -128,6 +130,8 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, **opts: Any) -> None
         out.say("Dry run: nothing was written.")
         app().finish({"dry_run": True, "milestones": [_plan_doc(result)]})
         return
+    if chosen.confirm and not yes:
+        _confirm_destructive(chosen)
     out.say(f"Applying {chosen.name}: {chosen.title}")
     result = runner.migrate(chosen, verify_after=not no_verify)
     _report_apply(result)
@@ -136,6 +140,18 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, **opts: Any) -> None
         failure.details = {"result": _apply_doc(result)}
         raise failure
     app().finish(_apply_doc(result))
+
+
+def _confirm_destructive(chosen: Milestone) -> None:
+    """Type the database's name, as GitHub asks for a repository's before deleting it."""
+    database = app().target().url.database or ""
+    next_step = f"pass --yes (for CI), or run it in a terminal and type {database!r}"
+    if not sys.stdin.isatty() or app().json_mode:
+        raise PreconditionRefused(f"{chosen.name} drops tables and needs confirmation", next_step)
+    typed = click.prompt(f"{chosen.name} archives and then DROPS tables in {database!r}. "
+                         "Type the database name to go on", default="", show_default=False)
+    if typed.strip() != database:
+        raise PreconditionRefused("Not confirmed: the name typed is not the database's", next_step)
 
 
 def _report_apply(result: ApplyResult) -> None:
@@ -225,10 +241,11 @@ def _sql_statements(milestone: Milestone, backward: bool) -> list[str]:
                     f"{action.change_sql.strip()};"
                 )
             else:
+                origin = (f"Alembic revision {action.revision}" if hasattr(action, "revision")
+                          else "direct DDL")
                 lines.append(
                     f"-- {milestone.name} / {action.name}: {action.description}\n"
-                    f"-- Schema change (Alembic revision {action.revision}), run with lock_timeout\n"
-                    f"-- and retries.\n{action.sql()}"
+                    f"-- Schema change ({origin}), run with lock_timeout and retries.\n{action.sql()}"
                 )
     return lines
 

@@ -91,6 +91,10 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
              budget: Budget) -> PassResult:
     result = PassResult(kpass.name)
     with engine.connect() as conn:
+        if kpass.skip_if_sql and conn.execute(sa.text(kpass.skip_if_sql)).scalar():
+            conn.rollback()
+            result.complete = True
+            return result
         checkpoint = state.read_checkpoint(conn, milestone, kpass.name)
         if checkpoint is None or checkpoint.completed_at is not None or checkpoint.upper_key is None:
             lo = 0

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from alembic import command
@@ -64,6 +65,53 @@ class DdlAction:
         return buffer.getvalue().strip()
 
 
+@dataclass(frozen=True)
+class SqlDdlAction:
+    """DDL given as statements rather than an Alembic revision (milestone 4 replays DDL it
+    read from the catalog, which no revision file can hold).
+
+    ``done_sql`` returns true when the change is already in place, which makes the action
+    safe to run again after a crash. ``statements`` run in one transaction unless
+    ``transactional`` is false (CREATE INDEX CONCURRENTLY); ``statements_from`` computes
+    them at run time (from the archive) instead.
+    """
+
+    name: str
+    description: str
+    done_sql: str
+    statements: tuple[str, ...] = ()
+    transactional: bool = True
+    tables: tuple[str, ...] = ()
+    statements_from: Callable[[Connection], list[str]] | None = field(default=None, compare=False)
+    run: Callable[[Connection], None] | None = field(default=None, compare=False)  # instead of SQL
+
+    def done(self, conn: Connection) -> bool:
+        return bool(conn.execute(sa.text(self.done_sql)).scalar())
+
+    def sql(self) -> str:
+        if self.run is not None:
+            return f"-- {self.description} (done by the toolkit, see docs/blueprint.md)"
+        if self.statements_from is not None:
+            return f"-- statements read from the archive at run time ({self.description})"
+        return ";\n".join(self.statements) + ";"
+
+    def execute(self, conn: Connection) -> None:
+        if self.run is not None:
+            self.run(conn)
+            conn.commit()
+            return
+        statements = self.statements_from(conn) if self.statements_from else list(self.statements)
+        if self.transactional:
+            for statement in statements:
+                conn.execute(sa.text(statement))
+            conn.commit()
+        else:
+            conn.commit()
+            autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for statement in statements:
+                autocommit.exec_driver_sql(statement)
+
+
 def is_applied(conn: Connection, revision: str) -> bool:
     """True when ``revision`` is at or below a head recorded in the version table."""
     script = _script()
@@ -73,7 +121,8 @@ def is_applied(conn: Connection, revision: str) -> bool:
     )
 
 
-def run_ddl(engine: Engine, action: DdlAction, options: RunOptions, budget: Budget) -> bool:
+def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOptions,
+            budget: Budget) -> bool:
     """Apply one DDL action with retries; False when it was already done."""
     for attempt in range(options.retries + 1):
         with engine.connect() as conn:
@@ -87,7 +136,9 @@ def run_ddl(engine: Engine, action: DdlAction, options: RunOptions, budget: Budg
                                      "set_config('statement_timeout', :s, false)"),
                              {"l": f"{options.lock_timeout_ms}ms", "s": f"{options.statement_timeout_ms}ms"})
                 conn.commit()
-                if action.up:
+                if isinstance(action, SqlDdlAction):
+                    action.execute(conn)
+                elif action.up:
                     migrations.upgrade(conn, action.revision)
                 else:
                     migrations.downgrade(conn, parent_of(action.revision))

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from toolkit import milestones as registry
 from toolkit.engine import state
 from toolkit.engine.batches import Budget, PassResult, RunOptions, run_pass
-from toolkit.engine.ddl import DdlAction, run_ddl
+from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
 from toolkit.engine.locks import RunnerLock
 from toolkit.engine.preflight import check_gitlab_schema, check_privileges, check_writable
 from toolkit.engine.step import Action, Check, StepPlan
@@ -35,9 +35,13 @@ class Gate:
     failures: list[Check] = field(default_factory=list)
 
     def refusal(self, milestone: Milestone) -> PreconditionRefused:
-        first = self.failures[0].detail if self.failures else "it has not been applied"
+        first = self.failures[0]
+        if first.name.startswith("precondition:"):
+            return PreconditionRefused(
+                f"{milestone.name} must wait: {first.name.removeprefix('precondition: ')}: {first.detail}",
+                first.remedy, details={"failures": [c.as_dict() for c in self.failures]})
         return PreconditionRefused(
-            f"{milestone.name} must wait: {self.previous} does not verify ({first})",
+            f"{milestone.name} must wait: {self.previous} does not verify ({first.detail})",
             f"run `toolkit verify {self.previous}` to see what blocks it, then "
             f"`toolkit migrate {self.previous}`",
             details={"previous": self.previous, "failures": [c.as_dict() for c in self.failures]},
@@ -129,11 +133,13 @@ class Runner:
 
     def _gate(self, conn: Connection, milestone: Milestone) -> Gate:
         previous = registry.previous(milestone)
-        if previous is None:
-            return Gate(True)
-        check_gitlab_schema(conn, previous.reads)
-        failures = [c for c in previous.verify(conn) if not c.ok]
-        return Gate(not failures, previous.name, failures)
+        failures: list[Check] = []
+        if previous is not None:
+            check_gitlab_schema(conn, previous.reads)
+            failures = [c for c in previous.verify(conn) if not c.ok]
+        if milestone.preconditions is not None:
+            failures += [c for c in milestone.preconditions(conn) if not c.ok]
+        return Gate(not failures, previous.name if previous else None, failures)
 
     def status(self) -> list[dict[str, Any]]:
         report = []
@@ -225,7 +231,7 @@ class Runner:
             try:
                 with _stop_on_signals(budget):
                     for action in passes:
-                        if isinstance(action, DdlAction):
+                        if isinstance(action, DdlAction | SqlDdlAction):
                             if reason := budget.exhausted_reason():
                                 done = PassResult(action.name, stopped=reason)
                             else:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 from sqlalchemy.engine import Connection
 
 if TYPE_CHECKING:
-    from toolkit.engine.ddl import DdlAction
+    from toolkit.engine.ddl import DdlAction, SqlDdlAction
 
 
 @dataclass
@@ -104,6 +104,9 @@ class KeysetPass:
     # A batch body in Python, for changes SQL alone cannot express (slugs). It must run
     # only the statements ``change_sql`` shows, and return the rows it changed.
     apply: Callable[[Connection, int, int, int], int] | None = field(default=None, compare=False)
+    # A query that returns true when there is nothing to walk (the driving table or column
+    # is gone, after a crash past the point where it was dropped).
+    skip_if_sql: str | None = None
 
     def next_key_sql(self) -> str:
         return (f"SELECT max({self.key}) FROM (SELECT {self.key} FROM {self.driving_table} "
@@ -116,7 +119,7 @@ class KeysetPass:
         return f"SELECT count(*) FROM {self.driving_table} WHERE {self.key} > :lo AND {self.key} <= :upper"
 
 
-Action = Union[KeysetPass, "DdlAction"]
+Action = Union[KeysetPass, "DdlAction", "SqlDdlAction"]
 
 
 def action_sql(action: Action) -> str:

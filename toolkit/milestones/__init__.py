@@ -7,8 +7,11 @@ from toolkit.milestones.base import Milestone
 from toolkit.milestones.m1_packages import MILESTONE_1
 from toolkit.milestones.m2_model_parent import MILESTONE_2
 from toolkit.milestones.m3_models_for_experiments import MILESTONE_3
+from toolkit.milestones.m4_cleanup import MILESTONE_4
 
-MILESTONES: dict[str, Milestone] = {m.name: m for m in (MILESTONE_1, MILESTONE_2, MILESTONE_3)}
+MILESTONES: dict[str, Milestone] = {
+    m.name: m for m in (MILESTONE_1, MILESTONE_2, MILESTONE_3, MILESTONE_4)
+}
 
 
 def get(name: str) -> Milestone:

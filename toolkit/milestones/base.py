@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
 
@@ -17,9 +18,22 @@ class Milestone:
     steps: tuple[Step, ...]
     reads: tuple[str, ...]  # GitLab tables that must exist with the expected columns
     updates: tuple[str, ...] = ()  # GitLab tables it UPDATEs (privileges checked first)
+    # Preconditions beyond "the previous milestone verifies" (milestone 4 has several).
+    preconditions: Callable[[Connection], list[Check]] | None = field(default=None, compare=False)
+    confirm: bool = False  # destructive: needs --yes or the database name typed
 
     def plan(self, conn: Connection) -> list[StepPlan]:
         return [step.plan(conn) for step in self.steps]
 
     def verify(self, conn: Connection) -> list[Check]:
         return [check for step in self.steps for check in step.verify(conn)]
+
+
+def experiments_dropped(conn: Connection) -> bool:
+    """True after milestone 4: checks that join experiments are then answered by the archive."""
+    import sqlalchemy as sa
+
+    return conn.execute(sa.text("SELECT to_regclass('ml_experiments') IS NULL")).scalar_one()
+
+
+SUPERSEDED = "superseded: milestone 4 archived the experiments (toolkit.m4_archive_*)"

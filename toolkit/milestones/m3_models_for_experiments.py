@@ -24,8 +24,8 @@ from sqlalchemy.engine import Connection
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
 from toolkit.milestones import slug
-from toolkit.milestones.base import Milestone
-from toolkit.milestones.m2_model_parent import MISMATCH
+from toolkit.milestones.base import SUPERSEDED, Milestone, experiments_dropped
+from toolkit.milestones.m2_model_parent import MISMATCH, column_exists
 
 CREATED = "toolkit.m3_created_models"
 COPIED = "toolkit.m3_copied_metadata"
@@ -187,6 +187,8 @@ class AddDisplayNameTrigger(SchemaStep):
     tables = ("ml_models",)
 
     def verify(self, conn: Connection) -> list[Check]:
+        if experiments_dropped(conn):  # milestone 4 removes transition triggers on purpose
+            return [Check(f"{DISPLAY_TRIGGER} is in place", True, SUPERSEDED)]
         present = conn.execute(sa.text(
             "SELECT tgenabled IN ('O', 'A') FROM pg_trigger WHERE tgrelid = 'ml_models'::regclass "
             "AND tgname = :t"), {"t": DISPLAY_TRIGGER}).scalar()
@@ -274,10 +276,14 @@ class CreateModelsForExperiments(Step):
         ]
 
     def remaining(self, conn: Connection) -> int:
+        if experiments_dropped(conn):
+            return 0
         return conn.execute(sa.text(
             "SELECT count(*) FROM ml_experiments WHERE model_id IS NULL")).scalar_one()
 
     def plan(self, conn: Connection) -> StepPlan:
+        if experiments_dropped(conn):
+            return StepPlan(self.name, self.description, 0, {}, {SUPERSEDED: 0}, [], self.forward_sql())
         slugs = planned_slugs(conn)
         names = {r.id: r for r in conn.execute(sa.text(
             "SELECT id, project_id, name FROM ml_experiments WHERE model_id IS NULL"))}
@@ -321,6 +327,8 @@ class CreateModelsForExperiments(Step):
                         context, anomalies, self.forward_sql())
 
     def verify(self, conn: Connection) -> list[Check]:
+        if experiments_dropped(conn):
+            return [Check("every experiment has a model", True, SUPERSEDED)]
         orphans = _rows(conn, "SELECT id AS experiment_id, name FROM ml_experiments "
                               "WHERE model_id IS NULL ORDER BY id")
         checks = [Check("every experiment has a model", not orphans,
@@ -341,6 +349,10 @@ class CreateModelsForExperiments(Step):
                 if not slug.is_valid_model_name(r["name"])]
             checks.append(Check("created model names pass GitLab's model-name rule", not bad,
                                 "all do" if not bad else f"{len(bad)} do not", None, bad))
+        if not column_exists(conn):
+            checks.append(Check("every candidate's model_id is its experiment's model", False,
+                                "ml_candidates.model_id does not exist", "apply milestone-2 first"))
+            return checks
         mismatched = _rows(conn, f"""
             SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
