@@ -173,9 +173,14 @@ def make_database(pg_server: PgServer, templates: Templates) -> Iterator:
     """``make_database(kind)`` with kind ``empty``, ``legacy``, or ``profile:scale``."""
     made: list[Database] = []
 
-    def make(kind: str = "legacy") -> Database:
+    def make(kind: str = "legacy", like: Database | None = None) -> Database:
+        """A new database: from a template ``kind``, or a copy of the test's own ``like``."""
         name = f"{PREFIX}db_{next(_counter)}"
-        template = None if kind == "empty" else templates.get(kind)
+        if like is not None:
+            like.engine.dispose()  # CREATE DATABASE ... TEMPLATE needs it to have no sessions
+            template = like.name
+        else:
+            template = None if kind == "empty" else templates.get(kind)
         _create_database(pg_server, name, template)
         db = Database(name, pg_server.url(name), create_engine(pg_server.url(name)))
         made.append(db)

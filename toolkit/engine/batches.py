@@ -32,8 +32,10 @@ from toolkit.output import out
 
 MAX_CATCH_UP_ROUNDS = 5
 
-# Read by the engine only, for tests: SIGKILL this process right after the Nth batch commits.
+# Read by the engine only, for tests: SIGKILL this process right after the Nth batch commits,
+# or right after the Nth action (a DDL change or a whole pass) of a run completes.
 FAULT_KILL_AFTER_BATCHES_ENV = "TOOLKIT_FAULT_KILL_AFTER_BATCHES"
+FAULT_KILL_AFTER_ACTIONS_ENV = "TOOLKIT_FAULT_KILL_AFTER_ACTIONS"
 
 
 @dataclass
@@ -190,7 +192,11 @@ def _sleep(seconds: float, budget: Budget) -> None:
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
-def _maybe_inject_fault(batches_done: int) -> None:
-    raw = os.environ.get(FAULT_KILL_AFTER_BATCHES_ENV)
-    if raw and batches_done >= int(raw):
+def _maybe_inject_fault(done: int, variable: str = FAULT_KILL_AFTER_BATCHES_ENV) -> None:
+    raw = os.environ.get(variable)
+    if raw and done >= int(raw):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_action(actions_done: int) -> None:
+    _maybe_inject_fault(actions_done, FAULT_KILL_AFTER_ACTIONS_ENV)

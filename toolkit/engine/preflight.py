@@ -83,12 +83,10 @@ CLEANED_UP = {"ml_experiments", "ml_experiment_metadata", "ml_candidates.experim
 
 
 def dropped_by_cleanup(conn: Connection) -> set[str]:
-    archived = conn.execute(sa.text(
-        "SELECT to_regclass('toolkit.m4_archived_ddl') IS NOT NULL")).scalar_one()
-    if not archived:
-        return set()
-    has_rows = conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM toolkit.m4_archived_ddl)")).scalar_one()
-    return set(CLEANED_UP) if has_rows else set()
+    """The objects milestone 4 may have dropped, once it has started."""
+    from toolkit.engine.state import cleanup_started
+
+    return set(CLEANED_UP) if cleanup_started(conn) else set()
 
 
 def check_writable(conn: Connection) -> None:

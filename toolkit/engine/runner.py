@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from toolkit import milestones as registry
 from toolkit.engine import state
-from toolkit.engine.batches import Budget, PassResult, RunOptions, run_pass
+from toolkit.engine.batches import Budget, PassResult, RunOptions, after_action, run_pass
 from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
 from toolkit.engine.locks import RunnerLock
 from toolkit.engine.preflight import check_gitlab_schema, check_privileges, check_writable
@@ -245,6 +245,7 @@ class Runner:
                         if not done.complete:
                             result.stopped = done.stopped
                             break
+                        after_action(len(result.passes))
             except KeyboardInterrupt:
                 self._finish(result, "interrupted", "aborted during a batch; that batch was rolled back")
                 raise Interrupted(

@@ -29,11 +29,15 @@ class Milestone:
         return [check for step in self.steps for check in step.verify(conn)]
 
 
-def experiments_dropped(conn: Connection) -> bool:
-    """True after milestone 4: checks that join experiments are then answered by the archive."""
+def superseded_by_cleanup(conn: Connection) -> bool:
+    """True once milestone 4 has started (or its tables are gone): checks that join
+    experiments are then answered by milestone 4's archive and its row-for-row check."""
     import sqlalchemy as sa
 
-    return conn.execute(sa.text("SELECT to_regclass('ml_experiments') IS NULL")).scalar_one()
+    from toolkit.engine.state import cleanup_started
+
+    return cleanup_started(conn) or conn.execute(
+        sa.text("SELECT to_regclass('ml_experiments') IS NULL")).scalar_one()
 
 
 SUPERSEDED = "superseded: milestone 4 archived the experiments (toolkit.m4_archive_*)"

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 
 from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
-from toolkit.milestones.base import SUPERSEDED, Milestone, experiments_dropped
+from toolkit.milestones.base import SUPERSEDED, Milestone, superseded_by_cleanup
 
 INDEX = "index_ml_candidates_on_model_id"
 FK = "fk_ml_candidates_model_id"
@@ -81,7 +81,7 @@ class AddTransitionTrigger(SchemaStep):
     tables = ("ml_candidates",)
 
     def verify(self, conn: Connection) -> list[Check]:
-        if experiments_dropped(conn):  # milestone 4 removes transition triggers on purpose
+        if superseded_by_cleanup(conn):  # milestone 4 removes transition triggers on purpose
             return [Check(f"{TRIGGER} is in place", True, SUPERSEDED)]
         enabled = conn.execute(sa.text(
             "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'ml_candidates'::regclass AND tgname = :t"),
@@ -106,7 +106,7 @@ class BackfillModelId(Step):
                 f"WHERE {candidate_model} IS DISTINCT FROM e.model_id")
 
     def plan(self, conn: Connection) -> StepPlan:
-        if experiments_dropped(conn):
+        if superseded_by_cleanup(conn):
             return StepPlan(self.name, self.description, 0, {}, {SUPERSEDED: 0}, [], self.forward_sql())
         count_from = self._count_sql(conn)
         rows = conn.execute(sa.text(f"SELECT count(*) {count_from}")).scalar_one()
@@ -119,14 +119,14 @@ class BackfillModelId(Step):
                         self.forward_sql())
 
     def remaining(self, conn: Connection) -> int:
-        if experiments_dropped(conn):
+        if superseded_by_cleanup(conn):
             return 0
         return conn.execute(sa.text(f"SELECT count(*) {self._count_sql(conn)}")).scalar_one()
 
     def verify(self, conn: Connection) -> list[Check]:
         if not column_exists(conn):
             return []
-        if experiments_dropped(conn):
+        if superseded_by_cleanup(conn):
             return [Check("every candidate's model_id is its experiment's model", True, SUPERSEDED)]
         wrong = [dict(r._mapping) for r in conn.execute(sa.text(f"""
             SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
 from toolkit.milestones import slug
-from toolkit.milestones.base import SUPERSEDED, Milestone, experiments_dropped
+from toolkit.milestones.base import SUPERSEDED, Milestone, superseded_by_cleanup
 from toolkit.milestones.m2_model_parent import MISMATCH, column_exists
 
 CREATED = "toolkit.m3_created_models"
@@ -187,7 +187,7 @@ class AddDisplayNameTrigger(SchemaStep):
     tables = ("ml_models",)
 
     def verify(self, conn: Connection) -> list[Check]:
-        if experiments_dropped(conn):  # milestone 4 removes transition triggers on purpose
+        if superseded_by_cleanup(conn):  # milestone 4 removes transition triggers on purpose
             return [Check(f"{DISPLAY_TRIGGER} is in place", True, SUPERSEDED)]
         present = conn.execute(sa.text(
             "SELECT tgenabled IN ('O', 'A') FROM pg_trigger WHERE tgrelid = 'ml_models'::regclass "
@@ -276,13 +276,13 @@ class CreateModelsForExperiments(Step):
         ]
 
     def remaining(self, conn: Connection) -> int:
-        if experiments_dropped(conn):
+        if superseded_by_cleanup(conn):
             return 0
         return conn.execute(sa.text(
             "SELECT count(*) FROM ml_experiments WHERE model_id IS NULL")).scalar_one()
 
     def plan(self, conn: Connection) -> StepPlan:
-        if experiments_dropped(conn):
+        if superseded_by_cleanup(conn):
             return StepPlan(self.name, self.description, 0, {}, {SUPERSEDED: 0}, [], self.forward_sql())
         slugs = planned_slugs(conn)
         names = {r.id: r for r in conn.execute(sa.text(
@@ -327,7 +327,7 @@ class CreateModelsForExperiments(Step):
                         context, anomalies, self.forward_sql())
 
     def verify(self, conn: Connection) -> list[Check]:
-        if experiments_dropped(conn):
+        if superseded_by_cleanup(conn):
             return [Check("every experiment has a model", True, SUPERSEDED)]
         orphans = _rows(conn, "SELECT id AS experiment_id, name FROM ml_experiments "
                               "WHERE model_id IS NULL ORDER BY id")

@@ -22,10 +22,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.engine.ddl import SqlDdlAction
+from toolkit.engine.state import cleanup_started
 from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
 from toolkit.errors import VerificationFailed
 from toolkit.milestones import ddl_capture
-from toolkit.milestones.base import Milestone, experiments_dropped
+from toolkit.milestones.base import Milestone
 from toolkit.verify.digest import table_digest
 
 ARCHIVED_DDL = "toolkit.m4_archived_ddl"
@@ -247,7 +248,12 @@ def _functions_and_triggers(conn: Connection) -> list[str]:
 
 
 def _forget_archive(conn: Connection) -> None:
-    problems = archive_differences(conn)
+    forget_archive(conn, check=True)
+
+
+def forget_archive(conn: Connection, *, check: bool) -> None:
+    """Drop the archive; after a rollback, only once the rebuilt tables match it."""
+    problems = archive_differences(conn) if check else []
     if problems:
         raise VerificationFailed(
             "After the rebuild, the tables do not match the archive: " + "; ".join(problems),
@@ -342,7 +348,7 @@ class ArchiveAndDrop(Step):
             SqlDdlAction(
                 "check-archive",
                 "compare source and archive row for row (count, hash)",
-                experiments_present,
+                COLUMN_GONE,  # the drops come only after a passing check
                 run=check_archive,
             ),
             SqlDdlAction(
@@ -594,7 +600,6 @@ class ArchiveAndDrop(Step):
                 'trigger_ml_models_display_name_transition', :sync)""",
             sync=SYNC,
         )
-        archived = all(_exists(conn, t) for t in (ARCHIVE_EXPERIMENTS, ARCHIVE_METADATA))
         return [
             Check(
                 "ml_experiments and ml_experiment_metadata dropped",
@@ -626,12 +631,6 @@ class ArchiveAndDrop(Step):
                 "removed" if not leftovers else f"left: {[r['tgname'] for r in leftovers]}",
                 None if not leftovers else "run `toolkit migrate milestone-4`",
             ),
-            Check(
-                "the archive is kept",
-                archived,
-                "present" if archived else "missing",
-                None if archived else "the archive was dropped: rollback is no longer possible",
-            ),
         ]
 
 
@@ -639,8 +638,8 @@ def preconditions(conn: Connection) -> list[Check]:
     """Milestones 1 and 2 verify too; no candidate without a model; nothing written since M3."""
     from toolkit import milestones as registry
 
-    if experiments_dropped(conn):
-        return []  # a re-run after the drops: what was checked then still holds
+    if cleanup_started(conn):
+        return []  # a re-run: what was checked when it started still holds, the archive syncs the rest
     checks = []
     for name in ("milestone-1", "milestone-2"):
         failed = [c for c in registry.get(name).verify(conn) if not c.ok]

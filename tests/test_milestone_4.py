@@ -1,0 +1,152 @@
+"""Milestone 4: archive, checks, drops, confirmation, preconditions, kills, exact rebuild."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import resolve_m1_anomalies, schema_snapshot, snapshot, toolkit, toolkit_json, toolkit_process
+
+from toolkit.engine.batches import FAULT_KILL_AFTER_ACTIONS_ENV, FAULT_KILL_AFTER_BATCHES_ENV
+from toolkit.errors import ExitCode
+
+TABLES = ("ml_experiments", "ml_experiment_metadata", "ml_candidates", "ml_models", "ml_model_metadata",
+          "ml_candidate_params", "ml_candidate_metrics", "packages_packages")
+SEQUENCES = "SELECT last_value, is_called FROM ml_experiments_id_seq"
+
+
+def columns_as_sets(schema: dict) -> dict:
+    """Rollback adds experiment_id back as the last column; everything else must be exact."""
+    return {**schema, "columns": sorted(schema["columns"])}
+
+
+@pytest.fixture
+def ready(make_database):
+    """A database with milestones 1-3 applied, cloned per test (adversarial data)."""
+    cache: dict = {}
+
+    def make():
+        if "base" not in cache:
+            base = make_database("adversarial:small")
+            resolve_m1_anomalies(base)
+            for milestone in ("milestone-1", "milestone-2", "milestone-3"):
+                assert toolkit(base, "migrate", milestone).exit_code == 0
+            cache["base"] = base
+        return make_database(like=cache["base"])
+
+    return make
+
+
+def test_apply_then_rollback_gives_back_schema_and_data(ready):
+    db = ready()
+    schema_before, data_before = schema_snapshot(db), snapshot(db, TABLES)
+    sequence_before = db.rows(SEQUENCES)
+    code, doc = toolkit_json(db, "migrate", "milestone-4", "--yes", "--batch-size", "20")
+    assert code == 0, doc
+    assert db.scalar("SELECT to_regclass('ml_experiments') IS NULL AND to_regclass('ml_experiment_metadata') IS NULL")
+    assert db.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = 'ml_candidates' "
+                     "AND column_name = 'experiment_id'") == 0
+    assert db.scalar("SELECT is_nullable FROM information_schema.columns WHERE table_name = 'ml_candidates' "
+                     "AND column_name = 'model_id'") == "NO"
+    assert toolkit(db, "verify").exit_code == 0  # every milestone still verifies after cleanup
+
+    result = toolkit(db, "rollback", "milestone-4", "--batch-size", "20")
+    assert result.exit_code == 0, result.output
+    assert columns_as_sets(schema_snapshot(db)) == columns_as_sets(schema_before)
+    assert snapshot(db, TABLES) == data_before
+    assert db.rows(SEQUENCES) == sequence_before
+    assert db.scalar("SELECT to_regclass('toolkit.m4_archive_ml_experiments') IS NULL")
+    # and it can be applied again
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+
+
+def test_refused_without_confirmation(ready):
+    db = ready()
+    result = toolkit(db, "migrate", "milestone-4")
+    assert result.exit_code == ExitCode.REFUSED
+    assert "needs confirmation" in result.output and "--yes" in result.output
+    assert db.scalar("SELECT to_regclass('toolkit.m4_archived_ddl') IS NULL "
+                     "OR NOT EXISTS (SELECT 1 FROM toolkit.m4_archived_ddl)")
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ("INSERT INTO ml_experiments (created_at, updated_at, iid, project_id, name) "
+     "SELECT now(), now(), 999, min(id), 'late arrival' FROM projects",
+     "milestone-3 does not verify"),
+    ("UPDATE ml_experiment_metadata SET value = 'changed', updated_at = now() "
+     "WHERE id = (SELECT min(id) FROM ml_experiment_metadata)",
+     "nothing written to experiments since milestone 3 finished"),
+    ("UPDATE ml_candidates SET model_id = NULL WHERE id = (SELECT min(id) FROM ml_candidates)",
+     "does not verify"),
+    ("WITH p AS (INSERT INTO packages_packages (project_id, created_at, updated_at, name, version, package_type) "
+     "SELECT project_id, now(), now(), 'late', '1', 7 FROM ml_candidates ORDER BY id LIMIT 1 RETURNING id) "
+     "UPDATE ml_candidates SET package_id = (SELECT id FROM p) WHERE id = (SELECT min(id) FROM ml_candidates)",
+     "milestone-1 verifies"),
+])
+def test_refused_under_each_failed_precondition_with_nothing_changed(ready, change, expected):
+    db = ready()
+    db.execute(change)
+    before = snapshot(db, TABLES)
+    result = toolkit(db, "migrate", "milestone-4", "--yes")
+    assert result.exit_code == ExitCode.REFUSED, result.output
+    assert expected in result.output
+    assert snapshot(db, TABLES) == before
+    assert db.scalar("SELECT to_regclass('ml_experiments') IS NOT NULL")
+
+
+def test_a_kill_at_every_action_then_a_rerun_completes_with_nothing_lost(ready):
+    clean = ready()
+    assert toolkit(clean, "migrate", "milestone-4", "--yes").exit_code == 0
+    expected = snapshot(clean, ("ml_candidates", "ml_models", "ml_model_metadata", "packages_packages"))
+    archive = ("toolkit.m4_archive_ml_experiments", "toolkit.m4_archive_ml_experiment_metadata",
+               "toolkit.m4_archive_candidate_experiments")
+    expected_archive = snapshot(clean, archive)
+    actions = 15
+    for kill_after in range(1, actions):
+        db = ready()
+        died = toolkit_process(db, "migrate", "milestone-4", "--yes",
+                               env={FAULT_KILL_AFTER_ACTIONS_ENV: str(kill_after)})
+        assert died.returncode == -9, (kill_after, died.stderr)
+        finished = toolkit_process(db, "migrate", "milestone-4", "--yes")
+        assert finished.returncode == 0, (kill_after, finished.stderr)
+        assert snapshot(db, ("ml_candidates", "ml_models", "ml_model_metadata", "packages_packages")) == expected
+        assert snapshot(db, archive) == expected_archive, kill_after
+    # and killed inside a batch of the archive copy
+    db = ready()
+    died = toolkit_process(db, "migrate", "milestone-4", "--yes", "--batch-size", "10",
+                           env={FAULT_KILL_AFTER_BATCHES_ENV: "3"})
+    assert died.returncode == -9
+    assert toolkit_process(db, "migrate", "milestone-4", "--yes", "--batch-size", "10").returncode == 0
+    assert snapshot(db, archive) == expected_archive
+
+
+def test_a_rollback_killed_at_every_action_completes_on_rerun(ready, make_database):
+    original = ready()
+    schema_before, data_before = schema_snapshot(original), snapshot(original, TABLES)
+    applied = make_database(like=original)
+    assert toolkit(applied, "migrate", "milestone-4", "--yes").exit_code == 0
+    for kill_after in (1, 3, 5, 7, 9, 11, 13, 15):
+        db = make_database(like=applied)
+        died = toolkit_process(db, "rollback", "milestone-4", env={FAULT_KILL_AFTER_ACTIONS_ENV: str(kill_after)})
+        assert died.returncode == -9, (kill_after, died.stderr)
+        finished = toolkit_process(db, "rollback", "milestone-4")
+        assert finished.returncode == 0, (kill_after, finished.stderr)
+        assert columns_as_sets(schema_snapshot(db)) == columns_as_sets(schema_before), kill_after
+        assert snapshot(db, TABLES) == data_before, kill_after
+
+
+def test_archive_status_and_drop(ready):
+    db = ready()
+    assert toolkit(db, "archive", "drop", "--yes").exit_code == ExitCode.REFUSED  # milestone 4 not applied
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+    code, doc = toolkit_json(db, "archive", "status")
+    assert code == 0
+    tables = doc["result"]["tables"]
+    assert tables["toolkit.m4_archive_ml_experiments"] > 0
+    assert doc["result"]["mapping_sample"][0].keys() >= {"mlflow_experiment_id", "model_id", "name"}
+    refused = toolkit(db, "archive", "drop")
+    assert refused.exit_code == ExitCode.REFUSED and "--yes" in refused.output
+    assert toolkit(db, "archive", "drop", "--yes").exit_code == 0
+    assert db.scalar("SELECT to_regclass('toolkit.m4_archive_ml_experiments') IS NULL")
+    assert db.scalar("SELECT count(*) FROM toolkit.m4_archive_candidate_experiments") == 0
+    # every milestone still verifies; rollback of milestone 4 is now refused
+    assert toolkit(db, "verify").exit_code == 0
+    assert "absent" in toolkit(db, "archive", "status").output

@@ -1,0 +1,92 @@
+"""``toolkit archive``: what milestone 4 kept of the dropped tables, and dropping it for good."""
+
+from __future__ import annotations
+
+import click
+import sqlalchemy as sa
+
+from toolkit.cli.context import app
+from toolkit.engine import state
+from toolkit.engine.runner import Runner
+from toolkit.errors import PreconditionRefused
+from toolkit.milestones.m4_cleanup import (
+    ARCHIVE_CANDIDATES,
+    ARCHIVE_EXPERIMENTS,
+    ARCHIVE_METADATA,
+    ARCHIVED_DDL,
+    forget_archive,
+)
+from toolkit.output import out
+from toolkit.schema.migrations import ensure_own_tables
+
+TABLES = (ARCHIVE_EXPERIMENTS, ARCHIVE_METADATA, ARCHIVE_CANDIDATES, ARCHIVED_DDL)
+
+
+@click.group()
+def archive() -> None:
+    """Milestone 4's archive of ml_experiments, their metadata and candidates' experiment_id.
+
+    Example: toolkit archive status
+    """
+
+
+def _counts(conn: sa.Connection) -> dict[str, int | None]:
+    counts = {}
+    for table in TABLES:
+        present = conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}).scalar_one()
+        count = sa.text(f"SELECT count(*) FROM {table}")
+        counts[table] = conn.execute(count).scalar_one() if present else None
+    return counts
+
+
+@archive.command()
+def status() -> None:
+    """Rows kept in the archive, and the MLflow experiment id (iid) -> model mapping. Read-only.
+
+    Example: toolkit archive status --json
+    """
+    with Runner(app().engine()).read_only() as conn:
+        counts = _counts(conn)
+        milestone = state.milestone_state(conn, "milestone-4")["state"]
+        mapping = []
+        if counts[ARCHIVE_EXPERIMENTS]:
+            mapping = [dict(r._mapping) for r in conn.execute(sa.text(
+                f"SELECT project_id, iid AS mlflow_experiment_id, name, model_id FROM {ARCHIVE_EXPERIMENTS} "
+                "ORDER BY project_id, iid LIMIT 20"))]
+    out.say(f"milestone-4: {milestone.replace('_', ' ')}")
+    out.table(["archive table", "rows"], [[t, "absent" if n is None else n] for t, n in counts.items()])
+    if mapping:
+        out.say("MLflow experiment ids (per project) and their models, first rows:")
+        out.table(["project", "mlflow experiment_id", "name", "model_id"],
+                  [[m["project_id"], m["mlflow_experiment_id"], m["name"], m["model_id"]] for m in mapping])
+    app().finish({"milestone_4": milestone, "tables": counts, "mapping_sample": mapping})
+
+
+@archive.command()
+@click.option("--yes", is_flag=True, help="Really drop it: milestone 4 can then no longer be rolled back.")
+def drop(yes: bool) -> None:
+    """Drop the archive for good, once milestone 4 verifies and nobody needs a rollback.
+
+    The archive holds the only copy of the dropped experiments (and the MLflow experiment
+    id to model mapping): export it first if you need it.
+
+    Example: toolkit archive drop --yes
+    """
+    if not yes:
+        raise PreconditionRefused("Dropping the archive makes milestone 4 impossible to roll back",
+                                  "pass --yes when you are sure (export the mapping first if needed)")
+    engine = app().engine()
+    with Runner(engine).read_only() as conn:
+        milestone = state.milestone_state(conn, "milestone-4")["state"]
+    if milestone != state.VERIFIED:
+        raise PreconditionRefused(
+            f"milestone-4 is {milestone.replace('_', ' ')}, not verified: the archive is still needed",
+            "run `toolkit verify milestone-4` (or finish or roll back milestone 4) first")
+    with engine.connect() as conn:
+        ensure_own_tables(conn)
+        run_id = state.start_run(conn, "toolkit archive drop --yes", "milestone-4", {})
+        counts = _counts(conn)
+        forget_archive(conn, check=False)
+        state.finish_run(conn, run_id, "succeeded", {"archive-drop": sum(n or 0 for n in counts.values())})
+    out.say("Dropped the archive: " + ", ".join(f"{t} ({n} rows)" for t, n in counts.items() if n))
+    app().finish({"dropped": counts})
