@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.catalog_checks import constraint_validated, index_valid, trigger_in_place
 from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
 from toolkit.milestones.base import SUPERSEDED, Milestone, superseded_by_cleanup
@@ -60,11 +61,7 @@ class IndexModelId(SchemaStep):
     tables = ("ml_candidates",)
 
     def verify(self, conn: Connection) -> list[Check]:
-        valid = conn.execute(sa.text(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:i)"), {"i": INDEX}).scalar()
-        detail = {True: "valid", False: "INVALID (an interrupted build)", None: "missing"}[valid]
-        return [Check(f"{INDEX} is valid", bool(valid), detail,
-                      None if valid else "run `toolkit migrate milestone-2` to rebuild it")]
+        return [index_valid(conn, INDEX, "milestone-2")]
 
 
 class AddModelIdForeignKey(SchemaStep):
@@ -83,13 +80,7 @@ class AddTransitionTrigger(SchemaStep):
     def verify(self, conn: Connection) -> list[Check]:
         if superseded_by_cleanup(conn):  # milestone 4 removes transition triggers on purpose
             return [Check(f"{TRIGGER} is in place", True, SUPERSEDED)]
-        enabled = conn.execute(sa.text(
-            "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'ml_candidates'::regclass AND tgname = :t"),
-            {"t": TRIGGER}).scalar()
-        ok = enabled in ("O", "A")
-        return [Check(f"{TRIGGER} is in place", ok,
-                      "enabled" if ok else ("disabled" if enabled else "missing"),
-                      None if ok else "run `toolkit migrate milestone-2`")]
+        return [trigger_in_place(conn, "ml_candidates", TRIGGER, "milestone-2")]
 
 
 class BackfillModelId(Step):
@@ -145,12 +136,7 @@ class ValidateForeignKey(SchemaStep):
     tables = ("ml_candidates", "ml_models")
 
     def verify(self, conn: Connection) -> list[Check]:
-        validated = conn.execute(sa.text(
-            "SELECT convalidated FROM pg_constraint WHERE conrelid = 'ml_candidates'::regclass "
-            "AND conname = :f"), {"f": FK}).scalar()
-        detail = {True: "validated", False: "NOT VALID yet", None: "missing"}[validated]
-        return [Check(f"{FK} is validated", bool(validated), detail,
-                      None if validated else "run `toolkit migrate milestone-2`")]
+        return [constraint_validated(conn, "ml_candidates", FK, "milestone-2")]
 
 
 def schema_applied(conn: Connection) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.catalog_checks import constraint_validated, trigger_in_place
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
 from toolkit.milestones import slug
@@ -189,12 +190,7 @@ class AddDisplayNameTrigger(SchemaStep):
     def verify(self, conn: Connection) -> list[Check]:
         if superseded_by_cleanup(conn):  # milestone 4 removes transition triggers on purpose
             return [Check(f"{DISPLAY_TRIGGER} is in place", True, SUPERSEDED)]
-        present = conn.execute(sa.text(
-            "SELECT tgenabled IN ('O', 'A') FROM pg_trigger WHERE tgrelid = 'ml_models'::regclass "
-            "AND tgname = :t"), {"t": DISPLAY_TRIGGER}).scalar()
-        return [Check(f"{DISPLAY_TRIGGER} is in place", bool(present),
-                      "enabled" if present else "missing or disabled",
-                      None if present else "run `toolkit migrate milestone-3`")]
+        return [trigger_in_place(conn, "ml_models", DISPLAY_TRIGGER, "milestone-3")]
 
 
 class BackfillDisplayName(Step):
@@ -231,12 +227,7 @@ class ValidateDisplayNameCheck(SchemaStep):
     tables = ("ml_models",)
 
     def verify(self, conn: Connection) -> list[Check]:
-        validated = conn.execute(sa.text(
-            "SELECT convalidated FROM pg_constraint WHERE conrelid = 'ml_models'::regclass "
-            "AND conname = :c"), {"c": DISPLAY_CHECK}).scalar()
-        return [Check(f"{DISPLAY_CHECK} is validated", bool(validated),
-                      {True: "validated", False: "NOT VALID yet", None: "missing"}[validated],
-                      None if validated else "run `toolkit migrate milestone-3`")]
+        return [constraint_validated(conn, "ml_models", DISPLAY_CHECK, "milestone-3")]
 
 
 def planned_slugs(conn: Connection) -> dict[int, tuple[str, str, bool]]:

@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.catalog_checks import index_valid
 from toolkit.engine.ddl import SqlDdlAction
 from toolkit.engine.state import cleanup_started
 from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
@@ -136,10 +137,11 @@ SYNC_TRIGGERS = (
 )
 
 
-def _copy_sql(source: str, archive: str) -> str:
+def _copy_sql(source: str, target: str) -> str:
+    """Rows of ``source`` in the batch's id range into ``target``; idempotent (archive and restore)."""
     return f"""
 WITH copied AS (
-    INSERT INTO {archive} SELECT * FROM {source} WHERE id > :lo AND id <= :hi
+    INSERT INTO {target} SELECT * FROM {source} WHERE id > :lo AND id <= :hi
     ON CONFLICT (id) DO NOTHING
     RETURNING 1
 )
@@ -207,16 +209,6 @@ WITH restored AS (
         (SELECT a.experiment_id FROM {ARCHIVE_CANDIDATES} a WHERE a.candidate_id = c.id),
         (SELECT e.id FROM ml_experiments e WHERE e.model_id = c.model_id ORDER BY e.id LIMIT 1))
     WHERE c.id > :lo AND c.id <= :hi AND c.experiment_id IS NULL
-    RETURNING 1
-)
-SELECT count(*) FROM restored"""
-
-
-def _restore_sql(source: str, archive: str) -> str:
-    return f"""
-WITH restored AS (
-    INSERT INTO {source} SELECT * FROM {archive} WHERE id > :lo AND id <= :hi
-    ON CONFLICT (id) DO NOTHING
     RETURNING 1
 )
 SELECT count(*) FROM restored"""
@@ -455,13 +447,13 @@ class ArchiveAndDrop(Step):
                 "restore-ml-experiments",
                 "restore ml_experiments rows",
                 ARCHIVE_EXPERIMENTS,
-                _restore_sql("ml_experiments", ARCHIVE_EXPERIMENTS),
+                _copy_sql(ARCHIVE_EXPERIMENTS, "ml_experiments"),
             ),
             KeysetPass(
                 "restore-ml-experiment-metadata",
                 "restore ml_experiment_metadata rows",
                 ARCHIVE_METADATA,
-                _restore_sql("ml_experiment_metadata", ARCHIVE_METADATA),
+                _copy_sql(ARCHIVE_METADATA, "ml_experiment_metadata"),
             ),
             SqlDdlAction(
                 "rebuild-constraints-and-indexes",
@@ -592,7 +584,6 @@ class ArchiveAndDrop(Step):
                 "AND attname = 'model_id'"
             )
         ).scalar()
-        unique_valid = conn.execute(sa.text(_index_valid_sql(UNIQUE_INDEX))).scalar()
         leftovers = _rows(
             conn,
             """
@@ -619,12 +610,7 @@ class ArchiveAndDrop(Step):
                 "yes" if not_null else "no",
                 None if not_null else "run `toolkit migrate milestone-4`",
             ),
-            Check(
-                f"{UNIQUE_INDEX} is valid",
-                bool(unique_valid),
-                "valid" if unique_valid else "missing or INVALID",
-                None if unique_valid else "run `toolkit migrate milestone-4` (an invalid index is rebuilt)",
-            ),
+            index_valid(conn, UNIQUE_INDEX, "milestone-4"),
             Check(
                 "transition and sync triggers removed",
                 not leftovers,
