@@ -276,3 +276,35 @@ def test_a_pass_ends_at_the_largest_key_it_saw_when_it_started(realistic_db):
     assert "1 not_yet_converted" in resumed.output  # ...and verify sees the newcomer
     assert toolkit(db, "migrate", "milestone-1").exit_code == 0  # a new pass takes it
     assert db.scalar("SELECT upper_key FROM toolkit.checkpoints") == top + 1
+
+
+def test_a_schema_change_behind_a_lock_is_retried_then_fails_cleanly(realistic_db):
+    db = realistic_db
+    assert toolkit(db, "migrate", "milestone-1").exit_code == 0
+    # An open transaction that wrote a candidate: reads go on, ALTER TABLE must wait for it.
+    holder = db.engine.connect()
+    holder.execute(sa.text("SET application_name = 'gitlab-sidekiq'"))
+    holder.execute(sa.text("UPDATE ml_candidates SET updated_at = updated_at WHERE id = (SELECT min(id) FROM ml_candidates)"))
+    try:
+        result = toolkit(db, "migrate", "milestone-2", "--lock-timeout-ms", "100", "--retries", "2")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == ExitCode.LOCKED, result.output
+    assert "add-model-id-column: lock timeout in 3 tries" in result.output
+    assert "gitlab-sidekiq" in result.output
+    assert db.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = 'ml_candidates' "
+                     "AND column_name = 'model_id'") == 0
+    assert toolkit(db, "migrate", "milestone-2").exit_code == 0
+
+
+def test_max_runtime_stops_at_a_batch_boundary(realistic_db):
+    code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "5", "--pause-ms", "100",
+                             "--max-runtime", "0.5")
+    assert code == 0
+    assert doc["result"]["complete"] is False and doc["result"]["stopped"] == "max-runtime"
+    done = realistic_db.scalar("SELECT batches_done FROM toolkit.checkpoints")
+    assert 1 <= done < 49
+    assert realistic_db.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") == \
+        realistic_db.scalar("SELECT rows_done FROM toolkit.checkpoints")
+    assert toolkit_json(realistic_db, "migrate", "milestone-1")[1]["result"]["complete"] is True
