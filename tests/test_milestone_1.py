@@ -11,10 +11,11 @@ import sqlalchemy as sa
 from helpers import snapshot, toolkit, toolkit_json, toolkit_process
 
 from toolkit import milestones as registry
+from toolkit.cli.migrate import positional
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV, RunOptions
 from toolkit.engine.runner import Runner
 from toolkit.errors import ExitCode
-from toolkit.milestones.m1_packages import CONVERT_BATCH
+from toolkit.milestones.m1_packages import CONVERT_BATCH, RESTORE_BATCH
 
 GITLAB_TABLES = ("packages_packages", "packages_package_files", "ml_candidates", "ml_experiments",
                  "ml_models", "ml_model_versions", "ml_candidate_params", "ml_candidate_metrics")
@@ -183,9 +184,10 @@ def test_a_colliding_insert_by_another_session_never_aborts_the_run(realistic_db
 
 def test_sql_shows_the_statements_the_engine_runs(realistic_db):
     printed = toolkit(realistic_db, "sql", "milestone-1").output
-    assert CONVERT_BATCH.strip() in printed
+    assert positional(CONVERT_BATCH.strip()) in printed  # the same statement, binds numbered
     assert "lock_timeout" in printed
     planned = _plan(realistic_db)["sql"]
     assert planned == [CONVERT_BATCH.strip()]
     back = toolkit(realistic_db, "sql", "milestone-1", "--rollback").output
     assert "UPDATE packages_packages p SET package_type = l.previous_package_type" in back
+    assert positional(RESTORE_BATCH.strip()) in back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -228,8 +229,47 @@ def sql(milestone: str, backward: bool) -> None:
     app().finish({"milestone": chosen.name, "rollback": backward, "statements": statements})
 
 
+PARAMETER_MEANINGS = {
+    "lo": "the checkpoint: keys above it (exclusive)",
+    "hi": "the batch's last key (inclusive)",
+    "upper": "the pass's last key, fixed when it started",
+    "size": "the batch size",
+    "run_id": "this run's id in toolkit.runs",
+    "experiment_ids": "the batch's experiments without a model (bigint[])",
+    "slugs": "their model names, computed by the slug rules (text[])",
+    "projects": "the batch's project ids (bigint[])",
+    "models": "the batch's models to remove (bigint[])",
+}
+_NAMED_PARAMETER = re.compile(r"(?<![:\w]):([a-z_]+)\b")
+
+
+def positional(sql: str) -> str:
+    """Named binds as PostgreSQL's $1, $2 … with a comment saying what each is.
+
+    The engine binds by name; a DBA's tools and squawk want valid SQL, so ``toolkit sql``
+    prints the same statement with positional parameters.
+    """
+    order: list[str] = []
+
+    def number(match: re.Match) -> str:
+        if match[1] not in order:
+            order.append(match[1])
+        return f"${order.index(match[1]) + 1}"
+
+    body = _NAMED_PARAMETER.sub(number, sql)
+    if not order:
+        return body
+    legend = "\n".join(f"--   ${i + 1} = {name}: {PARAMETER_MEANINGS.get(name, name)}"
+                       for i, name in enumerate(order))
+    return f"-- Parameters:\n{legend}\n{body}"
+
+
 def _sql_statements(milestone: Milestone, backward: bool) -> list[str]:
-    lines = []
+    lines = [
+        "-- The toolkit sets these for every statement it runs (--lock-timeout-ms,\n"
+        "-- --statement-timeout-ms); each batch sets them again with SET LOCAL.\n"
+        "SET lock_timeout = '2s';\nSET statement_timeout = '60s';"
+    ]
     for step in (reversed(milestone.steps) if backward else milestone.steps):
         for action in (step.backward() if backward else step.forward()):
             if isinstance(action, KeysetPass):
@@ -238,7 +278,7 @@ def _sql_statements(milestone: Milestone, backward: bool) -> list[str]:
                     f"-- Runs in batches, each one transaction with SET LOCAL lock_timeout and\n"
                     f"-- statement_timeout. Batch bounds: :lo (exclusive, the checkpoint) and :hi from\n"
                     f"{_comment(action.next_key_sql())};\n"
-                    f"{action.change_sql.strip()};"
+                    f"{positional(action.change_sql.strip())};"
                 )
             else:
                 origin = (f"Alembic revision {action.revision}" if hasattr(action, "revision")

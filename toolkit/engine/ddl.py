@@ -10,6 +10,7 @@ the revision, which first drops an INVALID index left by an interrupted build.
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from toolkit.output import out
 from toolkit.schema import migrations
 
 GITLAB_BASE = "gitlab@base"
+
+
+_VERSION_TABLE_DDL = re.compile(r"CREATE TABLE toolkit\.alembic_version \(.*?\);\n\n", re.S)
 
 
 def _script() -> ScriptDirectory:
@@ -62,7 +66,9 @@ class DdlAction:
             command.upgrade(config, f"{start}:{self.revision}", sql=True)
         else:
             command.downgrade(config, f"{self.revision}:{parent_of(self.revision)}", sql=True)
-        return buffer.getvalue().strip()
+        # Offline mode assumes an empty database and creates the version table; on a real run
+        # the toolkit's own branch has created it already, so that statement never runs.
+        return _VERSION_TABLE_DDL.sub("", buffer.getvalue()).strip()
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,8 @@ class SqlDdlAction:
             return f"-- {self.description} (done by the toolkit, see docs/blueprint.md)"
         if self.statements_from is not None:
             return f"-- statements read from the archive at run time ({self.description})"
-        return ";\n".join(self.statements) + ";"
+        body = ";\n".join(self.statements) + ";"
+        return f"BEGIN;\n{body}\nCOMMIT;" if self.transactional else body
 
     def execute(self, conn: Connection) -> None:
         if self.run is not None:

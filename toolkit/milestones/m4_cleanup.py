@@ -89,10 +89,8 @@ def archived_statements(conn: Connection, *phases: str) -> list[str]:
 
 # -- 2. archive tables, sync triggers, copy -------------------------------------------------
 CREATE_ARCHIVES = (
-    f"CREATE TABLE IF NOT EXISTS {ARCHIVE_EXPERIMENTS} (LIKE ml_experiments)",
-    f"ALTER TABLE {ARCHIVE_EXPERIMENTS} ADD PRIMARY KEY (id)",
-    f"CREATE TABLE IF NOT EXISTS {ARCHIVE_METADATA} (LIKE ml_experiment_metadata)",
-    f"ALTER TABLE {ARCHIVE_METADATA} ADD PRIMARY KEY (id)",
+    f"CREATE TABLE IF NOT EXISTS {ARCHIVE_EXPERIMENTS} (LIKE ml_experiments, PRIMARY KEY (id))",
+    f"CREATE TABLE IF NOT EXISTS {ARCHIVE_METADATA} (LIKE ml_experiment_metadata, PRIMARY KEY (id))",
 )
 
 
@@ -371,7 +369,7 @@ class ArchiveAndDrop(Step):
                 _model_id_not_null_or("false"),
                 (
                     "ALTER TABLE ml_candidates ALTER COLUMN model_id SET NOT NULL",
-                    f"ALTER TABLE ml_candidates DROP CONSTRAINT {NOT_NULL_CHECK}",
+                    f"ALTER TABLE ml_candidates DROP CONSTRAINT IF EXISTS {NOT_NULL_CHECK}",
                 ),
                 tables=("ml_candidates",),
             ),
@@ -401,7 +399,7 @@ class ArchiveAndDrop(Step):
                 "AND attname = 'experiment_id' AND NOT attisdropped)",
                 (
                     f"DROP TRIGGER IF EXISTS {SYNC} ON ml_candidates",
-                    "ALTER TABLE ml_candidates DROP COLUMN experiment_id",
+                    "ALTER TABLE ml_candidates DROP COLUMN IF EXISTS experiment_id",
                 ),
                 tables=("ml_candidates",),
             ),
@@ -409,14 +407,17 @@ class ArchiveAndDrop(Step):
                 "drop-ml-experiment-metadata",
                 "drop ml_experiment_metadata",
                 "SELECT to_regclass('ml_experiment_metadata') IS NULL",
-                ("DROP TABLE ml_experiment_metadata", "DROP FUNCTION IF EXISTS trigger_2b8fdc9b4a4e()"),
+                (
+                    "DROP TABLE IF EXISTS ml_experiment_metadata",
+                    "DROP FUNCTION IF EXISTS trigger_2b8fdc9b4a4e()",
+                ),
                 tables=("ml_experiment_metadata",),
             ),
             SqlDdlAction(
                 "drop-ml-experiments",
                 "drop ml_experiments",
                 experiments_present,
-                ("DROP TABLE ml_experiments",),
+                ("DROP TABLE IF EXISTS ml_experiments",),
                 tables=("ml_experiments",),
             ),
         ]
