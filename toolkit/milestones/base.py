@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.catalog_checks import trigger_in_place
+from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.step import Check, Step, StepPlan
 
 
@@ -41,3 +43,16 @@ def superseded_by_cleanup(conn: Connection) -> bool:
 
 
 SUPERSEDED = "superseded: milestone 4 archived the experiments (toolkit.m4_archive_*)"
+
+
+class TransitionTriggerStep(SchemaStep):
+    """A schema step adding a transition trigger, which milestone 4 later removes on purpose."""
+
+    trigger: str = ""
+    table: str = ""
+    milestone: str = ""
+
+    def verify(self, conn: Connection) -> list[Check]:
+        if superseded_by_cleanup(conn):
+            return [Check(f"{self.trigger} is in place", True, SUPERSEDED)]
+        return [trigger_in_place(conn, self.table, self.trigger, self.milestone)]

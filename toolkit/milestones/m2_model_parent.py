@@ -14,10 +14,15 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from toolkit.engine.catalog_checks import constraint_validated, index_valid, trigger_in_place
+from toolkit.engine.catalog_checks import constraint_validated, index_valid
 from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
-from toolkit.milestones.base import SUPERSEDED, Milestone, superseded_by_cleanup
+from toolkit.milestones.base import (
+    SUPERSEDED,
+    Milestone,
+    TransitionTriggerStep,
+    superseded_by_cleanup,
+)
 
 INDEX = "index_ml_candidates_on_model_id"
 FK = "fk_ml_candidates_model_id"
@@ -71,16 +76,12 @@ class AddModelIdForeignKey(SchemaStep):
     tables = ("ml_candidates", "ml_models")
 
 
-class AddTransitionTrigger(SchemaStep):
+class AddTransitionTrigger(TransitionTriggerStep):
     name = "add-transition-trigger"
     description = f"{TRIGGER}: new candidates get model_id from their experiment"
     revision = "m2_0004"
     tables = ("ml_candidates",)
-
-    def verify(self, conn: Connection) -> list[Check]:
-        if superseded_by_cleanup(conn):  # milestone 4 removes transition triggers on purpose
-            return [Check(f"{TRIGGER} is in place", True, SUPERSEDED)]
-        return [trigger_in_place(conn, "ml_candidates", TRIGGER, "milestone-2")]
+    trigger, table, milestone = TRIGGER, "ml_candidates", "milestone-2"
 
 
 class BackfillModelId(Step):

@@ -21,11 +21,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from toolkit.engine.catalog_checks import constraint_validated, trigger_in_place
+from toolkit.engine.catalog_checks import constraint_validated
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
 from toolkit.milestones import slug
-from toolkit.milestones.base import SUPERSEDED, Milestone, superseded_by_cleanup
+from toolkit.milestones.base import (
+    SUPERSEDED,
+    Milestone,
+    TransitionTriggerStep,
+    superseded_by_cleanup,
+)
 from toolkit.milestones.m2_model_parent import MISMATCH, column_exists
 
 CREATED = "toolkit.m3_created_models"
@@ -181,16 +186,12 @@ class AddDisplayName(SchemaStep):
     tables = ("ml_models",)
 
 
-class AddDisplayNameTrigger(SchemaStep):
+class AddDisplayNameTrigger(TransitionTriggerStep):
     name = "add-display-name-trigger"
     description = f"{DISPLAY_TRIGGER}: models GitLab creates get display_name = name"
     revision = "m3_0002"
     tables = ("ml_models",)
-
-    def verify(self, conn: Connection) -> list[Check]:
-        if superseded_by_cleanup(conn):  # milestone 4 removes transition triggers on purpose
-            return [Check(f"{DISPLAY_TRIGGER} is in place", True, SUPERSEDED)]
-        return [trigger_in_place(conn, "ml_models", DISPLAY_TRIGGER, "milestone-3")]
+    trigger, table, milestone = DISPLAY_TRIGGER, "ml_models", "milestone-3"
 
 
 class BackfillDisplayName(Step):
