@@ -286,7 +286,7 @@ def test_a_schema_change_behind_a_lock_is_retried_then_fails_cleanly(realistic_d
     holder.execute(sa.text("SET application_name = 'gitlab-sidekiq'"))
     holder.execute(sa.text("UPDATE ml_candidates SET updated_at = updated_at WHERE id = (SELECT min(id) FROM ml_candidates)"))
     try:
-        result = toolkit(db, "migrate", "milestone-2", "--lock-timeout-ms", "100", "--retries", "2")
+        result = toolkit(db, "migrate", "milestone-2", "--ddl-lock-timeout-ms", "50", "--ddl-retries", "2")
     finally:
         holder.rollback()
         holder.close()

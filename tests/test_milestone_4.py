@@ -150,3 +150,55 @@ def test_archive_status_and_drop(ready):
     # every milestone still verifies; rollback of milestone 4 is now refused
     assert toolkit(db, "verify").exit_code == 0
     assert "absent" in toolkit(db, "archive", "status").output
+
+
+def test_candidates_written_while_it_runs_are_archived_and_restored(ready):
+    """GitLab (updated for the cleanup) keeps logging runs: each sets experiment_id and model_id."""
+    import threading
+    import time
+
+    import sqlalchemy as sa
+
+    db = ready()
+    stop = threading.Event()
+    errors: list[str] = []
+    written: list[int] = []
+
+    def application() -> None:
+        engine = sa.create_engine(db.engine.url)
+        while not stop.is_set():
+            try:
+                with engine.begin() as conn:
+                    if conn.execute(sa.text("SELECT to_regclass('ml_experiments') IS NOT NULL")).scalar():
+                        new = conn.execute(sa.text("""
+                            INSERT INTO ml_candidates (created_at, updated_at, experiment_id, model_id, eid, project_id)
+                            SELECT now(), now(), e.id, e.model_id, gen_random_uuid(), e.project_id
+                            FROM ml_experiments e WHERE e.model_id IS NOT NULL ORDER BY e.id LIMIT 1
+                            RETURNING id""")).scalar()
+                    else:
+                        new = conn.execute(sa.text("""
+                            INSERT INTO ml_candidates (created_at, updated_at, model_id, eid, project_id)
+                            SELECT now(), now(), m.id, gen_random_uuid(), m.project_id FROM ml_models m
+                            ORDER BY m.id LIMIT 1 RETURNING id""")).scalar()
+                    written.append(new)
+            except sa.exc.DBAPIError as exc:  # the moment the column goes: counted, not hidden
+                errors.append(str(exc.orig).splitlines()[0])
+            time.sleep(0.005)
+        engine.dispose()
+
+    writer = threading.Thread(target=application)
+    writer.start()
+    try:
+        result = toolkit(db, "migrate", "milestone-4", "--yes", "--batch-size", "10", "--pause-ms", "5")
+    finally:
+        stop.set()
+        writer.join(30)
+    assert result.exit_code == 0, result.output
+    assert len(written) > 20
+    assert len(errors) <= 2, errors  # at most the instants the column and table were dropped
+    assert db.scalar("SELECT count(*) FROM ml_candidates WHERE id = ANY(:w)", w=written) == len(written)
+    assert toolkit(db, "rollback", "milestone-4").exit_code == 0
+    # every candidate, those written during and after the cleanup too, has its experiment back
+    assert db.scalar("SELECT count(*) FROM ml_candidates WHERE experiment_id IS NULL") == 0
+    assert db.scalar("""SELECT count(*) FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
+                        WHERE c.model_id IS DISTINCT FROM e.model_id""") == 0

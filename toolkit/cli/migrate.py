@@ -40,6 +40,11 @@ def run_options(func: Callable) -> Callable:
                      show_default=True, help="Longest a single statement may run."),
         click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
                      help="Retries of a batch after a lock or statement timeout (with backoff)."),
+        click.option("--ddl-lock-timeout-ms", type=click.IntRange(1), default=100, show_default=True,
+                     help="Longest a schema change waits for its lock (GitLab's queries queue "
+                          "behind it meanwhile), before it is retried."),
+        click.option("--ddl-retries", type=click.IntRange(0), default=20, show_default=True,
+                     help="Retries of a schema change after a lock timeout (backoff up to 5 s)."),
         click.option("--lock-wait", type=click.FloatRange(0), default=10.0, show_default=True,
                      metavar="SECONDS", help="How long to poll for the one-runner lock."),
     ]

@@ -48,6 +48,11 @@ class RunOptions:
     statement_timeout_ms: int = 60_000
     retries: int = 5
     backoff_s: float = 0.5
+    # A DDL statement waiting for its lock queues every later query on the table behind it,
+    # so it waits only briefly and retries more often (GitLab's with_lock_retries does the same).
+    ddl_lock_timeout_ms: int = 100
+    ddl_retries: int = 20
+    ddl_backoff_max_s: float = 5.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

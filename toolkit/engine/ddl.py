@@ -131,7 +131,7 @@ def is_applied(conn: Connection, revision: str) -> bool:
 def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOptions,
             budget: Budget) -> bool:
     """Apply one DDL action with retries; False when it was already done."""
-    for attempt in range(options.retries + 1):
+    for attempt in range(options.ddl_retries + 1):
         with engine.connect() as conn:
             if action.done(conn):
                 return False
@@ -141,7 +141,8 @@ def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOption
                 # LOCAL would not reach.
                 conn.execute(sa.text("SELECT set_config('lock_timeout', :l, false), "
                                      "set_config('statement_timeout', :s, false)"),
-                             {"l": f"{options.lock_timeout_ms}ms", "s": f"{options.statement_timeout_ms}ms"})
+                             {"l": f"{options.ddl_lock_timeout_ms}ms",
+                              "s": f"{options.statement_timeout_ms}ms"})
                 conn.commit()
                 if isinstance(action, SqlDdlAction):
                     action.execute(conn)
@@ -156,7 +157,7 @@ def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOption
                 code = sqlstate(exc)
                 if code not in TRANSIENT_STATES:
                     raise
-                if attempt == options.retries or budget.stop_requested:
+                if attempt == options.ddl_retries or budget.stop_requested:
                     holders = table_lock_holders(conn, action.tables)
                     who = "; ".join(describe_holder(h) for h in holders[:3]) or "none visible now"
                     raise LockUnavailable(
@@ -166,9 +167,9 @@ def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOption
                         "command again; --lock-timeout-ms raises the wait per try",
                         details={"holders": holders},
                     ) from exc
-                delay = options.backoff_s * 2 ** attempt
+                delay = min(options.backoff_s * 2 ** attempt, options.ddl_backoff_max_s)
                 out.warn(f"{action.name}: {TRANSIENT_STATES[code]}; rolled back, retry "
-                         f"{attempt + 1}/{options.retries} in {delay:.1f}s")
+                         f"{attempt + 1}/{options.ddl_retries} in {delay:.1f}s")
                 time.sleep(delay)
     raise AssertionError("unreachable")
 
