@@ -169,7 +169,12 @@ def test_candidates_written_while_it_runs_are_archived_and_restored(ready):
         while not stop.is_set():
             try:
                 with engine.begin() as conn:
-                    if conn.execute(sa.text("SELECT to_regclass('ml_experiments') IS NOT NULL")).scalar():
+                    # the application asks for what it writes: the column goes before the table does
+                    has_column = conn.execute(sa.text("""
+                        SELECT count(*) = 1 FROM pg_attribute
+                        WHERE attrelid = 'ml_candidates'::regclass AND attname = 'experiment_id'
+                          AND NOT attisdropped""")).scalar()
+                    if has_column:
                         new = conn.execute(sa.text("""
                             INSERT INTO ml_candidates (created_at, updated_at, experiment_id, model_id, eid, project_id)
                             SELECT now(), now(), e.id, e.model_id, gen_random_uuid(), e.project_id
