@@ -18,8 +18,7 @@ from toolkit.output import out
 from toolkit.report import candidate_report
 from toolkit.sandbox.database import seed_sandbox
 from toolkit.sandbox.server import SandboxServer
-from toolkit.schema.gitlab import ML_TABLE_NAMES
-from toolkit.verify.digest import digests
+from toolkit.verify.fingerprint import compare, take
 
 
 @click.command()
@@ -31,8 +30,8 @@ def demo(seed_value: int, batch_size: int) -> None:
 
     Starts the sandbox, seeds a small realistic data set, applies the four milestones
     (verifying each), shows the candidate report, rolls all four back and checks that
-    every ML table is back to what it was. Exit 0 only if every check held. Replaces the
-    sandbox database; never touches any other.
+    the fingerprint (ML tables and MLflow view) is back to what it was. Exit 0 only if
+    every check held. Replaces the sandbox database; never touches any other.
 
     Example: toolkit demo
     """
@@ -43,13 +42,13 @@ def demo(seed_value: int, batch_size: int) -> None:
     report = seed_sandbox(status, "small", "realistic", seed_value)
     engine = create_engine(status.url())
     try:
-        with engine.connect() as conn:
+        runner = Runner(engine, RunOptions(batch_size=batch_size), command="toolkit demo")
+        with runner.read_only() as conn:
             counts = table_counts(conn)
-            before = _digests(conn)
+            before = take(conn)
         out.say(f"   {counts['ml_experiments']} experiments, {counts['ml_candidates']} candidates, "
                 f"{counts['ml_candidate_metrics']} metrics, {counts['packages_packages']} packages "
                 f"(seeded in {report.seconds:.1f}s, data in {status.data_dir})")
-        runner = Runner(engine, RunOptions(batch_size=batch_size), command="toolkit demo")
 
         out.say("2. Plan (read-only, one snapshot):")
         for milestone in registry.MILESTONES.values():
@@ -62,7 +61,9 @@ def demo(seed_value: int, batch_size: int) -> None:
             if result.verify is None or not result.verify.ok:
                 raise (result.verify.failure() if result.verify else
                        VerificationFailed(f"{milestone.name} did not complete", "see `toolkit status`"))
-            out.say(f"   {milestone.name}: {result.rows} rows, {len(result.verify.checks)} checks hold")
+            mlflow = next(c for c in result.verify.checks if c.name.startswith("the MLflow view"))
+            out.say(f"   {milestone.name}: {result.rows} rows, {len(result.verify.checks)} checks hold; "
+                    f"MLflow view unchanged ({mlflow.detail.split(' (')[0]})")
             stages.append({"stage": f"migrate {milestone.name}", "rows": result.rows, "ok": True})
 
         out.say("4. Candidate report of one model, through ml_candidates.model_id:")
@@ -87,20 +88,19 @@ def demo(seed_value: int, batch_size: int) -> None:
             out.say(f"   {milestone.name}: rolled back ({result.rows} rows restored or removed)")
             stages.append({"stage": f"rollback {milestone.name}", "rows": result.rows, "ok": True})
 
-        out.say("6. Compare every ML table with how it was before step 3:")
-        with engine.connect() as conn:
-            after = _digests(conn)
-        changed = sorted(t for t in before if before[t] != after[t])
-        if changed:
-            raise VerificationFailed(f"Tables differ after the round trip: {', '.join(changed)}",
-                                     "report this with `toolkit history` output")
-        out.say(f"   all {len(before)} tables identical (row counts and content hashes)")
+        out.say("6. Compare the fingerprint with the one taken before step 3:")
+        with runner.read_only() as conn:
+            after = take(conn, before.watermarks)
+        if differences := compare(before, after):
+            raise VerificationFailed(
+                "The fingerprint differs after the round trip: "
+                + "; ".join(d.describe() for d in differences),
+                "report this with `toolkit history` output")
+        out.say(f"   identical: all {len(before.tables)} ML tables and all {len(before.mlflow)} parts of "
+                "the MLflow view (row counts and content hashes)")
     finally:
         engine.dispose()
     out.say("Every check held. Go on: `toolkit status`, `toolkit plan milestone-1`, `toolkit history`.")
     app().finish({"sandbox": str(status.data_dir), "counts": counts, "stages": stages,
                   "round_trip_identical": True})
 
-
-def _digests(conn: sa.Connection) -> dict[str, tuple[int, str]]:
-    return {t: (d.rows, d.digest) for t, d in digests(conn, ML_TABLE_NAMES).items()}

@@ -89,11 +89,11 @@ def cli(ctx: click.Context, database_url: str | None, json_mode: bool, quiet: bo
 
 
 def _register() -> None:
-    from toolkit.cli import archive, demo, migrate, report, sandbox
+    from toolkit.cli import archive, demo, fingerprint, migrate, report, sandbox
 
     for command in (migrate.status, migrate.plan, migrate.migrate, migrate.verify, migrate.rollback,
-                    migrate.sql, migrate.history, archive.archive, report.report, sandbox.sandbox,
-                    demo.demo):
+                    migrate.sql, migrate.history, fingerprint.fingerprint, archive.archive,
+                    report.report, sandbox.sandbox, demo.demo):
         cli.add_command(command)
 
 

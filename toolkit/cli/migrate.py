@@ -184,7 +184,7 @@ def verify(milestone: str | None) -> None:
     """
     chosen = [registry.get(milestone)] if milestone else list(registry.MILESTONES.values())
     runner = _runner()
-    results = [runner.verify(m) for m in chosen]
+    results = runner.verify_many(chosen)
     for result in results:
         out.say(f"{result.milestone.name}: {'verifies' if result.ok else 'does NOT verify'}")
         render.checks(result.checks)

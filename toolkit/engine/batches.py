@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -31,6 +32,7 @@ from toolkit.errors import LockUnavailable
 from toolkit.output import out
 
 MAX_CATCH_UP_ROUNDS = 5
+T = TypeVar("T")
 
 # Read by the engine only, for tests: SIGKILL this process right after the Nth batch commits,
 # or right after the Nth action (a DDL change or a whole pass) of a run completes.
@@ -169,7 +171,8 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
             if not retryable:
                 raise
             if attempt == options.retries or budget.stop_requested:
-                raise _gave_up(conn, kpass, code, attempt + 1) from exc
+                raise _gave_up(conn, kpass.name, kpass.locks, code, attempt + 1,
+                               "the last batch was rolled back") from exc
             delay = options.backoff_s * 2 ** attempt
             out.warn(f"{kpass.name}: {TRANSIENT_STATES.get(code, 'unique violation')} on the batch "
                      f"after key {lo}; rolled back, retry {attempt + 1}/{options.retries} in {delay:.1f}s")
@@ -177,13 +180,40 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
     raise AssertionError("unreachable")
 
 
-def _gave_up(conn: Connection, kpass: KeysetPass, code: str | None, tries: int) -> LockUnavailable:
-    holders = table_lock_holders(conn, kpass.locks)
+def read_with_retries(engine: Engine, name: str, tables: tuple[str, ...], options: RunOptions,
+                      work: Callable[[Connection], T]) -> T:
+    """Run a long read (a fingerprint) in one REPEATABLE READ, READ ONLY transaction that
+    waits for locks as briefly as a batch does and retries the same way."""
+    for attempt in range(options.retries + 1):
+        with engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            try:
+                with conn.begin() as transaction:
+                    set_local_timeouts(conn, options.lock_timeout_ms, 0)
+                    result = work(conn)
+                    transaction.rollback()
+                return result
+            except DBAPIError as exc:
+                code = sqlstate(exc)
+                if code not in TRANSIENT_STATES:
+                    raise
+                if attempt == options.retries:
+                    raise _gave_up(conn, name, tables, code, attempt + 1, "nothing was written") from exc
+                delay = options.backoff_s * 2 ** attempt
+                out.warn(f"{name}: {TRANSIENT_STATES[code]}; retry {attempt + 1}/{options.retries} "
+                         f"in {delay:.1f}s")
+                time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _gave_up(conn: Connection, name: str, tables: tuple[str, ...], code: str | None,
+             tries: int, undone: str) -> LockUnavailable:
+    holders = table_lock_holders(conn, tables)
     conn.rollback()
     who = "; ".join(describe_holder(h) for h in holders[:3]) or "no lock holder is visible now"
     what = TRANSIENT_STATES.get(code or "", "a conflicting write")
     return LockUnavailable(
-        f"{kpass.name}: {what} in {tries} tries; the last batch was rolled back. Holding locks: {who}",
+        f"{name}: {what} in {tries} tries; {undone}. Holding locks: {who}",
         "find out why that session holds its lock (or end it), then run the same command again "
         "to resume; --lock-timeout-ms raises the wait per try",
         details={"holders": holders},

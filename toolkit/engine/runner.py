@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +17,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from toolkit import milestones as registry
 from toolkit.engine import state
-from toolkit.engine.batches import Budget, PassResult, RunOptions, after_action, run_pass
+from toolkit.engine.batches import (
+    Budget,
+    PassResult,
+    RunOptions,
+    after_action,
+    read_with_retries,
+    run_pass,
+)
 from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
 from toolkit.engine.locks import RunnerLock
 from toolkit.engine.preflight import check_gitlab_schema, check_privileges, check_writable
@@ -25,7 +32,11 @@ from toolkit.engine.step import Action, Check, StepPlan
 from toolkit.errors import Interrupted, PreconditionRefused, ToolkitError, VerificationFailed, redact
 from toolkit.milestones.base import Milestone
 from toolkit.output import out
+from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.schema.migrations import ensure_own_tables
+from toolkit.verify import baselines
+from toolkit.verify.digest import Memo
+from toolkit.verify.fingerprint import take
 
 
 @dataclass
@@ -127,9 +138,30 @@ class Runner:
         return PlanResult(milestone, steps, gate)
 
     def verify(self, milestone: Milestone) -> VerifyResult:
+        return self.verify_many([milestone])[0]
+
+    def verify_many(self, chosen: list[Milestone]) -> list[VerifyResult]:
+        """Each milestone's checks, then the comparison with the fingerprint taken before it,
+        all in one snapshot (digests the fingerprints share are computed once).
+        Gates run the checks only: the comparison reads every ML row and belongs to the
+        milestone's own verification, not to the next one's plan."""
+        results = []
+        memo: Memo = {}
         with self.read_only() as conn:
-            check_gitlab_schema(conn, milestone.reads)
-            return VerifyResult(milestone, milestone.verify(conn))
+            for milestone in chosen:
+                check_gitlab_schema(conn, milestone.reads)
+                checks = milestone.verify(conn)
+                checks += baselines.checks_against_baseline(
+                    conn, milestone.name, changes=milestone.changes,
+                    compare_tables=not self._later_started(conn, milestone), memo=memo)
+                results.append(VerifyResult(milestone, checks))
+        return results
+
+    @staticmethod
+    def _later_started(conn: Connection, milestone: Milestone) -> list[str]:
+        return [m.name for m in registry.later(milestone)
+                if state.milestone_state(conn, m.name)["state"]
+                in (state.IN_PROGRESS, state.APPLIED, state.VERIFIED)]
 
     def _gate(self, conn: Connection, milestone: Milestone) -> Gate:
         previous = registry.previous(milestone)
@@ -176,7 +208,8 @@ class Runner:
         with self.engine.connect() as conn:
             ensure_own_tables(conn)
         passes = [p for step in milestone.steps for p in step.forward()]
-        result = self._run_passes(milestone, passes, state.IN_PROGRESS, "migrate")
+        result = self._run_passes(milestone, passes, state.IN_PROGRESS, "migrate",
+                                  before=self._take_baseline)
         if result.complete:
             with self.engine.connect() as conn:
                 state.set_milestone_state(conn, milestone.name, state.APPLIED, result.run_id)
@@ -194,9 +227,7 @@ class Runner:
         self._prepare_write(milestone)
         with self.engine.connect() as conn:
             ensure_own_tables(conn)
-            blocking = [m.name for m in registry.later(milestone)
-                        if state.milestone_state(conn, m.name)["state"]
-                        in (state.IN_PROGRESS, state.APPLIED, state.VERIFIED)]
+            blocking = self._later_started(conn, milestone)
         if blocking:
             raise PreconditionRefused(
                 f"{milestone.name} cannot be rolled back while {', '.join(blocking)} is applied",
@@ -208,7 +239,11 @@ class Runner:
         if result.complete:
             with self.read_only() as conn:
                 checks = [c for step in milestone.steps for c in step.rollback_checks(conn)]
+                back = baselines.checks_against_baseline(conn, milestone.name, rolled_back=True)
+            checks += back
             with self.engine.connect() as conn:
+                if all(c.ok for c in back):  # kept otherwise: the next attempt compares with it
+                    baselines.forget(conn, milestone.name)
                 state.clear_checkpoints(conn, milestone.name)
                 conn.commit()
                 state.set_milestone_state(conn, milestone.name, state.ROLLED_BACK, result.run_id)
@@ -218,7 +253,7 @@ class Runner:
         return result, checks
 
     def _run_passes(self, milestone: Milestone, passes: list[Action], state_during: str | None,
-                    verb: str) -> ApplyResult:
+                    verb: str, before: Callable[[Milestone], None] | None = None) -> ApplyResult:
         label = f"toolkit {verb} {milestone.name}"
         with RunnerLock(self.engine, label, self.lock_wait_s):
             with self.engine.connect() as conn:
@@ -230,6 +265,8 @@ class Runner:
             budget = Budget(self.options)
             try:
                 with _stop_on_signals(budget):
+                    if before is not None:
+                        before(milestone)
                     for action in passes:
                         if isinstance(action, DdlAction | SqlDdlAction):
                             if reason := budget.exhausted_reason():
@@ -266,6 +303,17 @@ class Runner:
                     details={"passes": [p.__dict__ for p in result.passes]},
                 )
             return result
+
+    def _take_baseline(self, milestone: Milestone) -> None:
+        """Once per attempt: a resumed run keeps the fingerprint its first run took."""
+        with self.engine.connect() as conn:
+            if baselines.load(conn, milestone.name) is not None:
+                return
+        out.say(f"Taking the fingerprint of the ML data before {milestone.name} ...")
+        fingerprint = read_with_retries(self.engine, f"fingerprint before {milestone.name}",
+                                        ML_TABLE_NAMES, self.options, take)
+        with self.engine.connect() as conn:
+            baselines.save(conn, milestone.name, fingerprint, None)
 
     def _finish(self, result: ApplyResult, outcome: str, error: str | None = None) -> None:
         with self.engine.connect() as conn:

@@ -20,6 +20,7 @@ class Milestone:
     steps: tuple[Step, ...]
     reads: tuple[str, ...]  # GitLab tables that must exist with the expected columns
     updates: tuple[str, ...] = ()  # GitLab tables it UPDATEs (privileges checked first)
+    drops: tuple[str, ...] = ()  # GitLab tables it drops (their fingerprint goes on purpose)
     # Preconditions beyond "the previous milestone verifies" (milestone 4 has several).
     preconditions: Callable[[Connection], list[Check]] | None = field(default=None, compare=False)
     confirm: bool = False  # destructive: needs --yes or the database name typed
@@ -29,6 +30,11 @@ class Milestone:
 
     def verify(self, conn: Connection) -> list[Check]:
         return [check for step in self.steps for check in step.verify(conn)]
+
+    @property
+    def changes(self) -> tuple[str, ...]:
+        """Tables whose fingerprint this milestone changes on purpose."""
+        return self.updates + self.drops
 
 
 def superseded_by_cleanup(conn: Connection) -> bool:

@@ -720,6 +720,7 @@ MILESTONE_4 = Milestone(
     steps=(ArchiveAndDrop(),),
     reads=("ml_candidates", "ml_models"),
     updates=("ml_candidates",),
+    drops=("ml_experiments", "ml_experiment_metadata"),
     preconditions=preconditions,
     confirm=True,
 )

@@ -1,1 +1,1 @@
-"""Read-only checks: content digests now; fingerprints and the MLflow view build on them."""
+"""Read-only proof: content digests, fingerprints of the tables and of the MLflow view."""

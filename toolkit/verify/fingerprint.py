@@ -1,0 +1,248 @@
+"""A fingerprint of the ML data: what the tables hold and what an MLflow client sees.
+
+Two halves:
+
+- ``tables``: row count and content hash of every ML table (``digest.py``). Milestones
+  change some tables on purpose (milestone 1 rewrites ``package_type``); the others must
+  not change at all.
+- ``mlflow``: GitLab's MLflow API as a client sees it (``reference/000`` and ``001``):
+  experiments by ``iid`` and name with their tags, runs by ``eid`` with name, status,
+  times, user and artifact package, their params, the latest value of each metric, the
+  full metric history and the run tags. No milestone may change any of it.
+
+The MLflow half is computed the way the application will have to compute it at each
+stage, so comparing it across a milestone proves the new structure still answers:
+
+- before milestone 3: from ``ml_experiments`` (runs through ``experiment_id``);
+- once models have ``display_name``: experiments through their model (the name is the
+  display name of a model milestone 3 created, or the default experiment's own name for a
+  model that already had one), and runs through ``ml_candidates.model_id``;
+- after milestone 4: the same, with the ``iid`` mapping and experiment tags read from the
+  archive (``toolkit.m4_archive_*``), as GitLab's MLflow endpoints will have to.
+
+Experiment tags are not read from ``ml_model_metadata``: a model may have metadata its
+experiment never had, and metadata clashes keep the model's value (milestone 3).
+
+Every part is bounded by the ``id`` watermarks of the fingerprint it is compared with,
+so rows the application inserts afterwards do not count as differences. Runs' params,
+metrics and tags are keyed by the run's candidate id, which no milestone changes, rather
+than by ``eid``: the ``runs`` part binds each id to its eid, and 10M metric rows are not
+joined to their runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from toolkit.schema.gitlab import ML_TABLE_NAMES
+from toolkit.verify.digest import Memo, query_digest, table_digest
+
+FORMAT = 1
+ARCHIVE_EXPERIMENTS = "toolkit.m4_archive_ml_experiments"
+ARCHIVE_METADATA = "toolkit.m4_archive_ml_experiment_metadata"
+CREATED_MODELS = "toolkit.m3_created_models"
+
+FROM_EXPERIMENTS = "experiments"
+FROM_MODELS = "models"
+FROM_MODELS_AND_ARCHIVE = "models + archive"
+
+
+@dataclass
+class Fingerprint:
+    taken_at: str
+    database: str
+    source: str | None  # how the MLflow view was computed; None: it could not be
+    watermarks: dict[str, int | None]
+    tables: dict[str, dict[str, Any] | None]  # None: the table does not exist
+    mlflow: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **self.__dict__}
+
+    def dumps(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def loads(cls, text: str) -> Fingerprint:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("not a toolkit fingerprint (format 1)")
+        data.pop("format")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Difference:
+    part: str  # "tables.ml_candidates", "mlflow.runs"
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    expected: bool  # a table the milestone changes on purpose
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.note:
+            return f"{self.part}: {self.note}"
+
+        def side(d: dict[str, Any] | None) -> str:
+            return "absent" if d is None else f"{d['rows']} rows, hash {d['hash'][:12]}"
+        return f"{self.part}: {side(self.before)} before, {side(self.after)} now"
+
+
+def _exists(conn: Connection, relation: str) -> bool:
+    return conn.execute(sa.text("SELECT to_regclass(:r) IS NOT NULL"), {"r": relation}).scalar_one()
+
+
+def _has_column(conn: Connection, table: str, column: str) -> bool:
+    return bool(conn.execute(sa.text(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(:t) AND attname = :c "
+        "AND NOT attisdropped"), {"t": table, "c": column}).scalar_one())
+
+
+def mlflow_source(conn: Connection) -> str | None:
+    if _exists(conn, "ml_experiments"):
+        return FROM_MODELS if _has_column(conn, "ml_models", "display_name") else FROM_EXPERIMENTS
+    return FROM_MODELS_AND_ARCHIVE if _exists(conn, ARCHIVE_EXPERIMENTS) else None
+
+
+def _experiments_relation(source: str) -> tuple[str, str]:
+    """Where experiments and their tags are read: the live tables, or the archive."""
+    if source == FROM_MODELS_AND_ARCHIVE:
+        return ARCHIVE_EXPERIMENTS, ARCHIVE_METADATA
+    return "ml_experiments", "ml_experiment_metadata"
+
+
+def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
+    """The SQL of each part: one text column ``r`` per row an MLflow client would see."""
+    experiments, tags = _experiments_relation(source)
+    if source == FROM_EXPERIMENTS:
+        experiment_rows = """
+            SELECT ROW(x.project_id, x.iid, x.name, x.deleted_on IS NOT NULL)::text AS r
+            FROM ml_experiments x WHERE x.id <= :w_experiments"""
+        run_parent = "LEFT JOIN ml_experiments x ON x.id = c.experiment_id"
+    else:
+        created = (f"SELECT model_id FROM {CREATED_MODELS}" if _exists(conn, CREATED_MODELS)
+                   else "SELECT NULL::bigint AS model_id WHERE false")
+        experiment_rows = f"""
+            SELECT ROW(COALESCE(m.project_id, x.project_id), x.iid,
+                       CASE WHEN cm.model_id IS NOT NULL THEN m.display_name ELSE x.name END,
+                       x.deleted_on IS NOT NULL)::text AS r
+            FROM {experiments} x LEFT JOIN ml_models m ON m.id = x.model_id
+            LEFT JOIN ({created}) cm ON cm.model_id = x.model_id
+            WHERE x.id <= :w_experiments"""
+        # a candidate reaches its experiment through its model; one the backfill has not
+        # reached yet (milestone 3 in progress) still through experiment_id
+        if _has_column(conn, "ml_candidates", "experiment_id"):
+            run_parent = f"""LEFT JOIN {experiments} xm ON xm.model_id = c.model_id
+                LEFT JOIN {experiments} xe ON xe.id = c.experiment_id AND c.model_id IS NULL
+                CROSS JOIN LATERAL (SELECT COALESCE(xm.project_id, xe.project_id) AS project_id,
+                                           COALESCE(xm.iid, xe.iid) AS iid) x"""
+        else:
+            run_parent = f"LEFT JOIN {experiments} x ON x.model_id = c.model_id"
+    return {
+        "experiments": experiment_rows,
+        "experiment_tags": f"""
+            SELECT ROW(x.project_id, x.iid, t.name, t.value)::text AS r
+            FROM {tags} t JOIN {experiments} x ON x.id = t.experiment_id
+            WHERE t.id <= :w_experiment_metadata""",
+        "runs": f"""
+            SELECT ROW(c.id, c.eid, x.project_id, x.iid, c.name, c.status, c.start_time,
+                       c.end_time, c.user_id, c.package_id, c.internal_id)::text AS r
+            FROM ml_candidates c {run_parent} WHERE c.id <= :w_candidates""",
+        "run_params": """
+            SELECT ROW(p.candidate_id, p.name, p.value)::text AS r
+            FROM ml_candidate_params p WHERE p.id <= :w_params""",
+        "run_metrics_latest": """
+            SELECT DISTINCT ON (x.candidate_id, x.name)
+                   ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r
+            FROM ml_candidate_metrics x WHERE x.id <= :w_metrics
+            ORDER BY x.candidate_id, x.name, x.id DESC""",
+        "run_metrics_history": """
+            SELECT ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r
+            FROM ml_candidate_metrics x WHERE x.id <= :w_metrics""",
+        "run_tags": """
+            SELECT ROW(t.candidate_id, t.name, t.value)::text AS r
+            FROM ml_candidate_metadata t WHERE t.id <= :w_candidate_metadata""",
+    }
+
+
+_WATERMARK_PARAMS = {
+    "w_experiments": "ml_experiments",
+    "w_experiment_metadata": "ml_experiment_metadata",
+    "w_candidates": "ml_candidates",
+    "w_params": "ml_candidate_params",
+    "w_metrics": "ml_candidate_metrics",
+    "w_candidate_metadata": "ml_candidate_metadata",
+}
+_NO_BOUND = 2**63 - 1
+
+
+def _watermarks(conn: Connection) -> dict[str, int | None]:
+    """The highest id of every ML table (the archive stands in for dropped tables)."""
+    marks: dict[str, int | None] = {}
+    archived = {"ml_experiments": ARCHIVE_EXPERIMENTS, "ml_experiment_metadata": ARCHIVE_METADATA}
+    for table in ML_TABLE_NAMES:
+        relation = table if _exists(conn, table) else archived.get(table)
+        if relation and _exists(conn, relation):
+            marks[table] = conn.execute(sa.text(f"SELECT COALESCE(max(id), 0) FROM {relation}")).scalar_one()
+        else:
+            marks[table] = None
+    return marks
+
+
+def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
+         memo: Memo | None = None) -> Fingerprint:
+    """Fingerprint the database as ``conn`` sees it (call it in one REPEATABLE READ
+    transaction so both halves see the same instant)."""
+    # Sorting the latest metric per run happens in the server: give it room for that one
+    # query instead of spilling 10M rows to disk (it is not the toolkit's memory).
+    conn.execute(sa.text("SET LOCAL work_mem = '256MB'"))
+    marks = watermarks if watermarks is not None else _watermarks(conn)
+
+    def bound(table: str) -> int:
+        mark = marks.get(table)
+        return _NO_BOUND if mark is None else mark
+
+    tables: dict[str, dict[str, Any] | None] = {}
+    for table in ML_TABLE_NAMES:
+        if not _exists(conn, table):
+            tables[table] = None
+            continue
+        digest = table_digest(conn, table, "t.id <= :w", {"w": bound(table)}, memo)
+        tables[table] = {"rows": digest.rows, "hash": digest.digest}
+    source = mlflow_source(conn)
+    mlflow: dict[str, dict[str, Any]] = {}
+    if source is not None:
+        params = {param: bound(table) for param, table in _WATERMARK_PARAMS.items()}
+        for part, sql in _mlflow_parts(conn, source).items():
+            rows, digest = query_digest(conn, sql, params, memo)
+            mlflow[part] = {"rows": rows, "hash": digest}
+    database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
+    return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
+                       tables, mlflow)
+
+
+def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...] = (),
+            tables: bool = True) -> list[Difference]:
+    """What differs. ``changes`` are tables changed on purpose (reported, expected);
+    ``tables=False`` compares the MLflow view only (later milestones changed the tables)."""
+    found: list[Difference] = []
+    if tables:
+        for table in sorted(set(before.tables) | set(after.tables)):
+            b, a = before.tables.get(table), after.tables.get(table)
+            if b != a:
+                found.append(Difference(f"tables.{table}", b, a, table in changes))
+    if after.source is None and before.source is not None:
+        found.append(Difference("mlflow", None, None, False, note=(
+            "the MLflow view cannot be computed any more: ml_experiments and its archive are gone")))
+        return found
+    for part in sorted(set(before.mlflow) | set(after.mlflow)):
+        b, a = before.mlflow.get(part), after.mlflow.get(part)
+        if b != a:
+            found.append(Difference(f"mlflow.{part}", b, a, False))
+    return found
