@@ -20,7 +20,8 @@ def test_demo_runs_the_whole_blueprint_and_comes_back_identical(sandbox_dir):
     for milestone in ("milestone-1", "milestone-2", "milestone-3", "milestone-4"):
         assert f"   {milestone}: " in result.output
     assert "checks hold" in result.output and "rolled back" in result.output
-    assert "all 12 tables identical" in result.output
+    assert "identical: all 12 ML tables and all 7 parts of the MLflow view" in result.output
+    assert result.output.count("MLflow view unchanged") == 4
     doc = json.loads(run("--json", "demo").output)
     assert doc["ok"] is True and doc["exit_code"] == 0
     assert doc["result"]["counts"]["ml_experiments"] == 24

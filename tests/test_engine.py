@@ -79,21 +79,23 @@ def test_dry_run_on_a_database_the_toolkit_never_touched_creates_nothing(adversa
 
 def test_killed_run_resumes_to_the_same_end_state_as_an_uninterrupted_one(make_database):
     killed, clean = make_database("realistic:small"), make_database("realistic:small")
-    died = toolkit_process(killed, "migrate", "milestone-1", "--batch-size", "20",
+    # batches walk the candidates that have a package, 5 at a time
+    walked = [r[0] for r in killed.rows("SELECT id FROM ml_candidates WHERE package_id IS NOT NULL ORDER BY id")]
+    died = toolkit_process(killed, "migrate", "milestone-1", "--batch-size", "5",
                            env={FAULT_KILL_AFTER_BATCHES_ENV: "3"})
     assert died.returncode == -signal.SIGKILL
     checkpoint = killed.rows("SELECT last_key, batches_done, completed_at FROM toolkit.checkpoints")
-    assert checkpoint == [(60, 3, None)]
+    assert checkpoint == [(walked[14], 3, None)]
     assert killed.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") > 0
     assert killed.scalar("SELECT outcome FROM toolkit.runs") == "running"  # died without a word
 
-    resumed = toolkit_process(killed, "migrate", "milestone-1", "--batch-size", "20")
+    resumed = toolkit_process(killed, "migrate", "milestone-1", "--batch-size", "5")
     assert resumed.returncode == 0, resumed.stderr
-    # 3 batches before the kill + 10 after: none done twice, none skipped
-    assert killed.scalar("SELECT batches_done FROM toolkit.checkpoints") == 13
+    # 3 batches before the kill + the rest after: none done twice, none skipped
+    assert killed.scalar("SELECT batches_done FROM toolkit.checkpoints") == -(-len(walked) // 5)
     assert killed.scalar("SELECT sum(rows_done) FROM toolkit.checkpoints") == \
         killed.scalar("SELECT count(*) FROM toolkit.m1_converted_packages")
-    assert toolkit_process(clean, "migrate", "milestone-1", "--batch-size", "20").returncode == 0
+    assert toolkit_process(clean, "migrate", "milestone-1", "--batch-size", "5").returncode == 0
 
     tables = ("packages_packages", "packages_package_files", "ml_candidates")
     assert snapshot(killed, tables) == snapshot(clean, tables)
@@ -220,15 +222,17 @@ def test_history_records_who_ran_what_and_how_it_ended(realistic_db):
 
 
 def test_max_batches_does_part_of_the_work_and_status_shows_the_checkpoint(realistic_db):
-    code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "20", "--max-batches", "2")
+    walked = [r[0] for r in realistic_db.rows(
+        "SELECT id FROM ml_candidates WHERE package_id IS NOT NULL ORDER BY id")]
+    code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "5", "--max-batches", "2")
     assert code == 0
     assert doc["result"]["complete"] is False and doc["result"]["stopped"] == "max-batches"
     status = toolkit_json(realistic_db, "status")[1]["result"]["milestones"][0]
     assert status["state"] == "in_progress"
-    assert status["checkpoints"][0]["last_key"] == 40 and status["checkpoints"][0]["batches_done"] == 2
+    assert status["checkpoints"][0]["last_key"] == walked[9] and status["checkpoints"][0]["batches_done"] == 2
     assert status["remaining"]["convert-candidate-packages"] > 0
-    assert "after key 40" in toolkit(realistic_db, "status").output
-    code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "20")
+    assert f"after key {walked[9]}" in toolkit(realistic_db, "status").output
+    code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "5")
     assert code == 0 and doc["result"]["complete"] is True
     status = toolkit_json(realistic_db, "status")[1]["result"]["milestones"][0]
     assert status["state"] == "verified" and status["remaining"]["convert-candidate-packages"] == 0

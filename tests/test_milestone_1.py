@@ -69,7 +69,7 @@ def test_rollback_gives_back_packages_row_for_row(make_database, profile):
 
 def test_rollback_after_a_kill_restores_exactly_what_was_converted(realistic_db):
     rows_before = realistic_db.rows(ALL_PACKAGES)
-    died = toolkit_process(realistic_db, "migrate", "milestone-1", "--batch-size", "15",
+    died = toolkit_process(realistic_db, "migrate", "milestone-1", "--batch-size", "5",
                            env={FAULT_KILL_AFTER_BATCHES_ENV: "4"})
     assert died.returncode == -signal.SIGKILL
     partial = realistic_db.scalar("SELECT count(*) FROM toolkit.m1_converted_packages")

@@ -107,16 +107,25 @@ class KeysetPass:
     # A query that returns true when there is nothing to walk (the driving table or column
     # is gone, after a crash past the point where it was dropped).
     skip_if_sql: str | None = None
+    # Which rows of the driving table can need a change at all (a condition on its
+    # columns). Batches then hold ``batch_size`` of those rows rather than of all rows:
+    # milestone 1 needs the tenth of candidates that have a package, and a batch of
+    # 5000 keys of which 4500 need nothing costs a commit and a checkpoint for little.
+    driving_filter: str | None = None
+
+    def _where(self) -> str:
+        extra = f" AND ({self.driving_filter})" if self.driving_filter else ""
+        return f"WHERE {self.key} > :lo AND {self.key} <= :upper{extra}"
 
     def next_key_sql(self) -> str:
         return (f"SELECT max({self.key}) FROM (SELECT {self.key} FROM {self.driving_table} "
-                f"WHERE {self.key} > :lo AND {self.key} <= :upper ORDER BY {self.key} LIMIT :size) AS batch")
+                f"{self._where()} ORDER BY {self.key} LIMIT :size) AS batch")
 
     def upper_key_sql(self) -> str:
         return f"SELECT COALESCE(max({self.key}), 0) FROM {self.driving_table}"
 
     def remaining_sql(self) -> str:
-        return f"SELECT count(*) FROM {self.driving_table} WHERE {self.key} > :lo AND {self.key} <= :upper"
+        return f"SELECT count(*) FROM {self.driving_table} {self._where()}"
 
 
 Action = Union[KeysetPass, "DdlAction", "SqlDdlAction"]

@@ -176,7 +176,7 @@ class ConvertCandidatePackages(Step):
     def forward(self) -> list[KeysetPass]:
         return [KeysetPass(self.name, self.description, "ml_candidates", CONVERT_BATCH,
                            locks=("packages_packages", "ml_candidates"),
-                           retry_unique_violation=True)]
+                           retry_unique_violation=True, driving_filter="package_id IS NOT NULL")]
 
     def backward(self) -> list[KeysetPass]:
         return [KeysetPass(f"{self.name}:revert", "restore converted packages to generic (7)",

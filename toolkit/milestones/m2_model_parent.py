@@ -31,6 +31,12 @@ TRIGGER = "trigger_ml_candidates_model_id_transition"
 # One definition of "this candidate's model_id is not what its experiment says".
 MISMATCH = "c.model_id IS DISTINCT FROM e.model_id"
 
+# Candidates whose model_id can be wrong: those of a model's default experiment, and any
+# that has one (a candidate moved out of such an experiment). The rest stay NULL until
+# milestone 3 gives their experiment a model.
+NEEDS_A_LOOK = ("experiment_id IN (SELECT id FROM ml_experiments WHERE model_id IS NOT NULL) "
+                "OR model_id IS NOT NULL")
+
 BACKFILL_BATCH = f"""
 WITH changed AS (
     UPDATE ml_candidates c SET model_id = e.model_id
@@ -90,7 +96,7 @@ class BackfillModelId(Step):
 
     def forward(self) -> list[KeysetPass]:
         return [KeysetPass(self.name, self.description, "ml_candidates", BACKFILL_BATCH,
-                           locks=("ml_candidates", "ml_experiments"))]
+                           locks=("ml_candidates", "ml_experiments"), driving_filter=NEEDS_A_LOOK)]
 
     def _count_sql(self, conn: Connection) -> str:
         candidate_model = "c.model_id" if column_exists(conn) else "NULL::bigint"
