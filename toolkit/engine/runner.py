@@ -209,7 +209,7 @@ class Runner:
             ensure_own_tables(conn)
         passes = [p for step in milestone.steps for p in step.forward()]
         result = self._run_passes(milestone, passes, state.IN_PROGRESS, "migrate",
-                                  before=self._take_baseline)
+                                  before=self.take_baseline)
         if result.complete:
             with self.engine.connect() as conn:
                 state.set_milestone_state(conn, milestone.name, state.APPLIED, result.run_id)
@@ -304,9 +304,11 @@ class Runner:
                 )
             return result
 
-    def _take_baseline(self, milestone: Milestone) -> None:
-        """Once per attempt: a resumed run keeps the fingerprint its first run took."""
+    def take_baseline(self, milestone: Milestone) -> None:
+        """The fingerprint ``verify`` compares with, taken when the milestone starts (once per
+        attempt: a resumed run keeps the one its first run took)."""
         with self.engine.connect() as conn:
+            ensure_own_tables(conn)
             if baselines.load(conn, milestone.name) is not None:
                 return
         out.say(f"Taking the fingerprint of the ML data before {milestone.name} ...")
