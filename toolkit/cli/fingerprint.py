@@ -43,7 +43,7 @@ def fingerprint(out_file: Path | None, compare_file: Path | None, mlflow_only: b
         return
     reference = _load(compare_file) if compare_file else None
     with Runner(app().engine()).read_only() as conn:
-        now = take(conn, reference.watermarks if reference else None)
+        now = take(conn, reference.watermarks if reference else None, reference=reference)
     if out_file:
         out_file.write_text(now.dumps() + "\n")
         out.say(f"Wrote the fingerprint to {out_file}.")

@@ -62,7 +62,7 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     baseline = load(conn, milestone)
     if baseline is None:
         return []
-    now = take(conn, baseline.watermarks, memo)
+    now = take(conn, baseline.watermarks, memo, reference=baseline)
     differences = compare(baseline, now, changes=changes, tables=compare_tables)
     hint = (" (if the application itself updated these rows since, e.g. a run finished, "
             f"accept its change with `toolkit fingerprint --baseline {milestone}`)")

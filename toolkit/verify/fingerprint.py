@@ -195,10 +195,22 @@ def _watermarks(conn: Connection) -> dict[str, int | None]:
     return marks
 
 
+# MLflow parts that are a function of one table's rows alone: where that table's digest
+# equals the reference's (same watermark), the part is equal too and is not recomputed.
+# That spares verify two of its three passes over the 10M metric rows at x25.
+DERIVED_FROM = {
+    "run_params": "ml_candidate_params",
+    "run_metrics_latest": "ml_candidate_metrics",
+    "run_metrics_history": "ml_candidate_metrics",
+    "run_tags": "ml_candidate_metadata",
+}
+
+
 def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
-         memo: Memo | None = None) -> Fingerprint:
+         memo: Memo | None = None, reference: Fingerprint | None = None) -> Fingerprint:
     """Fingerprint the database as ``conn`` sees it (call it in one REPEATABLE READ
-    transaction so both halves see the same instant)."""
+    transaction so both halves see the same instant). With ``reference`` (and its
+    watermarks), parts :data:`DERIVED_FROM` an unchanged table are taken from it."""
     # Sorting the latest metric per run happens in the server: give it room for that one
     # query instead of spilling 10M rows to disk (it is not the toolkit's memory).
     conn.execute(sa.text("SET LOCAL work_mem = '256MB'"))
@@ -219,7 +231,13 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
     mlflow: dict[str, dict[str, Any]] = {}
     if source is not None:
         params = {param: bound(table) for param, table in _WATERMARK_PARAMS.items()}
+        comparable = reference is not None and reference.watermarks == marks
         for part, sql in _mlflow_parts(conn, source).items():
+            table = DERIVED_FROM.get(part)
+            if (comparable and table and tables.get(table) is not None
+                    and reference.tables.get(table) == tables[table] and part in reference.mlflow):
+                mlflow[part] = reference.mlflow[part]
+                continue
             rows, digest = query_digest(conn, sql, params, memo)
             mlflow[part] = {"rows": rows, "hash": digest}
     database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
