@@ -1,7 +1,10 @@
 """Benchmark: each milestone batched vs. the same change as one set-based statement.
 
-    python scripts/bench.py --scale gitlab-com            # about two minutes
-    python scripts/bench.py --scale x25 --batch-size 5000 # about twenty
+    python scripts/bench.py --scale gitlab-com   # about three minutes
+    python scripts/bench.py --scale x25          # about thirty
+
+Batches are sized as ``toolkit migrate`` sizes them by default (toward 500 ms each);
+``--batch-size N`` fixes the size instead, ``--target-batch-ms`` changes the budget.
 
 Builds a sandbox at the scale (its own data directory, never the default sandbox). Then,
 for each milestone in order:
@@ -9,10 +12,14 @@ for each milestone in order:
 * the **baseline**: a copy of the database (CREATE DATABASE … TEMPLATE) gets the same
   change with every pass done as one batch, i.e. one set-based statement per pass;
 * the **batched** apply on the original, as an operator runs it;
+* before both, ``VACUUM (ANALYZE)``, untimed: a GitLab database is vacuumed routinely,
+  and autovacuum catching up on freshly loaded or freshly updated tables would otherwise
+  land in whichever run happens to come first;
 * during both, an application-like writer inserts an experiment and a candidate every
   20 ms; its latencies give the p99 GitLab's traffic would see.
 
-It also times ``plan`` and ``verify`` and reads the process's peak memory. Results go to
+It also times ``toolkit plan`` and ``toolkit verify`` (run as the operator runs them, each
+its own process whose peak memory is read) and the benchmark process's own peak. Results go to
 ``bench-results/<scale>.json`` and a markdown table ``bench-results/<scale>.md``; the
 figure that counts is the throughput ratio batched / set-based, measured in the same run.
 """
@@ -21,19 +28,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from toolkit import milestones as registry
+from toolkit.cli.migrate import batch_target
 from toolkit.db import create_engine
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
-from toolkit.sandbox.database import seed_sandbox
+from toolkit.errors import ExitCode
 from toolkit.sandbox.server import SandboxServer
 
 
@@ -123,12 +136,54 @@ def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions) -> dict[str
     Runner(engine, options).migrate(registry.get(milestone))
     engine.dispose()
     batches = [s for p in result.passes for s in p.batch_seconds]
+    sizes = [s for p in result.passes for s in p.batch_sizes]
     return {"seconds": round(seconds, 3), "rows": result.rows,
             "rows_per_second": round(result.rows / seconds) if seconds else None,
             "batches": len(batches),
             "batch_p50_ms": _ms(_percentile(batches, 50)), "batch_p99_ms": _ms(_percentile(batches, 99)),
             "batch_max_ms": _ms(max(batches, default=0)),
+            "batch_size_min": min(sizes, default=0), "batch_size_max": max(sizes, default=0),
+            "timeline": [[p.name, round(s, 4), n] for p in result.passes
+                         for s, n in zip(p.batch_seconds, p.batch_sizes, strict=True)],
             "writer": traffic}
+
+
+def _vacuum(url: sa.URL) -> float:
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    started = time.perf_counter()
+    with engine.connect() as conn:
+        conn.execute(sa.text("VACUUM (ANALYZE)"))
+    engine.dispose()
+    return round(time.perf_counter() - started, 3)
+
+
+@dataclass
+class Command:
+    seconds: float
+    peak_mb: float
+    exit_code: int
+    doc: dict[str, Any]  # the --json document
+
+
+def _toolkit(*args: str) -> Command:
+    """Run ``toolkit --json ARGS`` as an operator would, and read that process's own peak
+    memory (wait4 gives one child's, unlike RUSAGE_CHILDREN's largest of all)."""
+    with tempfile.TemporaryFile() as stdout:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "toolkit", "--json", *args], stdout=stdout)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        doc = json.loads(stdout.read() or b"{}")
+    if process.returncode not in (ExitCode.OK, ExitCode.VERIFY_FAILED):  # a failed verify is reported
+        raise SystemExit(f"toolkit {' '.join(args[2:] if args[0] == '--database-url' else args)} "
+                         f"failed ({process.returncode}): {doc.get('error')}")
+    return Command(round(seconds, 3), round(usage.ru_maxrss / 1024, 1), process.returncode, doc)
+
+
+def _text(url: sa.URL) -> str:
+    return url.render_as_string(hide_password=False)
 
 
 def _copy_database(admin: sa.Engine, source: str, target: str) -> None:
@@ -142,7 +197,9 @@ def _copy_database(admin: sa.Engine, source: str, target: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="gitlab-com", choices=["small", "gitlab-com", "x25"])
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="fix every batch at this size (default: adaptive, as migrate does)")
+    parser.add_argument("--target-batch-ms", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=Path("bench-results/sandbox"))
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -151,20 +208,23 @@ def main() -> None:
     args.data_dir.parent.mkdir(parents=True, exist_ok=True)
 
     server = SandboxServer(args.data_dir.resolve())
-    status = server.start()
     print(f"seeding {args.scale} ...", flush=True)
-    report = seed_sandbox(status, args.scale, "realistic", args.seed)
+    seeded = _toolkit("sandbox", "--data-dir", str(args.data_dir.resolve()), "seed", "--scale", args.scale,
+                      "--seed", str(args.seed))
+    status = server.status()
     url = sa.make_url(status.url())
     admin = create_engine(status.url("postgres"), isolation_level="AUTOCOMMIT")
-    results: dict[str, Any] = {"scale": args.scale, "batch_size": args.batch_size,
-                               "seed_seconds": report.seconds, "counts": report.counts, "milestones": {}}
+    target = batch_target(args.batch_size, args.target_batch_ms)
+    batched_options = RunOptions(batch_size=args.batch_size or RunOptions.batch_size,
+                                 target_batch_ms=target, statement_timeout_ms=600_000)
+    results: dict[str, Any] = {
+        "scale": args.scale, "batch_size": args.batch_size, "target_batch_ms": target,
+        "seed_seconds": seeded.doc["result"]["seconds"], "seed_peak_mb": seeded.peak_mb,
+        "counts": seeded.doc["result"]["counts"], "milestones": {}}
+    results["vacuum_after_seed_seconds"] = _vacuum(url)
     try:
         for milestone in registry.MILESTONES:
-            engine = create_engine(url)
-            started = time.perf_counter()
-            Runner(engine).plan(registry.get(milestone))
-            plan_seconds = time.perf_counter() - started
-            engine.dispose()
+            planned = _toolkit("--database-url", _text(url), "plan", milestone, "--no-sql")
 
             # The fingerprint migrate takes first, timed on its own (the copy inherits it).
             engine = create_engine(url)
@@ -173,33 +233,35 @@ def main() -> None:
             fingerprint_seconds = time.perf_counter() - started
             engine.dispose()
 
+            _vacuum(url)
             baseline_db = "bench_set_based"
             _copy_database(admin, url.database, baseline_db)
             print(f"{milestone}: set-based baseline ...", flush=True)
             baseline = _timed_migrate(url.set(database=baseline_db), milestone,
                                       RunOptions(batch_size=10**12, statement_timeout_ms=3_600_000))
             print(f"{milestone}: batched ...", flush=True)
-            batched = _timed_migrate(url, milestone,
-                                     RunOptions(batch_size=args.batch_size, statement_timeout_ms=600_000))
-            engine = create_engine(url)
-            started = time.perf_counter()
-            verified = Runner(engine).verify(registry.get(milestone))
-            verify_seconds = time.perf_counter() - started
-            engine.dispose()
+            batched = _timed_migrate(url, milestone, batched_options)
+            verified = _toolkit("--database-url", _text(url), "verify", milestone)
             results["milestones"][milestone] = {
-                "plan_seconds": round(plan_seconds, 3), "verify_seconds": round(verify_seconds, 3),
-                "fingerprint_seconds": round(fingerprint_seconds, 3), "verified": verified.ok,
+                "plan_seconds": planned.seconds, "plan_peak_mb": planned.peak_mb,
+                "verify_seconds": verified.seconds, "verify_peak_mb": verified.peak_mb,
+                "fingerprint_seconds": round(fingerprint_seconds, 3),
+                "verified": verified.exit_code == ExitCode.OK,
                 "batched": batched, "set_based": baseline,
                 "throughput_ratio": (round(baseline["seconds"] / batched["seconds"], 3)
                                      if batched["seconds"] else None),
             }
-            print(json.dumps(results["milestones"][milestone]), flush=True)
+            print(json.dumps({k: v for k, v in results["milestones"][milestone].items()
+                              if k not in ("batched", "set_based")}), flush=True)
         with admin.connect() as conn:
             conn.execute(sa.text('DROP DATABASE IF EXISTS "bench_set_based" WITH (FORCE)'))
     finally:
         admin.dispose()
         server.stop()
+    # The process that ran every batched apply, its fingerprints and the writers' threads.
     results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    commands = [m[f"{c}_peak_mb"] for m in results["milestones"].values() for c in ("plan", "verify")]
+    results["command_peak_mb"] = max(commands, default=None)
     (args.out / f"{args.scale}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{args.scale}.md").write_text(markdown(results))
     print(markdown(results))
@@ -207,10 +269,14 @@ def main() -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"Scale {results['scale']}, batch size {results['batch_size']}, "
-        f"peak memory of the benchmark process {results.get('peak_memory_mb')} MB.",
+        f"Scale {results['scale']}, "
+        + (f"batch size {results['batch_size']} fixed, " if not results.get("target_batch_ms") else
+           f"batches sized toward {results['target_batch_ms']} ms, ")
+        + f"seeded in {results['seed_seconds']:.1f} s. Peak memory: `toolkit plan`/`verify` "
+        f"{results.get('command_peak_mb')} MB, the benchmark process (every batched apply, "
+        f"fingerprint and writer) {results.get('peak_memory_mb')} MB.",
         "",
-        "| milestone | rows | batched s | set-based s | ratio | batches | batch p50/p99/max ms "
+        "| milestone | rows | batched s | set-based s | ratio | batches (keys each) | batch p50/p99/max ms "
         "| writer p99 ms batched | writer p99 ms set-based | plan s | fingerprint s | verify s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -218,7 +284,8 @@ def markdown(results: dict[str, Any]) -> str:
         b, s = m["batched"], m["set_based"]
         lines.append(
             f"| {name} | {b['rows']} | {b['seconds']} | {s['seconds']} | {m['throughput_ratio']} | "
-            f"{b['batches']} | {b['batch_p50_ms']}/{b['batch_p99_ms']}/{b['batch_max_ms']} | "
+            f"{b['batches']} ({b.get('batch_size_min')}-{b.get('batch_size_max')}) | "
+            f"{b['batch_p50_ms']}/{b['batch_p99_ms']}/{b['batch_max_ms']} | "
             f"{b['writer']['p99_ms']} | {s['writer']['p99_ms']} | {m['plan_seconds']} | "
             f"{m['fingerprint_seconds']} | {m['verify_seconds']}{'' if m['verified'] else ' (FAILED)'} |")
     return "\n".join(lines) + "\n"

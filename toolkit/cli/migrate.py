@@ -21,13 +21,31 @@ from toolkit.milestones.base import Milestone
 from toolkit.output import out
 
 MILESTONE = click.argument("milestone", metavar="MILESTONE")
+# Half a second: a batch's row locks keep GitLab's updates of those rows waiting at most
+# that long, and a batch's fixed cost (key lookup, checkpoint, commit) stays a few percent.
+DEFAULT_TARGET_BATCH_MS = 500
+
+
+def batch_target(batch_size: int | None, target_batch_ms: int | None) -> int | None:
+    """An operator who names a batch size gets exactly that size; one who names neither
+    gets batches sized to the default time budget."""
+    if target_batch_ms is None:
+        return None if batch_size is not None else DEFAULT_TARGET_BATCH_MS
+    return target_batch_ms or None
 
 
 def run_options(func: Callable) -> Callable:
     """Options every writing command shares."""
     options = [
-        click.option("--batch-size", type=click.IntRange(1), default=1000, show_default=True,
-                     help="Keys of the driving table per batch (one short transaction each)."),
+        click.option("--batch-size", type=click.IntRange(1), default=None,
+                     help="Keys of the driving table per batch (one short transaction each). "
+                          "Given, every batch has this size (unless --target-batch-ms is given "
+                          "too); without it, batches start at 1000 keys and adapt.  [default: "
+                          "adaptive]"),
+        click.option("--target-batch-ms", type=click.IntRange(0), default=None,
+                     help="Resize batches (x0.5 to x2 each time, 100 to 50000 keys) so each "
+                          f"takes about this long; 0 keeps the size fixed.  [default: "
+                          f"{DEFAULT_TARGET_BATCH_MS} without --batch-size]"),
         click.option("--pause-ms", type=click.IntRange(0), default=0, show_default=True,
                      help="Pause between batches, to leave room for GitLab's own traffic."),
         click.option("--max-batches", type=click.IntRange(1), default=None,
@@ -56,6 +74,9 @@ def run_options(func: Callable) -> Callable:
 def _runner(opts: dict[str, Any] | None = None) -> Runner:
     opts = dict(opts or {})
     lock_wait = opts.pop("lock_wait", 10.0)
+    if "batch_size" in opts:
+        opts["target_batch_ms"] = batch_target(opts["batch_size"], opts["target_batch_ms"])
+        opts["batch_size"] = opts["batch_size"] or RunOptions.batch_size
     if "max_runtime" in opts:
         opts["max_runtime_s"] = opts.pop("max_runtime")
     options = RunOptions(**opts)
@@ -75,6 +96,12 @@ def _command_line() -> str:
     return " ".join(words)
 
 
+def _size_range(sizes: list[int]) -> dict[str, int] | None:
+    if not sizes:
+        return None
+    return {"first": sizes[0], "last": sizes[-1], "smallest": min(sizes), "largest": max(sizes)}
+
+
 def _plan_doc(result: PlanResult) -> dict[str, Any]:
     return {"milestone": result.milestone.name, "title": result.milestone.title, "rows": result.rows,
             "gate": result.gate.as_dict(), "steps": [s.as_dict() for s in result.steps]}
@@ -85,7 +112,8 @@ def _apply_doc(result: ApplyResult) -> dict[str, Any]:
         "milestone": result.milestone.name, "run_id": result.run_id, "complete": result.complete,
         "stopped": result.stopped, "rows": result.rows,
         "passes": [{"name": p.name, "rows": p.rows, "batches": p.batches, "complete": p.complete,
-                    "schema_change": p.schema_change, "changed": p.changed}
+                    "schema_change": p.schema_change, "changed": p.changed,
+                    "batch_sizes": _size_range(p.batch_sizes)}
                    for p in result.passes],
     }
     if result.verify is not None:
@@ -167,7 +195,10 @@ def _report_apply(result: ApplyResult) -> None:
         elif p.schema_change:
             out.say(f"  {p.name}: {'schema changed' if p.changed else 'already in place'}")
         else:
-            out.say(f"  {p.name}: {p.rows} rows changed in {p.batches} batches")
+            sizes = _size_range(p.batch_sizes)
+            spread = (f" of {sizes['smallest']} to {sizes['largest']} keys"
+                      if sizes and sizes["smallest"] != sizes["largest"] else "")
+            out.say(f"  {p.name}: {p.rows} rows changed in {p.batches} batches{spread}")
     if not result.complete:
         out.say(f"Stopped early ({result.stopped}); run the same command again to continue.")
     if result.verify is not None:

@@ -27,6 +27,7 @@ from toolkit.engine.locks import (
     set_local_timeouts,
     table_lock_holders,
 )
+from toolkit.engine.sizing import BatchSizer
 from toolkit.engine.step import KeysetPass
 from toolkit.errors import LockUnavailable
 from toolkit.output import out
@@ -42,7 +43,11 @@ FAULT_KILL_AFTER_ACTIONS_ENV = "TOOLKIT_FAULT_KILL_AFTER_ACTIONS"
 
 @dataclass
 class RunOptions:
-    batch_size: int = 1000
+    batch_size: int = 1000  # the first batch's size; every batch's without a target
+    # Aim each batch at this many milliseconds, resizing between these bounds (sizing.py).
+    target_batch_ms: int | None = None
+    min_batch_size: int = 100
+    max_batch_size: int = 50_000
     pause_ms: int = 0
     max_batches: int | None = None
     max_runtime_s: float | None = None
@@ -88,6 +93,7 @@ class PassResult:
     complete: bool = False
     stopped: str | None = None
     batch_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)  # keys each batch took
     schema_change: bool = False  # a DDL action rather than a data pass
     changed: bool = True
 
@@ -114,6 +120,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
         total = conn.execute(sa.text(kpass.remaining_sql()), {"lo": lo, "upper": upper}).scalar_one()
         conn.commit()
         catch_ups = 0
+        sizer = BatchSizer(options.batch_size, options.target_batch_ms, options.min_batch_size,
+                           options.max_batch_size)
         with out.progress(total, kpass.description) as bar:
             while True:
                 if reason := budget.exhausted_reason():
@@ -121,7 +129,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                     return result
                 began = time.perf_counter()
                 hi, changed, scanned = _one_batch(conn, milestone, kpass, lo, upper, run_id, options,
-                                                  budget)
+                                                  budget, sizer.size)
                 if hi is None:
                     new_upper = conn.execute(sa.text(kpass.upper_key_sql())).scalar_one()
                     if kpass.catch_up and new_upper > upper and catch_ups < MAX_CATCH_UP_ROUNDS:
@@ -134,7 +142,10 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                     conn.commit()
                     result.complete = True
                     return result
-                result.batch_seconds.append(time.perf_counter() - began)
+                took = time.perf_counter() - began
+                result.batch_seconds.append(took)
+                result.batch_sizes.append(scanned)
+                sizer.record(took, scanned)
                 lo = hi
                 result.rows += changed
                 result.batches += 1
@@ -146,14 +157,13 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
 
 
 def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,
-               run_id: int, options: RunOptions, budget: Budget) -> tuple[int | None, int, int]:
+               run_id: int, options: RunOptions, budget: Budget, size: int) -> tuple[int | None, int, int]:
     for attempt in range(options.retries + 1):
         try:
             with conn.begin():
                 set_local_timeouts(conn, options.lock_timeout_ms, options.statement_timeout_ms)
                 hi, scanned = conn.execute(
-                    sa.text(f"SELECT max(k), count(*) FROM ({kpass.next_key_sql()}) AS b(k)"),
-                    {"lo": lo, "upper": upper, "size": options.batch_size},
+                    sa.text(kpass.next_key_sql()), {"lo": lo, "upper": upper, "size": size},
                 ).one()
                 if hi is None:
                     return None, 0, 0

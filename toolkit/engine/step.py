@@ -84,7 +84,7 @@ class KeysetPass:
 
     A pass covers the keys up to the largest one when it started (kept in the checkpoint,
     so a resumed pass has the same end); it never chases rows inserted meanwhile. Each
-    batch covers the next ``batch_size`` keys after the checkpoint: the engine finds
+    batch covers the next keys after the checkpoint (as many as the batch size): the engine finds
     the batch's upper key, then runs ``change_sql`` with ``:lo`` (exclusive) and ``:hi``
     (inclusive) and ``:run_id`` bound; ``change_sql`` returns one row, the number of rows
     it changed. It must be idempotent: a pass restarts from the beginning after it has
@@ -118,7 +118,8 @@ class KeysetPass:
         return f"WHERE {self.key} > :lo AND {self.key} <= :upper{extra}"
 
     def next_key_sql(self) -> str:
-        return (f"SELECT max({self.key}) FROM (SELECT {self.key} FROM {self.driving_table} "
+        """The batch's upper key and how many keys it covers (for progress and sizing)."""
+        return (f"SELECT max({self.key}), count(*) FROM (SELECT {self.key} FROM {self.driving_table} "
                 f"{self._where()} ORDER BY {self.key} LIMIT :size) AS batch")
 
     def upper_key_sql(self) -> str:
