@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -165,21 +164,35 @@ class Command:
     doc: dict[str, Any]  # the --json document
 
 
+# Runs the toolkit's command line and, as it exits, writes the process's peak resident
+# memory. VmHWM, not getrusage: on Linux a child's ru_maxrss keeps the peak of the process
+# it was forked from, here the benchmark's own, which has nothing to do with the toolkit.
+PEAK_MEMORY_LAUNCHER = """
+import atexit, re, sys
+def _peak(path=sys.argv.pop(1)):
+    status = open('/proc/self/status').read()
+    open(path, 'w').write(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))
+atexit.register(_peak)
+from toolkit.cli.main import main
+sys.argv[0] = 'toolkit'
+main()
+"""
+
+
 def _toolkit(*args: str) -> Command:
-    """Run ``toolkit --json ARGS`` as an operator would, and read that process's own peak
-    memory (wait4 gives one child's, unlike RUSAGE_CHILDREN's largest of all)."""
-    with tempfile.TemporaryFile() as stdout:
+    """Run ``toolkit --json ARGS`` as an operator would; time it and read its peak memory."""
+    with tempfile.TemporaryFile() as stdout, tempfile.NamedTemporaryFile("r") as peak:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "toolkit", "--json", *args], stdout=stdout)
-        _, status, usage = os.wait4(process.pid, 0)
+        process = subprocess.run([sys.executable, "-c", PEAK_MEMORY_LAUNCHER, peak.name, "--json", *args],
+                                 stdout=stdout)
         seconds = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
+        peak_kb = int(peak.read() or 0)
         stdout.seek(0)
         doc = json.loads(stdout.read() or b"{}")
     if process.returncode not in (ExitCode.OK, ExitCode.VERIFY_FAILED):  # a failed verify is reported
         raise SystemExit(f"toolkit {' '.join(args[2:] if args[0] == '--database-url' else args)} "
                          f"failed ({process.returncode}): {doc.get('error')}")
-    return Command(round(seconds, 3), round(usage.ru_maxrss / 1024, 1), process.returncode, doc)
+    return Command(round(seconds, 3), round(peak_kb / 1024, 1), process.returncode, doc)
 
 
 def _text(url: sa.URL) -> str:
@@ -203,7 +216,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=Path("bench-results/sandbox"))
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--chart", type=Path, metavar="RESULT_JSON",
+                        help="only draw the chart of an earlier result (next to it, as .png)")
     args = parser.parse_args()
+    if args.chart:
+        chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     args.data_dir.parent.mkdir(parents=True, exist_ok=True)
 
@@ -265,6 +283,41 @@ def main() -> None:
     (args.out / f"{args.scale}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{args.scale}.md").write_text(markdown(results))
     print(markdown(results))
+    chart(results, args.out / f"{args.scale}.png")
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """Each batch's duration against the time the batched apply had run, one panel per
+    milestone, one colour per pass: a budget that holds shows as a flat band."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no chart: install the bench extra (pip install -e '.[bench]') for matplotlib")
+        return
+    milestones = results["milestones"]
+    figure, axes = plt.subplots(len(milestones), 1, figsize=(10, 2.6 * len(milestones)), squeeze=False)
+    for ax, (name, m) in zip(axes[:, 0], milestones.items(), strict=True):
+        elapsed, by_pass = 0.0, {}
+        for pass_name, seconds, _keys in m["batched"]["timeline"]:
+            elapsed += seconds
+            by_pass.setdefault(pass_name, ([], []))
+            by_pass[pass_name][0].append(elapsed)
+            by_pass[pass_name][1].append(seconds * 1000)
+        for pass_name, (xs, ys) in by_pass.items():
+            ax.plot(xs, ys, marker=".", linestyle="-", linewidth=0.6, label=pass_name)
+        if results.get("target_batch_ms"):
+            ax.axhline(results["target_batch_ms"], color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(f"{name}: {m['batched']['batches']} batches, ratio {m['throughput_ratio']}",
+                     fontsize=9)
+        ax.set_ylabel("batch ms")
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("seconds of batches")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"chart: {path}")
 
 
 def markdown(results: dict[str, Any]) -> str:

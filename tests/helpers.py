@@ -10,6 +10,7 @@ import sys
 from click.testing import CliRunner, Result
 
 from toolkit.cli.main import cli
+from toolkit.engine.step import KeysetPass, Step, StepPlan
 from toolkit.verify.digest import digests
 
 ML_AND_OWN = ("packages_packages", "packages_package_files", "ml_candidates", "ml_experiments",
@@ -85,3 +86,18 @@ def resolve_m1_anomalies(db) -> None:
         UPDATE packages_packages SET status_message = left(status_message, 255)
         WHERE char_length(status_message) > 255;
     """)
+
+
+class OnePassStep(Step):
+    """A test-only step: one keyset pass over ``table`` running ``change_sql``, planning
+    nothing and verifying nothing (the engine's behaviour is what such tests look at)."""
+
+    def __init__(self, name: str, table: str, change_sql: str):
+        self.name, self.description = name, f"test pass over {table}"
+        self.table, self.change_sql = table, change_sql
+
+    def plan(self, conn):
+        return StepPlan(self.name, self.description, 0)
+
+    def forward(self):
+        return [KeysetPass(self.name, self.description, self.table, self.change_sql)]

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import pytest
-from helpers import toolkit_json
+from helpers import OnePassStep, toolkit_json
 
 from toolkit import milestones as registry
 from toolkit.engine.sizing import BatchSizer
-from toolkit.engine.step import KeysetPass, Step, StepPlan
 from toolkit.milestones.base import Milestone
 
 MS_PER_KEY = 1
 
 
-class SlowPerKey(Step):
-    """A pass over metrics whose batches cost a known time per key (a sleep), changing nothing."""
-
-    name = "slow-per-key"
-    description = "sleep per metric"
-
-    def plan(self, conn):
-        return StepPlan(self.name, self.description, 0)
-
-    def forward(self):
-        return [KeysetPass(self.name, self.description, "ml_candidate_metrics", f"""
-            SELECT count(*) * 0 FROM (SELECT pg_sleep({MS_PER_KEY / 1000}) FROM ml_candidate_metrics
-                                      WHERE id > :lo AND id <= :hi) AS slept""")]
+SLOW_PER_KEY = OnePassStep("slow-per-key", "ml_candidate_metrics", f"""
+    SELECT count(*) * 0 FROM (SELECT pg_sleep({MS_PER_KEY / 1000}) FROM ml_candidate_metrics
+                              WHERE id > :lo AND id <= :hi) AS slept""")
 
 
 @pytest.fixture
 def slow_milestone_1(monkeypatch):
-    m1 = Milestone("milestone-1", 1, "test-only milestone", (SlowPerKey(),), ("ml_candidate_metrics",))
+    m1 = Milestone("milestone-1", 1, "test-only milestone", (SLOW_PER_KEY,), ("ml_candidate_metrics",))
     monkeypatch.setitem(registry.MILESTONES, "milestone-1", m1)
 
 

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from helpers import own_schema_exists, snapshot, toolkit, toolkit_json, toolkit_process
+from helpers import OnePassStep, own_schema_exists, snapshot, toolkit, toolkit_json, toolkit_process
 
 from toolkit import milestones as registry
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
 from toolkit.engine.runner import Runner
-from toolkit.engine.step import KeysetPass, Step, StepPlan
+from toolkit.engine.step import Step, StepPlan
 from toolkit.errors import ExitCode
 from toolkit.milestones.base import Milestone
 
@@ -31,22 +31,10 @@ class WritesDuringPlan(Step):
         return StepPlan(self.name, self.description, 0)
 
 
-class TouchNothing(Step):
-    """A test milestone-2 step: one pass over ml_candidates that changes no row."""
-
-    name = "touch-nothing"
-    description = "scan candidates, change nothing"
-
-    def plan(self, conn):
-        return StepPlan(self.name, self.description, 0)
-
-    def forward(self):
-        return [KeysetPass(self.name, self.description, "ml_candidates", "SELECT 0")]
-
-
 @pytest.fixture
 def with_test_milestone_2(monkeypatch):
-    m2 = Milestone("milestone-2", 2, "test-only milestone", (TouchNothing(),), ("ml_candidates",))
+    touch_nothing = OnePassStep("touch-nothing", "ml_candidates", "SELECT 0")
+    m2 = Milestone("milestone-2", 2, "test-only milestone", (touch_nothing,), ("ml_candidates",))
     monkeypatch.setitem(registry.MILESTONES, "milestone-2", m2)
     return m2
 

@@ -56,17 +56,19 @@ TAKEN_NAMES = "SELECT project_id, name FROM ml_models WHERE project_id = ANY(:pr
 
 CREATE_MODELS = f"""
 WITH input AS (
-    SELECT * FROM unnest(CAST(:experiment_ids AS bigint[]), CAST(:slugs AS text[]))
-        AS t(experiment_id, slug)
+    SELECT * FROM unnest(CAST(:experiment_ids AS bigint[]), CAST(:project_ids AS bigint[]),
+                         CAST(:slugs AS text[])) AS t(experiment_id, project_id, slug)
 ), created AS (
     INSERT INTO ml_models (created_at, updated_at, project_id, name, user_id, display_name)
     SELECT e.created_at, e.updated_at, e.project_id, i.slug, e.user_id, e.name
     FROM input i JOIN ml_experiments e ON e.id = i.experiment_id
     RETURNING id, project_id, name
 ), linked AS (
+    -- each new model is matched to its experiment by (project, slug), never through
+    -- the project's other experiments: a project can have thousands
     UPDATE ml_experiments e SET model_id = c.id
-    FROM input i, created c
-    WHERE e.id = i.experiment_id AND c.project_id = e.project_id AND c.name = i.slug
+    FROM input i JOIN created c ON c.project_id = i.project_id AND c.name = i.slug
+    WHERE e.id = i.experiment_id
     RETURNING e.id AS experiment_id, c.id AS model_id, e.project_id
 ), ledger AS (
     INSERT INTO {CREATED} (model_id, experiment_id, project_id, run_id)
@@ -112,8 +114,10 @@ def create_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
             taken.setdefault(project_id, set()).add(name)
         slugs = slug.assign_all([(e.id, e.project_id, e.iid, e.name) for e in experiments], taken)
         ids = sorted(slugs)
+        project_of = {e.id: e.project_id for e in experiments}
         created = conn.execute(sa.text(CREATE_MODELS), {
-            "experiment_ids": ids, "slugs": [slugs[i][0] for i in ids], "run_id": run_id,
+            "experiment_ids": ids, "project_ids": [project_of[i] for i in ids],
+            "slugs": [slugs[i][0] for i in ids], "run_id": run_id,
         }).scalar_one()
     conn.execute(sa.text(SET_CANDIDATES), bounds)
     conn.execute(sa.text(RECORD_CLASHES), bounds)
