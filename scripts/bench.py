@@ -12,9 +12,10 @@ for each milestone in order:
 * the **baseline**: a copy of the database (CREATE DATABASE … TEMPLATE) gets the same
   change with every pass done as one batch, i.e. one set-based statement per pass;
 * the **batched** apply on the original, as an operator runs it;
-* before both, ``VACUUM (ANALYZE)``, untimed: a GitLab database is vacuumed routinely,
-  and autovacuum catching up on freshly loaded or freshly updated tables would otherwise
-  land in whichever run happens to come first;
+* before both, ``VACUUM (ANALYZE)`` and a ``CHECKPOINT``, untimed: a GitLab database is
+  vacuumed routinely, and autovacuum catching up on freshly loaded or updated tables, or
+  the checkpointer writing what the other run dirtied, would otherwise land in whichever
+  run comes second (the copy is dropped before the batched run, for the same reason);
 * during both, an application-like writer inserts an experiment and a candidate every
   20 ms; its latencies give the p99 GitLab's traffic would see.
 
@@ -147,11 +148,15 @@ def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions) -> dict[str
             "writer": traffic}
 
 
-def _vacuum(url: sa.URL) -> float:
+def _settle(url: sa.URL, vacuum: bool = True) -> float:
+    """Start a timed run from a quiet server: vacuumed, statistics fresh, no dirty buffers
+    of an earlier run left for the checkpointer to write in the middle of this one."""
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     started = time.perf_counter()
     with engine.connect() as conn:
-        conn.execute(sa.text("VACUUM (ANALYZE)"))
+        if vacuum:
+            conn.execute(sa.text("VACUUM (ANALYZE)"))
+        conn.execute(sa.text("CHECKPOINT"))
     engine.dispose()
     return round(time.perf_counter() - started, 3)
 
@@ -239,7 +244,10 @@ def main() -> None:
         "scale": args.scale, "batch_size": args.batch_size, "target_batch_ms": target,
         "seed_seconds": seeded.doc["result"]["seconds"], "seed_peak_mb": seeded.peak_mb,
         "counts": seeded.doc["result"]["counts"], "milestones": {}}
-    results["vacuum_after_seed_seconds"] = _vacuum(url)
+    results["vacuum_after_seed_seconds"] = _settle(url)
+    # The operator's first command: every milestone's plan on the untouched database.
+    first_plan = _toolkit("--database-url", _text(url), "plan", "--no-sql")
+    results["plan_all"] = {"seconds": first_plan.seconds, "peak_mb": first_plan.peak_mb}
     try:
         for milestone in registry.MILESTONES:
             planned = _toolkit("--database-url", _text(url), "plan", milestone, "--no-sql")
@@ -251,12 +259,15 @@ def main() -> None:
             fingerprint_seconds = time.perf_counter() - started
             engine.dispose()
 
-            _vacuum(url)
+            _settle(url)
             baseline_db = "bench_set_based"
             _copy_database(admin, url.database, baseline_db)
             print(f"{milestone}: set-based baseline ...", flush=True)
             baseline = _timed_migrate(url.set(database=baseline_db), milestone,
                                       RunOptions(batch_size=10**12, statement_timeout_ms=3_600_000))
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE "{baseline_db}" WITH (FORCE)'))
+            _settle(url, vacuum=False)
             print(f"{milestone}: batched ...", flush=True)
             batched = _timed_migrate(url, milestone, batched_options)
             verified = _toolkit("--database-url", _text(url), "verify", milestone)
@@ -271,14 +282,13 @@ def main() -> None:
             }
             print(json.dumps({k: v for k, v in results["milestones"][milestone].items()
                               if k not in ("batched", "set_based")}), flush=True)
-        with admin.connect() as conn:
-            conn.execute(sa.text('DROP DATABASE IF EXISTS "bench_set_based" WITH (FORCE)'))
     finally:
         admin.dispose()
         server.stop()
     # The process that ran every batched apply, its fingerprints and the writers' threads.
     results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     commands = [m[f"{c}_peak_mb"] for m in results["milestones"].values() for c in ("plan", "verify")]
+    commands.append(results["plan_all"]["peak_mb"])
     results["command_peak_mb"] = max(commands, default=None)
     (args.out / f"{args.scale}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{args.scale}.md").write_text(markdown(results))
@@ -325,7 +335,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Scale {results['scale']}, "
         + (f"batch size {results['batch_size']} fixed, " if not results.get("target_batch_ms") else
            f"batches sized toward {results['target_batch_ms']} ms, ")
-        + f"seeded in {results['seed_seconds']:.1f} s. Peak memory: `toolkit plan`/`verify` "
+        + f"seeded in {results['seed_seconds']:.1f} s; `toolkit plan` of all four on it "
+        f"{results['plan_all']['seconds']} s. Peak memory: `toolkit plan`/`verify` "
         f"{results.get('command_peak_mb')} MB, the benchmark process (every batched apply, "
         f"fingerprint and writer) {results.get('peak_memory_mb')} MB.",
         "",
