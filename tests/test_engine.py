@@ -300,3 +300,22 @@ def test_max_runtime_stops_at_a_batch_boundary(realistic_db):
     assert realistic_db.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") == \
         realistic_db.scalar("SELECT rows_done FROM toolkit.checkpoints")
     assert toolkit_json(realistic_db, "migrate", "milestone-1")[1]["result"]["complete"] is True
+
+
+def test_a_check_counts_every_row_and_lists_only_the_first(realistic_db, monkeypatch):
+    """A failing check on a big database names a thousand rows, not a million (memory stays flat)."""
+    from toolkit.engine import listing
+
+    db = realistic_db
+    monkeypatch.setattr(listing, "LISTED_ROWS", 5)
+    assert toolkit(db, "migrate", "milestone-1", "--batch-size", "3", "--max-batches", "1").exit_code == 0
+    left = [r[0] for r in db.rows("""SELECT p.id FROM packages_packages p WHERE p.package_type = 7
+        AND EXISTS (SELECT 1 FROM ml_candidates c WHERE c.package_id = p.id) ORDER BY p.id""")]
+    assert len(left) > 12  # more than the limit, and more than a terminal shows
+    code, doc = toolkit_json(db, "verify", "milestone-1")
+    assert code == ExitCode.VERIFY_FAILED
+    check = doc["error"]["details"]["result"]["milestones"][0]["checks"][0]
+    assert check["count"] == len(left) and f"{len(left)} remain: {len(left)} not_yet_converted" in check["detail"]
+    assert [r["package_id"] for r in check["rows"]] == left[:5]
+    shown = toolkit(db, "verify", "milestone-1").output
+    assert f"and {len(left) - 5} more (--json lists the first 5)" in shown

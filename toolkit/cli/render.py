@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from toolkit.engine.listing import count_of
 from toolkit.engine.runner import PlanResult
 from toolkit.engine.step import Anomaly, Check
 from toolkit.output import out
@@ -19,7 +20,10 @@ def ids_preview(rows: list[dict[str, Any]]) -> str:
         ids = [f"{r[key]} {_short(r['name'])!r} -> {_short(r['slug'])}" for r in rows[:SHOWN_IDS]]
     else:
         ids = [str(r[key]) for r in rows[:SHOWN_IDS]]
-    more = f" … and {len(rows) - SHOWN_IDS} more (--json lists all)" if len(rows) > SHOWN_IDS else ""
+    total = count_of(rows)
+    listed = (f"--json lists the first {len(rows)}" if len(rows) < total else "--json lists all")
+    shown = min(len(rows), SHOWN_IDS)
+    more = f" … and {total - shown} more ({listed})" if total > shown else ""
     return f"{key}s {', '.join(ids)}{more}"
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.listing import count_of
+
 if TYPE_CHECKING:
     from toolkit.engine.ddl import DdlAction, SqlDdlAction
 
@@ -38,7 +40,7 @@ class Anomaly:
 
     @property
     def count(self) -> int:
-        return len(self.rows)
+        return count_of(self.rows)  # every matching row; ``rows`` holds the first of them
 
     def as_dict(self, limit: int | None = None) -> dict[str, Any]:
         return {"kind": self.kind, "title": self.title, "blocking": self.blocking,
@@ -75,7 +77,7 @@ class Check:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "ok": self.ok, "detail": self.detail, "remedy": self.remedy,
-                "rows": self.rows}
+                "count": count_of(self.rows), "rows": self.rows}
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ UPDATE and verify alike.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.listing import count_of, listed
 from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
 from toolkit.milestones.base import Milestone
 from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES
@@ -120,19 +122,15 @@ RESOLUTIONS = {
 }
 
 
-def _rows(conn: Connection, sql: str) -> list[dict[str, Any]]:
-    return [dict(r._mapping) for r in conn.execute(sa.text(sql))]
-
-
 def find_anomalies(conn: Connection) -> list[Anomaly]:
-    cross = _rows(conn, f"""
+    cross = listed(conn, f"""
         SELECT p.id AS package_id, p.project_id AS package_project_id,
                array_agg(c.id ORDER BY c.id) AS candidate_ids,
                array_agg(DISTINCT c.project_id) AS candidate_project_ids
         FROM packages_packages p JOIN ml_candidates c ON c.package_id = p.id
         WHERE p.package_type = 7 AND {CROSS_PROJECT}
         GROUP BY p.id ORDER BY p.id""")
-    collisions = _rows(conn, f"""
+    collisions = listed(conn, f"""
         SELECT p.id AS package_id, p.project_id, p.name, p.version,
                (SELECT array_agg(q.id ORDER BY q.id) FROM packages_packages q
                 WHERE q.package_type = 14 AND q.project_id = p.project_id AND q.name = p.name
@@ -140,17 +138,17 @@ def find_anomalies(conn: Connection) -> list[Anomaly]:
         FROM packages_packages p
         WHERE p.package_type = 7 AND {CANDIDATE_LINKED} AND {COLLIDES}
         ORDER BY p.id""")
-    long_messages = _rows(conn, f"""
+    long_messages = listed(conn, f"""
         SELECT p.id AS package_id, char_length(p.status_message) AS status_message_length
         FROM packages_packages p
         WHERE p.package_type = 7 AND {CANDIDATE_LINKED} AND {LONG_STATUS_MESSAGE}
         ORDER BY p.id""")
-    shared = _rows(conn, """
+    shared = listed(conn, """
         SELECT p.id AS package_id, array_agg(c.id ORDER BY c.id) AS candidate_ids
         FROM packages_packages p JOIN ml_candidates c ON c.package_id = p.id
         WHERE p.package_type = 7
         GROUP BY p.id HAVING count(*) > 1 ORDER BY p.id""")
-    rejected = _rows(conn, f"""
+    rejected = listed(conn, f"""
         SELECT p.id AS package_id, p.version
         FROM packages_packages p
         WHERE {ELIGIBLE} AND {CANDIDATE_LINKED} AND NOT COALESCE({VERSION_ACCEPTED}, false)
@@ -206,20 +204,26 @@ class ConvertCandidatePackages(Step):
         )).scalar_one()
 
     def rollback_checks(self, conn: Connection) -> list[Check]:
-        left = _rows(conn, f"SELECT package_id FROM {LEDGER} ORDER BY package_id") \
+        left = listed(conn, f"SELECT package_id FROM {LEDGER} ORDER BY package_id") \
             if _ledger_exists(conn) else []
         return [Check(
             "every converted package restored",
             not left,
             "the ledger is empty" if not left else
-            f"{len(left)} packages stay ml_model: a generic package with the same key exists now",
+            f"{count_of(left)} packages stay ml_model: a generic package with the same key exists now",
             "resolve the duplicate generic package, then run `toolkit rollback milestone-1` again"
             if left else None,
             left,
         )]
 
     def verify(self, conn: Connection) -> list[Check]:
-        remaining = _rows(conn, f"""
+        reasons: Counter[str] = Counter()
+
+        def tally(row: dict[str, Any]) -> bool:
+            reasons[row["reason"]] += 1
+            return True
+
+        remaining = listed(conn, f"""
             SELECT p.id AS package_id,
                    CASE WHEN {CROSS_PROJECT} THEN 'cross_project_package'
                         WHEN {COLLIDES} THEN 'ml_model_collision'
@@ -227,28 +231,25 @@ class ConvertCandidatePackages(Step):
                         ELSE 'not_yet_converted' END AS reason
             FROM packages_packages p
             WHERE p.package_type = 7 AND {CANDIDATE_LINKED}
-            ORDER BY p.id""")
-        reasons: dict[str, int] = {}
-        for row in remaining:
-            reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+            ORDER BY p.id""", keep=tally)
         remedies = {**RESOLUTIONS,
                     "not_yet_converted": "new or not yet processed: run `toolkit migrate milestone-1`"}
         checks = [Check(
             "no candidate-linked generic packages",
             not remaining,
             "none remain" if not remaining else
-            f"{len(remaining)} remain: " + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())),
+            f"{count_of(remaining)} remain: " + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())),
             " | ".join(f"{k}: {remedies[k]}" for k in sorted(reasons)) or None,
             remaining,
         )]
-        undone = _rows(conn, f"""
+        undone = listed(conn, f"""
             SELECT l.package_id, p.package_type FROM {LEDGER} l
             JOIN packages_packages p ON p.id = l.package_id
             WHERE p.package_type <> 14 ORDER BY l.package_id""") if _ledger_exists(conn) else []
         checks.append(Check(
             "converted packages are still ml_model",
             not undone,
-            "all are" if not undone else f"{len(undone)} converted packages changed type since",
+            "all are" if not undone else f"{count_of(undone)} converted packages changed type since",
             "find out what changed them; run `toolkit migrate milestone-1` to convert them again"
             if undone else None,
             undone,

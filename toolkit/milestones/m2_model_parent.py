@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 
 from toolkit.engine.catalog_checks import constraint_validated, index_valid
 from toolkit.engine.ddl import SchemaStep, is_applied
+from toolkit.engine.listing import count_of, listed
 from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
 from toolkit.milestones.base import (
     SUPERSEDED,
@@ -126,12 +127,12 @@ class BackfillModelId(Step):
             return []
         if superseded_by_cleanup(conn):
             return [Check("every candidate's model_id is its experiment's model", True, SUPERSEDED)]
-        wrong = [dict(r._mapping) for r in conn.execute(sa.text(f"""
+        wrong = listed(conn, f"""
             SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
-            WHERE {MISMATCH} ORDER BY c.id"""))]
+            WHERE {MISMATCH} ORDER BY c.id""")
         return [Check("every candidate's model_id is its experiment's model", not wrong,
-                      "all match" if not wrong else f"{len(wrong)} candidates differ",
+                      "all match" if not wrong else f"{count_of(wrong)} candidates differ",
                       None if not wrong else "run `toolkit migrate milestone-2` (it backfills again)",
                       wrong)]
 

@@ -16,13 +16,17 @@ ledgers let rollback remove exactly what was created.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.engine.catalog_checks import constraint_validated
 from toolkit.engine.ddl import SchemaStep
+from toolkit.engine.listing import STREAMED, Listing, count_of, listed
 from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
 from toolkit.milestones import slug
 from toolkit.milestones.base import (
@@ -169,10 +173,6 @@ def remove_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
     return len(models)
 
 
-def _rows(conn: Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
-    return [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
-
-
 def display_name_exists(conn: Connection) -> bool:
     return conn.execute(sa.text(
         "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ml_models'::regclass "
@@ -219,9 +219,9 @@ class BackfillDisplayName(Step):
         if not display_name_exists(conn):
             return [Check("ml_models.display_name exists", False, "missing",
                           "run `toolkit migrate milestone-3`")]
-        missing = _rows(conn, "SELECT id AS model_id FROM ml_models WHERE display_name IS NULL ORDER BY id")
+        missing = listed(conn, "SELECT id AS model_id FROM ml_models WHERE display_name IS NULL ORDER BY id")
         return [Check("every model has a display_name", not missing,
-                      "all do" if not missing else f"{len(missing)} have none",
+                      "all do" if not missing else f"{count_of(missing)} have none",
                       None if not missing else "run `toolkit migrate milestone-3`", missing)]
 
 
@@ -235,14 +235,36 @@ class ValidateDisplayNameCheck(SchemaStep):
         return [constraint_validated(conn, "ml_models", DISPLAY_CHECK, "milestone-3")]
 
 
-def planned_slugs(conn: Connection) -> dict[int, tuple[str, str, bool]]:
-    """The slug every experiment without a model would get, exactly as apply computes it."""
-    experiments = conn.execute(sa.text(
-        "SELECT id, project_id, iid, name FROM ml_experiments WHERE model_id IS NULL")).all()
-    taken: dict[int, set[str]] = {}
-    for project_id, name in conn.execute(sa.text("SELECT project_id, name FROM ml_models")):
-        taken.setdefault(project_id, set()).add(name)
-    return slug.assign_all([tuple(e) for e in experiments], taken)
+def planned_slugs(conn: Connection) -> Iterator[PlannedSlug]:
+    """The slug every experiment without a model would get, exactly as apply computes it.
+
+    Streamed one project at a time (experiments and model names both ordered by project),
+    so only one project's names are ever in memory, however many projects there are.
+    """
+    models = groupby(conn.execute(sa.text(
+        "SELECT project_id, name FROM ml_models ORDER BY project_id"), execution_options=STREAMED),
+        key=lambda r: r.project_id)
+    experiments = groupby(conn.execute(sa.text(
+        "SELECT id, project_id, iid, name FROM ml_experiments WHERE model_id IS NULL "
+        "ORDER BY project_id, id"), execution_options=STREAMED), key=lambda r: r.project_id)
+    names_project, names = next(models, (None, iter(())))
+    for project_id, rows in experiments:
+        while names_project is not None and names_project < project_id:
+            names_project, names = next(models, (None, iter(())))
+        taken = {r.name for r in names} if names_project == project_id else set()
+        for e in rows:
+            chosen, base, fell_back = slug.assign(e.name, e.iid, taken)
+            yield PlannedSlug(e.id, project_id, e.name, chosen, base, fell_back)
+
+
+@dataclass(frozen=True)
+class PlannedSlug:
+    experiment_id: int
+    project_id: int
+    name: str
+    slug: str
+    wanted: str  # the slug before a suffix (or the fallback)
+    fell_back: bool
 
 
 class CreateModelsForExperiments(Step):
@@ -280,17 +302,21 @@ class CreateModelsForExperiments(Step):
     def plan(self, conn: Connection) -> StepPlan:
         if superseded_by_cleanup(conn):
             return StepPlan(self.name, self.description, 0, {}, {SUPERSEDED: 0}, [], self.forward_sql())
-        slugs = planned_slugs(conn)
-        names = {r.id: r for r in conn.execute(sa.text(
-            "SELECT id, project_id, name FROM ml_experiments WHERE model_id IS NULL"))}
-        collisions = [{"experiment_id": i, "project_id": names[i].project_id, "name": names[i].name,
-                       "wanted": base, "slug": s}
-                      for i, (s, base, fell_back) in sorted(slugs.items()) if s != base and not fell_back]
-        fallbacks = [{"experiment_id": i, "project_id": names[i].project_id, "name": names[i].name,
-                      "slug": s}
-                     for i, (s, _base, fell_back) in sorted(slugs.items()) if fell_back]
+        to_create = 0
+        collisions, fallbacks = Listing([], 0), Listing([], 0)
+        for planned in planned_slugs(conn):
+            to_create += 1
+            row = {"experiment_id": planned.experiment_id, "project_id": planned.project_id,
+                   "name": planned.name, "wanted": planned.wanted, "slug": planned.slug}
+            if planned.fell_back:
+                del row["wanted"]
+                fallbacks.add(row)
+            elif planned.slug != planned.wanted:
+                collisions.add(row)
+        collisions.sort(key=itemgetter("experiment_id"))
+        fallbacks.sort(key=itemgetter("experiment_id"))
         # Clashes: metadata of default experiments that their model already has, differently.
-        clashes = _rows(conn, """
+        clashes = listed(conn, """
             SELECT e.id AS experiment_id, e.model_id, em.name, left(em.value, 100) AS experiment_value,
                    left(mm.value, 100) AS model_value
             FROM ml_experiments e JOIN ml_experiment_metadata em ON em.experiment_id = e.id
@@ -319,51 +345,51 @@ class CreateModelsForExperiments(Step):
                     "toolkit.m3_metadata_clashes (and archived by milestone 4). Decide which to keep.",
                     clashes),
         ]
-        return StepPlan(self.name, self.description, len(slugs), {"models to create": len(slugs)},
+        return StepPlan(self.name, self.description, to_create, {"models to create": to_create},
                         context, anomalies, self.forward_sql())
 
     def verify(self, conn: Connection) -> list[Check]:
         if superseded_by_cleanup(conn):
             return [Check("every experiment has a model", True, SUPERSEDED)]
-        orphans = _rows(conn, "SELECT id AS experiment_id, name FROM ml_experiments "
+        orphans = listed(conn, "SELECT id AS experiment_id, name FROM ml_experiments "
                               "WHERE model_id IS NULL ORDER BY id")
         checks = [Check("every experiment has a model", not orphans,
-                        "all do" if not orphans else f"{len(orphans)} experiments have none",
+                        "all do" if not orphans else f"{count_of(orphans)} experiments have none",
                         None if not orphans else "run `toolkit migrate milestone-3` (it catches up)",
                         orphans)]
         if display_name_exists(conn) and _ledger_exists(conn):
-            wrong = _rows(conn, f"""
+            wrong = listed(conn, f"""
                 SELECT m.id AS model_id, m.display_name, e.name AS experiment_name
                 FROM {CREATED} l JOIN ml_models m ON m.id = l.model_id
                 JOIN ml_experiments e ON e.id = l.experiment_id
                 WHERE m.display_name IS DISTINCT FROM e.name ORDER BY m.id""")
             checks.append(Check("created models' display_name is the experiment's name", not wrong,
-                                "all are" if not wrong else f"{len(wrong)} differ",
+                                "all are" if not wrong else f"{count_of(wrong)} differ",
                                 None if not wrong else "find out what renamed them", wrong))
-            bad = [r for r in _rows(conn, f"""
-                SELECT m.id AS model_id, m.name FROM {CREATED} l JOIN ml_models m ON m.id = l.model_id""")
-                if not slug.is_valid_model_name(r["name"])]
+            bad = listed(conn, f"""
+                SELECT m.id AS model_id, m.name FROM {CREATED} l JOIN ml_models m ON m.id = l.model_id
+                ORDER BY m.id""", keep=lambda r: not slug.is_valid_model_name(r["name"]))
             checks.append(Check("created model names pass GitLab's model-name rule", not bad,
-                                "all do" if not bad else f"{len(bad)} do not", None, bad))
+                                "all do" if not bad else f"{count_of(bad)} do not", None, bad))
         if not column_exists(conn):
             checks.append(Check("every candidate's model_id is its experiment's model", False,
                                 "ml_candidates.model_id does not exist", "apply milestone-2 first"))
             return checks
-        mismatched = _rows(conn, f"""
+        mismatched = listed(conn, f"""
             SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
             WHERE {MISMATCH} ORDER BY c.id""")
         checks.append(Check("every candidate's model_id is its experiment's model", not mismatched,
-                            "all match" if not mismatched else f"{len(mismatched)} differ",
+                            "all match" if not mismatched else f"{count_of(mismatched)} differ",
                             None if not mismatched else "run `toolkit migrate milestone-3`", mismatched))
         return checks
 
     def rollback_checks(self, conn: Connection) -> list[Check]:
-        left = _rows(conn, f"SELECT model_id, experiment_id FROM {CREATED} ORDER BY model_id") \
+        left = listed(conn, f"SELECT model_id, experiment_id FROM {CREATED} ORDER BY model_id") \
             if _ledger_exists(conn) else []
         return [Check("every created model removed", not left,
                       "none left" if not left else
-                      f"{len(left)} models kept: GitLab gave them versions or metadata since",
+                      f"{count_of(left)} models kept: GitLab gave them versions or metadata since",
                       "decide about each model (delete it in GitLab, or keep it), then run "
                       "`toolkit rollback milestone-3` again" if left else None, left)]
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 
 from toolkit.engine.catalog_checks import index_valid
 from toolkit.engine.ddl import SqlDdlAction
+from toolkit.engine.listing import count_of, listed
 from toolkit.engine.state import cleanup_started
 from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
 from toolkit.errors import VerificationFailed
@@ -654,14 +655,14 @@ def preconditions(conn: Connection) -> list[Check]:
             )
         )
     if _column_exists(conn, "ml_candidates", "model_id"):
-        orphans = _rows(
+        orphans = listed(
             conn, "SELECT id AS candidate_id FROM ml_candidates WHERE model_id IS NULL ORDER BY id"
         )
         checks.append(
             Check(
                 "precondition: every candidate has a model_id",
                 not orphans,
-                f"{len(orphans)} candidates have none" if orphans else "all do",
+                f"{count_of(orphans)} candidates have none" if orphans else "all do",
                 "run `toolkit migrate milestone-3` again" if orphans else None,
                 orphans,
             )
@@ -677,7 +678,7 @@ def preconditions(conn: Connection) -> list[Check]:
         else None
     )
     if finished is not None:
-        late = _rows(
+        late = listed(
             conn,
             """
             SELECT 'ml_experiments' AS table_name, id FROM ml_experiments
@@ -692,7 +693,7 @@ def preconditions(conn: Connection) -> list[Check]:
             Check(
                 "precondition: nothing written to experiments since milestone 3 finished",
                 not late,
-                f"{len(late)} rows written since {finished}: "
+                f"{count_of(late)} rows written since {finished}: "
                 + ", ".join(f"{r['table_name']} {r['id']}" for r in late[:10])
                 if late
                 else "nothing",
