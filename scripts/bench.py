@@ -11,11 +11,12 @@ for each milestone in order:
 
 * the **baseline**: a copy of the database (CREATE DATABASE … TEMPLATE) gets the same
   change with every pass done as one batch, i.e. one set-based statement per pass;
-* the **batched** apply on the original, as an operator runs it;
+* the **batched** apply, as an operator runs it, on another copy made the same way, which
+  then replaces the original;
 * before both, ``VACUUM (ANALYZE)`` and a ``CHECKPOINT``, untimed: a GitLab database is
   vacuumed routinely, and autovacuum catching up on freshly loaded or updated tables, or
   the checkpointer writing what the other run dirtied, would otherwise land in whichever
-  run comes second (the copy is dropped before the batched run, for the same reason);
+  run comes second;
 * during both, an application-like writer inserts an experiment and a candidate every
   20 ms; its latencies give the p99 GitLab's traffic would see.
 
@@ -204,12 +205,20 @@ def _text(url: sa.URL) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def _copy_database(admin: sa.Engine, source: str, target: str) -> None:
+def _fresh_copy(admin: sa.Engine, url: sa.URL, target: str) -> sa.URL:
+    """A copy of ``url``'s database, then a checkpoint so the copy's writes are done."""
+    _drop(admin, target)
     with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)'))
         conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                             "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": source})
-        conn.execute(sa.text(f'CREATE DATABASE "{target}" TEMPLATE "{source}"'))
+                             "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": url.database})
+        conn.execute(sa.text(f'CREATE DATABASE "{target}" TEMPLATE "{url.database}"'))
+        conn.execute(sa.text("CHECKPOINT"))
+    return url.set(database=target)
+
+
+def _drop(admin: sa.Engine, database: str) -> None:
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
 
 
 def main() -> None:
@@ -259,17 +268,20 @@ def main() -> None:
             fingerprint_seconds = time.perf_counter() - started
             engine.dispose()
 
+            # Both runs get a fresh copy of the same settled database, made the same way
+            # just before: a copy starts with its pages in shared buffers, so a run on the
+            # original would meet a colder cache than one on a copy. The batched copy then
+            # becomes the database the next milestone starts from.
             _settle(url)
-            baseline_db = "bench_set_based"
-            _copy_database(admin, url.database, baseline_db)
             print(f"{milestone}: set-based baseline ...", flush=True)
-            baseline = _timed_migrate(url.set(database=baseline_db), milestone,
+            baseline = _timed_migrate(_fresh_copy(admin, url, "bench_set_based"), milestone,
                                       RunOptions(batch_size=10**12, statement_timeout_ms=3_600_000))
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE "{baseline_db}" WITH (FORCE)'))
-            _settle(url, vacuum=False)
+            _drop(admin, "bench_set_based")
             print(f"{milestone}: batched ...", flush=True)
-            batched = _timed_migrate(url, milestone, batched_options)
+            batched = _timed_migrate(_fresh_copy(admin, url, "bench_batched"), milestone, batched_options)
+            _drop(admin, url.database)
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'ALTER DATABASE "bench_batched" RENAME TO "{url.database}"'))
             verified = _toolkit("--database-url", _text(url), "verify", milestone)
             results["milestones"][milestone] = {
                 "plan_seconds": planned.seconds, "plan_peak_mb": planned.peak_mb,
