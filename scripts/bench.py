@@ -3,7 +3,7 @@
     python scripts/bench.py --scale gitlab-com   # about three minutes
     python scripts/bench.py --scale x25          # about thirty
 
-Batches are sized as ``toolkit migrate`` sizes them by default (toward 500 ms each);
+Batches are sized as ``toolkit migrate`` sizes them by default (toward a second each);
 ``--batch-size N`` fixes the size instead, ``--target-batch-ms`` changes the budget.
 
 Builds a sandbox at the scale (its own data directory, never the default sandbox). Then,
@@ -120,33 +120,47 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
+def migrate_worker(url: str, milestone: str, options: str, out: str) -> None:
+    """In a process of its own (``--migrate-worker``): one timed migrate, as the toolkit runs
+    it, its batches written to ``out``. Its peak memory is then the toolkit's alone."""
+    engine = create_engine(sa.make_url(url))
+    started = time.perf_counter()
+    # verify (with its fingerprint comparison) is timed on its own, by the caller
+    result = Runner(engine, RunOptions(**json.loads(options)), command="scripts/bench.py").migrate(
+        registry.get(milestone), verify_after=False)
+    seconds = time.perf_counter() - started
+    engine.dispose()
+    Path(out).write_text(json.dumps({
+        "seconds": seconds, "rows": result.rows,
+        "timeline": [[p.name, round(s, 4), n] for p in result.passes
+                     for s, n in zip(p.batch_seconds, p.batch_sizes, strict=True)]}))
+
+
 def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions) -> dict[str, Any]:
-    engine = create_engine(url)
     writer = Writer(url, new_experiments=milestone != "milestone-4")
     writer.start()
     try:
-        started = time.perf_counter()
-        # verify (with its fingerprint comparison) is timed on its own below
-        result = Runner(engine, options, command="scripts/bench.py").migrate(registry.get(milestone),
-                                                                             verify_after=False)
-        seconds = time.perf_counter() - started
+        with tempfile.NamedTemporaryFile("r") as out:
+            worker = _measured([__file__, "--migrate-worker", _text(url), milestone,
+                                json.dumps(options.as_dict()), out.name])
+            run = json.loads(out.read())
     finally:
         traffic = writer.finish()
     # What the writer added at the very end is taken by a second run, as an operator would
     # (not timed): the next milestone's gate needs this one to verify.
+    engine = create_engine(url)
     Runner(engine, options).migrate(registry.get(milestone))
     engine.dispose()
-    batches = [s for p in result.passes for s in p.batch_seconds]
-    sizes = [s for p in result.passes for s in p.batch_sizes]
-    return {"seconds": round(seconds, 3), "rows": result.rows,
-            "rows_per_second": round(result.rows / seconds) if seconds else None,
+    seconds, timeline = run["seconds"], run["timeline"]
+    batches = [s for _, s, _ in timeline]
+    sizes = [n for _, _, n in timeline]
+    return {"seconds": round(seconds, 3), "rows": run["rows"], "peak_mb": worker.peak_mb,
+            "rows_per_second": round(run["rows"] / seconds) if seconds else None,
             "batches": len(batches),
             "batch_p50_ms": _ms(_percentile(batches, 50)), "batch_p99_ms": _ms(_percentile(batches, 99)),
             "batch_max_ms": _ms(max(batches, default=0)),
             "batch_size_min": min(sizes, default=0), "batch_size_max": max(sizes, default=0),
-            "timeline": [[p.name, round(s, 4), n] for p in result.passes
-                         for s, n in zip(p.batch_seconds, p.batch_sizes, strict=True)],
-            "writer": traffic}
+            "timeline": timeline, "writer": traffic}
 
 
 def _settle(url: sa.URL, vacuum: bool = True) -> float:
@@ -170,35 +184,49 @@ class Command:
     doc: dict[str, Any]  # the --json document
 
 
-# Runs the toolkit's command line and, as it exits, writes the process's peak resident
-# memory. VmHWM, not getrusage: on Linux a child's ru_maxrss keeps the peak of the process
-# it was forked from, here the benchmark's own, which has nothing to do with the toolkit.
+# Runs the toolkit's command line (or this script, for --migrate-worker) and, as it exits,
+# writes the process's peak resident memory. VmHWM, not getrusage: on Linux a child's
+# ru_maxrss keeps the peak of the process it was forked from, here the benchmark's own.
 PEAK_MEMORY_LAUNCHER = """
-import atexit, re, sys
+import atexit, re, runpy, sys
 def _peak(path=sys.argv.pop(1)):
     status = open('/proc/self/status').read()
     open(path, 'w').write(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))
 atexit.register(_peak)
-from toolkit.cli.main import main
-sys.argv[0] = 'toolkit'
-main()
+if sys.argv[1].endswith('.py'):
+    sys.argv.pop(0)
+    runpy.run_path(sys.argv[0], run_name='__main__')
+else:
+    from toolkit.cli.main import main
+    sys.argv[0] = 'toolkit'
+    main()
 """
 
 
-def _toolkit(*args: str) -> Command:
-    """Run ``toolkit --json ARGS`` as an operator would; time it and read its peak memory."""
+def _measured(argv: list[str]) -> Command:
+    """Run ``argv`` under the launcher; its time, peak memory, exit code and stdout (JSON)."""
     with tempfile.TemporaryFile() as stdout, tempfile.NamedTemporaryFile("r") as peak:
         started = time.perf_counter()
-        process = subprocess.run([sys.executable, "-c", PEAK_MEMORY_LAUNCHER, peak.name, "--json", *args],
+        process = subprocess.run([sys.executable, "-c", PEAK_MEMORY_LAUNCHER, peak.name, *argv],
                                  stdout=stdout)
         seconds = time.perf_counter() - started
         peak_kb = int(peak.read() or 0)
         stdout.seek(0)
-        doc = json.loads(stdout.read() or b"{}")
-    if process.returncode not in (ExitCode.OK, ExitCode.VERIFY_FAILED):  # a failed verify is reported
-        raise SystemExit(f"toolkit {' '.join(args[2:] if args[0] == '--database-url' else args)} "
-                         f"failed ({process.returncode}): {doc.get('error')}")
+        output = stdout.read()
+    if argv[0].endswith(".py") and process.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:2])} failed ({process.returncode})")
+    doc = json.loads(output) if output.strip().startswith(b"{") else {}
     return Command(round(seconds, 3), round(peak_kb / 1024, 1), process.returncode, doc)
+
+
+def _toolkit(*args: str) -> Command:
+    """Run ``toolkit --json ARGS`` as an operator would; time it and read its peak memory."""
+    command = _measured(["--json", *args])
+    if command.exit_code not in (ExitCode.OK, ExitCode.VERIFY_FAILED):  # a failed verify is reported
+        shown = args[2:] if args[0] == "--database-url" else args
+        raise SystemExit(f"toolkit {' '.join(shown)} failed ({command.exit_code}): "
+                         f"{command.doc.get('error')}")
+    return command
 
 
 def _text(url: sa.URL) -> str:
@@ -232,7 +260,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--chart", type=Path, metavar="RESULT_JSON",
                         help="only draw the chart of an earlier result (next to it, as .png)")
+    parser.add_argument("--migrate-worker", nargs=4, metavar=("URL", "MILESTONE", "OPTIONS", "OUT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.migrate_worker:
+        migrate_worker(*args.migrate_worker)
+        return
     if args.chart:
         chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))
         return
@@ -297,9 +330,10 @@ def main() -> None:
     finally:
         admin.dispose()
         server.stop()
-    # The process that ran every batched apply, its fingerprints and the writers' threads.
+    # The benchmark's own process: the writer's threads, fingerprints, the untimed re-runs.
     results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     commands = [m[f"{c}_peak_mb"] for m in results["milestones"].values() for c in ("plan", "verify")]
+    commands += [m["batched"]["peak_mb"] for m in results["milestones"].values()]
     commands.append(results["plan_all"]["peak_mb"])
     results["command_peak_mb"] = max(commands, default=None)
     (args.out / f"{args.scale}.json").write_text(json.dumps(results, indent=2))
@@ -348,13 +382,13 @@ def markdown(results: dict[str, Any]) -> str:
         + (f"batch size {results['batch_size']} fixed, " if not results.get("target_batch_ms") else
            f"batches sized toward {results['target_batch_ms']} ms, ")
         + f"seeded in {results['seed_seconds']:.1f} s; `toolkit plan` of all four on it "
-        f"{results['plan_all']['seconds']} s. Peak memory: `toolkit plan`/`verify` "
-        f"{results.get('command_peak_mb')} MB, the benchmark process (every batched apply, "
-        f"fingerprint and writer) {results.get('peak_memory_mb')} MB.",
+        f"{results['plan_all']['seconds']} s. Peak memory of the toolkit (each plan, batched "
+        f"apply and verify its own process): {results.get('command_peak_mb')} MB.",
         "",
         "| milestone | rows | batched s | set-based s | ratio | batches (keys each) | batch p50/p99/max ms "
-        "| writer p99 ms batched | writer p99 ms set-based | plan s | fingerprint s | verify s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| writer p99 ms batched | writer p99 ms set-based | plan s | fingerprint s | verify s "
+        "| MB apply/verify |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in results["milestones"].items():
         b, s = m["batched"], m["set_based"]
@@ -363,7 +397,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{b['batches']} ({b.get('batch_size_min')}-{b.get('batch_size_max')}) | "
             f"{b['batch_p50_ms']}/{b['batch_p99_ms']}/{b['batch_max_ms']} | "
             f"{b['writer']['p99_ms']} | {s['writer']['p99_ms']} | {m['plan_seconds']} | "
-            f"{m['fingerprint_seconds']} | {m['verify_seconds']}{'' if m['verified'] else ' (FAILED)'} |")
+            f"{m['fingerprint_seconds']} | {m['verify_seconds']}{'' if m['verified'] else ' (FAILED)'} | "
+            f"{b.get('peak_mb')}/{m['verify_peak_mb']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,10 +6,11 @@ import pytest
 from helpers import OnePassStep, toolkit_json
 
 from toolkit import milestones as registry
+from toolkit.cli.migrate import DEFAULT_TARGET_BATCH_MS
 from toolkit.engine.sizing import BatchSizer
 from toolkit.milestones.base import Milestone
 
-MS_PER_KEY = 1
+MS_PER_KEY = 2
 
 
 SLOW_PER_KEY = OnePassStep("slow-per-key", "ml_candidate_metrics", f"""
@@ -40,22 +41,23 @@ def test_a_named_batch_size_is_kept_for_every_batch(realistic_db, slow_milestone
 
 
 def test_fast_batches_grow_toward_the_budget(realistic_db, slow_milestone_1):
-    # a key costs at least 1 ms (more: a sleep overshoots), so 400 ms is at most 400 keys,
+    # a key costs at least 2 ms (more: a sleep overshoots), so 600 ms is at most 300 keys,
     # and a size at most doubles past it
-    total, done = _walk(realistic_db, "--batch-size", "100", "--target-batch-ms", "400")
+    total, done = _walk(realistic_db, "--batch-size", "50", "--target-batch-ms", "600")
     sizes = done["batch_sizes"]
-    assert sizes["first"] == 100 and 150 <= sizes["largest"] <= 2 * 400 // MS_PER_KEY, sizes
-    assert done["batches"] < total // 100
+    assert sizes["first"] == 50 and 100 <= sizes["largest"] <= 2 * 600 // MS_PER_KEY, sizes
+    assert done["batches"] < total // 50
 
 
 def test_without_a_size_batches_start_at_a_thousand_keys_and_shrink_to_the_budget(
         realistic_db, slow_milestone_1):
     total, done = _walk(realistic_db)
     sizes = done["batch_sizes"]
-    # 1000 keys take a second, twice the default budget: the next batches are about half
+    # 1000 keys take at least 2 s, twice the default budget: the next batches are half
+    assert DEFAULT_TARGET_BATCH_MS * 2 <= 1000 * MS_PER_KEY
     assert total > 2000 and sizes["first"] == 1000 and sizes["smallest"] <= 600, sizes
     history = realistic_db.scalar("SELECT options FROM toolkit.runs ORDER BY id DESC LIMIT 1")
-    assert history["batch_size"] == 1000 and history["target_batch_ms"] == 500
+    assert history["batch_size"] == 1000 and history["target_batch_ms"] == DEFAULT_TARGET_BATCH_MS
 
 
 def test_the_sizer_moves_at_most_by_half_or_double_and_stays_in_its_bounds():
