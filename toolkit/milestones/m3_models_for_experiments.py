@@ -85,7 +85,7 @@ SELECT count(*) FROM linked"""
 # scan of all of ml_candidates, 1M rows at x25, in every batch; the batch's own key range
 # is never worth that. A batch of more experiments (a set-based run) keeps the planner's
 # choice: there the sequential scan is right.
-INDEXED_READS = "SET LOCAL enable_seqscan = off  -- batches of at most 10000 experiments"
+INDEXED_READS = "-- in batches of at most 10000 experiments\nSET LOCAL enable_seqscan = off"
 INDEXED_READS_UP_TO = 10_000
 
 SET_CANDIDATES = f"""
