@@ -13,6 +13,9 @@ for each milestone in order:
   change with every pass done as one batch, i.e. one set-based statement per pass;
 * the **batched** apply, as an operator runs it, on another copy made the same way, which
   then replaces the original;
+* each of the two ``--repeat`` times (default 3), alternating, each on a fresh copy; the
+  median run of each counts and the table shows the spread: on a 2-core virtual machine
+  one run varies by a tenth, as much as the margin the ratio target leaves;
 * before both, ``VACUUM (ANALYZE)`` and a ``CHECKPOINT``, untimed: a GitLab database is
   vacuumed routinely, and autovacuum catching up on freshly loaded or updated tables, or
   the checkpointer writing what the other run dirtied, would otherwise land in whichever
@@ -146,11 +149,6 @@ def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions) -> dict[str
             run = json.loads(out.read())
     finally:
         traffic = writer.finish()
-    # What the writer added at the very end is taken by a second run, as an operator would
-    # (not timed): the next milestone's gate needs this one to verify.
-    engine = create_engine(url)
-    Runner(engine, options).migrate(registry.get(milestone))
-    engine.dispose()
     seconds, timeline = run["seconds"], run["timeline"]
     batches = [s for _, s, _ in timeline]
     sizes = [n for _, _, n in timeline]
@@ -161,6 +159,38 @@ def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions) -> dict[str
             "batch_max_ms": _ms(max(batches, default=0)),
             "batch_size_min": min(sizes, default=0), "batch_size_max": max(sizes, default=0),
             "timeline": timeline, "writer": traffic}
+
+
+def compare(admin: sa.Engine, url: sa.URL, milestone: str, repeat: int,
+            options: dict[str, RunOptions]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The set-based baseline and the batched apply, each ``repeat`` times; the median run of
+    each (by seconds), with every run's seconds in ``seconds_each``.
+
+    Every run gets a fresh copy of the same settled database, made the same way just
+    before: a copy starts with its pages in shared buffers, so a run on the original would
+    meet a colder cache than one on a copy. The order alternates (S B, B S, S B ...) so that
+    neither kind always follows the other. One run of a 2-core virtual machine's disk varies
+    by a tenth either way; a single pair cannot tell 0.8 from 0.9. The last batched copy,
+    ``bench_batched``, is left for the next milestone to start from.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {"set_based": [], "batched": []}
+    for i in range(repeat):
+        for kind in ("set_based", "batched") if i % 2 == 0 else ("batched", "set_based"):
+            print(f"{milestone}: {kind.replace('_', '-')} run {i + 1} of {repeat} ...", flush=True)
+            copy = _fresh_copy(admin, url, f"bench_{kind}")
+            runs[kind].append(_timed_migrate(copy, milestone, options[kind]))
+    _drop(admin, "bench_set_based")
+    # What the writer added at the very end is taken by a second run, as an operator would
+    # (not timed): the next milestone's gate needs this one to verify.
+    engine = create_engine(url.set(database="bench_batched"))
+    Runner(engine, options["batched"]).migrate(registry.get(milestone))
+    engine.dispose()
+    medians = []
+    for kind in ("set_based", "batched"):
+        ordered = sorted(runs[kind], key=lambda run: run["seconds"])
+        medians.append({**ordered[(len(ordered) - 1) // 2],
+                        "seconds_each": [run["seconds"] for run in runs[kind]]})
+    return medians[0], medians[1]
 
 
 def _settle(url: sa.URL, vacuum: bool = True) -> float:
@@ -255,6 +285,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="fix every batch at this size (default: adaptive, as migrate does)")
     parser.add_argument("--target-batch-ms", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs of each kind per milestone; the median counts (default 3)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=Path("bench-results/sandbox"))
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -284,6 +316,7 @@ def main() -> None:
                                  target_batch_ms=target, statement_timeout_ms=600_000)
     results: dict[str, Any] = {
         "scale": args.scale, "batch_size": args.batch_size, "target_batch_ms": target,
+        "repeat": args.repeat,
         "seed_seconds": seeded.doc["result"]["seconds"], "seed_peak_mb": seeded.peak_mb,
         "counts": seeded.doc["result"]["counts"], "milestones": {}}
     results["vacuum_after_seed_seconds"] = _settle(url)
@@ -301,17 +334,10 @@ def main() -> None:
             fingerprint_seconds = time.perf_counter() - started
             engine.dispose()
 
-            # Both runs get a fresh copy of the same settled database, made the same way
-            # just before: a copy starts with its pages in shared buffers, so a run on the
-            # original would meet a colder cache than one on a copy. The batched copy then
-            # becomes the database the next milestone starts from.
             _settle(url)
-            print(f"{milestone}: set-based baseline ...", flush=True)
-            baseline = _timed_migrate(_fresh_copy(admin, url, "bench_set_based"), milestone,
-                                      RunOptions(batch_size=10**12, statement_timeout_ms=3_600_000))
-            _drop(admin, "bench_set_based")
-            print(f"{milestone}: batched ...", flush=True)
-            batched = _timed_migrate(_fresh_copy(admin, url, "bench_batched"), milestone, batched_options)
+            baseline, batched = compare(admin, url, milestone, args.repeat, {
+                "set_based": RunOptions(batch_size=10**12, statement_timeout_ms=3_600_000),
+                "batched": batched_options})
             _drop(admin, url.database)
             with admin.connect() as conn:
                 conn.execute(sa.text(f'ALTER DATABASE "bench_batched" RENAME TO "{url.database}"'))
@@ -376,6 +402,11 @@ def chart(results: dict[str, Any], path: Path) -> None:
     print(f"chart: {path}")
 
 
+def _spread(run: dict[str, Any]) -> str:
+    each = run.get("seconds_each", [])
+    return f"{run['seconds']} ({min(each)}-{max(each)})" if len(each) > 1 else str(run["seconds"])
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Scale {results['scale']}, "
@@ -383,7 +414,9 @@ def markdown(results: dict[str, Any]) -> str:
            f"batches sized toward {results['target_batch_ms']} ms, ")
         + f"seeded in {results['seed_seconds']:.1f} s; `toolkit plan` of all four on it "
         f"{results['plan_all']['seconds']} s. Peak memory of the toolkit (each plan, batched "
-        f"apply and verify its own process): {results.get('command_peak_mb')} MB.",
+        f"apply and verify its own process): {results.get('command_peak_mb')} MB. "
+        f"Batched and set-based each ran {results.get('repeat', 1)} times, alternating, on fresh "
+        "copies; the median run of each is shown, with the fastest and slowest in brackets.",
         "",
         "| milestone | rows | batched s | set-based s | ratio | batches (keys each) | batch p50/p99/max ms "
         "| writer p99 ms batched | writer p99 ms set-based | plan s | fingerprint s | verify s "
@@ -393,7 +426,7 @@ def markdown(results: dict[str, Any]) -> str:
     for name, m in results["milestones"].items():
         b, s = m["batched"], m["set_based"]
         lines.append(
-            f"| {name} | {b['rows']} | {b['seconds']} | {s['seconds']} | {m['throughput_ratio']} | "
+            f"| {name} | {b['rows']} | {_spread(b)} | {_spread(s)} | {m['throughput_ratio']} | "
             f"{b['batches']} ({b.get('batch_size_min')}-{b.get('batch_size_max')}) | "
             f"{b['batch_p50_ms']}/{b['batch_p99_ms']}/{b['batch_max_ms']} | "
             f"{b['writer']['p99_ms']} | {s['writer']['p99_ms']} | {m['plan_seconds']} | "
