@@ -1,7 +1,7 @@
 """Benchmark: each milestone batched vs. the same change as one set-based statement.
 
-    python scripts/bench.py --scale gitlab-com   # about three minutes
-    python scripts/bench.py --scale x25          # about thirty
+    python scripts/bench.py --scale gitlab-com   # about a minute and a half
+    python scripts/bench.py --scale x25          # about half an hour
 
 Batches are sized as ``toolkit migrate`` sizes them by default (toward a second each);
 ``--batch-size N`` fixes the size instead, ``--target-batch-ms`` changes the budget.
@@ -98,7 +98,7 @@ class Writer(threading.Thread):
                 with self.engine.begin() as conn:
                     self.write(conn)
             except Exception as exc:  # counted, not fatal: a benchmark reports what happened
-                self.errors.append(type(exc).__name__)
+                self.errors.append(type(getattr(exc, "orig", None) or exc).__name__)  # psycopg SQLSTATE class
             self.latencies.append(time.perf_counter() - started)
             time.sleep(0.02)
 
@@ -107,6 +107,7 @@ class Writer(threading.Thread):
         self.join(30)
         self.engine.dispose()
         return {"inserts": len(self.latencies), "errors": len(self.errors),
+                "error_kinds": sorted(set(self.errors)),
                 "p50_ms": _ms(_percentile(self.latencies, 50)),
                 "p99_ms": _ms(_percentile(self.latencies, 99)),
                 "max_ms": _ms(max(self.latencies, default=0))}
