@@ -224,3 +224,13 @@ def sandbox_dir(tmp_path_factory, monkeypatch) -> Iterator[Path]:
     yield path
     SandboxServer(path).destroy()
     shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """What the suite did on purpose (faults injected, rows compared), from ``helpers.TALLY``."""
+    from helpers import TALLY
+
+    if TALLY:
+        terminalreporter.section("what the tests did")
+        for what, count in sorted(TALLY.items()):
+            terminalreporter.write_line(f"{count:>9,}  {what}")

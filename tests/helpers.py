@@ -6,12 +6,17 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 from click.testing import CliRunner, Result
 
 from toolkit.cli.main import cli
 from toolkit.engine.step import KeysetPass, Step, StepPlan
 from toolkit.verify.digest import digests
+
+# What the suite did on purpose, summed up at the end of the run (conftest's terminal
+# summary), so the numbers quoted about fault injection come from a run, not from counting.
+TALLY: Counter[str] = Counter()
 
 ML_AND_OWN = ("packages_packages", "packages_package_files", "ml_candidates", "ml_experiments",
               "ml_models", "ml_candidate_params", "ml_candidate_metrics")
@@ -29,6 +34,8 @@ def toolkit_json(db, *args: str) -> tuple[int, dict]:
 
 def toolkit_process(db, *args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "TOOLKIT_DATABASE_URL": db.url_text, **(env or {})}
+    if any(name.startswith("TOOLKIT_FAULT_") for name in env or {}):
+        TALLY["runs killed with SIGKILL by fault injection"] += 1
     return subprocess.run([sys.executable, "-m", "toolkit", *args], env=full_env,
                           capture_output=True, text=True, timeout=300, **kwargs)
 

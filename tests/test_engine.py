@@ -9,7 +9,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from helpers import OnePassStep, own_schema_exists, snapshot, toolkit, toolkit_json, toolkit_process
+from helpers import TALLY, OnePassStep, own_schema_exists, snapshot, toolkit, toolkit_json, toolkit_process
 
 from toolkit import milestones as registry
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
@@ -102,6 +102,7 @@ def test_ctrl_c_stops_at_a_batch_boundary_and_the_next_run_resumes(realistic_db)
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
+    TALLY["runs interrupted with SIGINT (Ctrl-C)"] += 1
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == ExitCode.INTERRUPTED, stderr
     assert "run the same command again to resume" in stderr

@@ -12,7 +12,7 @@ import random
 import signal
 
 import pytest
-from helpers import resolve_m1_anomalies, toolkit, toolkit_json, toolkit_process
+from helpers import TALLY, resolve_m1_anomalies, toolkit, toolkit_json, toolkit_process
 
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
 from toolkit.verify.fingerprint import take
@@ -43,6 +43,12 @@ def _end_state(db) -> tuple:
         fingerprint = take(conn)
         conn.rollback()
     return fingerprint.tables, fingerprint.mlflow, fingerprint.source, _ledgers(db)
+
+
+def _rows(end_state: tuple) -> int:
+    """How many rows an end-state comparison covered: the ML tables and the toolkit's ledgers."""
+    tables, _, _, ledgers = end_state
+    return sum(t["rows"] for t in tables.values() if t) + sum(len(rows) for rows in ledgers.values())
 
 
 def _before(milestone: str, make_database):
@@ -82,4 +88,5 @@ def test_a_kill_at_a_random_batch_of_every_data_step_resumes_to_the_uninterrupte
             assert resumed.returncode == 0, (name, kill_after, resumed.stdout, resumed.stderr)
             assert _end_state(killed) == expected, (name, kill_after)
             kills += 1
+            TALLY["rows compared after a kill and a resume (kill matrix)"] += _rows(expected)
     assert kills == len(ranges) * len(SEEDS)
