@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
+import sys
+
 import pytest
 from helpers import resolve_m1_anomalies, schema_snapshot, snapshot, toolkit, toolkit_json, toolkit_process
 
@@ -65,6 +70,35 @@ def test_refused_without_confirmation(ready):
     assert "needs confirmation" in result.output and "--yes" in result.output
     assert db.scalar("SELECT to_regclass('toolkit.m4_archived_ddl') IS NULL "
                      "OR NOT EXISTS (SELECT 1 FROM toolkit.m4_archived_ddl)")
+
+
+def _typed_at_the_prompt(db, typed: str) -> tuple[int, str]:
+    """``migrate milestone-4`` in a terminal (a pseudo-terminal on stdin), answering ``typed``."""
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "TOOLKIT_DATABASE_URL": db.url_text}
+    process = subprocess.Popen([sys.executable, "-m", "toolkit", "migrate", "milestone-4"], env=env,
+                               stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    os.close(secondary)
+    try:
+        os.write(primary, typed.encode() + b"\n")
+        output, _ = process.communicate(timeout=120)
+    finally:
+        os.close(primary)
+    return process.returncode, output
+
+
+def test_typing_the_database_name_at_the_prompt_confirms_and_anything_else_refuses(ready):
+    db = ready()
+    before = snapshot(db, TABLES)
+    code, output = _typed_at_the_prompt(db, "gitlabhq_production")
+    assert code == ExitCode.REFUSED, output
+    assert f"DROPS tables in '{db.name}'" in output and "the name typed is not the database's" in output
+    assert snapshot(db, TABLES) == before
+    assert db.scalar("SELECT to_regclass('ml_experiments') IS NOT NULL")
+
+    code, output = _typed_at_the_prompt(db, db.name)
+    assert code == 0, output
+    assert db.scalar("SELECT to_regclass('ml_experiments') IS NULL")
 
 
 @pytest.mark.parametrize(("change", "expected"), [
