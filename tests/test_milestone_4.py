@@ -101,6 +101,15 @@ def test_typing_the_database_name_at_the_prompt_confirms_and_anything_else_refus
     assert db.scalar("SELECT to_regclass('ml_experiments') IS NULL")
 
 
+def test_a_run_that_would_be_refused_does_not_ask_for_confirmation(ready):
+    db = ready()
+    db.execute("UPDATE ml_candidates SET model_id = NULL WHERE id = (SELECT min(id) FROM ml_candidates)")
+    code, output = _typed_at_the_prompt(db, db.name)
+    assert code == ExitCode.REFUSED, output
+    assert "does not verify" in output and "Type the database name" not in output
+    assert db.scalar("SELECT to_regclass('ml_experiments') IS NOT NULL")
+
+
 @pytest.mark.parametrize(("change", "expected"), [
     ("INSERT INTO ml_experiments (created_at, updated_at, iid, project_id, name) "
      "SELECT now(), now(), 999, min(id), 'late arrival' FROM projects",

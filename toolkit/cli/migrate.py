@@ -166,10 +166,12 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
         out.say("Dry run: nothing was written.")
         app().finish({"dry_run": True, "milestones": [_plan_doc(result)]})
         return
-    if chosen.confirm and not yes:
-        _confirm_destructive(chosen)
-    out.say(f"Applying {chosen.name}: {chosen.title}")
-    result = runner.migrate(chosen, verify_after=not no_verify)
+    def go_ahead() -> None:
+        if chosen.confirm and not yes:
+            _confirm_destructive(chosen)
+        out.say(f"Applying {chosen.name}: {chosen.title}")
+
+    result = runner.migrate(chosen, verify_after=not no_verify, go_ahead=go_ahead)
     _report_apply(result)
     if result.verify is not None and not result.verify.ok:
         failure = result.verify.failure()

@@ -199,12 +199,18 @@ class Runner:
             check_privileges(conn, milestone.updates, milestone.reads)
             conn.rollback()
 
-    def migrate(self, milestone: Milestone, *, verify_after: bool = True) -> ApplyResult:
+    def migrate(self, milestone: Milestone, *, verify_after: bool = True,
+                go_ahead: Callable[[], None] | None = None) -> ApplyResult:
+        """Apply ``milestone``. ``go_ahead`` runs once the gate and the preconditions hold and
+        before anything is written (it raises to refuse), so an operator is never asked to
+        confirm a run that would be refused anyway."""
         self._prepare_write(milestone)
         with self.read_only() as conn:
             gate = self._gate(conn, milestone)
         if not gate.ok:
             raise gate.refusal(milestone)
+        if go_ahead is not None:
+            go_ahead()
         with self.engine.connect() as conn:
             ensure_own_tables(conn)
         passes = [p for step in milestone.steps for p in step.forward()]
