@@ -85,7 +85,9 @@ def demo(seed_value: int, batch_size: int) -> None:
             if failed:
                 raise VerificationFailed(f"rollback of {milestone.name}: {failed[0].detail}",
                                          failed[0].remedy)
-            out.say(f"   {milestone.name}: rolled back ({result.rows} rows restored or removed)")
+            undone = sum(1 for p in result.passes if p.schema_change and p.changed)
+            out.say(f"   {milestone.name}: rolled back ({result.rows} rows restored or removed, "
+                    f"{undone} schema changes undone)")
             stages.append({"stage": f"rollback {milestone.name}", "rows": result.rows, "ok": True})
 
         out.say("6. Compare the fingerprint with the one taken before step 3:")
