@@ -30,6 +30,9 @@ def test_demo_runs_the_whole_blueprint_and_comes_back_identical(sandbox_dir):
         "migrate milestone-1", "migrate milestone-2", "migrate milestone-3", "migrate milestone-4",
         "rollback milestone-4", "rollback milestone-3", "rollback milestone-2", "rollback milestone-1"]
     assert all(s["ok"] for s in doc["result"]["stages"])
+    runs = json.loads(run("--json", "history").output)["result"]["runs"]
+    assert [r["command"] for r in reversed(runs)] == [
+        f"toolkit demo ({stage['stage']})" for stage in doc["result"]["stages"]]
 
 
 def test_no_database_and_no_sandbox_is_refused_with_the_next_step(sandbox_dir):

@@ -76,6 +76,8 @@ def test_killed_run_resumes_to_the_same_end_state_as_an_uninterrupted_one(make_d
     assert checkpoint == [(walked[14], 3, None)]
     assert killed.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") > 0
     assert killed.scalar("SELECT outcome FROM toolkit.runs") == "running"  # died without a word
+    history = toolkit(killed, "history")
+    assert "stopped unrecorded" in history.output and "run the same command again" in history.output
 
     resumed = toolkit_process(killed, "migrate", "milestone-1", "--batch-size", "5")
     assert resumed.returncode == 0, resumed.stderr
@@ -208,6 +210,7 @@ def test_history_records_who_ran_what_and_how_it_ended(realistic_db):
     assert "postgresql://" not in str(runs)
     history = toolkit_json(realistic_db, "history")[1]["result"]["runs"]
     assert [h["outcome"] for h in history] == ["succeeded", "succeeded"]
+    assert all(h["finished_at"] >= h["started_at"] for h in history)
 
 
 def test_max_batches_does_part_of_the_work_and_status_shows_the_checkpoint(realistic_db):

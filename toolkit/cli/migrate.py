@@ -14,6 +14,7 @@ from toolkit.cli import render
 from toolkit.cli.context import app
 from toolkit.engine import state
 from toolkit.engine.batches import RunOptions
+from toolkit.engine.locks import runner_lock_holders
 from toolkit.engine.runner import ApplyResult, PlanResult, Runner
 from toolkit.engine.step import KeysetPass
 from toolkit.errors import PreconditionRefused, VerificationFailed
@@ -353,6 +354,12 @@ def status() -> None:
     app().finish({"milestones": report})
 
 
+def _took(run: dict) -> str:
+    if run["finished_at"] is None:
+        return "-"
+    return f"{(run['finished_at'] - run['started_at']).total_seconds():.1f}s"
+
+
 @click.command()
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 def history(limit: int) -> None:
@@ -362,12 +369,24 @@ def history(limit: int) -> None:
     """
     with app().engine().connect() as conn:
         runs = state.history(conn, limit)
+        somebody_running = bool(runner_lock_holders(conn))
+    # A run killed outright (kill -9, a lost host) never recorded how it ended. Only the
+    # newest unfinished run can still be going, and only while a runner holds the lock.
+    unfinished = [r["id"] for r in runs if r["outcome"] == "running"]
+    live = max(unfinished) if unfinished and somebody_running else None
+    for r in runs:
+        if r["outcome"] == "running" and r["id"] != live:
+            r["outcome"] = "stopped unrecorded"
+            r["error"] = r["error"] or "ended without recording how (killed?); run the same command again"
     out.table(
-        ["id", "started", "command", "user", "outcome", "rows"],
-        [[r["id"], r["started_at"].strftime("%Y-%m-%d %H:%M:%S"), r["command"],
+        ["id", "started", "took", "command", "user", "outcome", "rows"],
+        [[r["id"], r["started_at"].strftime("%Y-%m-%d %H:%M:%S"), _took(r), r["command"],
           f"{r['os_user']}@{r['host']} as {r['database_user']}", r["outcome"],
-          sum(r["rows_by_step"].values())] for r in runs],
+          sum((r["rows_by_step"] or {}).values())] for r in runs],
     )
+    for r in runs:
+        if r["error"]:
+            out.say(f"run {r['id']}: {r['error']}")
     if not runs:
         out.say("No runs recorded yet.")
     app().finish({"runs": runs})

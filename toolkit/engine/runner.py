@@ -258,12 +258,21 @@ class Runner:
         self._finish(result, outcome)
         return result, checks
 
+    def _recorded_command(self, verb: str, milestone: Milestone) -> str:
+        """The command for history. One that runs several milestones (``toolkit demo``) gets
+        the part this run was, so history still says what each of its runs did."""
+        if not self.command:
+            return f"toolkit {verb} {milestone.name}"
+        if milestone.name in self.command:
+            return self.command
+        return f"{self.command} ({verb} {milestone.name})"
+
     def _run_passes(self, milestone: Milestone, passes: list[Action], state_during: str | None,
                     verb: str, before: Callable[[Milestone], None] | None = None) -> ApplyResult:
         label = f"toolkit {verb} {milestone.name}"
         with RunnerLock(self.engine, label, self.lock_wait_s):
             with self.engine.connect() as conn:
-                run_id = state.start_run(conn, self.command or label, milestone.name,
+                run_id = state.start_run(conn, self._recorded_command(verb, milestone), milestone.name,
                                          self.options.as_dict())
                 if state_during:
                     state.set_milestone_state(conn, milestone.name, state_during, run_id)
