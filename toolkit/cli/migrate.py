@@ -193,12 +193,14 @@ def _confirm_destructive(chosen: Milestone) -> None:
         raise PreconditionRefused("Not confirmed: the name typed is not the database's", next_step)
 
 
-def _report_apply(result: ApplyResult) -> None:
+def _report_apply(result: ApplyResult, *, undoing: bool = False) -> None:
+    done, nothing_to_do = ("schema change undone", "already undone") if undoing else \
+        ("schema changed", "already in place")
     for p in result.passes:
         if not p.complete:
             out.say(f"  {p.name}: stopped ({p.stopped}) after {p.rows} rows in {p.batches} batches")
         elif p.schema_change:
-            out.say(f"  {p.name}: {'schema changed' if p.changed else 'already in place'}")
+            out.say(f"  {p.name}: {done if p.changed else nothing_to_do}")
         else:
             sizes = _size_range(p.batch_sizes)
             spread = (f" of {sizes['smallest']} to {sizes['largest']} keys"
@@ -245,7 +247,7 @@ def rollback(milestone: str, **opts: Any) -> None:
     chosen = registry.get(milestone)
     out.say(f"Rolling back {chosen.name}: {chosen.title}")
     result, checks = _runner(opts).rollback(chosen)
-    _report_apply(result)
+    _report_apply(result, undoing=True)
     render.checks(checks)
     doc = {**_apply_doc(result), "checks": [c.as_dict() for c in checks]}
     failed = [c for c in checks if not c.ok]
