@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
@@ -20,16 +21,24 @@ from toolkit.errors import (
     DatabaseProblem,
     LockUnavailable,
     PreconditionRefused,
+    SessionLost,
     ToolkitError,
     UsageProblem,
     redact,
 )
 
 DATABASE_URL_ENV = "TOOLKIT_DATABASE_URL"
+READ_TIMEOUT_ENV = "TOOLKIT_READ_TIMEOUT_S"
 APPLICATION_NAME = "toolkit"
-# Every session of the toolkit waits at most this long for a lock (batches set their own,
-# shorter, limit): a read must fail clearly rather than queue behind an ACCESS EXCLUSIVE lock.
-SESSION_LOCK_TIMEOUT_MS = 5000
+# Every transaction of the toolkit waits at most this long for a lock (batches set their
+# own, shorter, limit): a read must fail clearly rather than queue behind an ACCESS EXCLUSIVE lock.
+DEFAULT_LOCK_TIMEOUT_MS = 5000
+# Every transaction's statement_timeout unless it sets its own (batches, schema changes):
+# long enough for a fingerprint of a large database, and never the role's own setting
+# (GitLab.com gives its role 15 s), which would cut verify off after the work was committed.
+DEFAULT_READ_TIMEOUT_S = 600
+# A connection option carrying one transaction's (lock_timeout, statement_timeout) in ms.
+TIMEOUTS_OPTION = "toolkit_timeouts"
 
 
 @dataclass(frozen=True)
@@ -78,15 +87,50 @@ def resolve_target(url_option: str | None) -> Target:
     return Target(parse_url(status.url()), "sandbox")
 
 
-def create_engine(target: Target | URL | str, **kwargs: object) -> Engine:
+def read_timeout_ms() -> int:
+    raw = os.environ.get(READ_TIMEOUT_ENV)
+    try:
+        seconds = float(raw) if raw else DEFAULT_READ_TIMEOUT_S
+    except ValueError:
+        raise UsageProblem(f"{READ_TIMEOUT_ENV}={raw!r} is not a number of seconds",
+                           f"set {READ_TIMEOUT_ENV} to seconds, e.g. 600 (0 for none)") from None
+    return int(seconds * 1000)
+
+
+def create_engine(target: Target | URL | str, *, read_timeout: int | None = None,
+                  **kwargs: object) -> Engine:
+    """An engine whose sessions carry nothing that could outlive a transaction.
+
+    No ``options`` startup parameter (PgBouncer refuses it) and no session-level SET: each
+    transaction sets its own ``lock_timeout`` and ``statement_timeout`` with
+    ``set_config(..., true)`` when it begins, so a pooled server connection handed on to
+    GitLab keeps the server's defaults. No server-side prepared statements (psycopg's
+    ``prepare_threshold``), which collide on a pooler's shared backends. ``pool_pre_ping``
+    replaces a pooled connection that ``idle_session_timeout`` or a restart ended.
+    """
     if isinstance(target, Target):
         url = target.url
     else:
         url = parse_url(target) if isinstance(target, str) else target
     connect_args = {"application_name": APPLICATION_NAME, "connect_timeout": 10,
-                    "options": f"-c lock_timeout={SESSION_LOCK_TIMEOUT_MS}"}
+                    "prepare_threshold": None}
     connect_args.update(kwargs.pop("connect_args", {}))  # type: ignore[arg-type]
-    return sa.create_engine(url, connect_args=connect_args, pool_pre_ping=False, **kwargs)
+    engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **kwargs)
+    statement_ms = read_timeout_ms() if read_timeout is None else read_timeout
+    defaults = (DEFAULT_LOCK_TIMEOUT_MS, statement_ms)
+
+    @event.listens_for(engine, "begin")
+    def _transaction_timeouts(conn: Connection) -> None:
+        options = conn.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":
+            return  # no transaction to scope a setting to; see engine.ddl for CONCURRENTLY
+        lock_ms, statement_ms = options.get(TIMEOUTS_OPTION, defaults)
+        conn.exec_driver_sql(
+            "SELECT set_config('lock_timeout', %(l)s, true), "
+            "set_config('statement_timeout', %(s)s, true)",
+            {"l": f"{lock_ms}ms", "s": f"{statement_ms}ms"})
+
+    return engine
 
 
 @contextmanager
@@ -107,15 +151,56 @@ def database_errors(target: Target | None = None) -> Iterator[None]:
 _PRIVILEGE_STATES = {"42501", "25006"}
 
 
+# The server ended the session or cannot serve it now: an interruption, not a refusal.
+SESSION_ENDED_STATES = {
+    "57P01": "the session was terminated (pg_terminate_backend, or a fast shutdown)",
+    "57P02": "the server crashed or was stopped in immediate mode",
+    "57P03": "the server cannot accept connections yet (starting up, or recovering)",
+    "57P05": "the session was idle longer than idle_session_timeout",
+}
+# Only once a run has started writing on a primary (its preflight refuses a replica).
+BECAME_READ_ONLY = "25006"
+
+
+def session_lost(exc: BaseException, *, during_run: bool = False) -> str | None:
+    """Why the database side went away, when it did; None for any other error."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    code = getattr(exc.orig, "sqlstate", None) or ""
+    if during_run and code == BECAME_READ_ONLY:
+        return "the server became read-only (a failover or switchover?)"
+    if code in SESSION_ENDED_STATES:
+        return SESSION_ENDED_STATES[code]
+    if code.startswith("08") or (exc.connection_invalidated and not code):
+        return "the connection was lost"
+    return None
+
+
+def first_line(exc: DBAPIError, secrets: tuple[str, ...] = ()) -> str:
+    orig = exc.orig
+    return redact(str(orig).strip().splitlines()[0] if str(orig).strip() else repr(orig), secrets)
+
+
+def lost_session_error(exc: DBAPIError, why: str, where: str,
+                       secrets: tuple[str, ...] = ()) -> SessionLost:
+    return SessionLost(
+        f"Interrupted: {why} ({first_line(exc, secrets)}) on {where}",
+        "everything committed before it is kept (a migrate or rollback keeps every batch up to "
+        "the last one committed); run the same command again to resume, or add --reconnect N "
+        "to let it resume by itself")
+
+
 def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> ToolkitError:
     orig = exc.orig
     sqlstate = getattr(orig, "sqlstate", None)
-    first = redact(str(orig).strip().splitlines()[0] if str(orig).strip() else repr(orig), secrets)
+    first = first_line(exc, secrets)
     if sqlstate == "42501":
         return DatabaseProblem(
             f"Permission denied on {where}: {first}",
             "run as the GitLab database owner (the role that runs GitLab's migrations)",
         )
+    if (why := session_lost(exc)) and not _never_connected(exc):
+        return lost_session_error(exc, why, where, secrets)
     if sqlstate == "25006":
         return DatabaseProblem(
             f"{where} is read-only (a replica or a read-only session): {first}",
@@ -142,6 +227,12 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
         f"Cannot use {where}: {first}",
         "check that the server is up and reachable, and the URL (host, port, user, database)",
     )
+
+
+def _never_connected(exc: DBAPIError) -> bool:
+    """A failure to connect at all (server down, wrong host) says so plainly instead."""
+    text = str(exc.orig)
+    return "connection failed" in text or "could not connect" in text or "Connection refused" in text
 
 
 def server_version(conn: Connection) -> int:

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     LOCKED = 4
     DATABASE = 5
     INTERNAL = 70
+    SESSION_LOST = 75  # sysexits' EX_TEMPFAIL: try again
     INTERRUPTED = 130
 
 
@@ -30,6 +31,9 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.LOCKED: "a lock could not be had or a statement timed out; the current batch was rolled back",
     ExitCode.DATABASE: "the database could not be reached or used (connection, authentication, privileges)",
     ExitCode.INTERNAL: "an unexpected internal error (a bug: please report it with TOOLKIT_DEBUG=1 output)",
+    ExitCode.SESSION_LOST: "the database ended the session or the run lost its hold on the runner lock "
+                           "(restart, failover, terminated session, lost connection); everything "
+                           "committed is kept: run the same command again, or pass --reconnect N",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C or signal); progress up to the last batch is kept",
 }
 
@@ -69,6 +73,13 @@ class LockUnavailable(ToolkitError):
 
 class DatabaseProblem(ToolkitError):
     exit_code = ExitCode.DATABASE
+
+
+class SessionLost(ToolkitError):
+    """The database side went away (or took the runner's hold with it): not an error in the
+    data, an interruption that the same command resumes from."""
+
+    exit_code = ExitCode.SESSION_LOST
 
 
 class Interrupted(ToolkitError):

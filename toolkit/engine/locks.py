@@ -4,7 +4,10 @@ The runner lock is a session-level advisory lock taken with ``pg_try_advisory_lo
 *polled*: a blocking ``pg_advisory_lock`` could deadlock with CREATE INDEX CONCURRENTLY,
 which waits for every older transaction (including a waiting lock request) to finish.
 It lives on a connection of its own in autocommit mode, so it is never idle in a
-transaction, and it disappears with the session if the process is killed.
+transaction, and it disappears with the session if the process is killed. That session
+turns ``idle_session_timeout`` off for itself (it is idle by design); a session that ends
+anyway (a DBA, a restart) takes the lock with it, which the lease (``lease.py``) turns
+into a run that commits nothing more.
 """
 
 from __future__ import annotations
@@ -82,18 +85,19 @@ class RunnerLock:
     label: str
     wait_s: float = 10.0
     poll_s: float = 0.5
+    backend_pid: int | None = None
     _conn: Connection | None = None
 
     def __enter__(self) -> RunnerLock:
         conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        conn.execute(sa.text("SELECT set_config('application_name', :n, false)"),
-                     {"n": self.label[:63]})
+        conn.execute(sa.text("SELECT set_config('application_name', :n, false), "
+                             "set_config('idle_session_timeout', '0', false)"), {"n": self.label[:63]})
         deadline = time.monotonic() + self.wait_s
         while True:
-            got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:c, :o)"),
-                               {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]}).scalar_one()
+            got, pid = conn.execute(sa.text("SELECT pg_try_advisory_lock(:c, :o), pg_backend_pid()"),
+                                    {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]}).one()
             if got:
-                self._conn = conn
+                self._conn, self.backend_pid = conn, pid
                 return self
             if time.monotonic() >= deadline:
                 holders = runner_lock_holders(conn)

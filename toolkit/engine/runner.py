@@ -27,6 +27,7 @@ from toolkit.engine.batches import (
 )
 from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
 from toolkit.engine.locks import RunnerLock
+from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import check_gitlab_schema, check_privileges, check_writable
 from toolkit.engine.step import Action, Check, StepPlan
 from toolkit.errors import Interrupted, PreconditionRefused, ToolkitError, VerificationFailed, redact
@@ -198,6 +199,7 @@ class Runner:
             check_writable(conn)
             check_privileges(conn, milestone.updates, milestone.reads)
             conn.rollback()
+        refuse_transaction_pooling(self.engine)
 
     def migrate(self, milestone: Milestone, *, verify_after: bool = True,
                 go_ahead: Callable[[], None] | None = None) -> ApplyResult:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     DateTime,
     Identity,
+    Integer,
     MetaData,
     SmallInteger,
     Table,
@@ -41,6 +43,19 @@ runs = Table(
     Column("outcome", Text, nullable=False, server_default=text("'running'")),
     Column("rows_by_step", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("error", Text),
+    Column("last_batch_at", DateTime(timezone=True)),  # its last commit: when it really stopped
+)
+
+# One row: who may commit now (engine/lease.py).
+runner_lease = Table(
+    "runner_lease", metadata,
+    Column("id", SmallInteger, primary_key=True),
+    Column("token", BigInteger, nullable=False, server_default=text("0")),
+    Column("run_id", BigInteger),
+    Column("holder_pid", Integer),
+    Column("holder", Text),
+    Column("acquired_at", DateTime(timezone=True)),
+    CheckConstraint("id = 1", name="runner_lease_one_row"),
 )
 
 checkpoints = Table(

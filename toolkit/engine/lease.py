@@ -1,0 +1,125 @@
+"""The exclusive right to run: an advisory lock to get in, a fenced lease to commit.
+
+The advisory lock alone is not enough on a production server: it lives on an idle
+session that a DBA may terminate, ``idle_session_timeout`` may reap, or a restart ends,
+and nothing tells the run. A second run could then take the lock while the first goes
+on writing. So a run that holds the advisory lock also *claims the lease*: it bumps the
+fencing token in ``toolkit.runner_lease`` and records which backend holds the lock. From
+then on every commit on the run's engine first reads that row ``FOR SHARE`` and refuses
+(:class:`HoldLost`, rolling the transaction back) unless the token is still the run's own
+and that backend still holds the advisory lock.
+
+Why that is airtight: the check holds a share lock on the lease row until the commit
+completes, and a new run must *update* that row to claim the lease, so it cannot claim
+it between another run's check and that run's commit. Once it has, the old token fails
+every later check. Statements that run outside a transaction (CREATE INDEX
+CONCURRENTLY) check the lease just before they start (:meth:`Hold.check`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from toolkit.engine.locks import RUNNER_LOCK_KEYS, RunnerLock
+from toolkit.errors import SessionLost
+from toolkit.schema.own import SCHEMA
+
+# A connection option: this commit writes only the run's own history row, which must be
+# recorded even after the hold is lost (it says how the run ended).
+UNFENCED = "toolkit_unfenced"
+
+_CHECK = sa.text(f"""
+    SELECT l.token, l.holder_pid, l.holder,
+           EXISTS (SELECT 1 FROM pg_locks k
+                   WHERE k.locktype = 'advisory' AND k.classid = :c AND k.objid = :o
+                     AND k.objsubid = 2 AND k.granted AND k.pid = l.holder_pid
+                     AND k.database = (SELECT oid FROM pg_database
+                                       WHERE datname = current_database())) AS held
+    FROM {SCHEMA}.runner_lease l WHERE l.id = 1 FOR SHARE OF l
+""")
+
+
+class HoldLost(SessionLost):
+    """The run no longer holds the runner lock: it commits nothing more."""
+
+
+def describe_self(label: str) -> str:
+    """Who this run is, as another run (or a DBA) needs to find it."""
+    return f"{label} (pid {os.getpid()} on {socket.gethostname()})"
+
+
+@dataclass
+class Hold:
+    """Use as a context manager around a run; :meth:`claim` once the own tables exist."""
+
+    engine: Engine
+    label: str
+    wait_s: float = 10.0
+    token: int | None = None
+    lock_pid: int | None = None
+    commits_checked: int = 0
+    _lock: RunnerLock | None = field(default=None, repr=False)
+
+    def __enter__(self) -> Hold:
+        self._lock = RunnerLock(self.engine, self.label, self.wait_s).__enter__()
+        self.lock_pid = self._lock.backend_pid
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            event.remove(self.engine, "commit", self._fence)
+            self.token = None
+        if self._lock is not None:
+            self._lock.__exit__(*exc)
+            self._lock = None
+
+    def claim(self, conn: Connection, run_id: int | None = None) -> int:
+        """Take the lease (after any earlier holder's last commit) and fence every commit."""
+        self.token = conn.execute(sa.text(f"""
+            UPDATE {SCHEMA}.runner_lease SET token = token + 1, holder_pid = :pid, holder = :who,
+                   run_id = :run, acquired_at = clock_timestamp()
+            WHERE id = 1 RETURNING token
+        """), {"pid": self.lock_pid, "who": describe_self(self.label), "run": run_id}).scalar_one()
+        conn.commit()  # not yet fenced: the listener comes next
+        event.listen(self.engine, "commit", self._fence)
+        return self.token
+
+    def record_run(self, conn: Connection, run_id: int) -> None:
+        conn.execute(sa.text(f"UPDATE {SCHEMA}.runner_lease SET run_id = :r WHERE id = 1"), {"r": run_id})
+
+    def check(self, conn: Connection) -> None:
+        """Raise :class:`HoldLost` unless this run still holds the lease; inside a
+        transaction the row stays share-locked until it ends."""
+        row = conn.execute(_CHECK, {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]}).one()
+        self.commits_checked += 1
+        if row.token != self.token:
+            raise HoldLost(
+                f"This run lost the runner lock: another run took it over ({row.holder}); "
+                "nothing more of this run was committed",
+                "see `toolkit history` for both runs; when the other one has finished, run the "
+                "same command again if it is still needed",
+                details={"holder": row.holder, "token": row.token, "ours": self.token})
+        if not row.held:
+            raise HoldLost(
+                f"This run lost the runner lock: its lock session (server pid {self.lock_pid}) "
+                "ended (terminated by a DBA, idle_session_timeout, or a server restart); nothing "
+                "more of this run was committed",
+                "everything committed before is kept; run the same command again to resume, or "
+                "add --reconnect N to let it resume by itself")
+
+    def _fence(self, conn: Connection) -> None:
+        options: dict[str, Any] = conn.get_execution_options()
+        if options.get(UNFENCED) or options.get("postgresql_readonly"):
+            return
+        try:
+            self.check(conn)
+        except HoldLost:
+            conn.rollback()
+            raise
