@@ -20,7 +20,7 @@ from toolkit.verify.fingerprint import take
 MILESTONES = ("milestone-1", "milestone-2", "milestone-3", "milestone-4")
 SEEDS = (3, 17)
 BATCH_SIZE = "4"
-BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version")
+BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version", "runner_lease")
 
 
 def _ledgers(db) -> dict[str, list]:

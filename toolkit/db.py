@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 
+from toolkit.conninfo import render as render_url
+from toolkit.conninfo import to_url as conninfo_to_url
 from toolkit.errors import (
     DatabaseProblem,
     LockUnavailable,
@@ -37,7 +39,8 @@ DEFAULT_LOCK_TIMEOUT_MS = 5000
 # long enough for a fingerprint of a large database, and never the role's own setting
 # (GitLab.com gives its role 15 s), which would cut verify off after the work was committed.
 DEFAULT_READ_TIMEOUT_S = 600
-# A connection option carrying one transaction's (lock_timeout, statement_timeout) in ms.
+# A connection option carrying each of its transactions' (lock_timeout, statement_timeout)
+# in ms; None keeps the default for that one.
 TIMEOUTS_OPTION = "toolkit_timeouts"
 
 
@@ -51,24 +54,19 @@ class Target:
         return (self.url.password,) if self.url.password else ()
 
     def describe(self) -> str:
-        return self.url.set(drivername="postgresql").render_as_string(hide_password=True)
+        """The URL as libpq reads it, every host listed, the password masked."""
+        return render_url(self.url)
 
 
 def parse_url(raw: str) -> URL:
-    """Accept the URL forms operators have at hand (libpq's ``postgres://`` included)."""
-    try:
-        url = make_url(raw.strip())
-    except ArgumentError as exc:
-        raise UsageProblem(
-            f"Cannot parse the database URL {redact(raw)!r}",
-            "give a URL like postgresql://user@host:5432/gitlabhq_production",
-        ) from exc
-    if url.get_backend_name() not in ("postgresql", "postgres"):
-        raise UsageProblem(
-            f"The toolkit works on PostgreSQL only, not {url.get_backend_name()!r}",
-            "give a postgresql:// URL of the GitLab database",
-        )
-    return url.set(drivername="postgresql+psycopg")
+    """Accept every connection string libpq accepts, parsed by libpq itself.
+
+    Several hosts (``postgresql://u@h1:5432,h2:5432/db?target_session_attrs=read-write``),
+    keyword/value conninfo, Unix socket directories, ``postgres://`` and libpq's query
+    parameters (passed through to it); see :mod:`toolkit.conninfo`. Anything else is a
+    one-line :class:`UsageProblem`, the password masked.
+    """
+    return conninfo_to_url(raw)
 
 
 def resolve_target(url_option: str | None) -> Target:
@@ -128,7 +126,8 @@ def create_engine(target: Target | URL | str, *, read_timeout: int | None = None
         conn.exec_driver_sql(
             "SELECT set_config('lock_timeout', %(l)s, true), "
             "set_config('statement_timeout', %(s)s, true)",
-            {"l": f"{lock_ms}ms", "s": f"{statement_ms}ms"})
+            {"l": f"{defaults[0] if lock_ms is None else lock_ms}ms",
+             "s": f"{defaults[1] if statement_ms is None else statement_ms}ms"})
 
     return engine
 
@@ -199,7 +198,7 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
             f"Permission denied on {where}: {first}",
             "run as the GitLab database owner (the role that runs GitLab's migrations)",
         )
-    if (why := session_lost(exc)) and not _never_connected(exc):
+    if (why := session_lost(exc)) and not cannot_connect(exc):
         return lost_session_error(exc, why, where, secrets)
     if sqlstate == "25006":
         return DatabaseProblem(
@@ -229,8 +228,10 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
     )
 
 
-def _never_connected(exc: DBAPIError) -> bool:
+def cannot_connect(exc: BaseException) -> bool:
     """A failure to connect at all (server down, wrong host) says so plainly instead."""
+    if not isinstance(exc, DBAPIError):
+        return False
     text = str(exc.orig)
     return "connection failed" in text or "could not connect" in text or "Connection refused" in text
 

@@ -68,6 +68,11 @@ def run_options(func: Callable) -> Callable:
                      help="Retries of a schema change after a lock timeout (backoff up to 5 s)."),
         click.option("--lock-wait", type=click.FloatRange(0), default=10.0, show_default=True,
                      metavar="SECONDS", help="How long to poll for the one-runner lock."),
+        click.option("--reconnect", type=click.IntRange(0), default=0, show_default=True, metavar="N",
+                     help="When the database ends the session (restart, failover, a terminated "
+                          "session, idle_session_timeout), resume by itself up to N times, "
+                          "waiting 1 s, 2 s, 4 s ... (at most 30 s) and connecting to whichever "
+                          "host is the primary. Without it such a run stops with exit code 75."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -379,7 +384,10 @@ def history(limit: int) -> None:
     for r in runs:
         if r["outcome"] == "running" and r["id"] != live:
             r["outcome"] = "stopped unrecorded"
-            r["error"] = r["error"] or "ended without recording how (killed?); run the same command again"
+            last = r.get("last_batch_at")
+            when = f"; its last commit was at {last:%Y-%m-%d %H:%M:%S}" if last else ""
+            r["error"] = r["error"] or (f"ended without recording how (killed, or its connection "
+                                        f"lost){when}; run the same command again")
     out.table(
         ["id", "started", "took", "command", "user", "outcome", "rows"],
         [[r["id"], r["started_at"].strftime("%Y-%m-%d %H:%M:%S"), _took(r), r["command"],

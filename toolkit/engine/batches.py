@@ -1,9 +1,11 @@
 """Running a :class:`~toolkit.engine.step.KeysetPass`: short batches, resumable, interruptible.
 
 Each batch is one transaction that (1) sets ``lock_timeout`` and ``statement_timeout``
-for itself only, (2) finds the batch's upper key, (3) runs the change, and (4) writes the
-checkpoint. So a crash at any instant leaves either the whole batch and its checkpoint or
-neither, and the next run resumes exactly after the last committed batch.
+for itself only (the engine's ``begin`` hook, from the connection's options), (2) finds
+the batch's upper key, (3) runs the change, and (4) writes the checkpoint (and the run's
+row count). So a crash at any instant leaves either the whole batch and its checkpoint
+or neither, and the next run resumes exactly after the last committed batch. Its commit
+is fenced by the run's lease (``lease.py``): a run that lost its hold commits nothing.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine import state
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
     UNIQUE_VIOLATION,
     describe_holder,
-    set_local_timeouts,
     table_lock_holders,
 )
 from toolkit.engine.sizing import BatchSizer
@@ -60,6 +62,10 @@ class RunOptions:
     ddl_lock_timeout_ms: int = 100
     ddl_retries: int = 20
     ddl_backoff_max_s: float = 5.0
+    # After the database ends the session (restart, failover, terminated session): resume
+    # by itself this many times, waiting reconnect_backoff_s, doubling, at most 30 s.
+    reconnect: int = 0
+    reconnect_backoff_s: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -106,6 +112,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
              budget: Budget) -> PassResult:
     result = PassResult(kpass.name)
     with engine.connect() as conn:
+        conn = conn.execution_options(**{TIMEOUTS_OPTION: (options.lock_timeout_ms,
+                                                           options.statement_timeout_ms)})
         if kpass.skip_if_sql and conn.execute(sa.text(kpass.skip_if_sql)).scalar():
             conn.rollback()
             result.complete = True
@@ -161,7 +169,6 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
     for attempt in range(options.retries + 1):
         try:
             with conn.begin():
-                set_local_timeouts(conn, options.lock_timeout_ms, options.statement_timeout_ms)
                 hi, scanned = conn.execute(
                     sa.text(kpass.next_key_sql()), {"lo": lo, "upper": upper, "size": size},
                 ).one()
@@ -196,10 +203,10 @@ def read_with_retries(engine: Engine, name: str, tables: tuple[str, ...], option
     waits for locks as briefly as a batch does and retries the same way."""
     for attempt in range(options.retries + 1):
         with engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True,
+                                          **{TIMEOUTS_OPTION: (options.lock_timeout_ms, None)})
             try:
                 with conn.begin() as transaction:
-                    set_local_timeouts(conn, options.lock_timeout_ms, 0)
                     result = work(conn)
                     transaction.rollback()
                 return result

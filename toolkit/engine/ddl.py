@@ -12,15 +12,18 @@ from __future__ import annotations
 import io
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
+import psycopg
 import sqlalchemy as sa
 from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine.batches import Budget, RunOptions, sqlstate
 from toolkit.engine.locks import TRANSIENT_STATES, describe_holder, table_lock_holders
 from toolkit.engine.step import Check, Step, StepPlan
@@ -129,28 +132,31 @@ def is_applied(conn: Connection, revision: str) -> bool:
 
 
 def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOptions,
-            budget: Budget) -> bool:
-    """Apply one DDL action with retries; False when it was already done."""
+            budget: Budget, check_hold: Callable[[Connection], None] | None = None) -> bool:
+    """Apply one DDL action with retries; False when it was already done.
+
+    ``check_hold`` (the run's lease) is called right before the change: its transactional
+    statements are fenced at commit anyway, but CREATE INDEX CONCURRENTLY commits by itself.
+    """
+    timeouts = (options.ddl_lock_timeout_ms, options.statement_timeout_ms)
     for attempt in range(options.ddl_retries + 1):
         with engine.connect() as conn:
+            conn = conn.execution_options(**{TIMEOUTS_OPTION: timeouts})
             if action.done(conn):
                 return False
             conn.rollback()
             try:
-                # Session-level: Alembic runs CONCURRENTLY outside a transaction, where SET
-                # LOCAL would not reach.
-                conn.execute(sa.text("SELECT set_config('lock_timeout', :l, false), "
-                                     "set_config('statement_timeout', :s, false)"),
-                             {"l": f"{options.ddl_lock_timeout_ms}ms",
-                              "s": f"{options.statement_timeout_ms}ms"})
-                conn.commit()
-                if isinstance(action, SqlDdlAction):
-                    action.execute(conn)
-                elif action.up:
-                    migrations.upgrade(conn, action.revision)
-                else:
-                    migrations.downgrade(conn, parent_of(action.revision))
-                conn.commit()
+                if check_hold is not None:
+                    check_hold(conn)
+                    conn.commit()
+                with session_timeouts(conn, *timeouts):
+                    if isinstance(action, SqlDdlAction):
+                        action.execute(conn)
+                    elif action.up:
+                        migrations.upgrade(conn, action.revision)
+                    else:
+                        migrations.downgrade(conn, parent_of(action.revision))
+                    conn.commit()
                 return True
             except DBAPIError as exc:
                 conn.rollback()
@@ -172,6 +178,29 @@ def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOption
                          f"{attempt + 1}/{options.ddl_retries} in {delay:.1f}s")
                 time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def session_timeouts(conn: Connection, lock_ms: int, statement_ms: int) -> Iterator[None]:
+    """Timeouts for statements that run outside any transaction (CREATE INDEX CONCURRENTLY
+    in an Alembic autocommit block), where a per-transaction setting cannot reach: set for
+    the session, and reset as soon as the change is over, so none outlives it."""
+    conn.execute(sa.text("SELECT set_config('lock_timeout', :l, false), "
+                         "set_config('statement_timeout', :s, false)"),
+                 {"l": f"{lock_ms}ms", "s": f"{statement_ms}ms"})
+    conn.commit()
+    try:
+        yield
+    finally:
+        with suppress(DBAPIError, psycopg.Error):  # a session that is gone took them with it
+            conn.rollback()
+            # Straight on the driver's connection: resetting the session's own settings is
+            # no write of the run's, so it needs neither the lease nor a fenced commit.
+            raw = conn.connection.dbapi_connection
+            with raw.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+                cursor.execute("RESET statement_timeout")
+            raw.commit()
 
 
 class SchemaStep(Step):

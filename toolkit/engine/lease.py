@@ -47,7 +47,13 @@ _CHECK = sa.text(f"""
 
 
 class HoldLost(SessionLost):
-    """The run no longer holds the runner lock: it commits nothing more."""
+    """The run no longer holds the runner lock: it commits nothing more. ``taken_over``:
+    another run holds it now (resuming by itself would fight that run, so it does not)."""
+
+    def __init__(self, problem: str, next_step: str | None = None, *, taken_over: bool = False,
+                 details: object = None):
+        super().__init__(problem, next_step, details=details)
+        self.taken_over = taken_over
 
 
 def describe_self(label: str) -> str:
@@ -105,7 +111,7 @@ class Hold:
                 "nothing more of this run was committed",
                 "see `toolkit history` for both runs; when the other one has finished, run the "
                 "same command again if it is still needed",
-                details={"holder": row.holder, "token": row.token, "ours": self.token})
+                taken_over=True, details={"holder": row.holder, "token": row.token, "ours": self.token})
         if not row.held:
             raise HoldLost(
                 f"This run lost the runner lock: its lock session (server pid {self.lock_pid}) "

@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from toolkit.errors import LockUnavailable
 
@@ -32,14 +33,6 @@ TRANSIENT_STATES = {
     "40001": "serialization failure",
 }
 UNIQUE_VIOLATION = "23505"
-
-
-def set_local_timeouts(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: int) -> None:
-    """Per transaction: a waiting lock must never queue GitLab's traffic behind us for long."""
-    conn.execute(
-        sa.text("SELECT set_config('lock_timeout', :lt, true), set_config('statement_timeout', :st, true)"),
-        {"lt": f"{lock_timeout_ms}ms", "st": f"{statement_timeout_ms}ms"},
-    )
 
 
 def runner_lock_holders(conn: Connection) -> list[dict[str, Any]]:
@@ -116,6 +109,8 @@ class RunnerLock:
             try:
                 self._conn.execute(sa.text("SELECT pg_advisory_unlock(:c, :o)"),
                                    {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]})
+            except DBAPIError:
+                pass  # the session is gone, and the lock went with it
             finally:
                 self._conn.close()
                 self._conn = None

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from toolkit import milestones as registry
+from toolkit.db import cannot_connect, first_line, lost_session_error, session_lost
 from toolkit.engine import state
 from toolkit.engine.batches import (
     Budget,
@@ -26,11 +29,18 @@ from toolkit.engine.batches import (
     run_pass,
 )
 from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
-from toolkit.engine.locks import RunnerLock
+from toolkit.engine.lease import UNFENCED, Hold, HoldLost
 from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import check_gitlab_schema, check_privileges, check_writable
 from toolkit.engine.step import Action, Check, StepPlan
-from toolkit.errors import Interrupted, PreconditionRefused, ToolkitError, VerificationFailed, redact
+from toolkit.errors import (
+    Interrupted,
+    PreconditionRefused,
+    SessionLost,
+    ToolkitError,
+    VerificationFailed,
+    redact,
+)
 from toolkit.milestones.base import Milestone
 from toolkit.output import out
 from toolkit.schema.gitlab import ML_TABLE_NAMES
@@ -38,6 +48,9 @@ from toolkit.schema.migrations import ensure_own_tables
 from toolkit.verify import baselines
 from toolkit.verify.digest import Memo
 from toolkit.verify.fingerprint import take
+
+T = TypeVar("T")
+MAX_RECONNECT_DELAY_S = 30.0
 
 
 @dataclass
@@ -101,6 +114,7 @@ class ApplyResult:
     passes: list[PassResult]
     stopped: str | None = None
     verify: VerifyResult | None = None
+    outcome: str = "succeeded"
 
     @property
     def complete(self) -> bool:
@@ -162,7 +176,7 @@ class Runner:
     def _later_started(conn: Connection, milestone: Milestone) -> list[str]:
         return [m.name for m in registry.later(milestone)
                 if state.milestone_state(conn, m.name)["state"]
-                in (state.IN_PROGRESS, state.APPLIED, state.VERIFIED)]
+                in state.STARTED]
 
     def _gate(self, conn: Connection, milestone: Milestone) -> Gate:
         previous = registry.previous(milestone)
@@ -205,60 +219,117 @@ class Runner:
                 go_ahead: Callable[[], None] | None = None) -> ApplyResult:
         """Apply ``milestone``. ``go_ahead`` runs once the gate and the preconditions hold and
         before anything is written (it raises to refuse), so an operator is never asked to
-        confirm a run that would be refused anyway."""
-        self._prepare_write(milestone)
-        with self.read_only() as conn:
-            gate = self._gate(conn, milestone)
-        if not gate.ok:
-            raise gate.refusal(milestone)
-        if go_ahead is not None:
-            go_ahead()
-        with self.engine.connect() as conn:
-            ensure_own_tables(conn)
-        passes = [p for step in milestone.steps for p in step.forward()]
-        result = self._run_passes(milestone, passes, state.IN_PROGRESS, "migrate",
-                                  before=self.take_baseline)
-        if result.complete:
-            with self.engine.connect() as conn:
-                state.set_milestone_state(conn, milestone.name, state.APPLIED, result.run_id)
-            if verify_after:
-                result.verify = self.verify(milestone)
-                if result.verify.ok:
-                    with self.engine.connect() as conn:
-                        state.set_milestone_state(conn, milestone.name, state.VERIFIED, result.run_id)
-        outcome = ("partial" if not result.complete else
-                   "verification_failed" if result.verify and not result.verify.ok else "succeeded")
-        self._finish(result, outcome)
-        return result
+        confirm a run that would be refused anyway; a reconnected attempt does not ask again."""
+        return self._reconnecting(
+            lambda first: self._migrate_once(milestone, verify_after, go_ahead if first else None))
 
     def rollback(self, milestone: Milestone) -> tuple[ApplyResult, list[Check]]:
+        return self._reconnecting(lambda first: self._rollback_once(milestone))
+
+    def _migrate_once(self, milestone: Milestone, verify_after: bool,
+                      go_ahead: Callable[[], None] | None) -> ApplyResult:
         self._prepare_write(milestone)
-        with self.engine.connect() as conn:
-            ensure_own_tables(conn)
-            blocking = self._later_started(conn, milestone)
-        if blocking:
-            raise PreconditionRefused(
-                f"{milestone.name} cannot be rolled back while {', '.join(blocking)} is applied",
-                f"roll back in reverse order: `toolkit rollback {blocking[-1]}` first",
-            )
-        passes = [p for step in reversed(milestone.steps) for p in step.backward()]
-        result = self._run_passes(milestone, passes, None, "rollback")
-        checks: list[Check] = []
-        if result.complete:
+        with Hold(self.engine, f"toolkit migrate {milestone.name}", self.lock_wait_s) as hold:
             with self.read_only() as conn:
-                checks = [c for step in milestone.steps for c in step.rollback_checks(conn)]
-                back = baselines.checks_against_baseline(conn, milestone.name, rolled_back=True)
-            checks += back
-            with self.engine.connect() as conn:
-                if all(c.ok for c in back):  # kept otherwise: the next attempt compares with it
-                    baselines.forget(conn, milestone.name)
-                state.clear_checkpoints(conn, milestone.name)
-                conn.commit()
-                state.set_milestone_state(conn, milestone.name, state.ROLLED_BACK, result.run_id)
-        outcome = "partial" if not result.complete else (
-            "succeeded" if all(c.ok for c in checks) else "verification_failed")
-        self._finish(result, outcome)
+                gate = self._gate(conn, milestone)
+            if not gate.ok:
+                raise gate.refusal(milestone)
+            if go_ahead is not None:
+                go_ahead()
+            passes = [p for step in milestone.steps for p in step.forward()]
+            with self._recorded_run(hold, milestone, "migrate", state.IN_PROGRESS) as result:
+                self._run_passes(hold, result, passes, before=self.take_baseline)
+                if result.complete:
+                    self._set_state(milestone, state.APPLIED, result.run_id)
+                    if verify_after:
+                        result.verify = self.verify(milestone)
+                        if result.verify.ok:
+                            self._set_state(milestone, state.VERIFIED, result.run_id)
+                result.outcome = (
+                    "partial" if not result.complete else
+                    "verification_failed" if result.verify and not result.verify.ok else "succeeded")
+        return result
+
+    def _rollback_once(self, milestone: Milestone) -> tuple[ApplyResult, list[Check]]:
+        self._prepare_write(milestone)
+        with Hold(self.engine, f"toolkit rollback {milestone.name}", self.lock_wait_s) as hold:
+            with self.read_only() as conn:
+                blocking = self._later_started(conn, milestone)
+            if blocking:
+                raise PreconditionRefused(
+                    f"{milestone.name} cannot be rolled back while {', '.join(blocking)} is applied",
+                    f"roll back in reverse order: `toolkit rollback {blocking[-1]}` first",
+                )
+            passes = [p for step in reversed(milestone.steps) for p in step.backward()]
+            checks: list[Check] = []
+            with self._recorded_run(hold, milestone, "rollback", state.ROLLING_BACK) as result:
+                self._run_passes(hold, result, passes)
+                if result.complete:
+                    with self.read_only() as conn:
+                        checks = [c for step in milestone.steps for c in step.rollback_checks(conn)]
+                        back = baselines.checks_against_baseline(conn, milestone.name, rolled_back=True)
+                    checks += back
+                    with self.engine.connect() as conn:
+                        if all(c.ok for c in back):  # kept otherwise: the next attempt compares with it
+                            baselines.forget(conn, milestone.name)
+                        state.clear_checkpoints(conn, milestone.name)
+                        conn.commit()
+                    self._set_state(milestone, state.ROLLED_BACK, result.run_id)
+                result.outcome = "partial" if not result.complete else (
+                    "succeeded" if all(c.ok for c in checks) else "verification_failed")
         return result, checks
+
+    @contextmanager
+    def exclusive(self, command: str, milestone: str | None = None) -> Iterator[int]:
+        """A small write outside the milestones (``archive drop``, ``fingerprint --baseline``)
+        under the same hold as a run: the runner lock, the fenced lease, a history row.
+        Yields the run id; the body's commits are fenced like a batch's."""
+        with Hold(self.engine, command, self.lock_wait_s) as hold:
+            with self.engine.connect() as conn:
+                ensure_own_tables(conn)
+                hold.claim(conn)
+                run_id = state.start_run(conn, command, milestone, {})
+            outcome, error = "failed", None
+            try:
+                yield run_id
+                outcome = "succeeded"
+            except ToolkitError as exc:
+                error = exc.one_line()
+                raise
+            except Exception as exc:
+                error = redact(f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                self._record_end(run_id, outcome, {}, error)
+
+    def _reconnecting(self, attempt: Callable[[bool], T]) -> T:
+        """Run ``attempt`` and, with ``--reconnect N``, run it again after the database ended
+        the session (restart, failover, a terminated session): each attempt resumes from the
+        last committed batch, on whichever host is the primary by then."""
+        tries = 0
+        while True:
+            try:
+                return attempt(tries == 0)
+            except (SessionLost, DBAPIError) as exc:
+                why = self._why_retry(exc)
+                if why is None or tries >= self.options.reconnect:
+                    raise
+            tries += 1
+            delay = min(self.options.reconnect_backoff_s * 2 ** (tries - 1), MAX_RECONNECT_DELAY_S)
+            out.warn(f"{why}; reconnecting in {delay:.1f}s to resume "
+                     f"(attempt {tries} of {self.options.reconnect})")
+            self.engine.dispose()
+            time.sleep(delay)
+
+    @staticmethod
+    def _why_retry(exc: Exception) -> str | None:
+        if isinstance(exc, HoldLost):
+            return None if exc.taken_over else "the runner lock's session ended"
+        if isinstance(exc, SessionLost):
+            return exc.problem
+        if cannot_connect(exc):
+            return "the database cannot be reached"
+        return session_lost(exc, during_run=True)
 
     def _recorded_command(self, verb: str, milestone: Milestone) -> str:
         """The command for history. One that runs several milestones (``toolkit demo``) gets
@@ -269,63 +340,84 @@ class Runner:
             return self.command
         return f"{self.command} ({verb} {milestone.name})"
 
-    def _run_passes(self, milestone: Milestone, passes: list[Action], state_during: str | None,
-                    verb: str, before: Callable[[Milestone], None] | None = None) -> ApplyResult:
-        label = f"toolkit {verb} {milestone.name}"
-        with RunnerLock(self.engine, label, self.lock_wait_s):
-            with self.engine.connect() as conn:
-                run_id = state.start_run(conn, self._recorded_command(verb, milestone), milestone.name,
-                                         self.options.as_dict())
-                if state_during:
-                    state.set_milestone_state(conn, milestone.name, state_during, run_id)
-            result = ApplyResult(milestone, run_id, [])
-            budget = Budget(self.options)
-            try:
-                with _stop_on_signals(budget):
-                    if before is not None:
-                        before(milestone)
-                    for action in passes:
-                        if isinstance(action, DdlAction | SqlDdlAction):
-                            if reason := budget.exhausted_reason():
-                                done = PassResult(action.name, stopped=reason)
-                            else:
-                                changed = run_ddl(self.engine, action, self.options, budget)
-                                done = PassResult(action.name, complete=True, schema_change=True,
-                                                  changed=changed)
-                        else:
-                            done = run_pass(self.engine, milestone.name, action, run_id, self.options,
-                                            budget)
-                        result.passes.append(done)
-                        if not done.complete:
-                            result.stopped = done.stopped
-                            break
-                        after_action(len(result.passes))
-            except KeyboardInterrupt:
-                self._finish(result, "interrupted", "aborted during a batch; that batch was rolled back")
-                raise Interrupted(
-                    f"Aborted: {milestone.name} stopped during a batch, which was rolled back",
-                    "run the same command again to resume from the last completed batch",
-                ) from None
-            except ToolkitError as exc:
-                self._finish(result, "failed", exc.one_line())
-                raise
-            except Exception as exc:
-                self._finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
-                raise
-            if result.stopped == "interrupted":
-                self._finish(result, "interrupted")
-                raise Interrupted(
-                    f"Stopped {milestone.name} at a batch boundary after {result.rows} rows",
-                    "run the same command again to resume from where it stopped",
-                    details={"passes": [p.__dict__ for p in result.passes]},
-                )
-            return result
+    @contextmanager
+    def _recorded_run(self, hold: Hold, milestone: Milestone, verb: str,
+                      state_during: str) -> Iterator[ApplyResult]:
+        """Claim the lease, open the history row and set the milestone's state; on the way
+        out record how the run really ended, whatever ended it."""
+        with self.engine.connect() as conn:
+            ensure_own_tables(conn)
+            hold.claim(conn)
+            run_id = state.start_run(conn, self._recorded_command(verb, milestone), milestone.name,
+                                     self.options.as_dict())
+            hold.record_run(conn, run_id)
+            state.set_milestone_state(conn, milestone.name, state_during, run_id)
+        result = ApplyResult(milestone, run_id, [])
+        try:
+            yield result
+        except KeyboardInterrupt:
+            self._finish(result, "interrupted", "aborted during a batch; that batch was rolled back")
+            raise Interrupted(
+                f"Aborted: {milestone.name} stopped during a batch, which was rolled back",
+                "run the same command again to resume from the last completed batch",
+            ) from None
+        except SessionLost as exc:
+            self._finish(result, "interrupted", exc.one_line())
+            raise
+        except ToolkitError as exc:
+            self._finish(result, "failed", exc.one_line())
+            raise
+        except DBAPIError as exc:
+            if why := session_lost(exc, during_run=True):
+                lost = lost_session_error(exc, why, "the database", out.secrets)
+                self._finish(result, "interrupted", lost.one_line())
+                raise lost from exc
+            self._finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
+            raise
+        except Exception as exc:
+            self._finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
+            raise
+        if result.stopped == "interrupted":
+            self._finish(result, "interrupted")
+            raise Interrupted(
+                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows",
+                "run the same command again to resume from where it stopped",
+                details={"passes": [p.__dict__ for p in result.passes]},
+            )
+        self._finish(result, result.outcome)
+
+    def _run_passes(self, hold: Hold, result: ApplyResult, passes: list[Action],
+                    before: Callable[[Milestone], None] | None = None) -> None:
+        milestone = result.milestone
+        budget = Budget(self.options)
+        with _stop_on_signals(budget):
+            if before is not None:
+                before(milestone)
+            for action in passes:
+                if isinstance(action, DdlAction | SqlDdlAction):
+                    if reason := budget.exhausted_reason():
+                        done = PassResult(action.name, stopped=reason)
+                    else:
+                        changed = run_ddl(self.engine, action, self.options, budget, hold.check)
+                        done = PassResult(action.name, complete=True, schema_change=True,
+                                          changed=changed)
+                else:
+                    done = run_pass(self.engine, milestone.name, action, result.run_id, self.options,
+                                    budget)
+                result.passes.append(done)
+                if not done.complete:
+                    result.stopped = done.stopped
+                    break
+                after_action(len(result.passes))
+
+    def _set_state(self, milestone: Milestone, name: str, run_id: int) -> None:
+        with self.engine.connect() as conn:
+            state.set_milestone_state(conn, milestone.name, name, run_id)
 
     def take_baseline(self, milestone: Milestone) -> None:
         """The fingerprint ``verify`` compares with, taken when the milestone starts (once per
         attempt: a resumed run keeps the one its first run took)."""
         with self.engine.connect() as conn:
-            ensure_own_tables(conn)
             if baselines.load(conn, milestone.name) is not None:
                 return
         out.say(f"Taking the fingerprint of the ML data before {milestone.name} ...")
@@ -335,8 +427,18 @@ class Runner:
             baselines.save(conn, milestone.name, fingerprint, None)
 
     def _finish(self, result: ApplyResult, outcome: str, error: str | None = None) -> None:
-        with self.engine.connect() as conn:
-            state.finish_run(conn, result.run_id, outcome, {p.name: p.rows for p in result.passes}, error)
+        self._record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error)
+
+    def _record_end(self, run_id: int, outcome: str, rows: dict[str, int], error: str | None) -> None:
+        """The run's own history row, written even after the hold is lost (it says so) and
+        given up on, with a warning, when the server cannot be reached to write it."""
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(**{UNFENCED: True})
+                state.finish_run(conn, run_id, outcome, rows, error)
+        except DBAPIError as exc:
+            out.warn(f"could not record how run {run_id} ended ({first_line(exc, out.secrets)}); "
+                     "`toolkit history` shows it as stopped unrecorded")
 
 
 @contextmanager

@@ -26,6 +26,9 @@ IN_PROGRESS = "in_progress"
 APPLIED = "applied"
 VERIFIED = "verified"
 ROLLED_BACK = "rolled_back"
+ROLLING_BACK = "rolling_back"
+# A milestone in one of these has changed (or is changing) the database.
+STARTED = (IN_PROGRESS, APPLIED, VERIFIED, ROLLING_BACK)
 
 
 @dataclass
@@ -58,9 +61,10 @@ def start_run(conn: Connection, command: str, milestone: str | None, options: di
 
 def finish_run(conn: Connection, run_id: int, outcome: str, rows_by_step: dict[str, int],
                error: str | None = None) -> None:
+    # Rows the batches recorded as they committed win over the process's own count.
     conn.execute(sa.text(f"""
         UPDATE {SCHEMA}.runs SET finished_at = clock_timestamp(), outcome = :outcome,
-               rows_by_step = CAST(:rows AS jsonb), error = :error
+               rows_by_step = CAST(:rows AS jsonb) || rows_by_step, error = :error
         WHERE id = :id
     """), {"id": run_id, "outcome": outcome, "rows": json.dumps(rows_by_step), "error": error})
     conn.commit()
@@ -70,9 +74,7 @@ def history(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
     if not own_schema_exists(conn):
         return []
     rows = conn.execute(sa.text(f"""
-        SELECT id, command, milestone, options, database_user, os_user, host, toolkit_version,
-               started_at, finished_at, outcome, rows_by_step, error
-        FROM {SCHEMA}.runs ORDER BY id DESC LIMIT :limit
+        SELECT * FROM {SCHEMA}.runs ORDER BY id DESC LIMIT :limit
     """), {"limit": limit})
     return [dict(r._mapping) for r in rows]
 
@@ -90,7 +92,15 @@ def read_checkpoint(conn: Connection, milestone: str, step: str) -> Checkpoint |
 
 def save_checkpoint(conn: Connection, milestone: str, step: str, last_key: int, rows: int,
                     run_id: int) -> None:
-    """Called inside the batch's own transaction: the batch and its checkpoint commit together."""
+    """Called inside the batch's own transaction: the batch, its checkpoint and the run's
+    row count commit together, so history is right even for a run that never got to say
+    how it ended."""
+    conn.execute(sa.text(f"""
+        UPDATE {SCHEMA}.runs SET last_batch_at = clock_timestamp(),
+               rows_by_step = rows_by_step || jsonb_build_object(
+                   CAST(:s AS text), COALESCE((rows_by_step ->> CAST(:s AS text))::bigint, 0) + :r)
+        WHERE id = :run
+    """), {"s": step, "r": rows, "run": run_id})
     conn.execute(sa.text(f"""
         INSERT INTO {SCHEMA}.checkpoints (milestone, step, last_key, rows_done, batches_done, run_id,
                                           completed_at, updated_at)
@@ -177,4 +187,4 @@ def cleanup_started(conn: Connection) -> bool:
     """Milestone 4 has begun (or finished): what it removes may legitimately be gone."""
     if not own_schema_exists(conn):
         return False
-    return milestone_state(conn, "milestone-4")["state"] in (IN_PROGRESS, APPLIED, VERIFIED)
+    return milestone_state(conn, "milestone-4")["state"] in STARTED

@@ -163,9 +163,10 @@ def archive_differences(conn: Connection, *, rebuilt: bool = False) -> list[str]
 
     Both sides must be read in one snapshot: GitLab keeps writing, and under READ COMMITTED
     a commit between two statements would make them differ (the benchmark's writer did).
-    So this must be the first thing its transaction does.
+    So this must be the first thing its transaction does (SQLAlchemy refuses the setting
+    inside a transaction already begun).
     """
-    conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+    conn.execution_options(isolation_level="REPEATABLE READ")
     problems = []
     for source, archive in ARCHIVES.items():
         live, kept = table_digest(conn, source), table_digest(conn, archive)
