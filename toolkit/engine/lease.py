@@ -124,8 +124,6 @@ class Hold:
         options: dict[str, Any] = conn.get_execution_options()
         if options.get(UNFENCED) or options.get("postgresql_readonly"):
             return
-        try:
-            self.check(conn)
-        except HoldLost:
-            conn.rollback()
-            raise
+        # Raising here stops the commit: SQLAlchemy leaves the transaction to be rolled
+        # back, which the caller's ``with`` block (or returning the connection) does.
+        self.check(conn)
