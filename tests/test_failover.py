@@ -1,0 +1,155 @@
+"""A failover in the middle of a run: the primary crashes, its streaming replica is promoted.
+
+The run is given libpq's multi-host URL (primary, then replica, ``target_session_attrs=
+read-write``), as an operator of a Patroni cluster would. With ``--reconnect N`` it resumes
+by itself on the promoted replica; without, it stops with exit code 75 and the same
+command resumes. Either way the end state equals an uninterrupted run on a twin of the
+same data: every ML table, the MLflow view, and the toolkit's ledgers, row for row.
+
+Replication is asynchronous: batches the primary committed but had not yet sent are lost
+with it, checkpoint included (a batch and its checkpoint are one transaction), so the run
+redoes them on the new primary.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import TALLY, resolve_m1_anomalies, toolkit
+from replication import Replication
+
+from toolkit.errors import ExitCode
+from toolkit.sandbox.server import SANDBOX_DATABASE
+from toolkit.verify.fingerprint import take
+
+MILESTONE = "milestone-1"
+RUN = ("migrate", MILESTONE, "--yes", "--batch-size", "4", "--pause-ms", "50")
+BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version", "runner_lease")
+TWIN = "twin"
+
+
+def _ledgers(db) -> dict[str, list]:
+    """The toolkit's ledgers row for row, without run ids and timestamps (as the kill matrix)."""
+    tables = [r[0] for r in db.rows("""
+        SELECT table_name FROM information_schema.tables WHERE table_schema = 'toolkit'
+          AND table_name <> ALL(:skip) ORDER BY 1""", skip=list(BOOKKEEPING))]
+    found = {}
+    for table in tables:
+        columns = [r[0] for r in db.rows("""
+            SELECT column_name FROM information_schema.columns
+            WHERE table_schema = 'toolkit' AND table_name = :t AND column_name <> 'run_id'
+              AND data_type NOT LIKE 'timestamp%' ORDER BY ordinal_position""", t=table)]
+        listed = ", ".join(f'"{c}"' for c in columns)
+        found[table] = [tuple(r) for r in db.rows(f"SELECT {listed} FROM toolkit.{table} ORDER BY {listed}")]
+    return found
+
+
+def _end_state(db) -> tuple:
+    with db.engine.connect() as conn:
+        fingerprint = take(conn)
+        conn.rollback()
+    return fingerprint.tables, fingerprint.mlflow, _ledgers(db)
+
+
+@pytest.fixture
+def pair():
+    with Replication.started() as started:
+        yield started
+
+
+def _seeded_with_twin(pair: Replication) -> tuple:
+    """Seed the primary, resolve milestone 1's anomalies, copy it, run the milestone on the
+    copy without interruption: the end state the interrupted run must reach."""
+    pair.seed("realistic", "small")
+    db = pair.on_primary()
+    resolve_m1_anomalies(db)
+    db.dispose()
+    pair.copy_database(SANDBOX_DATABASE, TWIN)
+    twin = pair.on_primary(TWIN)
+    done = toolkit(twin, "migrate", MILESTONE, "--yes", "--batch-size", "4")
+    assert done.exit_code == 0, done.output
+    expected = _end_state(twin)
+    twin.dispose()
+    assert expected[2], "milestone 1 recorded a ledger"
+    return expected
+
+
+def _start_run(pair: Replication, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "TOOLKIT_DATABASE_URL": pair.multi_host_url(SANDBOX_DATABASE)}
+    log = tmp_path / f"run-{len(list(tmp_path.glob('run-*.log'))) + 1}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "toolkit", *RUN, *extra], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, text=True)
+    return process, log
+
+
+def _batches_committed(db) -> int:
+    if db.scalar("SELECT to_regclass('toolkit.checkpoints')") is None:
+        return 0
+    return db.scalar("SELECT coalesce(sum(batches_done), 0)::int FROM toolkit.checkpoints "
+                     "WHERE milestone = :m", m=MILESTONE)
+
+
+def _fail_over_after(pair: Replication, process: subprocess.Popen, batches: int) -> int:
+    """Once the run has committed ``batches`` batches: replica caught up, primary crashed
+    (immediate shutdown), replica promoted. Returns the batches committed at the crash."""
+    primary = pair.on_primary()
+    deadline = time.monotonic() + 30
+    while (done := _batches_committed(primary)) < batches:
+        assert process.poll() is None, "the run ended before the failover"
+        assert time.monotonic() < deadline, f"only {done} batches committed after 30 s"
+        time.sleep(0.02)
+    primary.dispose()
+    pair.wait_replayed()
+    assert process.poll() is None, "the run ended before the failover: nothing was interrupted"
+    pair.stop_primary("immediate")
+    pair.promote()
+    TALLY["primaries crashed and replicas promoted under a running migrate (failover)"] += 1
+    return done
+
+
+def test_a_failover_mid_run_reconnects_to_the_promoted_replica_and_ends_like_the_twin(pair, tmp_path):
+    expected = _seeded_with_twin(pair)
+    process, log = _start_run(pair, tmp_path, "--reconnect", "20")
+    try:
+        _fail_over_after(pair, process, 3)
+        code = process.wait(timeout=45)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log.read_text()
+    assert code == 0, output
+    assert "Traceback" not in output, output
+    assert "reconnecting" in output, output
+    promoted = pair.on_replica()
+    assert _end_state(promoted) == expected
+    assert promoted.scalar("SELECT state FROM toolkit.milestones WHERE milestone = :m", m=MILESTONE) \
+        in ("applied", "verified")
+
+
+def test_a_failover_mid_run_without_reconnect_exits_75_and_the_same_command_resumes(pair, tmp_path):
+    expected = _seeded_with_twin(pair)
+    process, log = _start_run(pair, tmp_path)
+    try:
+        _fail_over_after(pair, process, 3)
+        code = process.wait(timeout=45)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log.read_text()
+    assert code == ExitCode.SESSION_LOST, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output
+    assert "kept" in errors[0] and "run the same command again" in errors[0], errors[0]
+
+    again, log = _start_run(pair, tmp_path)
+    code = again.wait(timeout=45)
+    assert code == 0, log.read_text()
+    assert _end_state(pair.on_replica()) == expected
