@@ -130,7 +130,13 @@ def test_a_failover_mid_run_reconnects_to_the_promoted_replica_and_ends_like_the
     promoted = pair.on_replica()
     assert _end_state(promoted) == expected
     assert promoted.scalar("SELECT state FROM toolkit.milestones WHERE milestone = :m", m=MILESTONE) \
-        in ("applied", "verified")
+        == "verified"
+    # the attempt the failover ended is recorded by the one that resumed, with what it committed
+    runs = promoted.rows("SELECT outcome, rows_by_step, error FROM toolkit.runs ORDER BY id")
+    assert [r[0] for r in runs] == ["interrupted", "succeeded"], runs
+    assert "Interrupted" in runs[0][2]
+    assert sum(sum(r[1].values()) for r in runs) == promoted.scalar(
+        "SELECT count(*) FROM toolkit.m1_converted_packages")
 
 
 def test_a_failover_mid_run_without_reconnect_exits_75_and_the_same_command_resumes(pair, tmp_path):

@@ -6,6 +6,7 @@ import os
 import pty
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import resolve_m1_anomalies, schema_snapshot, snapshot, toolkit, toolkit_json, toolkit_process
@@ -255,3 +256,42 @@ def test_candidates_written_while_it_runs_are_archived_and_restored(ready):
     assert db.scalar("SELECT count(*) FROM ml_candidates WHERE experiment_id IS NULL") == 0
     assert db.scalar("""SELECT count(*) FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
                         WHERE c.model_id IS DISTINCT FROM e.model_id""") == 0
+
+
+def test_an_interrupted_rollback_says_rolling_back_and_the_archive_cannot_be_dropped_meanwhile(ready):
+    db = ready()
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+    archived = db.scalar("SELECT count(*) FROM toolkit.m4_archive_ml_experiments")
+
+    # a rollback under way, in another process: archive drop must not run beside it
+    rolling = subprocess.Popen(
+        [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "rollback", "milestone-4",
+         "--batch-size", "2", "--pause-ms", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while db.scalar("SELECT state FROM toolkit.milestones WHERE milestone = 'milestone-4'") != "rolling_back":
+        assert time.monotonic() < deadline, "the rollback did not start"
+        time.sleep(0.02)
+    dropped = toolkit(db, "archive", "drop", "--yes")
+    assert dropped.exit_code in (ExitCode.REFUSED, ExitCode.LOCKED), dropped.output
+    assert "rolling back" in dropped.output or "runner lock" in dropped.output
+    during = toolkit(db, "status")
+    _, stderr = rolling.communicate(timeout=120)
+    assert rolling.returncode == 0, stderr
+    assert "rolling back" in during.output
+    assert db.scalar("SELECT count(*) FROM toolkit.runs WHERE command LIKE 'toolkit archive drop%'") == 0
+
+    # interrupted part-way (one batch): status says so, and what is left; drop still refused
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+    partial = toolkit(db, "rollback", "milestone-4", "--batch-size", "2", "--max-batches", "1")
+    assert partial.exit_code == 0 and "Stopped early (max-batches)" in partial.output, partial.output
+    _, doc = toolkit_json(db, "status")
+    m4 = next(m for m in doc["result"]["milestones"] if m["milestone"] == "milestone-4")
+    assert m4["state"] == "rolling_back"
+    assert m4["left_to_undo"], m4
+    shown = toolkit(db, "status").output
+    assert "milestone-4 is rolling back" in shown and "toolkit rollback milestone-4" in shown
+    refused = toolkit(db, "archive", "drop", "--yes")
+    assert refused.exit_code == ExitCode.REFUSED and "rolling back" in refused.output
+    assert db.scalar("SELECT count(*) FROM toolkit.m4_archive_ml_experiments") == archived
+    assert toolkit(db, "rollback", "milestone-4").exit_code == 0
+    assert toolkit_json(db, "status")[1]["result"]["milestones"][3]["state"] == "rolled_back"

@@ -117,16 +117,7 @@ def test_the_probe_tells_transaction_and_statement_pooling_from_session_pooling(
 
 
 # -- transaction and statement pooling: refused, nothing written, nothing left behind -----
-# Statement pooling refuses the transaction that Runner._prepare_write opens for its checks
-# before it calls the pooler probe, and toolkit.db.classify reads PgBouncer's 08P01 as a lost
-# session (exit 75, "run the same command again"). Strict: remove the mark once fixed.
-STATEMENT_POOLING_NOT_YET_REFUSED = pytest.mark.xfail(strict=True, reason=(
-    "toolkit/engine/runner.py: Runner._prepare_write must call refuse_transaction_pooling("
-    "self.engine) first, before its checks' transaction; until then exit 75, not 3"))
-
-
-@pytest.mark.parametrize("mode", ["transaction",
-                                  pytest.param("statement", marks=STATEMENT_POOLING_NOT_YET_REFUSED)])
+@pytest.mark.parametrize("mode", ["transaction", "statement"])
 def test_migrate_and_rollback_through_transaction_or_statement_pooling_are_refused_with_nothing_written(
         mode, pgbouncer, adversarial_db):
     _set_database_defaults(adversarial_db)
@@ -178,9 +169,9 @@ def test_pgbouncer_defaults_refuse_an_unknown_startup_parameter_and_the_toolkit_
                      ("migrate", "milestone-1")):
             result = toolkit(through, *args)
             assert UNSUPPORTED not in result.output, (mode, args, result.output)
-            if mode != "statement":  # statement pooling: see STATEMENT_POOLING_NOT_YET_REFUSED
-                expected = 3 if (mode, args) == ("transaction", ("migrate", "milestone-1")) else 0
-                assert result.exit_code == expected, (mode, args, result.output)
+            # statement pooling refuses every transaction block, reads' included: named, exit 3
+            refused = mode == "statement" or (mode, args) == ("transaction", ("migrate", "milestone-1"))
+            assert result.exit_code == (3 if refused else 0), (mode, args, result.output)
     assert bouncer.log().count(f"closing because: {UNSUPPORTED}") == 1  # the `options` above
 
 

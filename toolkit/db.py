@@ -51,7 +51,8 @@ class Target:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return (self.url.password,) if self.url.password else ()
+        found = [self.url.password, self.url.query.get("password"), self.url.query.get("sslpassword")]
+        return tuple(s for s in found if isinstance(s, str) and s)
 
     def describe(self) -> str:
         """The URL as libpq reads it, every host listed, the password masked."""
@@ -110,8 +111,11 @@ def create_engine(target: Target | URL | str, *, read_timeout: int | None = None
         url = target.url
     else:
         url = parse_url(target) if isinstance(target, str) else target
-    connect_args = {"application_name": APPLICATION_NAME, "connect_timeout": 10,
-                    "prepare_threshold": None}
+    # The URL's own application_name and connect_timeout win over the toolkit's defaults.
+    connect_args = {key: value for key, value in (("application_name", APPLICATION_NAME),
+                                                  ("connect_timeout", 10))
+                    if key not in url.query}
+    connect_args["prepare_threshold"] = None
     connect_args.update(kwargs.pop("connect_args", {}))  # type: ignore[arg-type]
     engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **kwargs)
     statement_ms = read_timeout_ms() if read_timeout is None else read_timeout
@@ -190,6 +194,10 @@ def lost_session_error(exc: DBAPIError, why: str, where: str,
 
 
 def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> ToolkitError:
+    from toolkit.engine.pooling import pooler_refusal  # the pooler's own words, named as such
+
+    if (refusal := pooler_refusal(exc)) is not None:
+        return refusal
     orig = exc.orig
     sqlstate = getattr(orig, "sqlstate", None)
     first = first_line(exc, secrets)

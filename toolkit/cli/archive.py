@@ -17,7 +17,6 @@ from toolkit.milestones.m4_cleanup import (
     forget_archive,
 )
 from toolkit.output import out
-from toolkit.schema.migrations import ensure_own_tables
 
 TABLES = (ARCHIVE_EXPERIMENTS, ARCHIVE_METADATA, ARCHIVE_CANDIDATES, ARCHIVED_DDL)
 
@@ -62,6 +61,15 @@ def status() -> None:
     app().finish({"milestone_4": milestone, "tables": counts, "mapping_sample": mapping})
 
 
+def _refuse_unless_verified(runner: Runner) -> None:
+    with runner.read_only() as conn:
+        milestone = state.milestone_state(conn, "milestone-4")["state"]
+    if milestone != state.VERIFIED:
+        raise PreconditionRefused(
+            f"milestone-4 is {milestone.replace('_', ' ')}, not verified: the archive is still needed",
+            "run `toolkit verify milestone-4` (or finish or roll back milestone 4) first")
+
+
 @archive.command()
 @click.option("--yes", is_flag=True, help="Really drop it: milestone 4 can then no longer be rolled back.")
 def drop(yes: bool) -> None:
@@ -76,17 +84,15 @@ def drop(yes: bool) -> None:
         raise PreconditionRefused("Dropping the archive makes milestone 4 impossible to roll back",
                                   "pass --yes when you are sure (export the mapping first if needed)")
     engine = app().engine()
-    with Runner(engine).read_only() as conn:
-        milestone = state.milestone_state(conn, "milestone-4")["state"]
-    if milestone != state.VERIFIED:
-        raise PreconditionRefused(
-            f"milestone-4 is {milestone.replace('_', ' ')}, not verified: the archive is still needed",
-            "run `toolkit verify milestone-4` (or finish or roll back milestone 4) first")
-    with engine.connect() as conn:
-        ensure_own_tables(conn)
-        run_id = state.start_run(conn, "toolkit archive drop --yes", "milestone-4", {})
-        counts = _counts(conn)
-        forget_archive(conn, check=False)
-        state.finish_run(conn, run_id, "succeeded", {"archive-drop": sum(n or 0 for n in counts.values())})
+    runner = Runner(engine)
+    _refuse_unless_verified(runner)  # before anything is written
+    # Under the runner lock and the fenced lease: a rollback of milestone 4 rebuilds from this
+    # very archive, so the two must never overlap; the state is read again under the lock.
+    with runner.exclusive("toolkit archive drop --yes", "milestone-4"):
+        _refuse_unless_verified(runner)
+        with engine.connect() as conn:
+            counts = _counts(conn)
+            forget_archive(conn, check=False)
+            conn.commit()
     out.say("Dropped the archive: " + ", ".join(f"{t} ({n} rows)" for t, n in counts.items() if n))
     app().finish({"dropped": counts})

@@ -91,9 +91,12 @@ def _rebaseline(milestone: Milestone) -> None:
             raise PreconditionRefused(
                 f"{milestone.name} has no fingerprint to re-take: it has not been started",
                 f"`toolkit migrate {milestone.name}` takes it when it starts")
-    with Runner(engine).read_only() as conn:
-        now = take(conn)
-    with engine.connect() as conn:
-        baselines.save(conn, milestone.name, now, None)
+    runner = Runner(engine)
+    # A write like any other: under the runner lock and the fenced lease, never beside a run.
+    with runner.exclusive(f"toolkit fingerprint --baseline {milestone.name}", milestone.name):
+        with runner.read_only() as conn:
+            now = take(conn)
+        with engine.connect() as conn:
+            baselines.save(conn, milestone.name, now, None)
     out.say(f"Re-took the fingerprint {milestone.name}'s verify compares with ({now.taken_at}).")
     app().finish({"milestone": milestone.name, "fingerprint": now.as_dict()})

@@ -358,6 +358,11 @@ def status() -> None:
         rows.append([entry["milestone"], entry["state"].replace("_", " "), left,
                      entry["schema_changes_left"], where or "-"])
     out.table(["milestone", "state", "rows left", "schema changes left", "checkpoint"], rows)
+    for entry in report:
+        if entry["left_to_undo"]:
+            out.say(f"{entry['milestone']} is rolling back (interrupted?); left to undo: "
+                    + "; ".join(entry["left_to_undo"])
+                    + f". Run `toolkit rollback {entry['milestone']}` to finish it.")
     app().finish({"milestones": report})
 
 

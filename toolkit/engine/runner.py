@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit import milestones as registry
+from toolkit.conninfo import render as render_url
 from toolkit.db import cannot_connect, first_line, lost_session_error, session_lost
 from toolkit.engine import state
 from toolkit.engine.batches import (
@@ -32,7 +33,7 @@ from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
 from toolkit.engine.lease import UNFENCED, Hold, HoldLost
 from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import check_gitlab_schema, check_privileges, check_writable
-from toolkit.engine.step import Action, Check, StepPlan
+from toolkit.engine.step import Action, Check, StepPlan, count_of
 from toolkit.errors import (
     Interrupted,
     PreconditionRefused,
@@ -132,6 +133,7 @@ class Runner:
         self.options = options or RunOptions()
         self.command = command
         self.lock_wait_s = lock_wait_s
+        self._unrecorded: list[tuple[int, str, dict[str, int], str | None]] = []
 
     # -- read-only -------------------------------------------------------------------
     @contextmanager
@@ -194,6 +196,7 @@ class Runner:
             for milestone in registry.MILESTONES.values():
                 check_gitlab_schema(conn, milestone.reads)
                 recorded = state.milestone_state(conn, milestone.name)
+                undoing = recorded["state"] == state.ROLLING_BACK
                 report.append({
                     "milestone": milestone.name,
                     "title": milestone.title,
@@ -203,17 +206,25 @@ class Runner:
                     "remaining": {s.name: s.remaining(conn) for s in milestone.steps if s.unit == "rows"},
                     "schema_changes_left": sum(s.remaining(conn) for s in milestone.steps
                                                if s.unit != "rows"),
+                    # An interrupted rollback: what its checks still find not undone.
+                    "left_to_undo": [
+                        f"{c.name}: not yet" + (f" ({count_of(c.rows)} left)" if c.rows else "")
+                        for step in milestone.steps for c in step.rollback_checks(conn) if not c.ok]
+                    if undoing else [],
                 })
+                if undoing and (kept := sum(1 - s.remaining(conn) for s in milestone.steps
+                                            if s.unit != "rows")):
+                    report[-1]["left_to_undo"].append(f"{kept} schema changes still in place")
         return report
 
     # -- writes ----------------------------------------------------------------------
     def _prepare_write(self, milestone: Milestone) -> None:
+        refuse_transaction_pooling(self.engine)  # first: statement pooling refuses a transaction
         with self.engine.connect() as conn:
             check_gitlab_schema(conn, milestone.reads)
             check_writable(conn)
             check_privileges(conn, milestone.updates, milestone.reads)
             conn.rollback()
-        refuse_transaction_pooling(self.engine)
 
     def migrate(self, milestone: Milestone, *, verify_after: bool = True,
                 go_ahead: Callable[[], None] | None = None) -> ApplyResult:
@@ -352,6 +363,8 @@ class Runner:
                                      self.options.as_dict())
             hold.record_run(conn, run_id)
             state.set_milestone_state(conn, milestone.name, state_during, run_id)
+            while self._unrecorded:  # an earlier attempt's end, now that the database answers
+                state.finish_run(conn, *self._unrecorded.pop())
         result = ApplyResult(milestone, run_id, [])
         try:
             yield result
@@ -369,7 +382,7 @@ class Runner:
             raise
         except DBAPIError as exc:
             if why := session_lost(exc, during_run=True):
-                lost = lost_session_error(exc, why, "the database", out.secrets)
+                lost = lost_session_error(exc, why, render_url(self.engine.url), out.secrets)
                 self._finish(result, "interrupted", lost.one_line())
                 raise lost from exc
             self._finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
@@ -437,8 +450,10 @@ class Runner:
                 conn = conn.execution_options(**{UNFENCED: True})
                 state.finish_run(conn, run_id, outcome, rows, error)
         except DBAPIError as exc:
-            out.warn(f"could not record how run {run_id} ended ({first_line(exc, out.secrets)}); "
-                     "`toolkit history` shows it as stopped unrecorded")
+            # After a failover the old primary is gone and the new one may still be read-only:
+            # the next attempt (--reconnect) records it once it holds the lease.
+            self._unrecorded.append((run_id, outcome, rows, error))
+            out.warn(f"could not record how run {run_id} ended yet ({first_line(exc, out.secrets)})")
 
 
 @contextmanager
