@@ -219,6 +219,12 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
         )
     if sqlstate == "3D000" or ("does not exist" in first and "database" in first):
         return DatabaseProblem(f"Database not found: {first}", "check the database name in the URL")
+    if sqlstate == "57014":
+        return LockUnavailable(
+            f"A statement ran longer than its statement_timeout on {where}: {first}",
+            "for a read (plan, verify, fingerprint) raise --read-timeout; for a batch, "
+            "--statement-timeout-ms or a smaller --batch-size; nothing of that statement was kept",
+        )
     if sqlstate == "55P03":
         return LockUnavailable(
             f"A lock on {where} could not be had in time: {first}",

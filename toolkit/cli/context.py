@@ -19,6 +19,7 @@ class AppContext:
     json_mode: bool = False
     quiet: bool = False
     command: str = ""
+    read_timeout_s: float | None = None
     _target: Target | None = field(default=None, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
 
@@ -33,7 +34,8 @@ class AppContext:
 
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = create_engine(self.target())
+            timeout = None if self.read_timeout_s is None else int(self.read_timeout_s * 1000)
+            self._engine = create_engine(self.target(), read_timeout=timeout)
         return self._engine
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit import __version__, output
 from toolkit.cli.context import AppContext, app, debug_enabled, envelope
-from toolkit.db import DATABASE_URL_ENV, classify
+from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
 from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode, Interrupted, ToolkitError
 
 
@@ -70,9 +70,15 @@ def _report(ctx: click.Context, exc: ToolkitError, code: ExitCode | None = None)
                    "sandbox). The password is never printed.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings; no progress bars.")
+@click.option("--read-timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help=f"statement_timeout of every read the toolkit makes (plan, verify, fingerprint, "
+                   f"status, the checks around a run), set per transaction so a role's own timeout "
+                   f"does not cut them off; 0 for none (default: ${READ_TIMEOUT_ENV}, else "
+                   f"{DEFAULT_READ_TIMEOUT_S}).")
 @click.version_option(__version__, prog_name="toolkit")
 @click.pass_context
-def cli(ctx: click.Context, database_url: str | None, json_mode: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, database_url: str | None, json_mode: bool, quiet: bool,
+        read_timeout: float | None) -> None:
     """Merge GitLab's Model experiments into the Model registry, safely.
 
     Runs the blueprint's four milestones on a live GitLab PostgreSQL database with a
@@ -84,6 +90,7 @@ def cli(ctx: click.Context, database_url: str | None, json_mode: bool, quiet: bo
     state.database_url = database_url
     state.json_mode = json_mode
     state.quiet = quiet
+    state.read_timeout_s = read_timeout
     state.command = ctx.invoked_subcommand or ""
     output.configure(json_mode=json_mode, quiet=quiet)
 

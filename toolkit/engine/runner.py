@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit import milestones as registry
 from toolkit.conninfo import render as render_url
-from toolkit.db import cannot_connect, first_line, lost_session_error, session_lost
+from toolkit.db import cannot_connect, classify, first_line, lost_session_error, session_lost
 from toolkit.engine import state
 from toolkit.engine.batches import (
     Budget,
@@ -35,7 +35,9 @@ from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import check_gitlab_schema, check_privileges, check_writable
 from toolkit.engine.step import Action, Check, StepPlan, count_of
 from toolkit.errors import (
+    DatabaseProblem,
     Interrupted,
+    LockUnavailable,
     PreconditionRefused,
     SessionLost,
     ToolkitError,
@@ -253,13 +255,27 @@ class Runner:
                 if result.complete:
                     self._set_state(milestone, state.APPLIED, result.run_id)
                     if verify_after:
-                        result.verify = self.verify(milestone)
+                        result.verify = self._closing_verify(milestone)
                         if result.verify.ok:
                             self._set_state(milestone, state.VERIFIED, result.run_id)
                 result.outcome = (
                     "partial" if not result.complete else
                     "verification_failed" if result.verify and not result.verify.ok else "succeeded")
         return result
+
+    def _closing_verify(self, milestone: Milestone) -> VerifyResult:
+        """The verify a migrate ends with. If it cannot finish, the milestone stays recorded
+        as applied (true: every batch committed) and the message says only verify is left."""
+        try:
+            return self.verify(milestone)
+        except (ToolkitError, DBAPIError) as exc:
+            problem = (exc if isinstance(exc, ToolkitError)
+                       else classify(exc, render_url(self.engine.url), out.secrets))
+            kind = type(problem) if isinstance(problem, SessionLost | LockUnavailable) else DatabaseProblem
+            raise kind(
+                f"{milestone.name} is applied, but its closing verify did not finish: {problem.problem}",
+                f"run `toolkit verify {milestone.name}` (--read-timeout raises the time a read may "
+                "take); nothing needs applying again") from exc
 
     def _rollback_once(self, milestone: Milestone) -> tuple[ApplyResult, list[Check]]:
         self._prepare_write(milestone)
