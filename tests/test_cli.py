@@ -112,3 +112,4 @@ def test_every_command_has_help_with_an_example():
         result = run(*path.split(), "--help")
         assert result.exit_code == 0
         assert "Example:" in result.output, path
+

@@ -323,3 +323,22 @@ def test_a_check_counts_every_row_and_lists_only_the_first(realistic_db, monkeyp
     assert [r["package_id"] for r in check["rows"]] == left[:5]
     shown = toolkit(db, "verify", "milestone-1").output
     assert f"and {len(left) - 5} more (--json lists the first 5)" in shown
+
+
+def test_bare_verify_checks_only_what_was_applied_and_says_not_started_for_the_rest(realistic_db):
+    assert toolkit(realistic_db, "migrate", "milestone-1").exit_code == 0
+    result = toolkit(realistic_db, "verify")
+    assert result.exit_code == 0, result.output
+    assert "milestone-1: verifies" in result.output
+    for later in ("milestone-2", "milestone-3", "milestone-4"):
+        assert f"{later}: not started (not checked)" in result.output
+    assert "[FAIL]" not in result.output
+    code, doc = toolkit_json(realistic_db, "verify")
+    assert code == 0
+    assert [(m["milestone"], m["ok"]) for m in doc["result"]["milestones"]] == [
+        ("milestone-1", True), ("milestone-2", None), ("milestone-3", None), ("milestone-4", None)]
+    # a milestone rolled back is not checked either; one named explicitly always is
+    assert toolkit(realistic_db, "rollback", "milestone-1").exit_code == 0
+    again = toolkit(realistic_db, "verify")
+    assert again.exit_code == 0 and "milestone-1: rolled back (not checked)" in again.output
+    assert toolkit(realistic_db, "verify", "milestone-1").exit_code == 1

@@ -295,3 +295,20 @@ def test_an_interrupted_rollback_says_rolling_back_and_the_archive_cannot_be_dro
     assert db.scalar("SELECT count(*) FROM toolkit.m4_archive_ml_experiments") == archived
     assert toolkit(db, "rollback", "milestone-4").exit_code == 0
     assert toolkit_json(db, "status")[1]["result"]["milestones"][3]["state"] == "rolled_back"
+
+
+def test_going_back_across_milestone_4_is_refused_in_order_before_any_other_check(ready):
+    db = ready()
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+    before = snapshot(db, ("ml_candidates", "ml_models", "packages_packages"))
+    for args, said in ((("rollback", "milestone-3"), "milestone-3 cannot be rolled back while milestone-4 is applied"),
+                       (("rollback", "milestone-2"), "milestone-2 cannot be rolled back while milestone-3 and "
+                                                     "milestone-4 are applied"),
+                       (("migrate", "milestone-2"), "milestone-2 cannot be migrated again while milestone-4 is applied"),
+                       (("migrate", "milestone-3"), "milestone-3 cannot be migrated again while milestone-4 is applied")):
+        result = toolkit(db, *args)
+        assert result.exit_code == ExitCode.REFUSED, (args, result.output)
+        assert said in result.output, result.output
+        assert "toolkit rollback milestone-4" in result.output
+        assert "does not exist" not in result.output
+    assert snapshot(db, ("ml_candidates", "ml_models", "packages_packages")) == before

@@ -223,16 +223,31 @@ def _report_apply(result: ApplyResult, *, undoing: bool = False) -> None:
 def verify(milestone: str | None) -> None:
     """Check a milestone's post-conditions; exit 1 when one fails. Read-only.
 
+    Without MILESTONE, every milestone that has been applied (or is under way) is checked;
+    one never started, or rolled back, is listed as such and not checked.
+
     Example: toolkit verify milestone-1 --json
     """
-    chosen = [registry.get(milestone)] if milestone else list(registry.MILESTONES.values())
     runner = _runner()
+    if milestone:
+        chosen, skipped = [registry.get(milestone)], {}
+    else:
+        states = runner.states()
+        chosen = [m for m in registry.MILESTONES.values() if states[m.name] in state.STARTED]
+        skipped = {name: where for name, where in states.items() if where not in state.STARTED}
     results = runner.verify_many(chosen)
-    for result in results:
-        out.say(f"{result.milestone.name}: {'verifies' if result.ok else 'does NOT verify'}")
+    by_name = {r.milestone.name: r for r in results}
+    for name in registry.MILESTONES if not milestone else [chosen[0].name]:
+        if name in skipped:
+            out.say(f"{name}: {skipped[name].replace('_', ' ')} (not checked)")
+            continue
+        result = by_name[name]
+        out.say(f"{name}: {'verifies' if result.ok else 'does NOT verify'}")
         render.checks(result.checks)
     docs = [{"milestone": r.milestone.name, "ok": r.ok, "checks": [c.as_dict() for c in r.checks]}
             for r in results]
+    docs += [{"milestone": name, "ok": None, "state": where, "checks": []}
+             for name, where in skipped.items()]
     failed = [r for r in results if not r.ok]
     if failed:
         failure = failed[0].failure()

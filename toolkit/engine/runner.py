@@ -192,6 +192,11 @@ class Runner:
             failures += [c for c in milestone.preconditions(conn) if not c.ok]
         return Gate(not failures, previous.name if previous else None, failures)
 
+    def states(self) -> dict[str, str]:
+        """Each milestone's recorded state, read-only."""
+        with self.read_only() as conn:
+            return {name: state.milestone_state(conn, name)["state"] for name in registry.MILESTONES}
+
     def status(self) -> list[dict[str, Any]]:
         report = []
         with self.read_only() as conn:
@@ -239,8 +244,25 @@ class Runner:
     def rollback(self, milestone: Milestone) -> tuple[ApplyResult, list[Check]]:
         return self._reconnecting(lambda first: self._rollback_once(milestone))
 
+    def _refuse_out_of_order(self, milestone: Milestone, verb: str) -> None:
+        """Before any other check: a later milestone in the way is the one thing to say (after
+        milestone 4 the tables the other checks read are gone)."""
+        with self.read_only() as conn:
+            started = self._later_started(conn, milestone)
+        if verb == "migrate":
+            started = [name for name in started if registry.get(name).drops]
+        if started:
+            plural = "are" if len(started) > 1 else "is"
+            what = "be rolled back" if verb == "rollback" else "be migrated again"
+            raise PreconditionRefused(
+                f"{milestone.name} cannot {what} while {_and(started)} {plural} applied",
+                f"roll back in reverse order: `toolkit rollback {started[-1]}` first",
+                details={"applied": started},
+            )
+
     def _migrate_once(self, milestone: Milestone, verify_after: bool,
                       go_ahead: Callable[[], None] | None) -> ApplyResult:
+        self._refuse_out_of_order(milestone, "migrate")
         self._prepare_write(milestone)
         with Hold(self.engine, f"toolkit migrate {milestone.name}", self.lock_wait_s) as hold:
             with self.read_only() as conn:
@@ -278,15 +300,10 @@ class Runner:
                 "take); nothing needs applying again") from exc
 
     def _rollback_once(self, milestone: Milestone) -> tuple[ApplyResult, list[Check]]:
+        self._refuse_out_of_order(milestone, "rollback")
         self._prepare_write(milestone)
         with Hold(self.engine, f"toolkit rollback {milestone.name}", self.lock_wait_s) as hold:
-            with self.read_only() as conn:
-                blocking = self._later_started(conn, milestone)
-            if blocking:
-                raise PreconditionRefused(
-                    f"{milestone.name} cannot be rolled back while {', '.join(blocking)} is applied",
-                    f"roll back in reverse order: `toolkit rollback {blocking[-1]}` first",
-                )
+            self._refuse_out_of_order(milestone, "rollback")  # again, now that no run can start
             passes = [p for step in reversed(milestone.steps) for p in step.backward()]
             checks: list[Check] = []
             with self._recorded_run(hold, milestone, "rollback", state.ROLLING_BACK) as result:
@@ -470,6 +487,10 @@ class Runner:
             # the next attempt (--reconnect) records it once it holds the lease.
             self._unrecorded.append((run_id, outcome, rows, error))
             out.warn(f"could not record how run {run_id} ended yet ({first_line(exc, out.secrets)})")
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 @contextmanager
