@@ -167,8 +167,11 @@ def test_a_second_runner_is_refused_and_told_who_holds_the_lock(realistic_db):
     finally:
         rival.close()
     assert result.exit_code == ExitCode.LOCKED
-    assert f"pid {rival_pid} (toolkit migrate milestone-1" in result.output
-    assert "never run two at once" in result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("warning: the runner lock is held by toolkit migrate milestone-1, connected as")
+    assert "waiting up to 0.3 s" in lines[0]  # said before the wait, not after it
+    assert f"(its server pid {rival_pid})" in lines[-1]
+    assert f"pg_terminate_backend({rival_pid})" in lines[-1] and "never run two at once" in lines[-1]
     assert rolled.exit_code == ExitCode.LOCKED
     assert not own_schema_exists(realistic_db)  # refused before anything was written
 

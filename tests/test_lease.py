@@ -8,6 +8,8 @@ any commit that had already passed its check, so "0" is not a matter of timing.
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -213,3 +215,21 @@ def test_a_new_holder_waits_for_a_commit_that_passed_its_check_and_fences_the_ne
             hold.__exit__(None, None, None)
             hold.engine.dispose()
     assert db.rows("SELECT id FROM projects ORDER BY id") == [(2,)]
+
+
+def test_a_second_run_names_the_first_by_its_client_host_pid_and_command(realistic_db):
+    db = realistic_db
+    first = _start(db, "migrate", "milestone-1", *SLOW)
+    try:
+        _wait_for_batches(db, 1)
+        second = toolkit_process(db, "migrate", "milestone-1", "--lock-wait", "0.5")
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    assert second.returncode == ExitCode.LOCKED, second.stderr
+    client = f"toolkit migrate milestone-1 (pid {first.pid} on {socket.gethostname()})"
+    waiting, error = second.stderr.splitlines()[0], second.stderr.splitlines()[-1]
+    assert client in waiting and "waiting up to 0.5 s" in waiting
+    assert client in error and "pg_terminate_backend(" in error and "Ctrl-C in its terminal" in error
+    assert db.scalar("SELECT count(*) FROM toolkit.runs") == 1  # the second one wrote nothing
+

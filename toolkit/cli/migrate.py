@@ -265,8 +265,8 @@ def rollback(milestone: str, **opts: Any) -> None:
     Example: toolkit rollback milestone-1
     """
     chosen = registry.get(milestone)
-    out.say(f"Rolling back {chosen.name}: {chosen.title}")
-    result, checks = _runner(opts).rollback(chosen)
+    result, checks = _runner(opts).rollback(
+        chosen, go_ahead=lambda: out.say(f"Rolling back {chosen.name}: {chosen.title}"))
     _report_apply(result, undoing=True)
     render.checks(checks)
     doc = {**_apply_doc(result), "checks": [c.as_dict() for c in checks]}

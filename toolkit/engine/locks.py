@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.errors import LockUnavailable
+from toolkit.output import out
 
 # pg_try_advisory_lock(int4, int4): 'tkit' and 1. Shows in pg_locks as classid/objid, objsubid 2.
 RUNNER_LOCK_KEYS = (0x746B6974, 1)
@@ -36,13 +37,33 @@ UNIQUE_VIOLATION = "23505"
 
 
 def runner_lock_holders(conn: Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(sa.text("""
-        SELECT a.pid, a.application_name, a.usename, a.client_addr::text, a.backend_start
+    """Sessions holding the runner lock, with the run's own description (client host, pid,
+    command) from the lease when the toolkit's schema has one."""
+    lease = conn.execute(sa.text("SELECT to_regclass('toolkit.runner_lease') IS NOT NULL")).scalar_one()
+    holder = "(SELECT r.holder FROM toolkit.runner_lease r WHERE r.holder_pid = a.pid)" if lease else "NULL"
+    rows = conn.execute(sa.text(f"""
+        SELECT a.pid, a.application_name, a.usename, a.client_addr::text, a.backend_start,
+               {holder} AS run
         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
         WHERE l.locktype = 'advisory' AND l.classid = :c AND l.objid = :o AND l.objsubid = 2
           AND l.granted AND l.pid <> pg_backend_pid()
     """), {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]})
     return [dict(r._mapping) for r in rows]
+
+
+def describe_runner(holder: dict[str, Any]) -> str:
+    """Who holds the runner lock, as an operator can find and stop it."""
+    who = holder.get("run") or holder.get("application_name") or "a session without a name"
+    return (f"{who}, connected as {holder.get('usename')} since {holder['backend_start']:%Y-%m-%d %H:%M:%S}"
+            f" (its server pid {holder['pid']})")
+
+
+def stop_hint(holders: list[dict[str, Any]]) -> str:
+    server_pid = holders[0]["pid"] if holders else "PID"
+    return ("wait for it to finish (`toolkit history` shows it), or stop it: Ctrl-C in its terminal "
+            "(or kill -INT its pid on its host); from the database, "
+            f"`SELECT pg_terminate_backend({server_pid})` ends its lock session and it stops before "
+            "its next commit, resumable. Never kill the server process itself, and never run two at once")
 
 
 def table_lock_holders(conn: Connection, tables: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -86,22 +107,23 @@ class RunnerLock:
         conn.execute(sa.text("SELECT set_config('application_name', :n, false), "
                              "set_config('idle_session_timeout', '0', false)"), {"n": self.label[:63]})
         deadline = time.monotonic() + self.wait_s
+        waited = False
         while True:
             got, pid = conn.execute(sa.text("SELECT pg_try_advisory_lock(:c, :o), pg_backend_pid()"),
                                     {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]}).one()
             if got:
                 self._conn, self.backend_pid = conn, pid
                 return self
+            holders = runner_lock_holders(conn)
+            who = "; ".join(describe_runner(h) for h in holders) or "a session that just ended"
             if time.monotonic() >= deadline:
-                holders = runner_lock_holders(conn)
                 conn.close()
-                who = "; ".join(describe_holder(h) for h in holders) or "a session that just ended"
-                raise LockUnavailable(
-                    f"Another toolkit run holds the runner lock: {who}",
-                    "wait for it to finish (`toolkit history` shows it), or stop it; "
-                    "never run two at once",
-                    details={"holders": holders},
-                )
+                raise LockUnavailable(f"Another toolkit run holds the runner lock: {who}",
+                                      stop_hint(holders), details={"holders": holders})
+            if not waited:
+                out.warn(f"the runner lock is held by {who}; waiting up to {self.wait_s:g} s "
+                         "(--lock-wait)")
+                waited = True
             time.sleep(self.poll_s)
 
     def __exit__(self, *exc: object) -> None:

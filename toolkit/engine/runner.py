@@ -241,8 +241,10 @@ class Runner:
         return self._reconnecting(
             lambda first: self._migrate_once(milestone, verify_after, go_ahead if first else None))
 
-    def rollback(self, milestone: Milestone) -> tuple[ApplyResult, list[Check]]:
-        return self._reconnecting(lambda first: self._rollback_once(milestone))
+    def rollback(self, milestone: Milestone, *,
+                 go_ahead: Callable[[], None] | None = None) -> tuple[ApplyResult, list[Check]]:
+        return self._reconnecting(
+            lambda first: self._rollback_once(milestone, go_ahead if first else None))
 
     def _refuse_out_of_order(self, milestone: Milestone, verb: str) -> None:
         """Before any other check: a later milestone in the way is the one thing to say (after
@@ -299,11 +301,14 @@ class Runner:
                 f"run `toolkit verify {milestone.name}` (--read-timeout raises the time a read may "
                 "take); nothing needs applying again") from exc
 
-    def _rollback_once(self, milestone: Milestone) -> tuple[ApplyResult, list[Check]]:
+    def _rollback_once(self, milestone: Milestone,
+                       go_ahead: Callable[[], None] | None) -> tuple[ApplyResult, list[Check]]:
         self._refuse_out_of_order(milestone, "rollback")
         self._prepare_write(milestone)
         with Hold(self.engine, f"toolkit rollback {milestone.name}", self.lock_wait_s) as hold:
             self._refuse_out_of_order(milestone, "rollback")  # again, now that no run can start
+            if go_ahead is not None:
+                go_ahead()
             passes = [p for step in reversed(milestone.steps) for p in step.backward()]
             checks: list[Check] = []
             with self._recorded_run(hold, milestone, "rollback", state.ROLLING_BACK) as result:
