@@ -345,3 +345,23 @@ def test_bare_verify_checks_only_what_was_applied_and_says_not_started_for_the_r
     again = toolkit(realistic_db, "verify")
     assert again.exit_code == 0 and "milestone-1: rolled back (not checked)" in again.output
     assert toolkit(realistic_db, "verify", "milestone-1").exit_code == 1
+
+
+def test_migrate_and_rollback_say_how_long_each_step_and_the_run_took(realistic_db):
+    code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "5")
+    assert code == 0
+    result = doc["result"]
+    assert set(result["timings"]) == {"fingerprint", "apply", "verify"}
+    assert all(took > 0 for took in result["timings"].values())
+    assert result["seconds"] == pytest.approx(sum(result["timings"].values()), abs=0.01)
+    assert result["timings"]["apply"] == pytest.approx(sum(p["seconds"] for p in result["passes"]), abs=0.01)
+    assert all(p["seconds"] > 0 for p in result["passes"])
+    undone = toolkit(realistic_db, "rollback", "milestone-1", "--batch-size", "5")
+    assert undone.exit_code == 0
+    lines = undone.output.splitlines()
+    passes = [line for line in lines if line.startswith("  ") and not line.startswith("  [")]
+    assert passes and all(line.rstrip().endswith(" s)") for line in passes), undone.output
+    assert " rows restored in " in passes[0] and " batches" in passes[0]
+    closing = next(line for line in lines if line.startswith("milestone-1: "))
+    assert " rows and 0 schema changes in " in closing
+    assert " s (apply " in closing and ", checks " in closing

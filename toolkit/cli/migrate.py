@@ -104,6 +104,15 @@ def _command_line() -> str:
     return " ".join(words)
 
 
+def _seconds(took: float) -> str:
+    return f"{took:.2f} s" if took < 10 else f"{took:.1f} s"
+
+
+def _count(n: int, noun: str) -> str:
+    plural = noun + ("es" if noun.endswith("ch") else "s")
+    return f"{n} {noun if n == 1 else plural}"
+
+
 def _size_range(sizes: list[int]) -> dict[str, int] | None:
     if not sizes:
         return None
@@ -119,9 +128,11 @@ def _apply_doc(result: ApplyResult) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "milestone": result.milestone.name, "run_id": result.run_id, "complete": result.complete,
         "stopped": result.stopped, "rows": result.rows,
+        "seconds": round(result.seconds, 3),
+        "timings": {phase: round(took, 3) for phase, took in result.timings.items()},
         "passes": [{"name": p.name, "rows": p.rows, "batches": p.batches, "complete": p.complete,
                     "schema_change": p.schema_change, "changed": p.changed,
-                    "batch_sizes": _size_range(p.batch_sizes)}
+                    "seconds": round(p.seconds, 3), "batch_sizes": _size_range(p.batch_sizes)}
                    for p in result.passes],
     }
     if result.verify is not None:
@@ -202,17 +213,25 @@ def _report_apply(result: ApplyResult, *, undoing: bool = False) -> None:
     done, nothing_to_do = ("schema change undone", "already undone") if undoing else \
         ("schema changed", "already in place")
     for p in result.passes:
+        took = f" ({_seconds(p.seconds)})"
         if not p.complete:
-            out.say(f"  {p.name}: stopped ({p.stopped}) after {p.rows} rows in {p.batches} batches")
+            out.say(f"  {p.name}: stopped ({p.stopped}) after {_count(p.rows, 'row')} in "
+                    f"{_count(p.batches, 'batch')}{took}")
         elif p.schema_change:
-            out.say(f"  {p.name}: {done if p.changed else nothing_to_do}")
+            out.say(f"  {p.name}: {done if p.changed else nothing_to_do}{took}")
         else:
             sizes = _size_range(p.batch_sizes)
             spread = (f" of {sizes['smallest']} to {sizes['largest']} keys"
                       if sizes and sizes["smallest"] != sizes["largest"] else "")
-            out.say(f"  {p.name}: {p.rows} rows changed in {p.batches} batches{spread}")
+            verb = "restored" if undoing else "changed"
+            out.say(f"  {p.name}: {_count(p.rows, 'row')} {verb} in {_count(p.batches, 'batch')}"
+                    f"{spread}{took}")
     if not result.complete:
         out.say(f"Stopped early ({result.stopped}); run the same command again to continue.")
+    phases = ", ".join(f"{phase} {_seconds(took)}" for phase, took in result.timings.items())
+    schema = sum(1 for p in result.passes if p.schema_change and p.changed)
+    out.say(f"{result.milestone.name}: {_count(result.rows, 'row')} and "
+            f"{_count(schema, 'schema change')} in {_seconds(result.seconds)} ({phases})")
     if result.verify is not None:
         out.say(f"Verify {result.milestone.name}:")
         render.checks(result.verify.checks)

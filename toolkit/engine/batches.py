@@ -102,6 +102,7 @@ class PassResult:
     batch_sizes: list[int] = field(default_factory=list)  # keys each batch took
     schema_change: bool = False  # a DDL action rather than a data pass
     changed: bool = True
+    seconds: float = 0.0  # wall time of the whole pass or schema change, retries included
 
 
 def sqlstate(exc: DBAPIError) -> str | None:

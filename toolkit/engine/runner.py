@@ -118,6 +118,12 @@ class ApplyResult:
     stopped: str | None = None
     verify: VerifyResult | None = None
     outcome: str = "succeeded"
+    # Wall time of each phase ("fingerprint", "apply", "verify", "checks") and of the run.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.timings.values())
 
     @property
     def complete(self) -> bool:
@@ -279,7 +285,8 @@ class Runner:
                 if result.complete:
                     self._set_state(milestone, state.APPLIED, result.run_id)
                     if verify_after:
-                        result.verify = self._closing_verify(milestone)
+                        with _timed(result, "verify"):
+                            result.verify = self._closing_verify(milestone)
                         if result.verify.ok:
                             self._set_state(milestone, state.VERIFIED, result.run_id)
                 result.outcome = (
@@ -314,7 +321,7 @@ class Runner:
             with self._recorded_run(hold, milestone, "rollback", state.ROLLING_BACK) as result:
                 self._run_passes(hold, result, passes)
                 if result.complete:
-                    with self.read_only() as conn:
+                    with _timed(result, "checks"), self.read_only() as conn:
                         checks = [c for step in milestone.steps for c in step.rollback_checks(conn)]
                         back = baselines.checks_against_baseline(conn, milestone.name, rolled_back=True)
                     checks += back
@@ -443,8 +450,10 @@ class Runner:
         budget = Budget(self.options)
         with _stop_on_signals(budget):
             if before is not None:
-                before(milestone)
+                with _timed(result, "fingerprint"):
+                    before(milestone)
             for action in passes:
+                began = time.perf_counter()
                 if isinstance(action, DdlAction | SqlDdlAction):
                     if reason := budget.exhausted_reason():
                         done = PassResult(action.name, stopped=reason)
@@ -455,6 +464,8 @@ class Runner:
                 else:
                     done = run_pass(self.engine, milestone.name, action, result.run_id, self.options,
                                     budget)
+                done.seconds = time.perf_counter() - began
+                result.timings["apply"] = result.timings.get("apply", 0.0) + done.seconds
                 result.passes.append(done)
                 if not done.complete:
                     result.stopped = done.stopped
@@ -492,6 +503,15 @@ class Runner:
             # the next attempt (--reconnect) records it once it holds the lease.
             self._unrecorded.append((run_id, outcome, rows, error))
             out.warn(f"could not record how run {run_id} ended yet ({first_line(exc, out.secrets)})")
+
+
+@contextmanager
+def _timed(result: ApplyResult, phase: str) -> Iterator[None]:
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        result.timings[phase] = result.timings.get(phase, 0.0) + time.perf_counter() - began
 
 
 def _and(names: list[str]) -> str:
