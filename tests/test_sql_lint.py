@@ -33,7 +33,7 @@ def test_sql_passes_squawk(tmp_path, milestone, rollback):
     lint = subprocess.run([_squawk(), "--config", str(ROOT / ".squawk.toml"), "--reporter", "gcc", str(path)],
                           capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    assert "SET lock_timeout" in result.output
+    assert "lock_timeout = '" in result.output
 
 
 def test_sql_has_no_named_placeholders_left():
@@ -41,3 +41,27 @@ def test_sql_has_no_named_placeholders_left():
         text = CliRunner().invoke(cli, ["sql", milestone]).output
         body = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
         assert ":lo" not in body and ":hi" not in body and ":run_id" not in body
+
+
+@pytest.mark.parametrize("rollback", [False, True])
+def test_each_statement_carries_the_timeouts_the_toolkit_runs_it_with(rollback):
+    """A schema change waits 100 ms for its lock, not a batch's 2 s: the script says so
+    statement by statement, and resets a session setting right after its change."""
+    from toolkit.engine.batches import RunOptions
+
+    defaults = RunOptions()
+    for milestone in MILESTONES:
+        text = CliRunner().invoke(cli, ["sql", milestone, *(["--rollback"] if rollback else [])]).output
+        blocks = text.split(f"-- {milestone} / ")[1:]
+        assert blocks
+        for block in blocks:
+            if "Runs in batches" in block:
+                assert f"SET LOCAL lock_timeout = '{defaults.lock_timeout_ms}ms';" in block, block
+                assert f"SET LOCAL statement_timeout = '{defaults.statement_timeout_ms}ms';" in block
+                assert block.rstrip().endswith("COMMIT;")
+            else:
+                assert "Schema change" in block, block
+                head = block.index(f"SET lock_timeout = '{defaults.ddl_lock_timeout_ms}ms';")
+                assert head < block.index("BEGIN;") if "BEGIN;" in block else True
+                assert block.rstrip().endswith("RESET lock_timeout;\nRESET statement_timeout;"), block
+        assert "'2s'" not in text and f"SET lock_timeout = '{defaults.lock_timeout_ms}ms'" not in text

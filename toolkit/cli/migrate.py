@@ -347,27 +347,37 @@ def positional(sql: str) -> str:
 
 
 def _sql_statements(milestone: Milestone, backward: bool) -> list[str]:
+    """The statements as the toolkit runs them, each with the timeouts it runs under (the
+    defaults; --lock-timeout-ms, --statement-timeout-ms and --ddl-lock-timeout-ms change
+    them), so a DBA who runs the reviewed script gets the same safety."""
+    options = RunOptions()
+    batch_timeouts = (f"SET LOCAL lock_timeout = '{options.lock_timeout_ms}ms';\n"
+                      f"SET LOCAL statement_timeout = '{options.statement_timeout_ms}ms';")
+    ddl_timeouts = (f"SET lock_timeout = '{options.ddl_lock_timeout_ms}ms';\n"
+                    f"SET statement_timeout = '{options.statement_timeout_ms}ms';")
     lines = [
-        "-- The toolkit sets these for every statement it runs (--lock-timeout-ms,\n"
-        "-- --statement-timeout-ms); each batch sets them again with SET LOCAL.\n"
-        "SET lock_timeout = '2s';\nSET statement_timeout = '60s';"
+        "-- Each statement below carries the timeouts the toolkit runs it with: a batch sets\n"
+        "-- them for its own transaction (SET LOCAL); a schema change for its session, reset\n"
+        "-- right after (CREATE INDEX CONCURRENTLY runs outside a transaction)."
     ]
     for step in (reversed(milestone.steps) if backward else milestone.steps):
         for action in (step.backward() if backward else step.forward()):
             if isinstance(action, KeysetPass):
                 lines.append(
                     f"-- {milestone.name} / {action.name}: {action.description}\n"
-                    f"-- Runs in batches, each one transaction with SET LOCAL lock_timeout and\n"
-                    f"-- statement_timeout. Batch bounds: :lo (exclusive, the checkpoint) and :hi from\n"
-                    f"{_comment(action.next_key_sql())};\n"
-                    f"{positional(action.change_sql.strip())};"
+                    f"-- Runs in batches, each one transaction. Batch bounds: :lo (exclusive, the\n"
+                    f"-- checkpoint) and :hi from\n"
+                    f"{_comment(action.next_key_sql())}\n"
+                    f"BEGIN;\n{batch_timeouts}\n"
+                    f"{positional(action.change_sql.strip())};\nCOMMIT;"
                 )
             else:
                 origin = (f"Alembic revision {action.revision}" if hasattr(action, "revision")
                           else "direct DDL")
                 lines.append(
                     f"-- {milestone.name} / {action.name}: {action.description}\n"
-                    f"-- Schema change ({origin}), run with lock_timeout and retries.\n{action.sql()}"
+                    f"-- Schema change ({origin}); retried after a lock timeout.\n"
+                    f"{ddl_timeouts}\n{action.sql()}\nRESET lock_timeout;\nRESET statement_timeout;"
                 )
     return lines
 
