@@ -312,3 +312,22 @@ def test_going_back_across_milestone_4_is_refused_in_order_before_any_other_chec
         assert "toolkit rollback milestone-4" in result.output
         assert "does not exist" not in result.output
     assert snapshot(db, ("ml_candidates", "ml_models", "packages_packages")) == before
+
+
+def test_status_and_plan_give_milestone_4_the_same_count(ready):
+    db = ready()
+
+    def counted() -> tuple[int, int, int]:
+        _, status = toolkit_json(db, "status")
+        m4 = next(m for m in status["result"]["milestones"] if m["milestone"] == "milestone-4")
+        _, plan = toolkit_json(db, "plan", "milestone-4")
+        return sum(m4["remaining"].values()), m4["schema_changes_left"], plan["result"]["milestones"][0]["rows"]
+
+    rows, schema, planned = counted()
+    total = db.scalar("SELECT (SELECT count(*) FROM ml_experiments) + (SELECT count(*) FROM ml_experiment_metadata)"
+                      " + (SELECT count(*) FROM ml_candidates)")
+    assert rows == planned == total > 0 and schema == 3
+    shown = toolkit(db, "status").output
+    assert next(line for line in shown.splitlines() if line.startswith("milestone-4")).split()[3:5] == [str(total), "3"]
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+    assert counted() == (0, 0, 0)

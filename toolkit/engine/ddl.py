@@ -223,8 +223,13 @@ class SchemaStep(Step):
                         {"schema change already applied": int(applied)}, [], self.forward_sql(),
                         kind="schema")
 
+    schema_changes = 1
+
     def remaining(self, conn: Connection) -> int:
         return 0 if is_applied(conn, self.revision) else 1
+
+    def schema_changes_left(self, conn: Connection) -> int:
+        return self.remaining(conn)
 
     def verify(self, conn: Connection) -> list[Check]:
         return []

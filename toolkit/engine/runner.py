@@ -217,16 +217,15 @@ class Runner:
                     "updated_at": recorded.get("updated_at"),
                     "checkpoints": [cp.__dict__ for cp in state.checkpoints(conn, milestone.name)],
                     "remaining": {s.name: s.remaining(conn) for s in milestone.steps if s.unit == "rows"},
-                    "schema_changes_left": sum(s.remaining(conn) for s in milestone.steps
-                                               if s.unit != "rows"),
+                    "schema_changes_left": sum(s.schema_changes_left(conn) for s in milestone.steps),
                     # An interrupted rollback: what its checks still find not undone.
                     "left_to_undo": [
                         f"{c.name}: not yet" + (f" ({count_of(c.rows)} left)" if c.rows else "")
                         for step in milestone.steps for c in step.rollback_checks(conn) if not c.ok]
                     if undoing else [],
                 })
-                if undoing and (kept := sum(1 - s.remaining(conn) for s in milestone.steps
-                                            if s.unit != "rows")):
+                if undoing and (kept := sum(s.schema_changes - s.schema_changes_left(conn)
+                                            for s in milestone.steps)):
                     report[-1]["left_to_undo"].append(f"{kept} schema changes still in place")
         return report
 

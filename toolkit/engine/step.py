@@ -161,6 +161,13 @@ class Step:
         """Rows still to change; ``status`` calls this, so it should be cheaper than plan."""
         return self.plan(conn).rows
 
+    # Schema changes the step makes (tables, columns, indexes, constraints, triggers):
+    # status counts those still to make, and an interrupted rollback those still in place.
+    schema_changes: int = 0
+
+    def schema_changes_left(self, conn: Connection) -> int:
+        return 0
+
     def rollback_checks(self, conn: Connection) -> list[Check]:
         """After the backward passes: is everything the step did undone?"""
         return []

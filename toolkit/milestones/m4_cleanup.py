@@ -157,6 +157,24 @@ WITH copied AS (
 SELECT count(*) FROM copied"""
 
 
+def _left_to_archive(conn: Connection) -> dict[str, int]:
+    """Rows of each source the archive does not hold yet (all of them before it exists)."""
+    counts = {}
+    sources = (("ml_experiments", ARCHIVE_EXPERIMENTS, "id", "ml_experiments rows to archive"),
+               ("ml_experiment_metadata", ARCHIVE_METADATA, "id", "ml_experiment_metadata rows to archive"))
+    for source, archive, key, label in sources:
+        if _exists(conn, source):
+            missing = (f" WHERE NOT EXISTS (SELECT 1 FROM {archive} a WHERE a.{key} = s.id)"
+                       if _exists(conn, archive) else "")
+            counts[label] = conn.execute(sa.text(f"SELECT count(*) FROM {source} s{missing}")).scalar_one()
+    if _column_exists(conn, "ml_candidates", "experiment_id"):
+        missing = (f" WHERE NOT EXISTS (SELECT 1 FROM {ARCHIVE_CANDIDATES} a WHERE a.candidate_id = s.id)"
+                   if _exists(conn, ARCHIVE_CANDIDATES) else "")
+        counts["candidate experiment_ids to archive"] = conn.execute(
+            sa.text(f"SELECT count(*) FROM ml_candidates s{missing}")).scalar_one()
+    return counts
+
+
 # -- 3. check -----------------------------------------------------------------------------
 def archive_differences(conn: Connection, *, rebuilt: bool = False) -> list[str]:
     """Row for row: count and content hash of each source against its archive.
@@ -569,29 +587,22 @@ class ArchiveAndDrop(Step):
         ]
 
     def plan(self, conn: Connection) -> StepPlan:
-        counts = {}
-        if _exists(conn, "ml_experiments"):
-            counts["ml_experiments rows to archive"] = conn.execute(
-                sa.text("SELECT count(*) FROM ml_experiments")
-            ).scalar_one()
-        if _exists(conn, "ml_experiment_metadata"):
-            counts["ml_experiment_metadata rows to archive"] = conn.execute(
-                sa.text("SELECT count(*) FROM ml_experiment_metadata")
-            ).scalar_one()
-        if _column_exists(conn, "ml_candidates", "experiment_id"):
-            counts["candidate experiment_ids to archive"] = conn.execute(
-                sa.text("SELECT count(*) FROM ml_candidates")
-            ).scalar_one()
+        counts = _left_to_archive(conn)
         return StepPlan(self.name, self.description, sum(counts.values()), counts, {}, [], self.forward_sql())
 
+    # Rows are what the batches copy into the archive; status and plan count them alike.
+    unit = "rows"
+    schema_changes = 3  # two tables and a column dropped
+
     def remaining(self, conn: Connection) -> int:
+        return sum(_left_to_archive(conn).values())
+
+    def schema_changes_left(self, conn: Connection) -> int:
         return (
             int(_exists(conn, "ml_experiments"))
             + int(_exists(conn, "ml_experiment_metadata"))
             + int(_column_exists(conn, "ml_candidates", "experiment_id"))
         )
-
-    unit = "tables and columns to drop"
 
     def verify(self, conn: Connection) -> list[Check]:
         gone = [name for name in ("ml_experiments", "ml_experiment_metadata") if not _exists(conn, name)]
