@@ -22,6 +22,10 @@ def test_demo_runs_the_whole_blueprint_and_comes_back_identical(sandbox_dir):
     assert "checks hold" in result.output and "rolled back" in result.output
     assert "identical: all 12 ML tables and all 7 parts of the MLflow view" in result.output
     assert result.output.count("MLflow view unchanged") == 4
+    backfilled = next(line for line in result.output.splitlines() if line.startswith("   milestone-2: ")
+                      and "rows" in line).split(": ")[1].split()[0]
+    assert (f"milestone-2: rolled back: 5 schema changes undone, which took the {backfilled} values it "
+            "had written with them") in result.output
     doc = json.loads(run("--json", "demo").output)
     assert doc["ok"] is True and doc["exit_code"] == 0
     assert doc["result"]["counts"]["ml_experiments"] == 24

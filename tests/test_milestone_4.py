@@ -94,6 +94,10 @@ def test_typing_the_database_name_at_the_prompt_confirms_and_anything_else_refus
     code, output = _typed_at_the_prompt(db, "gitlabhq_production")
     assert code == ExitCode.REFUSED, output
     assert f"DROPS tables in '{db.name}'" in output and "the name typed is not the database's" in output
+    experiments = db.scalar("SELECT count(*) FROM ml_experiments")
+    listed = output[:output.index("Type the database name")]  # shown before it asks
+    assert f"ml_experiments rows: {experiments}" in listed, output
+    assert "ml_experiment_metadata rows: " in listed and "candidate experiment_ids: " in listed
     assert snapshot(db, TABLES) == before
     assert db.scalar("SELECT to_regclass('ml_experiments') IS NOT NULL")
 
@@ -331,3 +335,13 @@ def test_status_and_plan_give_milestone_4_the_same_count(ready):
     assert next(line for line in shown.splitlines() if line.startswith("milestone-4")).split()[3:5] == [str(total), "3"]
     assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
     assert counted() == (0, 0, 0)
+
+
+def test_checks_and_records_say_what_they_found_not_that_the_schema_changed(ready):
+    db = ready()
+    applied = toolkit(db, "migrate", "milestone-4", "--yes").output
+    assert "  check-archive: the archive matches the source row for row (" in applied
+    assert "  capture-ddl: recorded the DDL of the tables" in applied
+    assert "check-archive: schema changed" not in applied and "capture-ddl: schema changed" not in applied
+    undone = toolkit(db, "rollback", "milestone-4").output
+    assert "  forget-archive: the rebuilt tables match the archive; archive cleared (" in undone

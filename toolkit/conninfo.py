@@ -18,14 +18,24 @@ parameters unchanged:
 
 :func:`render` writes a URL back the way libpq reads it, every host shown and the password
 (and ``sslpassword``) masked: that is what every message says the toolkit talks to.
+
+:func:`from_libpq_environment` is what libpq itself would connect to with no connection
+string at all (PGHOST, PGPORT, PGDATABASE, PGUSER, PGSERVICE and the service file, ...), as
+``psql`` does; :func:`from_params` builds a URL from parameters found elsewhere (GitLab's
+``database.yml``), each checked as a URL's would be and named by where it came from.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from urllib.parse import quote
 
 from psycopg import Error as PsycopgError
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL
 
@@ -36,7 +46,10 @@ EXAMPLE = ("give a URL like postgresql://user@host:5432/gitlabhq_production, sev
            "postgresql://user@host1:5432,host2:5432/gitlabhq_production?target_session_attrs=read-write, "
            "or a conninfo like 'host=/var/run/postgresql dbname=gitlabhq_production user=gitlab'")
 # Parameters whose value is a secret: never shown, wherever the URL is described.
-SECRET_PARAMETERS = ("password", "sslpassword")
+SECRET_PARAMETERS = ("password", "sslpassword", "oauth_client_secret")
+# libpq reads its environment only when one of these says where the database is (as the
+# toolkit decides whether to use it); the others (PGPASSWORD, PGSSLMODE, ...) refine it.
+LIBPQ_LOCATION_VARIABLES = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 
 # libpq checks these values only when it connects; checked here, a typo is a usage error
 # (exit 2) that names the parameter, not a connection failure.
@@ -77,7 +90,7 @@ def to_url(raw: str) -> URL:
         params = conninfo_to_dict(text)
     except PsycopgError as exc:
         raise _unparsable(raw, str(exc)) from None
-    return _from_params(raw, {k: str(v) for k, v in params.items()})
+    return _from_params({k: str(v) for k, v in params.items()}, lambda why: _unparsable(raw, why))
 
 
 def _unparsable(raw: str, why: str) -> UsageProblem:
@@ -90,25 +103,48 @@ def _unparsable(raw: str, why: str) -> UsageProblem:
         f"Cannot parse the database URL {redact(raw, secrets)!r}: {redact(why, secrets)}", EXAMPLE)
 
 
-def _from_params(raw: str, params: dict[str, str]) -> URL:
+def problem(key: str, value: str) -> str | None:
+    """Why libpq would refuse ``value`` for the parameter ``key`` when it connects, or None.
+
+    Said as ``key='value' is not ...``; callers that know where the value came from (an
+    environment variable, a file) name that instead of ``key``.
+    """
+    if key == "port":
+        for port in value.split(","):
+            if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
+                return f"{key}={port.strip()!r} is not a port number (1 to 65535)"
+    elif key in _CHOICES and value not in _CHOICES[key]:
+        return f"{key}={value!r} is not one of {', '.join(_CHOICES[key])}"
+    elif key in _INTEGERS and not re.fullmatch(r"\s*-?\d+\s*", value):
+        return f"{key}={value!r} is not a whole number"
+    return None
+
+
+def from_params(params: dict[str, str], fail: Callable[[str], Exception]) -> URL:
+    """The URL for libpq parameters found outside a connection string (a file, say).
+
+    ``fail(why)`` makes the exception for a value libpq would refuse; ``why`` names the
+    parameter (``port='99999' is not a port number ...``).
+    """
+    return _from_params(dict(params), fail)
+
+
+def _from_params(params: dict[str, str], fail: Callable[[str], Exception]) -> URL:
     username = params.pop("user", None) or None
     password = params.pop("password", None) or None
     database = params.pop("dbname", None) or None
     hosts = params.pop("host").split(",") if "host" in params else []
     ports = params.pop("port").split(",") if "port" in params else []
-    for port in ports:
-        if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
-            raise _unparsable(raw, f"{port!r} is not a port number")
+    if why := problem("port", ",".join(ports)):
+        raise fail(why)
     if len(ports) > 1 and len(ports) != max(len(hosts), 1):
-        raise _unparsable(raw, f"{max(len(hosts), 1)} host(s) but {len(ports)} ports "
-                               "(give one port for all hosts, or one per host)")
+        raise fail(f"{max(len(hosts), 1)} host(s) but {len(ports)} ports "
+                   "(give one port for all hosts, or one per host)")
     if len(hosts) > 1 and len(ports) == 1:
         ports = ports * len(hosts)  # libpq: a single port applies to every host
     for key, value in params.items():
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise _unparsable(raw, f"{key}={value!r} is not one of {', '.join(_CHOICES[key])}")
-        if key in _INTEGERS and not re.fullmatch(r"\s*-?\d+\s*", value):
-            raise _unparsable(raw, f"{key}={value!r} is not a whole number")
+        if why := problem(key, value):
+            raise fail(why)
     query: dict[str, str] = {}
     host = port = None
     if len(hosts) > 1 or (hosts and _is_socket(hosts[0])):
@@ -124,6 +160,120 @@ def _from_params(raw: str, params: dict[str, str]) -> URL:
     query.update(params)
     return URL.create(DRIVERNAME, username=username, password=password, host=host, port=port,
                       database=database, query=query)
+
+
+# -- libpq's own environment ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LibpqOption:
+    keyword: str
+    envvar: str | None
+    compiled: str | None
+
+
+@cache
+def libpq_options() -> dict[str, LibpqOption]:
+    """Every parameter this libpq knows, with its environment variable and built-in default."""
+    def text(value: bytes | None) -> str | None:
+        return None if value is None else value.decode()
+
+    return {text(o.keyword) or "": LibpqOption(text(o.keyword) or "", text(o.envvar), text(o.compiled))
+            for o in pq.Conninfo.get_defaults()}
+
+
+def environment_variable(key: str) -> str | None:
+    """The environment variable libpq reads for the parameter ``key`` (PGSSLMODE for sslmode)."""
+    option = libpq_options().get(key)
+    return option.envvar if option else None
+
+
+@dataclass(frozen=True)
+class LibpqEnvironment:
+    url: URL
+    variables: tuple[str, ...]  # the location variables that are set, in LIBPQ_LOCATION_VARIABLES order
+    service: str | None  # PGSERVICE, when set
+
+    def origin(self) -> str:
+        said = ", ".join(self.variables)
+        if self.service:
+            said += f"; service {self.service}"
+        return f"libpq's environment ({said})"
+
+
+def from_libpq_environment() -> LibpqEnvironment | None:
+    """What libpq connects to given no connection string, when the environment says where.
+
+    None unless one of :data:`LIBPQ_LOCATION_VARIABLES` is set (and not empty). libpq works
+    the parameters out itself (``PQconndefaults``: the service file first, then each PG*
+    variable, then its built-in defaults), so the result is what ``psql`` would use; the
+    URL carries every parameter that is not a built-in default, so messages show it and the
+    toolkit's own defaults (application_name, connect_timeout) do not override PGAPPNAME or
+    PGCONNECT_TIMEOUT. The password file (PGPASSFILE, ~/.pgpass) is read by libpq when it
+    connects, as always. A value libpq would refuse is a :class:`UsageProblem` naming the
+    variable (or the service) it came from.
+    """
+    environ = os.environ
+    variables = tuple(name for name in LIBPQ_LOCATION_VARIABLES if environ.get(name))
+    if not variables:
+        return None
+    service = environ.get("PGSERVICE") or None
+    params: dict[str, str] = {}
+    origins: dict[str, str] = {}
+    for option in pq.Conninfo.get_defaults():
+        key = option.keyword.decode()
+        if option.val is None or option.val == b"":
+            continue
+        value = option.val.decode()
+        envvar = option.envvar.decode() if option.envvar else None
+        if envvar and environ.get(envvar) == value:
+            origins[key] = envvar
+        elif key == "user" or (option.compiled is not None and option.val == option.compiled):
+            origins[key] = "libpq's default"
+        else:
+            origins[key] = f"service {service}" if service else "libpq's default"
+        if origins[key] == "libpq's default" and key != "user":
+            continue  # what libpq uses anyway; the description stays short
+        params[key] = value
+    if "dbname" not in params and "user" in params:
+        params["dbname"] = params["user"]  # libpq's rule: the database named after the user
+
+    def fail(why: str) -> Exception:
+        key = why.split("=", 1)[0]
+        where = origins.get(key, "libpq's environment")
+        if where.startswith("PG"):
+            why = where + why[len(key):]
+            step = f"correct or unset {where} (libpq reads it, as psql does)"
+        else:
+            why = f"{why} (from {where})"
+            step = ("correct the service file (PGSERVICEFILE, or ~/.pg_service.conf)" if service
+                    else "correct libpq's environment")
+        return UsageProblem(f"Cannot use libpq's environment: {why}", step)
+
+    return LibpqEnvironment(_from_params(params, fail), variables, service)
+
+
+# -- libpq's complaints about a parameter, when it connects -------------------------------
+
+_PARAMETER_COMPLAINTS = (
+    (re.compile(r'invalid "?(?P<key>\w+)"? value: "(?P<value>[^"]*)"'), None),
+    (re.compile(r'invalid port number: "(?P<value>[^"]*)"'), "port"),
+    (re.compile(r'invalid integer value "(?P<value>[^"]*)" for connection option "(?P<key>\w+)"'), None),
+    (re.compile(r'could not parse network address "(?P<value>[^"]*)"'), "hostaddr"),
+    (re.compile(r'definition of service "(?P<value>[^"]*)" not found'), "service"),
+    (re.compile(r'service file "(?P<value>[^"]*)" not found'), "servicefile"),
+    (re.compile(r"bad value for (?P<key>\w+): '(?P<value>[^']*)'"), None),  # psycopg's own check
+    (re.compile(r'invalid connection option "(?P<key>\w+)"'), None),
+)
+
+
+def parameter_complaint(message: str) -> tuple[str, str] | None:
+    """(parameter, value) when libpq refused a connection parameter's value, else None."""
+    for pattern, key in _PARAMETER_COMPLAINTS:
+        if match := pattern.search(message):
+            found = match.groupdict()
+            return key or found["key"], found.get("value") or ""
+    return None
 
 
 def _is_socket(host: str) -> bool:
@@ -176,3 +326,49 @@ def render(url: URL) -> str:
 def _hostspec(host: str, port: str) -> str:
     host = f"[{host}]" if ":" in host else quote(host, safe="")
     return f"{host}:{port}" if port else host
+
+
+def parameter_refused(message: str) -> UsageProblem | None:
+    """A connection parameter libpq refused when it tried to connect: a usage error naming it,
+    and the environment variable it came from when it came from one (PGSSLMODE, PGPORT, ...)."""
+    found = parameter_complaint(message)
+    if found is None:
+        return None
+    key, value = found
+    if key == "servicefile":
+        return UsageProblem(f"The service file {value!r} does not exist ({message})",
+                            "correct or unset PGSERVICEFILE (libpq reads it, as psql does)")
+    envvar = environment_variable(key)
+    from_env = bool(envvar and value and os.environ.get(envvar) == value)
+    if key == "service":
+        named = f"service {value!r}" + (f" (from {envvar})" if from_env else "")
+        return UsageProblem(
+            f"Connection parameter {named} is not defined: {message}",
+            f"add a [{value}] section to the service file (PGSERVICEFILE, else ~/.pg_service.conf), "
+            + (f"or unset {envvar}" if from_env else "or correct service= in the database URL"))
+    said = f"{envvar}={value!r} (libpq's {key})" if from_env else f"{key}={value!r}"
+    return UsageProblem(
+        f"Connection parameter {said} is not valid: {message}",
+        f"correct or unset {envvar} (libpq reads it, as psql does)" if from_env
+        else f"correct {key} in the database URL")
+
+
+def passfile_ignored() -> str:
+    """libpq skips a password file others can read (with a warning on stderr): say so."""
+    path = os.environ.get("PGPASSFILE") or os.path.expanduser("~/.pgpass")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if mode & 0o077:
+        return f". libpq ignores {path}: others can read it; chmod 600 {path}"
+    return ""
+
+
+_OS_USER_REFUSED = re.compile(r'(?P<method>Peer|Ident) authentication failed for user "(?P<user>[^"]*)"')
+
+
+def os_user_refused(message: str) -> tuple[str, str] | None:
+    """(method, role) when the server's peer or ident rule refused the operating-system user."""
+    match = _OS_USER_REFUSED.search(message)
+    return (match["method"], match["user"]) if match else None

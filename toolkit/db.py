@@ -1,8 +1,11 @@
 """Which database a command talks to, and how: URL resolution, masking, engine, errors.
 
-Order of precedence: ``--database-url``, then ``TOOLKIT_DATABASE_URL``, then the running
-sandbox (and the command says so, so nobody mistakes the sandbox for production). The
-password never leaves this module unmasked: :func:`describe` is what every message uses.
+Order of precedence: ``--database-url``, then ``TOOLKIT_DATABASE_URL``, then libpq's own
+environment (PGHOST, PGDATABASE, PGSERVICE, ...: what psql would use), then
+``--gitlab-config`` (GitLab's database.yml), then the running sandbox; every command says
+in one line which one it used (:meth:`Target.announcement`), so nobody mistakes the sandbox
+for production. The password never leaves this module unmasked: :func:`describe` is what
+every message uses.
 """
 
 from __future__ import annotations
@@ -47,16 +50,31 @@ TIMEOUTS_OPTION = "toolkit_timeouts"
 @dataclass(frozen=True)
 class Target:
     url: URL
-    source: str  # "option", "environment" or "sandbox"
+    source: str  # "option", "environment", "libpq", "gitlab-config" or "sandbox"
+    origin: str = ""  # where, for the one line every command says: "libpq's environment (PGHOST)"
+    note: str = ""  # a source given but not used, and why
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        found = [self.url.password, self.url.query.get("password"), self.url.query.get("sslpassword")]
+        from toolkit.conninfo import SECRET_PARAMETERS
+
+        found = [self.url.password, *(self.url.query.get(key) for key in SECRET_PARAMETERS)]
         return tuple(s for s in found if isinstance(s, str) and s)
 
     def describe(self) -> str:
         """The URL as libpq reads it, every host listed, the password masked."""
         return render_url(self.url)
+
+    def announcement(self) -> str:
+        """The one line every command that connects says first: which database, from where."""
+        said = {
+            "option": f"Using the database given by --database-url: {self.describe()}",
+            "environment": f"Using the database in {DATABASE_URL_ENV}: {self.describe()}",
+            "libpq": f"Using the database from {self.origin}: {self.describe()}",
+            "gitlab-config": f"Using GitLab's database from {self.origin}: {self.describe()}",
+        }.get(self.source, f"Using the sandbox database {self.describe()} (no --database-url, "
+                           f"{DATABASE_URL_ENV}, PGHOST/PGDATABASE/PGSERVICE or --gitlab-config given)")
+        return f"{said} ({self.note})" if self.note else said
 
 
 def parse_url(raw: str) -> URL:
@@ -70,18 +88,45 @@ def parse_url(raw: str) -> URL:
     return conninfo_to_url(raw)
 
 
-def resolve_target(url_option: str | None) -> Target:
+def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> Target:
+    """The database, from the first source given, in this order:
+
+    ``--database-url``, ``TOOLKIT_DATABASE_URL``, libpq's own environment (when one of
+    PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, PGUSER, PGSERVICE is set: what psql would use,
+    service file and password file included), ``--gitlab-config`` (GitLab's database.yml),
+    then the running sandbox. A ``--gitlab-config`` that a source before it overrides is
+    named in the target's note, so the line every command says tells the operator.
+    """
+    from toolkit.conninfo import from_libpq_environment
+
+    ignored = f"--gitlab-config {gitlab_config} not read" if gitlab_config else ""
     if url_option:
-        return Target(parse_url(url_option), "option")
+        return Target(parse_url(url_option), "option",
+                      note=ignored and f"{ignored}: --database-url comes first")
     if raw := os.environ.get(DATABASE_URL_ENV):
-        return Target(parse_url(raw), "environment")
+        return Target(parse_url(raw), "environment",
+                      note=ignored and f"{ignored}: {DATABASE_URL_ENV} comes first")
+    if libpq := from_libpq_environment():
+        return Target(libpq.url, "libpq", libpq.origin(),
+                      note=ignored and f"{ignored}: libpq's environment ({', '.join(libpq.variables)}) "
+                                       "comes first; unset it to use the file")
+    if gitlab_config:
+        from toolkit import gitlab_config as gitlab
+
+        found = gitlab.read(gitlab_config)
+        return Target(found.url, "gitlab-config", found.origin())
+    from toolkit.gitlab_config import OMNIBUS_PATH
     from toolkit.sandbox.server import SandboxServer
 
     status = SandboxServer().status()
     if not status.running:
+        omnibus = (f" (this machine has {OMNIBUS_PATH}: --gitlab-config {OMNIBUS_PATH})"
+                   if os.path.exists(OMNIBUS_PATH) else "")
         raise PreconditionRefused(
             "No database given and the sandbox is not running",
-            f"pass --database-url, set {DATABASE_URL_ENV}, or run `toolkit sandbox start`",
+            f"pass --database-url, set {DATABASE_URL_ENV}, set libpq's PGHOST/PGDATABASE/PGUSER or "
+            f"PGSERVICE, pass --gitlab-config PATH to GitLab's database.yml{omnibus}, "
+            "or run `toolkit sandbox start`",
         )
     return Target(parse_url(status.url()), "sandbox")
 
@@ -194,6 +239,7 @@ def lost_session_error(exc: DBAPIError, why: str, where: str,
 
 
 def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> ToolkitError:
+    from toolkit.conninfo import os_user_refused, parameter_refused, passfile_ignored
     from toolkit.engine.pooling import pooler_refusal  # the pooler's own words, named as such
 
     if (refusal := pooler_refusal(exc)) is not None:
@@ -201,6 +247,22 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
     orig = exc.orig
     sqlstate = getattr(orig, "sqlstate", None)
     first = first_line(exc, secrets)
+    if (refused := parameter_refused(first)) is not None:
+        return refused  # a usage error (exit 2) naming the parameter, and its PG* variable
+    if "no password supplied" in first:
+        return DatabaseProblem(
+            f"{where} asks for a password and none was given",
+            "give the password in the URL (postgresql://USER:PASSWORD@HOST/DATABASE; in a keyword "
+            "string, password=...), in PGPASSWORD, or in ~/.pgpass as a line "
+            "HOST:PORT:DATABASE:USER:PASSWORD (chmod 600; PGPASSFILE names another file)"
+            + passfile_ignored())
+    if match := os_user_refused(first):
+        return DatabaseProblem(
+            f"{match[0]} authentication failed for user {match[1]!r} on {where}: the server lets that "
+            "role in over this connection only for the operating-system user of the same name (or "
+            "the one pg_ident.conf maps to it)",
+            "run the toolkit as that operating-system user (GitLab Omnibus: sudo -u git -H toolkit "
+            "...), or connect as a role with a password (over TCP, or where pg_hba.conf asks for one)")
     if sqlstate == "42501":
         return DatabaseProblem(
             f"Permission denied on {where}: {first}",
@@ -215,8 +277,8 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
         )
     if "password authentication failed" in first or sqlstate == "28P01":
         return DatabaseProblem(
-            f"Authentication failed for {where}", "check the user and password in the database URL"
-        )
+            f"Authentication failed for {where}",
+            "check the user and password in the database URL (or PGPASSWORD, or ~/.pgpass)")
     if sqlstate == "3D000" or ("does not exist" in first and "database" in first):
         return DatabaseProblem(f"Database not found: {first}", "check the database name in the URL")
     if sqlstate == "57014":

@@ -16,6 +16,7 @@ from toolkit.db import Target, create_engine, resolve_target
 @dataclass
 class AppContext:
     database_url: str | None = None
+    gitlab_config: str | None = None
     json_mode: bool = False
     quiet: bool = False
     command: str = ""
@@ -25,11 +26,9 @@ class AppContext:
 
     def target(self) -> Target:
         if self._target is None:
-            self._target = resolve_target(self.database_url)
+            self._target = resolve_target(self.database_url, self.gitlab_config)
             output.out.secrets = self._target.secrets
-            if self._target.source == "sandbox":
-                output.out.say(f"Using the sandbox database {self._target.describe()} "
-                               "(no --database-url or TOOLKIT_DATABASE_URL given).")
+            output.out.say(self._target.announcement())  # which database, and from where
         return self._target
 
     def engine(self) -> Engine:

@@ -86,8 +86,13 @@ def demo(seed_value: int, batch_size: int) -> None:
                 raise VerificationFailed(f"rollback of {milestone.name}: {failed[0].detail}",
                                          failed[0].remedy)
             undone = sum(1 for p in result.passes if p.schema_change and p.changed)
-            out.say(f"   {milestone.name}: rolled back ({result.rows} rows restored or removed, "
-                    f"{undone} schema changes undone)")
+            written = next(s["rows"] for s in stages if s["stage"] == f"migrate {milestone.name}")
+            if result.rows or not written:
+                said = f"{result.rows} rows restored or removed in batches, {undone} schema changes undone"
+            else:  # milestone 2: dropping its column takes the values it backfilled with it
+                said = (f"{undone} schema changes undone, which took the {written} values it had "
+                        "written with them")
+            out.say(f"   {milestone.name}: rolled back: {said}")
             stages.append({"stage": f"rollback {milestone.name}", "rows": result.rows, "ok": True})
 
         out.say("6. Compare the fingerprint with the one taken before step 3:")

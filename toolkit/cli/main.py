@@ -66,8 +66,14 @@ def _report(ctx: click.Context, exc: ToolkitError, code: ExitCode | None = None)
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog=f"\b\nExit codes:\n{_exit_code_help()}")
 @click.option("--database-url", metavar="URL",
-              help=f"GitLab's PostgreSQL database (default: ${DATABASE_URL_ENV}, else the running "
-                   "sandbox). The password is never printed.")
+              help=f"GitLab's PostgreSQL database (default: ${DATABASE_URL_ENV}, else libpq's PGHOST/"
+                   "PGDATABASE/PGSERVICE..., else --gitlab-config, else the running sandbox). The "
+                   "password is never printed.")
+@click.option("--gitlab-config", metavar="PATH", expose_value=False,
+              callback=lambda ctx, _, path: setattr(ctx.ensure_object(AppContext), "gitlab_config", path),
+              help="GitLab's database.yml (Omnibus: /var/opt/gitlab/gitlab-rails/etc/database.yml): its "
+                   "production main database, when neither --database-url, $TOOLKIT_DATABASE_URL nor "
+                   "libpq's environment names one.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings; no progress bars.")
 @click.option("--read-timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",

@@ -20,6 +20,7 @@ from toolkit.engine.step import KeysetPass
 from toolkit.errors import PreconditionRefused, VerificationFailed
 from toolkit.milestones.base import Milestone
 from toolkit.output import out
+from toolkit.timestamps import shown
 
 MILESTONE = click.argument("milestone", metavar="MILESTONE")
 # A second: a batch's row locks keep GitLab's updates of those rows waiting at most that
@@ -203,6 +204,10 @@ def _confirm_destructive(chosen: Milestone) -> None:
     next_step = f"pass --yes (for CI), or run it in a terminal and type {database!r}"
     if not sys.stdin.isatty() or app().json_mode:
         raise PreconditionRefused(f"{chosen.name} drops tables and needs confirmation", next_step)
+    out.say(f"{chosen.name} will archive these (in schema toolkit), check them row for row, then drop:")
+    for step in _runner().plan(chosen).steps:
+        for what, rows in step.breakdown.items():
+            out.say(f"  {what.replace(' to archive', '')}: {rows}")
     typed = click.prompt(f"{chosen.name} archives and then DROPS tables in {database!r}. "
                          "Type the database name to go on", default="", show_default=False)
     if typed.strip() != database:
@@ -214,7 +219,9 @@ def _report_apply(result: ApplyResult, *, undoing: bool = False) -> None:
         ("schema changed", "already in place")
     for p in result.passes:
         took = f" ({_seconds(p.seconds)})"
-        if not p.complete:
+        if p.outcome is not None:
+            out.say(f"  {p.name}: {p.outcome if p.changed else 'done before'}{took}")
+        elif not p.complete:
             out.say(f"  {p.name}: stopped ({p.stopped}) after {_count(p.rows, 'row')} in "
                     f"{_count(p.batches, 'batch')}{took}")
         elif p.schema_change:
@@ -434,12 +441,12 @@ def history(limit: int) -> None:
         if r["outcome"] == "running" and r["id"] != live:
             r["outcome"] = "stopped unrecorded"
             last = r.get("last_batch_at")
-            when = f"; its last commit was at {last:%Y-%m-%d %H:%M:%S}" if last else ""
+            when = f"; its last commit was at {shown(last)}" if last else ""
             r["error"] = r["error"] or (f"ended without recording how (killed, or its connection "
                                         f"lost){when}; run the same command again")
     out.table(
         ["id", "started", "took", "command", "user", "outcome", "rows"],
-        [[r["id"], r["started_at"].strftime("%Y-%m-%d %H:%M:%S"), _took(r), r["command"],
+        [[r["id"], shown(r["started_at"]), _took(r), r["command"],
           f"{r['os_user']}@{r['host']} as {r['database_user']}", r["outcome"],
           sum((r["rows_by_step"] or {}).values())] for r in runs],
     )

@@ -103,6 +103,7 @@ class PassResult:
     schema_change: bool = False  # a DDL action rather than a data pass
     changed: bool = True
     seconds: float = 0.0  # wall time of the whole pass or schema change, retries included
+    outcome: str | None = None  # what a check or record action found or did
 
 
 def sqlstate(exc: DBAPIError) -> str | None:

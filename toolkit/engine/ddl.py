@@ -93,6 +93,8 @@ class SqlDdlAction:
     tables: tuple[str, ...] = ()
     statements_from: Callable[[Connection], list[str]] | None = field(default=None, compare=False)
     run: Callable[[Connection], None] | None = field(default=None, compare=False)  # instead of SQL
+    # What a ``run`` action reports when done: it is a check or a record, not a schema change.
+    outcome: str | None = None
 
     def done(self, conn: Connection) -> bool:
         return bool(conn.execute(sa.text(self.done_sql)).scalar())

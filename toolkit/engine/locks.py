@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.errors import LockUnavailable
 from toolkit.output import out
+from toolkit.timestamps import shown
 
 # pg_try_advisory_lock(int4, int4): 'tkit' and 1. Shows in pg_locks as classid/objid, objsubid 2.
 RUNNER_LOCK_KEYS = (0x746B6974, 1)
@@ -54,7 +55,7 @@ def runner_lock_holders(conn: Connection) -> list[dict[str, Any]]:
 def describe_runner(holder: dict[str, Any]) -> str:
     """Who holds the runner lock, as an operator can find and stop it."""
     who = holder.get("run") or holder.get("application_name") or "a session without a name"
-    return (f"{who}, connected as {holder.get('usename')} since {holder['backend_start']:%Y-%m-%d %H:%M:%S}"
+    return (f"{who}, connected as {holder.get('usename')} since {shown(holder['backend_start'])}"
             f" (its server pid {holder['pid']})")
 
 
@@ -88,7 +89,7 @@ def describe_holder(holder: dict[str, Any]) -> str:
     since = holder.get("xact_start") or holder.get("backend_start")
     app = holder.get("application_name") or "no application_name"
     what = f" {holder['mode']} on {holder['table_name']}" if holder.get("mode") else ""
-    return f"pid {holder['pid']} ({app}, user {holder.get('usename')}){what} since {since}"
+    return f"pid {holder['pid']} ({app}, user {holder.get('usename')}){what} since {shown(since)}"
 
 
 @dataclass

@@ -458,8 +458,9 @@ class Runner:
                         done = PassResult(action.name, stopped=reason)
                     else:
                         changed = run_ddl(self.engine, action, self.options, budget, hold.check)
-                        done = PassResult(action.name, complete=True, schema_change=True,
-                                          changed=changed)
+                        outcome = getattr(action, "outcome", None)
+                        done = PassResult(action.name, complete=True, schema_change=outcome is None,
+                                          changed=changed, outcome=outcome)
                 else:
                     done = run_pass(self.engine, milestone.name, action, result.run_id, self.options,
                                     budget)

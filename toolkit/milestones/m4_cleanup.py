@@ -334,6 +334,7 @@ class ArchiveAndDrop(Step):
                 f"SELECT EXISTS (SELECT 1 FROM {ARCHIVED_DDL}) OR to_regclass('ml_experiments') IS NULL",
                 statements_from=lambda conn: [],
                 run=capture_ddl,
+                outcome="recorded the DDL of the tables, triggers and functions to be dropped",
             ),
             SqlDdlAction(
                 "create-archive",
@@ -375,6 +376,7 @@ class ArchiveAndDrop(Step):
                 "compare source and archive row for row (count, hash)",
                 COLUMN_GONE,  # the drops come only after a passing check
                 run=check_archive,
+                outcome="the archive matches the source row for row",
             ),
             SqlDdlAction(
                 "model-id-check",
@@ -583,6 +585,7 @@ class ArchiveAndDrop(Step):
                 "check the rebuild against the archive, then clear it",
                 f"SELECT to_regclass('{ARCHIVE_EXPERIMENTS}') IS NULL",
                 run=_forget_archive,
+                outcome="the rebuilt tables match the archive; archive cleared",
             ),
         ]
 

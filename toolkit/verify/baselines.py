@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 
 from toolkit.engine.step import Check
 from toolkit.schema.own import SCHEMA
+from toolkit.timestamps import shown
 from toolkit.verify.digest import Memo
 from toolkit.verify.fingerprint import Difference, Fingerprint, compare, take
 
@@ -77,7 +78,7 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     else:
         checks = [Check(name, not mlflow, _summary(mlflow) + hint if mlflow else
                         f"{len(now.mlflow)} parts equal (computed from {now.source}; "
-                        f"baseline {baseline.taken_at})")]
+                        f"baseline {shown(baseline.taken_at)})")]
     if compare_tables:
         unexpected = [d for d in differences if d.part.startswith("tables") and not d.expected]
         expected = [d.part.removeprefix("tables.") for d in differences if d.expected]
