@@ -139,10 +139,18 @@ class FaultServer:
         assert self.status.running, f"the server did not come back after a {mode} restart"
         return time.monotonic() - began
 
-    def terminate_batch_session(self, database: str, timeout_s: float = 5.0) -> int:
+    def stop_for(self, seconds: float) -> None:
+        """A restart that takes a while (a fast shutdown, ``seconds`` down, a start), as a
+        production server's does: its checkpoint at shutdown, its recovery at start."""
+        self.server.stop()
+        time.sleep(seconds)
+        self.status = self.server.start()
+
+    def terminate_batch_session(self, database: str, timeout_s: float = 5.0) -> tuple[int, str]:
         """pg_terminate_backend of the toolkit's session that runs batches: application_name
         'toolkit' (not the lock session, 'toolkit migrate ...'/'toolkit rollback ...'), caught
-        inside a transaction (a batch in flight) when possible, else the one active last."""
+        inside a transaction (a batch in flight) when possible, else the one active last.
+        Returns its pid and the state it was caught in."""
         engine = create_engine(self.url(database), isolation_level="AUTOCOMMIT",
                                connect_args={"application_name": TEST_APPLICATION})
         try:
@@ -150,16 +158,16 @@ class FaultServer:
                 deadline = time.monotonic() + timeout_s
                 while True:
                     idle_too = time.monotonic() >= deadline
-                    pid = conn.execute(sa.text("""
-                        SELECT pid FROM pg_stat_activity
+                    found = conn.execute(sa.text("""
+                        SELECT pid, state FROM pg_stat_activity
                         WHERE datname = :d AND application_name = 'toolkit'
                           AND (state <> 'idle' OR :idle_too)
                         ORDER BY state <> 'idle' DESC, backend_xid IS NOT NULL DESC,
                                  state_change DESC NULLS LAST
-                        LIMIT 1"""), {"d": database, "idle_too": idle_too}).scalar()
-                    if pid is not None and conn.execute(
-                            sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar():
-                        return pid
+                        LIMIT 1"""), {"d": database, "idle_too": idle_too}).one_or_none()
+                    if found is not None and conn.execute(
+                            sa.text("SELECT pg_terminate_backend(:p)"), {"p": found.pid}).scalar():
+                        return found.pid, found.state
                     if idle_too:
                         raise AssertionError(f"no toolkit session to terminate in {database}")
                     time.sleep(0.002)

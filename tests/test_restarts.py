@@ -151,8 +151,9 @@ def lab():
 
 def _inject(lab: Lab, db: ServerDb, fault: str) -> None:
     if fault == TERMINATE:
-        lab.server.terminate_batch_session(db.name)
+        _, caught_in = lab.server.terminate_batch_session(db.name)
         TALLY["batch sessions terminated mid-run (pg_terminate_backend)"] += 1
+        TALLY[f"batch sessions terminated mid-run, caught {caught_in}"] += 1
     else:
         mode = "fast" if fault == FAST else "immediate"
         lab.server.restart(mode)
@@ -182,7 +183,7 @@ def _one_line_session_lost(code: int, stdout: str, stderr: str) -> str:
     # Besides that line, only the warning that the run's end could not be recorded (the
     # server was down at that moment), which says how history will show it.
     others = [line for line in stderr.splitlines() if line.strip() and not line.startswith("error:")]
-    assert all(o.startswith("warning: could not record how run") for o in others), stderr
+    assert len(others) <= 1 and all(o.startswith("warning: could not record how run") for o in others), stderr
     return line
 
 
@@ -250,4 +251,28 @@ def test_a_fault_at_a_random_batch_resumes_to_the_uninterrupted_end_state(case: 
     else:
         assert state == twin.state, (where, differences(state, twin.state))
     TALLY["rows compared after a fault and a resume (restarts)"] += rows_compared(state)
+    lab.server.drop(db.name)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "toolkit/db.py cannot_connect() does not recognise psycopg 3.3's 'connection is bad: ... "
+    "failed: No such file or directory' (a Unix socket while the server is down), so "
+    "Runner._why_retry gives up at the first attempt that finds the server still down"))
+def test_with_reconnect_a_restart_longer_than_the_first_backoff_is_waited_out(lab: Lab, tmp_path: Path):
+    """The server is down for 3 s (a production restart takes that and more): attempts at
+    1 s and 3 s find it down and back off again; one after that resumes and ends equal."""
+    case = Case("migrate", "milestone-4", "slow restart", True)
+    twin = lab.twin(case)
+    at = random.Random(f"{SEED}/{case.id}").randint(1, twin.batches - 3)
+    db = lab.copy(case)
+    prior = newest_run_id(db)
+    running = start_toolkit(db, (*case.command, *BATCH, *PACE, "--reconnect", "10"), tmp_path, "faulted")
+    wait_for_batches(db, running, prior, at)
+    lab.server.stop_for(3.0)
+    TALLY["server restarts injected mid-run (stopped for 3 s)"] += 1
+    code, stdout, stderr = running.wait()
+    assert code == 0, f"fault after batch {at}: exit {code}\n{stdout}\n{stderr}"
+    assert "Traceback" not in stdout + stderr
+    assert end_state(db) == twin.state
+    TALLY["runs resumed by themselves with --reconnect after a fault"] += 1
     lab.server.drop(db.name)
