@@ -5,12 +5,16 @@ database reads longer than that. The toolkit's reads (plan, verify, fingerprint,
 migrate's closing verify, rollback's checks) set their own statement_timeout in every
 transaction (TOOLKIT_READ_TIMEOUT_S, default 600 s), so the role's does not apply to them.
 
-At the gitlab-com scale a fingerprint's longest statement (the metrics digest) takes a few
-hundred milliseconds here; the test measures it, sets the role's statement_timeout to a
-quarter of it (``ALTER ROLE CURRENT_USER IN DATABASE <the test's database>``, so no other
-test's database is affected; reset afterwards), proves with a control that exactly that
-statement fails under the role's setting on a plain connection (57014), and then runs
-the milestones forwards and back under it.
+At the gitlab-com scale a fingerprint's longest statement (a content digest) takes a few
+hundred milliseconds here. The test measures it and sets the role's statement_timeout to a
+fifth of it, at most 100 ms, with ``ALTER ROLE CURRENT_USER IN DATABASE <the test's
+database>`` (no other test's database is affected; reset afterwards). Then it runs plan,
+status, fingerprint, the milestones forwards with their closing verify and a verify each,
+and back, all under that setting; and after each command, as a control, its longest read
+runs again on a plain session (which sets nothing, so the role's setting applies) and must
+be cancelled with 57014: the command would have failed had it not set its own.
+Plan's and status's reads are shorter than the role's timeout at this scale: they are
+shown to pass, not to need it.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from toolkit.errors import ExitCode
 
 MILESTONES = ("milestone-1", "milestone-2", "milestone-3", "milestone-4")
 SCALE = "realistic:gitlab-com"
-# The role's timeout is a quarter of the longest read statement, within these bounds: far
+# The role's timeout is a fifth of the longest read statement, within these bounds: far
 # above what the statements no transaction of the toolkit's covers take (connecting, the
 # pool's ping, the runner lock's session: well under a millisecond each).
-FLOOR_MS, CEILING_MS = 25, 150
+FLOOR_MS, CEILING_MS = 25, 100
 
 
 @dataclass
@@ -126,8 +130,8 @@ def test_reads_migrate_and_rollback_succeed_under_a_role_statement_timeout_short
     resolve_m1_anomalies(db)
     _run(db, "fingerprint")  # warm the cache: what is measured is a warm read
     _, longest = _run(db, "fingerprint")
-    role_ms = int(max(FLOOR_MS, min(CEILING_MS, longest.ms / 4)))
-    assert longest.ms > 2 * role_ms, f"the data is too small: the longest read took {longest.ms:.0f} ms"
+    role_ms = int(max(FLOOR_MS, min(CEILING_MS, longest.ms / 5)))
+    assert longest.ms > 3 * role_ms, f"the data is too small: the longest read took {longest.ms:.0f} ms"
 
     # Every command below must succeed under the role's setting. After each, its longest
     # read runs again on a plain session: where that is cancelled (57014), the command
@@ -136,7 +140,7 @@ def test_reads_migrate_and_rollback_succeed_under_a_role_statement_timeout_short
 
     def run(*args: str) -> dict:
         doc, statement = _run(db, *args)
-        if statement.ms > 2 * role_ms and _cancelled_on_a_plain_session(db, statement):
+        if statement.ms > role_ms and _cancelled_on_a_plain_session(db, statement):
             needed_it.append(" ".join(args[:2]))
         TALLY["commands run under a role statement_timeout shorter than their reads"] += 1
         return doc
@@ -181,12 +185,12 @@ def _recorded(db, verb: str, milestone: str, doc: dict) -> None:
 
 @pytest.mark.slow
 def test_a_read_timeout_shorter_than_a_read_ends_it_with_one_line(make_database):
-    """TOOLKIT_READ_TIMEOUT_S is real: set very small, a fingerprint and a verify stop with
+    """TOOLKIT_READ_TIMEOUT_S is real: set to 1 ms, fingerprint, verify and plan stop with
     exit code 4 and one line naming the statement timeout, and no traceback."""
     db = make_database(SCALE)
     resolve_m1_anomalies(db)
     for args in (("fingerprint",), ("verify", "milestone-1"), ("plan", "milestone-1")):
-        result = toolkit_process(db, *args, env={READ_TIMEOUT_ENV: "0.005"})
+        result = toolkit_process(db, *args, env={READ_TIMEOUT_ENV: "0.001"})
         assert result.returncode == ExitCode.LOCKED, (args, result.stdout, result.stderr)
         assert "Traceback" not in result.stdout + result.stderr, result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
