@@ -9,6 +9,7 @@ password can never reach the screen or a log.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,20 +40,30 @@ class Output:
     def _clean(self, text: str) -> str:
         return redact(text, self.secrets)
 
+    @staticmethod
+    def _print(text: str, stream: TextIO) -> None:
+        """One line, flushed. When the reader has gone (``toolkit history | head -1``), the
+        rest of the output is not wanted: it goes to /dev/null and the command carries on to
+        its own end and exit code, without a word about the pipe."""
+        try:
+            print(text, file=stream, flush=True)
+        except BrokenPipeError:
+            discard(stream)
+
     def say(self, message: str = "") -> None:
         """Narration for a person; silent with --json or --quiet."""
         if not self.json_mode and not self.quiet:
-            print(self._clean(message), file=self._out(), flush=True)
+            self._print(self._clean(message), self._out())
 
     def warn(self, message: str) -> None:
         """A warning is kept for the JSON document and shown to a person on stderr."""
         message = self._clean(message)
         self.warnings.append(message)
         if not self.json_mode:
-            print(f"warning: {message}", file=self._err(), flush=True)
+            self._print(f"warning: {message}", self._err())
 
     def error(self, message: str) -> None:
-        print(f"error: {self._clean(message)}", file=self._err(), flush=True)
+        self._print(f"error: {self._clean(message)}", self._err())
 
     def table(self, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         """A plain aligned table; numbers right-aligned so counts can be compared by eye."""
@@ -82,7 +93,7 @@ class Output:
             if self.warnings and "warnings" not in doc:
                 doc = {**doc, "warnings": self.warnings}
             text = json.dumps(doc, indent=2, sort_keys=True, default=str)
-            print(self._clean(text), file=self._out(), flush=True)
+            self._print(self._clean(text), self._out())
 
     def progress(self, total: int | None, description: str, unit: str = "rows") -> tqdm:
         """A progress bar with rate and ETA on a terminal; a silent no-op otherwise."""
@@ -98,6 +109,21 @@ class Output:
             leave=False,
             dynamic_ncols=True,
         )
+
+
+def discard(stream: TextIO) -> None:
+    """Send what is left of ``stream``'s output to /dev/null after a BrokenPipeError, as
+    Python's documentation advises (signal module, "Note on SIGPIPE"): later writes, and
+    the flush at exit, then neither fail nor print "Exception ignored"."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file (a test's capture): nothing of it can fail later
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _is_number(text: str) -> bool:

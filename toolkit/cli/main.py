@@ -8,6 +8,7 @@ tests sees exactly what an operator sees.
 
 from __future__ import annotations
 
+import sys
 import traceback
 
 import click
@@ -18,12 +19,76 @@ from toolkit.cli.context import AppContext, app, debug_enabled, envelope
 from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
 from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode, Interrupted, ToolkitError
 
+# 128 + SIGPIPE, as a shell reports a program a closed pipe ended: the reader of stdout went
+# away (`toolkit sql milestone-1 | head -1`) while the command was still writing.
+PIPE_CLOSED = 141
+
 
 def _exit_code_help() -> str:
-    return "\n".join(f"  {int(code):>3}  {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items())
+    meanings = {**EXIT_CODE_MEANINGS,
+                PIPE_CLOSED: "the reader of the output went away (`| head`) before the command "
+                             "finished writing; nothing more was said"}
+    return "\n".join(f"  {int(code):>3}  {meaning}" for code, meaning in meanings.items())
+
+
+def _arity(params: list[click.Parameter]) -> dict[str, int]:
+    """Each option string and how many words follow it as its value (0 for a flag)."""
+    return {name: 0 if param.is_flag or param.count else param.nargs
+            for param in params if isinstance(param, click.Option)
+            for name in (*param.opts, *param.secondary_opts)}
+
+
+def global_options_first(root: click.Group, ctx: click.Context, args: list[str]) -> list[str]:
+    """``args`` with the root's options (--json, -q, --database-url ...) moved ahead of the
+    subcommand, wherever they were given: ``toolkit status --json`` is ``toolkit --json status``,
+    for nested subcommands too (``toolkit archive status --json``).
+
+    The words are walked as Click will parse them, down the subcommands: the value of a
+    subcommand's option stays its value even when it looks like a global option
+    (``fingerprint --out --json``), a subcommand's own option of the same name stays its own,
+    a global option's value is the next word whatever it looks like (as Click takes it), and
+    nothing after ``--`` moves. Global options keep their order, so the last one given wins.
+    """
+    params = root.get_params(ctx)
+    globals_ = _arity([p for p in params if not p.is_eager])
+    local = {name: n for name, n in _arity(params).items() if name not in globals_}
+    command: click.Command = root
+    moved: list[str] = []
+    kept: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            kept += args[i:]
+            break
+        if word.startswith("-") and word != "-":
+            has_value = word.startswith("--") and "=" in word
+            name = word.split("=", 1)[0] if has_value else word
+            arity = local.get(name, globals_.get(name))
+            taken = 1 + (0 if has_value or arity is None else arity)
+            if name in local or name not in globals_:
+                kept += args[i:i + taken]
+            elif len(args) < i + taken:
+                raise click.BadOptionUsage(name, f"Option '{name}' requires an argument.", ctx=ctx)
+            else:
+                moved += args[i:i + taken]
+            i += taken
+            continue
+        if isinstance(command, click.Group):
+            sub = command.get_command(ctx, word)
+            if sub is not None:
+                command, local = sub, _arity(sub.get_params(ctx))
+        kept.append(word)
+        i += 1
+    return moved + kept
 
 
 class ToolkitGroup(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:
+            args = global_options_first(self, ctx, args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -33,6 +98,11 @@ class ToolkitGroup(click.Group):
             _report(ctx, exc)
         except KeyboardInterrupt:
             _report(ctx, Interrupted("Interrupted", "run the same command again to resume"))
+        except BrokenPipeError:
+            # Output through toolkit.output survives a closed pipe; this is a plain write
+            # (click.echo): end quietly, as a program a closed pipe stops does.
+            output.discard(sys.stdout)
+            ctx.exit(PIPE_CLOSED)
         except DBAPIError as exc:
             if debug_enabled():
                 raise
