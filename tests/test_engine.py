@@ -74,6 +74,7 @@ def test_killed_run_resumes_to_the_same_end_state_as_an_uninterrupted_one(make_d
     assert died.returncode == -signal.SIGKILL
     checkpoint = killed.rows("SELECT last_key, batches_done, completed_at FROM toolkit.checkpoints")
     assert checkpoint == [(walked[14], 3, None)]
+    checkpoint_rows = killed.scalar("SELECT rows_done FROM toolkit.checkpoints")
     assert killed.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") > 0
     assert killed.scalar("SELECT outcome FROM toolkit.runs") == "running"  # died without a word
     history = toolkit(killed, "history")
@@ -81,6 +82,10 @@ def test_killed_run_resumes_to_the_same_end_state_as_an_uninterrupted_one(make_d
 
     resumed = toolkit_process(killed, "migrate", "milestone-1", "--batch-size", "5")
     assert resumed.returncode == 0, resumed.stderr
+    # the run that resumed it recorded how the killed one ended: at its last commit, 15 rows in
+    outcome, ended, last, rows = killed.rows(
+        "SELECT outcome, finished_at, last_batch_at, rows_by_step FROM toolkit.runs ORDER BY id")[0]
+    assert outcome == "stopped unrecorded" and ended == last and sum(rows.values()) == checkpoint_rows
     # 3 batches before the kill + the rest after: none done twice, none skipped
     assert killed.scalar("SELECT batches_done FROM toolkit.checkpoints") == -(-len(walked) // 5)
     assert killed.scalar("SELECT sum(rows_done) FROM toolkit.checkpoints") == \

@@ -254,10 +254,6 @@ def test_a_fault_at_a_random_batch_resumes_to_the_uninterrupted_end_state(case: 
     lab.server.drop(db.name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "toolkit/db.py cannot_connect() does not recognise psycopg 3.3's 'connection is bad: ... "
-    "failed: No such file or directory' (a Unix socket while the server is down), so "
-    "Runner._why_retry gives up at the first attempt that finds the server still down"))
 def test_with_reconnect_a_restart_longer_than_the_first_backoff_is_waited_out(lab: Lab, tmp_path: Path):
     """The server is down for 3 s (a production restart takes that and more): attempts at
     1 s and 3 s find it down and back off again; one after that resumes and ends equal."""

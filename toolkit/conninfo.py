@@ -188,6 +188,10 @@ def environment_variable(key: str) -> str | None:
     return option.envvar if option else None
 
 
+# Always part of the URL when libpq has a value: where the database is, and who connects.
+_LOCATION = ("host", "hostaddr", "port", "dbname", "user")
+
+
 @dataclass(frozen=True)
 class LibpqEnvironment:
     url: URL
@@ -232,8 +236,8 @@ def from_libpq_environment() -> LibpqEnvironment | None:
             origins[key] = "libpq's default"
         else:
             origins[key] = f"service {service}" if service else "libpq's default"
-        if origins[key] == "libpq's default" and key != "user":
-            continue  # what libpq uses anyway; the description stays short
+        if key == "passfile" or (origins[key] == "libpq's default" and key not in _LOCATION):
+            continue  # what libpq uses anyway (PGPASSFILE too, when it connects): said shortly
         params[key] = value
     if "dbname" not in params and "user" in params:
         params["dbname"] = params["user"]  # libpq's rule: the database named after the user

@@ -252,9 +252,9 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
     if "no password supplied" in first:
         return DatabaseProblem(
             f"{where} asks for a password and none was given",
-            "give the password in the URL (postgresql://USER:PASSWORD@HOST/DATABASE; in a keyword "
-            "string, password=...), in PGPASSWORD, or in ~/.pgpass as a line "
-            "HOST:PORT:DATABASE:USER:PASSWORD (chmod 600; PGPASSFILE names another file)"
+            "give it in the URL (after the user name, as user:PASSWORD@host; in a keyword string, "
+            "as the password parameter), in the PGPASSWORD environment variable, or in ~/.pgpass "
+            "as a line HOST:PORT:DATABASE:USER:PASSWORD (chmod 600; PGPASSFILE names another file)"
             + passfile_ignored())
     if match := os_user_refused(first):
         return DatabaseProblem(
@@ -309,7 +309,13 @@ def cannot_connect(exc: BaseException) -> bool:
     if not isinstance(exc, DBAPIError):
         return False
     text = str(exc.orig)
-    return "connection failed" in text or "could not connect" in text or "Connection refused" in text
+    # libpq's words for a connection that was never made (psycopg 3.3 says "connection is
+    # bad: … No such file or directory" for a Unix socket whose server is down).
+    return any(words in text for words in _NEVER_CONNECTED)
+
+
+_NEVER_CONNECTED = ("connection failed", "could not connect", "Connection refused", "connection is bad",
+                    "No such file or directory", "timeout expired")
 
 
 def server_version(conn: Connection) -> int:

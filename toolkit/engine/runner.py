@@ -409,6 +409,8 @@ class Runner:
             state.set_milestone_state(conn, milestone.name, state_during, run_id)
             while self._unrecorded:  # an earlier attempt's end, now that the database answers
                 state.finish_run(conn, *self._unrecorded.pop())
+            state.close_abandoned_runs(conn, run_id)
+            conn.commit()
         result = ApplyResult(milestone, run_id, [])
         try:
             yield result
@@ -425,7 +427,9 @@ class Runner:
             self._finish(result, "failed", exc.one_line())
             raise
         except DBAPIError as exc:
-            if why := session_lost(exc, during_run=True):
+            why = session_lost(exc, during_run=True) or (
+                "the database cannot be reached" if cannot_connect(exc) else None)
+            if why:
                 lost = lost_session_error(exc, why, render_url(self.engine.url), out.secrets)
                 self._finish(result, "interrupted", lost.one_line())
                 raise lost from exc
@@ -503,7 +507,8 @@ class Runner:
             # After a failover the old primary is gone and the new one may still be read-only:
             # the next attempt (--reconnect) records it once it holds the lease.
             self._unrecorded.append((run_id, outcome, rows, error))
-            out.warn(f"could not record how run {run_id} ended yet ({first_line(exc, out.secrets)})")
+            out.warn(f"could not record how run {run_id} ended ({first_line(exc, out.secrets)}); "
+                     "`toolkit history` shows it as stopped unrecorded unless --reconnect records it")
 
 
 @contextmanager

@@ -70,6 +70,19 @@ def finish_run(conn: Connection, run_id: int, outcome: str, rows_by_step: dict[s
     conn.commit()
 
 
+def close_abandoned_runs(conn: Connection, current: int) -> None:
+    """Runs still marked running once a new run holds the lease cannot be going on: they
+    were killed or lost their connection before they could say so. Record that, ending
+    them at their last commit (the rows they committed are already counted)."""
+    conn.execute(sa.text(f"""
+        UPDATE {SCHEMA}.runs SET outcome = 'stopped unrecorded',
+               finished_at = COALESCE(last_batch_at, started_at),
+               error = COALESCE(error, 'ended without recording how (killed, or its connection lost); '
+                                       'a later run went on from its last commit')
+        WHERE outcome = 'running' AND id < :current
+    """), {"current": current})
+
+
 def history(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
     if not own_schema_exists(conn):
         return []
