@@ -193,6 +193,33 @@ def test_keyword_value_conninfo_with_several_hosts(realistic_db, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def _socket_of(db) -> tuple[str, str]:
+    ((host, port),) = hosts_and_ports(db.url)
+    assert host.startswith("/"), "the embedded test server listens on a Unix socket"
+    return host, port or "5432"
+
+
+def test_a_keyword_string_reaches_the_real_server(realistic_db):
+    host, port = _socket_of(realistic_db)
+    raw = f"host={host} port={port} dbname={realistic_db.name} user={realistic_db.url.username}"
+    result = toolkit(_Url(raw), "status")
+    assert result.exit_code == 0, result.output
+    assert f"--database-url: postgresql://{realistic_db.url.username}@/{realistic_db.name}?host={host}" in result.output
+
+
+@pytest.mark.parametrize("with_port", [True, False])
+def test_a_percent_encoded_socket_host_reaches_the_real_server(realistic_db, with_port, monkeypatch):
+    host, port = _socket_of(realistic_db)
+    if not with_port:
+        monkeypatch.setenv("PGPORT", port)  # libpq's port for a URL without one, as psql's
+    netloc = quote(host, safe="") + (f":{port}" if with_port else "")
+    raw = f"postgresql://{realistic_db.url.username}@{netloc}/{realistic_db.name}"
+    assert "%2F" in raw
+    result = toolkit(_Url(raw), "status")
+    assert result.exit_code == 0, result.output
+    assert f"?host={host}" in result.output  # shown as libpq reads it
+
+
 def test_target_session_attrs_skips_a_server_that_does_not_match(realistic_db, tmp_path):
     """The live server is a primary: asking for a standby finds none, and says so in one line."""
     raw = _multi_host(realistic_db, [(str(tmp_path), "5432")], "target_session_attrs=standby")
@@ -208,8 +235,10 @@ def test_every_host_dead_is_one_line_naming_them_all_without_the_password(sandbo
     raw = "postgresql://gitlab:s3cr3t-pw@127.0.0.1:1,127.0.0.1:2/gitlabhq_production?connect_timeout=3"
     result = CliRunner().invoke(cli, ["--database-url", raw, "status"], catch_exceptions=False)
     assert result.exit_code == ExitCode.DATABASE, result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
-    assert "gitlab:***@127.0.0.1:1,127.0.0.1:2/gitlabhq_production" in result.output
+    # The line every command says first (which database, from where), then one error line.
+    using, error = result.output.strip().splitlines()
+    assert using.startswith("Using the database given by --database-url: postgresql://gitlab:***@")
+    assert error.startswith("error:") and "gitlab:***@127.0.0.1:1,127.0.0.1:2/gitlabhq_production" in error
     assert "s3cr3t-pw" not in result.output
 
 

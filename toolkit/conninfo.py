@@ -376,3 +376,15 @@ def os_user_refused(message: str) -> tuple[str, str] | None:
     """(method, role) when the server's peer or ident rule refused the operating-system user."""
     match = _OS_USER_REFUSED.search(message)
     return (match["method"], match["user"]) if match else None
+
+
+# A connection the server or libpq refused for a reason no retry changes: the operator must.
+_REFUSED_FOR_GOOD = ("no password supplied", "authentication failed for user", "no pg_hba.conf entry",
+                     "pg_hba.conf rejects connection", "does not exist")
+
+
+def refused_for_good(message: str) -> bool:
+    """True when a failed connection will fail the same way however often it is retried: a
+    connection parameter libpq refuses, a password or authentication the server refuses, a
+    role or database that does not exist. ``--reconnect`` must not wait those out."""
+    return parameter_complaint(message) is not None or any(words in message for words in _REFUSED_FOR_GOOD)
