@@ -166,9 +166,6 @@ def test_a_missing_password_says_one_is_needed_and_how_to_give_it(realistic_db, 
         assert password_role in error
 
 
-@pytest.mark.xfail(strict=True, reason="needs toolkit.db.cannot_connect to return False when "
-                   "toolkit.conninfo.refused_for_good(text): --reconnect waits out a missing password "
-                   "or a bad PGSSLMODE as 'the database cannot be reached'")
 def test_reconnect_does_not_wait_out_a_password_or_a_parameter_nobody_gave(realistic_db, clean,
                                                                              password_role):
     no_password = realistic_db.url.set(username=password_role).render_as_string(hide_password=False)

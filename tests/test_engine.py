@@ -172,7 +172,7 @@ def test_a_second_runner_is_refused_and_told_who_holds_the_lock(realistic_db):
     finally:
         rival.close()
     assert result.exit_code == ExitCode.LOCKED
-    lines = result.output.splitlines()
+    lines = [line for line in result.output.splitlines() if not line.startswith("Using ")]
     assert lines[0].startswith("warning: the runner lock is held by toolkit migrate milestone-1, connected as")
     assert "waiting up to 0.3 s" in lines[0]  # said before the wait, not after it
     assert f"(its server pid {rival_pid})" in lines[-1]

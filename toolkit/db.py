@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from toolkit.conninfo import refused_for_good
 from toolkit.conninfo import render as render_url
 from toolkit.conninfo import to_url as conninfo_to_url
 from toolkit.errors import (
@@ -309,6 +310,8 @@ def cannot_connect(exc: BaseException) -> bool:
     if not isinstance(exc, DBAPIError):
         return False
     text = str(exc.orig)
+    if refused_for_good(text):  # a missing password or a bad parameter: no retry fixes it
+        return False
     # libpq's words for a connection that was never made (psycopg 3.3 says "connection is
     # bad: … No such file or directory" for a Unix socket whose server is down).
     return any(words in text for words in _NEVER_CONNECTED)

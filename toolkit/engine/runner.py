@@ -231,7 +231,6 @@ class Runner:
 
     # -- writes ----------------------------------------------------------------------
     def _prepare_write(self, milestone: Milestone) -> None:
-        refuse_transaction_pooling(self.engine)  # first: statement pooling refuses a transaction
         with self.engine.connect() as conn:
             check_gitlab_schema(conn, milestone.reads)
             check_writable(conn)
@@ -269,6 +268,7 @@ class Runner:
 
     def _migrate_once(self, milestone: Milestone, verify_after: bool,
                       go_ahead: Callable[[], None] | None) -> ApplyResult:
+        refuse_transaction_pooling(self.engine)  # first: statement pooling refuses a transaction
         self._refuse_out_of_order(milestone, "migrate")
         self._prepare_write(milestone)
         with Hold(self.engine, f"toolkit migrate {milestone.name}", self.lock_wait_s) as hold:
@@ -309,6 +309,7 @@ class Runner:
 
     def _rollback_once(self, milestone: Milestone,
                        go_ahead: Callable[[], None] | None) -> tuple[ApplyResult, list[Check]]:
+        refuse_transaction_pooling(self.engine)
         self._refuse_out_of_order(milestone, "rollback")
         self._prepare_write(milestone)
         with Hold(self.engine, f"toolkit rollback {milestone.name}", self.lock_wait_s) as hold:
@@ -339,6 +340,7 @@ class Runner:
         """A small write outside the milestones (``archive drop``, ``fingerprint --baseline``)
         under the same hold as a run: the runner lock, the fenced lease, a history row.
         Yields the run id; the body's commits are fenced like a batch's."""
+        refuse_transaction_pooling(self.engine)
         with Hold(self.engine, command, self.lock_wait_s) as hold:
             with self.engine.connect() as conn:
                 ensure_own_tables(conn)
