@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -370,3 +371,19 @@ def test_migrate_and_rollback_say_how_long_each_step_and_the_run_took(realistic_
     closing = next(line for line in lines if line.startswith("milestone-1: "))
     assert " rows and 0 schema changes in " in closing
     assert " s (apply " in closing and ", checks " in closing
+
+
+def test_off_a_terminal_a_long_pass_prints_a_progress_line_every_few_seconds(make_database):
+    db, quiet = make_database("realistic:small"), make_database("realistic:small")
+    every = {"TOOLKIT_PROGRESS_EVERY_S": "0.3"}
+    run = toolkit_process(db, "--json", "migrate", "milestone-1", "--batch-size", "2", "--pause-ms", "60", env=every)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["ok"] is True  # stdout keeps its one document
+    lines = [line for line in run.stderr.splitlines() if line.startswith("progress: ")]
+    assert len(lines) >= 2, run.stderr
+    total = db.scalar("SELECT count(*) FROM ml_candidates WHERE package_id IS NOT NULL")
+    done = [int(line.split(f" of {total} rows")[0].rsplit(" ", 1)[1].replace(",", "")) for line in lines]
+    assert done == sorted(done) and 0 < done[0] < total
+    assert all(f" of {total} rows (" in line and " rows/s, about " in line and " s left" in line for line in lines)
+    silent = toolkit_process(quiet, "-q", "migrate", "milestone-1", "--batch-size", "2", "--pause-ms", "60", env=every)
+    assert silent.returncode == 0 and "progress: " not in silent.stderr

@@ -182,7 +182,8 @@ def _one_line_session_lost(code: int, stdout: str, stderr: str) -> str:
     assert "everything committed before it is kept" in line and "run the same command again" in line, line
     # Besides that line, only the warning that the run's end could not be recorded (the
     # server was down at that moment), which says how history will show it.
-    others = [line for line in stderr.splitlines() if line.strip() and not line.startswith("error:")]
+    others = [line for line in stderr.splitlines()
+              if line.strip() and not line.startswith(("error:", "progress: "))]
     assert len(others) <= 1 and all(o.startswith("warning: could not record how run") for o in others), stderr
     return line
 
