@@ -15,6 +15,7 @@ from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
 from toolkit.milestones.base import Milestone
 from toolkit.output import out
 from toolkit.schema.migrations import own_schema_exists
+from toolkit.timestamps import shown
 from toolkit.verify import baselines
 from toolkit.verify.fingerprint import Fingerprint, compare, take
 
@@ -86,7 +87,7 @@ def _load(path: Path) -> Fingerprint:
 
 
 def _show(fp: Fingerprint) -> None:
-    out.say(f"Fingerprint of {fp.database} at {fp.taken_at}; MLflow view computed from "
+    out.say(f"Fingerprint of {fp.database} at {shown(fp.taken_at)}; MLflow view computed from "
             f"{fp.source or 'nothing (ml_experiments and its archive are gone)'}:")
     rows = [[f"table {t}", "absent", ""] if d is None else [f"table {t}", d["rows"], d["hash"][:16]]
             for t, d in fp.tables.items()]
@@ -109,5 +110,5 @@ def _rebaseline(milestone: Milestone) -> None:
             now = take(conn)
         with engine.connect() as conn:
             baselines.save(conn, milestone.name, now, None)
-    out.say(f"Re-took the fingerprint {milestone.name}'s verify compares with ({now.taken_at}).")
+    out.say(f"Re-took the fingerprint {milestone.name}'s verify compares with ({shown(now.taken_at)}).")
     app().finish({"milestone": milestone.name, "fingerprint": now.as_dict()})
