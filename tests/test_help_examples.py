@@ -36,12 +36,11 @@ DATABASE_EXAMPLES: dict[str, tuple[tuple[str, ...], list[int]]] = {
     "toolkit verify milestone-1 --json": (M1, [0]),
     "toolkit rollback milestone-1": ((), [0]),
     "toolkit history --limit 5": ((), [0]),
-    # The help's model names are illustrations: the seeded data has no model of either name
-    # (its models are named topic-variant-N, e.g. pricing-tuned-0), so both are refused
-    # with "No model named … in project 1" (3), after milestone 2 as the report needs.
-    "toolkit report candidates --project 1 --model churn-xgb-0 --metric loss --order asc":
-        (M1 + M2, [ExitCode.REFUSED]),
-    "toolkit report candidates --project 1 --model my-model --metric accuracy": ((), [ExitCode.REFUSED]),
+    # pricing-tuned-0 is a model of project 1 in the realistic small data (seed 1), with
+    # candidates that log loss and accuracy; the report reads it after milestone 2.
+    "toolkit report candidates --project 1 --model pricing-tuned-0 --metric accuracy":
+        (M1 + M2, [0]),
+    "toolkit report candidates --project 1 --model pricing-tuned-0 --metric loss --order asc": ((), [0]),
     "toolkit archive status": (M4, [0]),
     "toolkit archive status --json": ((), [0]),
     "toolkit archive drop --yes": ((), [0]),

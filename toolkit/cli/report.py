@@ -14,7 +14,7 @@ from toolkit.report import candidate_report
 def report() -> None:
     """Read-only reports over the migrated data.
 
-    Example: toolkit report candidates --project 1 --model churn-xgb-0 --metric loss --order asc
+    Example: toolkit report candidates --project 1 --model pricing-tuned-0 --metric accuracy
     """
 
 
@@ -26,7 +26,7 @@ def report() -> None:
 def candidates(project_id: int, model_name: str, metric: str | None, order: str) -> None:
     """A model's candidates with params and latest metrics (read through model_id).
 
-    Example: toolkit report candidates --project 1 --model my-model --metric accuracy
+    Example: toolkit report candidates --project 1 --model pricing-tuned-0 --metric loss --order asc
     """
     with Runner(app().engine()).read_only() as conn:
         doc = candidate_report(conn, project_id, model_name, metric, order)
