@@ -364,12 +364,17 @@ def adversarial_db(make_database) -> Database:
 
 @pytest.fixture
 def sandbox_dir(tmp_path_factory, monkeypatch) -> Iterator[Path]:
-    """A sandbox data directory of this test's own; its server is stopped afterwards."""
+    """A sandbox data directory of this test's own; its server is stopped afterwards.
+
+    Nothing else names a database: the toolkit honours libpq's environment before the
+    sandbox, so a developer's or CI's PGHOST must not send these tests to another server."""
     from toolkit.sandbox.server import SandboxServer
 
     path = Path(tempfile.mkdtemp(prefix="tk-sbx-"))
     monkeypatch.setenv("TOOLKIT_SANDBOX_DIR", str(path))
-    monkeypatch.delenv("TOOLKIT_DATABASE_URL", raising=False)
+    for name in ("TOOLKIT_DATABASE_URL", "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER",
+                 "PGSERVICE"):
+        monkeypatch.delenv(name, raising=False)
     yield path
     SandboxServer(path).destroy()
     shutil.rmtree(path, ignore_errors=True)

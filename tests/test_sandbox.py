@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
 from toolkit.cli.main import cli
 from toolkit.db import create_engine
+from toolkit.errors import ExitCode
+
+# libpq's variables that name a server: the toolkit honours them before the sandbox.
+LIBPQ_SERVER = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 
 
 def run(*args: str):
@@ -65,3 +71,18 @@ def test_seed_starts_the_sandbox_and_reports_counts(sandbox_dir):
     # seeding again replaces the database rather than adding to it
     again = json.loads(run("--json", "sandbox", "seed", "--seed", "3").output)["result"]["counts"]
     assert again["ml_candidates"] < counts["ml_candidates"]
+
+
+@pytest.fixture
+def libpq_elsewhere(monkeypatch):
+    """A developer's shell or a CI job whose libpq environment names another server; set
+    before ``sandbox_dir`` (fixtures are set up in the order a test names them)."""
+    for name in LIBPQ_SERVER:
+        monkeypatch.setenv(name, {"PGHOSTADDR": "127.0.0.1", "PGPORT": "1"}.get(name, "elsewhere"))
+
+
+def test_a_libpq_environment_does_not_send_sandbox_tests_elsewhere(libpq_elsewhere, sandbox_dir):
+    assert [name for name in LIBPQ_SERVER if name in os.environ] == []
+    result = run("status")  # no database given, the sandbox not running: said as such
+    assert result.exit_code == ExitCode.REFUSED, result.output
+    assert "sandbox is not running" in result.output and "Using " not in result.output
