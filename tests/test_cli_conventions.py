@@ -7,18 +7,20 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
-from helpers import toolkit
+from helpers import own_schema_exists, toolkit
 
 from toolkit.cli import main
 from toolkit.cli.main import cli
-from toolkit.errors import ExitCode
+from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode
 
 
 def run(*args: str, env: dict | None = None):
@@ -100,6 +102,14 @@ def test_each_global_option_is_moved_ahead_whatever_it_is(tmp_path):
             assert ctx.params[option.name] == expected, option.name
 
 
+def test_the_readme_says_global_options_go_before_or_after_the_subcommand():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Output and exit codes")[1].split("\n## ")[0]
+    assert "before or after the subcommand" in section
+    for option in _global_options():
+        assert any(f"`{name}`" in section for name in option.opts), option.opts
+
+
 def test_no_subcommand_has_an_option_named_like_a_global_one():
     """A global option after a subcommand is the root's only because no subcommand has one
     of the same name (the hoisting leaves a subcommand's own options alone anyway)."""
@@ -177,11 +187,27 @@ def test_a_closed_pipe_ends_quietly(realistic_db):
     # code. A plain click.echo (sql): the command ends there, 141 as for SIGPIPE.
     for args, lines, exit_code in ((["history"], 1, 0), (["plan"], 2, 0), (["plan", "--json"], 0, 0),
                                    (["status"], 0, 0), (["fingerprint"], 0, 0),
-                                   (["sql", "milestone-1"], 0, 141)):
+                                   (["sql", "milestone-1"], 0, ExitCode.PIPE_CLOSED)):
         code, shown, error = _into_head(realistic_db, args, lines)
         assert len(shown.splitlines()) == lines, (args, shown)
         assert error == "", (args, error)
         assert code == exit_code, (args, code)
+
+
+def test_every_exit_code_is_in_the_one_table_the_help_and_the_readme_show():
+    """141 (a closed pipe) included: the codes are ExitCode's, each with its meaning, and
+    `toolkit --help` and the README's table list exactly those."""
+    assert ExitCode.PIPE_CLOSED == 141
+    assert set(EXIT_CODE_MEANINGS) == set(ExitCode)
+    shown = run("--help").output
+    for code, meaning in EXIT_CODE_MEANINGS.items():
+        assert f"{int(code):>3}  {meaning}" in shown, code
+    listed = re.findall(r"^  +(\d+)  ", shown.split("Exit codes:")[1], re.MULTILINE)
+    assert sorted(map(int, listed)) == sorted(map(int, ExitCode))
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## Output and exit codes")[1].split("\n## ")[0]
+    in_readme = re.findall(r"^\| (\d+) \|", table, re.MULTILINE)
+    assert sorted(map(int, in_readme)) == sorted(map(int, ExitCode))
 
 
 def test_a_closed_pipe_does_not_hide_errors(empty_db):
@@ -216,3 +242,63 @@ def test_fingerprint_compare_refuses_a_database_that_is_not_gitlabs(realistic_db
     result = toolkit(empty_db, *[a.format(ref=reference) for a in args])
     assert result.exit_code == ExitCode.REFUSED, result.output
     assert "does not look like GitLab's database" in result.output
+
+
+# Every command that reads a database, as run on one that is not GitLab's. sql connects to
+# nothing; sandbox and demo use the sandbox, never the database given.
+NOT_GITLAB_ARGS = {
+    ("status",): ["status"],
+    ("plan",): ["plan"],
+    ("migrate",): ["migrate", "milestone-1", "--dry-run"],
+    ("verify",): ["verify"],
+    ("rollback",): ["rollback", "milestone-1"],
+    ("history",): ["history"],
+    ("fingerprint",): ["fingerprint"],
+    ("archive", "status"): ["archive", "status"],
+    ("archive", "drop"): ["archive", "drop", "--yes"],
+    ("report", "candidates"): ["report", "candidates", "--project", "1", "--model", "m", "--metric", "loss"],
+}
+NO_DATABASE = {("sql",), ("demo",)}
+
+
+def test_every_command_refuses_a_database_that_is_not_gitlabs(empty_db):
+    """One line on stderr, exit 3, the same message whichever command, nothing written."""
+    leaves = {path for path, command in _commands(cli)
+              if path and not isinstance(command, click.Group) and path[0] != "sandbox"}
+    assert leaves - NO_DATABASE == set(NOT_GITLAB_ARGS), "a command is missing here"
+    variants = [*NOT_GITLAB_ARGS.values(), ["verify", "milestone-1"], ["migrate", "milestone-1"],
+                ["history", "--limit", "5"]]
+    for args in variants:
+        result = toolkit(empty_db, *args)
+        assert result.exit_code == ExitCode.REFUSED, (args, result.output)
+        assert result.stderr.count("\n") == 1, (args, result.stderr)
+        assert f"Database '{empty_db.name}' has no table " in result.stderr, (args, result.stderr)
+        assert "does not look like GitLab's database" in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.output
+        as_json = toolkit(empty_db, "--json", *args)
+        doc = json.loads(as_json.stdout)
+        assert as_json.exit_code == doc["exit_code"] == ExitCode.REFUSED, (args, as_json.output)
+        assert doc["error"]["kind"] == "PreconditionRefused", (args, doc)
+    assert not own_schema_exists(empty_db)
+
+
+def test_a_gitlab_database_the_toolkit_never_saw_is_read_as_such(legacy_db):
+    """GitLab's tables and nothing of the toolkit's: the read commands answer (exit 0) and
+    write nothing, the report says what it waits for."""
+    history = toolkit(legacy_db, "history")
+    assert history.exit_code == 0, history.output
+    assert "No runs recorded yet." in history.stdout
+    for args in (["status"], ["plan"], ["verify"], ["archive", "status"],
+                 ["migrate", "milestone-1", "--dry-run"]):
+        result = toolkit(legacy_db, *args)
+        assert result.exit_code == 0, (args, result.output)
+    assert "milestone-1: not started (not checked)" in toolkit(legacy_db, "verify").stdout
+    report = toolkit(legacy_db, "report", "candidates", "--project", "1", "--model", "m")
+    assert report.exit_code == ExitCode.REFUSED and "no model_id yet" in report.stderr, report.output
+    assert not own_schema_exists(legacy_db)
+    # A column GitLab changed: what reads GitLab's tables refuses; the toolkit's own records
+    # (history, the archive) stay readable, their tables being GitLab's all the same.
+    legacy_db.execute("ALTER TABLE packages_packages ALTER COLUMN package_type TYPE integer")
+    assert "schema differs" in toolkit(legacy_db, "status").stderr
+    for args in (["history"], ["archive", "status"]):
+        assert toolkit(legacy_db, *args).exit_code == 0, args

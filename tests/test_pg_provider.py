@@ -108,3 +108,16 @@ def test_a_container_that_is_no_postgresql_is_given_up_and_removed(tmp_path, mon
         assert _containers_of(image) == []
     finally:
         docker.from_env(timeout=60).images.remove(image, force=True)
+
+
+def test_the_readme_says_how_the_tests_choose_their_server():
+    """Every variable the provider reads, with its default, in "Running the tests"; the
+    image in the configuration table too."""
+    readme = (TESTS.parent / "README.md").read_text()
+    section = readme.split("## Running the tests")[1].split("\n## ")[0]
+    for said in ("TOOLKIT_TEST_DATABASE_URL", "TOOLKIT_TEST_NO_DOCKER=1",
+                 f"{conftest.IMAGE_ENV}", f"`{conftest.DEFAULT_IMAGE}`",
+                 f"{conftest.READY_ENV}", f"{conftest.DEFAULT_READY_S:g}", "falls back"):
+        assert said in section, said
+    configuration = readme.split("## Configuration")[1].split("\n## ")[0]
+    assert conftest.IMAGE_ENV in configuration

@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     INTERNAL = 70
     SESSION_LOST = 75  # sysexits' EX_TEMPFAIL: try again
     INTERRUPTED = 130
+    PIPE_CLOSED = 141  # 128 + SIGPIPE, as a shell reports a program a closed pipe ended
 
 
 EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
@@ -35,6 +36,8 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
                            "(restart, failover, terminated session, lost connection); everything "
                            "committed is kept: run the same command again, or pass --reconnect N",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C or signal); progress up to the last batch is kept",
+    ExitCode.PIPE_CLOSED: "the reader of the output went away (`| head`) before the command "
+                          "finished writing; nothing more was said",
 }
 
 

@@ -12,14 +12,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.preflight import check_gitlab_schema
 from toolkit.errors import PreconditionRefused
 from toolkit.schema.gitlab import CANDIDATE_STATUSES
 
 STATUS_NAMES = {v: k for k, v in CANDIDATE_STATUSES.items()}
+READS = ("ml_candidates", "ml_models", "ml_candidate_params", "ml_candidate_metrics")
 
 
 def candidate_report(conn: Connection, project_id: int, model_name: str, metric: str | None = None,
                      order: str = "desc") -> dict[str, Any]:
+    check_gitlab_schema(conn, READS)
     has_model_id = conn.execute(sa.text(
         "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ml_candidates'::regclass "
         "AND attname = 'model_id' AND NOT attisdropped)")).scalar_one()

@@ -7,6 +7,7 @@ import sqlalchemy as sa
 
 from toolkit.cli.context import app
 from toolkit.engine import state
+from toolkit.engine.preflight import check_gitlab_database
 from toolkit.engine.runner import Runner
 from toolkit.errors import PreconditionRefused
 from toolkit.milestones.m4_cleanup import (
@@ -45,6 +46,7 @@ def status() -> None:
     Example: toolkit archive status --json
     """
     with Runner(app().engine()).read_only() as conn:
+        check_gitlab_database(conn, columns=False)
         counts = _counts(conn)
         milestone = state.milestone_state(conn, "milestone-4")["state"]
         mapping = []
@@ -63,6 +65,7 @@ def status() -> None:
 
 def _refuse_unless_verified(runner: Runner) -> None:
     with runner.read_only() as conn:
+        check_gitlab_database(conn, columns=False)
         milestone = state.milestone_state(conn, "milestone-4")["state"]
     if milestone != state.VERIFIED:
         raise PreconditionRefused(

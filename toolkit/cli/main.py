@@ -19,16 +19,9 @@ from toolkit.cli.context import AppContext, app, debug_enabled, envelope
 from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
 from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode, Interrupted, ToolkitError
 
-# 128 + SIGPIPE, as a shell reports a program a closed pipe ended: the reader of stdout went
-# away (`toolkit sql milestone-1 | head -1`) while the command was still writing.
-PIPE_CLOSED = 141
-
 
 def _exit_code_help() -> str:
-    meanings = {**EXIT_CODE_MEANINGS,
-                PIPE_CLOSED: "the reader of the output went away (`| head`) before the command "
-                             "finished writing; nothing more was said"}
-    return "\n".join(f"  {int(code):>3}  {meaning}" for code, meaning in meanings.items())
+    return "\n".join(f"  {int(code):>3}  {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items())
 
 
 def _arity(params: list[click.Parameter]) -> dict[str, int]:
@@ -100,9 +93,10 @@ class ToolkitGroup(click.Group):
             _report(ctx, Interrupted("Interrupted", "run the same command again to resume"))
         except BrokenPipeError:
             # Output through toolkit.output survives a closed pipe; this is a plain write
-            # (click.echo): end quietly, as a program a closed pipe stops does.
+            # (click.echo): end quietly, as a program a closed pipe stops does (exit 141:
+            # `toolkit sql milestone-1 | head -1`).
             output.discard(sys.stdout)
-            ctx.exit(PIPE_CLOSED)
+            ctx.exit(int(ExitCode.PIPE_CLOSED))
         except DBAPIError as exc:
             if debug_enabled():
                 raise

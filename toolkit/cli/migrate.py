@@ -15,6 +15,7 @@ from toolkit.cli.context import app
 from toolkit.engine import state
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.locks import runner_lock_holders
+from toolkit.engine.preflight import check_gitlab_database
 from toolkit.engine.runner import ApplyResult, PlanResult, Runner
 from toolkit.engine.step import KeysetPass
 from toolkit.errors import PreconditionRefused, VerificationFailed
@@ -431,6 +432,7 @@ def history(limit: int) -> None:
     Example: toolkit history --limit 5
     """
     with app().engine().connect() as conn:
+        check_gitlab_database(conn, columns=False)
         runs = state.history(conn, limit)
         somebody_running = bool(runner_lock_holders(conn))
     # A run killed outright (kill -9, a lost host) never recorded how it ended. Only the

@@ -37,20 +37,36 @@ def pg_type_name(column: sa.Column) -> str:
     raise TypeError(f"no PostgreSQL name known for {kind!r}")
 
 
-def check_gitlab_schema(conn: Connection, tables: tuple[str, ...]) -> None:
-    """Refuse unless every table exists with every expected column and type (extras are fine)."""
+def gitlab_tables() -> tuple[str, ...]:
+    """GitLab's tables that some milestone reads: what makes a database GitLab's to the toolkit."""
+    from toolkit import milestones as registry
+
+    return tuple(dict.fromkeys(t for m in registry.MILESTONES.values() for t in m.reads))
+
+
+def check_gitlab_database(conn: Connection, *, columns: bool = True) -> None:
+    """Refuse (exit 3) a database that is not GitLab's, as every command that reads one does,
+    before it reads anything else. ``columns=False`` for commands that read only the
+    toolkit's own schema (history, the archive): the tables must be there, but a GitLab
+    upgrade that changed a column does not hide the toolkit's own records."""
+    check_gitlab_schema(conn, gitlab_tables(), columns=columns)
+
+
+def check_gitlab_schema(conn: Connection, tables: tuple[str, ...], *, columns: bool = True) -> None:
+    """Refuse unless every table exists with every expected column and type (extras are fine);
+    with ``columns=False``, unless every table exists."""
     found = conn.execute(sa.text("""
         SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
         WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND c.relname = ANY(:t)
     """), {"t": list(tables)}).all()
-    columns: dict[str, dict[str, str]] = {}
+    found_columns: dict[str, dict[str, str]] = {}
     for table, column, type_name in found:
-        columns.setdefault(table, {})[column] = type_name
+        found_columns.setdefault(table, {})[column] = type_name
     dropped = dropped_by_cleanup(conn)
     tables = tuple(name for name in tables if name not in dropped)
-    missing_tables = [name for name in tables if name not in columns]
+    missing_tables = [name for name in tables if name not in found_columns]
     if missing_tables:
         database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
         raise PreconditionRefused(
@@ -58,10 +74,12 @@ def check_gitlab_schema(conn: Connection, tables: tuple[str, ...]) -> None:
             "GitLab's database (or GitLab's ML tables are in another schema)",
             "check --database-url (GitLab's database is usually gitlabhq_production) and search_path",
         )
+    if not columns:
+        return
     problems = []
     for name in tables:
         for column in gitlab_metadata.tables[name].columns:
-            actual = columns[name].get(column.name)
+            actual = found_columns[name].get(column.name)
             expected = pg_type_name(column)
             if actual is None and f"{name}.{column.name}" in dropped:
                 continue

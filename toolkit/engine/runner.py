@@ -32,7 +32,12 @@ from toolkit.engine.batches import (
 from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
 from toolkit.engine.lease import UNFENCED, Hold, HoldLost
 from toolkit.engine.pooling import refuse_transaction_pooling
-from toolkit.engine.preflight import check_gitlab_schema, check_privileges, check_writable
+from toolkit.engine.preflight import (
+    check_gitlab_database,
+    check_gitlab_schema,
+    check_privileges,
+    check_writable,
+)
 from toolkit.engine.step import Action, Check, StepPlan, count_of
 from toolkit.errors import (
     DatabaseProblem,
@@ -199,8 +204,10 @@ class Runner:
         return Gate(not failures, previous.name if previous else None, failures)
 
     def states(self) -> dict[str, str]:
-        """Each milestone's recorded state, read-only."""
+        """Each milestone's recorded state, read-only; refused when the database is not
+        GitLab's (its states would all be 'not started')."""
         with self.read_only() as conn:
+            check_gitlab_database(conn)
             return {name: state.milestone_state(conn, name)["state"] for name in registry.MILESTONES}
 
     def status(self) -> list[dict[str, Any]]:
