@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from sqlalchemy.engine import Connection
 
 from toolkit import milestones as registry
 from toolkit.cli.context import app
-from toolkit.engine.preflight import check_gitlab_schema
+from toolkit.engine.preflight import check_gitlab_database
 from toolkit.engine.runner import Runner
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
 from toolkit.milestones.base import Milestone
@@ -46,7 +45,7 @@ def fingerprint(out_file: Path | None, compare_file: Path | None, mlflow_only: b
         return
     reference = _load(compare_file) if compare_file else None
     with Runner(app().engine()).read_only() as conn:
-        _refuse_unless_gitlab(conn)
+        check_gitlab_database(conn)
         now = take(conn, reference.watermarks if reference else None, reference=reference)
     if out_file:
         out_file.write_text(now.dumps() + "\n")
@@ -69,13 +68,6 @@ def fingerprint(out_file: Path | None, compare_file: Path | None, mlflow_only: b
         )
     out.say(f"Equal to {compare_file} (rows added since it was taken are not counted).")
     app().finish(doc)
-
-
-def _refuse_unless_gitlab(conn: Connection) -> None:
-    """Refuse (exit 3) where GitLab's tables are not, as every other command does: a
-    fingerprint of a database that is not GitLab's would be one of nothing."""
-    reads = {table: None for milestone in registry.MILESTONES.values() for table in milestone.reads}
-    check_gitlab_schema(conn, tuple(reads))
 
 
 def _load(path: Path) -> Fingerprint:
@@ -106,7 +98,7 @@ def _rebaseline(milestone: Milestone) -> None:
     # A write like any other: under the runner lock and the fenced lease, never beside a run.
     with runner.exclusive(f"toolkit fingerprint --baseline {milestone.name}", milestone.name):
         with runner.read_only() as conn:
-            _refuse_unless_gitlab(conn)
+            check_gitlab_database(conn)
             now = take(conn)
         with engine.connect() as conn:
             baselines.save(conn, milestone.name, now, None)
