@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers import Queries
 from sqlalchemy.engine import URL, Engine
 
 from toolkit.db import create_engine, parse_url
@@ -293,7 +294,7 @@ def templates(pg_server: PgServer) -> Iterator[Templates]:
 
 
 @dataclass
-class Database:
+class Database(Queries):
     """A database of one test's own: its name, URL (as an operator would type it), engine."""
 
     name: str
@@ -303,18 +304,6 @@ class Database:
     @property
     def url_text(self) -> str:
         return self.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
-
-    def scalar(self, sql: str, **params: object):
-        with self.engine.connect() as conn:
-            return conn.execute(sa.text(sql), params).scalar()
-
-    def rows(self, sql: str, **params: object) -> list[sa.Row]:
-        with self.engine.connect() as conn:
-            return list(conn.execute(sa.text(sql), params))
-
-    def execute(self, sql: str, **params: object) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(sa.text(sql), params)
 
 
 @pytest.fixture

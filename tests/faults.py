@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
+from helpers import Queries
 from sqlalchemy.engine import Engine
 
 from toolkit.db import create_engine
 from toolkit.sandbox.server import SandboxServer, ServerStatus, _bin
-from toolkit.verify.fingerprint import take
 
 # The test's own sessions are told apart from the toolkit's ('toolkit', and the lock
 # session's 'toolkit migrate ...' / 'toolkit rollback ...') by their application_name.
 TEST_APPLICATION = "tk-test-observer"
-BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version", "runner_lease")
 
 # Small and quick to restart: little memory, few connections, no fsync (the machine does
 # not crash, only the server: what it wrote is in the OS's cache). synchronous_commit stays
@@ -48,27 +47,12 @@ def observer_engine(url: str) -> Engine:
 
 
 @dataclass
-class ServerDb:
+class ServerDb(Queries):
     """One database on the module's server, shaped like conftest's ``Database``."""
 
     name: str
     url_text: str
     engine: Engine = field(repr=False)
-
-    def scalar(self, sql: str, **params: object):
-        with self.engine.connect() as conn:
-            return conn.execute(sa.text(sql), params).scalar()
-
-    def rows(self, sql: str, **params: object) -> list[sa.Row]:
-        with self.engine.connect() as conn:
-            return list(conn.execute(sa.text(sql), params))
-
-    def execute(self, sql: str, **params: object) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(sa.text(sql), params)
-
-    def dispose(self) -> None:
-        self.engine.dispose()
 
 
 class FaultServer:
@@ -232,52 +216,11 @@ def wait_for_batches(db: ServerDb, running: Running, after_run: int, batches: in
     raise AssertionError(f"the run did not reach batch {batches} in {timeout_s}s")
 
 
-# -- comparing end states ---------------------------------------------------------------
-def ledgers(db: ServerDb) -> dict[str, list]:
-    """The toolkit's ledgers and archive row for row, without run ids and timestamps (a
-    resumed milestone has two runs where the uninterrupted one has one)."""
-    tables = [r[0] for r in db.rows("""
-        SELECT table_name FROM information_schema.tables WHERE table_schema = 'toolkit'
-          AND table_name <> ALL(:skip) ORDER BY 1""", skip=list(BOOKKEEPING))]
-    found = {}
-    for table in tables:
-        columns = [r[0] for r in db.rows("""
-            SELECT column_name FROM information_schema.columns
-            WHERE table_schema = 'toolkit' AND table_name = :t AND column_name <> 'run_id'
-              AND data_type NOT LIKE 'timestamp%' ORDER BY ordinal_position""", t=table)]
-        listed = ", ".join(f'"{c}"' for c in columns)
-        found[table] = [tuple(r) for r in db.rows(f"SELECT {listed} FROM toolkit.{table} ORDER BY {listed}")]
-    return found
-
-
-def end_state(db: ServerDb) -> tuple:
-    with db.engine.connect() as conn:
-        fingerprint = take(conn)
-        conn.rollback()
-    return fingerprint.tables, fingerprint.mlflow, ledgers(db)
-
-
-def rows_compared(state: tuple) -> int:
-    tables, _, found = state
-    return sum(t["rows"] for t in tables.values() if t) + sum(len(rows) for rows in found.values())
-
-
 def checkpoint_rows(db: ServerDb, run_id: int) -> tuple[dict[str, int], int]:
     """Rows each step of run ``run_id`` committed and its batches, as its checkpoints count them."""
     found = db.rows("SELECT step, rows_done, batches_done FROM toolkit.checkpoints WHERE run_id = :r",
                     r=run_id)
     return {r[0]: int(r[1]) for r in found if r[1]}, sum(int(r[2]) for r in found)
-
-
-def differences(got: tuple, expected: tuple) -> list[str]:
-    """Which parts of two end states differ (for an assertion's message)."""
-    names = ("tables", "mlflow", "ledgers")
-    found = []
-    for name, a, b in zip(names, got, expected, strict=True):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                found.append(f"{name}.{key}")
-    return found
 
 
 # Rows a milestone creates take their ids from sequences. After a crash (an immediate

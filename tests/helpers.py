@@ -8,11 +8,13 @@ import subprocess
 import sys
 from collections import Counter
 
+import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from toolkit.cli.main import cli
 from toolkit.engine.step import KeysetPass, Step, StepPlan
 from toolkit.verify.digest import digests
+from toolkit.verify.fingerprint import take
 
 # What the suite did on purpose, summed up at the end of the run (conftest's terminal
 # summary), so the numbers quoted about fault injection come from a run, not from counting.
@@ -20,6 +22,28 @@ TALLY: Counter[str] = Counter()
 
 ML_AND_OWN = ("packages_packages", "packages_package_files", "ml_candidates", "ml_experiments",
               "ml_models", "ml_candidate_params", "ml_candidate_metrics")
+
+
+class Queries:
+    """One-statement helpers for any database object of the suite with an ``engine``
+    (conftest's ``Database``, the fault server's and the replication pair's)."""
+
+    engine: sa.engine.Engine
+
+    def scalar(self, sql: str, **params: object):
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text(sql), params).scalar()
+
+    def rows(self, sql: str, **params: object) -> list[sa.Row]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.text(sql), params))
+
+    def execute(self, sql: str, **params: object) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(sql), params)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
 
 
 def toolkit(db, *args: str, env: dict | None = None) -> Result:
@@ -108,3 +132,50 @@ class OnePassStep(Step):
 
     def forward(self):
         return [KeysetPass(self.name, self.description, self.table, self.change_sql)]
+
+
+# -- comparing end states with an uninterrupted twin ------------------------------------
+# The toolkit's own bookkeeping differs between a resumed run and one that was not
+# interrupted (two runs, other ids and times); everything else must be equal.
+BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version", "runner_lease")
+
+
+def ledgers(db) -> dict[str, list]:
+    """The toolkit's ledgers and archive row for row, without run ids and timestamps (a
+    resumed milestone has two runs where the uninterrupted one has one)."""
+    tables = [r[0] for r in db.rows("""
+        SELECT table_name FROM information_schema.tables WHERE table_schema = 'toolkit'
+          AND table_name <> ALL(:skip) ORDER BY 1""", skip=list(BOOKKEEPING))]
+    found = {}
+    for table in tables:
+        columns = [r[0] for r in db.rows("""
+            SELECT column_name FROM information_schema.columns
+            WHERE table_schema = 'toolkit' AND table_name = :t AND column_name <> 'run_id'
+              AND data_type NOT LIKE 'timestamp%' ORDER BY ordinal_position""", t=table)]
+        listed = ", ".join(f'"{c}"' for c in columns)
+        found[table] = [tuple(r) for r in db.rows(f"SELECT {listed} FROM toolkit.{table} ORDER BY {listed}")]
+    return found
+
+
+def end_state(db) -> tuple:
+    """Every ML table and the MLflow view (fingerprint), and the ledgers row for row."""
+    with db.engine.connect() as conn:
+        fingerprint = take(conn)
+        conn.rollback()
+    return fingerprint.tables, fingerprint.mlflow, ledgers(db)
+
+
+def rows_compared(state: tuple) -> int:
+    tables, _, found = state
+    return sum(t["rows"] for t in tables.values() if t) + sum(len(rows) for rows in found.values())
+
+
+def differences(got: tuple, expected: tuple) -> list[str]:
+    """Which parts of two end states differ (for an assertion's message)."""
+    names = ("tables", "mlflow", "ledgers")
+    found = []
+    for name, a, b in zip(names, got, expected, strict=True):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                found.append(f"{name}.{key}")
+    return found

@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
+from helpers import Queries
 from sqlalchemy.engine import Engine
 
 from toolkit.db import create_engine, parse_url
@@ -42,7 +43,7 @@ SETTINGS = {"shared_buffers": "128MB", "max_connections": "50", "fsync": "off",
             "full_page_writes": "off", "max_wal_size": "1GB"}
 
 
-class ServerDatabase:
+class ServerDatabase(Queries):
     """One database of one of the servers, shaped like the suite's ``Database`` (helpers'
     ``toolkit()``, ``toolkit_process()`` and ``resolve_m1_anomalies()`` take it)."""
 
@@ -51,20 +52,6 @@ class ServerDatabase:
         self.url = parse_url(url_text)
         self.engine: Engine = create_engine(self.url)
 
-    def scalar(self, sql: str, **params: object):
-        with self.engine.connect() as conn:
-            return conn.execute(sa.text(sql), params).scalar()
-
-    def rows(self, sql: str, **params: object) -> list[sa.Row]:
-        with self.engine.connect() as conn:
-            return list(conn.execute(sa.text(sql), params))
-
-    def execute(self, sql: str, **params: object) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(sa.text(sql), params)
-
-    def dispose(self) -> None:
-        self.engine.dispose()
 
 
 class Replication:

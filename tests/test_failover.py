@@ -18,44 +18,21 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from faults import SEQUENCE_ID_PARTS, differences, id_free
-from helpers import TALLY, resolve_m1_anomalies, toolkit
+from faults import SEQUENCE_ID_PARTS, id_free
+from helpers import TALLY, differences, end_state, resolve_m1_anomalies, toolkit
 from replication import Replication
 
 from toolkit.errors import ExitCode
 from toolkit.sandbox.server import SANDBOX_DATABASE
-from toolkit.verify.fingerprint import take
 
 MILESTONE = "milestone-1"
 RUN = ("migrate", MILESTONE, "--yes", "--batch-size", "4", "--pause-ms", "50")
-BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version", "runner_lease")
 TWIN = "twin"
-
-
-def _ledgers(db) -> dict[str, list]:
-    """The toolkit's ledgers row for row, without run ids and timestamps (as the kill matrix)."""
-    tables = [r[0] for r in db.rows("""
-        SELECT table_name FROM information_schema.tables WHERE table_schema = 'toolkit'
-          AND table_name <> ALL(:skip) ORDER BY 1""", skip=list(BOOKKEEPING))]
-    found = {}
-    for table in tables:
-        columns = [r[0] for r in db.rows("""
-            SELECT column_name FROM information_schema.columns
-            WHERE table_schema = 'toolkit' AND table_name = :t AND column_name <> 'run_id'
-              AND data_type NOT LIKE 'timestamp%' ORDER BY ordinal_position""", t=table)]
-        listed = ", ".join(f'"{c}"' for c in columns)
-        found[table] = [tuple(r) for r in db.rows(f"SELECT {listed} FROM toolkit.{table} ORDER BY {listed}")]
-    return found
-
-
-def _end_state(db) -> tuple:
-    with db.engine.connect() as conn:
-        fingerprint = take(conn)
-        conn.rollback()
-    return fingerprint.tables, fingerprint.mlflow, _ledgers(db)
 
 
 @pytest.fixture
@@ -75,7 +52,7 @@ def _seeded_with_twin(pair: Replication) -> tuple:
     twin = pair.on_primary(TWIN)
     done = toolkit(twin, "migrate", MILESTONE, "--yes", "--batch-size", "4")
     assert done.exit_code == 0, done.output
-    expected = _end_state(twin)
+    expected = end_state(twin)
     twin.dispose()
     assert expected[2], "milestone 1 recorded a ledger"
     return expected
@@ -88,6 +65,17 @@ def _start_run(pair: Replication, tmp_path: Path, *extra: str) -> tuple[subproce
         process = subprocess.Popen([sys.executable, "-m", "toolkit", *RUN, *extra], env=env,
                                    stdout=out, stderr=subprocess.STDOUT, text=True)
     return process, log
+
+
+@contextmanager
+def _reaped(process: subprocess.Popen) -> Iterator[None]:
+    """A run still going when the test fails is stopped, not left behind."""
+    try:
+        yield
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _batches_committed(db) -> int:
@@ -118,19 +106,15 @@ def _fail_over_after(pair: Replication, process: subprocess.Popen, batches: int)
 def test_a_failover_mid_run_reconnects_to_the_promoted_replica_and_ends_like_the_twin(pair, tmp_path):
     expected = _seeded_with_twin(pair)
     process, log = _start_run(pair, tmp_path, "--reconnect", "20")
-    try:
+    with _reaped(process):
         _fail_over_after(pair, process, 3)
         code = process.wait(timeout=45)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     output = log.read_text()
     assert code == 0, output
     assert "Traceback" not in output, output
     assert "reconnecting" in output, output
     promoted = pair.on_replica()
-    assert _end_state(promoted) == expected
+    assert end_state(promoted) == expected
     assert promoted.scalar("SELECT state FROM toolkit.milestones WHERE milestone = :m", m=MILESTONE) \
         == "verified"
     # the attempt the failover ended is recorded by the one that resumed, with what it committed
@@ -144,13 +128,9 @@ def test_a_failover_mid_run_reconnects_to_the_promoted_replica_and_ends_like_the
 def test_a_failover_mid_run_without_reconnect_exits_75_and_the_same_command_resumes(pair, tmp_path):
     expected = _seeded_with_twin(pair)
     process, log = _start_run(pair, tmp_path)
-    try:
+    with _reaped(process):
         _fail_over_after(pair, process, 3)
         code = process.wait(timeout=45)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     output = log.read_text()
     assert code == ExitCode.SESSION_LOST, output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
@@ -160,7 +140,7 @@ def test_a_failover_mid_run_without_reconnect_exits_75_and_the_same_command_resu
     again, log = _start_run(pair, tmp_path)
     code = again.wait(timeout=45)
     assert code == 0, log.read_text()
-    assert _end_state(pair.on_replica()) == expected
+    assert end_state(pair.on_replica()) == expected
 
 
 FAILOVER_CASES = [("migrate", "milestone-2"), ("migrate", "milestone-3"), ("migrate", "milestone-4"),
@@ -190,7 +170,7 @@ def test_a_failover_at_a_random_batch_of_other_milestones_and_a_rollback_ends_li
     twin = pair.on_primary(TWIN)
     done = toolkit(twin, *command)  # at full speed: the pace changes nothing in the end state
     assert done.exit_code == 0, done.output
-    expected, expected_id_free = _end_state(twin), id_free(twin)
+    expected, expected_id_free = end_state(twin), id_free(twin)
     twin.dispose()
 
     rows_at = random.Random(f"failover/{verb}/{milestone}").randint(4, 16)
@@ -201,7 +181,7 @@ def test_a_failover_at_a_random_batch_of_other_milestones_and_a_rollback_ends_li
         process = subprocess.Popen([sys.executable, "-m", "toolkit", *command, "--pause-ms", "100",
                                     "--reconnect", "20"],
                                    env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
+    with _reaped(process):
         primary = pair.on_primary()
         deadline = time.monotonic() + 30
         while _rows_of_runs_after(primary, prior) < rows_at:
@@ -215,15 +195,11 @@ def test_a_failover_at_a_random_batch_of_other_milestones_and_a_rollback_ends_li
         pair.promote()
         TALLY["primaries crashed and replicas promoted under a running migrate (failover)"] += 1
         code = process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     output = log.read_text()
     assert code == 0, output
     assert "reconnecting" in output and "Traceback" not in output, output
     promoted = pair.on_replica()
-    state = _end_state(promoted)
+    state = end_state(promoted)
     if state != expected:
         # a promotion is crash recovery: sequences resume after the values they had logged
         # ahead, so rows created after it have other ids than the twin's, and nothing else

@@ -12,43 +12,21 @@ import random
 import signal
 
 import pytest
-from helpers import TALLY, resolve_m1_anomalies, toolkit, toolkit_json, toolkit_process
+from helpers import (
+    TALLY,
+    end_state,
+    resolve_m1_anomalies,
+    rows_compared,
+    toolkit,
+    toolkit_json,
+    toolkit_process,
+)
 
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
-from toolkit.verify.fingerprint import take
 
 MILESTONES = ("milestone-1", "milestone-2", "milestone-3", "milestone-4")
 SEEDS = (3, 17)
 BATCH_SIZE = "4"
-BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version", "runner_lease")
-
-
-def _ledgers(db) -> dict[str, list]:
-    tables = [r[0] for r in db.rows("""
-        SELECT table_name FROM information_schema.tables WHERE table_schema = 'toolkit'
-          AND table_name <> ALL(:skip) ORDER BY 1""", skip=list(BOOKKEEPING))]
-    found = {}
-    for table in tables:
-        columns = [r[0] for r in db.rows("""
-            SELECT column_name FROM information_schema.columns
-            WHERE table_schema = 'toolkit' AND table_name = :t AND column_name <> 'run_id'
-              AND data_type NOT LIKE 'timestamp%' ORDER BY ordinal_position""", t=table)]
-        listed = ", ".join(f'"{c}"' for c in columns)
-        found[table] = [tuple(r) for r in db.rows(f"SELECT {listed} FROM toolkit.{table} ORDER BY {listed}")]
-    return found
-
-
-def _end_state(db) -> tuple:
-    with db.engine.connect() as conn:
-        fingerprint = take(conn)
-        conn.rollback()
-    return fingerprint.tables, fingerprint.mlflow, fingerprint.source, _ledgers(db)
-
-
-def _rows(end_state: tuple) -> int:
-    """How many rows an end-state comparison covered: the ML tables and the toolkit's ledgers."""
-    tables, _, _, ledgers = end_state
-    return sum(t["rows"] for t in tables.values() if t) + sum(len(rows) for rows in ledgers.values())
 
 
 def _before(milestone: str, make_database):
@@ -67,7 +45,7 @@ def test_a_kill_at_a_random_batch_of_every_data_step_resumes_to_the_uninterrupte
     clean = make_database(like=base)
     code, doc = toolkit_json(clean, "migrate", milestone, "--yes", "--batch-size", BATCH_SIZE)
     assert code == 0, doc
-    expected = _end_state(clean)
+    expected = end_state(clean)
 
     # batch numbers are counted across the run; each data step owns a range of them
     ranges, first = [], 1
@@ -86,7 +64,7 @@ def test_a_kill_at_a_random_batch_of_every_data_step_resumes_to_the_uninterrupte
             assert died.returncode == -signal.SIGKILL, (name, kill_after, died.stderr)
             resumed = toolkit_process(killed, "migrate", milestone, "--yes", "--batch-size", BATCH_SIZE)
             assert resumed.returncode == 0, (name, kill_after, resumed.stdout, resumed.stderr)
-            assert _end_state(killed) == expected, (name, kill_after)
+            assert end_state(killed) == expected, (name, kill_after)
             kills += 1
-            TALLY["rows compared after a kill and a resume (kill matrix)"] += _rows(expected)
+            TALLY["rows compared after a kill and a resume (kill matrix)"] += rows_compared(expected)
     assert kills == len(ranges) * len(SEEDS)

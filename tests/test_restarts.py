@@ -31,15 +31,12 @@ from faults import (
     FaultServer,
     ServerDb,
     checkpoint_rows,
-    differences,
-    end_state,
     id_free,
     newest_run_id,
-    rows_compared,
     start_toolkit,
     wait_for_batches,
 )
-from helpers import TALLY, resolve_m1_anomalies, toolkit
+from helpers import TALLY, differences, end_state, resolve_m1_anomalies, rows_compared, toolkit
 
 from toolkit.errors import ExitCode
 from toolkit.sandbox.generator import seed_database
