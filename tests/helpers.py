@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
@@ -179,3 +182,23 @@ def differences(got: tuple, expected: tuple) -> list[str]:
             if a.get(key) != b.get(key):
                 found.append(f"{name}.{key}")
     return found
+
+
+def hba_role(db, name: str, rules: tuple[str, ...], password: str | None) -> Iterator[str]:
+    """A login role of the test's own, let in by ``rules`` (pg_hba.conf lines, first), for
+    a fixture to ``yield from``. Only where the test server's pg_hba.conf is a file on this
+    machine (the embedded server; a container or a shared server cannot be reconfigured)."""
+    hba = Path(db.scalar("SHOW hba_file"))
+    if not os.access(hba, os.W_OK):
+        pytest.skip(f"{hba} is not writable from here (the test server is not local)")
+    db.execute(f"DROP ROLE IF EXISTS {name}")
+    db.execute(f"CREATE ROLE {name} LOGIN SUPERUSER" + (f" PASSWORD '{password}'" if password else ""))
+    original = hba.read_text()
+    hba.write_text("".join(f"{rule}\n" for rule in rules) + original)
+    db.execute("SELECT pg_reload_conf()")
+    try:
+        yield name
+    finally:
+        hba.write_text(original)
+        db.execute("SELECT pg_reload_conf()")
+        db.execute(f"DROP ROLE {name}")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from helpers import own_schema_exists, snapshot, toolkit
+from helpers import hba_role, own_schema_exists, snapshot, toolkit
 
 from toolkit.cli.main import cli
 from toolkit.errors import ExitCode
@@ -118,21 +117,9 @@ def password_role(realistic_db):
     Only possible where the test server's pg_hba.conf is a file on this machine (the
     embedded server; a container or a shared server cannot be reconfigured by a test).
     """
-    hba = Path(realistic_db.scalar("SHOW hba_file"))
-    if not os.access(hba, os.W_OK):
-        pytest.skip(f"{hba} is not writable from here (the test server is not local)")
     name = f"tk_pw_{os.getpid()}"
-    realistic_db.execute(f"DROP ROLE IF EXISTS {name}")
-    realistic_db.execute(f"CREATE ROLE {name} LOGIN SUPERUSER PASSWORD 'right-one'")
-    original = hba.read_text()
-    hba.write_text(f"local all {name} scram-sha-256\nhost all {name} 127.0.0.1/32 scram-sha-256\n" + original)
-    realistic_db.execute("SELECT pg_reload_conf()")
-    try:
-        yield name
-    finally:
-        hba.write_text(original)
-        realistic_db.execute("SELECT pg_reload_conf()")
-        realistic_db.execute(f"DROP ROLE {name}")
+    yield from hba_role(realistic_db, name, (f"local all {name} scram-sha-256",
+                                             f"host all {name} 127.0.0.1/32 scram-sha-256"), "right-one")
 
 
 def test_a_wrong_password_is_one_line_that_never_shows_the_password(realistic_db, password_role):

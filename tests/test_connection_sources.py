@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from helpers import hba_role
 
 from toolkit.cli.main import cli
 from toolkit.conninfo import hosts_and_ports
@@ -347,34 +348,18 @@ def test_the_sandbox_comes_last_and_names_every_source_it_looked_for(clean):
 # -- roles of the test's own -------------------------------------------------------------
 
 
-def _hba_role(db, label: str, rule: str, password: str | None):
-    hba = Path(db.scalar("SHOW hba_file"))
-    if not os.access(hba, os.W_OK):
-        pytest.skip(f"{hba} is not writable from here (the test server is not local)")
-    name = f"tk_src_{label}_{os.getpid()}"
-    db.execute(f"DROP ROLE IF EXISTS {name}")
-    db.execute(f"CREATE ROLE {name} LOGIN SUPERUSER" + (f" PASSWORD '{password}'" if password else ""))
-    original = hba.read_text()
-    hba.write_text(f"local all {name} {rule}\n" + original)
-    db.execute("SELECT pg_reload_conf()")
-    try:
-        yield name
-    finally:
-        hba.write_text(original)
-        db.execute("SELECT pg_reload_conf()")
-        db.execute(f"DROP ROLE {name}")
-
-
 @pytest.fixture
 def password_role(realistic_db):
     """A role that must give its password (scram) over the test server's socket."""
-    yield from _hba_role(realistic_db, "pw", "scram-sha-256", "right-one")
+    name = f"tk_src_pw_{os.getpid()}"
+    yield from hba_role(realistic_db, name, (f"local all {name} scram-sha-256",), "right-one")
 
 
 @pytest.fixture
 def peer_role(realistic_db):
     """A role whose name is no operating-system user here: peer authentication fails."""
-    yield from _hba_role(realistic_db, "peer", "peer", None)
+    name = f"tk_src_peer_{os.getpid()}"
+    yield from hba_role(realistic_db, name, (f"local all {name} peer",), None)
 
 
 def test_database_yml_keys_are_read_as_rails_reads_them(clean, monkeypatch):
