@@ -280,6 +280,53 @@ def _drop(admin: sa.Engine, database: str) -> None:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
 
 
+SAFEGUARD_TRANSACTIONS = 2000
+
+
+def safeguard_cost(url: sa.URL) -> dict[str, float]:
+    """What every transaction of a run pays for running safely in production, per
+    transaction, against the same transaction without it, measured here in one run.
+
+    * ``plain``: a bare SQLAlchemy engine, one ``SELECT 1`` and a commit;
+    * ``timeouts``: the toolkit's engine, whose ``begin`` hook sets the transaction's own
+      ``lock_timeout`` and ``statement_timeout`` (one more round trip);
+    * ``fenced``: that and the lease check at commit (the lease row FOR SHARE and the lock
+      holder in ``pg_locks``), as every commit of a run has.
+    The three alternate in blocks so drift on a shared machine lands on all of them.
+    """
+    from toolkit.engine.lease import Hold
+    from toolkit.schema.migrations import ensure_own_tables
+
+    plain, toolkit_engine = sa.create_engine(url), create_engine(url)
+    with toolkit_engine.connect() as conn:
+        ensure_own_tables(conn)
+    hold = Hold(create_engine(url), "scripts/bench.py safeguard cost", wait_s=30).__enter__()
+    timings: dict[str, list[float]] = {"plain": [], "timeouts": [], "fenced": []}
+    try:
+        def run(engine: sa.Engine, kind: str, n: int) -> None:
+            with engine.connect() as conn:
+                for _ in range(n):
+                    began = time.perf_counter()
+                    conn.execute(sa.text("SELECT 1"))
+                    conn.commit()
+                    timings[kind].append(time.perf_counter() - began)
+
+        with hold.engine.connect() as conn:
+            hold.claim(conn)
+        block = 100
+        for _ in range(SAFEGUARD_TRANSACTIONS // block):
+            run(plain, "plain", block)
+            run(toolkit_engine, "timeouts", block)
+            run(hold.engine, "fenced", block)
+    finally:
+        hold.__exit__(None, None, None)
+        for engine in (plain, toolkit_engine, hold.engine):
+            engine.dispose()
+    found = {f"{kind}_ms": round(_percentile(values, 50) * 1000, 3) for kind, values in timings.items()}
+    found["overhead_ms"] = round(found["fenced_ms"] - found["plain_ms"], 3)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="gitlab-com", choices=["small", "gitlab-com", "x25"])
@@ -321,6 +368,8 @@ def main() -> None:
         "seed_seconds": seeded.doc["result"]["seconds"], "seed_peak_mb": seeded.peak_mb,
         "counts": seeded.doc["result"]["counts"], "milestones": {}}
     results["vacuum_after_seed_seconds"] = _settle(url)
+    results["safeguards_per_transaction"] = safeguard_cost(url)
+    print(json.dumps({"safeguards_per_transaction": results["safeguards_per_transaction"]}), flush=True)
     # The operator's first command: every milestone's plan on the untouched database.
     first_plan = _toolkit("--database-url", _text(url), "plan", "--no-sql")
     results["plan_all"] = {"seconds": first_plan.seconds, "peak_mb": first_plan.peak_mb}
@@ -408,6 +457,15 @@ def _spread(run: dict[str, Any]) -> str:
     return f"{run['seconds']} ({min(each)}-{max(each)})" if len(each) > 1 else str(run["seconds"])
 
 
+def _safeguard_lines(results: dict[str, Any]) -> list[str]:
+    cost = results.get("safeguards_per_transaction")
+    if not cost:
+        return []
+    return [f"Each transaction's own timeouts and lease check (median of {SAFEGUARD_TRANSACTIONS} "
+            f"empty transactions each): {cost['plain_ms']} ms bare, {cost['timeouts_ms']} ms with its "
+            f"timeouts, {cost['fenced_ms']} ms fenced too: {cost['overhead_ms']} ms a commit.", ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Scale {results['scale']}, "
@@ -419,6 +477,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Batched and set-based each ran {results.get('repeat', 1)} times, alternating, on fresh "
         "copies; the median run of each is shown, with the fastest and slowest in brackets.",
         "",
+        *_safeguard_lines(results),
         "| milestone | rows | batched s | set-based s | ratio | batches (keys each) | batch p50/p99/max ms "
         "| writer p99 ms batched | writer p99 ms set-based | plan s | fingerprint s | verify s "
         "| MB apply/verify |",

@@ -3,7 +3,7 @@
 The advisory lock says who may start; the lease says who may still commit. Each run that
 takes the advisory lock bumps ``token`` and records the backend pid that holds the lock;
 every one of its commits first reads the row FOR SHARE and refuses unless the token is
-still its own and that backend still holds the lock. ``runs.last_batch_at`` is when a run
+still its own and that backend (pid and start time) is still alive, holding the lock. ``runs.last_batch_at`` is when a run
 last committed, so history can tell when a run that could not record its end stopped.
 
 Revision ID: 0005_runner_lease
@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("token", sa.BigInteger, nullable=False, server_default=sa.text("0")),
         sa.Column("run_id", sa.BigInteger),
         sa.Column("holder_pid", sa.Integer),
+        sa.Column("holder_started", sa.DateTime(timezone=True)),  # its backend_start: pids are reused
         sa.Column("holder", sa.Text),
         sa.Column("acquired_at", sa.DateTime(timezone=True)),
         sa.CheckConstraint("id = 1", name="runner_lease_one_row"),

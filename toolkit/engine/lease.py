@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from toolkit.engine.locks import RUNNER_LOCK_KEYS, RunnerLock
+from toolkit.engine.locks import RunnerLock
 from toolkit.errors import SessionLost
 from toolkit.schema.own import SCHEMA
 
@@ -35,13 +35,13 @@ from toolkit.schema.own import SCHEMA
 # recorded even after the hold is lost (it says how the run ended).
 UNFENCED = "toolkit_unfenced"
 
+# The lock's session holds the lock for as long as it lives (a run never unlocks it early),
+# so "held" is "that backend, started then, is still there": one targeted look-up of one
+# backend, where reading pg_locks would scan the whole lock table at every commit.
 _CHECK = sa.text(f"""
     SELECT l.token, l.holder_pid, l.holder,
-           EXISTS (SELECT 1 FROM pg_locks k
-                   WHERE k.locktype = 'advisory' AND k.classid = :c AND k.objid = :o
-                     AND k.objsubid = 2 AND k.granted AND k.pid = l.holder_pid
-                     AND k.database = (SELECT oid FROM pg_database
-                                       WHERE datname = current_database())) AS held
+           EXISTS (SELECT 1 FROM pg_stat_get_activity(l.holder_pid) a
+                   WHERE a.backend_start = l.holder_started) AS held
     FROM {SCHEMA}.runner_lease l WHERE l.id = 1 FOR SHARE OF l
 """)
 
@@ -90,6 +90,7 @@ class Hold:
         """Take the lease (after any earlier holder's last commit) and fence every commit."""
         self.token = conn.execute(sa.text(f"""
             UPDATE {SCHEMA}.runner_lease SET token = token + 1, holder_pid = :pid, holder = :who,
+                   holder_started = (SELECT backend_start FROM pg_stat_get_activity(:pid)),
                    run_id = :run, acquired_at = clock_timestamp()
             WHERE id = 1 RETURNING token
         """), {"pid": self.lock_pid, "who": describe_self(self.label), "run": run_id}).scalar_one()
@@ -103,7 +104,7 @@ class Hold:
     def check(self, conn: Connection) -> None:
         """Raise :class:`HoldLost` unless this run still holds the lease; inside a
         transaction the row stays share-locked until it ends."""
-        row = conn.execute(_CHECK, {"c": RUNNER_LOCK_KEYS[0], "o": RUNNER_LOCK_KEYS[1]}).one()
+        row = conn.execute(_CHECK).one()
         self.commits_checked += 1
         if row.token != self.token:
             raise HoldLost(

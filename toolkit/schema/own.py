@@ -53,6 +53,7 @@ runner_lease = Table(
     Column("token", BigInteger, nullable=False, server_default=text("0")),
     Column("run_id", BigInteger),
     Column("holder_pid", Integer),
+    Column("holder_started", DateTime(timezone=True)),
     Column("holder", Text),
     Column("acquired_at", DateTime(timezone=True)),
     CheckConstraint("id = 1", name="runner_lease_one_row"),
