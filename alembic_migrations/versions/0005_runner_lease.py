@@ -1,10 +1,11 @@
 """The runner lease: one row whose fencing token every writing transaction checks.
 
 The advisory lock says who may start; the lease says who may still commit. Each run that
-takes the advisory lock bumps ``token`` and records the backend pid that holds the lock;
-every one of its commits first reads the row FOR SHARE and refuses unless the token is
-still its own and that backend (pid and start time) is still alive, holding the lock. ``runs.last_batch_at`` is when a run
-last committed, so history can tell when a run that could not record its end stopped.
+takes the advisory lock bumps ``token`` and records the backend that holds the lock (pid
+and start time); every one of its commits first reads the row FOR SHARE and refuses
+unless the token is still its own and that backend is still there. ``runs.last_batch_at``
+is when a run last committed, so history can tell when a run that could not record its
+end stopped.
 
 Revision ID: 0005_runner_lease
 Revises: 0004_fingerprints
