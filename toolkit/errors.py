@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     REFUSED = 3
     LOCKED = 4
     DATABASE = 5
+    THROTTLED = 6
     INTERNAL = 70
     SESSION_LOST = 75  # sysexits' EX_TEMPFAIL: try again
     INTERRUPTED = 130
@@ -31,6 +32,9 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.REFUSED: "refused: a precondition does not hold; nothing was changed",
     ExitCode.LOCKED: "a lock could not be had or a statement timed out; the current batch was rolled back",
     ExitCode.DATABASE: "the database could not be reached or used (connection, authentication, privileges)",
+    ExitCode.THROTTLED: "stopped at a batch boundary after waiting --max-throttle-s for the database's "
+                        "health (replica lag, VACUUM, a long transaction, archiving, your throttle); "
+                        "everything committed is kept: run the same command again to resume",
     ExitCode.INTERNAL: "an unexpected internal error (a bug: please report it with TOOLKIT_DEBUG=1 output)",
     ExitCode.SESSION_LOST: "the database ended the session or the run lost its hold on the runner lock "
                            "(restart, failover, terminated session, lost connection); everything "
@@ -83,6 +87,13 @@ class SessionLost(ToolkitError):
     data, an interruption that the same command resumes from."""
 
     exit_code = ExitCode.SESSION_LOST
+
+
+class Throttled(ToolkitError):
+    """The run waited its maximum (--max-throttle-s) for the database's health and stopped
+    at a batch boundary: nothing is half-done, the same command resumes."""
+
+    exit_code = ExitCode.THROTTLED
 
 
 class Interrupted(ToolkitError):

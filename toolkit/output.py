@@ -63,6 +63,12 @@ class Output:
         if not self.json_mode:
             self._print(f"warning: {message}", self._err())
 
+    def note(self, message: str) -> None:
+        """A progress line on stderr (with --json too, where stdout keeps its one document);
+        silent with --quiet."""
+        if not self.quiet:
+            self._print(self._clean(message), self._err())
+
     def error(self, message: str) -> None:
         self._print(f"error: {self._clean(message)}", self._err())
 

@@ -12,7 +12,7 @@ import click
 from toolkit import milestones as registry
 from toolkit.cli import render
 from toolkit.cli.context import app
-from toolkit.engine import state
+from toolkit.engine import health, state
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.locks import runner_lock_holders
 from toolkit.engine.preflight import check_gitlab_database
@@ -21,6 +21,7 @@ from toolkit.engine.step import KeysetPass
 from toolkit.errors import PreconditionRefused, VerificationFailed
 from toolkit.milestones.base import Milestone
 from toolkit.output import out
+from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.timestamps import shown
 
 MILESTONE = click.argument("milestone", metavar="MILESTONE")
@@ -75,6 +76,33 @@ def run_options(func: Callable) -> Callable:
                           "session, idle_session_timeout), resume by itself up to N times, "
                           "waiting 1 s, 2 s, 4 s ... (at most 30 s) and connecting to whichever "
                           "host is the primary. Without it such a run stops with exit code 75."),
+        click.option("--max-replica-lag-ms", type=click.IntRange(0),
+                     default=health.DEFAULT_MAX_REPLICA_LAG_MS, show_default=True,
+                     help="Before each batch and schema change, wait while a streaming replica "
+                          "(pg_stat_replication) is this far behind in replay_lag. A replica "
+                          "attached but not replaying counts as lagging."),
+        click.option("--max-replica-lag-bytes", type=click.IntRange(0),
+                     default=health.DEFAULT_MAX_REPLICA_LAG_BYTES, show_default=True,
+                     help="Wait too while a replica has more than this many bytes of WAL not yet "
+                          "replayed (replay_lag stays small while replay is paused; bytes do not)."),
+        click.option("--max-transaction-age-s", type=click.FloatRange(0),
+                     default=health.DEFAULT_MAX_TRANSACTION_AGE_S, show_default=True,
+                     help="Wait while another session of this database has a transaction open "
+                          "longer than this (it keeps VACUUM from removing what batches leave). "
+                          "Waits too during a VACUUM of a table the batch writes, and while WAL "
+                          "archiving has failed since the run started."),
+        click.option("--throttle-query", metavar="SQL", default=None,
+                     help="Your own check, run before each batch: wait while it returns true.  "
+                          "[default: none]"),
+        click.option("--throttle-flag-file", metavar="PATH", default=None,
+                     help="Wait while this file exists (create it to pause a run, remove it to "
+                          "go on).  [default: none]"),
+        click.option("--no-throttle", is_flag=True, default=False,
+                     help="Do not read the database's health nor wait on it."),
+        click.option("--max-throttle-s", type=click.FloatRange(0), default=None, metavar="SECONDS",
+                     help="Wait at most this long in all on the database's health, then stop at "
+                          "the batch boundary with exit code 6; the same command resumes.  "
+                          "[default: no limit]"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -132,6 +160,7 @@ def _apply_doc(result: ApplyResult) -> dict[str, Any]:
         "stopped": result.stopped, "rows": result.rows,
         "seconds": round(result.seconds, 3),
         "timings": {phase: round(took, 3) for phase, took in result.timings.items()},
+        "throttled_seconds": result.throttled_seconds,
         "passes": [{"name": p.name, "rows": p.rows, "batches": p.batches, "complete": p.complete,
                     "schema_change": p.schema_change, "changed": p.changed,
                     "seconds": round(p.seconds, 3), "batch_sizes": _size_range(p.batch_sizes)}
@@ -158,7 +187,13 @@ def plan(milestone: str | None, no_sql: bool) -> None:
     results = [runner.plan(m) for m in chosen]
     for result in results:
         render.plan(result, show_sql=not no_sql)
-    app().finish({"dry_run": True, "milestones": [_plan_doc(r) for r in results]})
+    readings = health.readings_now(runner.engine, ML_TABLE_NAMES)
+    out.say("Database health now (a run waits while one is over its limit; default limits):")
+    for reading in readings:
+        state_word = "OVER" if reading.over else "ok" if reading.readable else "unreadable"
+        out.say(f"  {reading.signal.replace('_', ' ')}: {state_word}: {reading.detail}")
+    app().finish({"dry_run": True, "milestones": [_plan_doc(r) for r in results],
+                  "health": [r.as_dict() for r in readings]})
 
 
 @click.command()
@@ -236,6 +271,10 @@ def _report_apply(result: ApplyResult, *, undoing: bool = False) -> None:
                     f"{spread}{took}")
     if not result.complete:
         out.say(f"Stopped early ({result.stopped}); run the same command again to continue.")
+    if result.throttled_seconds:
+        waited = ", ".join(f"{signal.replace('_', ' ')} {_seconds(took)}"
+                           for signal, took in result.throttled_seconds.items())
+        out.say(f"Waited on the database's health: {waited}")
     phases = ", ".join(f"{phase} {_seconds(took)}" for phase, took in result.timings.items())
     schema = sum(1 for p in result.passes if p.schema_change and p.changed)
     out.say(f"{result.milestone.name}: {_count(result.rows, 'row')} and "

@@ -66,6 +66,15 @@ class RunOptions:
     # by itself this many times, waiting reconnect_backoff_s, doubling, at most 30 s.
     reconnect: int = 0
     reconnect_backoff_s: float = 1.0
+    # Throttling on the database's health (health.py): wait before a batch or schema change
+    # while a signal is over its limit, at most max_throttle_s in all (None: no limit).
+    max_replica_lag_ms: int = 1500
+    max_replica_lag_bytes: int = 16 * 1024 * 1024
+    max_transaction_age_s: float = 60.0
+    throttle_query: str | None = None
+    throttle_flag_file: str | None = None
+    no_throttle: bool = False
+    max_throttle_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,10 +88,15 @@ class Budget:
     started: float = field(default_factory=time.monotonic)
     batches: int = 0
     stop_requested: bool = False
+    # The run's health.Throttle (None: no throttling), and whether it waited its maximum.
+    throttle: Any = None
+    throttled_out: bool = False
 
     def exhausted_reason(self) -> str | None:
         if self.stop_requested:
             return "interrupted"
+        if self.throttled_out:
+            return "throttled"
         if self.options.max_batches is not None and self.batches >= self.options.max_batches:
             return "max-batches"
         if (self.options.max_runtime_s is not None
@@ -137,6 +151,11 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 if reason := budget.exhausted_reason():
                     result.stopped = reason
                     return result
+                if budget.throttle is not None:
+                    budget.throttle.wait(_written(kpass), kpass.name)
+                    if reason := budget.exhausted_reason():
+                        result.stopped = reason
+                        return result
                 began = time.perf_counter()
                 hi, changed, scanned = _one_batch(conn, milestone, kpass, lo, upper, run_id, options,
                                                   budget, sizer.size)
@@ -164,6 +183,12 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
                     _sleep(options.pause_ms / 1000, budget)
+
+
+def _written(kpass: KeysetPass) -> tuple[str, ...]:
+    """The tables a pass writes, as far as the engine knows: its driving table, and those
+    whose locks it takes."""
+    return tuple(dict.fromkeys((kpass.driving_table, *kpass.locks)))
 
 
 def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,

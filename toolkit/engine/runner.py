@@ -30,6 +30,7 @@ from toolkit.engine.batches import (
     run_pass,
 )
 from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
+from toolkit.engine.health import Limits, Throttle
 from toolkit.engine.lease import UNFENCED, Hold, HoldLost
 from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import (
@@ -45,6 +46,7 @@ from toolkit.errors import (
     LockUnavailable,
     PreconditionRefused,
     SessionLost,
+    Throttled,
     ToolkitError,
     VerificationFailed,
     redact,
@@ -125,6 +127,8 @@ class ApplyResult:
     outcome: str = "succeeded"
     # Wall time of each phase ("fingerprint", "apply", "verify", "checks") and of the run.
     timings: dict[str, float] = field(default_factory=dict)
+    # Seconds spent waiting on the database's health, by signal (health.py).
+    throttled_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -146,7 +150,7 @@ class Runner:
         self.options = options or RunOptions()
         self.command = command
         self.lock_wait_s = lock_wait_s
-        self._unrecorded: list[tuple[int, str, dict[str, int], str | None]] = []
+        self._unrecorded: list[tuple[int, str, dict[str, int], str | None, dict[str, Any] | None]] = []
 
     # -- read-only -------------------------------------------------------------------
     @contextmanager
@@ -454,36 +458,74 @@ class Runner:
                 "run the same command again to resume from where it stopped",
                 details={"passes": [p.__dict__ for p in result.passes]},
             )
+        if result.stopped == "throttled":
+            self._finish(result, "throttled")
+            waited = ", ".join(f"{signal.replace('_', ' ')} {seconds:.1f} s"
+                               for signal, seconds in result.throttled_seconds.items())
+            raise Throttled(
+                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows: the database "
+                f"stayed unhealthy for --max-throttle-s {self.options.max_throttle_s:g} s of waiting "
+                f"({waited}); nothing is half-done",
+                "run the same command again to resume once the database is healthy (see the health "
+                "readings in `toolkit plan`); a larger --max-throttle-s waits longer",
+                details={"passes": [p.__dict__ for p in result.passes],
+                         "throttled_seconds": result.throttled_seconds},
+            )
         self._finish(result, result.outcome)
 
     def _run_passes(self, hold: Hold, result: ApplyResult, passes: list[Action],
                     before: Callable[[Milestone], None] | None = None) -> None:
         milestone = result.milestone
         budget = Budget(self.options)
+        budget.throttle = self._throttle(budget)
         with _stop_on_signals(budget):
             if before is not None:
                 with _timed(result, "fingerprint"):
                     before(milestone)
-            for action in passes:
-                began = time.perf_counter()
-                if isinstance(action, DdlAction | SqlDdlAction):
-                    if reason := budget.exhausted_reason():
-                        done = PassResult(action.name, stopped=reason)
-                    else:
-                        changed = run_ddl(self.engine, action, self.options, budget, hold.check)
-                        outcome = getattr(action, "outcome", None)
-                        done = PassResult(action.name, complete=True, schema_change=outcome is None,
-                                          changed=changed, outcome=outcome)
+            try:
+                self._run_actions(hold, result, passes, budget)
+            finally:
+                if budget.throttle is not None:
+                    result.throttled_seconds = budget.throttle.totals()
+
+    def _throttle(self, budget: Budget) -> Throttle | None:
+        """The run's health throttle (health.py), started: it warns now about the signals
+        this role cannot read. None with --no-throttle."""
+        o = self.options
+        if o.no_throttle:
+            return None
+        throttle = Throttle(self.engine, Limits(o.max_replica_lag_ms, o.max_replica_lag_bytes,
+                                                o.max_transaction_age_s, o.throttle_query,
+                                                o.throttle_flag_file),
+                            budget, o.max_throttle_s)
+        throttle.start()
+        return throttle
+
+    def _run_actions(self, hold: Hold, result: ApplyResult, passes: list[Action],
+                     budget: Budget) -> None:
+        milestone = result.milestone
+        for action in passes:
+            began = time.perf_counter()
+            if isinstance(action, DdlAction | SqlDdlAction):
+                if budget.throttle is not None and not budget.exhausted_reason():
+                    budget.throttle.wait(tuple(action.tables), action.name)
+                if reason := budget.exhausted_reason():
+                    done = PassResult(action.name, stopped=reason)
                 else:
-                    done = run_pass(self.engine, milestone.name, action, result.run_id, self.options,
-                                    budget)
-                done.seconds = time.perf_counter() - began
-                result.timings["apply"] = result.timings.get("apply", 0.0) + done.seconds
-                result.passes.append(done)
-                if not done.complete:
-                    result.stopped = done.stopped
-                    break
-                after_action(len(result.passes))
+                    changed = run_ddl(self.engine, action, self.options, budget, hold.check)
+                    outcome = getattr(action, "outcome", None)
+                    done = PassResult(action.name, complete=True, schema_change=outcome is None,
+                                      changed=changed, outcome=outcome)
+            else:
+                done = run_pass(self.engine, milestone.name, action, result.run_id, self.options,
+                                budget)
+            done.seconds = time.perf_counter() - began
+            result.timings["apply"] = result.timings.get("apply", 0.0) + done.seconds
+            result.passes.append(done)
+            if not done.complete:
+                result.stopped = done.stopped
+                break
+            after_action(len(result.passes))
 
     def _set_state(self, milestone: Milestone, name: str, run_id: int) -> None:
         with self.engine.connect() as conn:
@@ -503,19 +545,21 @@ class Runner:
             baselines.save(conn, milestone.name, fingerprint, None)
 
     def _finish(self, result: ApplyResult, outcome: str, error: str | None = None) -> None:
-        self._record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error)
+        self._record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error,
+                         {"throttled_seconds": result.throttled_seconds})
 
-    def _record_end(self, run_id: int, outcome: str, rows: dict[str, int], error: str | None) -> None:
+    def _record_end(self, run_id: int, outcome: str, rows: dict[str, int], error: str | None,
+                    extra: dict[str, Any] | None = None) -> None:
         """The run's own history row, written even after the hold is lost (it says so) and
         given up on, with a warning, when the server cannot be reached to write it."""
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(**{UNFENCED: True})
-                state.finish_run(conn, run_id, outcome, rows, error)
+                state.finish_run(conn, run_id, outcome, rows, error, extra)
         except DBAPIError as exc:
             # After a failover the old primary is gone and the new one may still be read-only:
             # the next attempt (--reconnect) records it once it holds the lease.
-            self._unrecorded.append((run_id, outcome, rows, error))
+            self._unrecorded.append((run_id, outcome, rows, error, extra))
             out.warn(f"could not record how run {run_id} ended ({first_line(exc, out.secrets)}); "
                      "`toolkit history` shows it as stopped unrecorded unless --reconnect records it")
 

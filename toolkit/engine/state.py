@@ -60,13 +60,17 @@ def start_run(conn: Connection, command: str, milestone: str | None, options: di
 
 
 def finish_run(conn: Connection, run_id: int, outcome: str, rows_by_step: dict[str, int],
-               error: str | None = None) -> None:
+               error: str | None = None, extra: dict[str, Any] | None = None) -> None:
+    """``extra`` is merged into the run's options: what the run found out about itself
+    (``throttled_seconds``, the time it waited on the database's health, by signal)."""
     # Rows the batches recorded as they committed win over the process's own count.
     conn.execute(sa.text(f"""
         UPDATE {SCHEMA}.runs SET finished_at = clock_timestamp(), outcome = :outcome,
-               rows_by_step = CAST(:rows AS jsonb) || rows_by_step, error = :error
+               rows_by_step = CAST(:rows AS jsonb) || rows_by_step, error = :error,
+               options = coalesce(options, '{{}}'::jsonb) || CAST(:extra AS jsonb)
         WHERE id = :id
-    """), {"id": run_id, "outcome": outcome, "rows": json.dumps(rows_by_step), "error": error})
+    """), {"id": run_id, "outcome": outcome, "rows": json.dumps(rows_by_step), "error": error,
+           "extra": json.dumps(extra or {})})
     conn.commit()
 
 

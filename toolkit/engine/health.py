@@ -1,0 +1,328 @@
+"""The database's health, read on the primary between batches: wait while it is poor.
+
+GitLab's batched background migrations pause on the database's health, and gh-ost waits
+while a replica lags (``--max-lag-millis 1500``) or a flag file exists. The engine reads
+these signals before every batch and every schema change, and waits while one is over
+its limit, re-reading every half second:
+
+- ``replica_lag``: every replica in ``pg_stat_replication``, as time (``replay_lag``) and
+  as bytes of WAL not yet replayed (``pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)``).
+  Bytes matter: while a replica's replay is paused its ``replay_lag`` stays at a few
+  milliseconds. A replica attached but not replaying (not ``streaming``, or no
+  ``replay_lsn``) counts as lagging.
+- ``vacuum``: a VACUUM (autovacuum or manual, anti-wraparound said so) on a table the
+  pass or schema change writes (``pg_stat_progress_vacuum``).
+- ``long_transaction``: a transaction open longer than the limit in another session of
+  this database (it holds back what VACUUM may remove; the toolkit's own sessions, those
+  whose ``application_name`` starts with ``toolkit``, are left out).
+- ``archiving``: WAL archiving failed since the run started and has not succeeded since
+  (``pg_stat_archiver``).
+- ``throttle_query``: the operator's own query returned true.
+- ``flag_file``: the operator's flag file exists.
+
+Signals the role cannot read (other sessions' statistics need ``pg_monitor`` or
+``pg_read_all_stats``) are named once, in a warning when the run starts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from toolkit.db import TIMEOUTS_OPTION
+from toolkit.engine.batches import _sleep
+from toolkit.errors import UsageProblem
+from toolkit.output import out, progress_every_s
+
+DEFAULT_MAX_REPLICA_LAG_MS = 1500  # gh-ost's --max-lag-millis
+DEFAULT_MAX_REPLICA_LAG_BYTES = 16 * 1024 * 1024  # one WAL segment: a second or two of replay
+DEFAULT_MAX_TRANSACTION_AGE_S = 60.0
+POLL_S = 0.5
+# A health read waits briefly for anything: it must never become what slows the database.
+READ_TIMEOUTS = (1000, 5000)
+
+SIGNALS = ("replica_lag", "vacuum", "long_transaction", "archiving", "throttle_query", "flag_file")
+
+
+@dataclass
+class Limits:
+    max_replica_lag_ms: int = DEFAULT_MAX_REPLICA_LAG_MS
+    max_replica_lag_bytes: int = DEFAULT_MAX_REPLICA_LAG_BYTES
+    max_transaction_age_s: float = DEFAULT_MAX_TRANSACTION_AGE_S
+    throttle_query: str | None = None
+    throttle_flag_file: str | None = None
+
+
+@dataclass
+class Reading:
+    signal: str
+    over: bool
+    detail: str
+    readable: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"signal": self.signal, "over": self.over, "detail": self.detail,
+                "readable": self.readable}
+
+
+@dataclass
+class Baseline:
+    """What the run found when it started: archiver failures so far, what the role can read."""
+
+    archive_failed_count: int | None = None
+    can_read_stats: bool = True
+    in_recovery: bool = False
+
+
+def size(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def baseline(conn: Connection) -> Baseline:
+    row = conn.execute(sa.text("""
+        SELECT pg_is_in_recovery(), pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'),
+               (SELECT failed_count FROM pg_stat_archiver)""")).one()
+    return Baseline(archive_failed_count=row[2], can_read_stats=bool(row[1]), in_recovery=bool(row[0]))
+
+
+def unreadable(conn: Connection, base: Baseline) -> list[str]:
+    """The signals this role cannot read, in words (empty when it reads them all)."""
+    if base.can_read_stats:
+        return []
+    replicas = conn.execute(sa.text("SELECT count(*) FROM pg_stat_replication")).scalar_one()
+    role = conn.execute(sa.text("SELECT current_user")).scalar_one()
+    return [f"role {role!r} is not a member of pg_monitor (nor pg_read_all_stats), so the lag of the "
+            f"{replicas} replica(s) attached, other roles' open transactions and VACUUMs run by other "
+            "roles (autovacuum included) cannot be read and are not waited for; "
+            "`GRANT pg_monitor TO " + role + "` lets the toolkit throttle on them"]
+
+
+def _replica_lag(conn: Connection, limits: Limits, base: Baseline) -> Reading:
+    if base.in_recovery:
+        return Reading("replica_lag", False, "not read: this server is a replica", readable=False)
+    rows = conn.execute(sa.text("""
+        SELECT coalesce(nullif(application_name, ''), 'pid ' || pid) AS name,
+               coalesce(host(client_addr), 'local socket') AS addr, state,
+               replay_lsn IS NULL AS no_replay,
+               EXTRACT(epoch FROM replay_lag) * 1000 AS lag_ms,
+               pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS lag_bytes
+        FROM pg_stat_replication ORDER BY 1""")).all()
+    if not rows:
+        return Reading("replica_lag", False, "no replica attached")
+    if not base.can_read_stats:
+        return Reading("replica_lag", False, f"{len(rows)} replica(s) attached; their lag is not "
+                                             "readable by this role", readable=False)
+    limit = f"limit {limits.max_replica_lag_ms / 1000:g} s / {size(limits.max_replica_lag_bytes)}"
+    lagging, worst = [], (0.0, 0)
+    for r in rows:
+        who = f"replica {r.name!r} at {r.addr}"
+        if r.state != "streaming" or r.no_replay:
+            lagging.append(f"{who} is attached but not replaying (state {r.state}, "
+                           f"replay position {'unknown' if r.no_replay else 'known'})")
+            continue
+        ms, nbytes = float(r.lag_ms or 0.0), int(r.lag_bytes or 0)
+        worst = (max(worst[0], ms), max(worst[1], nbytes))
+        if ms > limits.max_replica_lag_ms or nbytes > limits.max_replica_lag_bytes:
+            lagging.append(f"{who} is {ms / 1000:.1f} s / {size(nbytes)} behind ({limit})")
+    if lagging:
+        return Reading("replica_lag", True, "; ".join(lagging))
+    return Reading("replica_lag", False, f"{len(rows)} replica(s), at most {worst[0] / 1000:.1f} s / "
+                                         f"{size(worst[1])} behind ({limit})")
+
+
+def _vacuum(conn: Connection, tables: tuple[str, ...]) -> Reading:
+    if not tables:
+        return Reading("vacuum", False, "no table to watch")
+    rows = conn.execute(sa.text("""
+        SELECT c.relname, v.phase, a.backend_type = 'autovacuum worker' AS auto,
+               coalesce(a.query, '') ILIKE '%wraparound%' AS wraparound,
+               v.heap_blks_scanned, v.heap_blks_total
+        FROM pg_stat_progress_vacuum v
+        JOIN pg_class c ON c.oid = v.relid
+        LEFT JOIN pg_stat_activity a ON a.pid = v.pid
+        WHERE v.datname = current_database()
+          AND c.oid IN (SELECT to_regclass(t) FROM unnest(CAST(:tables AS text[])) t)
+        ORDER BY 1"""), {"tables": list(tables)}).all()
+    if not rows:
+        return Reading("vacuum", False, f"no VACUUM on {', '.join(tables)}")
+    said = [f"{'an autovacuum' if r.auto else 'a VACUUM'}"
+            f"{' to prevent wraparound' if r.wraparound else ''} is running on {r.relname} "
+            f"({r.phase}, {r.heap_blks_scanned} of {r.heap_blks_total} blocks scanned)" for r in rows]
+    return Reading("vacuum", True, "; ".join(said))
+
+
+def _long_transaction(conn: Connection, limits: Limits) -> Reading:
+    rows = conn.execute(sa.text("""
+        SELECT pid, usename, application_name, state,
+               EXTRACT(epoch FROM clock_timestamp() - xact_start) AS age
+        FROM pg_stat_activity
+        WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()
+          AND backend_type = 'client backend' AND datname = current_database()
+          AND coalesce(application_name, '') NOT LIKE 'toolkit%'
+        ORDER BY xact_start LIMIT 3""")).all()
+    limit = f"limit {limits.max_transaction_age_s:g} s"
+    over = [r for r in rows if r.age > limits.max_transaction_age_s]
+    if over:
+        return Reading("long_transaction", True, "; ".join(
+            f"a transaction of pid {r.pid} ({r.usename}, {r.application_name or 'no application_name'}, "
+            f"{r.state}) has been open {r.age:.1f} s ({limit})" for r in over))
+    oldest = f"the oldest open for {rows[0].age:.1f} s" if rows else "none open"
+    return Reading("long_transaction", False, f"other transactions: {oldest} ({limit})")
+
+
+def _archiving(conn: Connection, base: Baseline) -> Reading:
+    row = conn.execute(sa.text("""
+        SELECT current_setting('archive_mode') AS mode, failed_count, last_failed_wal,
+               last_failed_time, last_archived_time,
+               last_failed_time > coalesce(last_archived_time, '-infinity') AS failing
+        FROM pg_stat_archiver""")).one()
+    if row.mode == "off":
+        return Reading("archiving", False, "archive_mode is off")
+    since = base.archive_failed_count if base.archive_failed_count is not None else row.failed_count
+    if row.failed_count > since and row.failing:
+        return Reading("archiving", True, f"WAL archiving is failing: {row.failed_count - since} "
+                                          f"failure(s) since the run started, the last on "
+                                          f"{row.last_failed_wal}, none archived since")
+    return Reading("archiving", False, f"archiving works ({row.failed_count} failures in all, "
+                                       f"{row.failed_count - since} since the start)")
+
+
+def _throttle_query(conn: Connection, limits: Limits) -> Reading | None:
+    if not limits.throttle_query:
+        return None
+    answer = conn.execute(sa.text(limits.throttle_query)).scalar()
+    return Reading("throttle_query", bool(answer),
+                   f"--throttle-query returned {answer!r}" + (" (wait while true)" if answer else ""))
+
+
+def _flag_file(limits: Limits) -> Reading | None:
+    if not limits.throttle_flag_file:
+        return None
+    exists = os.path.exists(limits.throttle_flag_file)
+    return Reading("flag_file", exists, f"flag file {limits.throttle_flag_file} "
+                                        f"{'exists (remove it to go on)' if exists else 'is absent'}")
+
+
+def read(conn: Connection, tables: tuple[str, ...], limits: Limits, base: Baseline) -> list[Reading]:
+    """Every signal's reading now, over its limit or not."""
+    readings = [_replica_lag(conn, limits, base), _vacuum(conn, tables),
+                _long_transaction(conn, limits)]
+    if not base.in_recovery:
+        readings.append(_archiving(conn, base))
+    readings += [r for r in (_throttle_query(conn, limits), _flag_file(limits)) if r is not None]
+    return readings
+
+
+def readings_now(engine: Engine, tables: tuple[str, ...], limits: Limits | None = None) -> list[Reading]:
+    """What ``toolkit plan`` shows: every signal's reading, in one read-only transaction."""
+    with _reading(engine) as conn:
+        base = baseline(conn)
+        return read(conn, tables, limits or Limits(), base)
+
+
+class _reading:
+    """A short READ ONLY transaction with brief timeouts, always rolled back."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def __enter__(self) -> Connection:
+        self._conn = self.engine.connect()
+        conn = self._conn.execution_options(postgresql_readonly=True,
+                                            **{TIMEOUTS_OPTION: READ_TIMEOUTS})
+        return conn
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._conn.rollback()
+        finally:
+            self._conn.close()
+
+
+@dataclass
+class Throttle:
+    """Waits between batches while the database is unhealthy; counts the time per signal.
+
+    ``budget`` is the run's :class:`~toolkit.engine.batches.Budget`: Ctrl-C ends a wait at
+    once, and after ``max_throttle_s`` of waiting in all it is marked throttled out, so the
+    run stops at this batch boundary."""
+
+    engine: Engine
+    limits: Limits
+    budget: Any
+    max_throttle_s: float | None = None
+    poll_s: float = POLL_S
+    base: Baseline = field(default_factory=Baseline)
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    waited: float = 0.0
+
+    def start(self) -> None:
+        """Note the archiver's failures so far; warn once about signals the role cannot read;
+        refuse a --throttle-query that does not run."""
+        with _reading(self.engine) as conn:
+            self.base = baseline(conn)
+            for warning in unreadable(conn, self.base):
+                out.warn(f"throttling: {warning}")
+        if self.limits.throttle_query:
+            try:
+                with _reading(self.engine) as conn:
+                    _throttle_query(conn, self.limits)
+            except DBAPIError as exc:
+                first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+                raise UsageProblem(f"--throttle-query does not run: {first}",
+                                   "give a query that returns one boolean (true: wait), e.g. "
+                                   "--throttle-query \"SELECT count(*) > 50 FROM pg_stat_activity\"") \
+                    from exc
+
+    def over(self, tables: tuple[str, ...]) -> list[Reading]:
+        with _reading(self.engine) as conn:
+            return [r for r in read(conn, tables, self.limits, self.base) if r.over]
+
+    def wait(self, tables: tuple[str, ...], what: str) -> None:
+        """Return once every signal is within its limit (or the run is to stop)."""
+        current = self.over(tables)
+        if not current:
+            return
+        began = last_note = time.monotonic()
+        out.warn(f"waiting before {what}: {_said(current)}")
+        every = progress_every_s()
+        while current:
+            if self.budget.stop_requested:
+                return
+            if self.max_throttle_s is not None and self.waited >= self.max_throttle_s:
+                self.budget.throttled_out = True
+                return
+            step = self.poll_s
+            if self.max_throttle_s is not None:
+                step = max(0.0, min(step, self.max_throttle_s - self.waited))
+            slept_from = time.monotonic()
+            _sleep(step, self.budget)
+            slept = time.monotonic() - slept_from
+            self.waited += slept
+            for signal in {r.signal for r in current}:
+                self.seconds[signal] += slept
+            previous = {r.signal for r in current}
+            current = self.over(tables)
+            now = time.monotonic()
+            if current and ({r.signal for r in current} != previous or now - last_note >= every):
+                last_note = now
+                out.note(f"still waiting before {what} ({now - began:.0f} s so far): {_said(current)}")
+        out.note(f"resuming {what} after waiting {time.monotonic() - began:.1f} s")
+
+    def totals(self) -> dict[str, float]:
+        return {signal: round(seconds, 3) for signal, seconds in self.seconds.items()}
+
+
+def _said(readings: list[Reading]) -> str:
+    return "; ".join(f"{r.signal.replace('_', ' ')}: {r.detail}" for r in readings)
