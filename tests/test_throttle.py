@@ -301,3 +301,46 @@ def test_a_schema_change_waits_too(m1_db, tmp_path):
             process.kill()
             process.wait()
     assert m1_db.scalar(column) == 1
+
+
+def test_wal_archiving_that_fails_after_the_start_is_a_reason_to_wait(tmp_path):
+    """A server of its own whose archive_command fails: once a WAL segment fails to be
+    archived after the run started, the run would wait; once archiving works again, not."""
+    from toolkit.sandbox.server import SandboxServer
+
+    failing = tmp_path / "archive-fails"
+    failing.touch()
+    script = tmp_path / "archive.sh"
+    script.write_text(f"#!/bin/sh\n[ ! -e '{failing}' ]\n")
+    script.chmod(0o755)
+    server = SandboxServer(tmp_path / "archiving", {"archive_mode": "on", "archive_command": str(script),
+                                                     "fsync": "off"})
+    try:
+        status = server.start()
+        engine = create_engine(parse_url(status.url("postgres")), isolation_level="AUTOCOMMIT")
+        try:
+            configure()
+            throttle = health.Throttle(engine, health.Limits(), Budget(RunOptions()))
+            throttle.start()
+            assert throttle.over(()) == []
+            with engine.connect() as conn:
+                conn.exec_driver_sql("CREATE TABLE written_since (x int)")
+                conn.exec_driver_sql("SELECT pg_switch_wal()")
+            deadline = time.monotonic() + 15
+            while not (over := throttle.over(())):
+                assert time.monotonic() < deadline, "archiving did not fail in 15 s"
+                time.sleep(0.1)
+            assert [r.signal for r in over] == ["archiving"]
+            assert "WAL archiving is failing" in over[0].detail, over[0].detail
+            failing.unlink()
+            with engine.connect() as conn:  # a new segment wakes the archiver, which retries
+                conn.exec_driver_sql("INSERT INTO written_since VALUES (1)")
+                conn.exec_driver_sql("SELECT pg_switch_wal()")
+            deadline = time.monotonic() + 30
+            while throttle.over(()):
+                assert time.monotonic() < deadline, "archiving did not recover in 30 s"
+                time.sleep(0.2)
+        finally:
+            engine.dispose()
+    finally:
+        server.destroy()

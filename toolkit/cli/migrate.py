@@ -76,16 +76,16 @@ def run_options(func: Callable) -> Callable:
                           "session, idle_session_timeout), resume by itself up to N times, "
                           "waiting 1 s, 2 s, 4 s ... (at most 30 s) and connecting to whichever "
                           "host is the primary. Without it such a run stops with exit code 75."),
-        click.option("--max-replica-lag-ms", type=click.IntRange(0),
+        click.option("--max-replica-lag-ms", type=click.IntRange(0), metavar="MS",
                      default=health.DEFAULT_MAX_REPLICA_LAG_MS, show_default=True,
                      help="Before each batch and schema change, wait while a streaming replica "
                           "(pg_stat_replication) is this far behind in replay_lag. A replica "
                           "attached but not replaying counts as lagging."),
-        click.option("--max-replica-lag-bytes", type=click.IntRange(0),
+        click.option("--max-replica-lag-bytes", type=click.IntRange(0), metavar="BYTES",
                      default=health.DEFAULT_MAX_REPLICA_LAG_BYTES, show_default=True,
                      help="Wait too while a replica has more than this many bytes of WAL not yet "
                           "replayed (replay_lag stays small while replay is paused; bytes do not)."),
-        click.option("--max-transaction-age-s", type=click.FloatRange(0),
+        click.option("--max-transaction-age-s", type=click.FloatRange(0), metavar="SECONDS",
                      default=health.DEFAULT_MAX_TRANSACTION_AGE_S, show_default=True,
                      help="Wait while another session of this database has a transaction open "
                           "longer than this (it keeps VACUUM from removing what batches leave). "
