@@ -2,6 +2,7 @@
 
     python scripts/bench.py --scale gitlab-com   # about a minute and a half
     python scripts/bench.py --scale x25          # about half an hour
+    python scripts/bench.py --replica-lag        # each milestone's replica lag, throttled or not
 
 Batches are sized as ``toolkit migrate`` sizes them by default (toward a second each);
 ``--batch-size N`` fixes the size instead, ``--target-batch-ms`` changes the budget.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,7 +53,7 @@ from toolkit.db import create_engine
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
 from toolkit.errors import ExitCode
-from toolkit.sandbox.server import SandboxServer
+from toolkit.sandbox.server import SUPERUSER, SandboxServer, _bin
 
 
 class Writer(threading.Thread):
@@ -340,6 +342,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--chart", type=Path, metavar="RESULT_JSON",
                         help="only draw the chart of an earlier result (next to it, as .png)")
+    parser.add_argument("--replica-lag", action="store_true",
+                        help="instead: with a streaming replica attached, each milestone's largest "
+                             "replica lag with throttling off and on")
     parser.add_argument("--migrate-worker", nargs=4, metavar=("URL", "MILESTONE", "OPTIONS", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -348,6 +353,9 @@ def main() -> None:
         return
     if args.chart:
         chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))
+        return
+    if args.replica_lag:
+        replica_lag(args)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     args.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -493,6 +501,124 @@ def markdown(results: dict[str, Any]) -> str:
             f"{m['fingerprint_seconds']} | {m['verify_seconds']}{'' if m['verified'] else ' (FAILED)'} | "
             f"{b.get('peak_mb')}/{m['verify_peak_mb']} |")
     return "\n".join(lines) + "\n"
+
+
+
+class LagSampler(threading.Thread):
+    """On the primary, every 20 ms: the replicas' largest replay_lag and WAL bytes not replayed."""
+
+    def __init__(self, admin: sa.Engine):
+        super().__init__(daemon=True)
+        self.admin = admin
+        self.stop_event = threading.Event()
+        self.max_ms = 0.0
+        self.max_bytes = 0
+        self.samples = 0
+        self.attached = True  # a replica was streaming at every sample
+
+    def run(self) -> None:
+        with self.admin.connect() as conn:
+            while not self.stop_event.is_set():
+                ms, nbytes = conn.execute(sa.text("""
+                    SELECT max(EXTRACT(epoch FROM replay_lag) * 1000),
+                           max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))
+                    FROM pg_stat_replication""")).one()
+                self.max_ms = max(self.max_ms, float(ms or 0))
+                self.max_bytes = max(self.max_bytes, int(nbytes or 0))
+                self.samples += 1
+                self.attached = self.attached and nbytes is not None
+                time.sleep(0.02)
+
+    def finish(self) -> dict[str, Any]:
+        self.stop_event.set()
+        self.join()
+        return {"max_replay_lag_ms": round(self.max_ms, 1), "max_lag_bytes": self.max_bytes,
+                "samples": self.samples, "replica_streaming_throughout": self.attached}
+
+
+def _wait_replayed(admin: sa.Engine, timeout_s: float = 300) -> None:
+    with admin.connect() as conn:
+        lsn = conn.execute(sa.text("SELECT pg_current_wal_lsn()::text")).scalar_one()
+        deadline = time.monotonic() + timeout_s
+        while not conn.execute(sa.text("SELECT bool_and(replay_lsn >= CAST(:l AS pg_lsn)) "
+                                       "FROM pg_stat_replication"), {"l": lsn}).scalar():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the replica did not replay up to {lsn} in {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+
+def replica_lag(args: argparse.Namespace) -> None:
+    """Each milestone, batched as migrate runs it, on a primary with a streaming replica of its
+    own (pg_basebackup -R), once with throttling off (--no-throttle) and once with the
+    defaults (1.5 s / 16 MB): the replica's largest lag while it ran, sampled every 20 ms.
+    Each run starts on a fresh copy with the replica caught up; the throttled copy goes on
+    to the next milestone. No application writer runs meanwhile."""
+    base = args.data_dir.resolve().parent / "replica-lag"
+    shutil.rmtree(base, ignore_errors=True)
+    primary = SandboxServer(base / "primary")
+    replica = SandboxServer(base / "replica")
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"seeding {args.scale} ...", flush=True)
+    _toolkit("sandbox", "--data-dir", str(base / "primary"), "seed", "--scale", args.scale,
+             "--seed", str(args.seed))
+    status = primary.status()
+    replica._prepare_dirs()
+    # A replication slot keeps every WAL segment until the replica has it (the copies below
+    # write gigabytes of WAL, and checkpoints would otherwise remove what it still needs).
+    primary._run([str(_bin("pg_basebackup")), "-D", str(replica.pgdata), "-R", "-X", "stream", "-c", "fast",
+                  "-C", "-S", "bench_replica", "-h", str(status.socket_dir), "-p", str(status.port),
+                  "-U", SUPERUSER])
+    replica.start()
+    url = sa.make_url(status.url())
+    admin = create_engine(status.url("postgres"), isolation_level="AUTOCOMMIT")
+    target = batch_target(args.batch_size, args.target_batch_ms)
+    results: dict[str, Any] = {"scale": args.scale, "target_batch_ms": target, "milestones": {}}
+    try:
+        for milestone in registry.MILESTONES:
+            runs = {}
+            for throttle in ("off", "on"):
+                copy = _fresh_copy(admin, url, f"bench_lag_{throttle}")
+                _wait_replayed(admin)
+                options = RunOptions(batch_size=args.batch_size or RunOptions.batch_size,
+                                     target_batch_ms=target, statement_timeout_ms=600_000,
+                                     no_throttle=throttle == "off")
+                print(f"{milestone}: throttling {throttle} ...", flush=True)
+                sampler = LagSampler(admin)
+                sampler.start()
+                engine = create_engine(copy)
+                started = time.perf_counter()
+                try:
+                    result = Runner(engine, options, command="scripts/bench.py --replica-lag").migrate(
+                        registry.get(milestone))
+                finally:
+                    seconds = time.perf_counter() - started
+                    lag = sampler.finish()
+                    engine.dispose()
+                runs[throttle] = {**lag, "seconds": round(seconds, 3), "rows": result.rows,
+                                  "verified": bool(result.verify and result.verify.ok),
+                                  "throttled_seconds": result.throttled_seconds}
+            results["milestones"][milestone] = runs
+            print(json.dumps({milestone: runs}), flush=True)
+            _drop(admin, "bench_lag_off")
+            _drop(admin, url.database)
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'ALTER DATABASE "bench_lag_on" RENAME TO "{url.database}"'))
+    finally:
+        admin.dispose()
+        replica.stop()
+        primary.stop()
+    lines = [f"# Replica lag at {args.scale} scale (one streaming replica, same host)", "",
+             "| milestone | throttling | seconds | rows | max replay_lag | max bytes behind | waited |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for milestone, runs in results["milestones"].items():
+        for throttle, run in runs.items():
+            waited = ", ".join(f"{k} {v:.1f} s" for k, v in run["throttled_seconds"].items()) or "-"
+            lines.append(f"| {milestone} | {throttle} | {run['seconds']:.1f} | {run['rows']} | "
+                         f"{run['max_replay_lag_ms']:.0f} ms | {run['max_lag_bytes'] / 1024 / 1024:.1f} MB | "
+                         f"{waited} |")
+    (args.out / f"{args.scale}-replica-lag.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"{args.scale}-replica-lag.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
