@@ -344,3 +344,41 @@ def test_wal_archiving_that_fails_after_the_start_is_a_reason_to_wait(tmp_path):
             engine.dispose()
     finally:
         server.destroy()
+
+
+def test_wal_archiving_falling_behind_is_a_reason_to_wait(tmp_path):
+    """An archiver that works but slowly (a second a segment): six segments made at once
+    leave more waiting than at the start, over a limit of 2; once archived, no more."""
+    from toolkit.sandbox.server import SandboxServer
+
+    script = tmp_path / "archive.sh"
+    script.write_text("#!/bin/sh\nsleep 1\n")
+    script.chmod(0o755)
+    server = SandboxServer(tmp_path / "archiving", {"archive_mode": "on", "archive_command": str(script),
+                                                     "fsync": "off"})
+    try:
+        status = server.start()
+        engine = create_engine(parse_url(status.url("postgres")), isolation_level="AUTOCOMMIT")
+        try:
+            configure()
+            throttle = health.Throttle(engine, health.Limits(max_archive_backlog=2), Budget(RunOptions()))
+            throttle.start()
+            assert throttle.over(()) == []
+            with engine.connect() as conn:
+                conn.exec_driver_sql("CREATE TABLE written_since (x int)")
+                for n in range(6):
+                    conn.exec_driver_sql(f"INSERT INTO written_since VALUES ({n})")
+                    conn.exec_driver_sql("SELECT pg_switch_wal()")
+            over = throttle.over(())
+            assert [r.signal for r in over] == ["archiving"], over
+            assert "WAL archiving is falling behind" in over[0].detail and "(limit 2)" in over[0].detail
+            deadline = time.monotonic() + 30
+            while throttle.over(()):
+                assert time.monotonic() < deadline, "the archiver did not catch up in 30 s"
+                time.sleep(0.2)
+            archiving = next(r for r in health.readings_now(engine, ()) if r.signal == "archiving")
+            assert "segments waiting" in archiving.detail and not archiving.over
+        finally:
+            engine.dispose()
+    finally:
+        server.destroy()

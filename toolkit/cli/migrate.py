@@ -91,6 +91,10 @@ def run_options(func: Callable) -> Callable:
                           "longer than this (it keeps VACUUM from removing what batches leave). "
                           "Waits too during a VACUUM of a table the batch writes, and while WAL "
                           "archiving has failed since the run started."),
+        click.option("--max-archive-backlog", type=click.IntRange(0), metavar="SEGMENTS",
+                     default=health.DEFAULT_MAX_ARCHIVE_BACKLOG, show_default=True,
+                     help="Wait while more WAL segments wait to be archived than when the run "
+                          "started, by more than this (the archiver falling behind)."),
         click.option("--throttle-query", metavar="SQL", default=None,
                      help="Your own check, run before each batch: wait while it returns true.  "
                           "[default: none]"),

@@ -71,6 +71,7 @@ class RunOptions:
     max_replica_lag_ms: int = 1500
     max_replica_lag_bytes: int = 16 * 1024 * 1024
     max_transaction_age_s: float = 60.0
+    max_archive_backlog: int = 16  # WAL segments waiting to be archived, beyond those at the start
     throttle_query: str | None = None
     throttle_flag_file: str | None = None
     no_throttle: bool = False

@@ -16,7 +16,8 @@ its limit, re-reading every half second:
   this database (it holds back what VACUUM may remove; the toolkit's own sessions, those
   whose ``application_name`` starts with ``toolkit``, are left out).
 - ``archiving``: WAL archiving failed since the run started and has not succeeded since
-  (``pg_stat_archiver``).
+  (``pg_stat_archiver``), or falls behind: more WAL segments wait to be archived than when
+  the run started, by more than ``--max-archive-backlog`` (``pg_ls_archive_statusdir()``).
 - ``throttle_query``: the operator's own query returned true.
 - ``flag_file``: the operator's flag file exists.
 
@@ -44,6 +45,9 @@ from toolkit.output import out, progress_every_s
 DEFAULT_MAX_REPLICA_LAG_MS = 1500  # gh-ost's --max-lag-millis
 DEFAULT_MAX_REPLICA_LAG_BYTES = 16 * 1024 * 1024  # one WAL segment: a second or two of replay
 DEFAULT_MAX_TRANSACTION_AGE_S = 60.0
+# WAL segments waiting to be archived beyond those waiting when the run started: 16 is
+# 256 MB at the default segment size, a backlog the archiver should clear in seconds.
+DEFAULT_MAX_ARCHIVE_BACKLOG = 16
 POLL_S = 0.5
 # A health read waits briefly for anything: it must never become what slows the database.
 READ_TIMEOUTS = (1000, 5000)
@@ -58,6 +62,7 @@ class Limits:
     max_transaction_age_s: float = DEFAULT_MAX_TRANSACTION_AGE_S
     throttle_query: str | None = None
     throttle_flag_file: str | None = None
+    max_archive_backlog: int = DEFAULT_MAX_ARCHIVE_BACKLOG
 
 
 @dataclass
@@ -77,6 +82,7 @@ class Baseline:
     """What the run found when it started: archiver failures so far, what the role can read."""
 
     archive_failed_count: int | None = None
+    archive_backlog: int | None = None  # segments waiting to be archived (None: unreadable)
     can_read_stats: bool = True
     in_recovery: bool = False
 
@@ -93,7 +99,18 @@ def baseline(conn: Connection) -> Baseline:
     row = conn.execute(sa.text("""
         SELECT pg_is_in_recovery(), pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'),
                (SELECT failed_count FROM pg_stat_archiver)""")).one()
-    return Baseline(archive_failed_count=row[2], can_read_stats=bool(row[1]), in_recovery=bool(row[0]))
+    return Baseline(archive_failed_count=row[2], can_read_stats=bool(row[1]), in_recovery=bool(row[0]),
+                    archive_backlog=_archive_backlog(conn))
+
+
+def _archive_backlog(conn: Connection) -> int | None:
+    """WAL segments done and waiting for the archiver (their ``.ready`` files); None where
+    archiving is off or the role may not list pg_wal/archive_status (pg_monitor may)."""
+    return conn.execute(sa.text("""
+        SELECT CASE WHEN current_setting('archive_mode') <> 'off'
+                     AND has_function_privilege('pg_ls_archive_statusdir()', 'EXECUTE')
+               THEN (SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready') END
+    """)).scalar()
 
 
 def unreadable(conn: Connection, base: Baseline) -> list[str]:
@@ -181,7 +198,7 @@ def _long_transaction(conn: Connection, limits: Limits) -> Reading:
     return Reading("long_transaction", False, f"other transactions: {oldest} ({limit})")
 
 
-def _archiving(conn: Connection, base: Baseline) -> Reading:
+def _archiving(conn: Connection, base: Baseline, limits: Limits) -> Reading:
     row = conn.execute(sa.text("""
         SELECT current_setting('archive_mode') AS mode, failed_count, last_failed_wal,
                last_failed_time, last_archived_time,
@@ -194,8 +211,16 @@ def _archiving(conn: Connection, base: Baseline) -> Reading:
         return Reading("archiving", True, f"WAL archiving is failing: {row.failed_count - since} "
                                           f"failure(s) since the run started, the last on "
                                           f"{row.last_failed_wal}, none archived since")
+    backlog = _archive_backlog(conn)
+    if backlog is not None and base.archive_backlog is not None:
+        behind = backlog - base.archive_backlog
+        if behind > limits.max_archive_backlog:
+            return Reading("archiving", True, f"WAL archiving is falling behind: {backlog} segments "
+                                              f"wait to be archived, {behind} more than when the run "
+                                              f"started (limit {limits.max_archive_backlog})")
+    waiting = "" if backlog is None else f", {backlog} segments waiting"
     return Reading("archiving", False, f"archiving works ({row.failed_count} failures in all, "
-                                       f"{row.failed_count - since} since the start)")
+                                       f"{row.failed_count - since} since the start{waiting})")
 
 
 def _throttle_query(conn: Connection, limits: Limits) -> Reading | None:
@@ -219,7 +244,7 @@ def read(conn: Connection, tables: tuple[str, ...], limits: Limits, base: Baseli
     readings = [_replica_lag(conn, limits, base), _vacuum(conn, tables),
                 _long_transaction(conn, limits)]
     if not base.in_recovery:
-        readings.append(_archiving(conn, base))
+        readings.append(_archiving(conn, base, limits))
     readings += [r for r in (_throttle_query(conn, limits), _flag_file(limits)) if r is not None]
     return readings
 

@@ -496,7 +496,7 @@ class Runner:
             return None
         throttle = Throttle(self.engine, Limits(o.max_replica_lag_ms, o.max_replica_lag_bytes,
                                                 o.max_transaction_age_s, o.throttle_query,
-                                                o.throttle_flag_file),
+                                                o.throttle_flag_file, o.max_archive_backlog),
                             budget, o.max_throttle_s)
         throttle.start()
         return throttle
