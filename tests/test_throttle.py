@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from helpers import resolve_m1_anomalies, toolkit
 from replication import Replication
 
@@ -303,15 +304,14 @@ def test_a_schema_change_waits_too(m1_db, tmp_path):
     assert m1_db.scalar(column) == 1
 
 
-def test_wal_archiving_that_fails_after_the_start_is_a_reason_to_wait(tmp_path):
-    """A server of its own whose archive_command fails: once a WAL segment fails to be
-    archived after the run started, the run would wait; once archiving works again, not."""
+@contextmanager
+def _archiving_server(tmp_path, archive_command: str) -> Iterator[sa.Engine]:
+    """A server of the test's own with WAL archiving on, through ``archive_command`` (a
+    shell line), and an autocommit engine on it."""
     from toolkit.sandbox.server import SandboxServer
 
-    failing = tmp_path / "archive-fails"
-    failing.touch()
     script = tmp_path / "archive.sh"
-    script.write_text(f"#!/bin/sh\n[ ! -e '{failing}' ]\n")
+    script.write_text(f"#!/bin/sh\n{archive_command}\n")
     script.chmod(0o755)
     server = SandboxServer(tmp_path / "archiving", {"archive_mode": "on", "archive_command": str(script),
                                                      "fsync": "off"})
@@ -319,66 +319,61 @@ def test_wal_archiving_that_fails_after_the_start_is_a_reason_to_wait(tmp_path):
         status = server.start()
         engine = create_engine(parse_url(status.url("postgres")), isolation_level="AUTOCOMMIT")
         try:
-            configure()
-            throttle = health.Throttle(engine, health.Limits(), Budget(RunOptions()))
-            throttle.start()
-            assert throttle.over(()) == []
-            with engine.connect() as conn:
-                conn.exec_driver_sql("CREATE TABLE written_since (x int)")
-                conn.exec_driver_sql("SELECT pg_switch_wal()")
-            deadline = time.monotonic() + 15
-            while not (over := throttle.over(())):
-                assert time.monotonic() < deadline, "archiving did not fail in 15 s"
-                time.sleep(0.1)
-            assert [r.signal for r in over] == ["archiving"]
-            assert "WAL archiving is failing" in over[0].detail, over[0].detail
-            failing.unlink()
-            with engine.connect() as conn:  # a new segment wakes the archiver, which retries
-                conn.exec_driver_sql("INSERT INTO written_since VALUES (1)")
-                conn.exec_driver_sql("SELECT pg_switch_wal()")
-            deadline = time.monotonic() + 30
-            while throttle.over(()):
-                assert time.monotonic() < deadline, "archiving did not recover in 30 s"
-                time.sleep(0.2)
+            yield engine
         finally:
             engine.dispose()
     finally:
         server.destroy()
+
+
+def test_wal_archiving_that_fails_after_the_start_is_a_reason_to_wait(tmp_path):
+    """A server of its own whose archive_command fails: once a WAL segment fails to be
+    archived after the run started, the run would wait; once archiving works again, not."""
+    failing = tmp_path / "archive-fails"
+    failing.touch()
+    with _archiving_server(tmp_path, f"[ ! -e '{failing}' ]") as engine:
+        configure()
+        throttle = health.Throttle(engine, health.Limits(), Budget(RunOptions()))
+        throttle.start()
+        assert throttle.over(()) == []
+        with engine.connect() as conn:
+            conn.exec_driver_sql("CREATE TABLE written_since (x int)")
+            conn.exec_driver_sql("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + 15
+        while not (over := throttle.over(())):
+            assert time.monotonic() < deadline, "archiving did not fail in 15 s"
+            time.sleep(0.1)
+        assert [r.signal for r in over] == ["archiving"]
+        assert "WAL archiving is failing" in over[0].detail, over[0].detail
+        failing.unlink()
+        with engine.connect() as conn:  # a new segment wakes the archiver, which retries
+            conn.exec_driver_sql("INSERT INTO written_since VALUES (1)")
+            conn.exec_driver_sql("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + 30
+        while throttle.over(()):
+            assert time.monotonic() < deadline, "archiving did not recover in 30 s"
+            time.sleep(0.2)
 
 
 def test_wal_archiving_falling_behind_is_a_reason_to_wait(tmp_path):
     """An archiver that works but slowly (a second a segment): six segments made at once
     leave more waiting than at the start, over a limit of 2; once archived, no more."""
-    from toolkit.sandbox.server import SandboxServer
-
-    script = tmp_path / "archive.sh"
-    script.write_text("#!/bin/sh\nsleep 1\n")
-    script.chmod(0o755)
-    server = SandboxServer(tmp_path / "archiving", {"archive_mode": "on", "archive_command": str(script),
-                                                     "fsync": "off"})
-    try:
-        status = server.start()
-        engine = create_engine(parse_url(status.url("postgres")), isolation_level="AUTOCOMMIT")
-        try:
-            configure()
-            throttle = health.Throttle(engine, health.Limits(max_archive_backlog=2), Budget(RunOptions()))
-            throttle.start()
-            assert throttle.over(()) == []
-            with engine.connect() as conn:
-                conn.exec_driver_sql("CREATE TABLE written_since (x int)")
-                for n in range(6):
-                    conn.exec_driver_sql(f"INSERT INTO written_since VALUES ({n})")
-                    conn.exec_driver_sql("SELECT pg_switch_wal()")
-            over = throttle.over(())
-            assert [r.signal for r in over] == ["archiving"], over
-            assert "WAL archiving is falling behind" in over[0].detail and "(limit 2)" in over[0].detail
-            deadline = time.monotonic() + 30
-            while throttle.over(()):
-                assert time.monotonic() < deadline, "the archiver did not catch up in 30 s"
-                time.sleep(0.2)
-            archiving = next(r for r in health.readings_now(engine, ()) if r.signal == "archiving")
-            assert "segments waiting" in archiving.detail and not archiving.over
-        finally:
-            engine.dispose()
-    finally:
-        server.destroy()
+    with _archiving_server(tmp_path, "sleep 1") as engine:
+        configure()
+        throttle = health.Throttle(engine, health.Limits(max_archive_backlog=2), Budget(RunOptions()))
+        throttle.start()
+        assert throttle.over(()) == []
+        with engine.connect() as conn:
+            conn.exec_driver_sql("CREATE TABLE written_since (x int)")
+            for n in range(6):
+                conn.exec_driver_sql(f"INSERT INTO written_since VALUES ({n})")
+                conn.exec_driver_sql("SELECT pg_switch_wal()")
+        over = throttle.over(())
+        assert [r.signal for r in over] == ["archiving"], over
+        assert "WAL archiving is falling behind" in over[0].detail and "(limit 2)" in over[0].detail
+        deadline = time.monotonic() + 30
+        while throttle.over(()):
+            assert time.monotonic() < deadline, "the archiver did not catch up in 30 s"
+            time.sleep(0.2)
+        archiving = next(r for r in health.readings_now(engine, ()) if r.signal == "archiving")
+        assert "segments waiting" in archiving.detail and not archiving.over
