@@ -345,3 +345,13 @@ def test_checks_and_records_say_what_they_found_not_that_the_schema_changed(read
     assert "check-archive: schema changed" not in applied and "capture-ddl: schema changed" not in applied
     undone = toolkit(db, "rollback", "milestone-4").output
     assert "  forget-archive: the rebuilt tables match the archive; archive cleared (" in undone
+
+
+def test_going_back_while_milestone_4_is_half_rolled_back_says_so(ready):
+    db = ready()
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+    assert toolkit(db, "rollback", "milestone-4", "--batch-size", "2", "--max-batches", "1").exit_code == 0
+    result = toolkit(db, "rollback", "milestone-3")
+    assert result.exit_code == ExitCode.REFUSED
+    assert "milestone-3 cannot be rolled back while milestone-4 is being rolled back" in result.output
+    assert "toolkit rollback milestone-4" in result.output

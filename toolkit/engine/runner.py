@@ -266,13 +266,17 @@ class Runner:
         milestone 4 the tables the other checks read are gone)."""
         with self.read_only() as conn:
             started = self._later_started(conn, milestone)
+            undoing = [name for name in started
+                       if state.milestone_state(conn, name)["state"] == state.ROLLING_BACK]
         if verb == "migrate":
             started = [name for name in started if registry.get(name).drops]
         if started:
             plural = "are" if len(started) > 1 else "is"
+            where = "applied" if not set(undoing) & set(started) else (
+                "being rolled back" if set(started) <= set(undoing) else "applied or being rolled back")
             what = "be rolled back" if verb == "rollback" else "be migrated again"
             raise PreconditionRefused(
-                f"{milestone.name} cannot {what} while {_and(started)} {plural} applied",
+                f"{milestone.name} cannot {what} while {_and(started)} {plural} {where}",
                 f"roll back in reverse order: `toolkit rollback {started[-1]}` first",
                 details={"applied": started},
             )
