@@ -15,7 +15,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from toolkit.cli.main import cli
-from toolkit.engine.step import KeysetPass, Step, StepPlan
+from toolkit.engine.results import StepPlan
+from toolkit.engine.step import KeysetPass, Step
 from toolkit.verify.digest import digests
 from toolkit.verify.fingerprint import take
 
@@ -131,7 +132,7 @@ class OnePassStep(Step):
         self.table, self.change_sql = table, change_sql
 
     def plan(self, conn):
-        return StepPlan(self.name, self.description, 0)
+        return StepPlan(step=self.name, description=self.description, rows=0)
 
     def forward(self):
         return [KeysetPass(self.name, self.description, self.table, self.change_sql)]

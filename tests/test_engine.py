@@ -14,8 +14,9 @@ from helpers import TALLY, OnePassStep, own_schema_exists, snapshot, toolkit, to
 
 from toolkit import milestones as registry
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
+from toolkit.engine.results import StepPlan
 from toolkit.engine.runner import Runner
-from toolkit.engine.step import Step, StepPlan
+from toolkit.engine.step import Step
 from toolkit.errors import ExitCode
 from toolkit.milestones.base import Milestone
 
@@ -29,7 +30,7 @@ class WritesDuringPlan(Step):
     def plan(self, conn):
         conn.execute(sa.text("UPDATE packages_packages SET package_type = 14 WHERE package_type = 7"))
         conn.execute(sa.text("CREATE SCHEMA toolkit"))
-        return StepPlan(self.name, self.description, 0)
+        return StepPlan(step=self.name, description=self.description, rows=0)
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine.batches import Budget, RunOptions, sqlstate
 from toolkit.engine.locks import TRANSIENT_STATES, describe_holder, table_lock_holders
-from toolkit.engine.step import Check, Step, StepPlan
+from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.step import Step
 from toolkit.errors import LockUnavailable
 from toolkit.output import out
 from toolkit.schema import migrations
@@ -221,9 +222,16 @@ class SchemaStep(Step):
 
     def plan(self, conn: Connection) -> StepPlan:
         applied = is_applied(conn, self.revision)
-        return StepPlan(self.name, self.description, 0, {},
-                        {"schema change already applied": int(applied)}, [], self.forward_sql(),
-                        kind="schema")
+        return StepPlan(
+            step=self.name,
+            description=self.description,
+            rows=0,
+            breakdown={},
+            context={"schema change already applied": int(applied)},
+            anomalies=[],
+            sql=self.forward_sql(),
+            kind="schema",
+        )
 
     schema_changes = 1
 

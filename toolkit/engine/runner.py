@@ -32,6 +32,7 @@ from toolkit.engine.batches import (
 from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
 from toolkit.engine.health import Limits, Throttle
 from toolkit.engine.lease import UNFENCED, Hold, HoldLost
+from toolkit.engine.listing import count_of
 from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import (
     check_gitlab_database,
@@ -39,7 +40,8 @@ from toolkit.engine.preflight import (
     check_privileges,
     check_writable,
 )
-from toolkit.engine.step import Action, Check, StepPlan, count_of
+from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.step import Action
 from toolkit.errors import (
     DatabaseProblem,
     Interrupted,

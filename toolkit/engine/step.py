@@ -14,70 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Union
 
 from sqlalchemy.engine import Connection
 
-from toolkit.engine.listing import count_of
+from toolkit.engine.results import Check, StepPlan
 
 if TYPE_CHECKING:
     from toolkit.engine.ddl import DdlAction, SqlDdlAction
-
-
-@dataclass
-class Anomaly:
-    """A class of rows that needs the operator's attention.
-
-    ``blocking`` anomalies are left untouched by apply; the others are changed and
-    reported as warnings.
-    """
-
-    kind: str
-    title: str
-    blocking: bool
-    resolution: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return count_of(self.rows)  # every matching row; ``rows`` holds the first of them
-
-    def as_dict(self, limit: int | None = None) -> dict[str, Any]:
-        return {"kind": self.kind, "title": self.title, "blocking": self.blocking,
-                "count": self.count, "resolution": self.resolution,
-                "rows": self.rows if limit is None else self.rows[:limit]}
-
-
-@dataclass
-class StepPlan:
-    step: str
-    description: str
-    rows: int
-    breakdown: dict[str, int] = field(default_factory=dict)  # sums to ``rows``
-    context: dict[str, int] = field(default_factory=dict)  # related counts left unchanged
-    anomalies: list[Anomaly] = field(default_factory=list)
-    sql: list[str] = field(default_factory=list)
-    kind: str = "data"  # or "schema": an Alembic revision, no rows
-
-    def as_dict(self, limit: int | None = None) -> dict[str, Any]:
-        return {"step": self.step, "kind": self.kind, "description": self.description, "rows": self.rows,
-                "breakdown": self.breakdown, "context": self.context,
-                "anomalies": [a.as_dict(limit) for a in self.anomalies], "sql": self.sql}
-
-
-@dataclass
-class Check:
-    """One post-condition: what was checked, whether it holds, and what to do if not."""
-
-    name: str
-    ok: bool
-    detail: str
-    remedy: str | None = None
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail, "remedy": self.remedy,
-                "count": count_of(self.rows), "rows": self.rows}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from sqlalchemy.engine import Connection
 
 from toolkit.engine.catalog_checks import trigger_in_place
 from toolkit.engine.ddl import SchemaStep
-from toolkit.engine.step import Check, Step, StepPlan
+from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.step import Step
 
 
 @dataclass(frozen=True)
@@ -60,5 +61,5 @@ class TransitionTriggerStep(SchemaStep):
 
     def verify(self, conn: Connection) -> list[Check]:
         if superseded_by_cleanup(conn):
-            return [Check(f"{self.trigger} is in place", True, SUPERSEDED)]
+            return [Check(name=f"{self.trigger} is in place", ok=True, detail=SUPERSEDED)]
         return [trigger_in_place(conn, self.table, self.trigger, self.milestone)]

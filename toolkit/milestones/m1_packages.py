@@ -28,7 +28,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.engine.listing import count_of, listed
-from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
+from toolkit.engine.results import Anomaly, Check, StepPlan
+from toolkit.engine.step import KeysetPass, Step
 from toolkit.milestones.base import Milestone
 from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES
 
@@ -154,16 +155,41 @@ def find_anomalies(conn: Connection) -> list[Anomaly]:
         WHERE {ELIGIBLE} AND {CANDIDATE_LINKED} AND NOT COALESCE({VERSION_ACCEPTED}, false)
         ORDER BY p.id""")
     return [
-        Anomaly("cross_project_package", "package in another project than its candidate", True,
-                RESOLUTIONS["cross_project_package"], cross),
-        Anomaly("ml_model_collision", "conversion would collide with an existing ml_model package",
-                True, RESOLUTIONS["ml_model_collision"], collisions),
-        Anomaly("status_message_too_long", "status_message over 255 characters (NOT VALID check)",
-                True, RESOLUTIONS["status_message_too_long"], long_messages),
-        Anomaly("shared_package", "package shared by several candidates", False,
-                RESOLUTIONS["shared_package"], shared),
-        Anomaly("version_rejected_by_ml_model_rule", "version GitLab's ml_model rule rejects", False,
-                RESOLUTIONS["version_rejected_by_ml_model_rule"], rejected),
+        Anomaly(
+            kind="cross_project_package",
+            title="package in another project than its candidate",
+            blocking=True,
+            resolution=RESOLUTIONS["cross_project_package"],
+            rows=cross,
+        ),
+        Anomaly(
+            kind="ml_model_collision",
+            title="conversion would collide with an existing ml_model package",
+            blocking=True,
+            resolution=RESOLUTIONS["ml_model_collision"],
+            rows=collisions,
+        ),
+        Anomaly(
+            kind="status_message_too_long",
+            title="status_message over 255 characters (NOT VALID check)",
+            blocking=True,
+            resolution=RESOLUTIONS["status_message_too_long"],
+            rows=long_messages,
+        ),
+        Anomaly(
+            kind="shared_package",
+            title="package shared by several candidates",
+            blocking=False,
+            resolution=RESOLUTIONS["shared_package"],
+            rows=shared,
+        ),
+        Anomaly(
+            kind="version_rejected_by_ml_model_rule",
+            title="version GitLab's ml_model rule rejects",
+            blocking=False,
+            resolution=RESOLUTIONS["version_rejected_by_ml_model_rule"],
+            rows=rejected,
+        ),
     ]
 
 
@@ -195,8 +221,15 @@ class ConvertCandidatePackages(Step):
             "candidate packages of other types (never touched)": by_type.get("other", 0),
             "candidate packages still generic": by_type.get("generic", 0),
         }
-        return StepPlan(self.name, self.description, sum(breakdown.values()), breakdown, context,
-                        find_anomalies(conn), self.forward_sql())
+        return StepPlan(
+            step=self.name,
+            description=self.description,
+            rows=sum(breakdown.values()),
+            breakdown=breakdown,
+            context=context,
+            anomalies=find_anomalies(conn),
+            sql=self.forward_sql(),
+        )
 
     def remaining(self, conn: Connection) -> int:
         return conn.execute(sa.text(
@@ -207,13 +240,13 @@ class ConvertCandidatePackages(Step):
         left = listed(conn, f"SELECT package_id FROM {LEDGER} ORDER BY package_id") \
             if _ledger_exists(conn) else []
         return [Check(
-            "every converted package restored",
-            not left,
-            "the ledger is empty" if not left else
+            name="every converted package restored",
+            ok=not left,
+            detail="the ledger is empty" if not left else
             f"{count_of(left)} packages stay ml_model: a generic package with the same key exists now",
-            "resolve the duplicate generic package, then run `toolkit rollback milestone-1` again"
+            remedy="resolve the duplicate generic package, then run `toolkit rollback milestone-1` again"
             if left else None,
-            left,
+            rows=left,
         )]
 
     def verify(self, conn: Connection) -> list[Check]:
@@ -235,24 +268,24 @@ class ConvertCandidatePackages(Step):
         remedies = {**RESOLUTIONS,
                     "not_yet_converted": "new or not yet processed: run `toolkit migrate milestone-1`"}
         checks = [Check(
-            "no candidate-linked generic packages",
-            not remaining,
-            "none remain" if not remaining else
+            name="no candidate-linked generic packages",
+            ok=not remaining,
+            detail="none remain" if not remaining else
             f"{count_of(remaining)} remain: " + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())),
-            " | ".join(f"{k}: {remedies[k]}" for k in sorted(reasons)) or None,
-            remaining,
+            remedy=" | ".join(f"{k}: {remedies[k]}" for k in sorted(reasons)) or None,
+            rows=remaining,
         )]
         undone = listed(conn, f"""
             SELECT l.package_id, p.package_type FROM {LEDGER} l
             JOIN packages_packages p ON p.id = l.package_id
             WHERE p.package_type <> 14 ORDER BY l.package_id""") if _ledger_exists(conn) else []
         checks.append(Check(
-            "converted packages are still ml_model",
-            not undone,
-            "all are" if not undone else f"{count_of(undone)} converted packages changed type since",
-            "find out what changed them; run `toolkit migrate milestone-1` to convert them again"
+            name="converted packages are still ml_model",
+            ok=not undone,
+            detail="all are" if not undone else f"{count_of(undone)} converted packages changed type since",
+            remedy="find out what changed them; run `toolkit migrate milestone-1` to convert them again"
             if undone else None,
-            undone,
+            rows=undone,
         ))
         return checks
 

@@ -17,7 +17,8 @@ from sqlalchemy.engine import Connection
 from toolkit.engine.catalog_checks import constraint_validated, index_valid
 from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.listing import count_of, listed
-from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
+from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.step import KeysetPass, Step
 from toolkit.milestones.base import (
     SUPERSEDED,
     Milestone,
@@ -62,8 +63,8 @@ class AddModelIdColumn(SchemaStep):
 
     def verify(self, conn: Connection) -> list[Check]:
         ok = column_exists(conn)
-        return [Check("ml_candidates.model_id exists", ok, "present" if ok else "missing",
-                      None if ok else "run `toolkit migrate milestone-2`")]
+        return [Check(name="ml_candidates.model_id exists", ok=ok, detail="present" if ok else "missing",
+                      remedy=None if ok else "run `toolkit migrate milestone-2`")]
 
 
 class IndexModelId(SchemaStep):
@@ -106,7 +107,15 @@ class BackfillModelId(Step):
 
     def plan(self, conn: Connection) -> StepPlan:
         if superseded_by_cleanup(conn):
-            return StepPlan(self.name, self.description, 0, {}, {SUPERSEDED: 0}, [], self.forward_sql())
+            return StepPlan(
+                step=self.name,
+                description=self.description,
+                rows=0,
+                breakdown={},
+                context={SUPERSEDED: 0},
+                anomalies=[],
+                sql=self.forward_sql(),
+            )
         count_from = self._count_sql(conn)
         rows = conn.execute(sa.text(f"SELECT count(*) {count_from}")).scalar_one()
         context = dict(conn.execute(sa.text("""
@@ -114,8 +123,15 @@ class BackfillModelId(Step):
                         || '(get model_id in milestone 3)'
                         ELSE 'candidates of default experiments' END, count(*)
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id GROUP BY 1""")).all())
-        return StepPlan(self.name, self.description, rows, {"set model_id": rows}, context, [],
-                        self.forward_sql())
+        return StepPlan(
+            step=self.name,
+            description=self.description,
+            rows=rows,
+            breakdown={"set model_id": rows},
+            context=context,
+            anomalies=[],
+            sql=self.forward_sql(),
+        )
 
     def remaining(self, conn: Connection) -> int:
         if superseded_by_cleanup(conn):
@@ -126,15 +142,17 @@ class BackfillModelId(Step):
         if not column_exists(conn):
             return []
         if superseded_by_cleanup(conn):
-            return [Check("every candidate's model_id is its experiment's model", True, SUPERSEDED)]
+            return [
+                Check(name="every candidate's model_id is its experiment's model", ok=True, detail=SUPERSEDED)
+            ]
         wrong = listed(conn, f"""
             SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
             WHERE {MISMATCH} ORDER BY c.id""")
-        return [Check("every candidate's model_id is its experiment's model", not wrong,
-                      "all match" if not wrong else f"{count_of(wrong)} candidates differ",
-                      None if not wrong else "run `toolkit migrate milestone-2` (it backfills again)",
-                      wrong)]
+        return [Check(name="every candidate's model_id is its experiment's model", ok=not wrong,
+                      detail="all match" if not wrong else f"{count_of(wrong)} candidates differ",
+                      remedy=None if not wrong else "run `toolkit migrate milestone-2` (it backfills again)",
+                      rows=wrong)]
 
 
 class ValidateForeignKey(SchemaStep):

@@ -27,7 +27,8 @@ from sqlalchemy.engine import Connection
 from toolkit.engine.catalog_checks import constraint_validated
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.listing import STREAMED, Listing, count_of, listed
-from toolkit.engine.step import Anomaly, Check, KeysetPass, Step, StepPlan
+from toolkit.engine.results import Anomaly, Check, StepPlan
+from toolkit.engine.step import KeysetPass, Step
 from toolkit.milestones import slug
 from toolkit.milestones.base import (
     SUPERSEDED,
@@ -218,17 +219,24 @@ class BackfillDisplayName(Step):
 
     def plan(self, conn: Connection) -> StepPlan:
         rows = self.remaining(conn)
-        return StepPlan(self.name, self.description, rows, {"display_name := name": rows}, {}, [],
-                        self.forward_sql())
+        return StepPlan(
+            step=self.name,
+            description=self.description,
+            rows=rows,
+            breakdown={"display_name := name": rows},
+            context={},
+            anomalies=[],
+            sql=self.forward_sql(),
+        )
 
     def verify(self, conn: Connection) -> list[Check]:
         if not display_name_exists(conn):
-            return [Check("ml_models.display_name exists", False, "missing",
-                          "run `toolkit migrate milestone-3`")]
+            return [Check(name="ml_models.display_name exists", ok=False, detail="missing",
+                          remedy="run `toolkit migrate milestone-3`")]
         missing = listed(conn, "SELECT id AS model_id FROM ml_models WHERE display_name IS NULL ORDER BY id")
-        return [Check("every model has a display_name", not missing,
-                      "all do" if not missing else f"{count_of(missing)} have none",
-                      None if not missing else "run `toolkit migrate milestone-3`", missing)]
+        return [Check(name="every model has a display_name", ok=not missing,
+                      detail="all do" if not missing else f"{count_of(missing)} have none",
+                      remedy=None if not missing else "run `toolkit migrate milestone-3`", rows=missing)]
 
 
 class ValidateDisplayNameCheck(SchemaStep):
@@ -308,7 +316,15 @@ class CreateModelsForExperiments(Step):
 
     def plan(self, conn: Connection) -> StepPlan:
         if superseded_by_cleanup(conn):
-            return StepPlan(self.name, self.description, 0, {}, {SUPERSEDED: 0}, [], self.forward_sql())
+            return StepPlan(
+                step=self.name,
+                description=self.description,
+                rows=0,
+                breakdown={},
+                context={SUPERSEDED: 0},
+                anomalies=[],
+                sql=self.forward_sql(),
+            )
         to_create = 0
         collisions, fallbacks = Listing([], 0), Listing([], 0)
         for planned in planned_slugs(conn):
@@ -329,7 +345,9 @@ class CreateModelsForExperiments(Step):
             FROM ml_experiments e JOIN ml_experiment_metadata em ON em.experiment_id = e.id
             JOIN ml_model_metadata mm ON mm.model_id = e.model_id AND mm.name = em.name
             WHERE mm.value <> em.value ORDER BY e.id, em.name""")
-        context = dict(conn.execute(sa.text("""
+        context = dict(
+            conn.execute(
+                sa.text("""
             SELECT 'candidates that get model_id', count(*) FROM ml_candidates c
             JOIN ml_experiments e ON e.id = c.experiment_id WHERE e.model_id IS NULL
             UNION ALL
@@ -339,66 +357,113 @@ class CreateModelsForExperiments(Step):
                               WHERE mm.model_id = e.model_id AND mm.name = em.name)
             UNION ALL
             SELECT 'experiments that already have a model (kept)', count(*) FROM ml_experiments
-            WHERE model_id IS NOT NULL""")).all())
+            WHERE model_id IS NOT NULL""")
+            ).all()
+        )
         anomalies = [
-            Anomaly("slug_collision", "slug taken in the project: a suffix is added", False,
-                    "Nothing to do: the model's display_name keeps the experiment's name; only "
-                    "its URL-safe name differs.", collisions),
-            Anomaly("slug_fallback", "nothing left after slugging: experiment_<iid> is used", False,
-                    "Nothing to do; rename the model in GitLab afterwards if you want another name.",
-                    fallbacks),
-            Anomaly("metadata_clash", "model already has this metadata key with another value", False,
-                    "The model's value is kept; the experiment's is recorded in "
-                    "toolkit.m3_metadata_clashes (and archived by milestone 4). Decide which to keep.",
-                    clashes),
+            Anomaly(
+                kind="slug_collision",
+                title="slug taken in the project: a suffix is added",
+                blocking=False,
+                resolution="Nothing to do: the model's display_name keeps the experiment's name; only "
+                "its URL-safe name differs.",
+                rows=collisions,
+            ),
+            Anomaly(
+                kind="slug_fallback",
+                title="nothing left after slugging: experiment_<iid> is used",
+                blocking=False,
+                resolution="Nothing to do; rename the model in GitLab afterwards if you want another name.",
+                rows=fallbacks,
+            ),
+            Anomaly(
+                kind="metadata_clash",
+                title="model already has this metadata key with another value",
+                blocking=False,
+                resolution="The model's value is kept; the experiment's is recorded in "
+                "toolkit.m3_metadata_clashes (and archived by milestone 4). Decide which to keep.",
+                rows=clashes,
+            ),
         ]
-        return StepPlan(self.name, self.description, to_create, {"models to create": to_create},
-                        context, anomalies, self.forward_sql())
+        return StepPlan(
+            step=self.name,
+            description=self.description,
+            rows=to_create,
+            breakdown={"models to create": to_create},
+            context=context,
+            anomalies=anomalies,
+            sql=self.forward_sql(),
+        )
 
     def verify(self, conn: Connection) -> list[Check]:
         if superseded_by_cleanup(conn):
-            return [Check("every experiment has a model", True, SUPERSEDED)]
+            return [Check(name="every experiment has a model", ok=True, detail=SUPERSEDED)]
         orphans = listed(conn, "SELECT id AS experiment_id, name FROM ml_experiments "
                               "WHERE model_id IS NULL ORDER BY id")
-        checks = [Check("every experiment has a model", not orphans,
-                        "all do" if not orphans else f"{count_of(orphans)} experiments have none",
-                        None if not orphans else "run `toolkit migrate milestone-3` (it catches up)",
-                        orphans)]
+        checks = [Check(name="every experiment has a model", ok=not orphans,
+                        detail="all do" if not orphans else f"{count_of(orphans)} experiments have none",
+                        remedy=None if not orphans else "run `toolkit migrate milestone-3` (it catches up)",
+                        rows=orphans)]
         if display_name_exists(conn) and _ledger_exists(conn):
-            wrong = listed(conn, f"""
+            wrong = listed(
+                conn,
+                f"""
                 SELECT m.id AS model_id, m.display_name, e.name AS experiment_name
                 FROM {CREATED} l JOIN ml_models m ON m.id = l.model_id
                 JOIN ml_experiments e ON e.id = l.experiment_id
-                WHERE m.display_name IS DISTINCT FROM e.name ORDER BY m.id""")
-            checks.append(Check("created models' display_name is the experiment's name", not wrong,
-                                "all are" if not wrong else f"{count_of(wrong)} differ",
-                                None if not wrong else "find out what renamed them", wrong))
+                WHERE m.display_name IS DISTINCT FROM e.name ORDER BY m.id""",
+            )
+            checks.append(Check(name="created models' display_name is the experiment's name", ok=not wrong,
+                                detail="all are" if not wrong else f"{count_of(wrong)} differ",
+                                remedy=None if not wrong else "find out what renamed them", rows=wrong))
             bad = listed(conn, f"""
                 SELECT m.id AS model_id, m.name FROM {CREATED} l JOIN ml_models m ON m.id = l.model_id
                 ORDER BY m.id""", keep=lambda r: not slug.is_valid_model_name(r["name"]))
-            checks.append(Check("created model names pass GitLab's model-name rule", not bad,
-                                "all do" if not bad else f"{count_of(bad)} do not", None, bad))
+            checks.append(
+                Check(
+                    name="created model names pass GitLab's model-name rule",
+                    ok=not bad,
+                    detail="all do" if not bad else f"{count_of(bad)} do not",
+                    remedy=None,
+                    rows=bad,
+                )
+            )
         if not column_exists(conn):
-            checks.append(Check("every candidate's model_id is its experiment's model", False,
-                                "ml_candidates.model_id does not exist", "apply milestone-2 first"))
+            checks.append(
+                Check(
+                    name="every candidate's model_id is its experiment's model",
+                    ok=False,
+                    detail="ml_candidates.model_id does not exist",
+                    remedy="apply milestone-2 first",
+                )
+            )
             return checks
-        mismatched = listed(conn, f"""
+        mismatched = listed(
+            conn,
+            f"""
             SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
-            WHERE {MISMATCH} ORDER BY c.id""")
-        checks.append(Check("every candidate's model_id is its experiment's model", not mismatched,
-                            "all match" if not mismatched else f"{count_of(mismatched)} differ",
-                            None if not mismatched else "run `toolkit migrate milestone-3`", mismatched))
+            WHERE {MISMATCH} ORDER BY c.id""",
+        )
+        checks.append(
+            Check(
+                name="every candidate's model_id is its experiment's model",
+                ok=not mismatched,
+                detail="all match" if not mismatched else f"{count_of(mismatched)} differ",
+                remedy=None if not mismatched else "run `toolkit migrate milestone-3`",
+                rows=mismatched,
+            )
+        )
         return checks
 
     def rollback_checks(self, conn: Connection) -> list[Check]:
         left = listed(conn, f"SELECT model_id, experiment_id FROM {CREATED} ORDER BY model_id") \
             if _ledger_exists(conn) else []
-        return [Check("every created model removed", not left,
-                      "none left" if not left else
+        return [Check(name="every created model removed", ok=not left,
+                      detail="none left" if not left else
                       f"{count_of(left)} models kept: GitLab gave them versions or metadata since",
-                      "decide about each model (delete it in GitLab, or keep it), then run "
-                      "`toolkit rollback milestone-3` again" if left else None, left)]
+                      remedy="decide about each model (delete it in GitLab, or keep it), then run "
+                      "`toolkit rollback milestone-3` again" if left else None, rows=left)]
 
 
 MILESTONE_3 = Milestone(

@@ -24,8 +24,9 @@ from sqlalchemy.engine import Connection
 from toolkit.engine.catalog_checks import index_valid
 from toolkit.engine.ddl import SqlDdlAction
 from toolkit.engine.listing import count_of, listed
+from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.state import cleanup_started
-from toolkit.engine.step import Check, KeysetPass, Step, StepPlan
+from toolkit.engine.step import KeysetPass, Step
 from toolkit.errors import VerificationFailed
 from toolkit.milestones import ddl_capture
 from toolkit.milestones.base import Milestone
@@ -591,7 +592,15 @@ class ArchiveAndDrop(Step):
 
     def plan(self, conn: Connection) -> StepPlan:
         counts = _left_to_archive(conn)
-        return StepPlan(self.name, self.description, sum(counts.values()), counts, {}, [], self.forward_sql())
+        return StepPlan(
+            step=self.name,
+            description=self.description,
+            rows=sum(counts.values()),
+            breakdown=counts,
+            context={},
+            anomalies=[],
+            sql=self.forward_sql(),
+        )
 
     # Rows are what the batches copy into the archive; status and plan count them alike.
     unit = "rows"
@@ -625,29 +634,29 @@ class ArchiveAndDrop(Step):
         )
         return [
             Check(
-                "ml_experiments and ml_experiment_metadata dropped",
-                len(gone) == 2,
-                "dropped" if len(gone) == 2 else f"still present: {sorted(set(ARCHIVES) - set(gone))}",
-                None if len(gone) == 2 else "run `toolkit migrate milestone-4`",
+                name="ml_experiments and ml_experiment_metadata dropped",
+                ok=len(gone) == 2,
+                detail="dropped" if len(gone) == 2 else f"still present: {sorted(set(ARCHIVES) - set(gone))}",
+                remedy=None if len(gone) == 2 else "run `toolkit migrate milestone-4`",
             ),
             Check(
-                "ml_candidates.experiment_id dropped",
-                column_gone,
-                "dropped" if column_gone else "present",
-                None if column_gone else "run `toolkit migrate milestone-4`",
+                name="ml_candidates.experiment_id dropped",
+                ok=column_gone,
+                detail="dropped" if column_gone else "present",
+                remedy=None if column_gone else "run `toolkit migrate milestone-4`",
             ),
             Check(
-                "ml_candidates.model_id is NOT NULL",
-                bool(not_null),
-                "yes" if not_null else "no",
-                None if not_null else "run `toolkit migrate milestone-4`",
+                name="ml_candidates.model_id is NOT NULL",
+                ok=bool(not_null),
+                detail="yes" if not_null else "no",
+                remedy=None if not_null else "run `toolkit migrate milestone-4`",
             ),
             index_valid(conn, UNIQUE_INDEX, "milestone-4"),
             Check(
-                "transition and sync triggers removed",
-                not leftovers,
-                "removed" if not leftovers else f"left: {[r['tgname'] for r in leftovers]}",
-                None if not leftovers else "run `toolkit migrate milestone-4`",
+                name="transition and sync triggers removed",
+                ok=not leftovers,
+                detail="removed" if not leftovers else f"left: {[r['tgname'] for r in leftovers]}",
+                remedy=None if not leftovers else "run `toolkit migrate milestone-4`",
             ),
         ]
 
@@ -663,10 +672,10 @@ def preconditions(conn: Connection) -> list[Check]:
         failed = [c for c in registry.get(name).verify(conn) if not c.ok]
         checks.append(
             Check(
-                f"precondition: {name} verifies",
-                not failed,
-                failed[0].detail if failed else "it does",
-                f"run `toolkit verify {name}` and fix what it lists" if failed else None,
+                name=f"precondition: {name} verifies",
+                ok=not failed,
+                detail=failed[0].detail if failed else "it does",
+                remedy=f"run `toolkit verify {name}` and fix what it lists" if failed else None,
             )
         )
     if _column_exists(conn, "ml_candidates", "model_id"):
@@ -675,11 +684,11 @@ def preconditions(conn: Connection) -> list[Check]:
         )
         checks.append(
             Check(
-                "precondition: every candidate has a model_id",
-                not orphans,
-                f"{count_of(orphans)} candidates have none" if orphans else "all do",
-                "run `toolkit migrate milestone-3` again" if orphans else None,
-                orphans,
+                name="precondition: every candidate has a model_id",
+                ok=not orphans,
+                detail=f"{count_of(orphans)} candidates have none" if orphans else "all do",
+                remedy="run `toolkit migrate milestone-3` again" if orphans else None,
+                rows=orphans,
             )
         )
     finished = (
@@ -706,17 +715,17 @@ def preconditions(conn: Connection) -> list[Check]:
         )
         checks.append(
             Check(
-                "precondition: nothing written to experiments since milestone 3 finished",
-                not late,
-                f"{count_of(late)} rows written since {finished}: "
+                name="precondition: nothing written to experiments since milestone 3 finished",
+                ok=not late,
+                detail=f"{count_of(late)} rows written since {finished}: "
                 + ", ".join(f"{r['table_name']} {r['id']}" for r in late[:10])
                 if late
                 else "nothing",
-                "run `toolkit migrate milestone-3` again so their models and metadata are current "
+                remedy="run `toolkit migrate milestone-3` again so their models and metadata are current "
                 "(and stop GitLab writing experiments), then retry"
                 if late
                 else None,
-                late,
+                rows=late,
             )
         )
     return checks

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from toolkit.engine.step import Check
+from toolkit.engine.results import Check
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
 from toolkit.verify.digest import Memo
@@ -73,20 +73,20 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     if now.source is None:
         # Only `toolkit archive drop` gets here (it requires milestone 4 to verify first,
         # this comparison included): the operator gave up the experiment id mapping.
-        checks = [Check(name, True, "not comparable any more: the experiment id mapping "
+        checks = [Check(name=name, ok=True, detail="not comparable any more: the experiment id mapping "
                         "(toolkit.m4_archive_ml_experiments) was dropped with the archive")]
     else:
-        checks = [Check(name, not mlflow, _summary(mlflow) + hint if mlflow else
+        checks = [Check(name=name, ok=not mlflow, detail=_summary(mlflow) + hint if mlflow else
                         f"{len(now.mlflow)} parts equal (computed from {now.source}; "
                         f"baseline {shown(baseline.taken_at)})")]
     if compare_tables:
         unexpected = [d for d in differences if d.part.startswith("tables") and not d.expected]
         expected = [d.part.removeprefix("tables.") for d in differences if d.expected]
         checks.append(Check(
-            "every ML table is as it was" if rolled_back or not changes
+            name="every ML table is as it was" if rolled_back or not changes
             else "every other ML table is unchanged",
-            not unexpected,
-            _summary(unexpected) + hint if unexpected else
+            ok=not unexpected,
+            detail=_summary(unexpected) + hint if unexpected else
             "equal" + (f"; changed on purpose: {', '.join(expected)}" if expected else ""),
         ))
     return checks

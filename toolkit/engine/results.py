@@ -1,0 +1,67 @@
+"""What a step reports: a plan, a post-condition, an anomaly. A leaf module (it imports
+nothing of the toolkit's but the row-listing helper), so milestones, the engine, the CLI and
+the fingerprint can all speak of these without importing each other. Keyword-only: a plan
+has eight fields, and ``StepPlan(name, text, 0, {}, {...}, [], sql)`` said none of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from toolkit.engine.listing import count_of
+
+
+@dataclass(kw_only=True)
+class Anomaly:
+    """A class of rows that needs the operator's attention.
+
+    ``blocking`` anomalies are left untouched by apply; the others are changed and
+    reported as warnings.
+    """
+
+    kind: str
+    title: str
+    blocking: bool
+    resolution: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return count_of(self.rows)  # every matching row; ``rows`` holds the first of them
+
+    def as_dict(self, limit: int | None = None) -> dict[str, Any]:
+        return {"kind": self.kind, "title": self.title, "blocking": self.blocking,
+                "count": self.count, "resolution": self.resolution,
+                "rows": self.rows if limit is None else self.rows[:limit]}
+
+
+@dataclass(kw_only=True)
+class StepPlan:
+    step: str
+    description: str
+    rows: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # sums to ``rows``
+    context: dict[str, int] = field(default_factory=dict)  # related counts left unchanged
+    anomalies: list[Anomaly] = field(default_factory=list)
+    sql: list[str] = field(default_factory=list)
+    kind: str = "data"  # or "schema": an Alembic revision, no rows
+
+    def as_dict(self, limit: int | None = None) -> dict[str, Any]:
+        return {"step": self.step, "kind": self.kind, "description": self.description, "rows": self.rows,
+                "breakdown": self.breakdown, "context": self.context,
+                "anomalies": [a.as_dict(limit) for a in self.anomalies], "sql": self.sql}
+
+
+@dataclass(kw_only=True)
+class Check:
+    """One post-condition: what was checked, whether it holds, and what to do if not."""
+
+    name: str
+    ok: bool
+    detail: str
+    remedy: str | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail, "remedy": self.remedy,
+                "count": count_of(self.rows), "rows": self.rows}
