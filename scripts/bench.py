@@ -132,8 +132,9 @@ def migrate_worker(url: str, milestone: str, options: str, out: str) -> None:
     engine = create_engine(sa.make_url(url))
     started = time.perf_counter()
     # verify (with its fingerprint comparison) is timed on its own, by the caller
-    result = Runner(engine, RunOptions(**json.loads(options)), command="scripts/bench.py").migrate(
-        registry.get(milestone), verify_after=False)
+    result = Runner(
+        engine, RunOptions(**json.loads(options)), plan=registry.plan(), command="scripts/bench.py"
+    ).migrate(registry.get(milestone), verify_after=False)
     seconds = time.perf_counter() - started
     engine.dispose()
     Path(out).write_text(json.dumps({
@@ -186,7 +187,7 @@ def compare(admin: sa.Engine, url: sa.URL, milestone: str, repeat: int,
     # What the writer added at the very end is taken by a second run, as an operator would
     # (not timed): the next milestone's gate needs this one to verify.
     engine = create_engine(url.set(database="bench_batched"))
-    Runner(engine, options["batched"]).migrate(registry.get(milestone))
+    Runner(engine, options["batched"], plan=registry.plan()).migrate(registry.get(milestone))
     engine.dispose()
     medians = []
     for kind in ("set_based", "batched"):
@@ -388,7 +389,7 @@ def main() -> None:
             # The fingerprint migrate takes first, timed on its own (the copy inherits it).
             engine = create_engine(url)
             started = time.perf_counter()
-            Runner(engine).take_baseline(registry.get(milestone))
+            Runner(engine, plan=registry.plan()).take_baseline(registry.get(milestone))
             fingerprint_seconds = time.perf_counter() - started
             engine.dispose()
 
@@ -588,8 +589,9 @@ def replica_lag(args: argparse.Namespace) -> None:
                 engine = create_engine(copy)
                 started = time.perf_counter()
                 try:
-                    result = Runner(engine, options, command="scripts/bench.py --replica-lag").migrate(
-                        registry.get(milestone))
+                    result = Runner(
+                        engine, options, plan=registry.plan(), command="scripts/bench.py --replica-lag"
+                    ).migrate(registry.get(milestone))
                 finally:
                     seconds = time.perf_counter() - started
                     lag = sampler.finish()

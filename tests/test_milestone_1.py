@@ -16,6 +16,7 @@ from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV, RunOptions
 from toolkit.engine.runner import Runner
 from toolkit.errors import ExitCode
 from toolkit.milestones.m1_packages import CONVERT_BATCH, RESTORE_BATCH
+from toolkit.output import out
 
 GITLAB_TABLES = ("packages_packages", "packages_package_files", "ml_candidates", "ml_experiments",
                  "ml_models", "ml_model_versions", "ml_candidate_params", "ml_candidate_metrics")
@@ -160,7 +161,8 @@ def test_a_colliding_insert_by_another_session_never_aborts_the_run(realistic_db
     outcome: dict = {}
 
     def migrate() -> None:
-        runner = Runner(db.engine, RunOptions(batch_size=50, lock_timeout_ms=3000, backoff_s=0.05))
+        runner = Runner(db.engine, RunOptions(batch_size=50, lock_timeout_ms=3000, backoff_s=0.05),
+                        plan=registry.plan(), events=out)
         try:
             outcome["result"] = runner.migrate(registry.get("milestone-1"))
         except Exception as exc:  # reported below

@@ -84,7 +84,7 @@ def test_candidates_written_during_and_after_the_run_get_model_id(realistic_db):
     try:
         assert writing.wait(30), errors
         run_started = time.perf_counter()
-        runner = Runner(db.engine, RunOptions(batch_size=10, pause_ms=30))
+        runner = Runner(db.engine, RunOptions(batch_size=10, pause_ms=30), plan=registry.plan())
         result = runner.migrate(registry.get("milestone-2"))
         run_finished = time.perf_counter()
     finally:

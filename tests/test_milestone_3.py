@@ -171,7 +171,7 @@ def test_experiments_created_while_and_after_it_runs_end_up_with_models(realisti
     writer = threading.Thread(target=application)
     writer.start()
     try:
-        result = Runner(db.engine, RunOptions(batch_size=3, pause_ms=20)).migrate(registry.get("milestone-3"))
+        result = Runner(db.engine, RunOptions(batch_size=3, pause_ms=20), plan=registry.plan()).migrate(registry.get("milestone-3"))
     finally:
         time.sleep(0.2)  # and a few after the run
         stop.set()

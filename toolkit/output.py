@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from toolkit.engine.events import progress_every_s
 from toolkit.errors import redact
 
 
@@ -120,16 +121,6 @@ class Output:
             leave=False,
             dynamic_ncols=True,
         )
-
-
-PROGRESS_EVERY_ENV = "TOOLKIT_PROGRESS_EVERY_S"
-
-
-def progress_every_s() -> float:
-    try:
-        return float(os.environ.get(PROGRESS_EVERY_ENV, "5"))
-    except ValueError:
-        return 5.0
 
 
 @dataclass

@@ -22,7 +22,9 @@ READS = ("ml_candidates", "ml_models", "ml_candidate_params", "ml_candidate_metr
 
 def candidate_report(conn: Connection, project_id: int, model_name: str, metric: str | None = None,
                      order: str = "desc") -> dict[str, Any]:
-    check_gitlab_schema(conn, READS)
+    from toolkit import milestones
+
+    check_gitlab_schema(conn, READS, may_be_gone=milestones.plan().may_be_gone(conn))
     has_model_id = conn.execute(sa.text(
         "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ml_candidates'::regclass "
         "AND attname = 'model_id' AND NOT attisdropped)")).scalar_one()

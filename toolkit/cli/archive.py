@@ -5,21 +5,14 @@ from __future__ import annotations
 import click
 import sqlalchemy as sa
 
+from toolkit import catalog
 from toolkit.cli.context import app
 from toolkit.engine import state
-from toolkit.engine.preflight import check_gitlab_database
 from toolkit.engine.runner import Runner
 from toolkit.errors import PreconditionRefused
-from toolkit.milestones.m4_cleanup import (
-    ARCHIVE_CANDIDATES,
-    ARCHIVE_EXPERIMENTS,
-    ARCHIVE_METADATA,
-    ARCHIVED_DDL,
-    forget_archive,
-)
+from toolkit.milestones.m4 import archive as m4_archive
+from toolkit.names import M4_ARCHIVE_EXPERIMENTS
 from toolkit.output import out
-
-TABLES = (ARCHIVE_EXPERIMENTS, ARCHIVE_METADATA, ARCHIVE_CANDIDATES, ARCHIVED_DDL)
 
 
 @click.group()
@@ -32,8 +25,8 @@ def archive() -> None:
 
 def _counts(conn: sa.Connection) -> dict[str, int | None]:
     counts = {}
-    for table in TABLES:
-        present = conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}).scalar_one()
+    for table in m4_archive.TABLES:
+        present = catalog.relation_exists(conn, table)
         count = sa.text(f"SELECT count(*) FROM {table}")
         counts[table] = conn.execute(count).scalar_one() if present else None
     return counts
@@ -45,15 +38,16 @@ def status() -> None:
 
     Example: toolkit archive status --json
     """
-    with Runner(app().engine()).read_only() as conn:
-        check_gitlab_database(conn, columns=False)
+    runner = app().runner()
+    with runner.read_only() as conn:
+        runner.check_gitlab(conn, columns=False)
         counts = _counts(conn)
         milestone = state.milestone_state(conn, "milestone-4")["state"]
         mapping = []
-        if counts[ARCHIVE_EXPERIMENTS]:
+        if counts[M4_ARCHIVE_EXPERIMENTS]:
             mapping = [dict(r._mapping) for r in conn.execute(sa.text(
-                f"SELECT project_id, iid AS mlflow_experiment_id, name, model_id FROM {ARCHIVE_EXPERIMENTS} "
-                "ORDER BY project_id, iid LIMIT 20"))]
+                "SELECT project_id, iid AS mlflow_experiment_id, name, model_id "
+                f"FROM {M4_ARCHIVE_EXPERIMENTS} ORDER BY project_id, iid LIMIT 20"))]
     out.say(f"milestone-4: {milestone.replace('_', ' ')}")
     out.table(["archive table", "rows"], [[t, "absent" if n is None else n] for t, n in counts.items()])
     if mapping:
@@ -65,7 +59,7 @@ def status() -> None:
 
 def _refuse_unless_verified(runner: Runner) -> None:
     with runner.read_only() as conn:
-        check_gitlab_database(conn, columns=False)
+        runner.check_gitlab(conn, columns=False)
         milestone = state.milestone_state(conn, "milestone-4")["state"]
     if milestone != state.VERIFIED:
         raise PreconditionRefused(
@@ -87,7 +81,7 @@ def drop(yes: bool) -> None:
         raise PreconditionRefused("Dropping the archive makes milestone 4 impossible to roll back",
                                   "pass --yes when you are sure (export the mapping first if needed)")
     engine = app().engine()
-    runner = Runner(engine)
+    runner = app().runner()
     _refuse_unless_verified(runner)  # before anything is written
     # Under the runner lock and the fenced lease: a rollback of milestone 4 rebuilds from this
     # very archive, so the two must never overlap; the state is read again under the lock.
@@ -95,7 +89,7 @@ def drop(yes: bool) -> None:
         _refuse_unless_verified(runner)
         with engine.connect() as conn:
             counts = _counts(conn)
-            forget_archive(conn, check=False)
+            m4_archive.drop_everything(conn)
             conn.commit()
     out.say("Dropped the archive: " + ", ".join(f"{t} ({n} rows)" for t, n in counts.items() if n))
     app().finish({"dropped": counts})

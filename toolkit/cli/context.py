@@ -9,8 +9,10 @@ from typing import Any
 import click
 from sqlalchemy.engine import Engine
 
-from toolkit import output
+from toolkit import milestones, output
 from toolkit.db import Target, create_engine, resolve_target
+from toolkit.engine.batches import RunOptions
+from toolkit.engine.runner import Runner
 
 
 @dataclass
@@ -36,6 +38,11 @@ class AppContext:
             timeout = None if self.read_timeout_s is None else int(self.read_timeout_s * 1000)
             self._engine = create_engine(self.target(), read_timeout=timeout)
         return self._engine
+
+    def runner(self, options: RunOptions | None = None, **kwargs: Any) -> Runner:
+        """A runner over this command's database, handed the milestone plan, reporting to
+        the terminal (the engine itself prints nothing)."""
+        return Runner(self.engine(), options, plan=milestones.plan(), events=output.out, **kwargs)
 
     def close(self) -> None:
         if self._engine is not None:

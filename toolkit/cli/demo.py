@@ -42,7 +42,8 @@ def demo(seed_value: int, batch_size: int) -> None:
     report = seed_sandbox(status, "small", "realistic", seed_value)
     engine = create_engine(status.url())
     try:
-        runner = Runner(engine, RunOptions(batch_size=batch_size), command="toolkit demo")
+        runner = Runner(engine, RunOptions(batch_size=batch_size), plan=registry.plan(),
+                        command="toolkit demo", events=out)
         with runner.read_only() as conn:
             counts = table_counts(conn)
             before = take(conn)

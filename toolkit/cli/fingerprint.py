@@ -8,10 +8,8 @@ import click
 
 from toolkit import milestones as registry
 from toolkit.cli.context import app
-from toolkit.engine.preflight import check_gitlab_database
-from toolkit.engine.runner import Runner
+from toolkit.engine.plan import Milestone
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
-from toolkit.milestones.base import Milestone
 from toolkit.output import out
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.timestamps import shown
@@ -44,8 +42,9 @@ def fingerprint(out_file: Path | None, compare_file: Path | None, mlflow_only: b
         _rebaseline(registry.get(baseline_of))
         return
     reference = _load(compare_file) if compare_file else None
-    with Runner(app().engine()).read_only() as conn:
-        check_gitlab_database(conn)
+    runner = app().runner()
+    with runner.read_only() as conn:
+        runner.check_gitlab(conn)
         now = take(conn, reference.watermarks if reference else None, reference=reference)
     if out_file:
         out_file.write_text(now.dumps() + "\n")
@@ -94,11 +93,11 @@ def _rebaseline(milestone: Milestone) -> None:
             raise PreconditionRefused(
                 f"{milestone.name} has no fingerprint to re-take: it has not been started",
                 f"`toolkit migrate {milestone.name}` takes it when it starts")
-    runner = Runner(engine)
+    runner = app().runner()
     # A write like any other: under the runner lock and the fenced lease, never beside a run.
     with runner.exclusive(f"toolkit fingerprint --baseline {milestone.name}", milestone.name):
         with runner.read_only() as conn:
-            check_gitlab_database(conn)
+            runner.check_gitlab(conn)
             now = take(conn)
         with engine.connect() as conn:
             baselines.save(conn, milestone.name, now, None)

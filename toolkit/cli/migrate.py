@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from sqlalchemy.engine import Connection
 
 from toolkit import milestones as registry
 from toolkit.cli import render
@@ -15,11 +16,9 @@ from toolkit.cli.context import app
 from toolkit.engine import health, state
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.locks import runner_lock_holders
-from toolkit.engine.preflight import check_gitlab_database
+from toolkit.engine.plan import Milestone
 from toolkit.engine.runner import ApplyResult, PlanResult, Runner
-from toolkit.engine.step import KeysetPass
 from toolkit.errors import PreconditionRefused, VerificationFailed
-from toolkit.milestones.base import Milestone
 from toolkit.output import out
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.timestamps import shown
@@ -122,7 +121,7 @@ def _runner(opts: dict[str, Any] | None = None) -> Runner:
     if "max_runtime" in opts:
         opts["max_runtime_s"] = opts.pop("max_runtime")
     options = RunOptions(**opts)
-    return Runner(app().engine(), options, command=_command_line(), lock_wait_s=lock_wait)
+    return app().runner(options, command=_command_line(), lock_wait_s=lock_wait)
 
 
 def _command_line() -> str:
@@ -351,12 +350,24 @@ def rollback(milestone: str, **opts: Any) -> None:
 @MILESTONE
 @click.option("--rollback", "backward", is_flag=True, help="The rollback statements instead.")
 def sql(milestone: str, backward: bool) -> None:
-    """Print the statements a milestone runs, for a DBA to review. Connects to nothing.
+    """Print the statements a milestone runs, for a DBA to review.
+
+    Connects to nothing, unless --rollback is asked of a database named with --database-url
+    or --gitlab-config: then the statements milestone 4's rebuild reads from that database
+    (the DDL it recorded before dropping) are printed as they will run, in a read-only
+    transaction. Without a database they show as the query that yields them.
 
     Example: toolkit sql milestone-1 --rollback
     """
     chosen = registry.get(milestone)
-    statements = _sql_statements(chosen, backward)
+    context = app()
+    if backward and (context.database_url or context.gitlab_config):
+        runner = context.runner()
+        with runner.read_only() as conn:
+            runner.check_gitlab(conn, columns=False)
+            statements = _sql_statements(chosen, backward, conn)
+    else:
+        statements = _sql_statements(chosen, backward)
     if not app().json_mode:
         click.echo("\n".join(statements))
     app().finish({"milestone": chosen.name, "rollback": backward, "statements": statements})
@@ -397,10 +408,12 @@ def positional(sql: str) -> str:
     return f"-- Parameters:\n{legend}\n{body}"
 
 
-def _sql_statements(milestone: Milestone, backward: bool) -> list[str]:
+def _sql_statements(milestone: Milestone, backward: bool, conn: Connection | None = None) -> list[str]:
     """The statements as the toolkit runs them, each with the timeouts it runs under (the
     defaults; --lock-timeout-ms, --statement-timeout-ms and --ddl-lock-timeout-ms change
-    them), so a DBA who runs the reviewed script gets the same safety."""
+    them), so a DBA who runs the reviewed script gets the same safety. With ``conn``,
+    statements the toolkit reads from the database at run time (milestone 4's rebuild) are
+    shown as they will run."""
     options = RunOptions()
     batch_timeouts = (f"SET LOCAL lock_timeout = '{options.lock_timeout_ms}ms';\n"
                       f"SET LOCAL statement_timeout = '{options.statement_timeout_ms}ms';")
@@ -413,23 +426,13 @@ def _sql_statements(milestone: Milestone, backward: bool) -> list[str]:
     ]
     for step in (reversed(milestone.steps) if backward else milestone.steps):
         for action in (step.backward() if backward else step.forward()):
-            if isinstance(action, KeysetPass):
-                lines.append(
-                    f"-- {milestone.name} / {action.name}: {action.description}\n"
-                    f"-- Runs in batches, each one transaction. Batch bounds: :lo (exclusive, the\n"
-                    f"-- checkpoint) and :hi from\n"
-                    f"{_comment(action.next_key_sql())}\n"
-                    f"BEGIN;\n{batch_timeouts}\n"
-                    f"{positional(action.change_sql.strip())};\nCOMMIT;"
-                )
+            header = f"-- {milestone.name} / {action.name}: {action.description}\n-- {action.how_it_runs()}"
+            sql_text = action.render_sql(conn)
+            if action.in_batches:
+                lines.append(f"{header}\nBEGIN;\n{batch_timeouts}\n{positional(sql_text)};\nCOMMIT;")
             else:
-                origin = (f"Alembic revision {action.revision}" if hasattr(action, "revision")
-                          else "direct DDL")
-                lines.append(
-                    f"-- {milestone.name} / {action.name}: {action.description}\n"
-                    f"-- Schema change ({origin}); retried after a lock timeout.\n"
-                    f"{ddl_timeouts}\n{action.sql()}\nRESET lock_timeout;\nRESET statement_timeout;"
-                )
+                lines.append(f"{header}\n{ddl_timeouts}\n{sql_text}\nRESET lock_timeout;\n"
+                             "RESET statement_timeout;")
     return lines
 
 
@@ -474,8 +477,9 @@ def history(limit: int) -> None:
 
     Example: toolkit history --limit 5
     """
-    with app().engine().connect() as conn:
-        check_gitlab_database(conn, columns=False)
+    runner = app().runner()
+    with runner.engine.connect() as conn:
+        runner.check_gitlab(conn, columns=False)
         runs = state.history(conn, limit)
         somebody_running = bool(runner_lock_holders(conn))
     # A run killed outright (kill -9, a lost host) never recorded how it ended. Only the

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from toolkit.cli.context import app
-from toolkit.engine.runner import Runner
 from toolkit.output import out
 from toolkit.report import candidate_report
 
@@ -28,7 +27,7 @@ def candidates(project_id: int, model_name: str, metric: str | None, order: str)
 
     Example: toolkit report candidates --project 1 --model pricing-tuned-0 --metric loss --order asc
     """
-    with Runner(app().engine()).read_only() as conn:
+    with app().runner().read_only() as conn:
         doc = candidate_report(conn, project_id, model_name, metric, order)
     metrics = doc["metric_names"]
     out.say(f"Model {doc['model']['name']} (id {doc['model']['id']}) in project {project_id}: "

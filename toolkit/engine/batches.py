@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine import state
+from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
     UNIQUE_VIOLATION,
@@ -30,9 +31,10 @@ from toolkit.engine.locks import (
     table_lock_holders,
 )
 from toolkit.engine.sizing import BatchSizer
-from toolkit.engine.step import KeysetPass
 from toolkit.errors import LockUnavailable
-from toolkit.output import out
+
+if TYPE_CHECKING:
+    from toolkit.engine.step import KeysetPass
 
 MAX_CATCH_UP_ROUNDS = 5
 T = TypeVar("T")
@@ -92,6 +94,7 @@ class Budget:
     # The run's health.Throttle (None: no throttling), and whether it waited its maximum.
     throttle: Any = None
     throttled_out: bool = False
+    events: Events = LOGGED  # where the run's progress and warnings go
 
     def exhausted_reason(self) -> str | None:
         if self.stop_requested:
@@ -147,13 +150,13 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
         catch_ups = 0
         sizer = BatchSizer(options.batch_size, options.target_batch_ms, options.min_batch_size,
                            options.max_batch_size)
-        with out.progress(total, kpass.description) as bar:
+        with budget.events.progress(total, kpass.description) as bar:
             while True:
                 if reason := budget.exhausted_reason():
                     result.stopped = reason
                     return result
                 if budget.throttle is not None:
-                    budget.throttle.wait(_written(kpass), kpass.name)
+                    budget.throttle.wait(kpass.tables, kpass.name)
                     if reason := budget.exhausted_reason():
                         result.stopped = reason
                         return result
@@ -186,12 +189,6 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                     _sleep(options.pause_ms / 1000, budget)
 
 
-def _written(kpass: KeysetPass) -> tuple[str, ...]:
-    """The tables a pass writes, as far as the engine knows: its driving table, and those
-    whose locks it takes."""
-    return tuple(dict.fromkeys((kpass.driving_table, *kpass.locks)))
-
-
 def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,
                run_id: int, options: RunOptions, budget: Budget, size: int) -> tuple[int | None, int, int]:
     for attempt in range(options.retries + 1):
@@ -219,14 +216,14 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
                 raise _gave_up(conn, kpass.name, kpass.locks, code, attempt + 1,
                                "the last batch was rolled back") from exc
             delay = options.backoff_s * 2 ** attempt
-            out.warn(f"{kpass.name}: {TRANSIENT_STATES.get(code, 'unique violation')} on the batch "
+            budget.events.warn(f"{kpass.name}: {TRANSIENT_STATES.get(code, 'unique violation')} on the batch "
                      f"after key {lo}; rolled back, retry {attempt + 1}/{options.retries} in {delay:.1f}s")
             _sleep(delay, budget)
     raise AssertionError("unreachable")
 
 
 def read_with_retries(engine: Engine, name: str, tables: tuple[str, ...], options: RunOptions,
-                      work: Callable[[Connection], T]) -> T:
+                      work: Callable[[Connection], T], events: Events = LOGGED) -> T:
     """Run a long read (a fingerprint) in one REPEATABLE READ, READ ONLY transaction that
     waits for locks as briefly as a batch does and retries the same way."""
     for attempt in range(options.retries + 1):
@@ -245,7 +242,7 @@ def read_with_retries(engine: Engine, name: str, tables: tuple[str, ...], option
                 if attempt == options.retries:
                     raise _gave_up(conn, name, tables, code, attempt + 1, "nothing was written") from exc
                 delay = options.backoff_s * 2 ** attempt
-                out.warn(f"{name}: {TRANSIENT_STATES[code]}; retry {attempt + 1}/{options.retries} "
+                events.warn(f"{name}: {TRANSIENT_STATES[code]}; retry {attempt + 1}/{options.retries} "
                          f"in {delay:.1f}s")
                 time.sleep(delay)
     raise AssertionError("unreachable")

@@ -24,12 +24,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
-from toolkit.engine.batches import Budget, RunOptions, sqlstate
+from toolkit.engine.actions import Action, ActionRun
+from toolkit.engine.batches import Budget, PassResult, RunOptions, sqlstate
 from toolkit.engine.locks import TRANSIENT_STATES, describe_holder, table_lock_holders
 from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.step import Step
 from toolkit.errors import LockUnavailable
-from toolkit.output import out
 from toolkit.schema import migrations
 
 GITLAB_BASE = "gitlab@base"
@@ -47,8 +47,44 @@ def parent_of(revision: str) -> str:
     return down if isinstance(down, str) else GITLAB_BASE
 
 
+class SchemaChange:
+    """An action that is one schema change, run by :func:`run_ddl` (lock_timeout, retries).
+
+    Subclasses say what the change is (:meth:`apply`) and how to tell it is in place.
+    """
+
+    name: str
+    description: str
+    tables: tuple[str, ...]
+    in_batches = False
+    reduces_to_sql = True
+    outcome: str | None = None  # a check or record says what it found, not "schema change"
+
+    def is_done(self, conn: Connection) -> bool:
+        raise NotImplementedError
+
+    def render_sql(self, conn: Connection | None = None) -> str:
+        raise NotImplementedError
+
+    def how_it_runs(self) -> str:
+        return "Schema change (direct DDL); retried after a lock timeout."
+
+    def apply(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+    def execute(self, run: ActionRun) -> PassResult:
+        budget = run.budget
+        if budget.throttle is not None and not budget.exhausted_reason():
+            budget.throttle.wait(self.tables, self.name)
+        if reason := budget.exhausted_reason():
+            return PassResult(self.name, stopped=reason)
+        changed = run_ddl(run.engine, self, run.options, budget, run.check_hold)
+        return PassResult(self.name, complete=True, schema_change=self.outcome is None,
+                          changed=changed, outcome=self.outcome)
+
+
 @dataclass(frozen=True)
-class DdlAction:
+class Revision(SchemaChange):
     """Apply (``up``) or undo (``down``) one revision of the ``gitlab`` Alembic branch."""
 
     name: str
@@ -57,10 +93,13 @@ class DdlAction:
     up: bool = True
     tables: tuple[str, ...] = ()  # whose lock holders to name if a lock cannot be had
 
-    def done(self, conn: Connection) -> bool:
+    def is_done(self, conn: Connection) -> bool:
         return is_applied(conn, self.revision) == self.up
 
-    def sql(self) -> str:
+    def how_it_runs(self) -> str:
+        return f"Schema change (Alembic revision {self.revision}); retried after a lock timeout."
+
+    def render_sql(self, conn: Connection | None = None) -> str:
         """Alembic's offline rendering of this one revision, up or down."""
         config = migrations.alembic_config()
         config.output_buffer = buffer = io.StringIO()
@@ -74,55 +113,108 @@ class DdlAction:
         # the toolkit's own branch has created it already, so that statement never runs.
         return _VERSION_TABLE_DDL.sub("", buffer.getvalue()).strip()
 
+    def apply(self, conn: Connection) -> None:
+        if self.up:
+            migrations.upgrade(conn, self.revision)
+        else:
+            migrations.downgrade(conn, parent_of(self.revision))
+
+
+def _run_statements(conn: Connection, statements: list[str], transactional: bool) -> None:
+    """In one transaction, or (CREATE INDEX CONCURRENTLY) each statement on its own."""
+    if transactional:
+        for statement in statements:
+            conn.execute(sa.text(statement))
+        conn.commit()
+        return
+    conn.commit()
+    autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+    for statement in statements:
+        autocommit.exec_driver_sql(statement)
+
+
+def _as_script(statements: list[str] | tuple[str, ...], transactional: bool) -> str:
+    body = ";\n".join(statements) + ";"
+    return f"BEGIN;\n{body}\nCOMMIT;" if transactional else body
+
 
 @dataclass(frozen=True)
-class SqlDdlAction:
-    """DDL given as statements rather than an Alembic revision (milestone 4 replays DDL it
-    read from the catalog, which no revision file can hold).
-
-    ``done_sql`` returns true when the change is already in place, which makes the action
-    safe to run again after a crash. ``statements`` run in one transaction unless
-    ``transactional`` is false (CREATE INDEX CONCURRENTLY); ``statements_from`` computes
-    them at run time (from the archive) instead.
-    """
+class Statements(SchemaChange):
+    """DDL given as statements. ``done_sql`` returns true once the change is in place, which
+    makes it safe to run again after a crash. ``transactional=False``: each statement runs
+    on its own (CREATE INDEX CONCURRENTLY)."""
 
     name: str
     description: str
     done_sql: str
-    statements: tuple[str, ...] = ()
+    statements: tuple[str, ...]
     transactional: bool = True
     tables: tuple[str, ...] = ()
-    statements_from: Callable[[Connection], list[str]] | None = field(default=None, compare=False)
-    run: Callable[[Connection], None] | None = field(default=None, compare=False)  # instead of SQL
-    # What a ``run`` action reports when done: it is a check or a record, not a schema change.
-    outcome: str | None = None
 
-    def done(self, conn: Connection) -> bool:
+    def is_done(self, conn: Connection) -> bool:
         return bool(conn.execute(sa.text(self.done_sql)).scalar())
 
-    def sql(self) -> str:
-        if self.run is not None:
-            return f"-- {self.description} (done by the toolkit, see docs/blueprint.md)"
-        if self.statements_from is not None:
-            return f"-- statements read from the archive at run time ({self.description})"
-        body = ";\n".join(self.statements) + ";"
-        return f"BEGIN;\n{body}\nCOMMIT;" if self.transactional else body
+    def render_sql(self, conn: Connection | None = None) -> str:
+        return _as_script(self.statements, self.transactional)
 
-    def execute(self, conn: Connection) -> None:
-        if self.run is not None:
-            self.run(conn)
-            conn.commit()
-            return
-        statements = self.statements_from(conn) if self.statements_from else list(self.statements)
-        if self.transactional:
-            for statement in statements:
-                conn.execute(sa.text(statement))
-            conn.commit()
-        else:
-            conn.commit()
-            autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
-            for statement in statements:
-                autocommit.exec_driver_sql(statement)
+    def apply(self, conn: Connection) -> None:
+        _run_statements(conn, list(self.statements), self.transactional)
+
+
+@dataclass(frozen=True)
+class StoredStatements(SchemaChange):
+    """DDL read from the database at run time (milestone 4's rollback replays the DDL it
+    recorded from the catalog, which no file can hold). ``source_sql`` is the query that
+    yields them; :meth:`render_sql` with a connection shows them as they will run."""
+
+    name: str
+    description: str
+    done_sql: str
+    read: Callable[[Connection], list[str]] = field(compare=False)
+    source_sql: str = ""
+    transactional: bool = True
+    tables: tuple[str, ...] = ()
+
+    def is_done(self, conn: Connection) -> bool:
+        return bool(conn.execute(sa.text(self.done_sql)).scalar())
+
+    def render_sql(self, conn: Connection | None = None) -> str:
+        statements = self.read(conn) if conn is not None else []
+        if statements:
+            return _as_script(statements, self.transactional)
+        where = "none recorded in this database yet; " if conn is not None else ""
+        return (f"-- statements recorded in the database ({where}read at run time by):\n"
+                + "\n".join(f"--   {line}" for line in self.source_sql.strip().splitlines()))
+
+    def apply(self, conn: Connection) -> None:
+        _run_statements(conn, self.read(conn), self.transactional)
+
+
+@dataclass(frozen=True)
+class PythonBody(SchemaChange):
+    """A change in Python (recording the catalog's DDL, comparing the archive): it has no
+    SQL of its own to show, and says so (Django's ``reduces_to_sql = False``)."""
+
+    name: str
+    description: str
+    done_sql: str
+    body: Callable[[Connection], None] = field(compare=False)
+    outcome: str | None = None
+    tables: tuple[str, ...] = ()
+    reduces_to_sql = False
+
+    def is_done(self, conn: Connection) -> bool:
+        return bool(conn.execute(sa.text(self.done_sql)).scalar())
+
+    def render_sql(self, conn: Connection | None = None) -> str:
+        return f"-- {self.description} (done by the toolkit in Python, see docs/blueprint.md)"
+
+    def how_it_runs(self) -> str:
+        return "Done by the toolkit (no SQL of its own to show); safe to run again."
+
+    def apply(self, conn: Connection) -> None:
+        self.body(conn)
+        conn.commit()
 
 
 def is_applied(conn: Connection, revision: str) -> bool:
@@ -134,7 +226,7 @@ def is_applied(conn: Connection, revision: str) -> bool:
     )
 
 
-def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOptions,
+def run_ddl(engine: Engine, action: SchemaChange, options: RunOptions,
             budget: Budget, check_hold: Callable[[Connection], None] | None = None) -> bool:
     """Apply one DDL action with retries; False when it was already done.
 
@@ -145,7 +237,7 @@ def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOption
     for attempt in range(options.ddl_retries + 1):
         with engine.connect() as conn:
             conn = conn.execution_options(**{TIMEOUTS_OPTION: timeouts})
-            if action.done(conn):
+            if action.is_done(conn):
                 return False
             conn.rollback()
             try:
@@ -153,12 +245,7 @@ def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOption
                     check_hold(conn)
                     conn.commit()
                 with session_timeouts(conn, *timeouts):
-                    if isinstance(action, SqlDdlAction):
-                        action.execute(conn)
-                    elif action.up:
-                        migrations.upgrade(conn, action.revision)
-                    else:
-                        migrations.downgrade(conn, parent_of(action.revision))
+                    action.apply(conn)
                     conn.commit()
                 return True
             except DBAPIError as exc:
@@ -177,7 +264,7 @@ def run_ddl(engine: Engine, action: DdlAction | SqlDdlAction, options: RunOption
                         details={"holders": holders},
                     ) from exc
                 delay = min(options.backoff_s * 2 ** attempt, options.ddl_backoff_max_s)
-                out.warn(f"{action.name}: {TRANSIENT_STATES[code]}; rolled back, retry "
+                budget.events.warn(f"{action.name}: {TRANSIENT_STATES[code]}; rolled back, retry "
                          f"{attempt + 1}/{options.ddl_retries} in {delay:.1f}s")
                 time.sleep(delay)
     raise AssertionError("unreachable")
@@ -213,12 +300,12 @@ class SchemaStep(Step):
     tables: tuple[str, ...] = ()
     unit = "schema changes"
 
-    def forward(self) -> list[DdlAction]:
-        return [DdlAction(self.name, self.description, self.revision, True, self.tables)]
+    def forward(self) -> list[Action]:
+        return [Revision(self.name, self.description, self.revision, True, self.tables)]
 
-    def backward(self) -> list[DdlAction]:
-        return [DdlAction(f"{self.name}:revert", f"undo: {self.description}", self.revision, False,
-                          self.tables)]
+    def backward(self) -> list[Action]:
+        return [Revision(f"{self.name}:revert", f"undo: {self.description}", self.revision, False,
+                         self.tables)]
 
     def plan(self, conn: Connection) -> StepPlan:
         applied = is_applied(conn, self.revision)

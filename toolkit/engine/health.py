@@ -39,8 +39,8 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine.batches import _sleep
+from toolkit.engine.events import progress_every_s
 from toolkit.errors import UsageProblem
-from toolkit.output import out, progress_every_s
 
 DEFAULT_MAX_REPLICA_LAG_MS = 1500  # gh-ost's --max-lag-millis
 DEFAULT_MAX_REPLICA_LAG_BYTES = 16 * 1024 * 1024  # one WAL segment: a second or two of replay
@@ -311,7 +311,7 @@ class Throttle:
         with _reading(self.engine) as conn:
             self.base = baseline(conn)
             for warning in unreadable(conn, self.base):
-                out.warn(f"throttling: {warning}")
+                self.budget.events.warn(f"throttling: {warning}")
         if self.limits.throttle_query:
             try:
                 with _reading(self.engine) as conn:
@@ -333,7 +333,7 @@ class Throttle:
         if not current:
             return
         began = last_note = time.monotonic()
-        out.warn(f"waiting before {what}: {_said(current)}")
+        self.budget.events.warn(f"waiting before {what}: {_said(current)}")
         every = progress_every_s()
         while current:
             if self.budget.stop_requested:
@@ -355,8 +355,10 @@ class Throttle:
             now = time.monotonic()
             if current and ({r.signal for r in current} != previous or now - last_note >= every):
                 last_note = now
-                out.note(f"still waiting before {what} ({now - began:.0f} s so far): {_said(current)}")
-        out.note(f"resuming {what} after waiting {time.monotonic() - began:.1f} s")
+                self.budget.events.note(
+                    f"still waiting before {what} ({now - began:.0f} s so far): {_said(current)}"
+                )
+        self.budget.events.note(f"resuming {what} after waiting {time.monotonic() - began:.1f} s")
 
     def totals(self) -> dict[str, float]:
         return {signal: round(seconds, 3) for signal, seconds in self.seconds.items()}

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.locks import RunnerLock
 from toolkit.errors import SessionLost
 from toolkit.schema.own import SCHEMA
@@ -68,13 +69,14 @@ class Hold:
     engine: Engine
     label: str
     wait_s: float = 10.0
+    events: Events = LOGGED
     token: int | None = None
     lock_pid: int | None = None
     commits_checked: int = 0
     _lock: RunnerLock | None = field(default=None, repr=False)
 
     def __enter__(self) -> Hold:
-        self._lock = RunnerLock(self.engine, self.label, self.wait_s).__enter__()
+        self._lock = RunnerLock(self.engine, self.label, self.wait_s, events=self.events).__enter__()
         self.lock_pid = self._lock.backend_pid
         return self
 

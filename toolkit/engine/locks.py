@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from toolkit.engine.events import LOGGED, Events
 from toolkit.errors import LockUnavailable
-from toolkit.output import out
 from toolkit.timestamps import shown
 
 # pg_try_advisory_lock(int4, int4): 'tkit' and 1. Shows in pg_locks as classid/objid, objsubid 2.
@@ -100,6 +100,7 @@ class RunnerLock:
     label: str
     wait_s: float = 10.0
     poll_s: float = 0.5
+    events: Events = LOGGED
     backend_pid: int | None = None
     _conn: Connection | None = None
 
@@ -122,7 +123,7 @@ class RunnerLock:
                 raise LockUnavailable(f"Another toolkit run holds the runner lock: {who}",
                                       stop_hint(holders), details={"holders": holders})
             if not waited:
-                out.warn(f"the runner lock is held by {who}; waiting up to {self.wait_s:g} s "
+                self.events.warn(f"the runner lock is held by {who}; waiting up to {self.wait_s:g} s "
                          "(--lock-wait)")
                 waited = True
             time.sleep(self.poll_s)

@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy import types as t
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.plan import MilestonePlan
 from toolkit.errors import DatabaseProblem, PreconditionRefused
 from toolkit.schema.gitlab import metadata as gitlab_metadata
 from toolkit.schema.own import SCHEMA
@@ -37,24 +38,19 @@ def pg_type_name(column: sa.Column) -> str:
     raise TypeError(f"no PostgreSQL name known for {kind!r}")
 
 
-def gitlab_tables() -> tuple[str, ...]:
-    """GitLab's tables that some milestone reads: what makes a database GitLab's to the toolkit."""
-    from toolkit import milestones as registry
-
-    return tuple(dict.fromkeys(t for m in registry.MILESTONES.values() for t in m.reads))
-
-
-def check_gitlab_database(conn: Connection, *, columns: bool = True) -> None:
+def check_gitlab_database(conn: Connection, plan: MilestonePlan, *, columns: bool = True) -> None:
     """Refuse (exit 3) a database that is not GitLab's, as every command that reads one does,
     before it reads anything else. ``columns=False`` for commands that read only the
     toolkit's own schema (history, the archive): the tables must be there, but a GitLab
     upgrade that changed a column does not hide the toolkit's own records."""
-    check_gitlab_schema(conn, gitlab_tables(), columns=columns)
+    check_gitlab_schema(conn, plan.reads, may_be_gone=plan.may_be_gone(conn), columns=columns)
 
 
-def check_gitlab_schema(conn: Connection, tables: tuple[str, ...], *, columns: bool = True) -> None:
+def check_gitlab_schema(conn: Connection, tables: tuple[str, ...], *, columns: bool = True,
+                        may_be_gone: frozenset[str] = frozenset()) -> None:
     """Refuse unless every table exists with every expected column and type (extras are fine);
-    with ``columns=False``, unless every table exists."""
+    with ``columns=False``, unless every table exists. ``may_be_gone``: tables and
+    ``table.column`` a started milestone drops on purpose (the plan says which)."""
     found = conn.execute(sa.text("""
         SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -64,8 +60,7 @@ def check_gitlab_schema(conn: Connection, tables: tuple[str, ...], *, columns: b
     found_columns: dict[str, dict[str, str]] = {}
     for table, column, type_name in found:
         found_columns.setdefault(table, {})[column] = type_name
-    dropped = dropped_by_cleanup(conn)
-    tables = tuple(name for name in tables if name not in dropped)
+    tables = tuple(name for name in tables if name not in may_be_gone)
     missing_tables = [name for name in tables if name not in found_columns]
     if missing_tables:
         database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
@@ -81,7 +76,7 @@ def check_gitlab_schema(conn: Connection, tables: tuple[str, ...], *, columns: b
         for column in gitlab_metadata.tables[name].columns:
             actual = found_columns[name].get(column.name)
             expected = pg_type_name(column)
-            if actual is None and f"{name}.{column.name}" in dropped:
+            if actual is None and f"{name}.{column.name}" in may_be_gone:
                 continue
             if actual is None:
                 problems.append(f"{name}.{column.name} is missing")
@@ -94,17 +89,6 @@ def check_gitlab_schema(conn: Connection, tables: tuple[str, ...], *, columns: b
             "or report the difference; nothing was changed",
             details={"differences": problems},
         )
-
-
-# What milestone 4 drops. Once its archive holds their DDL they may be absent.
-CLEANED_UP = {"ml_experiments", "ml_experiment_metadata", "ml_candidates.experiment_id"}
-
-
-def dropped_by_cleanup(conn: Connection) -> set[str]:
-    """The objects milestone 4 may have dropped, once it has started."""
-    from toolkit.engine.state import cleanup_started
-
-    return set(CLEANED_UP) if cleanup_started(conn) else set()
 
 
 def check_writable(conn: Connection) -> None:

@@ -17,22 +17,22 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from toolkit import milestones as registry
 from toolkit.conninfo import render as render_url
 from toolkit.db import cannot_connect, classify, first_line, lost_session_error, session_lost
 from toolkit.engine import state
+from toolkit.engine.actions import Action, ActionRun
 from toolkit.engine.batches import (
     Budget,
     PassResult,
     RunOptions,
     after_action,
     read_with_retries,
-    run_pass,
 )
-from toolkit.engine.ddl import DdlAction, SqlDdlAction, run_ddl
+from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.health import Limits, Throttle
 from toolkit.engine.lease import UNFENCED, Hold, HoldLost
 from toolkit.engine.listing import count_of
+from toolkit.engine.plan import Milestone, MilestonePlan
 from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import (
     check_gitlab_database,
@@ -41,7 +41,6 @@ from toolkit.engine.preflight import (
     check_writable,
 )
 from toolkit.engine.results import Check, StepPlan
-from toolkit.engine.step import Action
 from toolkit.errors import (
     DatabaseProblem,
     Interrupted,
@@ -53,8 +52,6 @@ from toolkit.errors import (
     VerificationFailed,
     redact,
 )
-from toolkit.milestones.base import Milestone
-from toolkit.output import out
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.schema.migrations import ensure_own_tables
 from toolkit.verify import baselines
@@ -146,9 +143,13 @@ class ApplyResult:
 
 
 class Runner:
-    def __init__(self, engine: Engine, options: RunOptions | None = None, *, command: str = "",
-                 lock_wait_s: float = 10.0):
+    """Runs the milestones of the plan it is given, and tells what it does to ``events``."""
+
+    def __init__(self, engine: Engine, options: RunOptions | None = None, *, plan: MilestonePlan,
+                 command: str = "", lock_wait_s: float = 10.0, events: Events = LOGGED):
         self.engine = engine
+        self.milestones = plan
+        self.events = events
         self.options = options or RunOptions()
         self.command = command
         self.lock_wait_s = lock_wait_s
@@ -166,9 +167,18 @@ class Runner:
                 finally:
                     transaction.rollback()
 
+    def check_gitlab(self, conn: Connection, *, columns: bool = True) -> None:
+        """Refuse (exit 3) a database that is not GitLab's (preflight.check_gitlab_database)."""
+        check_gitlab_database(conn, self.milestones, columns=columns)
+
+    def _check_reads(self, conn: Connection, tables: tuple[str, ...]) -> None:
+        """The tables a milestone reads are there with their columns, but for what a started
+        milestone drops on purpose (the plan says which)."""
+        check_gitlab_schema(conn, tables, may_be_gone=self.milestones.may_be_gone(conn))
+
     def plan(self, milestone: Milestone) -> PlanResult:
         with self.read_only() as conn:
-            check_gitlab_schema(conn, milestone.reads)
+            self._check_reads(conn, milestone.reads)
             steps = milestone.plan(conn)
             gate = self._gate(conn, milestone)
         return PlanResult(milestone, steps, gate)
@@ -185,7 +195,7 @@ class Runner:
         memo: Memo = {}
         with self.read_only() as conn:
             for milestone in chosen:
-                check_gitlab_schema(conn, milestone.reads)
+                self._check_reads(conn, milestone.reads)
                 checks = milestone.verify(conn)
                 checks += baselines.checks_against_baseline(
                     conn, milestone.name, changes=milestone.changes,
@@ -193,17 +203,16 @@ class Runner:
                 results.append(VerifyResult(milestone, checks))
         return results
 
-    @staticmethod
-    def _later_started(conn: Connection, milestone: Milestone) -> list[str]:
-        return [m.name for m in registry.later(milestone)
+    def _later_started(self, conn: Connection, milestone: Milestone) -> list[str]:
+        return [m.name for m in self.milestones.later(milestone)
                 if state.milestone_state(conn, m.name)["state"]
                 in state.STARTED]
 
     def _gate(self, conn: Connection, milestone: Milestone) -> Gate:
-        previous = registry.previous(milestone)
+        previous = self.milestones.previous(milestone)
         failures: list[Check] = []
         if previous is not None:
-            check_gitlab_schema(conn, previous.reads)
+            self._check_reads(conn, previous.reads)
             failures = [c for c in previous.verify(conn) if not c.ok]
         if milestone.preconditions is not None:
             failures += [c for c in milestone.preconditions(conn) if not c.ok]
@@ -213,14 +222,14 @@ class Runner:
         """Each milestone's recorded state, read-only; refused when the database is not
         GitLab's (its states would all be 'not started')."""
         with self.read_only() as conn:
-            check_gitlab_database(conn)
-            return {name: state.milestone_state(conn, name)["state"] for name in registry.MILESTONES}
+            self.check_gitlab(conn)
+            return {name: state.milestone_state(conn, name)["state"] for name in self.milestones.names}
 
     def status(self) -> list[dict[str, Any]]:
         report = []
         with self.read_only() as conn:
-            for milestone in registry.MILESTONES.values():
-                check_gitlab_schema(conn, milestone.reads)
+            for milestone in self.milestones:
+                self._check_reads(conn, milestone.reads)
                 recorded = state.milestone_state(conn, milestone.name)
                 undoing = recorded["state"] == state.ROLLING_BACK
                 report.append({
@@ -245,7 +254,7 @@ class Runner:
     # -- writes ----------------------------------------------------------------------
     def _prepare_write(self, milestone: Milestone) -> None:
         with self.engine.connect() as conn:
-            check_gitlab_schema(conn, milestone.reads)
+            self._check_reads(conn, milestone.reads)
             check_writable(conn)
             check_privileges(conn, milestone.updates, milestone.reads)
             conn.rollback()
@@ -271,7 +280,7 @@ class Runner:
             undoing = [name for name in started
                        if state.milestone_state(conn, name)["state"] == state.ROLLING_BACK]
         if verb == "migrate":
-            started = [name for name in started if registry.get(name).drops]
+            started = [name for name in started if self.milestones.get(name).drops]
         if started:
             plural = "are" if len(started) > 1 else "is"
             where = "applied" if not set(undoing) & set(started) else (
@@ -288,7 +297,7 @@ class Runner:
         refuse_transaction_pooling(self.engine)  # first: statement pooling refuses a transaction
         self._refuse_out_of_order(milestone, "migrate")
         self._prepare_write(milestone)
-        with Hold(self.engine, f"toolkit migrate {milestone.name}", self.lock_wait_s) as hold:
+        with Hold(self.engine, f"toolkit migrate {milestone.name}", self.lock_wait_s, self.events) as hold:
             with self.read_only() as conn:
                 gate = self._gate(conn, milestone)
             if not gate.ok:
@@ -317,7 +326,7 @@ class Runner:
             return self.verify(milestone)
         except (ToolkitError, DBAPIError) as exc:
             problem = (exc if isinstance(exc, ToolkitError)
-                       else classify(exc, render_url(self.engine.url), out.secrets))
+                       else classify(exc, render_url(self.engine.url), self.events.secrets))
             kind = type(problem) if isinstance(problem, SessionLost | LockUnavailable) else DatabaseProblem
             raise kind(
                 f"{milestone.name} is applied, but its closing verify did not finish: {problem.problem}",
@@ -329,7 +338,7 @@ class Runner:
         refuse_transaction_pooling(self.engine)
         self._refuse_out_of_order(milestone, "rollback")
         self._prepare_write(milestone)
-        with Hold(self.engine, f"toolkit rollback {milestone.name}", self.lock_wait_s) as hold:
+        with Hold(self.engine, f"toolkit rollback {milestone.name}", self.lock_wait_s, self.events) as hold:
             self._refuse_out_of_order(milestone, "rollback")  # again, now that no run can start
             if go_ahead is not None:
                 go_ahead()
@@ -358,7 +367,7 @@ class Runner:
         under the same hold as a run: the runner lock, the fenced lease, a history row.
         Yields the run id; the body's commits are fenced like a batch's."""
         refuse_transaction_pooling(self.engine)
-        with Hold(self.engine, command, self.lock_wait_s) as hold:
+        with Hold(self.engine, command, self.lock_wait_s, self.events) as hold:
             with self.engine.connect() as conn:
                 ensure_own_tables(conn)
                 hold.claim(conn)
@@ -390,7 +399,7 @@ class Runner:
                     raise
             tries += 1
             delay = min(self.options.reconnect_backoff_s * 2 ** (tries - 1), MAX_RECONNECT_DELAY_S)
-            out.warn(f"{why}; reconnecting in {delay:.1f}s to resume "
+            self.events.warn(f"{why}; reconnecting in {delay:.1f}s to resume "
                      f"(attempt {tries} of {self.options.reconnect})")
             self.engine.dispose()
             time.sleep(delay)
@@ -449,7 +458,7 @@ class Runner:
             why = session_lost(exc, during_run=True) or (
                 "the database cannot be reached" if cannot_connect(exc) else None)
             if why:
-                lost = lost_session_error(exc, why, render_url(self.engine.url), out.secrets)
+                lost = lost_session_error(exc, why, render_url(self.engine.url), self.events.secrets)
                 self._finish(result, "interrupted", lost.one_line())
                 raise lost from exc
             self._finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
@@ -482,7 +491,7 @@ class Runner:
     def _run_passes(self, hold: Hold, result: ApplyResult, passes: list[Action],
                     before: Callable[[Milestone], None] | None = None) -> None:
         milestone = result.milestone
-        budget = Budget(self.options)
+        budget = Budget(self.options, events=self.events)
         budget.throttle = self._throttle(budget)
         with _stop_on_signals(budget):
             if before is not None:
@@ -509,22 +518,11 @@ class Runner:
 
     def _run_actions(self, hold: Hold, result: ApplyResult, passes: list[Action],
                      budget: Budget) -> None:
-        milestone = result.milestone
+        run = ActionRun(self.engine, result.milestone.name, result.run_id, self.options, budget,
+                        hold.check)
         for action in passes:
             began = time.perf_counter()
-            if isinstance(action, DdlAction | SqlDdlAction):
-                if budget.throttle is not None and not budget.exhausted_reason():
-                    budget.throttle.wait(tuple(action.tables), action.name)
-                if reason := budget.exhausted_reason():
-                    done = PassResult(action.name, stopped=reason)
-                else:
-                    changed = run_ddl(self.engine, action, self.options, budget, hold.check)
-                    outcome = getattr(action, "outcome", None)
-                    done = PassResult(action.name, complete=True, schema_change=outcome is None,
-                                      changed=changed, outcome=outcome)
-            else:
-                done = run_pass(self.engine, milestone.name, action, result.run_id, self.options,
-                                budget)
+            done = action.execute(run)
             done.seconds = time.perf_counter() - began
             result.timings["apply"] = result.timings.get("apply", 0.0) + done.seconds
             result.passes.append(done)
@@ -544,9 +542,9 @@ class Runner:
             ensure_own_tables(conn)  # a no-op inside a run; scripts/bench.py calls this alone
             if baselines.load(conn, milestone.name) is not None:
                 return
-        out.say(f"Taking the fingerprint of the ML data before {milestone.name} ...")
+        self.events.say(f"Taking the fingerprint of the ML data before {milestone.name} ...")
         fingerprint = read_with_retries(self.engine, f"fingerprint before {milestone.name}",
-                                        ML_TABLE_NAMES, self.options, take)
+                                        ML_TABLE_NAMES, self.options, take, self.events)
         with self.engine.connect() as conn:
             baselines.save(conn, milestone.name, fingerprint, None)
 
@@ -566,8 +564,10 @@ class Runner:
             # After a failover the old primary is gone and the new one may still be read-only:
             # the next attempt (--reconnect) records it once it holds the lease.
             self._unrecorded.append((run_id, outcome, rows, error, extra))
-            out.warn(f"could not record how run {run_id} ended ({first_line(exc, out.secrets)}); "
-                     "`toolkit history` shows it as stopped unrecorded unless --reconnect records it")
+            self.events.warn(
+                f"could not record how run {run_id} ended ({first_line(exc, self.events.secrets)}); "
+                "`toolkit history` shows it as stopped unrecorded unless --reconnect records it"
+            )
 
 
 @contextmanager
@@ -594,7 +594,9 @@ def _stop_on_signals(budget: Budget) -> Iterator[None]:
         if budget.stop_requested:
             raise KeyboardInterrupt
         budget.stop_requested = True
-        out.warn("stopping after the current batch (Ctrl-C again aborts it; it would be rolled back)")
+        budget.events.warn(
+            "stopping after the current batch (Ctrl-C again aborts it; it would be rolled back)"
+        )
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -199,9 +199,3 @@ def set_milestone_state(conn: Connection, milestone: str, state: str, run_id: in
     """), {"m": milestone, "s": state, "run": run_id})
     conn.commit()
 
-
-def cleanup_started(conn: Connection) -> bool:
-    """Milestone 4 has begun (or finished): what it removes may legitimately be gone."""
-    if not own_schema_exists(conn):
-        return False
-    return milestone_state(conn, "milestone-4")["state"] in STARTED

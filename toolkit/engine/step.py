@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.batches import PassResult, run_pass
 from toolkit.engine.results import Check, StepPlan
 
 if TYPE_CHECKING:
-    from toolkit.engine.ddl import DdlAction, SqlDdlAction
+    from toolkit.engine.actions import Action, ActionRun
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,32 @@ class KeysetPass:
     def remaining_sql(self) -> str:
         return f"SELECT count(*) FROM {self.driving_table} {self._where()}"
 
+    # -- the action protocol (engine/actions.py) ------------------------------------------
+    in_batches = True
+    reduces_to_sql = True  # a Python ``apply`` runs only the statements ``change_sql`` shows
 
-Action = Union[KeysetPass, "DdlAction", "SqlDdlAction"]
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The tables a pass writes, as far as the engine knows: its driving table, and
+        those whose locks it takes."""
+        return tuple(dict.fromkeys((self.driving_table, *self.locks)))
 
+    def is_done(self, conn: Connection) -> bool:
+        """Nothing left to walk (a pass is idempotent: done means a walk would change 0)."""
+        if self.skip_if_sql and conn.execute(sa.text(self.skip_if_sql)).scalar():
+            return True
+        return not conn.execute(sa.text(self.remaining_sql()), {"lo": 0, "upper": 2**62}).scalar_one()
 
-def action_sql(action: Action) -> str:
-    return action.change_sql.strip() if isinstance(action, KeysetPass) else action.sql()
+    def render_sql(self, conn: Connection | None = None) -> str:
+        return self.change_sql.strip()
+
+    def how_it_runs(self) -> str:
+        bounds = "\n".join(f"--   {line}" for line in self.next_key_sql().splitlines())
+        return ("Runs in batches, each one transaction. Batch bounds: :lo (exclusive, the\n"
+                f"-- checkpoint) and :hi from\n{bounds}")
+
+    def execute(self, run: ActionRun) -> PassResult:
+        return run_pass(run.engine, run.milestone, self, run.run_id, run.options, run.budget)
 
 
 class Step:
@@ -117,7 +139,7 @@ class Step:
         return []
 
     def forward_sql(self) -> list[str]:
-        return [action_sql(a) for a in self.forward()]
+        return [a.render_sql() for a in self.forward()]
 
     def backward_sql(self) -> list[str]:
-        return [action_sql(a) for a in self.backward()]
+        return [a.render_sql() for a in self.backward()]

@@ -1,50 +1,25 @@
-"""A milestone: an ordered list of steps, plus what it needs from the database."""
+"""What the milestones share: when milestone 4 supersedes the checks of 2 and 3, and the
+transition-trigger step. (What a milestone *is* lives in :mod:`toolkit.engine.plan`.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.engine import state
 from toolkit.engine.catalog_checks import trigger_in_place
 from toolkit.engine.ddl import SchemaStep
-from toolkit.engine.results import Check, StepPlan
-from toolkit.engine.step import Step
+from toolkit.engine.results import Check
 
 
-@dataclass(frozen=True)
-class Milestone:
-    name: str
-    number: int
-    title: str
-    steps: tuple[Step, ...]
-    reads: tuple[str, ...]  # GitLab tables that must exist with the expected columns
-    updates: tuple[str, ...] = ()  # GitLab tables it UPDATEs (privileges checked first)
-    drops: tuple[str, ...] = ()  # GitLab tables it drops (their fingerprint goes on purpose)
-    # Preconditions beyond "the previous milestone verifies" (milestone 4 has several).
-    preconditions: Callable[[Connection], list[Check]] | None = field(default=None, compare=False)
-    confirm: bool = False  # destructive: needs --yes or the database name typed
-
-    def plan(self, conn: Connection) -> list[StepPlan]:
-        return [step.plan(conn) for step in self.steps]
-
-    def verify(self, conn: Connection) -> list[Check]:
-        return [check for step in self.steps for check in step.verify(conn)]
-
-    @property
-    def changes(self) -> tuple[str, ...]:
-        """Tables whose fingerprint this milestone changes on purpose."""
-        return self.updates + self.drops
+def cleanup_started(conn: Connection) -> bool:
+    """Milestone 4 has begun (or finished): what it removes may legitimately be gone."""
+    return state.milestone_state(conn, "milestone-4")["state"] in state.STARTED
 
 
 def superseded_by_cleanup(conn: Connection) -> bool:
     """True once milestone 4 has started (or its tables are gone): checks that join
     experiments are then answered by milestone 4's archive and its row-for-row check."""
-    import sqlalchemy as sa
-
-    from toolkit.engine.state import cleanup_started
-
     return cleanup_started(conn) or conn.execute(
         sa.text("SELECT to_regclass('ml_experiments') IS NULL")).scalar_one()
 

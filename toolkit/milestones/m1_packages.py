@@ -28,9 +28,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.engine.listing import count_of, listed
+from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Anomaly, Check, StepPlan
 from toolkit.engine.step import KeysetPass, Step
-from toolkit.milestones.base import Milestone
 from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES
 
 LEDGER = "toolkit.m1_converted_packages"

@@ -17,11 +17,11 @@ from sqlalchemy.engine import Connection
 from toolkit.engine.catalog_checks import constraint_validated, index_valid
 from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.listing import count_of, listed
+from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.step import KeysetPass, Step
 from toolkit.milestones.base import (
     SUPERSEDED,
-    Milestone,
     TransitionTriggerStep,
     superseded_by_cleanup,
 )

@@ -27,12 +27,12 @@ from sqlalchemy.engine import Connection
 from toolkit.engine.catalog_checks import constraint_validated
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.listing import STREAMED, Listing, count_of, listed
+from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Anomaly, Check, StepPlan
 from toolkit.engine.step import KeysetPass, Step
 from toolkit.milestones import slug
 from toolkit.milestones.base import (
     SUPERSEDED,
-    Milestone,
     TransitionTriggerStep,
     superseded_by_cleanup,
 )

@@ -40,12 +40,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.catalog import column_exists, relation_exists
+from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_ARCHIVES
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.verify.digest import Memo, query_digest, table_digest
 
 FORMAT = 1
-ARCHIVE_EXPERIMENTS = "toolkit.m4_archive_ml_experiments"
-ARCHIVE_METADATA = "toolkit.m4_archive_ml_experiment_metadata"
 CREATED_MODELS = "toolkit.m3_created_models"
 
 FROM_EXPERIMENTS = "experiments"
@@ -94,26 +94,16 @@ class Difference:
         return f"{self.part}: {side(self.before)} before, {side(self.after)} now"
 
 
-def _exists(conn: Connection, relation: str) -> bool:
-    return conn.execute(sa.text("SELECT to_regclass(:r) IS NOT NULL"), {"r": relation}).scalar_one()
-
-
-def _has_column(conn: Connection, table: str, column: str) -> bool:
-    return bool(conn.execute(sa.text(
-        "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(:t) AND attname = :c "
-        "AND NOT attisdropped"), {"t": table, "c": column}).scalar_one())
-
-
 def mlflow_source(conn: Connection) -> str | None:
-    if _exists(conn, "ml_experiments"):
-        return FROM_MODELS if _has_column(conn, "ml_models", "display_name") else FROM_EXPERIMENTS
-    return FROM_MODELS_AND_ARCHIVE if _exists(conn, ARCHIVE_EXPERIMENTS) else None
+    if relation_exists(conn, "ml_experiments"):
+        return FROM_MODELS if column_exists(conn, "ml_models", "display_name") else FROM_EXPERIMENTS
+    return FROM_MODELS_AND_ARCHIVE if relation_exists(conn, M4_ARCHIVE_EXPERIMENTS) else None
 
 
 def _experiments_relation(source: str) -> tuple[str, str]:
     """Where experiments and their tags are read: the live tables, or the archive."""
     if source == FROM_MODELS_AND_ARCHIVE:
-        return ARCHIVE_EXPERIMENTS, ARCHIVE_METADATA
+        return M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA
     return "ml_experiments", "ml_experiment_metadata"
 
 
@@ -126,7 +116,7 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
             FROM ml_experiments x WHERE x.id <= :w_experiments"""
         run_parent = "LEFT JOIN ml_experiments x ON x.id = c.experiment_id"
     else:
-        created = (f"SELECT model_id FROM {CREATED_MODELS}" if _exists(conn, CREATED_MODELS)
+        created = (f"SELECT model_id FROM {CREATED_MODELS}" if relation_exists(conn, CREATED_MODELS)
                    else "SELECT NULL::bigint AS model_id WHERE false")
         experiment_rows = f"""
             SELECT ROW(COALESCE(m.project_id, x.project_id), x.iid,
@@ -137,7 +127,7 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
             WHERE x.id <= :w_experiments"""
         # a candidate reaches its experiment through its model; one the backfill has not
         # reached yet (milestone 3 in progress) still through experiment_id
-        if _has_column(conn, "ml_candidates", "experiment_id"):
+        if column_exists(conn, "ml_candidates", "experiment_id"):
             run_parent = f"""LEFT JOIN {experiments} xm ON xm.model_id = c.model_id
                 LEFT JOIN {experiments} xe ON xe.id = c.experiment_id AND c.model_id IS NULL
                 CROSS JOIN LATERAL (SELECT COALESCE(xm.project_id, xe.project_id) AS project_id,
@@ -185,10 +175,10 @@ _NO_BOUND = 2**63 - 1
 def _watermarks(conn: Connection) -> dict[str, int | None]:
     """The highest id of every ML table (the archive stands in for dropped tables)."""
     marks: dict[str, int | None] = {}
-    archived = {"ml_experiments": ARCHIVE_EXPERIMENTS, "ml_experiment_metadata": ARCHIVE_METADATA}
+    archived = M4_ARCHIVES
     for table in ML_TABLE_NAMES:
-        relation = table if _exists(conn, table) else archived.get(table)
-        if relation and _exists(conn, relation):
+        relation = table if relation_exists(conn, table) else archived.get(table)
+        if relation and relation_exists(conn, relation):
             marks[table] = conn.execute(sa.text(f"SELECT COALESCE(max(id), 0) FROM {relation}")).scalar_one()
         else:
             marks[table] = None
@@ -222,7 +212,7 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
 
     tables: dict[str, dict[str, Any] | None] = {}
     for table in ML_TABLE_NAMES:
-        if not _exists(conn, table):
+        if not relation_exists(conn, table):
             tables[table] = None
             continue
         digest = table_digest(conn, table, "t.id <= :w", {"w": bound(table)}, memo)

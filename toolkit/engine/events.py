@@ -1,0 +1,82 @@
+"""How the engine tells what it is doing: through callbacks it is given, never by printing.
+
+Django's executor reports progress through a callback and Alembic's runtime logs while only
+its command layer prints; the engine here does both. A command passes its terminal
+(:class:`toolkit.output.Output` has these methods) as the run's :class:`Events`; a library
+caller (``scripts/bench.py``, a test) gets :class:`Logged`, which hands each message to
+the ``toolkit.engine`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+PROGRESS_EVERY_ENV = "TOOLKIT_PROGRESS_EVERY_S"
+log = logging.getLogger("toolkit.engine")
+
+
+def progress_every_s() -> float:
+    """How often a long wait or pass reports itself (seconds, ``TOOLKIT_PROGRESS_EVERY_S``)."""
+    try:
+        return float(os.environ.get(PROGRESS_EVERY_ENV, "5"))
+    except ValueError:
+        return 5.0
+
+
+class Progress(Protocol):
+    def __enter__(self) -> Progress: ...
+
+    def __exit__(self, *exc: object) -> object: ...
+
+    def update(self, n: int) -> object: ...
+
+
+class Events(Protocol):
+    """What a run reports: narration, warnings, notes, and the progress of a pass."""
+
+    secrets: tuple[str, ...]  # never to be shown: the events' reader redacts them
+
+    def say(self, message: str = "") -> None: ...
+
+    def warn(self, message: str) -> None: ...
+
+    def note(self, message: str) -> None: ...
+
+    def progress(self, total: int | None, description: str, unit: str = "rows") -> Progress: ...
+
+
+class _LoggedProgress:
+    def __init__(self, total: int | None, description: str) -> None:
+        self.total, self.description, self.done = total, description, 0
+
+    def __enter__(self) -> _LoggedProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log.debug("%s: %s of %s", self.description, self.done, self.total)
+
+    def update(self, n: int) -> None:
+        self.done += n
+
+
+class Logged:
+    """The events of a run nobody watches on a terminal: each goes to the logger."""
+
+    secrets: tuple[str, ...] = ()
+
+    def say(self, message: str = "") -> None:
+        log.info(message)
+
+    def warn(self, message: str) -> None:
+        log.warning(message)
+
+    def note(self, message: str) -> None:
+        log.info(message)
+
+    def progress(self, total: int | None, description: str, unit: str = "rows") -> _LoggedProgress:
+        return _LoggedProgress(total, description)
+
+
+LOGGED = Logged()

@@ -1,0 +1,89 @@
+"""The plan the engine receives (Sqitch's engine is handed its plan): the milestones in
+order, what each reads, changes and drops, and what must hold before it runs.
+
+The engine knows no milestone by name. ``toolkit.milestones`` builds the plan; the runner,
+the preflight and ``status`` ask it which milestone comes before or after another, which
+GitLab tables make a database GitLab's, and which objects a started milestone may already
+have removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import Connection
+
+from toolkit.engine import state
+from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.step import Step
+from toolkit.errors import UsageProblem
+
+
+@dataclass(frozen=True, kw_only=True)
+class Milestone:
+    name: str
+    number: int
+    title: str
+    steps: tuple[Step, ...]
+    reads: tuple[str, ...]  # GitLab tables that must exist with the expected columns
+    updates: tuple[str, ...] = ()  # GitLab tables it UPDATEs (privileges checked first)
+    drops: tuple[str, ...] = ()  # GitLab tables it drops (their fingerprint goes on purpose)
+    drops_columns: tuple[str, ...] = ()  # "table.column" it drops
+    # Preconditions beyond "the previous milestone verifies" (milestone 4 has several).
+    preconditions: Callable[[Connection], list[Check]] | None = field(default=None, compare=False)
+    confirm: bool = False  # destructive: needs --yes or the database name typed
+
+    def plan(self, conn: Connection) -> list[StepPlan]:
+        return [step.plan(conn) for step in self.steps]
+
+    def verify(self, conn: Connection) -> list[Check]:
+        return [check for step in self.steps for check in step.verify(conn)]
+
+    @property
+    def changes(self) -> tuple[str, ...]:
+        """Tables whose fingerprint this milestone changes on purpose."""
+        return self.updates + self.drops
+
+    @property
+    def removes(self) -> frozenset[str]:
+        """What it drops, tables and ``table.column``: once it has started they may be gone."""
+        return frozenset(self.drops + self.drops_columns)
+
+
+@dataclass(frozen=True)
+class MilestonePlan:
+    milestones: tuple[Milestone, ...]
+
+    def __iter__(self) -> Iterator[Milestone]:
+        return iter(self.milestones)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.milestones]
+
+    def get(self, name: str) -> Milestone:
+        key = name if name.startswith("milestone-") else f"milestone-{name}"
+        for milestone in self.milestones:
+            if milestone.name == key:
+                return milestone
+        raise UsageProblem(f"Unknown milestone {name!r}", f"use one of: {', '.join(self.names)}")
+
+    def previous(self, milestone: Milestone) -> Milestone | None:
+        return next((m for m in self.milestones if m.number == milestone.number - 1), None)
+
+    def later(self, milestone: Milestone) -> list[Milestone]:
+        return [m for m in self.milestones if m.number > milestone.number]
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """GitLab's tables that some milestone reads: what makes a database GitLab's."""
+        return tuple(dict.fromkeys(t for m in self.milestones for t in m.reads))
+
+    def may_be_gone(self, conn: Connection) -> frozenset[str]:
+        """Tables and columns a milestone that has started may have dropped already."""
+        gone: set[str] = set()
+        for milestone in self.milestones:
+            if milestone.removes and state.milestone_state(conn, milestone.name)["state"] in state.STARTED:
+                gone |= milestone.removes
+        return frozenset(gone)

@@ -1,0 +1,38 @@
+"""Milestone 4: archive, then drop ``ml_experiments``, ``ml_experiment_metadata`` and
+``ml_candidates.experiment_id``; a rollback rebuilds them exactly and restores every row.
+
+Its steps, in order (each safe to run again after a crash, each with its own plan, verify,
+remaining and backward):
+
+1. :class:`~.steps.CaptureDdl`: record, from the catalog, the DDL of everything that will
+   be dropped (:mod:`.capture`);
+2. :class:`~.steps.ArchiveRows`: archive tables ``LIKE`` the live ones, triggers that keep
+   them in sync while GitLab writes, then the rows in keyset batches (:mod:`.archive`);
+3. :class:`~.steps.CheckArchive`: source and archive compared row for row (count and
+   content hash); any difference stops the run before anything is dropped;
+4. :class:`~.steps.ModelIdNotNull`: ``ml_candidates.model_id`` NOT NULL without a long
+   lock, and the run uniqueness ``(model_id, eid)`` built CONCURRENTLY;
+5. :class:`~.drop.DropLegacy`: the drops, each under lock_timeout with retries; backward,
+   the exact rebuild.
+"""
+
+from __future__ import annotations
+
+from toolkit.engine.plan import Milestone
+from toolkit.milestones.m4.drop import DropLegacy
+from toolkit.milestones.m4.preconditions import preconditions
+from toolkit.milestones.m4.steps import ArchiveRows, CaptureDdl, CheckArchive, ModelIdNotNull
+from toolkit.names import M4_DROPPED_COLUMN, M4_DROPPED_TABLES
+
+MILESTONE_4 = Milestone(
+    name="milestone-4",
+    number=4,
+    title="Cleanup: archive, then drop ml_experiments, ml_experiment_metadata, candidates' experiment_id",
+    steps=(CaptureDdl(), ArchiveRows(), CheckArchive(), ModelIdNotNull(), DropLegacy()),
+    reads=("ml_candidates", "ml_models"),
+    updates=("ml_candidates",),
+    drops=M4_DROPPED_TABLES,
+    drops_columns=(".".join(M4_DROPPED_COLUMN),),
+    preconditions=preconditions,
+    confirm=True,
+)

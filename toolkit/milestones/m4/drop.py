@@ -1,0 +1,167 @@
+"""Milestone 4's last step: drop the transition triggers, ``ml_candidates.experiment_id``,
+then ``ml_experiment_metadata`` and ``ml_experiments``; each under lock_timeout with
+retries. Its backward is the exact rebuild, replayed from the DDL :mod:`.capture`
+recorded and the rows :mod:`.archive` kept.
+
+``toolkit sql milestone-4 --rollback`` against a database where milestone 4 is applied
+shows every statement the rebuild will run (the ``StoredStatements`` read them); without
+one, it shows the query that yields them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy.engine import Connection
+
+from toolkit import catalog
+from toolkit.engine.actions import Action
+from toolkit.engine.catalog_checks import remedy
+from toolkit.engine.ddl import Statements, StoredStatements
+from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.step import KeysetPass, Step
+from toolkit.milestones.m4 import archive, capture
+from toolkit.milestones.m4.steps import EXPERIMENTS_GONE, schema_plan
+from toolkit.names import (
+    M4_ARCHIVE_EXPERIMENTS,
+    M4_ARCHIVE_METADATA,
+    M4_DROPPED_COLUMN,
+    M4_DROPPED_TABLES,
+    M4_EXPERIMENT_ID_CHECK,
+    M4_SYNC_TRIGGER,
+    TRANSITION_TRIGGERS,
+)
+
+EXPERIMENT_ID_NOT_NULL = catalog.column_not_null_sql(*M4_DROPPED_COLUMN)
+
+
+def _stored(name: str, description: str, done_sql: str, *phases: str, transactional: bool = True,
+            then: Callable[[Connection], list[str]] | None = None) -> StoredStatements:
+    """A rebuild action whose statements are the recorded ones of ``phases`` (and ``then``'s)."""
+    query, read = capture.statements(*phases)
+    if then is not None:
+        return StoredStatements(name, description, done_sql, lambda conn: [*read(conn), *then(conn)],
+                                query, transactional)
+    return StoredStatements(name, description, done_sql, read, query, transactional)
+
+
+def _foreign_keys_not_valid(conn: Connection) -> list[str]:
+    statements = []
+    for fk in capture.recorded(conn, "foreign_keys"):
+        statements.append(f"ALTER TABLE {fk.table} DROP CONSTRAINT IF EXISTS {fk.name}")
+        statements.append(fk.sql if fk.sql.endswith("NOT VALID") else f"{fk.sql} NOT VALID")
+    return statements
+
+
+def _validate_foreign_keys(conn: Connection) -> list[str]:
+    return [f"ALTER TABLE {fk.table} VALIDATE CONSTRAINT {fk.name}"
+            for fk in capture.recorded(conn, "foreign_keys") if not fk.sql.endswith("NOT VALID")]
+
+
+def _functions_and_triggers(conn: Connection) -> list[str]:
+    statements = [s.sql for s in capture.recorded(conn, "functions")]
+    for trigger in capture.recorded(conn, "triggers"):
+        statements += [f"DROP TRIGGER IF EXISTS {trigger.name} ON {trigger.table}", trigger.sql]
+    return statements
+
+
+_FOREIGN_KEYS_QUERY, _ = capture.statements("foreign_keys")
+_TRIGGERS_QUERY, _ = capture.statements("functions", "triggers")
+
+
+class DropLegacy(Step):
+    name = "drop-legacy"
+    description = ("drop the transition triggers, ml_candidates.experiment_id, ml_experiment_metadata "
+                   "and ml_experiments")
+    unit = "schema changes"
+    schema_changes = 3  # two tables and a column dropped
+
+    def forward(self) -> list[Action]:
+        names = tuple(trigger for _, trigger in TRANSITION_TRIGGERS)
+        return [
+            Statements("drop-transition-triggers", "remove milestone 2's and 3's transition triggers",
+                       catalog.triggers_gone_sql(names),
+                       tuple(s for table, trigger in TRANSITION_TRIGGERS for s in (
+                           f"DROP TRIGGER IF EXISTS {trigger} ON {table}",
+                           f"DROP FUNCTION IF EXISTS {trigger}()")),
+                       tables=tuple(table for table, _ in TRANSITION_TRIGGERS)),
+            Statements("drop-candidates-experiment-id", "drop ml_candidates.experiment_id",
+                       catalog.column_gone_sql(*M4_DROPPED_COLUMN),
+                       (f"DROP TRIGGER IF EXISTS {M4_SYNC_TRIGGER} ON ml_candidates",
+                        "ALTER TABLE ml_candidates DROP COLUMN IF EXISTS experiment_id"),
+                       tables=("ml_candidates",)),
+            Statements("drop-ml-experiment-metadata", "drop ml_experiment_metadata",
+                       catalog.relation_gone_sql("ml_experiment_metadata"),
+                       ("DROP TABLE IF EXISTS ml_experiment_metadata",
+                        "DROP FUNCTION IF EXISTS trigger_2b8fdc9b4a4e()"),
+                       tables=("ml_experiment_metadata",)),
+            Statements("drop-ml-experiments", "drop ml_experiments", EXPERIMENTS_GONE,
+                       ("DROP TABLE IF EXISTS ml_experiments",), tables=("ml_experiments",)),
+        ]
+
+    def backward(self) -> list[Action]:
+        restored = " AND ".join(f"to_regclass('{t}') IS NOT NULL" for t in M4_DROPPED_TABLES)
+        check_in_place = catalog.constraint_exists_sql(M4_EXPERIMENT_ID_CHECK)
+        return [
+            _stored("rebuild-tables", "recreate sequences, tables and primary keys from the archive",
+                    f"SELECT {restored}", "sequences", "tables", "owned_by", "primary_keys"),
+            KeysetPass("restore-ml-experiments", "restore ml_experiments rows", M4_ARCHIVE_EXPERIMENTS,
+                       archive.copy_sql(M4_ARCHIVE_EXPERIMENTS, "ml_experiments")),
+            KeysetPass("restore-ml-experiment-metadata", "restore ml_experiment_metadata rows",
+                       M4_ARCHIVE_METADATA, archive.copy_sql(M4_ARCHIVE_METADATA, "ml_experiment_metadata")),
+            _stored("rebuild-constraints-and-indexes", "sequence positions, constraints, indexes",
+                    catalog.relation_exists_sql("index_ml_experiments_on_project_id_and_iid"),
+                    "setval", "constraints", "indexes"),
+            _stored("rebuild-candidates-experiment-id", "add ml_candidates.experiment_id back",
+                    catalog.column_exists_sql(*M4_DROPPED_COLUMN), "candidate_column"),
+            KeysetPass("restore-candidate-experiments", "restore each candidate's experiment_id",
+                       "ml_candidates", archive.RESTORE_CANDIDATE_EXPERIMENTS),
+            Statements("experiment-id-check", "CHECK (experiment_id IS NOT NULL) NOT VALID",
+                       f"SELECT ({EXPERIMENT_ID_NOT_NULL}) OR ({check_in_place})",
+                       (f"ALTER TABLE ml_candidates ADD CONSTRAINT {M4_EXPERIMENT_ID_CHECK} "
+                        "CHECK (experiment_id IS NOT NULL) NOT VALID",)),
+            Statements("experiment-id-validate", "VALIDATE it (writes go on)",
+                       f"SELECT ({EXPERIMENT_ID_NOT_NULL}) OR "
+                       f"({catalog.constraint_exists_sql(M4_EXPERIMENT_ID_CHECK, validated=True)})",
+                       (f"ALTER TABLE ml_candidates VALIDATE CONSTRAINT {M4_EXPERIMENT_ID_CHECK}",)),
+            _stored("experiment-id-not-null", "SET NOT NULL as it was", EXPERIMENT_ID_NOT_NULL,
+                    "candidate_not_null",
+                    then=lambda conn: [f"ALTER TABLE ml_candidates DROP CONSTRAINT IF EXISTS "
+                                       f"{M4_EXPERIMENT_ID_CHECK}"]),
+            _stored("rebuild-candidate-indexes", "indexes on experiment_id, CONCURRENTLY",
+                    catalog.relation_exists_sql("index_ml_candidates_on_experiment_id_and_eid"),
+                    "candidate_indexes", transactional=False),
+            StoredStatements("rebuild-foreign-keys", "foreign keys, NOT VALID first", "SELECT false",
+                             _foreign_keys_not_valid, _FOREIGN_KEYS_QUERY),
+            StoredStatements("validate-foreign-keys", "VALIDATE them as they were (writes go on)",
+                             "SELECT false", _validate_foreign_keys, _FOREIGN_KEYS_QUERY),
+            StoredStatements("rebuild-triggers",
+                             "trigger functions and triggers, transition triggers included",
+                             "SELECT false", _functions_and_triggers, _TRIGGERS_QUERY),
+        ]
+
+    def plan(self, conn: Connection) -> StepPlan:
+        return schema_plan(self, self.schema_changes_left(conn) == 0)
+
+    def remaining(self, conn: Connection) -> int:
+        return self.schema_changes_left(conn)
+
+    def schema_changes_left(self, conn: Connection) -> int:
+        return (sum(int(catalog.relation_exists(conn, t)) for t in M4_DROPPED_TABLES)
+                + int(catalog.column_exists(conn, *M4_DROPPED_COLUMN)))
+
+    def verify(self, conn: Connection) -> list[Check]:
+        left = [t for t in M4_DROPPED_TABLES if catalog.relation_exists(conn, t)]
+        column_gone = not catalog.column_exists(conn, *M4_DROPPED_COLUMN)
+        leftovers = catalog.triggers_present(conn, (*(t for _, t in TRANSITION_TRIGGERS), M4_SYNC_TRIGGER))
+        return [
+            Check(name="ml_experiments and ml_experiment_metadata dropped", ok=not left,
+                  detail="dropped" if not left else f"still present: {sorted(left)}",
+                  remedy=remedy(not left, "milestone-4")),
+            Check(name="ml_candidates.experiment_id dropped", ok=column_gone,
+                  detail="dropped" if column_gone else "present", remedy=remedy(column_gone, "milestone-4")),
+            Check(name="transition and sync triggers removed", ok=not leftovers,
+                  detail="removed" if not leftovers else f"left: {leftovers}",
+                  remedy=remedy(not leftovers, "milestone-4")),
+        ]
+
