@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from helpers import snapshot, toolkit, toolkit_json, toolkit_process
 
 from toolkit import milestones as registry
-from toolkit.cli.migrate import positional
+from toolkit.cli.sql import positional
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV, RunOptions
 from toolkit.engine.runner import Runner
 from toolkit.errors import ExitCode

@@ -11,12 +11,12 @@ Create Date: 2026-11-23
 import sqlalchemy as sa
 from alembic import context, op
 
+from toolkit.names import M2_INDEX as INDEX
+
 revision = "m2_0002"
 down_revision = "m2_0001"
 branch_labels = None
 depends_on = None
-
-INDEX = "index_ml_candidates_on_model_id"
 
 
 def upgrade() -> None:

@@ -17,12 +17,12 @@ Create Date: 2026-11-23
 
 from alembic import op
 
+from toolkit.names import M2_TRIGGER as NAME
+
 revision = "m2_0004"
 down_revision = "m2_0003"
 branch_labels = None
 depends_on = None
-
-NAME = "trigger_ml_candidates_model_id_transition"
 
 
 def upgrade() -> None:

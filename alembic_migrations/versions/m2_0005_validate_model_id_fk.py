@@ -7,12 +7,12 @@ Create Date: 2026-11-23
 
 from alembic import op
 
+from toolkit.names import M2_FOREIGN_KEY as FK
+
 revision = "m2_0005"
 down_revision = "m2_0004"
 branch_labels = None
 depends_on = None
-
-FK = "fk_ml_candidates_model_id"
 
 
 def upgrade() -> None:

@@ -10,12 +10,12 @@ Create Date: 2026-11-23
 
 from alembic import op
 
+from toolkit.names import M3_TRIGGER as NAME
+
 revision = "m3_0002"
 down_revision = "m3_0001"
 branch_labels = None
 depends_on = None
-
-NAME = "trigger_ml_models_display_name_transition"
 
 
 def upgrade() -> None:

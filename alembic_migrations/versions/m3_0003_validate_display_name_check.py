@@ -7,12 +7,12 @@ Create Date: 2026-11-23
 
 from alembic import op
 
+from toolkit.names import M3_CHECK as CHECK
+
 revision = "m3_0003"
 down_revision = "m3_0002"
 branch_labels = None
 depends_on = None
-
-CHECK = "check_ml_models_display_name_length"
 
 
 def upgrade() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from toolkit.engine.listing import count_of
+from toolkit.engine.outcomes import PlanResult
 from toolkit.engine.results import Anomaly, Check
-from toolkit.engine.runner import PlanResult
 from toolkit.output import out
 
 SHOWN_IDS = 12

@@ -210,7 +210,8 @@ class PythonBody(SchemaChange):
         return f"-- {self.description} (done by the toolkit in Python, see docs/blueprint.md)"
 
     def how_it_runs(self) -> str:
-        return "Done by the toolkit (no SQL of its own to show); safe to run again."
+        return ("Schema change step done by the toolkit in Python (no SQL of its own to show), "
+                "under the same timeouts and retries; safe to run again.")
 
     def apply(self, conn: Connection) -> None:
         self.body(conn)

@@ -6,32 +6,30 @@ The runner is the only place that decides *when* a step's passes execute; the st
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.conninfo import render as render_url
-from toolkit.db import cannot_connect, classify, first_line, lost_session_error, session_lost
+from toolkit.db import cannot_connect, classify, session_lost
 from toolkit.engine import state
 from toolkit.engine.actions import Action, ActionRun
 from toolkit.engine.batches import (
     Budget,
-    PassResult,
     RunOptions,
     after_action,
     read_with_retries,
 )
 from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.health import Limits, Throttle
-from toolkit.engine.lease import UNFENCED, Hold, HoldLost
+from toolkit.engine.history import RunHistory
+from toolkit.engine.lease import Hold, HoldLost
 from toolkit.engine.listing import count_of
+from toolkit.engine.outcomes import ApplyResult, Gate, PlanResult, VerifyResult, timed
 from toolkit.engine.plan import Milestone, MilestonePlan
 from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import (
@@ -40,16 +38,14 @@ from toolkit.engine.preflight import (
     check_privileges,
     check_writable,
 )
-from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.results import Check
+from toolkit.engine.signals import stop_on_signals
 from toolkit.errors import (
     DatabaseProblem,
-    Interrupted,
     LockUnavailable,
     PreconditionRefused,
     SessionLost,
-    Throttled,
     ToolkitError,
-    VerificationFailed,
     redact,
 )
 from toolkit.schema.gitlab import ML_TABLE_NAMES
@@ -60,86 +56,6 @@ from toolkit.verify.fingerprint import take
 
 T = TypeVar("T")
 MAX_RECONNECT_DELAY_S = 30.0
-
-
-@dataclass
-class Gate:
-    ok: bool
-    previous: str | None = None
-    failures: list[Check] = field(default_factory=list)
-
-    def refusal(self, milestone: Milestone) -> PreconditionRefused:
-        first = self.failures[0]
-        if first.name.startswith("precondition:"):
-            return PreconditionRefused(
-                f"{milestone.name} must wait: {first.name.removeprefix('precondition: ')}: {first.detail}",
-                first.remedy, details={"failures": [c.as_dict() for c in self.failures]})
-        return PreconditionRefused(
-            f"{milestone.name} must wait: {self.previous} does not verify ({first.detail})",
-            f"run `toolkit verify {self.previous}` to see what blocks it, then "
-            f"`toolkit migrate {self.previous}`",
-            details={"previous": self.previous, "failures": [c.as_dict() for c in self.failures]},
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "previous": self.previous,
-                "failures": [c.as_dict() for c in self.failures]}
-
-
-@dataclass
-class PlanResult:
-    milestone: Milestone
-    steps: list[StepPlan]
-    gate: Gate
-
-    @property
-    def rows(self) -> int:
-        return sum(s.rows for s in self.steps)
-
-
-@dataclass
-class VerifyResult:
-    milestone: Milestone
-    checks: list[Check]
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    def failure(self) -> VerificationFailed:
-        failed = [c for c in self.checks if not c.ok]
-        return VerificationFailed(
-            f"{self.milestone.name} does not verify: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
-            f"resolve each kind as `toolkit verify {self.milestone.name}` lists it, "
-            f"then run `toolkit migrate {self.milestone.name}` again",
-            details={"checks": [c.as_dict() for c in self.checks]},
-        )
-
-
-@dataclass
-class ApplyResult:
-    milestone: Milestone
-    run_id: int
-    passes: list[PassResult]
-    stopped: str | None = None
-    verify: VerifyResult | None = None
-    outcome: str = "succeeded"
-    # Wall time of each phase ("fingerprint", "apply", "verify", "checks") and of the run.
-    timings: dict[str, float] = field(default_factory=dict)
-    # Seconds spent waiting on the database's health, by signal (health.py).
-    throttled_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def seconds(self) -> float:
-        return sum(self.timings.values())
-
-    @property
-    def complete(self) -> bool:
-        return self.stopped is None
-
-    @property
-    def rows(self) -> int:
-        return sum(p.rows for p in self.passes)
 
 
 class Runner:
@@ -153,7 +69,7 @@ class Runner:
         self.options = options or RunOptions()
         self.command = command
         self.lock_wait_s = lock_wait_s
-        self._unrecorded: list[tuple[int, str, dict[str, int], str | None, dict[str, Any] | None]] = []
+        self.history = RunHistory(engine, self.options, events, command)
 
     # -- read-only -------------------------------------------------------------------
     @contextmanager
@@ -305,12 +221,12 @@ class Runner:
             if go_ahead is not None:
                 go_ahead()
             passes = [p for step in milestone.steps for p in step.forward()]
-            with self._recorded_run(hold, milestone, "migrate", state.IN_PROGRESS) as result:
+            with self.history.recorded(hold, milestone, "migrate", state.IN_PROGRESS) as result:
                 self._run_passes(hold, result, passes, before=self.take_baseline)
                 if result.complete:
                     self._set_state(milestone, state.APPLIED, result.run_id)
                     if verify_after:
-                        with _timed(result, "verify"):
+                        with timed(result, "verify"):
                             result.verify = self._closing_verify(milestone)
                         if result.verify.ok:
                             self._set_state(milestone, state.VERIFIED, result.run_id)
@@ -344,10 +260,10 @@ class Runner:
                 go_ahead()
             passes = [p for step in reversed(milestone.steps) for p in step.backward()]
             checks: list[Check] = []
-            with self._recorded_run(hold, milestone, "rollback", state.ROLLING_BACK) as result:
+            with self.history.recorded(hold, milestone, "rollback", state.ROLLING_BACK) as result:
                 self._run_passes(hold, result, passes)
                 if result.complete:
-                    with _timed(result, "checks"), self.read_only() as conn:
+                    with timed(result, "checks"), self.read_only() as conn:
                         checks = [c for step in milestone.steps for c in step.rollback_checks(conn)]
                         back = baselines.checks_against_baseline(conn, milestone.name, rolled_back=True)
                     checks += back
@@ -383,7 +299,7 @@ class Runner:
                 error = redact(f"{type(exc).__name__}: {exc}")
                 raise
             finally:
-                self._record_end(run_id, outcome, {}, error)
+                self.history.record_end(run_id, outcome, {}, error)
 
     def _reconnecting(self, attempt: Callable[[bool], T]) -> T:
         """Run ``attempt`` and, with ``--reconnect N``, run it again after the database ended
@@ -414,88 +330,14 @@ class Runner:
             return "the database cannot be reached"
         return session_lost(exc, during_run=True)
 
-    def _recorded_command(self, verb: str, milestone: Milestone) -> str:
-        """The command for history. One that runs several milestones (``toolkit demo``) gets
-        the part this run was, so history still says what each of its runs did."""
-        if not self.command:
-            return f"toolkit {verb} {milestone.name}"
-        if milestone.name in self.command:
-            return self.command
-        return f"{self.command} ({verb} {milestone.name})"
-
-    @contextmanager
-    def _recorded_run(self, hold: Hold, milestone: Milestone, verb: str,
-                      state_during: str) -> Iterator[ApplyResult]:
-        """Claim the lease, open the history row and set the milestone's state; on the way
-        out record how the run really ended, whatever ended it."""
-        with self.engine.connect() as conn:
-            ensure_own_tables(conn)
-            hold.claim(conn)
-            run_id = state.start_run(conn, self._recorded_command(verb, milestone), milestone.name,
-                                     self.options.as_dict())
-            hold.record_run(conn, run_id)
-            state.set_milestone_state(conn, milestone.name, state_during, run_id)
-            while self._unrecorded:  # an earlier attempt's end, now that the database answers
-                state.finish_run(conn, *self._unrecorded.pop())
-            state.close_abandoned_runs(conn, run_id)
-            conn.commit()
-        result = ApplyResult(milestone, run_id, [])
-        try:
-            yield result
-        except KeyboardInterrupt:
-            self._finish(result, "interrupted", "aborted during a batch; that batch was rolled back")
-            raise Interrupted(
-                f"Aborted: {milestone.name} stopped during a batch, which was rolled back",
-                "run the same command again to resume from the last completed batch",
-            ) from None
-        except SessionLost as exc:
-            self._finish(result, "interrupted", exc.one_line())
-            raise
-        except ToolkitError as exc:
-            self._finish(result, "failed", exc.one_line())
-            raise
-        except DBAPIError as exc:
-            why = session_lost(exc, during_run=True) or (
-                "the database cannot be reached" if cannot_connect(exc) else None)
-            if why:
-                lost = lost_session_error(exc, why, render_url(self.engine.url), self.events.secrets)
-                self._finish(result, "interrupted", lost.one_line())
-                raise lost from exc
-            self._finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
-            raise
-        except Exception as exc:
-            self._finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
-            raise
-        if result.stopped == "interrupted":
-            self._finish(result, "interrupted")
-            raise Interrupted(
-                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows",
-                "run the same command again to resume from where it stopped",
-                details={"passes": [p.__dict__ for p in result.passes]},
-            )
-        if result.stopped == "throttled":
-            self._finish(result, "throttled")
-            waited = ", ".join(f"{signal.replace('_', ' ')} {seconds:.1f} s"
-                               for signal, seconds in result.throttled_seconds.items())
-            raise Throttled(
-                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows: the database "
-                f"stayed unhealthy for --max-throttle-s {self.options.max_throttle_s:g} s of waiting "
-                f"({waited}); nothing is half-done",
-                "run the same command again to resume once the database is healthy (see the health "
-                "readings in `toolkit plan`); a larger --max-throttle-s waits longer",
-                details={"passes": [p.__dict__ for p in result.passes],
-                         "throttled_seconds": result.throttled_seconds},
-            )
-        self._finish(result, result.outcome)
-
     def _run_passes(self, hold: Hold, result: ApplyResult, passes: list[Action],
                     before: Callable[[Milestone], None] | None = None) -> None:
         milestone = result.milestone
         budget = Budget(self.options, events=self.events)
         budget.throttle = self._throttle(budget)
-        with _stop_on_signals(budget):
+        with stop_on_signals(budget):
             if before is not None:
-                with _timed(result, "fingerprint"):
+                with timed(result, "fingerprint"):
                     before(milestone)
             try:
                 self._run_actions(hold, result, passes, budget)
@@ -548,59 +390,5 @@ class Runner:
         with self.engine.connect() as conn:
             baselines.save(conn, milestone.name, fingerprint, None)
 
-    def _finish(self, result: ApplyResult, outcome: str, error: str | None = None) -> None:
-        self._record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error,
-                         {"throttled_seconds": result.throttled_seconds})
-
-    def _record_end(self, run_id: int, outcome: str, rows: dict[str, int], error: str | None,
-                    extra: dict[str, Any] | None = None) -> None:
-        """The run's own history row, written even after the hold is lost (it says so) and
-        given up on, with a warning, when the server cannot be reached to write it."""
-        try:
-            with self.engine.connect() as conn:
-                conn = conn.execution_options(**{UNFENCED: True})
-                state.finish_run(conn, run_id, outcome, rows, error, extra)
-        except DBAPIError as exc:
-            # After a failover the old primary is gone and the new one may still be read-only:
-            # the next attempt (--reconnect) records it once it holds the lease.
-            self._unrecorded.append((run_id, outcome, rows, error, extra))
-            self.events.warn(
-                f"could not record how run {run_id} ended ({first_line(exc, self.events.secrets)}); "
-                "`toolkit history` shows it as stopped unrecorded unless --reconnect records it"
-            )
-
-
-@contextmanager
-def _timed(result: ApplyResult, phase: str) -> Iterator[None]:
-    began = time.perf_counter()
-    try:
-        yield
-    finally:
-        result.timings[phase] = result.timings.get(phase, 0.0) + time.perf_counter() - began
-
-
 def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-@contextmanager
-def _stop_on_signals(budget: Budget) -> Iterator[None]:
-    """First Ctrl-C (or SIGTERM): finish the current batch, then stop. Second: abort it now."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        if budget.stop_requested:
-            raise KeyboardInterrupt
-        budget.stop_requested = True
-        budget.events.warn(
-            "stopping after the current batch (Ctrl-C again aborts it; it would be rolled back)"
-        )
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

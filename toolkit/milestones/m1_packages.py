@@ -27,13 +27,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit import catalog
 from toolkit.engine.listing import count_of, listed
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Anomaly, Check, StepPlan
 from toolkit.engine.step import KeysetPass, Step
+from toolkit.names import M1_LEDGER as LEDGER
 from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES
-
-LEDGER = "toolkit.m1_converted_packages"
 
 # GitLab's Gitlab::Regex.semver_regex (anchored), in PostgreSQL's ARE syntax.
 SEMVER = (
@@ -221,15 +221,9 @@ class ConvertCandidatePackages(Step):
             "candidate packages of other types (never touched)": by_type.get("other", 0),
             "candidate packages still generic": by_type.get("generic", 0),
         }
-        return StepPlan(
-            step=self.name,
-            description=self.description,
-            rows=sum(breakdown.values()),
-            breakdown=breakdown,
-            context=context,
-            anomalies=find_anomalies(conn),
-            sql=self.forward_sql(),
-        )
+        return StepPlan(step=self.name, description=self.description, rows=sum(breakdown.values()),
+                        breakdown=breakdown, context=context, anomalies=find_anomalies(conn),
+                         sql=self.forward_sql())
 
     def remaining(self, conn: Connection) -> int:
         return conn.execute(sa.text(
@@ -238,7 +232,7 @@ class ConvertCandidatePackages(Step):
 
     def rollback_checks(self, conn: Connection) -> list[Check]:
         left = listed(conn, f"SELECT package_id FROM {LEDGER} ORDER BY package_id") \
-            if _ledger_exists(conn) else []
+            if catalog.relation_exists(conn, LEDGER) else []
         return [Check(
             name="every converted package restored",
             ok=not left,
@@ -275,10 +269,10 @@ class ConvertCandidatePackages(Step):
             remedy=" | ".join(f"{k}: {remedies[k]}" for k in sorted(reasons)) or None,
             rows=remaining,
         )]
-        undone = listed(conn, f"""
+        undone = [] if not catalog.relation_exists(conn, LEDGER) else listed(conn, f"""
             SELECT l.package_id, p.package_type FROM {LEDGER} l
             JOIN packages_packages p ON p.id = l.package_id
-            WHERE p.package_type <> 14 ORDER BY l.package_id""") if _ledger_exists(conn) else []
+            WHERE p.package_type <> 14 ORDER BY l.package_id""")
         checks.append(Check(
             name="converted packages are still ml_model",
             ok=not undone,
@@ -290,12 +284,8 @@ class ConvertCandidatePackages(Step):
         return checks
 
 
-def _ledger_exists(conn: Connection) -> bool:
-    return conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": LEDGER}).scalar_one()
-
-
 def ledger_size(conn: Connection) -> int:
-    if not _ledger_exists(conn):
+    if not catalog.relation_exists(conn, LEDGER):
         return 0
     return conn.execute(sa.text(f"SELECT count(*) FROM {LEDGER}")).scalar_one()
 

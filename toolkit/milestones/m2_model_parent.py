@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit import catalog
 from toolkit.engine.catalog_checks import constraint_validated, index_valid
 from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.listing import count_of, listed
@@ -25,10 +26,10 @@ from toolkit.milestones.base import (
     TransitionTriggerStep,
     superseded_by_cleanup,
 )
-
-INDEX = "index_ml_candidates_on_model_id"
-FK = "fk_ml_candidates_model_id"
-TRIGGER = "trigger_ml_candidates_model_id_transition"
+from toolkit.names import M2_COLUMN
+from toolkit.names import M2_FOREIGN_KEY as FK
+from toolkit.names import M2_INDEX as INDEX
+from toolkit.names import M2_TRIGGER as TRIGGER
 
 # One definition of "this candidate's model_id is not what its experiment says".
 MISMATCH = "c.model_id IS DISTINCT FROM e.model_id"
@@ -49,12 +50,6 @@ WITH changed AS (
 SELECT count(*) FROM changed"""
 
 
-def column_exists(conn: Connection) -> bool:
-    return conn.execute(sa.text(
-        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ml_candidates'::regclass "
-        "AND attname = 'model_id' AND NOT attisdropped)")).scalar_one()
-
-
 class AddModelIdColumn(SchemaStep):
     name = "add-model-id-column"
     description = "add nullable ml_candidates.model_id"
@@ -62,7 +57,7 @@ class AddModelIdColumn(SchemaStep):
     tables = ("ml_candidates",)
 
     def verify(self, conn: Connection) -> list[Check]:
-        ok = column_exists(conn)
+        ok = catalog.column_exists(conn, *M2_COLUMN)
         return [Check(name="ml_candidates.model_id exists", ok=ok, detail="present" if ok else "missing",
                       remedy=None if ok else "run `toolkit migrate milestone-2`")]
 
@@ -101,21 +96,14 @@ class BackfillModelId(Step):
                            locks=("ml_candidates", "ml_experiments"), driving_filter=NEEDS_A_LOOK)]
 
     def _count_sql(self, conn: Connection) -> str:
-        candidate_model = "c.model_id" if column_exists(conn) else "NULL::bigint"
+        candidate_model = "c.model_id" if catalog.column_exists(conn, *M2_COLUMN) else "NULL::bigint"
         return (f"FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id "
                 f"WHERE {candidate_model} IS DISTINCT FROM e.model_id")
 
     def plan(self, conn: Connection) -> StepPlan:
         if superseded_by_cleanup(conn):
-            return StepPlan(
-                step=self.name,
-                description=self.description,
-                rows=0,
-                breakdown={},
-                context={SUPERSEDED: 0},
-                anomalies=[],
-                sql=self.forward_sql(),
-            )
+            return StepPlan(step=self.name, description=self.description, rows=0, context={SUPERSEDED: 0},
+                            sql=self.forward_sql())
         count_from = self._count_sql(conn)
         rows = conn.execute(sa.text(f"SELECT count(*) {count_from}")).scalar_one()
         context = dict(conn.execute(sa.text("""
@@ -123,15 +111,8 @@ class BackfillModelId(Step):
                         || '(get model_id in milestone 3)'
                         ELSE 'candidates of default experiments' END, count(*)
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id GROUP BY 1""")).all())
-        return StepPlan(
-            step=self.name,
-            description=self.description,
-            rows=rows,
-            breakdown={"set model_id": rows},
-            context=context,
-            anomalies=[],
-            sql=self.forward_sql(),
-        )
+        return StepPlan(step=self.name, description=self.description, rows=rows,
+                        breakdown={"set model_id": rows}, context=context, sql=self.forward_sql())
 
     def remaining(self, conn: Connection) -> int:
         if superseded_by_cleanup(conn):
@@ -139,7 +120,7 @@ class BackfillModelId(Step):
         return conn.execute(sa.text(f"SELECT count(*) {self._count_sql(conn)}")).scalar_one()
 
     def verify(self, conn: Connection) -> list[Check]:
-        if not column_exists(conn):
+        if not catalog.column_exists(conn, *M2_COLUMN):
             return []
         if superseded_by_cleanup(conn):
             return [

@@ -24,6 +24,7 @@ from operator import itemgetter
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit import catalog
 from toolkit.engine.catalog_checks import constraint_validated
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.listing import STREAMED, Listing, count_of, listed
@@ -36,13 +37,13 @@ from toolkit.milestones.base import (
     TransitionTriggerStep,
     superseded_by_cleanup,
 )
-from toolkit.milestones.m2_model_parent import MISMATCH, column_exists
-
-CREATED = "toolkit.m3_created_models"
-COPIED = "toolkit.m3_copied_metadata"
-CLASHES = "toolkit.m3_metadata_clashes"
-DISPLAY_CHECK = "check_ml_models_display_name_length"
-DISPLAY_TRIGGER = "trigger_ml_models_display_name_transition"
+from toolkit.milestones.m2_model_parent import MISMATCH
+from toolkit.names import M2_COLUMN, M3_COLUMN
+from toolkit.names import M3_CHECK as DISPLAY_CHECK
+from toolkit.names import M3_COPIED_METADATA as COPIED
+from toolkit.names import M3_CREATED_MODELS as CREATED
+from toolkit.names import M3_METADATA_CLASHES as CLASHES
+from toolkit.names import M3_TRIGGER as DISPLAY_TRIGGER
 
 BACKFILL_DISPLAY_NAME = """
 WITH changed AS (
@@ -180,16 +181,6 @@ def remove_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
     return len(models)
 
 
-def display_name_exists(conn: Connection) -> bool:
-    return conn.execute(sa.text(
-        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ml_models'::regclass "
-        "AND attname = 'display_name' AND NOT attisdropped)")).scalar_one()
-
-
-def _ledger_exists(conn: Connection) -> bool:
-    return conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": CREATED}).scalar_one()
-
-
 class AddDisplayName(SchemaStep):
     name = "add-display-name"
     description = f"add ml_models.display_name with {DISPLAY_CHECK} (<= 255) NOT VALID"
@@ -214,23 +205,16 @@ class BackfillDisplayName(Step):
                            locks=("ml_models",), catch_up=True)]
 
     def remaining(self, conn: Connection) -> int:
-        where = "display_name IS NULL" if display_name_exists(conn) else "true"
+        where = "display_name IS NULL" if catalog.column_exists(conn, *M3_COLUMN) else "true"
         return conn.execute(sa.text(f"SELECT count(*) FROM ml_models WHERE {where}")).scalar_one()
 
     def plan(self, conn: Connection) -> StepPlan:
         rows = self.remaining(conn)
-        return StepPlan(
-            step=self.name,
-            description=self.description,
-            rows=rows,
-            breakdown={"display_name := name": rows},
-            context={},
-            anomalies=[],
-            sql=self.forward_sql(),
-        )
+        return StepPlan(step=self.name, description=self.description, rows=rows,
+                        breakdown={"display_name := name": rows}, sql=self.forward_sql())
 
     def verify(self, conn: Connection) -> list[Check]:
-        if not display_name_exists(conn):
+        if not catalog.column_exists(conn, *M3_COLUMN):
             return [Check(name="ml_models.display_name exists", ok=False, detail="missing",
                           remedy="run `toolkit migrate milestone-3`")]
         missing = listed(conn, "SELECT id AS model_id FROM ml_models WHERE display_name IS NULL ORDER BY id")
@@ -316,15 +300,8 @@ class CreateModelsForExperiments(Step):
 
     def plan(self, conn: Connection) -> StepPlan:
         if superseded_by_cleanup(conn):
-            return StepPlan(
-                step=self.name,
-                description=self.description,
-                rows=0,
-                breakdown={},
-                context={SUPERSEDED: 0},
-                anomalies=[],
-                sql=self.forward_sql(),
-            )
+            return StepPlan(step=self.name, description=self.description, rows=0, context={SUPERSEDED: 0},
+                            sql=self.forward_sql())
         to_create = 0
         collisions, fallbacks = Listing([], 0), Listing([], 0)
         for planned in planned_slugs(conn):
@@ -385,15 +362,9 @@ class CreateModelsForExperiments(Step):
                 rows=clashes,
             ),
         ]
-        return StepPlan(
-            step=self.name,
-            description=self.description,
-            rows=to_create,
-            breakdown={"models to create": to_create},
-            context=context,
-            anomalies=anomalies,
-            sql=self.forward_sql(),
-        )
+        return StepPlan(step=self.name, description=self.description, rows=to_create,
+                        breakdown={"models to create": to_create}, context=context, anomalies=anomalies,
+                        sql=self.forward_sql())
 
     def verify(self, conn: Connection) -> list[Check]:
         if superseded_by_cleanup(conn):
@@ -404,7 +375,7 @@ class CreateModelsForExperiments(Step):
                         detail="all do" if not orphans else f"{count_of(orphans)} experiments have none",
                         remedy=None if not orphans else "run `toolkit migrate milestone-3` (it catches up)",
                         rows=orphans)]
-        if display_name_exists(conn) and _ledger_exists(conn):
+        if catalog.column_exists(conn, *M3_COLUMN) and catalog.relation_exists(conn, CREATED):
             wrong = listed(
                 conn,
                 f"""
@@ -420,22 +391,13 @@ class CreateModelsForExperiments(Step):
                 SELECT m.id AS model_id, m.name FROM {CREATED} l JOIN ml_models m ON m.id = l.model_id
                 ORDER BY m.id""", keep=lambda r: not slug.is_valid_model_name(r["name"]))
             checks.append(
-                Check(
-                    name="created model names pass GitLab's model-name rule",
-                    ok=not bad,
-                    detail="all do" if not bad else f"{count_of(bad)} do not",
-                    remedy=None,
-                    rows=bad,
-                )
+                Check(name="created model names pass GitLab's model-name rule", ok=not bad,
+                      detail="all do" if not bad else f"{count_of(bad)} do not", remedy=None, rows=bad)
             )
-        if not column_exists(conn):
+        if not catalog.column_exists(conn, *M2_COLUMN):
             checks.append(
-                Check(
-                    name="every candidate's model_id is its experiment's model",
-                    ok=False,
-                    detail="ml_candidates.model_id does not exist",
-                    remedy="apply milestone-2 first",
-                )
+                Check(name="every candidate's model_id is its experiment's model", ok=False,
+                      detail="ml_candidates.model_id does not exist", remedy="apply milestone-2 first")
             )
             return checks
         mismatched = listed(
@@ -446,19 +408,15 @@ class CreateModelsForExperiments(Step):
             WHERE {MISMATCH} ORDER BY c.id""",
         )
         checks.append(
-            Check(
-                name="every candidate's model_id is its experiment's model",
-                ok=not mismatched,
-                detail="all match" if not mismatched else f"{count_of(mismatched)} differ",
-                remedy=None if not mismatched else "run `toolkit migrate milestone-3`",
-                rows=mismatched,
-            )
+            Check(name="every candidate's model_id is its experiment's model", ok=not mismatched,
+                  detail="all match" if not mismatched else f"{count_of(mismatched)} differ",
+                  remedy=None if not mismatched else "run `toolkit migrate milestone-3`", rows=mismatched)
         )
         return checks
 
     def rollback_checks(self, conn: Connection) -> list[Check]:
         left = listed(conn, f"SELECT model_id, experiment_id FROM {CREATED} ORDER BY model_id") \
-            if _ledger_exists(conn) else []
+            if catalog.relation_exists(conn, CREATED) else []
         return [Check(name="every created model removed", ok=not left,
                       detail="none left" if not left else
                       f"{count_of(left)} models kept: GitLab gave them versions or metadata since",

@@ -41,12 +41,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.catalog import column_exists, relation_exists
+from toolkit.names import M3_CREATED_MODELS as CREATED_MODELS
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_ARCHIVES
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.verify.digest import Memo, query_digest, table_digest
 
 FORMAT = 1
-CREATED_MODELS = "toolkit.m3_created_models"
 
 FROM_EXPERIMENTS = "experiments"
 FROM_MODELS = "models"

@@ -1,0 +1,130 @@
+"""A run's own history row: opened when the run holds the lease, closed with how it really
+ended, whatever ended it (a batch boundary, Ctrl-C, a lost session, a failure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+
+from toolkit.conninfo import render as render_url
+from toolkit.db import cannot_connect, first_line, lost_session_error, session_lost
+from toolkit.engine import state
+from toolkit.engine.batches import RunOptions
+from toolkit.engine.events import Events
+from toolkit.engine.lease import UNFENCED, Hold
+from toolkit.engine.outcomes import ApplyResult
+from toolkit.engine.plan import Milestone
+from toolkit.errors import Interrupted, SessionLost, Throttled, ToolkitError, redact
+from toolkit.schema.migrations import ensure_own_tables
+
+
+class RunHistory:
+    """``toolkit.runs`` as one run writes it."""
+
+    def __init__(self, engine: Engine, options: RunOptions, events: Events, command: str = ""):
+        self.engine = engine
+        self.options = options
+        self.events = events
+        self.command = command
+        # Ends an earlier attempt could not write (the server was gone): the next attempt
+        # that holds the lease writes them.
+        self._unrecorded: list[tuple[int, str, dict[str, int], str | None, dict[str, Any] | None]] = []
+
+    def recorded_command(self, verb: str, milestone: Milestone) -> str:
+        """The command for history. One that runs several milestones (``toolkit demo``) gets
+        the part this run was, so history still says what each of its runs did."""
+        if not self.command:
+            return f"toolkit {verb} {milestone.name}"
+        if milestone.name in self.command:
+            return self.command
+        return f"{self.command} ({verb} {milestone.name})"
+
+    @contextmanager
+    def recorded(self, hold: Hold, milestone: Milestone, verb: str,
+                      state_during: str) -> Iterator[ApplyResult]:
+        """Claim the lease, open the history row and set the milestone's state; on the way
+        out record how the run really ended, whatever ended it."""
+        with self.engine.connect() as conn:
+            ensure_own_tables(conn)
+            hold.claim(conn)
+            run_id = state.start_run(conn, self.recorded_command(verb, milestone), milestone.name,
+                                     self.options.as_dict())
+            hold.record_run(conn, run_id)
+            state.set_milestone_state(conn, milestone.name, state_during, run_id)
+            while self._unrecorded:  # an earlier attempt's end, now that the database answers
+                state.finish_run(conn, *self._unrecorded.pop())
+            state.close_abandoned_runs(conn, run_id)
+            conn.commit()
+        result = ApplyResult(milestone, run_id, [])
+        try:
+            yield result
+        except KeyboardInterrupt:
+            self.finish(result, "interrupted", "aborted during a batch; that batch was rolled back")
+            raise Interrupted(
+                f"Aborted: {milestone.name} stopped during a batch, which was rolled back",
+                "run the same command again to resume from the last completed batch",
+            ) from None
+        except SessionLost as exc:
+            self.finish(result, "interrupted", exc.one_line())
+            raise
+        except ToolkitError as exc:
+            self.finish(result, "failed", exc.one_line())
+            raise
+        except DBAPIError as exc:
+            why = session_lost(exc, during_run=True) or (
+                "the database cannot be reached" if cannot_connect(exc) else None)
+            if why:
+                lost = lost_session_error(exc, why, render_url(self.engine.url), self.events.secrets)
+                self.finish(result, "interrupted", lost.one_line())
+                raise lost from exc
+            self.finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
+            raise
+        except Exception as exc:
+            self.finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
+            raise
+        if result.stopped == "interrupted":
+            self.finish(result, "interrupted")
+            raise Interrupted(
+                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows",
+                "run the same command again to resume from where it stopped",
+                details={"passes": [p.__dict__ for p in result.passes]},
+            )
+        if result.stopped == "throttled":
+            self.finish(result, "throttled")
+            waited = ", ".join(f"{signal.replace('_', ' ')} {seconds:.1f} s"
+                               for signal, seconds in result.throttled_seconds.items())
+            raise Throttled(
+                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows: the database "
+                f"stayed unhealthy for --max-throttle-s {self.options.max_throttle_s:g} s of waiting "
+                f"({waited}); nothing is half-done",
+                "run the same command again to resume once the database is healthy (see the health "
+                "readings in `toolkit plan`); a larger --max-throttle-s waits longer",
+                details={"passes": [p.__dict__ for p in result.passes],
+                         "throttled_seconds": result.throttled_seconds},
+            )
+        self.finish(result, result.outcome)
+
+    def finish(self, result: ApplyResult, outcome: str, error: str | None = None) -> None:
+        self.record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error,
+                         {"throttled_seconds": result.throttled_seconds})
+
+    def record_end(self, run_id: int, outcome: str, rows: dict[str, int], error: str | None,
+                    extra: dict[str, Any] | None = None) -> None:
+        """The run's own history row, written even after the hold is lost (it says so) and
+        given up on, with a warning, when the server cannot be reached to write it."""
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(**{UNFENCED: True})
+                state.finish_run(conn, run_id, outcome, rows, error, extra)
+        except DBAPIError as exc:
+            # After a failover the old primary is gone and the new one may still be read-only:
+            # the next attempt (--reconnect) records it once it holds the lease.
+            self._unrecorded.append((run_id, outcome, rows, error, extra))
+            self.events.warn(
+                f"could not record how run {run_id} ended ({first_line(exc, self.events.secrets)}); "
+                "`toolkit history` shows it as stopped unrecorded unless --reconnect records it"
+            )
