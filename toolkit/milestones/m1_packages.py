@@ -154,43 +154,17 @@ def find_anomalies(conn: Connection) -> list[Anomaly]:
         FROM packages_packages p
         WHERE {ELIGIBLE} AND {CANDIDATE_LINKED} AND NOT COALESCE({VERSION_ACCEPTED}, false)
         ORDER BY p.id""")
-    return [
-        Anomaly(
-            kind="cross_project_package",
-            title="package in another project than its candidate",
-            blocking=True,
-            resolution=RESOLUTIONS["cross_project_package"],
-            rows=cross,
-        ),
-        Anomaly(
-            kind="ml_model_collision",
-            title="conversion would collide with an existing ml_model package",
-            blocking=True,
-            resolution=RESOLUTIONS["ml_model_collision"],
-            rows=collisions,
-        ),
-        Anomaly(
-            kind="status_message_too_long",
-            title="status_message over 255 characters (NOT VALID check)",
-            blocking=True,
-            resolution=RESOLUTIONS["status_message_too_long"],
-            rows=long_messages,
-        ),
-        Anomaly(
-            kind="shared_package",
-            title="package shared by several candidates",
-            blocking=False,
-            resolution=RESOLUTIONS["shared_package"],
-            rows=shared,
-        ),
-        Anomaly(
-            kind="version_rejected_by_ml_model_rule",
-            title="version GitLab's ml_model rule rejects",
-            blocking=False,
-            resolution=RESOLUTIONS["version_rejected_by_ml_model_rule"],
-            rows=rejected,
-        ),
-    ]
+    found = (
+        ("cross_project_package", "package in another project than its candidate", True, cross),
+        ("ml_model_collision", "conversion would collide with an existing ml_model package", True,
+         collisions),
+        ("status_message_too_long", "status_message over 255 characters (NOT VALID check)", True,
+         long_messages),
+        ("shared_package", "package shared by several candidates", False, shared),
+        ("version_rejected_by_ml_model_rule", "version GitLab's ml_model rule rejects", False, rejected),
+    )
+    return [Anomaly(kind=kind, title=title, blocking=blocking, resolution=RESOLUTIONS[kind], rows=rows)
+            for kind, title, blocking, rows in found]
 
 
 class ConvertCandidatePackages(Step):

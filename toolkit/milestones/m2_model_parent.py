@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
-from toolkit.engine.catalog_checks import constraint_validated, index_valid
+from toolkit.engine.catalog_checks import constraint_validated, index_valid, remedy
 from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.listing import count_of, listed
 from toolkit.engine.plan import Milestone
@@ -59,7 +59,7 @@ class AddModelIdColumn(SchemaStep):
     def verify(self, conn: Connection) -> list[Check]:
         ok = catalog.column_exists(conn, *M2_COLUMN)
         return [Check(name="ml_candidates.model_id exists", ok=ok, detail="present" if ok else "missing",
-                      remedy=None if ok else "run `toolkit migrate milestone-2`")]
+                      remedy=remedy(ok, "milestone-2"))]
 
 
 class IndexModelId(SchemaStep):
@@ -132,7 +132,7 @@ class BackfillModelId(Step):
             WHERE {MISMATCH} ORDER BY c.id""")
         return [Check(name="every candidate's model_id is its experiment's model", ok=not wrong,
                       detail="all match" if not wrong else f"{count_of(wrong)} candidates differ",
-                      remedy=None if not wrong else "run `toolkit migrate milestone-2` (it backfills again)",
+                      remedy=remedy(not wrong, "milestone-2", "it backfills again"),
                       rows=wrong)]
 
 

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
-from toolkit.engine.catalog_checks import constraint_validated
+from toolkit.engine.catalog_checks import constraint_validated, remedy
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.listing import STREAMED, Listing, count_of, listed
 from toolkit.engine.plan import Milestone
@@ -220,7 +220,7 @@ class BackfillDisplayName(Step):
         missing = listed(conn, "SELECT id AS model_id FROM ml_models WHERE display_name IS NULL ORDER BY id")
         return [Check(name="every model has a display_name", ok=not missing,
                       detail="all do" if not missing else f"{count_of(missing)} have none",
-                      remedy=None if not missing else "run `toolkit migrate milestone-3`", rows=missing)]
+                      remedy=remedy(not missing, "milestone-3"), rows=missing)]
 
 
 class ValidateDisplayNameCheck(SchemaStep):
@@ -373,7 +373,7 @@ class CreateModelsForExperiments(Step):
                               "WHERE model_id IS NULL ORDER BY id")
         checks = [Check(name="every experiment has a model", ok=not orphans,
                         detail="all do" if not orphans else f"{count_of(orphans)} experiments have none",
-                        remedy=None if not orphans else "run `toolkit migrate milestone-3` (it catches up)",
+                        remedy=remedy(not orphans, "milestone-3", "it catches up"),
                         rows=orphans)]
         if catalog.column_exists(conn, *M3_COLUMN) and catalog.relation_exists(conn, CREATED):
             wrong = listed(
@@ -410,7 +410,7 @@ class CreateModelsForExperiments(Step):
         checks.append(
             Check(name="every candidate's model_id is its experiment's model", ok=not mismatched,
                   detail="all match" if not mismatched else f"{count_of(mismatched)} differ",
-                  remedy=None if not mismatched else "run `toolkit migrate milestone-3`", rows=mismatched)
+                  remedy=remedy(not mismatched, "milestone-3"), rows=mismatched)
         )
         return checks
 
