@@ -141,7 +141,8 @@ class OnePassStep(Step):
 # -- comparing end states with an uninterrupted twin ------------------------------------
 # The toolkit's own bookkeeping differs between a resumed run and one that was not
 # interrupted (two runs, other ids and times); everything else must be equal.
-BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version", "runner_lease")
+BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version", "runner_lease",
+               "run_writes")
 
 
 def ledgers(db) -> dict[str, list]:

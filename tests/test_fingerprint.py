@@ -56,23 +56,33 @@ def test_a_broken_file_is_a_usage_error(realistic_db, tmp_path):
     assert result.exit_code == ExitCode.USAGE and "not a toolkit fingerprint" in result.output
 
 
-def test_verify_catches_a_change_of_what_users_see_that_no_milestone_check_covers(realistic_db):
+def test_verify_catches_a_change_to_rows_the_milestone_may_not_change(realistic_db, tmp_path):
+    before = tmp_path / "before.json"
+    assert toolkit(realistic_db, "fingerprint", "--out", str(before)).exit_code == 0
     assert toolkit(realistic_db, "migrate", "milestone-1").exit_code == 0
     code, doc = toolkit_json(realistic_db, "verify", "milestone-1")
     checks = {c["name"]: c for c in doc["result"]["milestones"][0]["checks"]}
     assert code == 0
     assert checks["the MLflow view equals the fingerprint taken before milestone-1"]["ok"]
     assert "changed on purpose: packages_packages" in checks["every other ML table is unchanged"]["detail"]
-    # something renames a run's param behind everyone's back
-    realistic_db.execute("UPDATE ml_candidate_params SET value = 'tampered' "
-                         "WHERE id = (SELECT min(id) FROM ml_candidate_params)")
+    # something renames a package no candidate links to, in the table milestone 1 writes
+    realistic_db.execute("""UPDATE packages_packages SET name = name || '-renamed' WHERE id = (
+        SELECT min(id) FROM packages_packages p
+        WHERE NOT EXISTS (SELECT 1 FROM ml_candidates c WHERE c.package_id = p.id))""")
     result = toolkit(realistic_db, "verify", "milestone-1")
     assert result.exit_code == ExitCode.VERIFY_FAILED
-    assert "mlflow.run_params" in result.output and "tables.ml_candidate_params" in result.output
+    assert "tables.packages_packages (rows it may not change)" in result.output
     assert "toolkit fingerprint --baseline milestone-1" in result.output
     # the operator accepts it (the application did it), and verify holds again
     assert toolkit(realistic_db, "fingerprint", "--baseline", "milestone-1").exit_code == 0
     assert toolkit(realistic_db, "verify", "milestone-1").exit_code == 0
+    # A table milestone 1 never wrote is not read again by its verify (its runs' own counts
+    # prove it untouched by them); what the application changes there, a whole fingerprint
+    # taken before still shows.
+    realistic_db.execute("UPDATE ml_candidate_params SET value = 'tampered' "
+                         "WHERE id = (SELECT min(id) FROM ml_candidate_params)")
+    compared = toolkit(realistic_db, "fingerprint", "--compare", str(before))
+    assert compared.exit_code == ExitCode.VERIFY_FAILED and "mlflow.run_params" in compared.output
 
 
 def test_a_candidate_moved_to_another_model_changes_the_mlflow_view(adversarial_db):

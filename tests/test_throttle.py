@@ -242,8 +242,8 @@ def test_a_role_without_pg_monitor_is_warned_once_at_start(m1_db, plain_role):
     url = m1_db.url.set(username=plain_role, password=None)
     engine = create_engine(parse_url(url.render_as_string(hide_password=False)))
     try:
-        shown = configure()
-        throttle = health.Throttle(engine, health.Limits(), Budget(RunOptions()))
+        shown = configure()  # the terminal, handed to the run as its events (as the CLI does)
+        throttle = health.Throttle(engine, health.Limits(), Budget(RunOptions(), events=shown))
         throttle.start()
         throttle.wait(("ml_candidates",), "a test")
         throttle.wait(("ml_candidates",), "a test")
@@ -261,7 +261,7 @@ def test_a_role_without_pg_monitor_is_warned_once_at_start(m1_db, plain_role):
     assert len(said) == 1 and said[0].startswith("throttling: role 'tk_no_monitor'"), doc["warnings"]
     # and a superuser (every test database's own) is not warned
     shown = configure()
-    health.Throttle(m1_db.engine, health.Limits(), Budget(RunOptions())).start()
+    health.Throttle(m1_db.engine, health.Limits(), Budget(RunOptions(), events=shown)).start()
     assert shown.warnings == []
 
 

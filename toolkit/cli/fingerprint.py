@@ -89,7 +89,8 @@ def _show(fp: Fingerprint) -> None:
 def _rebaseline(milestone: Milestone) -> None:
     engine = app().engine()
     with engine.connect() as conn:
-        if not own_schema_exists(conn) or baselines.load(conn, milestone.name) is None:
+        old = baselines.load(conn, milestone.name) if own_schema_exists(conn) else None
+        if old is None:
             raise PreconditionRefused(
                 f"{milestone.name} has no fingerprint to re-take: it has not been started",
                 f"`toolkit migrate {milestone.name}` takes it when it starts")
@@ -98,8 +99,8 @@ def _rebaseline(milestone: Milestone) -> None:
     with runner.exclusive(f"toolkit fingerprint --baseline {milestone.name}", milestone.name):
         with runner.read_only() as conn:
             runner.check_gitlab(conn)
-            now = take(conn)
+            now = take(conn, scope=old.scoped)  # what the old one read, read again
         with engine.connect() as conn:
-            baselines.save(conn, milestone.name, now, None)
+            baselines.save(conn, milestone.name, now, old.scoped.first_run if old.scoped else None)
     out.say(f"Re-took the fingerprint {milestone.name}'s verify compares with ({shown(now.taken_at)}).")
     app().finish({"milestone": milestone.name, "fingerprint": now.as_dict()})

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from toolkit.engine import writes
 from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.locks import RunnerLock
 from toolkit.errors import SessionLost
@@ -71,6 +72,7 @@ class Hold:
     wait_s: float = 10.0
     events: Events = LOGGED
     token: int | None = None
+    run_id: int | None = None  # the run whose writes each commit records (None: not counted)
     lock_pid: int | None = None
     commits_checked: int = 0
     _lock: RunnerLock | None = field(default=None, repr=False)
@@ -101,7 +103,9 @@ class Hold:
         return self.token
 
     def record_run(self, conn: Connection, run_id: int) -> None:
+        """From now on every commit also records the rows it wrote (engine/writes.py)."""
         conn.execute(sa.text(f"UPDATE {SCHEMA}.runner_lease SET run_id = :r WHERE id = 1"), {"r": run_id})
+        self.run_id = run_id if writes.start(conn, run_id) else None
 
     def check(self, conn: Connection) -> None:
         """Raise :class:`HoldLost` unless this run still holds the lease; inside a
@@ -130,3 +134,5 @@ class Hold:
         # Raising here stops the commit: SQLAlchemy leaves the transaction to be rolled
         # back, which the caller's ``with`` block (or returning the connection) does.
         self.check(conn)
+        if self.run_id is not None:
+            writes.record(conn, self.run_id)

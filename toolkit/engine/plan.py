@@ -30,6 +30,9 @@ class Milestone:
     updates: tuple[str, ...] = ()  # GitLab tables it UPDATEs (privileges checked first)
     drops: tuple[str, ...] = ()  # GitLab tables it drops (their fingerprint goes on purpose)
     drops_columns: tuple[str, ...] = ()  # "table.column" it drops
+    # For a table it updates only in part: the condition (on columns it does not change)
+    # on the rows it may change. Its verify proves every other row of the table unchanged.
+    may_change: dict[str, str] = field(default_factory=dict, compare=False)
     # Preconditions beyond "the previous milestone verifies" (milestone 4 has several).
     preconditions: Callable[[Connection], list[Check]] | None = field(default=None, compare=False)
     confirm: bool = False  # destructive: needs --yes or the database name typed

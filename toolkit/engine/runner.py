@@ -52,7 +52,7 @@ from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.schema.migrations import ensure_own_tables
 from toolkit.verify import baselines
 from toolkit.verify.digest import Memo
-from toolkit.verify.fingerprint import take
+from toolkit.verify.fingerprint import Scope, take
 
 T = TypeVar("T")
 MAX_RECONNECT_DELAY_S = 30.0
@@ -288,6 +288,8 @@ class Runner:
                 ensure_own_tables(conn)
                 hold.claim(conn)
                 run_id = state.start_run(conn, command, milestone, {})
+                hold.record_run(conn, run_id)  # its writes are counted like a run's
+                conn.commit()
             outcome, error = "failed", None
             try:
                 yield run_id
@@ -331,14 +333,14 @@ class Runner:
         return session_lost(exc, during_run=True)
 
     def _run_passes(self, hold: Hold, result: ApplyResult, passes: list[Action],
-                    before: Callable[[Milestone], None] | None = None) -> None:
+                    before: Callable[[Milestone, int], None] | None = None) -> None:
         milestone = result.milestone
         budget = Budget(self.options, events=self.events)
         budget.throttle = self._throttle(budget)
         with stop_on_signals(budget):
             if before is not None:
                 with timed(result, "fingerprint"):
-                    before(milestone)
+                    before(milestone, result.run_id)
             try:
                 self._run_actions(hold, result, passes, budget)
             finally:
@@ -377,18 +379,25 @@ class Runner:
         with self.engine.connect() as conn:
             state.set_milestone_state(conn, milestone.name, name, run_id)
 
-    def take_baseline(self, milestone: Milestone) -> None:
+    def take_baseline(self, milestone: Milestone, run_id: int | None = None) -> None:
         """The fingerprint ``verify`` compares with, taken when the milestone starts (once per
-        attempt: a resumed run keeps the one its first run took)."""
+        attempt: a resumed run keeps the one its first run took).
+
+        Taken by run ``run_id``, it reads only what the milestone can change (the tables it
+        updates or drops, the MLflow parts made from them): every other table is proven
+        untouched from the rows its runs wrote (engine/writes.py). Without a run (scripts/
+        bench.py), everything."""
         with self.engine.connect() as conn:
             ensure_own_tables(conn)  # a no-op inside a run; scripts/bench.py calls this alone
             if baselines.load(conn, milestone.name) is not None:
                 return
-        self.events.say(f"Taking the fingerprint of the ML data before {milestone.name} ...")
+        scope = None if run_id is None else Scope.of(milestone.changes, milestone.may_change, run_id)
+        self.events.say(f"Taking the fingerprint of the ML data {milestone.name} can change ...")
         fingerprint = read_with_retries(self.engine, f"fingerprint before {milestone.name}",
-                                        ML_TABLE_NAMES, self.options, take, self.events)
+                                        ML_TABLE_NAMES, self.options,
+                                        lambda conn: take(conn, scope=scope), self.events)
         with self.engine.connect() as conn:
-            baselines.save(conn, milestone.name, fingerprint, None)
+            baselines.save(conn, milestone.name, fingerprint, run_id)
 
 def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

@@ -271,4 +271,7 @@ MILESTONE_1 = Milestone(
     steps=(ConvertCandidatePackages(),),
     reads=("ml_candidates", "packages_packages"),
     updates=("packages_packages",),
+    # only packages a candidate links to; every other package must stay as it was
+    may_change={"packages_packages": "t.id IN (SELECT c.package_id FROM ml_candidates c "
+                                     "WHERE c.package_id IS NOT NULL)"},
 )

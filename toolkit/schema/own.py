@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
+    ForeignKey,
     Identity,
     Integer,
     MetaData,
@@ -44,6 +46,18 @@ runs = Table(
     Column("rows_by_step", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("error", Text),
     Column("last_batch_at", DateTime(timezone=True)),  # its last commit: when it really stopped
+    # pg_stat_get_xact_* counters were on for all of it (engine/writes.py)
+    Column("writes_tracked", Boolean, nullable=False, server_default=text("false")),
+)
+
+# Rows each run's own transactions wrote, per GitLab table (engine/writes.py).
+run_writes = Table(
+    "run_writes", metadata,
+    Column("run_id", BigInteger, ForeignKey(f"{SCHEMA}.runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("table_name", Text, primary_key=True),
+    Column("inserted", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    Column("deleted", BigInteger, nullable=False),
 )
 
 # One row: who may commit now (engine/lease.py).

@@ -9,11 +9,12 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.engine import writes
 from toolkit.engine.results import Check
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
 from toolkit.verify.digest import Memo
-from toolkit.verify.fingerprint import Difference, Fingerprint, compare, take
+from toolkit.verify.fingerprint import PART_TABLES, Difference, Fingerprint, Scope, compare, take
 
 TABLE = f"{SCHEMA}.fingerprints"
 
@@ -59,34 +60,96 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     ``compare_tables=False`` once a later milestone has started changing tables: the
     MLflow view must still be equal, the tables are that later milestone's business.
     ``rolled_back``: after a rollback everything must be as it was.
+
+    A baseline a run took reads only the milestone's scope; what lies outside is proven
+    untouched from the rows the milestone's runs wrote (:func:`_scoped_checks`).
     """
     baseline = load(conn, milestone)
     if baseline is None:
         return []
-    now = take(conn, baseline.watermarks, memo, reference=baseline)
+    scope = baseline.scoped
+    now = take(conn, baseline.watermarks, memo, reference=baseline, scope=scope)
     differences = compare(baseline, now, changes=changes, tables=compare_tables)
     hint = (" (if the application itself updated these rows since, e.g. a run finished, "
             f"accept its change with `toolkit fingerprint --baseline {milestone}`)")
     verb = "is back to" if rolled_back else "equals"
     name = f"the MLflow view {verb} the fingerprint taken before {milestone}"
     mlflow = [d for d in differences if d.part.startswith("mlflow")]
+    unexpected = [d for d in differences if d.part.startswith("tables") and not d.expected]
+    expected = [d.part.removeprefix("tables.") for d in differences if d.expected]
+    proof = _Proof.of(conn, milestone, scope) if scope else None
     if now.source is None:
         # Only `toolkit archive drop` gets here (it requires milestone 4 to verify first,
         # this comparison included): the operator gave up the experiment id mapping.
         checks = [Check(name=name, ok=True, detail="not comparable any more: the experiment id mapping "
                         "(toolkit.m4_archive_ml_experiments) was dropped with the archive")]
+    elif proof is not None and proof.unproven_parts:
+        checks = [Check(name=name, ok=False, detail=proof.unproven_parts, remedy=proof.remedy)]
     else:
-        checks = [Check(name=name, ok=not mlflow, detail=_summary(mlflow) + hint if mlflow else
-                        f"{len(now.mlflow)} parts equal (computed from {now.source}; "
-                        f"baseline {shown(baseline.taken_at)})")]
+        computed = (f"{len(now.mlflow)} parts equal (computed from {now.source}; "
+                    f"baseline {shown(baseline.taken_at)})")
+        if proof is not None:
+            computed += f"; {proof.parts_not_read}"
+        checks = [Check(name=name, ok=not mlflow, detail=_summary(mlflow) + hint if mlflow else computed)]
     if compare_tables:
-        unexpected = [d for d in differences if d.part.startswith("tables") and not d.expected]
-        expected = [d.part.removeprefix("tables.") for d in differences if d.expected]
+        problems = _summary(unexpected) + hint if unexpected else ""
+        if proof is not None and proof.stray:
+            problems = "; ".join(p for p in (proof.stray, problems) if p)
+        changed = sorted(set(expected) | set(proof.written if proof else ()) & set(changes))
         checks.append(Check(
             name="every ML table is as it was" if rolled_back or not changes
             else "every other ML table is unchanged",
-            ok=not unexpected,
-            detail=_summary(unexpected) + hint if unexpected else
-            "equal" + (f"; changed on purpose: {', '.join(expected)}" if expected else ""),
+            ok=not problems,
+            detail=problems or ("equal" + (f"; changed on purpose: {', '.join(changed)}" if changed else "")
+                                + (f"; {proof.tables_not_read}" if proof else "")),
+            remedy=proof.remedy if proof and proof.stray else None,
         ))
     return checks
+
+
+class _Proof:
+    """What the rows a milestone's runs wrote prove about what its baseline did not read."""
+
+    def __init__(self, milestone: str, scope: Scope, written: dict[str, int] | None):
+        self.milestone, self.scope, self.written = milestone, scope, written or {}
+        self.tracked = written is not None
+        declared = set(scope.tables)
+        self.stray_tables = {t: n for t, n in self.written.items() if t not in declared}
+
+    @classmethod
+    def of(cls, conn: Connection, milestone: str, scope: Scope) -> _Proof:
+        return cls(milestone, scope, writes.written_since(conn, milestone, scope.first_run))
+
+    @property
+    def remedy(self) -> str:
+        return (f"find out what wrote there: `toolkit history` lists the runs of {self.milestone}; "
+                "`toolkit fingerprint --compare` against a fingerprint taken before reads everything")
+
+    @property
+    def stray(self) -> str:
+        if not self.tracked:
+            return (f"cannot be proven: a run of {self.milestone} had track_counts off, so PostgreSQL "
+                    "did not count the rows it wrote")
+        if not self.stray_tables:
+            return ""
+        listed = ", ".join(f"{t} ({n} rows)" for t, n in sorted(self.stray_tables.items()))
+        return f"runs of {self.milestone} wrote to tables it must not change: {listed}"
+
+    @property
+    def unproven_parts(self) -> str:
+        """Parts the baseline did not read that a stray write may have changed."""
+        if not self.tracked:
+            return self.stray
+        touched = [p for p, feeding in PART_TABLES.items()
+                   if p not in self.scope.parts and set(feeding) & set(self.stray_tables)]
+        return f"{', '.join(touched)}: {self.stray}" if touched else ""
+
+    @property
+    def parts_not_read(self) -> str:
+        skipped = [p for p in PART_TABLES if p not in self.scope.parts]
+        return (f"{len(skipped)} not read again, as no run of {self.milestone} wrote their tables "
+                f"(pg_stat_xact_user_tables): {', '.join(skipped)}") if skipped else "every part read"
+
+    @property
+    def tables_not_read(self) -> str:
+        return "the others proven unwritten by its runs (pg_stat_xact_user_tables)"

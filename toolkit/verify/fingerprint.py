@@ -53,6 +53,42 @@ FROM_MODELS = "models"
 FROM_MODELS_AND_ARCHIVE = "models + archive"
 
 
+# The GitLab tables whose rows make each MLflow part (after milestone 4 the archive stands
+# in for the two dropped tables). A part none of whose tables a milestone's runs wrote is
+# unchanged by that milestone.
+PART_TABLES: dict[str, tuple[str, ...]] = {
+    "experiments": ("ml_experiments", "ml_models"),
+    "experiment_tags": ("ml_experiment_metadata", "ml_experiments"),
+    "runs": ("ml_candidates", "ml_experiments"),
+    "run_params": ("ml_candidate_params",),
+    "run_metrics_latest": ("ml_candidate_metrics",),
+    "run_metrics_history": ("ml_candidate_metrics",),
+    "run_tags": ("ml_candidate_metadata",),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scope:
+    """What a milestone's baseline reads: only what the milestone can change.
+
+    ``tables``: the tables it changes, hashed whole (a rollback must give them back
+    exactly); ``kept``: for a table it changes only in part, the condition on the rows it
+    may change (the other rows are hashed and must not change); ``parts``: the MLflow parts
+    made from a table it changes; ``first_run``: its run that took the baseline. Every
+    other table and part is proven untouched from the rows its runs wrote (engine/writes.py).
+    """
+
+    tables: tuple[str, ...]
+    kept: dict[str, str]
+    parts: tuple[str, ...]
+    first_run: int
+
+    @classmethod
+    def of(cls, changes: tuple[str, ...], may_change: dict[str, str], first_run: int) -> Scope:
+        parts = tuple(p for p, feeding in PART_TABLES.items() if set(feeding) & set(changes))
+        return cls(tables=tuple(changes), kept=dict(may_change), parts=parts, first_run=first_run)
+
+
 @dataclass
 class Fingerprint:
     taken_at: str
@@ -61,6 +97,13 @@ class Fingerprint:
     watermarks: dict[str, int | None]
     tables: dict[str, dict[str, Any] | None]  # None: the table does not exist
     mlflow: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A milestone's baseline reads only its scope (None: everything, as `toolkit fingerprint`).
+    scope: dict[str, Any] | None = None
+    kept: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # rows it may not change
+
+    @property
+    def scoped(self) -> Scope | None:
+        return Scope(**self.scope) if self.scope is not None else None
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, **self.__dict__}
@@ -197,10 +240,12 @@ DERIVED_FROM = {
 
 
 def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
-         memo: Memo | None = None, reference: Fingerprint | None = None) -> Fingerprint:
+         memo: Memo | None = None, reference: Fingerprint | None = None,
+         scope: Scope | None = None) -> Fingerprint:
     """Fingerprint the database as ``conn`` sees it (call it in one REPEATABLE READ
     transaction so both halves see the same instant). With ``reference`` (and its
-    watermarks), parts :data:`DERIVED_FROM` an unchanged table are taken from it."""
+    watermarks), parts :data:`DERIVED_FROM` an unchanged table are taken from it. With
+    ``scope``, only the tables, rows and parts it names are read."""
     # Sorting the latest metric per run happens in the server: give it room for that one
     # query instead of spilling 10M rows to disk (it is not the toolkit's memory).
     conn.execute(sa.text("SET LOCAL work_mem = '256MB'"))
@@ -210,19 +255,23 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
         mark = marks.get(table)
         return _NO_BOUND if mark is None else mark
 
-    tables: dict[str, dict[str, Any] | None] = {}
-    for table in ML_TABLE_NAMES:
+    def digest_of(table: str, where: str = "") -> dict[str, Any] | None:
         if not relation_exists(conn, table):
-            tables[table] = None
-            continue
-        digest = table_digest(conn, table, "t.id <= :w", {"w": bound(table)}, memo)
-        tables[table] = {"rows": digest.rows, "hash": digest.digest}
+            return None
+        digest = table_digest(conn, table, f"t.id <= :w{where}", {"w": bound(table)}, memo)
+        return {"rows": digest.rows, "hash": digest.digest}
+
+    tables = {table: digest_of(table) for table in (scope.tables if scope else ML_TABLE_NAMES)}
+    kept = {table: digest_of(table, f" AND NOT ({rows})")
+            for table, rows in (scope.kept if scope else {}).items()}
     source = mlflow_source(conn)
     mlflow: dict[str, dict[str, Any]] = {}
     if source is not None:
         params = {param: bound(table) for param, table in _WATERMARK_PARAMS.items()}
         comparable = reference is not None and reference.watermarks == marks
         for part, sql in _mlflow_parts(conn, source).items():
+            if scope is not None and part not in scope.parts:
+                continue
             table = DERIVED_FROM.get(part)
             if (comparable and table and tables.get(table) is not None
                     and reference.tables.get(table) == tables[table] and part in reference.mlflow):
@@ -232,7 +281,7 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
             mlflow[part] = {"rows": rows, "hash": digest}
     database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
     return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
-                       tables, mlflow)
+                       tables, mlflow, scope.__dict__ if scope else None, kept)
 
 
 def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...] = (),
@@ -240,16 +289,26 @@ def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...]
     """What differs. ``changes`` are tables changed on purpose (reported, expected);
     ``tables=False`` compares the MLflow view only (later milestones changed the tables)."""
     found: list[Difference] = []
+    scoped = before.scope is not None or after.scope is not None
+
+    def keys(one: dict[str, Any], other: dict[str, Any]) -> list[str]:
+        """What both read (a scoped fingerprint reads only part); else what either has."""
+        return sorted(set(one) & set(other) if scoped else set(one) | set(other))
+
     if tables:
-        for table in sorted(set(before.tables) | set(after.tables)):
+        for table in keys(before.tables, after.tables):
             b, a = before.tables.get(table), after.tables.get(table)
             if b != a:
                 found.append(Difference(f"tables.{table}", b, a, table in changes))
+        for table in keys(before.kept, after.kept):
+            b, a = before.kept.get(table), after.kept.get(table)
+            if b != a:
+                found.append(Difference(f"tables.{table} (rows it may not change)", b, a, False))
     if after.source is None and before.source is not None:
         found.append(Difference("mlflow", None, None, False, note=(
             "the MLflow view cannot be computed any more: ml_experiments and its archive are gone")))
         return found
-    for part in sorted(set(before.mlflow) | set(after.mlflow)):
+    for part in keys(before.mlflow, after.mlflow):
         b, a = before.mlflow.get(part), after.mlflow.get(part)
         if b != a:
             found.append(Difference(f"mlflow.{part}", b, a, False))
