@@ -21,8 +21,9 @@ for each milestone in order:
   vacuumed routinely, and autovacuum catching up on freshly loaded or updated tables, or
   the checkpointer writing what the other run dirtied, would otherwise land in whichever
   run comes second;
-* during both, an application-like writer inserts an experiment and a candidate every
-  20 ms; its latencies give the p99 GitLab's traffic would see.
+* during both, the application-like writer of ``toolkit/sandbox/app_writer.py`` (the one
+  the tests run) logs a run every 20 ms, with an experiment while GitLab still creates
+  them; its latencies give the p99 GitLab's traffic would see.
 
 It also times ``toolkit plan`` and ``toolkit verify`` (run as the operator runs them, each
 its own process whose peak memory is read) and the benchmark process's own peak. Results go to
@@ -53,77 +54,8 @@ from toolkit.db import create_engine
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
 from toolkit.errors import ExitCode
+from toolkit.sandbox.app_writer import AppWriter, as_ms, percentile
 from toolkit.sandbox.server import SUPERUSER, SandboxServer, _bin
-
-
-class Writer(threading.Thread):
-    """Writes as GitLab does, every 20 ms: an experiment and a candidate (milestones 1-3), or,
-    once GitLab no longer writes experiments (milestone 4), a candidate of an existing model."""
-
-    NEW_EXPERIMENT = """
-        INSERT INTO ml_experiments (created_at, updated_at, iid, project_id, name)
-        SELECT now(), now(), COALESCE(max(iid), 0) + 1, :p, 'bench ' || gen_random_uuid()
-        FROM ml_experiments WHERE project_id = :p RETURNING id"""
-    CANDIDATE_OF_EXPERIMENT = """
-        INSERT INTO ml_candidates (created_at, updated_at, experiment_id, eid, project_id)
-        VALUES (now(), now(), :e, gen_random_uuid(), :p)"""
-    CANDIDATE_OF_MODEL_WITH_EXPERIMENT = """
-        INSERT INTO ml_candidates (created_at, updated_at, experiment_id, model_id, eid, project_id)
-        SELECT now(), now(), e.id, e.model_id, gen_random_uuid(), e.project_id
-        FROM ml_experiments e WHERE e.model_id IS NOT NULL ORDER BY e.id LIMIT 1"""
-    CANDIDATE_OF_MODEL = """
-        INSERT INTO ml_candidates (created_at, updated_at, model_id, eid, project_id)
-        SELECT now(), now(), m.id, gen_random_uuid(), m.project_id FROM ml_models m ORDER BY m.id LIMIT 1"""
-
-    def __init__(self, url: sa.URL, new_experiments: bool):
-        super().__init__(daemon=True)
-        self.engine = create_engine(url)
-        self.new_experiments = new_experiments
-        self.stop_event = threading.Event()
-        self.latencies: list[float] = []
-        self.errors: list[str] = []
-
-    def write(self, conn: sa.Connection) -> None:
-        if self.new_experiments:
-            project = conn.execute(sa.text("SELECT min(id) FROM projects")).scalar()
-            exp = conn.execute(sa.text(self.NEW_EXPERIMENT), {"p": project}).scalar()
-            conn.execute(sa.text(self.CANDIDATE_OF_EXPERIMENT), {"e": exp, "p": project})
-        elif conn.execute(sa.text("SELECT to_regclass('ml_experiments') IS NOT NULL")).scalar():
-            conn.execute(sa.text(self.CANDIDATE_OF_MODEL_WITH_EXPERIMENT))
-        else:
-            conn.execute(sa.text(self.CANDIDATE_OF_MODEL))
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            started = time.perf_counter()
-            try:
-                with self.engine.begin() as conn:
-                    self.write(conn)
-            except Exception as exc:  # counted, not fatal: a benchmark reports what happened
-                self.errors.append(type(getattr(exc, "orig", None) or exc).__name__)  # psycopg SQLSTATE class
-            self.latencies.append(time.perf_counter() - started)
-            time.sleep(0.02)
-
-    def finish(self) -> dict[str, Any]:
-        self.stop_event.set()
-        self.join(30)
-        self.engine.dispose()
-        return {"inserts": len(self.latencies), "errors": len(self.errors),
-                "error_kinds": sorted(set(self.errors)),
-                "p50_ms": _ms(_percentile(self.latencies, 50)),
-                "p99_ms": _ms(_percentile(self.latencies, 99)),
-                "max_ms": _ms(max(self.latencies, default=0))}
-
-
-def _percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
 
 
 def migrate_worker(url: str, milestone: str, options: str, out: str) -> None:
@@ -144,7 +76,8 @@ def migrate_worker(url: str, milestone: str, options: str, out: str) -> None:
 
 
 def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions) -> dict[str, Any]:
-    writer = Writer(url, new_experiments=milestone != "milestone-4")
+    # GitLab as deployed for the milestone, a run (and an experiment) every 20 ms
+    writer = AppWriter.during(url, milestone, interval_s=0.02, experiment_every=1)
     writer.start()
     try:
         with tempfile.NamedTemporaryFile("r") as out:
@@ -159,8 +92,8 @@ def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions) -> dict[str
     return {"seconds": round(seconds, 3), "rows": run["rows"], "peak_mb": worker.peak_mb,
             "rows_per_second": round(run["rows"] / seconds) if seconds else None,
             "batches": len(batches),
-            "batch_p50_ms": _ms(_percentile(batches, 50)), "batch_p99_ms": _ms(_percentile(batches, 99)),
-            "batch_max_ms": _ms(max(batches, default=0)),
+            "batch_p50_ms": as_ms(percentile(batches, 50)), "batch_p99_ms": as_ms(percentile(batches, 99)),
+            "batch_max_ms": as_ms(max(batches, default=0)),
             "batch_size_min": min(sizes, default=0), "batch_size_max": max(sizes, default=0),
             "timeline": timeline, "writer": traffic}
 
@@ -325,7 +258,7 @@ def safeguard_cost(url: sa.URL) -> dict[str, float]:
         hold.__exit__(None, None, None)
         for engine in (plain, toolkit_engine, hold.engine):
             engine.dispose()
-    found = {f"{kind}_ms": round(_percentile(values, 50) * 1000, 3) for kind, values in timings.items()}
+    found = {f"{kind}_ms": round(percentile(values, 50) * 1000, 3) for kind, values in timings.items()}
     found["overhead_ms"] = round(found["fenced_ms"] - found["plain_ms"], 3)
     return found
 

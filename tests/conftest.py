@@ -306,13 +306,10 @@ class Database(Queries):
         return self.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
 
 
-@pytest.fixture
-def make_database(pg_server: PgServer, templates: Templates) -> Iterator:
-    """``make_database(kind)`` with kind ``empty``, ``legacy``, or ``profile:scale``."""
-    made: list[Database] = []
-
+def _maker(pg_server: PgServer, templates: Templates, made: list[Database]):
     def make(kind: str = "legacy", like: Database | None = None) -> Database:
-        """A new database: from a template ``kind``, or a copy of the test's own ``like``."""
+        """A new database: from a template ``kind``, or a copy of ``like`` (the test's own,
+        or one ``session_database`` keeps)."""
         name = f"{PREFIX}db_{next(_counter)}"
         if like is not None:
             like.engine.dispose()  # CREATE DATABASE ... TEMPLATE needs it to have no sessions
@@ -324,11 +321,52 @@ def make_database(pg_server: PgServer, templates: Templates) -> Iterator:
         made.append(db)
         return db
 
-    yield make
+    return make
+
+
+def _drop_made(pg_server: PgServer, made: list[Database]) -> None:
     for db in made:
         db.engine.dispose()
         with contextlib.suppress(Exception):
             _drop_database(pg_server, db.name)
+
+
+@pytest.fixture
+def make_database(pg_server: PgServer, templates: Templates) -> Iterator:
+    """``make_database(kind)`` with kind ``empty``, ``legacy``, or ``profile:scale``."""
+    made: list[Database] = []
+    yield _maker(pg_server, templates, made)
+    _drop_made(pg_server, made)
+
+
+@pytest.fixture(scope="session")
+def session_database(pg_server: PgServer, templates: Templates) -> Iterator:
+    """``make_database``'s twin whose databases live for the whole session: states that cost
+    runs to build (milestones applied, tests/contract.py), which tests copy with
+    ``make_database(like=...)``. Tests must not write to them."""
+    made: list[Database] = []
+    yield _maker(pg_server, templates, made)
+    _drop_made(pg_server, made)
+
+
+@pytest.fixture(scope="session")
+def milestone_states(session_database):
+    """The contract's states of each milestone, built once per session (tests/contract.py)."""
+    from contract import States
+
+    return States(session_database)
+
+
+@pytest.fixture
+def before_milestone(milestone_states, make_database):
+    """``before_milestone(n, profile="adversarial")``: a database of the test's own with
+    the milestones before ``n`` applied (adversarial data with milestone 1's blocking
+    anomalies resolved as docs/blueprint.md says, or realistic data)."""
+
+    def make(n: int, profile: str = "adversarial") -> Database:
+        return make_database(like=milestone_states.before(profile, n))
+
+    return make
 
 
 @pytest.fixture

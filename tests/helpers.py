@@ -106,6 +106,12 @@ def schema_snapshot(db, tables: tuple[str, ...] = ("ml_candidates", "ml_experime
     }
 
 
+def columns_as_sets(schema: dict) -> dict:
+    """A schema snapshot whose columns are compared as a set: milestone 4's rollback adds
+    experiment_id back as the last column; everything else must be exact."""
+    return {**schema, "columns": sorted(schema["columns"])}
+
+
 def resolve_m1_anomalies(db) -> None:
     """What an operator does about milestone 1's blocking anomalies, as docs/blueprint.md says."""
     db.execute("""

@@ -1,4 +1,6 @@
-"""Milestone 4: archive, checks, drops, confirmation, preconditions, kills, exact rebuild."""
+"""Milestone 4: confirmation, preconditions, kills at every action, archive status and drop,
+order of rollbacks. Its apply, rollback, kill at a batch and concurrent writer are the
+contract's (test_contract.py)."""
 
 from __future__ import annotations
 
@@ -9,59 +11,19 @@ import sys
 import time
 
 import pytest
-from helpers import resolve_m1_anomalies, schema_snapshot, snapshot, toolkit, toolkit_json, toolkit_process
+from helpers import columns_as_sets, schema_snapshot, snapshot, toolkit, toolkit_json, toolkit_process
 
-from toolkit.engine.batches import FAULT_KILL_AFTER_ACTIONS_ENV, FAULT_KILL_AFTER_BATCHES_ENV
+from toolkit.engine.batches import FAULT_KILL_AFTER_ACTIONS_ENV
 from toolkit.errors import ExitCode
 
 TABLES = ("ml_experiments", "ml_experiment_metadata", "ml_candidates", "ml_models", "ml_model_metadata",
           "ml_candidate_params", "ml_candidate_metrics", "packages_packages")
-SEQUENCES = "SELECT last_value, is_called FROM ml_experiments_id_seq"
-
-
-def columns_as_sets(schema: dict) -> dict:
-    """Rollback adds experiment_id back as the last column; everything else must be exact."""
-    return {**schema, "columns": sorted(schema["columns"])}
 
 
 @pytest.fixture
-def ready(make_database):
-    """A database with milestones 1-3 applied, cloned per test (adversarial data)."""
-    cache: dict = {}
-
-    def make():
-        if "base" not in cache:
-            base = make_database("adversarial:small")
-            resolve_m1_anomalies(base)
-            for milestone in ("milestone-1", "milestone-2", "milestone-3"):
-                assert toolkit(base, "migrate", milestone).exit_code == 0
-            cache["base"] = base
-        return make_database(like=cache["base"])
-
-    return make
-
-
-def test_apply_then_rollback_gives_back_schema_and_data(ready):
-    db = ready()
-    schema_before, data_before = schema_snapshot(db), snapshot(db, TABLES)
-    sequence_before = db.rows(SEQUENCES)
-    code, doc = toolkit_json(db, "migrate", "milestone-4", "--yes", "--batch-size", "20")
-    assert code == 0, doc
-    assert db.scalar("SELECT to_regclass('ml_experiments') IS NULL AND to_regclass('ml_experiment_metadata') IS NULL")
-    assert db.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = 'ml_candidates' "
-                     "AND column_name = 'experiment_id'") == 0
-    assert db.scalar("SELECT is_nullable FROM information_schema.columns WHERE table_name = 'ml_candidates' "
-                     "AND column_name = 'model_id'") == "NO"
-    assert toolkit(db, "verify").exit_code == 0  # every milestone still verifies after cleanup
-
-    result = toolkit(db, "rollback", "milestone-4", "--batch-size", "20")
-    assert result.exit_code == 0, result.output
-    assert columns_as_sets(schema_snapshot(db)) == columns_as_sets(schema_before)
-    assert snapshot(db, TABLES) == data_before
-    assert db.rows(SEQUENCES) == sequence_before
-    assert db.scalar("SELECT to_regclass('toolkit.m4_archive_ml_experiments') IS NULL")
-    # and it can be applied again
-    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+def ready(before_milestone):
+    """``ready()``: a database of the test's own with milestones 1-3 applied (adversarial data)."""
+    return lambda: before_milestone(4)
 
 
 def test_refused_without_confirmation(ready):
@@ -157,13 +119,6 @@ def test_a_kill_at_every_action_then_a_rerun_completes_with_nothing_lost(ready):
         assert finished.returncode == 0, (kill_after, finished.stderr)
         assert snapshot(db, ("ml_candidates", "ml_models", "ml_model_metadata", "packages_packages")) == expected
         assert snapshot(db, archive) == expected_archive, kill_after
-    # and killed inside a batch of the archive copy
-    db = ready()
-    died = toolkit_process(db, "migrate", "milestone-4", "--yes", "--batch-size", "10",
-                           env={FAULT_KILL_AFTER_BATCHES_ENV: "3"})
-    assert died.returncode == -9
-    assert toolkit_process(db, "migrate", "milestone-4", "--yes", "--batch-size", "10").returncode == 0
-    assert snapshot(db, archive) == expected_archive
 
 
 def test_a_rollback_killed_at_every_action_completes_on_rerun(ready, make_database):
@@ -198,68 +153,6 @@ def test_archive_status_and_drop(ready):
     # every milestone still verifies; rollback of milestone 4 is now refused
     assert toolkit(db, "verify").exit_code == 0
     assert "absent" in toolkit(db, "archive", "status").output
-
-
-def test_candidates_written_while_it_runs_are_archived_and_restored(ready):
-    """GitLab (updated for the cleanup) keeps logging runs: each sets experiment_id and model_id."""
-    import threading
-    import time
-
-    import sqlalchemy as sa
-
-    db = ready()
-    stop = threading.Event()
-    writing = threading.Event()
-    errors: list[str] = []
-    written: list[int] = []
-
-    def application() -> None:
-        engine = sa.create_engine(db.engine.url)
-        while not stop.is_set():
-            try:
-                with engine.begin() as conn:
-                    # the application asks for what it writes: the column goes before the table does
-                    has_column = conn.execute(sa.text("""
-                        SELECT count(*) = 1 FROM pg_attribute
-                        WHERE attrelid = 'ml_candidates'::regclass AND attname = 'experiment_id'
-                          AND NOT attisdropped""")).scalar()
-                    if has_column:
-                        new = conn.execute(sa.text("""
-                            INSERT INTO ml_candidates (created_at, updated_at, experiment_id, model_id, eid, project_id)
-                            SELECT now(), now(), e.id, e.model_id, gen_random_uuid(), e.project_id
-                            FROM ml_experiments e WHERE e.model_id IS NOT NULL ORDER BY e.id LIMIT 1
-                            RETURNING id""")).scalar()
-                    else:
-                        new = conn.execute(sa.text("""
-                            INSERT INTO ml_candidates (created_at, updated_at, model_id, eid, project_id)
-                            SELECT now(), now(), m.id, gen_random_uuid(), m.project_id FROM ml_models m
-                            ORDER BY m.id LIMIT 1 RETURNING id""")).scalar()
-                    written.append(new)
-                    writing.set()
-            except sa.exc.DBAPIError as exc:  # the moment the column goes: counted, not hidden
-                errors.append(str(exc.orig).splitlines()[0])
-            time.sleep(0.005)
-        engine.dispose()
-
-    writer = threading.Thread(target=application)
-    writer.start()
-    try:
-        assert writing.wait(30), errors
-        before = len(written)
-        result = toolkit(db, "migrate", "milestone-4", "--yes", "--batch-size", "10", "--pause-ms", "5")
-        during = len(written) - before
-    finally:
-        stop.set()
-        writer.join(30)
-    assert result.exit_code == 0, result.output
-    assert during >= 5, during  # the application kept writing while the cleanup ran
-    assert len(errors) <= 2, errors  # at most the instants the column and table were dropped
-    assert db.scalar("SELECT count(*) FROM ml_candidates WHERE id = ANY(:w)", w=written) == len(written)
-    assert toolkit(db, "rollback", "milestone-4").exit_code == 0
-    # every candidate, those written during and after the cleanup too, has its experiment back
-    assert db.scalar("SELECT count(*) FROM ml_candidates WHERE experiment_id IS NULL") == 0
-    assert db.scalar("""SELECT count(*) FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
-                        WHERE c.model_id IS DISTINCT FROM e.model_id""") == 0
 
 
 def test_an_interrupted_rollback_says_rolling_back_and_the_archive_cannot_be_dropped_meanwhile(ready):
