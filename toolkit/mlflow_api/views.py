@@ -27,8 +27,12 @@ from urllib.parse import quote
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.engine.state import ROLLING_BACK
 from toolkit.schema.gitlab import CANDIDATE_STATUSES
 from toolkit.verify.fingerprint import (
+    ARCHIVE_EXPERIMENTS,
+    FROM_MODELS,
+    FROM_MODELS_AND_ARCHIVE,
     experiment_relations,
     experiments_view,
     mlflow_source,
@@ -179,7 +183,7 @@ class View:
         if conn.execute(sa.text("SELECT count(*) FROM projects WHERE id = :p"),
                         {"p": self.project_id}).scalar_one() == 0:
             raise not_found(f"Project {self.project_id} not found")
-        source = mlflow_source(conn)
+        source = reading_source(conn)
         if source is None:
             raise not_found("This database has no experiments: ml_experiments and the toolkit's "
                             "archive of it are both absent")
@@ -413,6 +417,20 @@ class View:
                 "status_message": "", "tags": _key_values(version_tags[v.id]), "run_link": "",
                 "aliases": [v.version]} for v in versions],
         }}
+
+
+def reading_source(conn: Connection) -> str | None:
+    """The fingerprint's source, but while milestone 4 is being rolled back the archive:
+    it is whole until the rollback drops it, while the rebuilt tables are refilled in
+    batches (a fingerprint is never taken in between; a client may read then)."""
+    source = mlflow_source(conn)
+    if source == FROM_MODELS and conn.execute(sa.text(
+            "SELECT to_regclass(:a) IS NOT NULL AND to_regclass('toolkit.milestones') IS NOT NULL"),
+            {"a": ARCHIVE_EXPERIMENTS}).scalar_one():
+        state = conn.execute(sa.text("SELECT state FROM toolkit.milestones WHERE milestone = 'milestone-4'"))
+        if state.scalar() == ROLLING_BACK:
+            return FROM_MODELS_AND_ARCHIVE
+    return source
 
 
 def _metric(m: sa.Row) -> dict[str, Any]:
