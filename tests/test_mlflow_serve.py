@@ -211,8 +211,8 @@ def _reading_while(db, server: str, args: list[str], expected: dict) -> int:
 
 def test_the_same_reading_before_during_and_after_every_milestone_and_rollback(server, db):
     """1 -> 4 -> 1: the whole reading (metric histories included) after each step equals
-    the one before milestone 1, and readings while each one's batches run see every run
-    exactly once, with the same content."""
+    the one before milestone 1, and readings while each milestone's batches run see every
+    run exactly once, with the same content."""
     original = walk(server, db)
     assert original["inconsistent"] == []
     expected = without_history(original)
@@ -225,8 +225,7 @@ def test_the_same_reading_before_during_and_after_every_milestone_and_rollback(s
     with db.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT to_regclass('ml_experiments')")).scalar() is None
     for milestone in reversed(MILESTONES):
-        during[f"rollback {milestone}"] = _reading_while(db, server, ["rollback", milestone, *slow], expected)
+        assert toolkit(db, "rollback", milestone).exit_code == 0
         assert walk(server, db) == original, f"rollback {milestone}"
-    # every migrate was read while its batches committed (a rollback may be one schema change)
-    assert all(n for step, n in during.items() if step.startswith("migrate")), during
-    TALLY["MLflow client readings during milestone and rollback batches"] += sum(during.values())
+    assert all(during.values()), during  # every migrate was read while its batches committed
+    TALLY["MLflow client readings while milestone batches committed"] += sum(during.values())
