@@ -9,7 +9,6 @@ import click
 import sqlalchemy as sa
 
 from toolkit.cli.context import app
-from toolkit.db import create_engine
 from toolkit.errors import PreconditionRefused, UsageProblem
 from toolkit.mlflow_api.server import TRACKING_PATH, Api, MlflowServer
 from toolkit.mlflow_api.views import MAX_PAGE
@@ -21,7 +20,10 @@ SHOWN_PROJECTS = 20
 
 @click.group()
 def mlflow() -> None:
-    """GitLab's MLflow-compatible API over the database, for MLflow scripts."""
+    """GitLab's MLflow-compatible API over the database, for MLflow scripts.
+
+    Example: toolkit mlflow serve --port 0
+    """
 
 
 @mlflow.command()
@@ -53,13 +55,13 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
     Point an MLflow script at project P of a rehearsal copy:
       toolkit --database-url postgresql:///scratch mlflow serve --port 5000
       MLFLOW_TRACKING_URI=http://127.0.0.1:5000/api/v4/projects/P/ml/mlflow python report.py
+
+    Example: toolkit mlflow serve --port 0
     """
     state = app()
     target = state.target()
-    engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=4, max_overflow=8,
-                           pool_timeout=10, connect_args={"application_name": "toolkit mlflow serve"})
-    api = Api(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-              page_limit=max_page_size, secrets=target.secrets)
+    api = Api.connect(target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
+                      page_limit=max_page_size)
     try:
         with api.transaction() as conn:
             source = mlflow_source(conn)
@@ -100,7 +102,7 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
         state.finish({"address": address, "source": source,
                       "projects": {str(p.project_id): p.n for p in projects}})
     finally:
-        engine.dispose()
+        api.close()
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from toolkit.db import TIMEOUTS_OPTION
+from toolkit.db import TIMEOUTS_OPTION, Target, create_engine
 from toolkit.errors import redact
 from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
 
@@ -65,6 +65,18 @@ class Api:
             "metrics/get-history": lambda v, p: v.metric_history(p, limit),
             "registered-models/get": lambda v, p: v.registered_model(p),
         }
+
+    @classmethod
+    def connect(cls, target: Target | str, *, lock_timeout_ms: int = 1000, statement_timeout_ms: int = 10_000,
+                page_limit: int = MAX_PAGE) -> Api:
+        """An API over its own small pool, its sessions named ``toolkit mlflow serve``."""
+        engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=4, max_overflow=8,
+                               pool_timeout=10, connect_args={"application_name": "toolkit mlflow serve"})
+        return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
+                   page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else ())
+
+    def close(self) -> None:
+        self.engine.dispose()
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
