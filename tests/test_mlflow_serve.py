@@ -158,6 +158,9 @@ print(c.get_experiment_by_name({name!r}) is not None)
     status, found = raw(server, 1, "registered-models/get", query=f"name={model}")
     assert status == 200 and found["registered_model"]["name"] == model
     assert raw(server, 1, "registered-models/get", query="name=no-such-model")[0] == 404
+    preview = f"{server}/api/v4/projects/1/ml/mlflow/api/2.0/preview/mlflow/registered-models/get?name={model}"
+    with urllib.request.urlopen(preview, timeout=30) as answer:  # where MLflow 1.x asks
+        assert json.loads(answer.read())["registered_model"]["name"] == model
 
     # writes: refused with an MLflow error, and nothing changed
     before = tmp_path / "before.json"
