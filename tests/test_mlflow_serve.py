@@ -25,11 +25,15 @@ from conftest import PREFIX, Database, _create_database, _drop_database
 from helpers import TALLY, resolve_m1_anomalies, toolkit
 
 from toolkit.db import create_engine
+from toolkit.mlflow_api import walk as walk_module
 from toolkit.mlflow_api.walk import client_version
 from toolkit.sandbox.adversarial import LONG_ASCII_NAME, LONG_UNICODE_NAME, NOTHING_LEFT_NAMES, ODD_NAMES
 
 MILESTONES = ("milestone-1", "milestone-2", "milestone-3", "milestone-4")
 SERVER_PAGE, CLIENT_PAGE = 5, 2
+# A Python whose mlflow is a 2.x release (a venv with `pip install mlflow-skinny==2.22.4`):
+# that client reads the same as the pinned 3.x one. Optional, to spare the suite an install.
+MLFLOW2_PYTHON_ENV = "TOOLKIT_TEST_MLFLOW2_PYTHON"
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5"}
 _numbers = count()
 
@@ -73,8 +77,9 @@ def projects(db) -> list[int]:
     return [r[0] for r in db.rows("SELECT id FROM projects ORDER BY id")]
 
 
-def walk(server: str, db, *, runs_only: bool = False) -> dict:
-    words = [sys.executable, "-m", "toolkit.mlflow_api.walk", server, *map(str, projects(db)),
+def walk(server: str, db, *, runs_only: bool = False, python: str | None = None) -> dict:
+    # as a script, so that another interpreter (another MLflow) needs no toolkit installed
+    words = [python or sys.executable, walk_module.__file__, server, *map(str, projects(db)),
              "--page-size", str(CLIENT_PAGE)] + (["--runs-only"] if runs_only else [])
     done = subprocess.run(words, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **CLIENT_ENV})
@@ -122,6 +127,15 @@ def test_everything_is_read_with_every_awkward_name(server, db):
     nan = [h for r in reading["projects"].values() for run in r["runs"].values()
            for h in run.get("history", {}).get("edge", [])]
     assert {"nan", "inf", "-inf"} <= {point[0] for point in nan}
+
+
+def test_an_mlflow_2_client_reads_the_same(server, db):
+    python = os.environ.get(MLFLOW2_PYTHON_ENV)
+    if not python:
+        pytest.skip(f"set {MLFLOW2_PYTHON_ENV} to the python of a venv with mlflow-skinny 2.x")
+    older, pinned = walk(server, db, python=python), walk(server, db)
+    assert older["client"].startswith("mlflow 2.") and older["inconsistent"] == []
+    assert {**older, "client": ""} == {**pinned, "client": ""}
 
 
 def test_answers_codes_isolation_and_refused_writes(server, db, tmp_path):
