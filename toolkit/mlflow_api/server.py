@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.db import TIMEOUTS_OPTION, Target, create_engine
 from toolkit.errors import redact
 from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
+from toolkit.output import out
 
 TRACKING_PATH = "/api/v4/projects/{project}/ml/mlflow"
 ROUTE = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/ml/mlflow/api/2\.0/(?:preview/)?mlflow/"
@@ -161,9 +162,18 @@ class Handler(BaseHTTPRequestHandler):
             self._send(exc.status, exc.document())
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception as exc:  # a bug: answer it as MLflow would, and say it where the operator looks
+            problem = redact(f"{type(exc).__name__}: {exc}", self.server.api.secrets)
+            out.warn(f"mlflow serve: {self.command} {urlsplit(self.path).path[:200]} failed: {problem}")
+            self.close_connection = True
+            self._send(500, {"error_code": "INTERNAL_ERROR",
+                             "message": f"toolkit mlflow serve failed: {problem}"})
 
     def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ApiError(400, "MALFORMED_REQUEST", "Content-Length is not a number") from None
         raw = self.rfile.read(length) if length else b""
         if not raw.strip():
             return {}
@@ -230,8 +240,10 @@ class Handler(BaseHTTPRequestHandler):
                     chunk(sep + json.dumps(experiment, ensure_ascii=False, allow_nan=False).encode())
                     sep = b","
             chunk(b"]}")
-        except ApiError:
-            self.close_connection = True  # a half-sent document: end it, the client sees the cut
+        except Exception as exc:  # a half-sent document: end it, the client sees the cut
+            out.warn(f"mlflow serve: experiments/list stopped half-way: {type(exc).__name__}: "
+                     f"{getattr(exc, 'message', exc)}")
+            self.close_connection = True
             return
         self.wfile.write(b"0\r\n\r\n")
 
