@@ -32,8 +32,11 @@ def demo(seed_value: int, batch_size: int) -> None:
 
     Starts the sandbox, seeds a small realistic data set, applies the four milestones
     (verifying each), shows the candidate report, rolls all four back and checks that
-    the fingerprint (ML tables and MLflow view) is back to what it was. Exit 0 only if
-    every check held. Replaces the sandbox database; never touches any other.
+    the fingerprint (ML tables and MLflow view) is back to what it was. The real MLflow
+    client (mlflow-skinny, when installed) reads the sandbox through `toolkit mlflow serve`
+    before and after each milestone and after the last rollback: every reading must be
+    the same. Exit 0 only if every check held. Replaces the sandbox database; never
+    touches any other.
 
     Example: toolkit demo
     """
