@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -175,6 +176,17 @@ print(c.get_experiment_by_name({name!r}) is not None)
     preview = f"{server}/api/v4/projects/1/ml/mlflow/api/2.0/preview/mlflow/registered-models/get?name={model}"
     with urllib.request.urlopen(preview, timeout=30) as answer:  # where MLflow 1.x asks
         assert json.loads(answer.read())["registered_model"]["name"] == model
+
+    # a lock held on a table it reads (a milestone's schema change): 503 after the server's
+    # lock_timeout (1 s), which MLflow clients retry, instead of queuing behind it
+    with db.engine.connect() as holder:
+        holder.execute(sa.text("LOCK TABLE ml_candidates IN ACCESS EXCLUSIVE MODE"))
+        started = time.monotonic()
+        status, answer = raw(server, 2, "runs/get", query=f"run_id={eid}")
+        assert (status, answer["error_code"]) == (503, "TEMPORARILY_UNAVAILABLE"), answer
+        assert time.monotonic() - started < 5
+        holder.rollback()
+    assert raw(server, 2, "runs/get", query=f"run_id={eid}")[0] == 200
 
     # writes: refused with an MLflow error, and nothing changed
     before = tmp_path / "before.json"
