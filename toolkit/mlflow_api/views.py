@@ -19,7 +19,6 @@ import base64
 import json
 import math
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -260,15 +259,6 @@ class View:
             return rows, None
         last = rows[size - 1]
         return rows[:size], _encode_token(order, _sort_value(sort_value(last)), last.id)
-
-    def list_experiments(self, limit: int) -> Iterator[list[dict[str, Any]]]:
-        """experiments/list (MLflow 1.x): every experiment of the project, in pages of
-        ``limit`` by id, each page read when the one before has been sent."""
-        token: str | None = ""
-        order = Order("id", False)
-        while token is not None:
-            rows, token = self._experiment_page(order, limit, token or None)
-            yield self._experiment_documents(rows)
 
     # -- runs --------------------------------------------------------------------------
     RUN_COLUMNS = """c.id, c.eid, c.name, c.status, c.start_time, c.end_time, c.user_id,
