@@ -10,6 +10,7 @@ get) and every metric key's history, as canonical JSON.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -165,7 +166,10 @@ print(c.get_experiment_by_name({name!r}) is not None)
                             ("metrics/get-history", f"run_id={eid}")):
         status, answer = raw(server, 2, endpoint, query=query)
         assert (status, answer["error_code"]) == (400, "INVALID_PARAMETER_VALUE"), (endpoint, answer)
-    assert raw(server, 1, "runs/search", body={"experiment_ids": ["1"], "page_token": "nonsense"})[0] == 400
+    forged = base64.urlsafe_b64encode(json.dumps({"o": "created_at DESC", "k": ["abc", 1]}).encode()).decode()
+    for token in ("nonsense", forged):
+        status, answer = raw(server, 1, "runs/search", body={"experiment_ids": ["1"], "page_token": token})
+        assert (status, answer["error_code"]) == (400, "INVALID_PARAMETER_VALUE"), answer
     status, listed = raw(server, 1, "experiments/list")
     assert status == 200 and len(listed["experiments"]) == db.scalar(
         "SELECT count(*) FROM ml_experiments WHERE project_id = 1")

@@ -120,6 +120,9 @@ class Api:
                     continue
                 first = redact(str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else "",
                                self.secrets)
+                if code.startswith("22"):  # a value the database cannot take: a forged page_token
+                    raise ApiError(400, "INVALID_PARAMETER_VALUE",
+                                   f"A parameter is not valid: {first}") from exc
                 if code in BUSY or code.startswith("08") or exc.connection_invalidated:
                     why = BUSY.get(code, "the connection to the database was lost")
                     raise ApiError(503, "TEMPORARILY_UNAVAILABLE",

@@ -166,6 +166,13 @@ def metric_value(value: float | None, is_nan: bytes | None) -> float | str:
     return value
 
 
+def _integer(text: str) -> int | None:
+    """A bigint id written in ASCII digits, else None."""
+    if not (text.isascii() and text.isdigit()) or int(text) > BIGINT_MAX:
+        return None
+    return int(text)
+
+
 def _key_values(rows: list[sa.Row]) -> list[dict[str, str]]:
     return [{"key": r.name, "value": r.value} for r in rows]
 
@@ -176,9 +183,10 @@ class View:
     def __init__(self, conn: Connection, project: str, base_url: str):
         self.conn = conn
         self.base_url = base_url
-        if not project.isdigit() or int(project) > BIGINT_MAX:
+        project_id = _integer(project)
+        if project_id is None:
             raise not_found(f"Project {project[:80]!r} not found: give the project's numeric id")
-        self.project_id = int(project)
+        self.project_id = project_id
         if conn.execute(sa.text("SELECT count(*) FROM projects WHERE id = :p"),
                         {"p": self.project_id}).scalar_one() == 0:
             raise not_found(f"Project {self.project_id} not found")
@@ -187,7 +195,7 @@ class View:
             raise not_found("This database has no experiments: ml_experiments and the toolkit's "
                             "archive of it are both absent")
         self.source = source
-        self.experiments_relation, self.tags_relation = experiment_relations(source)
+        _, self.tags_relation = experiment_relations(source)
 
     def _rows(self, sql: str, params: dict[str, Any]) -> list[sa.Row]:
         return list(self.conn.execute(sa.text(sql), params))
@@ -200,9 +208,10 @@ class View:
 
     def _experiment(self, by_iid: str | None = None, by_name: str | None = None) -> sa.Row:
         if by_iid is not None:
-            if not by_iid.isdigit() or int(by_iid) > BIGINT_MAX:
+            iid = _integer(by_iid)
+            if iid is None:
                 raise invalid(f"experiment_id must be an experiment's id (an integer), not {by_iid[:80]!r}")
-            found = self._experiments("e.iid = :iid", {"iid": int(by_iid)})
+            found = self._experiments("e.iid = :iid", {"iid": iid})
             what = f"id {by_iid}"
         else:
             found = self._experiments("e.name = :name", {"name": by_name})
