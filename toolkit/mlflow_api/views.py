@@ -278,15 +278,18 @@ class View:
         "created_at": ("c.created_at", "timestamptz"), "name": ("COALESCE(c.name, '')", "text"),
         "id": ("c.id", "bigint")}
 
-    def _run(self, params: dict[str, Any]) -> sa.Row:
+    def _run(self, params: dict[str, Any], *, with_experiment: bool = True) -> sa.Row:
+        """The candidate whose eid is ``run_id`` in the project (GitLab's ``find_candidate!``),
+        with its experiment's iid (a run no experiment reaches is not found)."""
         eid = required(params, "run_id", "run_uuid")
         try:
             uuid.UUID(eid)
         except ValueError:
             raise not_found(f"No run with id {eid[:80]!r} in project {self.project_id}") from None
+        parent, iid = ((run_parent(self.conn, self.source), "x.iid") if with_experiment
+                       else ("", "0"))
         found = self._rows(f"""
-            SELECT {self.RUN_COLUMNS}, x.iid AS experiment_iid FROM ml_candidates c
-            {run_parent(self.conn, self.source)}
+            SELECT {self.RUN_COLUMNS}, {iid} AS experiment_iid FROM ml_candidates c {parent}
             LEFT JOIN packages_packages pk ON pk.id = c.package_id
             WHERE c.project_id = :project AND c.eid = CAST(:eid AS uuid)""",
             {"project": self.project_id, "eid": eid})
@@ -334,18 +337,23 @@ class View:
     def _run_documents(self, runs: list[sa.Row], experiment_id: str) -> list[dict[str, Any]]:
         ids = [run.id for run in runs]
         data: dict[int, dict[str, list]] = {i: {"metrics": [], "params": [], "tags": []} for i in ids}
-        if ids:
-            for m in self._rows("""
-                    SELECT DISTINCT ON (m.candidate_id, m.name) m.candidate_id, m.name, m.value,
-                           m.is_nan, m.step, m.tracked_at
-                    FROM ml_candidate_metrics m WHERE m.candidate_id = ANY(:ids)
-                    ORDER BY m.candidate_id, m.name, m.id DESC""", {"ids": ids}):
-                data[m.candidate_id]["metrics"].append(_metric(m))
-            for part, table in (("params", "ml_candidate_params"), ("tags", "ml_candidate_metadata")):
-                for r in self._rows(f"""SELECT t.candidate_id, t.name, t.value FROM {table} t
-                                        WHERE t.candidate_id = ANY(:ids) ORDER BY t.candidate_id, t.name""",
-                                    {"ids": ids}):
-                    data[r.candidate_id][part].append({"key": r.name, "value": r.value})
+        if ids:  # one round trip for the three: latest metrics, params, tags
+            for r in self._rows("""
+                    SELECT * FROM (
+                        SELECT DISTINCT ON (m.candidate_id, m.name) 'metrics' AS part, m.candidate_id,
+                               m.name, NULL::text AS value, m.value AS number, m.is_nan, m.step, m.tracked_at
+                        FROM ml_candidate_metrics m WHERE m.candidate_id = ANY(:ids)
+                        ORDER BY m.candidate_id, m.name, m.id DESC) latest
+                    UNION ALL
+                    SELECT 'params', t.candidate_id, t.name, t.value, NULL, NULL, NULL, NULL
+                    FROM ml_candidate_params t WHERE t.candidate_id = ANY(:ids)
+                    UNION ALL
+                    SELECT 'tags', t.candidate_id, t.name, t.value, NULL, NULL, NULL, NULL
+                    FROM ml_candidate_metadata t WHERE t.candidate_id = ANY(:ids)
+                    ORDER BY candidate_id, part, name""", {"ids": ids}):
+                data[r.candidate_id][r.part].append(
+                    _metric(r.name, r.number, r.is_nan, r.step, r.tracked_at) if r.part == "metrics"
+                    else {"key": r.name, "value": r.value})
         documents = []
         for run in runs:
             info: dict[str, Any] = {
@@ -362,7 +370,7 @@ class View:
         return documents
 
     def metric_history(self, params: dict[str, Any], limit: int) -> dict[str, Any]:
-        run = self._run(params)
+        run = self._run(params, with_experiment=False)
         key = required(params, "metric_key")
         size = page_size(params, MAX_PAGE, limit)
         after = 0
@@ -374,7 +382,8 @@ class View:
             WHERE m.candidate_id = :c AND m.name = :key AND m.id > :after ORDER BY m.id LIMIT :n""",
             {"c": run.id, "key": key, "after": after, "n": size + 1})
         page, token = self._paged(rows, size, Order("id", False), lambda row: row.id)
-        found: dict[str, Any] = {"metrics": [_metric(m) for m in page]}
+        found: dict[str, Any] = {"metrics": [_metric(m.name, m.value, m.is_nan, m.step, m.tracked_at)
+                                              for m in page]}
         if token:
             found["next_page_token"] = token
         return found
@@ -432,10 +441,11 @@ def reading_source(conn: Connection) -> str | None:
     return source
 
 
-def _metric(m: sa.Row) -> dict[str, Any]:
-    found: dict[str, Any] = {"key": m.name, "value": metric_value(m.value, m.is_nan)}
-    if m.tracked_at is not None:
-        found["timestamp"] = m.tracked_at
-    if m.step is not None:
-        found["step"] = m.step
+def _metric(name: str, value: float | None, is_nan: bytes | None, step: int | None,
+            tracked_at: int | None) -> dict[str, Any]:
+    found: dict[str, Any] = {"key": name, "value": metric_value(value, is_nan)}
+    if tracked_at is not None:
+        found["timestamp"] = tracked_at
+    if step is not None:
+        found["step"] = step
     return found
