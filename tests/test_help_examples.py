@@ -10,10 +10,14 @@ the one listed below. A new or changed example must be added to EXAMPLES.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import urllib.request
 from dataclasses import dataclass
 
 import click
@@ -54,6 +58,9 @@ SANDBOX_EXAMPLES: dict[str, list[int]] = {
     "toolkit demo": [0],
     "toolkit sandbox stop": [0],
 }
+# Examples that serve until stopped: run as a process against the realistic database, asked
+# one question through the address they print, then stopped with SIGTERM (exit 0).
+SERVING_EXAMPLES = ("toolkit mlflow serve --port 0",)
 
 
 def help_examples() -> dict[str, list[str]]:
@@ -129,7 +136,7 @@ def _check(line: str, ran: list[Ran], expected: list[int]) -> None:
 
 def test_every_example_in_the_help_is_listed_here():
     found = set(help_examples())
-    listed = set(DATABASE_EXAMPLES) | set(SANDBOX_EXAMPLES)
+    listed = set(DATABASE_EXAMPLES) | set(SANDBOX_EXAMPLES) | set(SERVING_EXAMPLES)
     assert found == listed, {"in the help, not here": found - listed, "here, not in the help": listed - found}
 
 
@@ -148,3 +155,23 @@ def test_the_database_examples_run(realistic_db, tmp_path, monkeypatch):
 def test_the_sandbox_examples_run(sandbox_dir, tmp_path):
     for line, expected in SANDBOX_EXAMPLES.items():
         _check(line, run_example(line, {}, tmp_path), expected)
+
+
+def test_the_serving_examples_run(realistic_db):
+    for line in SERVING_EXAMPLES:
+        words = shlex.split(line)
+        process = subprocess.Popen([sys.executable, "-m", "toolkit", *words[1:]], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "TOOLKIT_DATABASE_URL": realistic_db.url_text})
+        try:
+            said = ""
+            for said_line in process.stdout:
+                said += said_line
+                if said_line.startswith("Ctrl-C"):
+                    break
+            uri = next(w for w in said.split() if w.startswith("MLFLOW_TRACKING_URI=")).split("=", 1)[1]
+            with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/list", timeout=30) as answer:
+                assert answer.status == 200 and json.loads(answer.read())["experiments"], line
+        finally:
+            process.terminate()
+            assert process.wait(timeout=20) == 0, (line, process.stderr.read())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 import click
@@ -14,6 +15,7 @@ from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
 from toolkit.errors import VerificationFailed
 from toolkit.inventory import table_counts
+from toolkit.mlflow_api.demo import ClientReadings
 from toolkit.output import out
 from toolkit.report import candidate_report
 from toolkit.sandbox.database import seed_sandbox
@@ -30,8 +32,11 @@ def demo(seed_value: int, batch_size: int) -> None:
 
     Starts the sandbox, seeds a small realistic data set, applies the four milestones
     (verifying each), shows the candidate report, rolls all four back and checks that
-    the fingerprint (ML tables and MLflow view) is back to what it was. Exit 0 only if
-    every check held. Replaces the sandbox database; never touches any other.
+    the fingerprint (ML tables and MLflow view) is back to what it was. The real MLflow
+    client (mlflow-skinny, when installed) reads the sandbox through `toolkit mlflow serve`
+    before and after each milestone and after the last rollback: every reading must be
+    the same. Exit 0 only if every check held. Replaces the sandbox database; never
+    touches any other.
 
     Example: toolkit demo
     """
@@ -41,6 +46,7 @@ def demo(seed_value: int, batch_size: int) -> None:
     status = server.start()
     report = seed_sandbox(status, "small", "realistic", seed_value)
     engine = create_engine(status.url())
+    stack = ExitStack()
     try:
         runner = Runner(engine, RunOptions(batch_size=batch_size), plan=registry.plan(),
                         command="toolkit demo", events=out)
@@ -50,6 +56,8 @@ def demo(seed_value: int, batch_size: int) -> None:
         out.say(f"   {counts['ml_experiments']} experiments, {counts['ml_candidates']} candidates, "
                 f"{counts['ml_candidate_metrics']} metrics, {counts['packages_packages']} packages "
                 f"(seeded in {report.seconds:.1f}s, data in {status.data_dir})")
+        readings = stack.enter_context(ClientReadings(status.url()))
+        out.say(f"   {readings.first()}")
 
         out.say("2. Plan (read-only, one snapshot):")
         for milestone in registry.MILESTONES.values():
@@ -64,7 +72,7 @@ def demo(seed_value: int, batch_size: int) -> None:
                        VerificationFailed(f"{milestone.name} did not complete", "see `toolkit status`"))
             mlflow = next(c for c in result.verify.checks if c.name.startswith("the MLflow view"))
             out.say(f"   {milestone.name}: {result.rows} rows, {len(result.verify.checks)} checks hold; "
-                    f"MLflow view unchanged ({mlflow.detail.split(' (')[0]})")
+                    f"MLflow view unchanged ({mlflow.detail.split(' (')[0]}){readings.again()}")
             stages.append({"stage": f"migrate {milestone.name}", "rows": result.rows, "ok": True})
 
         out.say("4. Candidate report of one model, through ml_candidates.model_id:")
@@ -106,9 +114,12 @@ def demo(seed_value: int, batch_size: int) -> None:
                 "report this with `toolkit history` output")
         out.say(f"   identical: all {len(before.tables)} ML tables and all {len(before.mlflow)} parts of "
                 "the MLflow view (row counts and content hashes)")
+        readings.again()
+        out.say(f"7. {readings.summary()}")
     finally:
+        stack.close()
         engine.dispose()
     out.say("Every check held. Go on: `toolkit status`, `toolkit plan milestone-1`, `toolkit history`.")
     app().finish({"sandbox": str(status.data_dir), "counts": counts, "stages": stages,
-                  "round_trip_identical": True})
+                  "round_trip_identical": True, "mlflow_client": readings.as_dict()})
 

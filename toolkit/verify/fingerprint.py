@@ -143,40 +143,67 @@ def mlflow_source(conn: Connection) -> str | None:
     return FROM_MODELS_AND_ARCHIVE if relation_exists(conn, M4_ARCHIVE_EXPERIMENTS) else None
 
 
-def _experiments_relation(source: str) -> tuple[str, str]:
+def experiment_relations(source: str) -> tuple[str, str]:
     """Where experiments and their tags are read: the live tables, or the archive."""
     if source == FROM_MODELS_AND_ARCHIVE:
         return M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA
     return "ml_experiments", "ml_experiment_metadata"
 
 
+def experiments_view(conn: Connection, source: str, where: str = "true") -> str:
+    """The experiments as an MLflow client sees them at this stage, one row each: ``id``
+    (of the experiment row), ``project_id``, ``iid``, ``name``, ``deleted_on``,
+    ``created_at``, ``model_id``. ``where`` filters the experiment rows (alias ``x``)."""
+    experiments, _ = experiment_relations(source)
+    if source == FROM_EXPERIMENTS:
+        return f"""
+            SELECT x.id, x.project_id, x.iid, x.name, x.deleted_on, x.created_at, x.model_id
+            FROM ml_experiments x WHERE {where}"""
+    created = (f"SELECT model_id FROM {CREATED_MODELS}" if relation_exists(conn, CREATED_MODELS)
+               else "SELECT NULL::bigint AS model_id WHERE false")
+    return f"""
+        SELECT x.id, COALESCE(m.project_id, x.project_id) AS project_id, x.iid,
+               CASE WHEN cm.model_id IS NOT NULL THEN m.display_name ELSE x.name END AS name,
+               x.deleted_on, x.created_at, x.model_id
+        FROM {experiments} x LEFT JOIN ml_models m ON m.id = x.model_id
+        LEFT JOIN ({created}) cm ON cm.model_id = x.model_id
+        WHERE {where}"""
+
+
+def run_parent(conn: Connection, source: str) -> str:
+    """The join that gives a candidate ``c`` its experiment ``x`` (``project_id``, ``iid``)."""
+    experiments, _ = experiment_relations(source)
+    if source == FROM_EXPERIMENTS:
+        return "LEFT JOIN ml_experiments x ON x.id = c.experiment_id"
+    # a candidate reaches its experiment through its model; one the backfill has not
+    # reached yet (milestone 3 in progress) still through experiment_id
+    if column_exists(conn, "ml_candidates", "experiment_id"):
+        return f"""LEFT JOIN {experiments} xm ON xm.model_id = c.model_id
+            LEFT JOIN {experiments} xe ON xe.id = c.experiment_id AND c.model_id IS NULL
+            CROSS JOIN LATERAL (SELECT COALESCE(xm.project_id, xe.project_id) AS project_id,
+                                       COALESCE(xm.iid, xe.iid) AS iid) x"""
+    return f"LEFT JOIN {experiments} x ON x.model_id = c.model_id"
+
+
+def runs_of_experiment(conn: Connection, source: str) -> str:
+    """The condition on a candidate ``c`` that :func:`run_parent` maps to the experiment
+    whose row id is ``:experiment_row`` and whose model is ``:experiment_model``, written
+    so an index answers it (``experiment_id``, ``model_id``)."""
+    if source == FROM_EXPERIMENTS:
+        return "c.experiment_id = :experiment_row"
+    if column_exists(conn, "ml_candidates", "experiment_id"):
+        return ("(c.model_id = :experiment_model OR "
+                "(c.model_id IS NULL AND c.experiment_id = :experiment_row))")
+    return "c.model_id = :experiment_model"
+
+
 def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
     """The SQL of each part: one text column ``r`` per row an MLflow client would see."""
-    experiments, tags = _experiments_relation(source)
-    if source == FROM_EXPERIMENTS:
-        experiment_rows = """
-            SELECT ROW(x.project_id, x.iid, x.name, x.deleted_on IS NOT NULL)::text AS r
-            FROM ml_experiments x WHERE x.id <= :w_experiments"""
-        run_parent = "LEFT JOIN ml_experiments x ON x.id = c.experiment_id"
-    else:
-        created = (f"SELECT model_id FROM {CREATED_MODELS}" if relation_exists(conn, CREATED_MODELS)
-                   else "SELECT NULL::bigint AS model_id WHERE false")
-        experiment_rows = f"""
-            SELECT ROW(COALESCE(m.project_id, x.project_id), x.iid,
-                       CASE WHEN cm.model_id IS NOT NULL THEN m.display_name ELSE x.name END,
-                       x.deleted_on IS NOT NULL)::text AS r
-            FROM {experiments} x LEFT JOIN ml_models m ON m.id = x.model_id
-            LEFT JOIN ({created}) cm ON cm.model_id = x.model_id
-            WHERE x.id <= :w_experiments"""
-        # a candidate reaches its experiment through its model; one the backfill has not
-        # reached yet (milestone 3 in progress) still through experiment_id
-        if column_exists(conn, "ml_candidates", "experiment_id"):
-            run_parent = f"""LEFT JOIN {experiments} xm ON xm.model_id = c.model_id
-                LEFT JOIN {experiments} xe ON xe.id = c.experiment_id AND c.model_id IS NULL
-                CROSS JOIN LATERAL (SELECT COALESCE(xm.project_id, xe.project_id) AS project_id,
-                                           COALESCE(xm.iid, xe.iid) AS iid) x"""
-        else:
-            run_parent = f"LEFT JOIN {experiments} x ON x.model_id = c.model_id"
+    experiments, tags = experiment_relations(source)
+    experiment_rows = f"""
+        SELECT ROW(e.project_id, e.iid, e.name, e.deleted_on IS NOT NULL)::text AS r
+        FROM ({experiments_view(conn, source, "x.id <= :w_experiments")}) e"""
+    parent = run_parent(conn, source)
     return {
         "experiments": experiment_rows,
         "experiment_tags": f"""
@@ -186,7 +213,7 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
         "runs": f"""
             SELECT ROW(c.id, c.eid, x.project_id, x.iid, c.name, c.status, c.start_time,
                        c.end_time, c.user_id, c.package_id, c.internal_id)::text AS r
-            FROM ml_candidates c {run_parent} WHERE c.id <= :w_candidates""",
+            FROM ml_candidates c {parent} WHERE c.id <= :w_candidates""",
         "run_params": """
             SELECT ROW(p.candidate_id, p.name, p.value)::text AS r
             FROM ml_candidate_params p WHERE p.id <= :w_params""",
