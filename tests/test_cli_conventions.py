@@ -257,6 +257,7 @@ NOT_GITLAB_ARGS = {
     ("archive", "status"): ["archive", "status"],
     ("archive", "drop"): ["archive", "drop", "--yes"],
     ("report", "candidates"): ["report", "candidates", "--project", "1", "--model", "m", "--metric", "loss"],
+    ("mlflow", "serve"): ["mlflow", "serve", "--port", "0"],
 }
 NO_DATABASE = {("sql",), ("demo",)}
 

@@ -8,7 +8,9 @@ import signal
 import click
 import sqlalchemy as sa
 
+from toolkit import milestones
 from toolkit.cli.context import app
+from toolkit.engine.preflight import check_gitlab_database
 from toolkit.errors import PreconditionRefused, UsageProblem
 from toolkit.mlflow_api.server import TRACKING_PATH, Api, MlflowServer
 from toolkit.mlflow_api.views import MAX_PAGE
@@ -64,6 +66,7 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
                       page_limit=max_page_size)
     try:
         with api.transaction() as conn:
+            check_gitlab_database(conn, milestones.plan(), columns=False)  # exit 3, as every command
             source = mlflow_source(conn)
             if source is None:
                 raise PreconditionRefused(
