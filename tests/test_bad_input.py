@@ -38,19 +38,24 @@ def test_a_schema_that_differs_is_refused_before_anything_is_written(realistic_d
     assert not own_schema_exists(realistic_db)
 
 
+ROLE_PASSWORD = "tk-role-password"
+
+
 @pytest.fixture
 def role(realistic_db):
-    """A login role of this test's own (roles are cluster-wide), dropped afterwards."""
+    """A login role of this test's own (roles are cluster-wide), dropped afterwards. Its
+    password is for servers that ask for one (a container's pg_hba.conf, as the official
+    image's); the embedded server trusts local connections."""
     name = f"tk_role_{os.getpid()}"
     realistic_db.execute(f"DROP ROLE IF EXISTS {name}")
-    realistic_db.execute(f"CREATE ROLE {name} LOGIN")
+    realistic_db.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{ROLE_PASSWORD}'")
     yield name
     realistic_db.execute(f"DROP OWNED BY {name}")
     realistic_db.execute(f"DROP ROLE {name}")
 
 
 def _as(db, role_name: str) -> str:
-    return db.url.set(username=role_name).render_as_string(hide_password=False).replace(
+    return db.url.set(username=role_name, password=ROLE_PASSWORD).render_as_string(hide_password=False).replace(
         "postgresql+psycopg", "postgresql")
 
 

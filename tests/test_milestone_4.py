@@ -26,6 +26,24 @@ def ready(before_milestone):
     return lambda: before_milestone(4)
 
 
+def test_not_null_constraints_come_back_under_their_own_names(ready):
+    """PostgreSQL 18 keeps NOT NULL as named constraints in pg_constraint (contype 'n'); a
+    database's history can leave them under other names than the default one (a renamed
+    column keeps its constraint's name). The rebuild gives each its own name back. Before
+    18, NOT NULL is only pg_attribute.attnotnull, which the rebuild keeps as well."""
+    db = ready()
+    if int(db.scalar("SHOW server_version_num")) >= 180000:
+        db.execute("ALTER TABLE ml_experiments RENAME CONSTRAINT ml_experiments_name_not_null TO "
+                   "ml_experiments_name_given")
+        db.execute("ALTER TABLE ml_candidates RENAME CONSTRAINT ml_candidates_experiment_id_not_null TO "
+                   "ml_candidates_experiment_given")
+    schema_before = schema_snapshot(db)
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+    result = toolkit(db, "rollback", "milestone-4")
+    assert result.exit_code == 0, result.output
+    assert columns_as_sets(schema_snapshot(db)) == columns_as_sets(schema_before)
+
+
 def test_refused_without_confirmation(ready):
     db = ready()
     result = toolkit(db, "migrate", "milestone-4")

@@ -43,6 +43,14 @@ PHASES = (
 )
 
 
+# The name of a column's NOT NULL constraint (``a`` is its pg_attribute row). PostgreSQL 18
+# keeps NOT NULL as a named constraint in pg_constraint (contype 'n'), whose name a
+# database's history may have made other than the default <table>_<column>_not_null; the
+# rebuild gives it back. Before 18 there is no such row (NULL), and NOT NULL has no name.
+NOT_NULL_NAME = """(SELECT quote_ident(n.conname) FROM pg_constraint n WHERE n.conrelid = a.attrelid
+                    AND n.contype = 'n' AND n.conkey = ARRAY[a.attnum]) AS not_null_name"""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Statement:
     phase: str
@@ -79,12 +87,17 @@ def capture(conn: Connection) -> list[Statement]:
 
     # ml_candidates.experiment_id: its definition, indexes and constraints
     table, column = M4_DROPPED_COLUMN
-    col = _rows(conn, """
-        SELECT format_type(atttypid, atttypmod) AS type, attnotnull, attnum FROM pg_attribute
-        WHERE attrelid = CAST(:t AS regclass) AND attname = :c AND NOT attisdropped""", t=table, c=column)[0]
+    col = _rows(conn, f"""
+        SELECT format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull, a.attnum, {NOT_NULL_NAME}
+        FROM pg_attribute a
+        WHERE a.attrelid = CAST(:t AS regclass) AND a.attname = :c AND NOT a.attisdropped""",
+                t=table, c=column)[0]
     out.append(Statement(phase="candidate_column", table=table, name=column,
                          sql=f"ALTER TABLE {table} ADD COLUMN {column} {col.type}"))
-    if col.attnotnull:
+    if col.attnotnull and col.not_null_name:  # PostgreSQL 18 and later: under its own name
+        out.append(Statement(phase="candidate_not_null", table=table, name=col.not_null_name,
+                             sql=f"ALTER TABLE {table} ADD CONSTRAINT {col.not_null_name} NOT NULL {column}"))
+    elif col.attnotnull:
         out.append(Statement(phase="candidate_not_null", table=table, name=column,
                              sql=f"ALTER TABLE {table} ALTER COLUMN {column} SET NOT NULL"))
     for index in _rows(conn, """
@@ -145,16 +158,18 @@ def _sequences(conn: Connection, table: str) -> list[Statement]:
 
 def _create_table(conn: Connection, table: str) -> str:
     columns = []
-    for col in _rows(conn, """
+    for col in _rows(conn, f"""
             SELECT quote_ident(a.attname) AS name, format_type(a.atttypid, a.atttypmod) AS type,
-                   a.attnotnull, pg_get_expr(d.adbin, d.adrelid) AS default_expr
+                   a.attnotnull, pg_get_expr(d.adbin, d.adrelid) AS default_expr, {NOT_NULL_NAME}
             FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
             WHERE a.attrelid = CAST(:t AS regclass) AND a.attnum > 0 AND NOT a.attisdropped
             ORDER BY a.attnum""", t=table):
         definition = f"    {col.name} {col.type}"
         if col.default_expr is not None:
             definition += f" DEFAULT {col.default_expr}"
-        if col.attnotnull:
+        if col.attnotnull and col.not_null_name:
+            definition += f" CONSTRAINT {col.not_null_name} NOT NULL"
+        elif col.attnotnull:
             definition += " NOT NULL"
         columns.append(definition)
     return f"CREATE TABLE {table} (\n" + ",\n".join(columns) + "\n)"
