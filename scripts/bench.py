@@ -76,6 +76,8 @@ def migrate_worker(url: str, milestone: str, options: str, out: str, whole: str)
     phases["preflight"] = round(seconds - sum(result.timings.values()), 3)
     Path(out).write_text(json.dumps({
         "seconds": seconds, "rows": result.rows, "phases": phases,
+        # the closing verify, taken while the writer still logs runs: milestones 1 and 3 then
+        # find its newest rows not yet migrated (an operator runs migrate again, as below)
         "verified": result.verify.ok if result.verify else None,
         "timeline": [[p.name, round(s, 4), n] for p in result.passes
                      for s, n in zip(p.batch_seconds, p.batch_sizes, strict=True)]}))
@@ -339,6 +341,9 @@ def main() -> None:
             with admin.connect() as conn:
                 conn.execute(sa.text(f'ALTER DATABASE "bench_batched" RENAME TO "{url.database}"'))
             verified = _toolkit("--database-url", _text(url), "verify", milestone)
+            if verified.exit_code != ExitCode.OK:
+                problem = verified.doc.get("error", {}).get("problem")
+                print(f"{milestone}: verify failed: {problem}", flush=True)
             results["milestones"][milestone] = {
                 "plan_seconds": planned.seconds, "plan_peak_mb": planned.peak_mb,
                 "verify_seconds": verified.seconds, "verify_peak_mb": verified.peak_mb,
@@ -444,7 +449,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{b['batches']} ({b.get('batch_size_min')}-{b.get('batch_size_max')}) | "
             f"{b['batch_p50_ms']}/{b['batch_p99_ms']}/{b['batch_max_ms']} | "
             f"{b['writer']['p99_ms']} | {s['writer']['p99_ms']} | {m['plan_seconds']} | "
-            f"{m['verify_seconds']}{'' if m['verified'] and b['verified'] else ' (FAILED)'} | "
+            f"{m['verify_seconds']}{'' if m['verified'] else ' (FAILED)'} | "
             f"{b.get('peak_mb')}/{m['verify_peak_mb']} |")
     return "\n".join(lines) + "\n"
 
