@@ -86,7 +86,8 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     elif proof is not None and proof.unproven_parts:
         checks = [Check(name=name, ok=False, detail=proof.unproven_parts, remedy=proof.remedy)]
     else:
-        computed = (f"{len(now.mlflow)} parts equal (computed from {now.source}; "
+        untouched = f", {proof.parts_untouched} untouched by its runs" if proof is not None else ""
+        computed = (f"{len(now.mlflow)} parts equal{untouched} (computed from {now.source}; "
                     f"baseline {shown(baseline.taken_at)})")
         if proof is not None:
             computed += f"; {proof.parts_not_read}"
@@ -143,6 +144,10 @@ class _Proof:
         touched = [p for p, feeding in PART_TABLES.items()
                    if p not in self.scope.parts and set(feeding) & set(self.stray_tables)]
         return f"{', '.join(touched)}: {self.stray}" if touched else ""
+
+    @property
+    def parts_untouched(self) -> int:
+        return sum(1 for p in PART_TABLES if p not in self.scope.parts)
 
     @property
     def parts_not_read(self) -> str:
