@@ -21,6 +21,18 @@ LISTED_ROWS = 1000
 STREAMED = {"stream_results": True, "yield_per": 5000}
 
 
+def read_to_the_end(conn: Connection) -> None:
+    """Plan this transaction's cursors for all their rows, not the first tenth.
+
+    A server-side cursor is planned with ``cursor_tuple_fraction`` (0.1): the planner
+    picks the plan that yields the first rows soonest. For ``ORDER BY c.id`` over a join
+    of 1M candidates that is an index walk with a lookup per row, 1.9 s at x25, where the
+    hash join and a sort take 0.25 s. Every cursor the toolkit opens is read to its end
+    (every matching row is counted), so the whole result is what to plan for.
+    """
+    conn.execute(sa.text("SELECT set_config('cursor_tuple_fraction', '1', true)"))
+
+
 class Listing(list):
     """The first rows of a query (a list of dicts), and ``total``: how many rows matched."""
 
@@ -42,6 +54,7 @@ def listed(conn: Connection, sql: str, *, keep: Callable[[dict[str, Any]], bool]
            limit: int | None = None, **params: Any) -> Listing:
     """Stream ``sql``; count the rows (those ``keep`` accepts), keep the first ``limit``."""
     listing = Listing([], 0, limit)
+    read_to_the_end(conn)
     result = conn.execute(sa.text(sql), params, execution_options=STREAMED)
     for row in result:
         mapping = dict(row._mapping)
