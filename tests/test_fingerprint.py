@@ -136,3 +136,33 @@ def test_milestones_1_to_4_then_rollbacks_4_to_1_give_back_the_original(adversar
     TALLY["rows compared, original against after 1->4->1 (tables and MLflow view)"] += sum(
         part["rows"] for group in ("tables", "mlflow") for part in taken[group].values() if part)
     assert adversarial_db.scalar("SELECT count(*) FROM toolkit.fingerprints") == 0
+
+
+def test_a_baseline_of_format_1_is_still_compared_its_way(realistic_db):
+    """A milestone in progress when the toolkit is upgraded keeps its stored baseline of
+    format 1 (count, sum and XOR): verify computes the same digests its way, not the new."""
+    from dataclasses import replace
+
+    from toolkit.verify import baselines
+    from toolkit.verify.fingerprint import compare, take
+
+    assert toolkit(realistic_db, "migrate", "milestone-1").exit_code == 0
+    with realistic_db.engine.connect() as conn:
+        stored = baselines.load(conn, "milestone-1")
+        assert stored.format == 2
+        # what an earlier toolkit stored: the same scope, hashed the old way
+        old_way = replace(stored, format=1, tables={}, mlflow={}, kept={})
+        older = take(conn, stored.watermarks, reference=old_way, scope=stored.scoped)
+        assert older.format == 1 and older.kept  # milestone 1 reads no MLflow part
+        assert older.kept != stored.kept  # the two methods give different digests
+        assert [d.part for d in compare(older, stored)] == ["format"]
+        baselines.save(conn, "milestone-1", older, stored.scoped.first_run)
+    code, doc = toolkit_json(realistic_db, "verify", "milestone-1")
+    assert code == 0, doc
+    # and a change is still caught, the old way
+    realistic_db.execute("""UPDATE packages_packages SET name = name || '-renamed' WHERE id = (
+        SELECT min(id) FROM packages_packages p
+        WHERE NOT EXISTS (SELECT 1 FROM ml_candidates c WHERE c.package_id = p.id))""")
+    result = toolkit(realistic_db, "verify", "milestone-1")
+    assert result.exit_code == ExitCode.VERIFY_FAILED
+    assert "tables.packages_packages (rows it may not change)" in result.output

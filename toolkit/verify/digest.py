@@ -1,9 +1,16 @@
 """Row counts and content hashes computed inside PostgreSQL.
 
-A digest is the row count, the sum and the XOR of a 64-bit hash of every row's text.
-Both aggregates are order-independent, so the same rows give the same digest however
-they are stored or joined, and they stream: the server never builds the rows in memory
-and neither does the toolkit (a 10M-row table is one sequential scan).
+A digest is the row count and the exact sum of a 64-bit hash of every row's text. The
+sum is order-independent, so the same rows give the same digest however they are stored
+or joined; it streams (the server never builds the rows in memory, nor does the toolkit:
+a 10M-row table is one sequential scan); and it is one aggregate PostgreSQL runs in
+parallel workers, each summing its share of the table.
+
+Fingerprints of format 1 also took the XOR of the hashes. A second aggregate made
+PostgreSQL compute every row's text and hash twice (the subquery is flattened into both
+aggregates): it doubled the cost of a digest for a check the exact sum already makes.
+A fingerprint records its format, and one of format 1 (a baseline stored by an earlier
+toolkit) is compared with digests computed its way (:data:`METHODS`).
 """
 
 from __future__ import annotations
@@ -23,23 +30,29 @@ class TableDigest:
     digest: str
 
 
-Memo = dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[int, str]]
+Memo = dict[tuple[int, str, tuple[tuple[str, Any], ...]], tuple[int, str]]
+
+# The aggregates of each fingerprint format over ``h``, each row's hash.
+METHODS = {
+    1: "count(*), COALESCE(sum(h::numeric), 0), COALESCE(bit_xor(h), 0)",
+    2: "count(*), COALESCE(sum(h), 0)",
+}
+METHOD = 2
 
 
 def query_digest(conn: Connection, row_sql: str, params: dict[str, Any] | None = None,
-                 memo: Memo | None = None) -> tuple[int, str]:
+                 memo: Memo | None = None, method: int = METHOD) -> tuple[int, str]:
     """Digest of a query whose single column ``r`` is each row's text.
 
     ``memo``: digests already computed in the same snapshot (``verify`` of all four
     milestones compares with four fingerprints that mostly share their watermarks)."""
-    key = (row_sql, tuple(sorted((params or {}).items())))
+    key = (method, row_sql, tuple(sorted((params or {}).items())))
     if memo is not None and key in memo:
         return memo[key]
-    rows, total, xor = conn.execute(sa.text(
-        "SELECT count(*), COALESCE(sum(h::numeric), 0), COALESCE(bit_xor(h), 0) "
-        f"FROM (SELECT hashtextextended(q.r, 0) AS h FROM ({row_sql}) AS q) AS s"
+    rows, *sums = conn.execute(sa.text(
+        f"SELECT {METHODS[method]} FROM (SELECT hashtextextended(q.r, 0) AS h FROM ({row_sql}) AS q) AS s"
     ), params or {}).one()
-    result = rows, hashlib.sha256(f"{rows}:{total}:{xor}".encode()).hexdigest()[:32]
+    result = rows, hashlib.sha256(":".join(map(str, (rows, *sums))).encode()).hexdigest()[:32]
     if memo is not None:
         memo[key] = result
     return result
@@ -56,10 +69,11 @@ def row_text(conn: Connection, table: str, alias: str = "t") -> str:
 
 
 def table_digest(conn: Connection, table: str, where: str | None = None,
-                 params: dict[str, Any] | None = None, memo: Memo | None = None) -> TableDigest:
+                 params: dict[str, Any] | None = None, memo: Memo | None = None,
+                 method: int = METHOD) -> TableDigest:
     condition = f" WHERE {where}" if where else ""
     rows, digest = query_digest(conn, f"SELECT {row_text(conn, table)} AS r FROM {table} AS t{condition}",
-                                params, memo)
+                                params, memo, method)
     return TableDigest(table, rows, digest)
 
 

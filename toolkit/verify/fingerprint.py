@@ -44,9 +44,9 @@ from toolkit.catalog import column_exists, relation_exists
 from toolkit.names import M3_CREATED_MODELS as CREATED_MODELS
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_ARCHIVES
 from toolkit.schema.gitlab import ML_TABLE_NAMES
-from toolkit.verify.digest import Memo, query_digest, table_digest
+from toolkit.verify.digest import METHOD, METHODS, Memo, query_digest, table_digest
 
-FORMAT = 1
+FORMAT = METHOD  # the format is the digest method (verify/digest.py); 1 is still read
 
 FROM_EXPERIMENTS = "experiments"
 FROM_MODELS = "models"
@@ -100,13 +100,14 @@ class Fingerprint:
     # A milestone's baseline reads only its scope (None: everything, as `toolkit fingerprint`).
     scope: dict[str, Any] | None = None
     kept: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # rows it may not change
+    format: int = FORMAT  # how its digests were computed
 
     @property
     def scoped(self) -> Scope | None:
         return Scope(**self.scope) if self.scope is not None else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **self.__dict__}
+        return dict(self.__dict__)
 
     def dumps(self) -> str:
         return json.dumps(self.as_dict(), indent=2, sort_keys=True)
@@ -114,9 +115,8 @@ class Fingerprint:
     @classmethod
     def loads(cls, text: str) -> Fingerprint:
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError("not a toolkit fingerprint (format 1)")
-        data.pop("format")
+        if not isinstance(data, dict) or data.get("format") not in METHODS:
+            raise ValueError(f"not a toolkit fingerprint (format {' or '.join(map(str, METHODS))})")
         return cls(**data)
 
 
@@ -271,12 +271,14 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
          scope: Scope | None = None) -> Fingerprint:
     """Fingerprint the database as ``conn`` sees it (call it in one REPEATABLE READ
     transaction so both halves see the same instant). With ``reference`` (and its
-    watermarks), parts :data:`DERIVED_FROM` an unchanged table are taken from it. With
-    ``scope``, only the tables, rows and parts it names are read."""
+    watermarks), digests are computed its way and parts :data:`DERIVED_FROM` an unchanged
+    table are taken from it. With ``scope``, only the tables, rows and parts it names are
+    read."""
     # Sorting the latest metric per run happens in the server: give it room for that one
     # query instead of spilling 10M rows to disk (it is not the toolkit's memory).
     conn.execute(sa.text("SET LOCAL work_mem = '256MB'"))
     marks = watermarks if watermarks is not None else _watermarks(conn)
+    method = reference.format if reference is not None else FORMAT
 
     def bound(table: str) -> int:
         mark = marks.get(table)
@@ -285,7 +287,7 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
     def digest_of(table: str, where: str = "") -> dict[str, Any] | None:
         if not relation_exists(conn, table):
             return None
-        digest = table_digest(conn, table, f"t.id <= :w{where}", {"w": bound(table)}, memo)
+        digest = table_digest(conn, table, f"t.id <= :w{where}", {"w": bound(table)}, memo, method)
         return {"rows": digest.rows, "hash": digest.digest}
 
     tables = {table: digest_of(table) for table in (scope.tables if scope else ML_TABLE_NAMES)}
@@ -304,17 +306,20 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
                     and reference.tables.get(table) == tables[table] and part in reference.mlflow):
                 mlflow[part] = reference.mlflow[part]
                 continue
-            rows, digest = query_digest(conn, sql, params, memo)
+            rows, digest = query_digest(conn, sql, params, memo, method)
             mlflow[part] = {"rows": rows, "hash": digest}
     database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
     return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
-                       tables, mlflow, scope.__dict__ if scope else None, kept)
+                       tables, mlflow, scope.__dict__ if scope else None, kept, method)
 
 
 def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...] = (),
             tables: bool = True) -> list[Difference]:
     """What differs. ``changes`` are tables changed on purpose (reported, expected);
     ``tables=False`` compares the MLflow view only (later milestones changed the tables)."""
+    if before.format != after.format:
+        return [Difference("format", None, None, False, note=(
+            f"hashed two ways (formats {before.format} and {after.format}): take one again"))]
     found: list[Difference] = []
     scoped = before.scope is not None or after.scope is not None
 
