@@ -39,9 +39,12 @@ SCALE = "realistic:gitlab-com"
 # take (connecting, the pool's ping, the runner lock's session: well under a millisecond
 # each), far below the reads of the commands below. Milestone 1's proof reads only the
 # packages (its runs never write anything else: engine/writes.py), a few milliseconds at
-# this scale, so its commands are not among those shown to need their own timeout.
+# this scale, so its commands are not among those shown to need their own timeout; nor is
+# `verify milestone-3`, which hashes none of the tables milestone 3 changes on purpose
+# again and reads only the experiments' MLflow parts (4,000 rows here).
 ROLE_MS = 25
-NEED_THEIR_OWN = ["fingerprint --out"] + [f"{verb} {m}" for m in MILESTONES[1:] for verb in ("migrate", "verify")]
+NEED_THEIR_OWN = ["fingerprint --out"] + [f"{verb} {m}" for m in MILESTONES[1:] for verb in ("migrate", "verify")
+                                          if (verb, m) != ("verify", "milestone-3")]
 NEED_THEIR_OWN += [f"rollback {m}" for m in reversed(MILESTONES[1:])]
 
 
