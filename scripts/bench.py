@@ -55,6 +55,7 @@ from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
 from toolkit.errors import ExitCode
 from toolkit.sandbox.app_writer import AppWriter, as_ms, percentile
+from toolkit.sandbox.scales import SCALES
 from toolkit.sandbox.server import SUPERUSER, SandboxServer, _bin
 
 
@@ -139,6 +140,40 @@ def compare(admin: sa.Engine, url: sa.URL, milestone: str, repeat: int,
         medians.append({**ordered[(len(ordered) - 1) // 2],
                         "seconds_each": [run["seconds"] for run in runs[kind]]})
     return medians[0], medians[1]
+
+
+def metrics_variant(args: argparse.Namespace, admin: sa.Engine, url: sa.URL, options: RunOptions,
+                    results: dict[str, Any]) -> dict[str, Any]:
+    """Milestone 1's whole command on the same data with one metric row per candidate,
+    against the scale's ten measured above: it never writes a metric, so its proof must not
+    read them, and the two must be within a tenth of each other.
+
+    The sandbox is seeded again (same seed, same everything but the metrics) and the whole
+    command timed as above: ``--repeat`` fresh copies, the writer running, the median."""
+    per_candidate = round(SCALES[args.scale].metrics_per_candidate)
+    print(f"milestone-1 at 1 metric per candidate (against {per_candidate}): seeding ...", flush=True)
+    seeded = _toolkit("sandbox", "--data-dir", str(args.data_dir.resolve()), "seed", "--scale", args.scale,
+                      "--seed", str(args.seed), "--metrics-per-candidate", "1")
+    _settle(url)
+    runs = []
+    for i in range(args.repeat):
+        print(f"milestone-1 at 1 metric per candidate: run {i + 1} of {args.repeat} ...", flush=True)
+        copy = _fresh_copy(admin, url, "bench_metrics")
+        runs.append(_timed_migrate(copy, "milestone-1", options, whole=True))
+    _drop(admin, "bench_metrics")
+    one = sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
+    ten = results["milestones"]["milestone-1"]["batched"]
+    variant = {
+        "metrics_per_candidate": [per_candidate, 1],
+        "metric_rows": [results["counts"]["ml_candidate_metrics"],
+                        seeded.doc["result"]["counts"]["ml_candidate_metrics"]],
+        "seconds": [ten["seconds"], one["seconds"]],
+        "seconds_each": [ten.get("seconds_each"), [run["seconds"] for run in runs]],
+        "phases": [ten["phases"], one["phases"]],
+        "ratio": round(ten["seconds"] / one["seconds"], 3),
+    }
+    print(json.dumps({"metrics_variant": variant}), flush=True)
+    return variant
 
 
 def _settle(url: sa.URL, vacuum: bool = True) -> float:
@@ -358,6 +393,7 @@ def main() -> None:
             }
             print(json.dumps({k: v for k, v in results["milestones"][milestone].items()
                               if k not in ("batched", "set_based")}), flush=True)
+        results["metrics_variant"] = metrics_variant(args, admin, url, batched_options, results)
     finally:
         admin.dispose()
         server.stop()
@@ -451,6 +487,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{b['writer']['p99_ms']} | {s['writer']['p99_ms']} | {m['plan_seconds']} | "
             f"{m['verify_seconds']}{'' if m['verified'] else ' (FAILED)'} | "
             f"{b.get('peak_mb')}/{m['verify_peak_mb']} |")
+    variant = results.get("metrics_variant")
+    if variant:
+        (ten, one), (rows_ten, rows_one) = variant["seconds"], variant["metric_rows"]
+        lines += ["", f"`migrate milestone-1`, the whole command, with {variant['metrics_per_candidate'][0]} "
+                  f"metrics per candidate ({rows_ten} rows): {ten} s; with 1 ({rows_one} rows): {one} s; "
+                  f"ratio {variant['ratio']} (median of {results.get('repeat', 1)} each)."]
     return "\n".join(lines) + "\n"
 
 

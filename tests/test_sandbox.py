@@ -71,6 +71,15 @@ def test_seed_starts_the_sandbox_and_reports_counts(sandbox_dir):
     # seeding again replaces the database rather than adding to it
     again = json.loads(run("--json", "sandbox", "seed", "--seed", "3").output)["result"]["counts"]
     assert again["ml_candidates"] < counts["ml_candidates"]
+    # the benchmark's variant: the same data with a tenth of the metric rows
+    fewer = json.loads(run("--json", "sandbox", "seed", "--seed", "3", "--metrics-per-candidate", "1")
+                       .output)["result"]["counts"]
+    assert fewer["ml_candidates"] == again["ml_candidates"]
+    assert fewer["ml_candidate_params"] == again["ml_candidate_params"]
+    assert 0.5 < fewer["ml_candidate_metrics"] / fewer["ml_candidates"] < 1.5
+    assert again["ml_candidate_metrics"] > 5 * fewer["ml_candidate_metrics"]
+    bad = run("sandbox", "seed", "--metrics-per-candidate", "0")
+    assert bad.exit_code == 2 and "--metrics-per-candidate" in bad.output
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ operator typed: only the sandbox server's own database can be reset this way.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import sqlalchemy as sa
 
@@ -42,11 +43,15 @@ def ensure_database(status: ServerStatus, name: str = SANDBOX_DATABASE) -> bool:
 
 
 def seed_sandbox(status: ServerStatus, scale: str, profile: str, seed: int,
-                 on_phase: Callable[[str], None] | None = None) -> SeedReport:
+                 on_phase: Callable[[str], None] | None = None,
+                 metrics_per_candidate: int | None = None) -> SeedReport:
+    sized = SCALES[scale]
+    if metrics_per_candidate is not None:
+        sized = replace(sized, metrics=sized.candidates * metrics_per_candidate)
     recreate_database(status)
     engine = create_engine(status.url())
     try:
         with engine.connect() as conn:
-            return seed_database(conn, SCALES[scale], profile, seed, on_phase=on_phase)
+            return seed_database(conn, sized, profile, seed, on_phase=on_phase)
     finally:
         engine.dispose()
