@@ -1,15 +1,19 @@
 """Milestone 3: adversarial slugs and metadata clashes, models GitLab uses or creates later,
-a kill part-way, the gate. A model for every experiment as planned, rollback, resume and
-a concurrent writer are the contract's (test_contract.py)."""
+a kill part-way and between its two passes, the gate. A model for every experiment as
+planned, rollback, resume and a concurrent writer are the contract's (test_contract.py)."""
 
 from __future__ import annotations
 
 import signal
 
-from helpers import toolkit, toolkit_json, toolkit_process
+from contract import CANDIDATES_FOLLOW_EXPERIMENTS, KILL_BATCH_SIZE
+from helpers import end_state, ledgers, schema_snapshot, snapshot, toolkit, toolkit_json, toolkit_process
 
-from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
+from toolkit.engine.batches import FAULT_KILL_AFTER_ACTIONS_ENV, FAULT_KILL_AFTER_BATCHES_ENV
 from toolkit.errors import ExitCode
+from toolkit.milestones import MILESTONES
+from toolkit.schema.gitlab import ML_TABLE_NAMES
+from toolkit.verify.fingerprint import take
 
 
 def _step(doc: dict, name: str) -> dict:
@@ -77,3 +81,58 @@ def test_milestone_3_waits_for_milestone_2(realistic_db):
     assert toolkit(realistic_db, "migrate", "milestone-1").exit_code == 0
     result = toolkit(realistic_db, "migrate", "milestone-3")
     assert result.exit_code == ExitCode.REFUSED and "milestone-2 does not verify" in result.output
+
+
+def _mlflow_view(db) -> dict:
+    with db.engine.connect() as conn:
+        view = take(conn).mlflow
+        conn.rollback()
+    return view
+
+
+def test_a_kill_between_the_two_passes_keeps_the_mlflow_view_then_resumes_or_rolls_back_exactly(
+        milestone_states, make_database):
+    """Killed right after the experiments are linked and before link-candidates starts: the
+    MLflow view is what it was before the milestone (candidates reach their experiment
+    through experiment_id), milestone 2 still verifies (the gate lets the resume in), a
+    resume ends where an uninterrupted run does, and a rollback from there is exact."""
+    before = milestone_states.before("adversarial", 3)
+    clean, applied = milestone_states.applied("adversarial", 3)  # batches of KILL_BATCH_SIZE too
+    assert applied.code == 0, applied.doc
+    actions = [a.name for step in MILESTONES["milestone-3"].steps for a in step.forward()]
+    assert actions[-2:] == ["create-models-for-experiments", "link-candidates"]
+    batch = str(KILL_BATCH_SIZE)
+
+    killed = make_database(like=before)
+    died = toolkit_process(killed, "migrate", "milestone-3", "--yes", "--batch-size", batch,
+                           env={FAULT_KILL_AFTER_ACTIONS_ENV: str(len(actions) - 1)})
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    # in between: every experiment has its model, the candidates of the new ones not yet
+    assert killed.scalar("SELECT count(*) FROM ml_experiments WHERE model_id IS NULL") == 0
+    waiting = killed.scalar(CANDIDATES_FOLLOW_EXPERIMENTS)
+    assert waiting > 0
+    assert killed.scalar("SELECT count(*) FROM toolkit.checkpoints WHERE milestone = 'milestone-3' "
+                         "AND step = 'link-candidates'") == 0
+    assert _mlflow_view(killed) == _mlflow_view(before)
+    # what is left is the candidate pass, and verify says so (and only that)
+    plan = toolkit_json(killed, "plan", "milestone-3")[1]["result"]["milestones"][0]
+    assert {s["step"]: s["rows"] for s in plan["steps"] if s["rows"]} == {"link-candidates": waiting}
+    code, doc = toolkit_json(killed, "verify")  # every milestone started: 1, 2 and 3
+    assert code == ExitCode.VERIFY_FAILED
+    failed = {(m["milestone"], c["name"]) for m in doc["error"]["details"]["result"]["milestones"]
+              for c in m["checks"] if not c["ok"]}
+    assert failed == {("milestone-3", "every candidate's model_id is its experiment's model")}, failed
+
+    # a rollback from the state between the passes is exact
+    rolled = make_database(like=killed)
+    result = toolkit(rolled, "rollback", "milestone-3", "--batch-size", batch)
+    assert result.exit_code == 0, result.output
+    assert snapshot(rolled, ML_TABLE_NAMES) == snapshot(before, ML_TABLE_NAMES)
+    assert schema_snapshot(rolled) == schema_snapshot(before)
+    assert {t: r for t, r in ledgers(rolled).items() if r} == {t: r for t, r in ledgers(before).items() if r}
+
+    # and a resume ends where the uninterrupted run did
+    resumed = toolkit_process(killed, "migrate", "milestone-3", "--yes", "--batch-size", batch)
+    assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
+    assert killed.scalar(CANDIDATES_FOLLOW_EXPERIMENTS) == 0
+    assert end_state(killed) == end_state(clean)
