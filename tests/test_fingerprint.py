@@ -66,12 +66,7 @@ def test_verify_catches_a_change_to_rows_the_milestone_may_not_change(realistic_
     assert checks["the MLflow view equals the fingerprint taken before milestone-1"]["ok"]
     assert "changed on purpose: packages_packages" in checks["every other ML table is unchanged"]["detail"]
     # something renames a package no candidate links to, in the table milestone 1 writes
-    realistic_db.execute("""UPDATE packages_packages SET name = name || '-renamed' WHERE id = (
-        SELECT min(id) FROM packages_packages p
-        WHERE NOT EXISTS (SELECT 1 FROM ml_candidates c WHERE c.package_id = p.id))""")
-    result = toolkit(realistic_db, "verify", "milestone-1")
-    assert result.exit_code == ExitCode.VERIFY_FAILED
-    assert "tables.packages_packages (rows it may not change)" in result.output
+    result = _rename_an_unlinked_package_and_verify(realistic_db)
     assert "toolkit fingerprint --baseline milestone-1" in result.output
     # the operator accepts it (the application did it), and verify holds again
     assert toolkit(realistic_db, "fingerprint", "--baseline", "milestone-1").exit_code == 0
@@ -160,9 +155,15 @@ def test_a_baseline_of_format_1_is_still_compared_its_way(realistic_db):
     code, doc = toolkit_json(realistic_db, "verify", "milestone-1")
     assert code == 0, doc
     # and a change is still caught, the old way
-    realistic_db.execute("""UPDATE packages_packages SET name = name || '-renamed' WHERE id = (
+    _rename_an_unlinked_package_and_verify(realistic_db)
+
+
+def _rename_an_unlinked_package_and_verify(db):
+    """Rename a package no candidate links to (one milestone 1 may not change): verify fails."""
+    db.execute("""UPDATE packages_packages SET name = name || '-renamed' WHERE id = (
         SELECT min(id) FROM packages_packages p
         WHERE NOT EXISTS (SELECT 1 FROM ml_candidates c WHERE c.package_id = p.id))""")
-    result = toolkit(realistic_db, "verify", "milestone-1")
+    result = toolkit(db, "verify", "milestone-1")
     assert result.exit_code == ExitCode.VERIFY_FAILED
     assert "tables.packages_packages (rows it may not change)" in result.output
+    return result
