@@ -20,7 +20,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import count
 
 import pytest
@@ -41,6 +41,7 @@ NOT_FOUND = (404, {"message": "404 Not Found"})
 SCOPE = {"error": "insufficient_scope",
          "error_description": "The request requires higher privileges than provided by the access token.",
          "scope": "api read_api"}
+TODAY = datetime.now(UTC).date()  # Rails compares a date with Time.current in UTC
 _numbers = count()
 
 pytestmark = pytest.mark.skipif(client_version() is None,
@@ -84,11 +85,12 @@ def tokens(db, people, tmp_path_factory) -> dict[str, str]:
     """Personal access tokens in the database (as GitLab writes them) and a tokens file."""
     stored = {  # name: (user, scopes as Rails writes them, revoked, expires_at)
         "dev_api": ("developer", "---\n- api\n", False, None),
-        "dev_read_api": ("developer", "---\n- read_api\n", False, date.today() + timedelta(days=30)),
+        "dev_read_api": ("developer", "---\n- read_api\n", False, TODAY + timedelta(days=30)),
         "dev_read_user": ("developer", "---\n- read_user\n", False, None),
         "dev_symbol_api": ("developer", "---\n- :api\n- :read_user\n", False, None),
         "dev_revoked": ("developer", "---\n- api\n", True, None),
-        "dev_expired": ("developer", "---\n- api\n", False, date.today() - timedelta(days=1)),
+        "dev_expired": ("developer", "---\n- api\n", False, TODAY - timedelta(days=1)),
+        "dev_expires_today": ("developer", "---\n- api\n", False, TODAY),  # expires_at <= Time.current
         "reporter_api": ("reporter", "---\n- api\n", False, None),
         "guest_api": ("guest", "---\n- api\n", False, None),
         "none_api": ("none", "---\n- api\n", False, None),
@@ -197,9 +199,10 @@ def test_no_token_a_wrong_one_revoked_expired_and_each_header_form(server, token
     assert (status, document) == (401, {"error": "invalid_token", "error_description":
                                         "Token was revoked. You have to re-authorize from the user."})
     assert headers["WWW-Authenticate"].startswith('Bearer realm="Protected by OAuth 2.0", error="invalid_token"')
-    assert get(server, tokens["dev_expired"]) == (401, {
-        "error": "invalid_token",
-        "error_description": "Token is expired. You can either do re-authorization or token refresh."})
+    expired = (401, {"error": "invalid_token",
+                     "error_description": "Token is expired. You can either do re-authorization or token refresh."})
+    assert get(server, tokens["dev_expired"]) == expired
+    assert get(server, tokens["dev_expires_today"]) == expired
     assert get(server, tokens["dev_read_api"])[0] == 200  # expires in 30 days: still good
 
 
