@@ -30,6 +30,14 @@ from conftest import PREFIX, Database, _create_database, _drop_database
 from toolkit.cli.mlflow import open_reads_refusal
 from toolkit.db import create_engine
 from toolkit.errors import ExitCode
+from toolkit.mlflow_api.auth import (
+    READ_EXPERIMENTS,
+    READ_REGISTRY,
+    WRITE_EXPERIMENTS,
+    WRITE_REGISTRY,
+    needs_for,
+    presented_token,
+)
 from toolkit.mlflow_api.walk import client_version
 from toolkit.sandbox.adversarial import ADMIN_USERNAME
 
@@ -336,3 +344,30 @@ def test_tokens_are_announced_and_open_reads_only_on_loopback(server, db, tokens
                               timeout=60)
         assert done.returncode == ExitCode.USAGE, done.stderr
         assert said_in_error in done.stderr and secret not in done.stdout + done.stderr
+
+
+def test_what_each_endpoint_needs_and_which_token_counts():
+    # the before blocks of lib/api/ml/mlflow/*.rb and mlflow_artifacts/artifacts.rb
+    assert needs_for("experiments/get", "GET") == (READ_EXPERIMENTS,)
+    assert needs_for("metrics/get-history", "HEAD") == (READ_EXPERIMENTS,)
+    assert needs_for("experiments/search", "POST") == (READ_EXPERIMENTS, WRITE_EXPERIMENTS)
+    assert needs_for("runs/log-batch", "POST") == (READ_EXPERIMENTS, WRITE_EXPERIMENTS)
+    # registry routes write only where GitLab sets `route_setting :api, write: true`
+    assert needs_for("registered-models/get-latest-versions", "POST") == (READ_EXPERIMENTS, READ_REGISTRY)
+    assert needs_for("registered-models/search", "GET") == (READ_EXPERIMENTS, READ_REGISTRY)
+    assert needs_for("model-versions/get-download-uri", "GET") == (READ_EXPERIMENTS, READ_REGISTRY)
+    assert needs_for("registered-models/delete", "DELETE") == (READ_EXPERIMENTS, READ_REGISTRY,
+                                                                WRITE_EXPERIMENTS, WRITE_REGISTRY)
+    assert needs_for("model-versions/update", "PATCH") == (READ_EXPERIMENTS, READ_REGISTRY,
+                                                            WRITE_EXPERIMENTS, WRITE_REGISTRY)
+    assert needs_for("artifacts", "GET") == (READ_EXPERIMENTS, READ_REGISTRY)
+    # auth_finders: private_token parameter, PRIVATE-TOKEN, then Doorkeeper's access_token
+    # parameter, Bearer header, bearer_token parameter
+    every = {"Authorization": "Bearer b", "PRIVATE-TOKEN": "h"}
+    params = {"private_token": "p", "access_token": "a", "bearer_token": "t"}
+    assert presented_token(every, params) == "p"
+    assert presented_token(every, {"access_token": "a"}) == "h"
+    assert presented_token({"Authorization": "bearer b"}, {"access_token": "a", "bearer_token": "t"}) == "a"
+    assert presented_token({"Authorization": "bearer b"}, {"bearer_token": "t"}) == "b"
+    assert presented_token({"Authorization": "Basic dTpw"}, {"bearer_token": ["t"]}) == "t"
+    assert presented_token({"Authorization": "Basic dTpw"}, {}) is None
