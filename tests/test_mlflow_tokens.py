@@ -371,3 +371,4 @@ def test_what_each_endpoint_needs_and_which_token_counts():
     assert presented_token({"Authorization": "bearer b"}, {"bearer_token": "t"}) == "b"
     assert presented_token({"Authorization": "Basic dTpw"}, {"bearer_token": ["t"]}) == "t"
     assert presented_token({"Authorization": "Basic dTpw"}, {}) is None
+    assert presented_token({"private-token": "lower", "AUTHORIZATION": "Bearer b"}, {}) == "lower"

@@ -137,8 +137,9 @@ def needs_for(endpoint: str, method: str) -> tuple[str, ...]:
 _BEARER = re.compile(r"^Bearer ", re.IGNORECASE)
 
 
-def presented_token(headers: Mapping[str, str], params: Mapping[str, Any]) -> str | None:
-    """GitLab's order: ``private_token`` parameter, ``PRIVATE-TOKEN`` header, then Doorkeeper's
+def presented_token(headers: Any, params: Mapping[str, Any]) -> str | None:
+    """``headers``: anything with ``items()`` (http.server's message, a dict from a WSGI
+    environ). GitLab's order: ``private_token`` parameter, ``PRIVATE-TOKEN`` header, then Doorkeeper's
     ``access_token`` parameter, ``Authorization: Bearer`` and ``bearer_token`` parameter."""
     def param(name: str) -> str | None:
         value = params.get(name)
@@ -146,9 +147,10 @@ def presented_token(headers: Mapping[str, str], params: Mapping[str, Any]) -> st
             value = value[0] if value else None
         return value if isinstance(value, str) and value else None
 
-    authorization = headers.get("Authorization") or ""
+    named = {str(name).lower(): value for name, value in headers.items()}  # any case, any mapping
+    authorization = named.get("authorization") or ""
     bearer = _BEARER.sub("", authorization) if _BEARER.match(authorization) else None
-    return (param("private_token") or (headers.get("PRIVATE-TOKEN") or None) or param("access_token")
+    return (param("private_token") or (named.get("private-token") or None) or param("access_token")
             or bearer or param("bearer_token"))
 
 
@@ -300,7 +302,7 @@ class Authenticator:
     def describe(self) -> str:
         return " and ".join(source.describe() for source in self.sources)
 
-    def authenticate(self, conn: Connection, method: str, headers: Mapping[str, str],
+    def authenticate(self, conn: Connection, method: str, headers: Any,
                      params: Mapping[str, Any], project_id: int | None, needs: tuple[str, ...]) -> User:
         """GitLab's checks in GitLab's order; ``project_id`` None: no such project."""
         token_text = presented_token(headers, params)
