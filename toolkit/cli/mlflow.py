@@ -42,8 +42,12 @@ def mlflow() -> None:
                    "answers 503, which MLflow clients retry.")
 @click.option("--statement-timeout-ms", type=click.IntRange(1), default=10_000, show_default=True,
               help="How long one query of a request may run.")
+@click.option("--lenient", is_flag=True,
+              help="Accept order_by as a list (what MLflow clients send, mlflow/mlflow#13082), "
+                   "reading its first entry; GitLab refuses it with 400 'order_by is invalid', "
+                   "and so does the server without this flag.")
 def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
-          statement_timeout_ms: int) -> None:
+          statement_timeout_ms: int, lenient: bool) -> None:
     """Serve GitLab's MLflow tracking API, read-only, until Ctrl-C.
 
     Answers the MLflow client's reads (experiments get, get-by-name, search, list; runs get
@@ -63,7 +67,7 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
     state = app()
     target = state.target()
     api = Api.connect(target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-                      page_limit=max_page_size)
+                      page_limit=max_page_size, lenient=lenient)
     try:
         with api.transaction() as conn:
             check_gitlab_database(conn, milestones.plan(), columns=False)  # exit 3, as every command

@@ -51,8 +51,9 @@ class Api:
     """The endpoints, each a function of (view, params); reads only."""
 
     def __init__(self, engine: Engine, *, lock_timeout_ms: int, statement_timeout_ms: int,
-                 page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = ()):
+                 page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = (), lenient: bool = False):
         self.engine = engine
+        self.lenient = lenient  # accept the client's list order_by (GitLab refuses it)
         self.timeouts = (lock_timeout_ms, statement_timeout_ms)
         self.page_limit = page_limit
         self.secrets = secrets
@@ -69,12 +70,13 @@ class Api:
 
     @classmethod
     def connect(cls, target: Target | str, *, lock_timeout_ms: int = 1000, statement_timeout_ms: int = 10_000,
-                page_limit: int = MAX_PAGE) -> Api:
+                page_limit: int = MAX_PAGE, lenient: bool = False) -> Api:
         """An API over its own small pool, its sessions named ``toolkit mlflow serve``."""
         engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=4, max_overflow=8,
                                pool_timeout=10, connect_args={"application_name": "toolkit mlflow serve"})
         return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-                   page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else ())
+                   page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else (),
+                   lenient=lenient)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -92,7 +94,7 @@ class Api:
 
     def answer(self, endpoint: str, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]:
         read = self.reads[endpoint]
-        return self._retrying(lambda conn: read(View(conn, project, base_url), params))
+        return self._retrying(lambda conn: read(View(conn, project, base_url, lenient=self.lenient), params))
 
     def list_pages(self, project: str, base_url: str) -> Iterator[list[dict[str, Any]]]:
         """experiments/list, a page per transaction (a project's every experiment is not
@@ -100,10 +102,7 @@ class Api:
         token: str | None = None
         while True:
             def page(conn: Connection, token=token) -> tuple[list[dict[str, Any]], str | None]:
-                found = View(conn, project, base_url).search_experiments(
-                    {"order_by": "id ASC", "max_results": self.page_limit, "page_token": token},
-                    self.page_limit)
-                return found["experiments"], found.get("next_page_token")
+                return View(conn, project, base_url).experiments_list_page(token, self.page_limit)
             experiments, token = self._retrying(page)
             yield experiments
             if token is None:

@@ -18,6 +18,7 @@ import hashlib
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -93,19 +94,46 @@ def _fk(target: str, ondelete: str, table: str, column: str, name: str | None = 
     )
 
 
-# Stubs for the two tables GitLab's ML tables point at. A real GitLab database has the
-# full tables; the sandbox needs only their ids.
+# Stubs for the tables GitLab's ML tables point at, and those the MLflow API reads to find
+# a project by its full path. A real GitLab database has the full tables; the stubs carry
+# the columns the toolkit reads, typed as in structure.sql (@0016ea05).
+namespaces = Table(
+    "namespaces", metadata,
+    _id("namespaces"),
+    Column("name", String, nullable=False),
+    Column("path", String, nullable=False),
+    Column("type", String, nullable=False, server_default=text("'User'::character varying")),
+    Column("parent_id", BigInteger),
+)
 projects = Table(
     "projects", metadata,
     _id("projects"),
     Column("name", Text, nullable=False),
+    Column("path", String),
+    Column("namespace_id", BigInteger),  # NOT NULL in GitLab; the stub lets a test insert (id, name)
+    Column("pending_delete", Boolean, server_default=text("false")),
+    Column("hidden", Boolean, nullable=False, server_default=text("false")),
+)
+# routes: a project's or namespace's full path (Routable), the table find_by_full_path reads
+routes = Table(
+    "routes", metadata,
+    _id("routes"),
+    Column("source_id", BigInteger, nullable=False),
+    Column("source_type", String, nullable=False),
+    Column("path", String, nullable=False),
+    Column("created_at", DateTime),
+    Column("updated_at", DateTime),
+    Column("name", String),
+    Column("namespace_id", BigInteger),
+    Index("index_routes_on_path", "path", unique=True),
+    Index("index_routes_on_source_type_and_source_id", "source_type", "source_id", unique=True),
 )
 users = Table(
     "users", metadata,
     _id("users"),
     Column("username", Text, nullable=False),
 )
-STUB_TABLE_NAMES = ("projects", "users")
+STUB_TABLE_NAMES = ("namespaces", "projects", "routes", "users")
 
 
 def _project_fk(table: str) -> ForeignKey:
