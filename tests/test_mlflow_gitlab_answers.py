@@ -36,6 +36,8 @@ from toolkit.db import create_engine
 from toolkit.mlflow_api.walk import client_version
 
 SERVER_PAGE = 5
+# A Python whose mlflow is a 2.x release (tests/test_mlflow_serve.py, .ci/run): optional
+MLFLOW2_PYTHON_ENV = "TOOLKIT_TEST_MLFLOW2_PYTHON"
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 _numbers = count()
@@ -151,13 +153,13 @@ def raw(server: str, project: str | int, endpoint: str, *, query: str = "",
         return exc.code, json.loads(exc.read())
 
 
-def client(server: str, project: str | int, code: str) -> list:
-    """``code`` run by the real client (``c`` an MlflowClient of ``project``); what it
-    prints with ``say(...)``, as JSON values."""
+def client(server: str, project: str | int, code: str, python: str = sys.executable) -> list:
+    """``code`` run by the real client (``c`` an MlflowClient of ``project``) of the
+    interpreter ``python``; what it prints with ``say(...)``, as JSON values."""
     prelude = ("import json, mlflow\nfrom mlflow import MlflowClient\n"
                "from mlflow.exceptions import MlflowException\nc = MlflowClient()\n"
                "def say(x): print('said:', json.dumps(x))\n")
-    done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([python, "-c", prelude + code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **CLIENT_ENV,
                                "MLFLOW_TRACKING_URI": f"{server}/api/v4/projects/{project}/ml/mlflow"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -415,3 +417,30 @@ def test_odd_ids_find_what_rails_finds(server, db):
     assert list(info) == ["run_id", "run_uuid", "experiment_id", "start_time", "run_name", "status",
                           "artifact_uri", "lifecycle_stage", "user_id"]
     assert (info["run_name"], info["status"], info["user_id"], info["start_time"]) == ("b", "FINISHED", "", 0)
+
+
+def test_an_mlflow_2_client_meets_the_same_answers(server, lenient, db):
+    python = os.environ.get(MLFLOW2_PYTHON_ENV)
+    if not python:
+        pytest.skip(f"set {MLFLOW2_PYTHON_ENV} to the python of a venv with mlflow-skinny 2.x")
+    zoo = ZOO_PATH.replace("/", "%2F")
+    experiment = _ordering_experiment(db)
+    refused = f"""
+say(mlflow.__version__)
+try:
+    c.search_runs([{experiment!r}], order_by=["metrics.score ASC"])
+    say("accepted")
+except MlflowException as e:
+    say("refused" if "order_by is invalid" in str(e) else str(e))
+"""
+    said = client(server, 2, refused, python=python)
+    assert said[0].startswith("2.") and said[1] == "refused"
+    said = client(server, zoo, "say([e.experiment_id for e in c.search_experiments()])", python=python)
+    assert said == [["3", "4", "1", "2"]]
+    run = str(uuid.UUID(int=1))
+    said = client(server, 2, f"say([m.value for m in c.get_metric_history({run!r}, 'loss')])", python=python)
+    assert said == [[3.0, 7.0, 6.0, 5.0, 4.0, 1.0, 2.0, 8.0]]
+    said = client(lenient, 2, f"""
+say([r.info.run_name for r in c.search_runs([{experiment!r}], order_by=["metrics.score ASC"])])
+""", python=python)
+    assert said == [["c", "B", "a", "b", ""]]  # the 2.x client reads a run without a name as ""
