@@ -17,21 +17,27 @@ from urllib.parse import unquote
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from toolkit.catalog import column_exists, relation_exists
 from toolkit.mlflow_api.errors import project_not_found
 from toolkit.mlflow_api.rails import integer_cast
 
 INTEGER_ID = re.compile(r"^-?\d+$", re.ASCII | re.MULTILINE)
 
 
-def _visible(conn: Connection) -> str:
-    """GitLab's ``without_deleted.not_hidden``, on the columns this database has."""
+def _catalog(conn: Connection) -> tuple[bool, str]:
+    """Whether ``routes`` exists, and GitLab's ``without_deleted.not_hidden`` on the
+    columns this database has (one round trip)."""
+    has_routes, pending_delete, hidden = conn.execute(sa.text("""
+        SELECT to_regclass('routes') IS NOT NULL,
+               EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('projects')
+                       AND attname = 'pending_delete' AND NOT attisdropped),
+               EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('projects')
+                       AND attname = 'hidden' AND NOT attisdropped)""")).one()
     conditions = ["true"]
-    if column_exists(conn, "projects", "pending_delete"):
+    if pending_delete:
         conditions.append("p.pending_delete IS NOT TRUE")
-    if column_exists(conn, "projects", "hidden"):
+    if hidden:
         conditions.append("p.hidden IS NOT TRUE")
-    return " AND ".join(conditions)
+    return has_routes, " AND ".join(conditions)
 
 
 def resolve_project(conn: Connection, segment: str) -> int:
@@ -39,16 +45,17 @@ def resolve_project(conn: Connection, segment: str) -> int:
     given = unquote(segment, errors="replace")
     if "\x00" in given:
         raise project_not_found()
+    has_routes, visible = _catalog(conn)
     if INTEGER_ID.search(given):
         project_id = integer_cast(given)
         if project_id is None:
             raise project_not_found()
-        found = conn.execute(sa.text(f"SELECT p.id FROM projects p WHERE p.id = :id AND {_visible(conn)}"),
+        found = conn.execute(sa.text(f"SELECT p.id FROM projects p WHERE p.id = :id AND {visible}"),
                              {"id": project_id}).scalar()
-    elif "/" in given and relation_exists(conn, "routes"):
+    elif "/" in given and has_routes:
         found = conn.execute(sa.text(f"""
             SELECT p.id FROM routes r JOIN projects p ON p.id = r.source_id
-            WHERE r.source_type = 'Project' AND lower(r.path) = lower(:path) AND {_visible(conn)}
+            WHERE r.source_type = 'Project' AND lower(r.path) = lower(:path) AND {visible}
             ORDER BY (r.path = :path) DESC, r.id LIMIT 1"""), {"path": given}).scalar()
     else:
         found = None
