@@ -444,3 +444,18 @@ except MlflowException as e:
 say([r.info.run_name for r in c.search_runs([{experiment!r}], order_by=["metrics.score ASC"])])
 """, python=python)
     assert said == [["c", "B", "a", "b", ""]]  # the 2.x client reads a run without a name as ""
+
+
+def test_values_postgresql_cannot_take_find_nothing(server, db):
+    """A NUL or a lone surrogate compared with a row finds none (GitLab's database would
+    refuse the value; the answer is never a 5xx)."""
+    not_found = (404, {"error_code": "RESOURCE_DOES_NOT_EXIST"})
+    iid = _ordering_experiment(db)
+    run = str(uuid.UUID(int=1))
+    assert raw(server, 2, "experiments/get-by-name", query="experiment_name=ordering%00") == not_found
+    assert raw(server, 2, "metrics/get-history", query=f"run_id={run}&metric_key=loss%00") == \
+        (200, {"metrics": [], "next_page_token": None})
+    assert raw(server, "group2%00%2Fproject-2", "experiments/list") == (404, {"message": "404 Project Not Found"})
+    for metric in ("metrics.a\x00b", "metrics.\ud800"):
+        status, answer = raw(server, 2, "runs/search", body={"experiment_ids": [iid], "order_by": metric})
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer

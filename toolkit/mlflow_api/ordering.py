@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any
 
 from toolkit.mlflow_api.errors import invalid, invalid_parameter
-from toolkit.mlflow_api.rails import BIGINT_MAX, BIGINT_MIN, awk_split, blank, dot_split
+from toolkit.mlflow_api.rails import BIGINT_MAX, BIGINT_MIN, awk_split, blank, dot_split, storable
 
 LIST_ORDER_DEFECT = (" (GitLab reads order_by as one string; MLflow clients send a list, "
                      "mlflow/mlflow#13082. `toolkit mlflow serve --lenient` reads the first entry)")
@@ -141,7 +141,7 @@ def _check(value: Any, key: Key) -> None:
         if not isinstance(value, str):
             raise ValueError
         datetime.fromisoformat(value)
-    elif not isinstance(value, str) or "\x00" in value:
+    elif not isinstance(value, str) or not storable(value):
         raise ValueError
 
 

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.mlflow_api.errors import project_not_found
-from toolkit.mlflow_api.rails import integer_cast
+from toolkit.mlflow_api.rails import integer_cast, storable
 
 INTEGER_ID = re.compile(r"^-?\d+$", re.ASCII | re.MULTILINE)
 
@@ -43,7 +43,7 @@ def _catalog(conn: Connection) -> tuple[bool, str]:
 def resolve_project(conn: Connection, segment: str) -> int:
     """The id of the project the URL's ``:id`` segment (still URL-encoded) names."""
     given = unquote(segment, errors="replace")
-    if "\x00" in given:
+    if not storable(given):
         raise project_not_found()
     has_routes, visible = _catalog(conn)
     if INTEGER_ID.search(given):

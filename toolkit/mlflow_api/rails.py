@@ -34,6 +34,19 @@ _INTEGER_TEXT = re.compile(r"[ \t\n\v\f\r]*[+-]?\d+(?:_\d+)*[ \t\n\v\f\r]*", re.
 _UUID = re.compile(r"(\{)?(?:[a-fA-F0-9]{4}-?){8}(?(1)\})")
 
 
+def storable(text: str) -> bool:
+    """Whether PostgreSQL can take the text as a parameter: no NUL, no lone surrogate
+    (what JSON's ``\\u0000`` and ``\\ud800`` give). A value it cannot take matches no
+    row, which is what comparing it would have found."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def blank(text: str) -> bool:
     """ActiveSupport's ``String#blank?``."""
     return all(ch in _UNICODE_SPACE for ch in text)

@@ -136,7 +136,7 @@ class View:
             found = [] if number is None else self._experiments("e.iid = :iid", {"iid": number})
         elif name is not None and name is not rails.ABSENT:
             text = str(name)
-            found = [] if "\x00" in text else self._experiments("e.name = :name", {"name": text})
+            found = self._experiments("e.name = :name", {"name": text}) if rails.storable(text) else []
         else:
             found = []
         if not found:
@@ -230,6 +230,8 @@ class View:
                                  "experiment_model": experiment.model_id}
         where = ordering.after(token or None, keyed)
         metric_join = ""
+        if ordering.metric is not None and not rails.storable(ordering.metric):
+            raise invalid_parameter("order_by names a metric no run can have (a NUL or a lone surrogate)")
         if ordering.metric is not None:
             # the run's latest value of the metric (Ml::CandidateMetric.latest); runs
             # without it are left out, as GitLab's INNER JOIN leaves them out
@@ -301,7 +303,7 @@ class View:
         run = self._run(params, with_experiment=False)
         keyed: dict[str, Any] = {"c": run.id, "key": key or "", "n": size + 1}
         where = METRIC_HISTORY.after(token or None, keyed)
-        rows = [] if key is None or "\x00" in key else self._rows(f"""
+        rows = [] if key is None or not rails.storable(key) else self._rows(f"""
             SELECT m.id, m.name, m.value, m.is_nan, m.step, m.tracked_at, {METRIC_HISTORY.select()}
             FROM ml_candidate_metrics m
             WHERE m.candidate_id = :c AND m.name = :key AND {where}
