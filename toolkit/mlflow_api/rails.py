@@ -78,7 +78,10 @@ def integer_cast(value: Any) -> int | None:
         if not _NUMERIC_START.match(value):
             return None
         found = _TO_I.match(value)
-        number = int(found[1] + found[2].replace("_", "")) if found else None
+        digits = found[2].replace("_", "").lstrip("0") if found else ""
+        if found and len(digits) > 19:
+            return None  # beyond any bigint (and past Python's int() digit limit)
+        number = int(found[1] + (digits or "0")) if found else None
     else:
         return None
     if number is None or not BIGINT_MIN <= number <= BIGINT_MAX:
@@ -129,7 +132,11 @@ def grape_integer(params: dict[str, Any], name: str, default: int) -> int:
             raise invalid(name)
         return int(value)
     if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value):
-        return int(value.strip(_AWK_SPACE).replace("_", ""))
+        text = value.strip(_AWK_SPACE).replace("_", "")
+        sign = -1 if text.startswith("-") else 1
+        digits = text.lstrip("+-").lstrip("0") or "0"
+        # Ruby reads any length; past 1000 only the sign matters here
+        return int(digits) * sign if len(digits) <= 19 else sign * (10**19)
     raise invalid(name)
 
 
