@@ -51,8 +51,13 @@ def mlflow() -> None:
 @click.option("--gitlab-secrets", type=click.Path(path_type=Path, dir_okay=False),
               help="GitLab's /etc/gitlab/gitlab-secrets.json: the users' own personal access tokens "
                    "are checked against personal_access_tokens, by the digest GitLab stores.")
+@click.option("--lenient", is_flag=True,
+              help="Accept order_by as a list (what MLflow clients send, mlflow/mlflow#13082), "
+                   "reading its first entry; GitLab refuses it with 400 'order_by is invalid', "
+                   "and so does the server without this flag.")
 def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
-          statement_timeout_ms: int, tokens_file: Path | None, gitlab_secrets: Path | None) -> None:
+          statement_timeout_ms: int, tokens_file: Path | None, gitlab_secrets: Path | None,
+          lenient: bool) -> None:
     """Serve GitLab's MLflow tracking API, read-only, until Ctrl-C.
 
     Answers the MLflow client's reads (experiments get, get-by-name, search, list; runs get
@@ -84,7 +89,7 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
     state = app()
     target = state.target()
     api = Api.connect(target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-                      page_limit=max_page_size, auth=auth)
+                      page_limit=max_page_size, auth=auth, lenient=lenient)
     try:
         with api.transaction() as conn:
             check_gitlab_database(conn, milestones.plan(), columns=False)  # exit 3, as every command

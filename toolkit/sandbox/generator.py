@@ -33,7 +33,9 @@ from toolkit.schema.gitlab import CANDIDATE_STATUSES, PACKAGE_STATUSES, PACKAGE_
 BASE_TIME = datetime(2023, 6, 1, tzinfo=UTC)
 
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "projects": ("id", "name"),
+    "namespaces": ("id", "name", "path", "type", "parent_id"),
+    "projects": ("id", "name", "path", "namespace_id"),
+    "routes": ("id", "source_id", "source_type", "path", "created_at", "updated_at", "name"),
     "users": ("id", "username", "state", "admin"),
     "project_authorizations": ("user_id", "project_id", "access_level", "is_unique"),
     "ml_models": ("id", "created_at", "updated_at", "project_id", "name", "description", "user_id",
@@ -137,10 +139,25 @@ class Builder:
         self.ids[table] += 1
         return self.ids[table]
 
-    def project(self, name: str) -> int:
+    def namespace(self, path: str, parent: tuple[int, str] | None = None) -> tuple[int, str]:
+        """A group (a subgroup under ``parent``) and its route; its id and full path."""
+        nid = self._next("namespaces")
+        full_path = f"{parent[1]}/{path}" if parent else path
+        self.sink.add("namespaces", id=nid, name=path, path=path, type="Group",
+                      parent_id=parent[0] if parent else None)
+        self._route(nid, "Namespace", full_path)
+        return nid, full_path
+
+    def project(self, path: str, namespace: tuple[int, str]) -> int:
         pid = self._next("projects")
-        self.sink.add("projects", id=pid, name=name)
+        full_path = f"{namespace[1]}/{path}"
+        self.sink.add("projects", id=pid, name=full_path, path=path, namespace_id=namespace[0])
+        self._route(pid, "Project", full_path)
         return pid
+
+    def _route(self, source_id: int, source_type: str, full_path: str) -> None:
+        self.sink.add("routes", id=self._next("routes"), source_id=source_id, source_type=source_type,
+                      path=full_path, created_at=BASE_TIME, updated_at=BASE_TIME, name=full_path)
 
     def user(self, username: str, state: str = "active", admin: bool = False) -> int:
         uid = self._next("users")
@@ -327,7 +344,19 @@ def _weighted_status(rng: random.Random) -> int:
 def _build_realistic(b: Builder, scale: Scale) -> Entities:
     rng = b.rng
     users = [b.user(f"user{i}") for i in range(1, max(5, scale.projects // 2) + 1)]
-    projects = [b.project(f"group{i % 7}/project-{i}") for i in range(1, scale.projects + 1)]
+    # Groups group0..group6, and under group1 a subgroup with a subgroup of its own (mixed
+    # case: GitLab finds a full path case-insensitively); project i lives in group{i % 7},
+    # or for group1 in one of the nested subgroups, so projects have one- to three-level paths.
+    groups = [b.namespace(f"group{g}") for g in range(7)]
+    team = b.namespace("Team-ML", groups[1])
+    vision = b.namespace("vision", team)
+
+    def home(i: int) -> tuple[int, str]:
+        if i % 7 != 1:
+            return groups[i % 7]
+        return vision if i % 14 == 1 else team
+
+    projects = [b.project(f"project-{i}", home(i)) for i in range(1, scale.projects + 1)]
     model_every = max(1, round(1 / scale.model_fraction))
     # Spread creation over ~18 months, in order of id, like a real table.
     span_minutes = 18 * 30 * 24 * 60
