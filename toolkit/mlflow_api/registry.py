@@ -16,11 +16,16 @@ Each answer follows GitLab's own code (commits named in ``docs/mlflow.md``, sect
   (``name LIKE '%…%'``, ``Sortable``'s orders, ties ``id DESC``, keyset pages).
 
 Where GitLab's answer is a defect a client meets, the answer is still GitLab's and says so:
-MLflow clients from 2.21 on append ``tag.`mlflow.prompt.is_prompt` != 'true'`` to every
+Current MLflow clients (2.22, 3.x) append ``tag.`mlflow.prompt.is_prompt` != 'true'`` to every
 registered-model search, which GitLab's filter parser refuses (400) or reads as part of the
-name (no match); a registered model's ``latest_versions`` is GitLab's raw version rows (its
-entity exposes the association without an entity); get-latest-versions of a model without
-versions is ``[null]``, which the MLflow client cannot parse.
+name (no match); get-latest-versions of a model without versions is ``[null]``, which the
+MLflow client cannot parse.
+
+A registered model's ``latest_versions`` are all its versions as ModelVersion entities: the
+newest ``registered_model.rb`` the index holds exposes ``versions`` ``using:
+::API::Entities::Ml::Mlflow::ModelVersion``; the one at bc7f4d7d (an older state) exposed the
+association with no entity, which wrote raw rows whose integer ``model_id`` MLflow 3
+clients cannot parse (see docs/mlflow.md).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -108,13 +113,6 @@ def grape_integer(params: dict[str, Any], name: str) -> int:
 def _seconds(at: datetime) -> int:
     """Ruby's ``Time#to_i``: whole seconds, rounded down."""
     return math.floor(at.timestamp())
-
-
-def _rails_time(at: datetime | None) -> str | None:
-    """A timestamp as Rails' ``as_json`` writes it (UTC, milliseconds)."""
-    if at is None:
-        return None
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
 
 
 def _present(value: Any) -> bool:
@@ -288,18 +286,19 @@ class Registry:
         return found
 
     def _model_documents(self, models: list[sa.Row]) -> list[dict[str, Any]]:
-        """registered_model.rb. ``expose :versions, as: :latest_versions`` has no entity,
-        so GitLab writes each version row as Rails' ``as_json`` does (every column but the
-        markdown cache, which ``CacheMarkdownField`` keeps out of serialization)."""
+        """registered_model.rb: ``latest_versions`` is every version (``has_many
+        :versions``, unordered: id order here) as a ModelVersion entity."""
         ids = [m.id for m in models]
         tags = self._tags("ml_model_metadata", "model_id", ids)
         versions: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
         if ids:
-            for v in self._rows(f"SELECT {self.VERSION_COLUMNS} FROM ml_model_versions v "
-                                "WHERE v.model_id = ANY(:ids) ORDER BY v.id", ids=ids):
-                row = dict(v._mapping)
-                row["created_at"], row["updated_at"] = _rails_time(v.created_at), _rails_time(v.updated_at)
-                versions[v.model_id].append(row)
+            rows = self._rows(f"""
+                SELECT {self.VERSION_COLUMNS}, m.name AS model_name, c.eid
+                FROM ml_model_versions v JOIN ml_models m ON m.id = v.model_id
+                LEFT JOIN ml_candidates c ON c.model_version_id = v.id
+                WHERE v.model_id = ANY(:ids) ORDER BY v.id""", ids=ids)
+            for row, document in zip(rows, self._version_documents(rows), strict=True):
+                versions[row.model_id].append(document)
         return [{
             "name": m.name, "creation_timestamp": _seconds(m.created_at),
             "last_updated_timestamp": _seconds(m.updated_at), "description": m.description or "",
@@ -357,7 +356,7 @@ class Registry:
         if raw_filter is not None and not by_name:
             message = "Invalid attribute key specified. Valid keys are '{'name'}'"
             if PROMPT_TAG in str(raw_filter):
-                message += (f" (GitLab answers this too: MLflow clients from 2.21 on add "
+                message += (f" (GitLab answers this too: current MLflow clients (2.22, 3.x) add "
                             f"\"tag.`{PROMPT_TAG}` != 'true'\" to every registered-model search, "
                             "and GitLab's filter takes only name='...'; see docs/mlflow.md)")
             raise invalid_parameter(message)
