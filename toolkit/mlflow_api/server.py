@@ -31,8 +31,9 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.db import TIMEOUTS_OPTION, Target, create_engine
 from toolkit.errors import redact
 from toolkit.mlflow_api import artifacts
+from toolkit.mlflow_api.auth import Authenticator, needs_for
 from toolkit.mlflow_api.registry import Registry
-from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
+from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View, _integer
 from toolkit.output import out
 
 TRACKING_PATH = "/api/v4/projects/{project}/ml/mlflow"
@@ -57,8 +58,9 @@ class Api:
 
     def __init__(self, engine: Engine, *, lock_timeout_ms: int, statement_timeout_ms: int,
                  page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = (),
-                 packages_dir: Path | None = None):
+                 auth: Authenticator | None = None, packages_dir: Path | None = None):
         self.engine = engine
+        self.auth = auth  # None: no token source, every request is let in (loopback only)
         self.packages_dir = packages_dir  # GitLab's package store (local storage), or a copy
         self.timeouts = (lock_timeout_ms, statement_timeout_ms)
         self.page_limit = page_limit
@@ -81,13 +83,14 @@ class Api:
 
     @classmethod
     def connect(cls, target: Target | str, *, lock_timeout_ms: int = 1000, statement_timeout_ms: int = 10_000,
-                page_limit: int = MAX_PAGE, packages_dir: Path | None = None) -> Api:
+                page_limit: int = MAX_PAGE, auth: Authenticator | None = None,
+                packages_dir: Path | None = None) -> Api:
         """An API over its own small pool, its sessions named ``toolkit mlflow serve``."""
         engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=4, max_overflow=8,
                                pool_timeout=10, connect_args={"application_name": "toolkit mlflow serve"})
         return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
                    page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else (),
-                   packages_dir=packages_dir)
+                   auth=auth, packages_dir=packages_dir)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -102,6 +105,18 @@ class Api:
                     yield conn
                 finally:
                     transaction.rollback()
+
+    def authenticate(self, method: str, headers: Any, params: dict[str, Any], project: str,
+                     endpoint: str) -> str | None:
+        """GitLab's token, scope and project checks before ``endpoint`` runs, in a short READ
+        ONLY transaction of their own; the user's username, or None without a token source.
+        Raises GitLab's 401/403/404 as an :class:`ApiError`."""
+        if self.auth is None:
+            return None
+        auth = self.auth
+        user = self._retrying(lambda conn: auth.authenticate(
+            conn, method, headers, params, _integer(project), needs_for(endpoint, method)))
+        return user.username
 
     def answer(self, endpoint: str, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]:
         read = self.reads[endpoint]
@@ -161,6 +176,7 @@ class Handler(BaseHTTPRequestHandler):
     # headers and body are two writes: without TCP_NODELAY each answer waits for the
     # client's delayed ACK (40 ms on Linux)
     disable_nagle_algorithm = True
+    username: str | None = None  # who the request's token belongs to, for the access log
 
     def log_message(self, format: str, *args: Any) -> None:  # requests are not logged
         return
@@ -184,7 +200,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._route()
         except ApiError as exc:
-            self._send(exc.status, exc.document())
+            self._send(exc.status, exc.document(), exc.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:  # a bug: answer it as MLflow would, and say it where the operator looks
@@ -223,6 +239,8 @@ class Handler(BaseHTTPRequestHandler):
                            f"http://HOST:PORT{TRACKING_PATH.format(project='P')}")
         endpoint, project = match["endpoint"], match["project"]
         api = self.server.api
+        params = _params(body, parse_qs(url.query, keep_blank_values=True))
+        self.username = api.authenticate(self.command, self.headers, params, project, endpoint)
         if self.command != "GET" and endpoint not in READ_ONLY_POSTS:
             # every other call that is not a GET writes: experiments/create, runs/create,
             # runs/log-*, runs/set-tag, runs/update, registered-models/create, ...
@@ -230,7 +248,6 @@ class Handler(BaseHTTPRequestHandler):
                            f"toolkit mlflow serve is read-only: {endpoint} would write, and nothing "
                            "was changed. Log runs to GitLab itself")
         base_url = f"http://{self.headers.get('Host') or self.server.address_text}"
-        params = _params(body, parse_qs(url.query, keep_blank_values=True))
         if endpoint == "experiments/list":
             self._stream_list(api.list_pages(project, base_url))
         elif endpoint in api.reads:
@@ -242,14 +259,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _artifacts(self, match: re.Match[str], query: str) -> None:
         """GitLab's mlflow-artifacts GETs (list, download); uploading is a write."""
+        api, project = self.server.api, match["project"]
+        params = _params({}, parse_qs(query, keep_blank_values=True))
+        self.username = api.authenticate(self.command, self.headers, params, project, "artifacts")
         if self.command != "GET":
             raise ApiError(403, "FEATURE_DISABLED", "toolkit mlflow serve is read-only: uploading an "
                            "artifact would write, and nothing was changed. Log artifacts to GitLab itself")
-        api, project = self.server.api, match["project"]
         base_url = f"http://{self.headers.get('Host') or self.server.address_text}"
         if match["version"] is None:
-            self._send(200, api.artifact_list(project, base_url,
-                                              _params({}, parse_qs(query, keep_blank_values=True))))
+            self._send(200, api.artifact_list(project, base_url, params))
             return
         download = api.artifact_file(project, base_url, match["version"], match["file"])
         self.send_response(200)
@@ -259,10 +277,12 @@ class Handler(BaseHTTPRequestHandler):
         for piece in download.chunks():
             self.wfile.write(piece)
 
-    def _send(self, status: int, document: dict[str, Any]) -> None:
+    def _send(self, status: int, document: dict[str, Any], headers: tuple[tuple[str, str], ...] = ()) -> None:
         payload = json.dumps(document, ensure_ascii=False, allow_nan=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
