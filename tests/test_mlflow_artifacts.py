@@ -18,7 +18,10 @@ Expected answers from GitLab's code (commits in ``docs/mlflow.md``, "Registry an
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -282,3 +285,41 @@ def test_the_same_files_after_milestones_1_to_3(server, db, tmp_path):
         [*(f.file_name for f in files), "registered_model_meta"])]
     for f in files:
         assert (tmp_path / "after" / f.file_name).read_bytes() == content(f.id, BIG if f.id == files[1].id else f.size)
+
+
+def test_tokens_are_checked_as_on_the_other_routes(db, store, tmp_path):
+    """mlflow_artifacts/entrypoint.rb: authenticate!, read_api for GET only, and AR's before
+    block (read_model_experiments, read_model_registry) on the project."""
+    version, files = version_with_files(db)
+    project = version.project_id
+    guest = db.scalar("""SELECT u.username FROM users u JOIN project_authorizations a ON a.user_id = u.id
+                         WHERE a.project_id = :p AND a.access_level = 10 AND u.state = 'active'""", p=project)
+    stranger = db.scalar("""SELECT username FROM users WHERE state = 'active' AND NOT admin AND id NOT IN
+                            (SELECT user_id FROM project_authorizations WHERE project_id = :p)""", p=project)
+    (tmp_path / "tokens.yml").write_text(json.dumps([
+        {"token": "guest-read", "user": guest, "scopes": ["read_api"]},
+        {"token": "stranger-api", "user": stranger, "scopes": ["api"]}]))
+    with serving(db, "--tokens-file", str(tmp_path / "tokens.yml"), "--packages-dir", str(store)) as address:
+        def get(path: str, token: str | None) -> int:
+            request = urllib.request.Request(f"{address}/api/v4/projects/{project}/ml/mlflow/api/2.0/{path}",
+                                             headers={"PRIVATE-TOKEN": token} if token else {})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    answer.read()
+                    return answer.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        listing = f"mlflow-artifacts/artifacts?path={version.id}"
+        download = f"mlflow-artifacts/artifacts/{version.id}/{files[0].file_name}"
+        assert [get(listing, None), get(download, None)] == [401, 401]
+        assert [get(listing, "guest-read"), get(download, "guest-read")] == [200, 200]
+        assert [get(listing, "stranger-api"), get(download, "stranger-api")] == [404, 404]
+        # get-latest-versions is a POST: a read_api token is refused on it, as on GitLab
+        request = urllib.request.Request(
+            f"{address}/api/v4/projects/{project}/ml/mlflow/api/2.0/mlflow/registered-models/get-latest-versions",
+            data=json.dumps({"name": version.model_name}).encode(),
+            headers={"PRIVATE-TOKEN": "guest-read", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 403
