@@ -332,3 +332,40 @@ except Exception as e:
     say(type(e).__name__)
 """))
     assert read == ["ParseError"]
+
+
+@pytest.mark.parametrize(("raw_filter", "expected"), [
+    ("name='churn'", (True, "churn")), ('name="churn"', (True, "churn")),
+    ("name=", (True, None)),             # "name=".split('=') is ["name"]
+    ("name==x", (True, "")),             # ["name", "", "x"]: the second field, blank
+    ("=name", (False, None)), ("   ", (False, None)), ("name = 'x'", (False, None)),
+    ("tag.`mlflow.prompt.is_prompt` != 'true'", (False, None)),
+    ("name='m' AND tag.`mlflow.prompt.is_prompt` != 'true'", (True, "m' AND tag.`mlflow.prompt.is_prompt` !")),
+])
+def test_the_filter_is_read_as_rubys_split_reads_it(raw_filter, expected):
+    """AH model_filter_params: ``param, filter = params[:filter].split('=')``, then the
+    outer quotes removed (OUTER_QUOTES_REGEXP) unless blank."""
+    from toolkit.mlflow_api.registry import name_filter
+    assert name_filter(raw_filter) == expected
+
+
+@pytest.mark.parametrize(("order_by", "sort"), [
+    (None, "name_asc"), ("", "name_asc"), ("NAME desc", "name_desc"),
+    ("last_updated_timestamp", "updated_at_asc"), ("created_at DESC", "created_at_desc"),
+    ("nonsense", "created_at_asc"),      # MF: unknown column -> created_at; AH: sort ||= 'asc'
+    ("name sideways", "name_desc"),      # MF: unknown sort -> desc
+    (["id DESC", "name"], "name_asc"),   # a repeated query parameter: Rack keeps the last
+])
+def test_orders_as_model_order_params_and_the_finder_make_them(order_by, sort):
+    from toolkit.mlflow_api.registry import model_sort
+    assert model_sort(order_by).key == sort
+
+
+def test_names_and_ids_as_ruby_reads_them():
+    from toolkit.mlflow_api.artifacts import cgi_escape, content_disposition
+    from toolkit.mlflow_api.registry import ruby_to_i
+    assert cgi_escape("data/model v1.pkl") == "data%2Fmodel+v1.pkl"   # CGI.escape
+    assert cgi_escape("a~b_c.d-e") == "a~b_c.d-e" and cgi_escape("ü") == "%C3%BC"
+    assert (ruby_to_i(" 12abc"), ruby_to_i("abc"), ruby_to_i("")) == (12, None, None)
+    assert content_disposition('a "b".txt') == (                      # ActionDispatch::Http::ContentDisposition
+        "attachment; filename=\"a %22b%22.txt\"; filename*=UTF-8''a%20%22b%22.txt")
