@@ -102,8 +102,10 @@ def test_listing_is_gitlabs(server, db):
     assert raw(server, project, "artifacts", query="path=999999", api="mlflow-artifacts")[:2] == NOT_FOUND
     other = db.scalar("SELECT min(id) FROM projects WHERE id <> :p", p=project)
     assert raw(server, other, "artifacts", query=f"path={version.id}", api="mlflow-artifacts")[:2] == NOT_FOUND
-    bare = db.scalar("""INSERT INTO ml_model_versions (created_at, updated_at, project_id, model_id, version)
-                        VALUES (now(), now(), :p, :m, '99.0.0') RETURNING id""", p=project, m=version.model_id)
+    db.execute("""INSERT INTO ml_model_versions (created_at, updated_at, project_id, model_id, version)
+                  VALUES (now(), now(), :p, :m, '99.0.0')""", p=project, m=version.model_id)
+    bare = db.scalar("SELECT id FROM ml_model_versions WHERE model_id = :m AND version = '99.0.0'",
+                     m=version.model_id)
     try:
         # spec 'when the model version has no package'
         assert raw(server, project, "artifacts", query=f"path={bare}", api="mlflow-artifacts")[:2] == NOT_FOUND

@@ -198,6 +198,26 @@ def test_download_uri_is_made_from_the_parameters(server, db):
     assert read == [f"mlflow-artifacts:/{versions[0].id}"]
 
 
+def test_a_version_without_a_run_fails_as_on_gitlab(server, db):
+    """EMV ``run_id``: ``object.candidate.eid`` on a version no candidate points at is a
+    NoMethodError, GitLab's 500; every entity that shows the version fails with it."""
+    model, _ = versioned_model(db)
+    db.execute("""INSERT INTO ml_model_versions (created_at, updated_at, project_id, model_id, version,
+                  semver_major, semver_minor, semver_patch) VALUES (now(), now(), :p, :m, '77.0.0', 77, 0, 0)""",
+               p=model.project_id, m=model.id)
+    orphan = db.scalar("SELECT id FROM ml_model_versions WHERE model_id = :m AND version = '77.0.0'", m=model.id)
+    try:
+        for endpoint, query in (("model-versions/get", f"name={quote(model.name)}&version=77.0.0"),
+                                ("registered-models/get", f"name={quote(model.name)}")):
+            status, document, _ = raw(server, model.project_id, endpoint, query=query)
+            assert status == 500 and "GitLab fails here too" in document["message"], (endpoint, document)
+        status, document, _ = raw(server, model.project_id, "registered-models/get-latest-versions",
+                                  body={"name": model.name})
+        assert status == 500, document  # 77.0.0 is the latest
+    finally:
+        db.execute("DELETE FROM ml_model_versions WHERE id = :v", v=orphan)
+
+
 def search_all(server: str, project: int, query: str) -> list[str]:
     names, token = [], None
     while True:
