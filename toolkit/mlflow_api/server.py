@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,8 +30,10 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION, Target, create_engine
 from toolkit.errors import redact
+from toolkit.mlflow_api import artifacts
 from toolkit.mlflow_api.auth import Authenticator, needs_for
 from toolkit.mlflow_api.projects import resolve_project
+from toolkit.mlflow_api.registry import Registry
 from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
 from toolkit.output import out
 
@@ -40,6 +43,8 @@ ROUTE = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/ml/mlflow/api/2\.0/(?:
 # What a catalog change under a request looks like: the stage moved on; read it again.
 STAGE_CHANGED = {"42P01", "42703"}  # undefined table, undefined column
 BUSY = {"55P03": "a lock it needed was held too long", "57014": "it ran longer than its statement_timeout"}
+# POSTs that only read (GitLab routes them without its write checks)
+READ_ONLY_POSTS = frozenset({"experiments/search", "runs/search", "registered-models/get-latest-versions"})
 
 
 def _params(body: dict[str, Any], query: dict[str, list[str]]) -> dict[str, Any]:
@@ -54,10 +59,12 @@ class Api:
 
     def __init__(self, engine: Engine, *, lock_timeout_ms: int, statement_timeout_ms: int,
                  page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = (),
-                 auth: Authenticator | None = None, lenient: bool = False):
+                 auth: Authenticator | None = None, lenient: bool = False,
+                 packages_dir: Path | None = None):
         self.engine = engine
         self.auth = auth  # None: no token source, every request is let in (loopback only)
         self.lenient = lenient  # accept the client's list order_by (GitLab refuses it)
+        self.packages_dir = packages_dir  # GitLab's package store (local storage), or a copy
         self.timeouts = (lock_timeout_ms, statement_timeout_ms)
         self.page_limit = page_limit
         self.secrets = secrets
@@ -69,18 +76,24 @@ class Api:
             "runs/get": lambda v, p: v.get_run(p),
             "runs/search": lambda v, p: v.search_runs(p, limit),
             "metrics/get-history": lambda v, p: v.metric_history(p, limit),
-            "registered-models/get": lambda v, p: v.registered_model(p),
+            "registered-models/get": lambda v, p: Registry(v).registered_model(p),
+            "registered-models/get-latest-versions": lambda v, p: Registry(v).latest_versions(p),
+            "registered-models/search": lambda v, p: Registry(v).search(p, limit),
+            "registered-models/alias": lambda v, p: Registry(v).version_by_alias(p),
+            "model-versions/get": lambda v, p: Registry(v).model_version(p),
+            "model-versions/get-download-uri": lambda v, p: Registry(v).download_uri(p),
         }
 
     @classmethod
     def connect(cls, target: Target | str, *, lock_timeout_ms: int = 1000, statement_timeout_ms: int = 10_000,
-                page_limit: int = MAX_PAGE, auth: Authenticator | None = None, lenient: bool = False) -> Api:
+                page_limit: int = MAX_PAGE, auth: Authenticator | None = None, lenient: bool = False,
+                packages_dir: Path | None = None) -> Api:
         """An API over its own small pool, its sessions named ``toolkit mlflow serve``."""
         engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=4, max_overflow=8,
                                pool_timeout=10, connect_args={"application_name": "toolkit mlflow serve"})
         return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
                    page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else (),
-                   auth=auth, lenient=lenient)
+                   auth=auth, lenient=lenient, packages_dir=packages_dir)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -111,6 +124,15 @@ class Api:
     def answer(self, endpoint: str, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]:
         read = self.reads[endpoint]
         return self._retrying(lambda conn: read(View(conn, project, base_url, lenient=self.lenient), params))
+
+    def artifact_list(self, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]:
+        return self._retrying(lambda conn: artifacts.list_artifacts(View(conn, project, base_url), params))
+
+    def artifact_file(self, project: str, base_url: str, version: str, file_path: str) -> artifacts.Download:
+        """The file row in one transaction; the disk is read after it has ended."""
+        stored = self._retrying(lambda conn: artifacts.find_file(View(conn, project, base_url), version,
+                                                                 file_path))
+        return artifacts.open_file(stored, self.packages_dir)
 
     def list_pages(self, project: str, base_url: str) -> Iterator[list[dict[str, Any]]]:
         """experiments/list, a page per transaction (a project's every experiment is not
@@ -216,6 +238,9 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self) -> None:
         url = urlsplit(self.path)
         body = self._body()  # read it whatever the answer, so the connection stays usable
+        if (artifact := artifacts.ARTIFACTS_ROUTE.match(url.path)) is not None:
+            self._artifacts(artifact, url.query)
+            return
         match = ROUTE.match(url.path)
         if match is None:
             raise ApiError(404, "ENDPOINT_NOT_FOUND",
@@ -225,7 +250,7 @@ class Handler(BaseHTTPRequestHandler):
         api = self.server.api
         params = _params(body, parse_qs(url.query, keep_blank_values=True))
         self.username = api.authenticate(self.command, self.headers, params, project, endpoint)
-        if self.command != "GET" and endpoint not in ("experiments/search", "runs/search"):
+        if self.command != "GET" and endpoint not in READ_ONLY_POSTS:
             # every other call that is not a GET writes: experiments/create, runs/create,
             # runs/log-*, runs/set-tag, runs/update, registered-models/create, ...
             raise ApiError(403, "FEATURE_DISABLED",
@@ -240,6 +265,26 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, "ENDPOINT_NOT_FOUND",
                            f"{endpoint} is not served by toolkit mlflow serve (it serves "
                            f"{', '.join(sorted([*api.reads, 'experiments/list']))})")
+
+    def _artifacts(self, match: re.Match[str], query: str) -> None:
+        """GitLab's mlflow-artifacts GETs (list, download); uploading is a write."""
+        api, project = self.server.api, match["project"]
+        params = _params({}, parse_qs(query, keep_blank_values=True))
+        self.username = api.authenticate(self.command, self.headers, params, project, "artifacts")
+        if self.command != "GET":
+            raise ApiError(403, "FEATURE_DISABLED", "toolkit mlflow serve is read-only: uploading an "
+                           "artifact would write, and nothing was changed. Log artifacts to GitLab itself")
+        base_url = f"http://{self.headers.get('Host') or self.server.address_text}"
+        if match["version"] is None:
+            self._send(200, api.artifact_list(project, base_url, params))
+            return
+        download = api.artifact_file(project, base_url, match["version"], match["file"])
+        self.send_response(200)
+        for name, value in download.headers():
+            self.send_header(name, value)
+        self.end_headers()
+        for piece in download.chunks():
+            self.wfile.write(piece)
 
     def _send(self, status: int, document: dict[str, Any], headers: tuple[tuple[str, str], ...] = ()) -> None:
         payload = json.dumps(document, ensure_ascii=False, allow_nan=False).encode()
