@@ -21,13 +21,13 @@ import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.catalog import relation_exists
 from toolkit.engine.state import ROLLING_BACK, milestone_state
+from toolkit.mlflow_api.artifact_uri import artifact_path_sql, artifact_uri
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS
 from toolkit.schema.gitlab import CANDIDATE_STATUSES
 from toolkit.verify.fingerprint import (
@@ -328,12 +328,17 @@ class View:
         return found
 
     def _artifact_uri(self, run: sa.Row) -> str:
-        """The run's package, by its name and version (which no milestone changes); the
-        toolkit serves no artifacts, and a run without a package has none."""
-        if run.package_name is None:
-            return ""
-        return (f"{self.base_url}/api/v4/projects/{run.package_project}/packages/generic/"
-                f"{quote(run.package_name, safe='')}/{quote(run.package_version or '', safe='')}/")
+        """GitLab's ``artifact_uri`` of the run at this stage (:mod:`.artifact_uri`: generic
+        package, model version, or ``candidate:<iid>``), after the configured external URL.
+        Milestone 1 changes it for every run whose package it converts, as it changes on GitLab."""
+        path = getattr(run, "artifact_path", None)
+        if path is None:  # one candidate by its id (the page's query may not have selected it)
+            experiments, _ = experiment_relations(self.source)
+            path = self.conn.execute(sa.text(f"""
+                SELECT {artifact_path_sql(self.conn, experiments)} FROM ml_candidates c
+                LEFT JOIN packages_packages pk ON pk.id = c.package_id WHERE c.id = :id"""),
+                {"id": run.id}).scalar_one()
+        return artifact_uri(self.base_url, path)
 
     def _run_documents(self, runs: list[sa.Row], experiment_id: str) -> list[dict[str, Any]]:
         ids = [run.id for run in runs]

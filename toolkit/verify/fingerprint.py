@@ -41,8 +41,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.catalog import column_exists, relation_exists
+from toolkit.mlflow_api.artifact_uri import artifact_path_sql
+from toolkit.names import (
+    M1_LEDGER,
+    M4_ARCHIVE_EXPERIMENTS,
+    M4_ARCHIVE_METADATA,
+    M4_ARCHIVES,
+    M4_EXPERIMENT_IDS,
+)
+from toolkit.names import M3_COPIED_METADATA as COPIED_METADATA
 from toolkit.names import M3_CREATED_MODELS as CREATED_MODELS
-from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_ARCHIVES
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.verify.digest import METHOD, METHODS, Memo, query_digest, table_digest
 
@@ -51,6 +59,12 @@ FORMAT = METHOD  # the format is the digest method (verify/digest.py); 1 is stil
 FROM_EXPERIMENTS = "experiments"
 FROM_MODELS = "models"
 FROM_MODELS_AND_ARCHIVE = "models + archive"
+FROM_MODELS_AND_IDS = "models + kept experiment ids"  # after `toolkit archive drop`
+
+# What a stage cannot compute as before: after the archive drop the experiments' own tags
+# are gone; a blueprint-complete GitLab shows the model's metadata (milestone 3 copied them
+# there; a clash kept the model's value). Declared, not compared.
+NOT_COMPARABLE = {FROM_MODELS_AND_IDS: ("experiment_tags",)}
 
 
 # The GitLab tables whose rows make each MLflow part (after milestone 4 the archive stands
@@ -64,7 +78,15 @@ PART_TABLES: dict[str, tuple[str, ...]] = {
     "run_metrics_latest": ("ml_candidate_metrics",),
     "run_metrics_history": ("ml_candidate_metrics",),
     "run_tags": ("ml_candidate_metadata",),
+    "run_artifact_uris": ("ml_candidates", "packages_packages", "ml_experiments", "ml_models"),
+    # the registry as get_registered_model shows it (models milestone 3 created and the
+    # metadata it copied left out: a declared difference, proven by its ledgers)
+    "registered_models": ("ml_models",),
+    "registered_model_tags": ("ml_model_metadata",),
+    "model_versions": ("ml_model_versions", "ml_candidates"),
+    "model_version_tags": ("ml_model_version_metadata",),
 }
+REGISTRY_PARTS = ("registered_models", "registered_model_tags", "model_versions", "model_version_tags")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +123,9 @@ class Fingerprint:
     scope: dict[str, Any] | None = None
     kept: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # rows it may not change
     format: int = FORMAT  # how its digests were computed
+    # What the milestones changed on purpose when it was taken (their ledgers): runs whose
+    # artifact_uri milestone 1 changed, models and tags milestone 3 added to the registry.
+    declared: dict[str, int] = field(default_factory=dict)
 
     @property
     def scoped(self) -> Scope | None:
@@ -140,13 +165,22 @@ class Difference:
 def mlflow_source(conn: Connection) -> str | None:
     if relation_exists(conn, "ml_experiments"):
         return FROM_MODELS if column_exists(conn, "ml_models", "display_name") else FROM_EXPERIMENTS
-    return FROM_MODELS_AND_ARCHIVE if relation_exists(conn, M4_ARCHIVE_EXPERIMENTS) else None
+    if relation_exists(conn, M4_ARCHIVE_EXPERIMENTS):
+        return FROM_MODELS_AND_ARCHIVE
+    # after `toolkit archive drop`: the ids milestone 4 kept
+    return FROM_MODELS_AND_IDS if relation_exists(conn, M4_EXPERIMENT_IDS) else None
 
 
 def experiment_relations(source: str) -> tuple[str, str]:
-    """Where experiments and their tags are read: the live tables, or the archive."""
+    """Where experiments and their tags are read: the live tables, the archive, or after the
+    archive drop the kept ids with their models' metadata as tags (``experiment_id``,
+    ``id``, ``name``, ``value``)."""
     if source == FROM_MODELS_AND_ARCHIVE:
         return M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA
+    if source == FROM_MODELS_AND_IDS:
+        return M4_EXPERIMENT_IDS, (f"(SELECT k.id AS experiment_id, mm.id, mm.name, mm.value "
+                                   f"FROM {M4_EXPERIMENT_IDS} k JOIN ml_model_metadata mm "
+                                   "ON mm.model_id = k.model_id)")
     return "ml_experiments", "ml_experiment_metadata"
 
 
@@ -204,7 +238,12 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
         SELECT ROW(e.project_id, e.iid, e.name, e.deleted_on IS NOT NULL)::text AS r
         FROM ({experiments_view(conn, source, "x.id <= :w_experiments")}) e"""
     parent = run_parent(conn, source)
-    return {
+    created = relation_exists(conn, CREATED_MODELS)
+    not_created = f"NOT IN (SELECT model_id FROM {CREATED_MODELS})" if created else "IS NOT NULL"
+    not_copied = (f"mm.id NOT IN (SELECT model_metadata_id FROM {COPIED_METADATA})"
+                  if relation_exists(conn, COPIED_METADATA) else "true")
+    uri = artifact_path_sql(conn, experiments, canonical=True)
+    parts = {
         "experiments": experiment_rows,
         "experiment_tags": f"""
             SELECT ROW(x.project_id, x.iid, t.name, t.value)::text AS r
@@ -228,7 +267,48 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
         "run_tags": """
             SELECT ROW(t.candidate_id, t.name, t.value)::text AS r
             FROM ml_candidate_metadata t WHERE t.id <= :w_candidate_metadata""",
+        "run_artifact_uris": f"""
+            SELECT ROW(c.id, {uri})::text AS r
+            FROM ml_candidates c LEFT JOIN packages_packages pk ON pk.id = c.package_id
+            WHERE c.id <= :w_candidates""",
+        "registered_models": f"""
+            SELECT ROW(m.id, m.project_id, m.name, m.description, m.user_id, m.created_at,
+                       m.updated_at)::text AS r
+            FROM ml_models m WHERE m.id <= :w_models AND m.id {not_created}""",
+        "registered_model_tags": f"""
+            SELECT ROW(mm.model_id, mm.name, mm.value)::text AS r
+            FROM ml_model_metadata mm WHERE mm.id <= :w_model_metadata AND {not_copied}
+              AND mm.model_id {not_created}""",
+        "model_versions": """
+            SELECT ROW(v.id, v.model_id, v.version, v.description, v.created_at, v.updated_at,
+                       c.eid)::text AS r
+            FROM ml_model_versions v LEFT JOIN ml_candidates c ON c.model_version_id = v.id
+            WHERE v.id <= :w_model_versions""",
+        "model_version_tags": """
+            SELECT ROW(t.model_version_id, t.name, t.value)::text AS r
+            FROM ml_model_version_metadata t WHERE t.id <= :w_model_version_metadata""",
     }
+    for part in NOT_COMPARABLE.get(source, ()):
+        del parts[part]
+    return parts
+
+
+def declared_changes(conn: Connection, marks: dict[str, int | None]) -> dict[str, int]:
+    """What the milestones' ledgers say they changed on purpose in what users see, within the
+    watermarks: runs whose artifact_uri milestone 1 changed (their package converted), models
+    milestone 3 created and metadata it copied to models."""
+    found: dict[str, int] = {}
+    if relation_exists(conn, M1_LEDGER):
+        found["runs whose artifact_uri milestone-1 changed"] = conn.execute(sa.text(f"""
+            SELECT count(*) FROM ml_candidates c JOIN {M1_LEDGER} l ON l.package_id = c.package_id
+            WHERE c.id <= :w"""), {"w": _bound(marks, "ml_candidates")}).scalar_one()
+    if relation_exists(conn, CREATED_MODELS):
+        found["models milestone-3 created"] = conn.execute(sa.text(
+            f"SELECT count(*) FROM {CREATED_MODELS}")).scalar_one()
+    if relation_exists(conn, COPIED_METADATA):
+        found["model tags milestone-3 copied"] = conn.execute(sa.text(
+            f"SELECT count(*) FROM {COPIED_METADATA}")).scalar_one()
+    return {k: n for k, n in found.items() if n}
 
 
 _WATERMARK_PARAMS = {
@@ -238,8 +318,17 @@ _WATERMARK_PARAMS = {
     "w_params": "ml_candidate_params",
     "w_metrics": "ml_candidate_metrics",
     "w_candidate_metadata": "ml_candidate_metadata",
+    "w_models": "ml_models",
+    "w_model_metadata": "ml_model_metadata",
+    "w_model_versions": "ml_model_versions",
+    "w_model_version_metadata": "ml_model_version_metadata",
 }
 _NO_BOUND = 2**63 - 1
+
+
+def _bound(marks: dict[str, int | None], table: str) -> int:
+    mark = marks.get(table)
+    return _NO_BOUND if mark is None else mark
 
 
 def _watermarks(conn: Connection) -> dict[str, int | None]:
@@ -248,6 +337,8 @@ def _watermarks(conn: Connection) -> dict[str, int | None]:
     archived = M4_ARCHIVES
     for table in ML_TABLE_NAMES:
         relation = table if relation_exists(conn, table) else archived.get(table)
+        if table == "ml_experiments" and not (relation and relation_exists(conn, relation)):
+            relation = M4_EXPERIMENT_IDS  # after the archive drop, the ids it kept
         if relation and relation_exists(conn, relation):
             marks[table] = conn.execute(sa.text(f"SELECT COALESCE(max(id), 0) FROM {relation}")).scalar_one()
         else:
@@ -309,8 +400,9 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
             rows, digest = query_digest(conn, sql, params, memo, method)
             mlflow[part] = {"rows": rows, "hash": digest}
     database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
+    declared = declared_changes(conn, marks) if source is not None else {}
     return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
-                       tables, mlflow, scope.__dict__ if scope else None, kept, method)
+                       tables, mlflow, scope.__dict__ if scope else None, kept, method, declared)
 
 
 def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...] = (),
@@ -340,7 +432,10 @@ def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...]
         found.append(Difference("mlflow", None, None, False, note=(
             "the MLflow view cannot be computed any more: ml_experiments and its archive are gone")))
         return found
+    skipped = {p for fp in (before, after) for p in NOT_COMPARABLE.get(fp.source or "", ())}
     for part in keys(before.mlflow, after.mlflow):
+        if part in skipped:
+            continue
         b, a = before.mlflow.get(part), after.mlflow.get(part)
         if b != a:
             found.append(Difference(f"mlflow.{part}", b, a, False))
