@@ -156,10 +156,28 @@ class Difference:
     def describe(self) -> str:
         if self.note:
             return f"{self.part}: {self.note}"
+        meaning = PART_MEANINGS.get(self.part.removeprefix("mlflow."))
+        if meaning:
+            return f"{self.part} ({meaning}): {self._sides()}"
+        return f"{self.part}: {self._sides()}"
+
+    def _sides(self) -> str:
 
         def side(d: dict[str, Any] | None) -> str:
             return "absent" if d is None else f"{d['rows']} rows, hash {d['hash'][:12]}"
-        return f"{self.part}: {side(self.before)} before, {side(self.after)} now"
+        return f"{side(self.before)} before, {side(self.after)} now"
+
+
+# What a difference in these parts means to a user, said with it.
+PART_MEANINGS = {
+    "run_artifact_uris": "GitLab's artifact_uri of runs differs beyond what the milestones' ledgers "
+                         "declare (milestone 1's converted packages)",
+    "registered_models": "get_registered_model shows an existing model changed (name, description, "
+                         "user or times); milestone 3 only adds models",
+    "registered_model_tags": "an existing model's tags changed beyond the metadata milestone 3 copied",
+    "model_versions": "model versions changed",
+    "model_version_tags": "model version tags changed",
+}
 
 
 def mlflow_source(conn: Connection) -> str | None:
