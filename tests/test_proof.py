@@ -100,6 +100,7 @@ def test_milestone_1_changes_artifact_uri_as_declared_and_nothing_else(realistic
     failed = _checks(doc)[MLFLOW_CHECK.format("milestone-1")]
     assert not failed["ok"]
     assert "mlflow.run_artifact_uris (GitLab's artifact_uri of runs differs beyond" in failed["detail"]
+    assert f"differs at candidate id {run}" in failed["detail"]  # named
     assert "mlflow.runs:" not in failed["detail"]  # every other field of the runs: not read, not changed
 
     db.execute("UPDATE ml_candidates SET package_id = NULL WHERE id = :r", r=run)
@@ -140,12 +141,15 @@ def test_milestone_3_adds_exactly_its_models_and_tags_to_the_registry(realistic_
     assert code == ExitCode.VERIFY_FAILED
     detail = _checks(doc)[MLFLOW_CHECK.format("milestone-3")]["detail"]
     assert "mlflow.registered_models (get_registered_model shows an existing model changed" in detail
+    assert f"differs at model id {existing}" in detail
     db.execute("UPDATE ml_models SET description = :d WHERE id = :m", d=models[0].description, m=existing)
     tag = tags[0]
     db.execute("UPDATE ml_model_metadata SET value = 'changed' WHERE id = :t", t=tag.id)
     code, doc = toolkit_json(db, "verify", "milestone-3")
     assert code == ExitCode.VERIFY_FAILED
-    assert "mlflow.registered_model_tags" in _checks(doc)[MLFLOW_CHECK.format("milestone-3")]["detail"]
+    detail = _checks(doc)[MLFLOW_CHECK.format("milestone-3")]["detail"]
+    assert "mlflow.registered_model_tags (an existing model's tags changed" in detail
+    assert f"differs at model id {tag.model_id}" in detail
     db.execute("UPDATE ml_model_metadata SET value = :v WHERE id = :t", v=tag.value, t=tag.id)
     assert toolkit(db, "verify", "milestone-3").exit_code == 0
 

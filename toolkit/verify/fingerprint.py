@@ -52,7 +52,7 @@ from toolkit.names import (
 from toolkit.names import M3_COPIED_METADATA as COPIED_METADATA
 from toolkit.names import M3_CREATED_MODELS as CREATED_MODELS
 from toolkit.schema.gitlab import ML_TABLE_NAMES
-from toolkit.verify.digest import METHOD, METHODS, Memo, query_digest, table_digest
+from toolkit.verify.digest import METHOD, METHODS, Memo, bucketed_digest, query_digest, table_digest
 
 FORMAT = METHOD  # the format is the digest method (verify/digest.py); 1 is still read
 
@@ -86,6 +86,16 @@ PART_TABLES: dict[str, tuple[str, ...]] = {
     "model_versions": ("ml_model_versions", "ml_candidates"),
     "model_version_tags": ("ml_model_version_metadata",),
 }
+# Parts whose rows carry a key (``k``): their digest is also kept per bucket of keys, so a
+# difference names the runs or models it is in. (the key's table, what a key names)
+KEYED: dict[str, tuple[str, str]] = {
+    "run_artifact_uris": ("ml_candidates", "candidate"),
+    "registered_models": ("ml_models", "model"),
+    "registered_model_tags": ("ml_models", "model"),
+    "model_versions": ("ml_model_versions", "model version"),
+    "model_version_tags": ("ml_model_versions", "model version"),
+}
+BUCKETS = 512  # at most about this many per part: one key a bucket up to 512 runs or models
 REGISTRY_PARTS = ("registered_models", "registered_model_tags", "model_versions", "model_version_tags")
 
 
@@ -152,14 +162,16 @@ class Difference:
     after: dict[str, Any] | None
     expected: bool  # a table the milestone changes on purpose
     note: str = ""
+    where: str = ""  # the runs or models a keyed part differs in
 
     def describe(self) -> str:
         if self.note:
             return f"{self.part}: {self.note}"
         meaning = PART_MEANINGS.get(self.part.removeprefix("mlflow."))
+        at = f"; differs at {self.where}" if self.where else ""
         if meaning:
-            return f"{self.part} ({meaning}): {self._sides()}"
-        return f"{self.part}: {self._sides()}"
+            return f"{self.part} ({meaning}): {self._sides()}{at}"
+        return f"{self.part}: {self._sides()}{at}"
 
     def _sides(self) -> str:
 
@@ -286,24 +298,24 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
             SELECT ROW(t.candidate_id, t.name, t.value)::text AS r
             FROM ml_candidate_metadata t WHERE t.id <= :w_candidate_metadata""",
         "run_artifact_uris": f"""
-            SELECT ROW(c.id, {uri})::text AS r
+            SELECT ROW(c.id, {uri})::text AS r, c.id AS k
             FROM ml_candidates c LEFT JOIN packages_packages pk ON pk.id = c.package_id
             WHERE c.id <= :w_candidates""",
         "registered_models": f"""
             SELECT ROW(m.id, m.project_id, m.name, m.description, m.user_id, m.created_at,
-                       m.updated_at)::text AS r
+                       m.updated_at)::text AS r, m.id AS k
             FROM ml_models m WHERE m.id <= :w_models AND m.id {not_created}""",
         "registered_model_tags": f"""
-            SELECT ROW(mm.model_id, mm.name, mm.value)::text AS r
+            SELECT ROW(mm.model_id, mm.name, mm.value)::text AS r, mm.model_id AS k
             FROM ml_model_metadata mm WHERE mm.id <= :w_model_metadata AND {not_copied}
               AND mm.model_id {not_created}""",
         "model_versions": """
             SELECT ROW(v.id, v.model_id, v.version, v.description, v.created_at, v.updated_at,
-                       c.eid)::text AS r
+                       c.eid)::text AS r, v.id AS k
             FROM ml_model_versions v LEFT JOIN ml_candidates c ON c.model_version_id = v.id
             WHERE v.id <= :w_model_versions""",
         "model_version_tags": """
-            SELECT ROW(t.model_version_id, t.name, t.value)::text AS r
+            SELECT ROW(t.model_version_id, t.name, t.value)::text AS r, t.model_version_id AS k
             FROM ml_model_version_metadata t WHERE t.id <= :w_model_version_metadata""",
     }
     for part in NOT_COMPARABLE.get(source, ()):
@@ -415,12 +427,56 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
                     and reference.tables.get(table) == tables[table] and part in reference.mlflow):
                 mlflow[part] = reference.mlflow[part]
                 continue
+            if part in KEYED:
+                mlflow[part] = _keyed_digest(conn, sql, params, part, marks, reference, method, memo)
+                continue
             rows, digest = query_digest(conn, sql, params, memo, method)
             mlflow[part] = {"rows": rows, "hash": digest}
     database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
     declared = declared_changes(conn, marks) if source is not None else {}
     return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
                        tables, mlflow, scope.__dict__ if scope else None, kept, method, declared)
+
+
+def _keyed_digest(conn: Connection, sql: str, params: dict[str, Any], part: str,
+                  marks: dict[str, int | None], reference: Fingerprint | None, method: int,
+                  memo: Memo | None) -> dict[str, Any]:
+    """A keyed part's digest with its buckets, of the reference's size when it has one."""
+    theirs = reference.mlflow.get(part) if reference is not None else None
+    keys = _bound_or_zero(marks, KEYED[part][0]) + 1
+    size = (theirs or {}).get("bucket_size") or max(1, -(-keys // BUCKETS))
+    rows, digest, buckets = bucketed_digest(conn, sql, params, size, method, memo)
+    found: dict[str, Any] = {"rows": rows, "hash": digest}
+    if buckets or method == METHOD:
+        found.update(bucket_size=size, buckets=buckets)
+    return found
+
+
+def _bound_or_zero(marks: dict[str, int | None], table: str) -> int:
+    return marks.get(table) or 0
+
+
+def _same(one: dict[str, Any] | None, other: dict[str, Any] | None) -> bool:
+    """Equal digests (buckets only locate a difference; a fingerprint may have none)."""
+    if one is None or other is None:
+        return one is other
+    return (one["rows"], one["hash"]) == (other["rows"], other["hash"])
+
+
+def locate(part: str, one: dict[str, Any] | None, other: dict[str, Any] | None) -> str:
+    """Where two keyed digests differ: the keys (one a bucket) or key ranges, at most ten."""
+    if part not in KEYED or not one or not other or one.get("bucket_size") != other.get("bucket_size") \
+            or "buckets" not in one or "buckets" not in other:
+        return ""
+    size, a, b = one["bucket_size"], one["buckets"], other["buckets"]
+    differ = sorted(int(k) for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if not differ:
+        return ""
+    noun = KEYED[part][1]
+    shown = [str(k) if size == 1 else f"{k * size}-{k * size + size - 1}" for k in differ[:10]]
+    more = f" and {len(differ) - 10} more" if len(differ) > 10 else ""
+    return f"{noun}{'s' if len(differ) > 1 or size > 1 else ''} {'id ' if size == 1 else 'ids '}" \
+        f"{', '.join(shown)}{more}"
 
 
 def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...] = (),
@@ -455,6 +511,6 @@ def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...]
         if part in skipped:
             continue
         b, a = before.mlflow.get(part), after.mlflow.get(part)
-        if b != a:
-            found.append(Difference(f"mlflow.{part}", b, a, False))
+        if not _same(b, a):
+            found.append(Difference(f"mlflow.{part}", b, a, False, where=locate(part, b, a)))
     return found
