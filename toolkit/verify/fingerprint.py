@@ -7,8 +7,13 @@ Two halves:
   not change at all.
 - ``mlflow``: GitLab's MLflow API as a client sees it (``reference/000`` and ``001``):
   experiments by ``iid`` and name with their tags, runs by ``eid`` with name, status,
-  times, user and artifact package, their params, the latest value of each metric, the
-  full metric history and the run tags. No milestone may change any of it.
+  times, user and package, their params, the latest value of each metric, the full
+  metric history and the run tags; each run's ``artifact_uri`` by GitLab's rule; and the
+  registry as ``get_registered_model`` shows it (models, tags, versions, version tags).
+  No milestone may change any of it but by its *declared* differences: milestone 1's
+  converted packages change GitLab's ``artifact_uri`` of their runs, milestone 3 adds
+  models and copies tags. Those parts are computed as before the declared changes (the
+  ledgers say which rows), and :func:`declared_changes` records how many there are.
 
 The MLflow half is computed the way the application will have to compute it at each
 stage, so comparing it across a milestone proves the new structure still answers:
@@ -18,10 +23,16 @@ stage, so comparing it across a milestone proves the new structure still answers
   display name of a model milestone 3 created, or the default experiment's own name for a
   model that already had one), and runs through ``ml_candidates.model_id``;
 - after milestone 4: the same, with the ``iid`` mapping and experiment tags read from the
-  archive (``toolkit.m4_archive_*``), as GitLab's MLflow endpoints will have to.
+  archive (``toolkit.m4_archive_*``), as GitLab's MLflow endpoints will have to;
+- after ``toolkit archive drop``: the same, from the ids milestone 4 kept for good
+  (``toolkit.mlflow_experiment_ids``); experiment tags are then the models' metadata, the
+  only copy left, and are not compared (:data:`NOT_COMPARABLE`).
 
-Experiment tags are not read from ``ml_model_metadata``: a model may have metadata its
-experiment never had, and metadata clashes keep the model's value (milestone 3).
+Until then experiment tags are not read from ``ml_model_metadata``: a model may have
+metadata its experiment never had, and metadata clashes keep the model's value.
+
+Keyed parts (:data:`KEYED`) also keep a digest per bucket of ids, so a difference names
+the runs or models it is in.
 
 Every part is bounded by the ``id`` watermarks of the fingerprint it is compared with,
 so rows the application inserts afterwards do not count as differences. Runs' params,
