@@ -24,10 +24,13 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import sqlalchemy as sa
 from helpers import toolkit, toolkit_json
 
 from toolkit.errors import ExitCode
+from toolkit.mlflow_api.views import View
 
+BASE = "https://gitlab.example.com"
 URI_CHANGES = "runs whose MLflow artifact_uri changes (GitLab's rule; declared)"
 
 # RunInfo#artifact_uri: generic package -> packages/generic + artifact_root
@@ -66,9 +69,24 @@ def _checks(doc: dict) -> dict[str, dict]:
 MLFLOW_CHECK = "the MLflow view equals the fingerprint taken before {}"
 
 
+def served_uris(db, runs: list[int]) -> dict[int, str]:
+    """What `toolkit mlflow serve` answers as each run's artifact_uri (its views, one
+    READ ONLY transaction), without the external URL."""
+    with db.engine.connect() as conn:
+        found = {}
+        for run in runs:
+            project, eid = conn.execute(sa.text("SELECT project_id, eid FROM ml_candidates WHERE id = :r"),
+                                        {"r": run}).one()
+            answer = View(conn, str(project), BASE).get_run({"run_id": str(eid)})
+            found[run] = answer["run"]["info"]["artifact_uri"].removeprefix(BASE)
+        return found
+
+
 def test_milestone_1_changes_artifact_uri_as_declared_and_nothing_else(realistic_db):
     db = realistic_db
     before = uris(db)
+    sample = sorted(before)[::10]
+    assert served_uris(db, sample) == {i: before[i] for i in sample}  # the server answers GitLab's rule
     code, planned = toolkit_json(db, "plan", "milestone-1")
     assert code == 0, planned
     step = planned["result"]["milestones"][0]["steps"][0]
@@ -80,6 +98,7 @@ def test_milestone_1_changes_artifact_uri_as_declared_and_nothing_else(realistic
     assert counted == len(changed) > 0
     assert changed == [r[0] for r in db.rows(CONVERTED_RUNS)]  # exactly the runs it converted
     assert all("/packages/generic/" in before[i] and "/packages/ml_models/" in after[i] for i in changed)
+    assert served_uris(db, changed) == {i: after[i] for i in changed}
 
     code, doc = toolkit_json(db, "verify", "milestone-1")
     assert code == 0, doc
