@@ -29,7 +29,8 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION, Target, create_engine
 from toolkit.errors import redact
-from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
+from toolkit.mlflow_api.auth import Authenticator, needs_for
+from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View, _integer
 from toolkit.output import out
 
 TRACKING_PATH = "/api/v4/projects/{project}/ml/mlflow"
@@ -51,8 +52,10 @@ class Api:
     """The endpoints, each a function of (view, params); reads only."""
 
     def __init__(self, engine: Engine, *, lock_timeout_ms: int, statement_timeout_ms: int,
-                 page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = ()):
+                 page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = (),
+                 auth: Authenticator | None = None):
         self.engine = engine
+        self.auth = auth  # None: no token source, every request is let in (loopback only)
         self.timeouts = (lock_timeout_ms, statement_timeout_ms)
         self.page_limit = page_limit
         self.secrets = secrets
@@ -69,12 +72,13 @@ class Api:
 
     @classmethod
     def connect(cls, target: Target | str, *, lock_timeout_ms: int = 1000, statement_timeout_ms: int = 10_000,
-                page_limit: int = MAX_PAGE) -> Api:
+                page_limit: int = MAX_PAGE, auth: Authenticator | None = None) -> Api:
         """An API over its own small pool, its sessions named ``toolkit mlflow serve``."""
         engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=4, max_overflow=8,
                                pool_timeout=10, connect_args={"application_name": "toolkit mlflow serve"})
         return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-                   page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else ())
+                   page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else (),
+                   auth=auth)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -89,6 +93,18 @@ class Api:
                     yield conn
                 finally:
                     transaction.rollback()
+
+    def authenticate(self, method: str, headers: Any, params: dict[str, Any], project: str,
+                     endpoint: str) -> str | None:
+        """GitLab's token, scope and project checks before ``endpoint`` runs, in a short READ
+        ONLY transaction of their own; the user's username, or None without a token source.
+        Raises GitLab's 401/403/404 as an :class:`ApiError`."""
+        if self.auth is None:
+            return None
+        auth = self.auth
+        user = self._retrying(lambda conn: auth.authenticate(
+            conn, method, headers, params, _integer(project), needs_for(endpoint, method)))
+        return user.username
 
     def answer(self, endpoint: str, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]:
         read = self.reads[endpoint]
@@ -139,6 +155,7 @@ class Handler(BaseHTTPRequestHandler):
     # headers and body are two writes: without TCP_NODELAY each answer waits for the
     # client's delayed ACK (40 ms on Linux)
     disable_nagle_algorithm = True
+    username: str | None = None  # who the request's token belongs to, for the access log
 
     def log_message(self, format: str, *args: Any) -> None:  # requests are not logged
         return
@@ -162,7 +179,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._route()
         except ApiError as exc:
-            self._send(exc.status, exc.document())
+            self._send(exc.status, exc.document(), exc.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:  # a bug: answer it as MLflow would, and say it where the operator looks
@@ -198,6 +215,8 @@ class Handler(BaseHTTPRequestHandler):
                            f"http://HOST:PORT{TRACKING_PATH.format(project='P')}")
         endpoint, project = match["endpoint"], match["project"]
         api = self.server.api
+        params = _params(body, parse_qs(url.query, keep_blank_values=True))
+        self.username = api.authenticate(self.command, self.headers, params, project, endpoint)
         if self.command != "GET" and endpoint not in ("experiments/search", "runs/search"):
             # every other call that is not a GET writes: experiments/create, runs/create,
             # runs/log-*, runs/set-tag, runs/update, registered-models/create, ...
@@ -205,7 +224,6 @@ class Handler(BaseHTTPRequestHandler):
                            f"toolkit mlflow serve is read-only: {endpoint} would write, and nothing "
                            "was changed. Log runs to GitLab itself")
         base_url = f"http://{self.headers.get('Host') or self.server.address_text}"
-        params = _params(body, parse_qs(url.query, keep_blank_values=True))
         if endpoint == "experiments/list":
             self._stream_list(api.list_pages(project, base_url))
         elif endpoint in api.reads:
@@ -215,10 +233,12 @@ class Handler(BaseHTTPRequestHandler):
                            f"{endpoint} is not served by toolkit mlflow serve (it serves "
                            f"{', '.join(sorted([*api.reads, 'experiments/list']))})")
 
-    def _send(self, status: int, document: dict[str, Any]) -> None:
+    def _send(self, status: int, document: dict[str, Any], headers: tuple[tuple[str, str], ...] = ()) -> None:
         payload = json.dumps(document, ensure_ascii=False, allow_nan=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)

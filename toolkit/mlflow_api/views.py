@@ -47,13 +47,19 @@ BIGINT_MAX = 2**63 - 1
 
 
 class ApiError(Exception):
-    """An MLflow error document: HTTP status, ``error_code`` and message."""
+    """An MLflow error document: HTTP status, ``error_code`` and message; or, where GitLab
+    answers with a document of its own (``{"message": "401 Unauthorized"}``, an OAuth
+    error), that ``body`` and its ``headers``."""
 
-    def __init__(self, status: int, error_code: str, message: str):
+    def __init__(self, status: int, error_code: str, message: str, *, body: dict[str, str] | None = None,
+                 headers: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.status, self.error_code, self.message = status, error_code, message
+        self.body, self.headers = body, headers
 
     def document(self) -> dict[str, str]:
+        if self.body is not None:
+            return self.body
         return {"error_code": self.error_code, "message": self.message}
 
 
