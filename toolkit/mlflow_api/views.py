@@ -338,12 +338,13 @@ class View:
         package, model version, or ``candidate:<iid>``), after the configured external URL.
         Milestone 1 changes it for every run whose package it converts, as it changes on GitLab."""
         path = getattr(run, "artifact_path", None)
-        if path is None:  # one candidate by its id (the page's query may not have selected it)
-            experiments, _ = experiment_relations(self.source)
-            path = self.conn.execute(sa.text(f"""
-                SELECT {artifact_path_sql(self.conn, experiments)} FROM ml_candidates c
-                LEFT JOIN packages_packages pk ON pk.id = c.package_id WHERE c.id = :id"""),
-                {"id": run.id}).scalar_one()
+        if path is None:  # one candidate by its id (the page's query did not select it)
+            if getattr(self, "_artifact_query", None) is None:  # the stage's SQL, once a request
+                experiments, _ = experiment_relations(self.source)
+                self._artifact_query = sa.text(f"""
+                    SELECT {artifact_path_sql(self.conn, experiments)} FROM ml_candidates c
+                    LEFT JOIN packages_packages pk ON pk.id = c.package_id WHERE c.id = :id""")
+            path = self.conn.execute(self._artifact_query, {"id": run.id}).scalar_one()
         return artifact_uri(self.base_url, path)
 
     def _run_documents(self, runs: list[sa.Row], experiment_id: str) -> list[dict[str, Any]]:
