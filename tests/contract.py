@@ -216,11 +216,15 @@ def _m4_after_apply(db, applied: Applied) -> None:
     assert db.scalar("SELECT is_nullable FROM information_schema.columns WHERE table_name = 'ml_candidates' "
                      "AND column_name = 'model_id'") == "NO"
     assert toolkit(db, "verify").exit_code == 0  # every milestone still verifies after cleanup
+    # each experiment's MLflow id is kept for good, written in the drop's own transaction
+    assert db.rows("SELECT id, project_id, iid, model_id, name FROM toolkit.mlflow_experiment_ids ORDER BY id") == \
+        db.rows("SELECT id, project_id, iid, model_id, name FROM toolkit.m4_archive_ml_experiments ORDER BY id")
 
 
 def _m4_after_rollback(db, sequences: list) -> None:
     assert db.rows(SEQUENCES) == sequences
     assert db.scalar("SELECT to_regclass('toolkit.m4_archive_ml_experiments') IS NULL")
+    assert db.scalar("SELECT count(*) FROM toolkit.mlflow_experiment_ids") == 0  # the experiments are back
 
 
 def _m4_after_writer(db, writer: AppWriter) -> None:

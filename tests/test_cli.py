@@ -20,8 +20,13 @@ def test_demo_runs_the_whole_blueprint_and_comes_back_identical(sandbox_dir):
     for milestone in ("milestone-1", "milestone-2", "milestone-3", "milestone-4"):
         assert f"   {milestone}: " in result.output
     assert "checks hold" in result.output and "rolled back" in result.output
-    assert "identical: all 12 ML tables and all 7 parts of the MLflow view" in result.output
+    assert "identical: all 12 ML tables and all 12 parts of the MLflow view" in result.output
     assert result.output.count("MLflow view unchanged") == 4
+    # what users see change on purpose, from the ledgers: URIs at milestone 1, the registry at 3
+    assert "GitLab's artifact_uri changes, as on GitLab: " in result.output
+    assert "runs whose artifact_uri milestone-1 changed" in result.output
+    assert "registry users see " in result.output and "models milestone-3 created" in result.output
+    assert "but " in result.output and "runs' artifact_uri (GitLab's rule, declared)" in result.output
     backfilled = next(line for line in result.output.splitlines() if line.startswith("   milestone-2: ")
                       and "rows" in line).split(": ")[1].split()[0]
     assert (f"milestone-2: rolled back: 5 schema changes undone, which took the {backfilled} values it "

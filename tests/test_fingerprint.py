@@ -10,7 +10,8 @@ from toolkit.errors import ExitCode
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 
 MLFLOW_PARTS = {"experiments", "experiment_tags", "runs", "run_params", "run_metrics_latest",
-                "run_metrics_history", "run_tags"}
+                "run_metrics_history", "run_tags", "run_artifact_uris", "registered_models",
+                "registered_model_tags", "model_versions", "model_version_tags"}
 MILESTONES = ("milestone-1", "milestone-2", "milestone-3", "milestone-4")
 
 

@@ -184,7 +184,9 @@ def test_sql_shows_the_statements_the_engine_runs(realistic_db):
     assert positional(CONVERT_BATCH.strip()) in printed  # the same statement, binds numbered
     assert "lock_timeout" in printed
     planned = _plan(realistic_db)["sql"]
-    assert planned == [CONVERT_BATCH.strip()]
+    # the statement the engine runs, then the read-only count of runs whose artifact_uri changes
+    assert planned[0] == CONVERT_BATCH.strip() and len(planned) == 2
+    assert planned[1].startswith("-- runs whose MLflow artifact_uri changes") and "UPDATE" not in planned[1]
     back = toolkit(realistic_db, "sql", "milestone-1", "--rollback").output
     assert "UPDATE packages_packages p SET package_type = l.previous_package_type" in back
     assert positional(RESTORE_BATCH.strip()) in back

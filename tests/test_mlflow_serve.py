@@ -86,7 +86,13 @@ def walk(server: str, db, *, runs_only: bool = False, python: str | None = None)
     done = subprocess.run(words, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **CLIENT_ENV})
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    reading = json.loads(done.stdout)
+    # artifact_uri is GitLab's, which milestone 1 changes on purpose for the runs it converts
+    # (a declared difference, proven in test_proof.py); everything else reads the same
+    for project in reading["projects"].values():
+        for run in project["runs"].values():
+            run.pop("artifact_uri", None)
+    return reading
 
 
 def client(server: str, project: int, code: str) -> subprocess.CompletedProcess:

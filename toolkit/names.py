@@ -44,3 +44,7 @@ M4_SYNC_TRIGGER = "toolkit_m4_archive_sync"  # keeps the archive current while G
 M4_MODEL_ID_CHECK = "check_ml_candidates_model_id_not_null"
 M4_EXPERIMENT_ID_CHECK = "check_ml_candidates_experiment_id_not_null"
 M4_UNIQUE_INDEX = "index_ml_candidates_on_model_id_and_eid"
+# The MLflow experiment id (per-project iid) of every model that stands for an experiment:
+# written by milestone 4 in the transaction that drops ml_experiments, kept by
+# `toolkit archive drop`, emptied by milestone 4's rollback (the experiments are back).
+M4_EXPERIMENT_IDS = f"{OWN_SCHEMA}.mlflow_experiment_ids"

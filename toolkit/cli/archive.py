@@ -11,7 +11,7 @@ from toolkit.engine import state
 from toolkit.engine.runner import Runner
 from toolkit.errors import PreconditionRefused
 from toolkit.milestones.m4 import archive as m4_archive
-from toolkit.names import M4_ARCHIVE_EXPERIMENTS
+from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS
 from toolkit.output import out
 
 
@@ -44,14 +44,18 @@ def status() -> None:
         counts = _counts(conn)
         milestone = state.milestone_state(conn, "milestone-4")["state"]
         mapping = []
-        if counts[M4_ARCHIVE_EXPERIMENTS]:
+        # the archive while it exists; after milestone 4's drop the ids it kept for good
+        source = next((t for t in (M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS)
+                       if catalog.relation_exists(conn, t)
+                       and conn.execute(sa.text(f"SELECT EXISTS (SELECT 1 FROM {t})")).scalar_one()), None)
+        if source:
             mapping = [dict(r._mapping) for r in conn.execute(sa.text(
                 "SELECT project_id, iid AS mlflow_experiment_id, name, model_id "
-                f"FROM {M4_ARCHIVE_EXPERIMENTS} ORDER BY project_id, iid LIMIT 20"))]
+                f"FROM {source} ORDER BY project_id, iid LIMIT 20"))]
     out.say(f"milestone-4: {milestone.replace('_', ' ')}")
     out.table(["archive table", "rows"], [[t, "absent" if n is None else n] for t, n in counts.items()])
     if mapping:
-        out.say("MLflow experiment ids (per project) and their models, first rows:")
+        out.say(f"MLflow experiment ids (per project) and their models, first rows (from {source}):")
         out.table(["project", "mlflow experiment_id", "name", "model_id"],
                   [[m["project_id"], m["mlflow_experiment_id"], m["name"], m["model_id"]] for m in mapping])
     app().finish({"milestone_4": milestone, "tables": counts, "mapping_sample": mapping})
@@ -72,8 +76,10 @@ def _refuse_unless_verified(runner: Runner) -> None:
 def drop(yes: bool) -> None:
     """Drop the archive for good, once milestone 4 verifies and nobody needs a rollback.
 
-    The archive holds the only copy of the dropped experiments (and the MLflow experiment
-    id to model mapping): export it first if you need it.
+    The archive holds the only copy of the dropped experiments' rows and tags: export it
+    first if you need it. The MLflow experiment id of each model stays (in
+    toolkit.mlflow_experiment_ids, which milestone 4 wrote), so `toolkit mlflow serve` still
+    answers experiments, runs and the registry afterwards.
 
     Example: toolkit archive drop --yes
     """

@@ -73,6 +73,8 @@ def demo(seed_value: int, batch_size: int) -> None:
             mlflow = next(c for c in result.verify.checks if c.name.startswith("the MLflow view"))
             out.say(f"   {milestone.name}: {result.rows} rows, {len(result.verify.checks)} checks hold; "
                     f"MLflow view unchanged ({mlflow.detail.split(' (')[0]}){readings.again()}")
+            if said := _what_users_see_change(mlflow.detail, milestone.name):
+                out.say(f"     {said}")
             stages.append({"stage": f"migrate {milestone.name}", "rows": result.rows, "ok": True})
 
         out.say("4. Candidate report of one model, through ml_candidates.model_id:")
@@ -123,3 +125,19 @@ def demo(seed_value: int, batch_size: int) -> None:
     app().finish({"sandbox": str(status.data_dir), "counts": counts, "stages": stages,
                   "round_trip_identical": True, "mlflow_client": readings.as_dict()})
 
+
+
+def _what_users_see_change(detail: str, milestone: str) -> str:
+    """The declared differences the milestone's own ledger accounts for, as a user sees them:
+    milestone 1's artifact URIs, milestone 3's new models and copied tags in the registry."""
+    declared = detail.split("declared differences, from the ledgers: ")[-1].split(";")[0] \
+        if "declared differences" in detail else ""
+    mine = [d.strip() for d in declared.split(",") if milestone in d]
+    if not mine:
+        return ""
+    if milestone == "milestone-1":
+        return (f"GitLab's artifact_uri changes, as on GitLab: {', '.join(mine)} "
+                "(…/packages/generic/… becomes …/packages/ml_models/…/files/); every other field equal")
+    return (f"registry users see {', '.join(mine)} (get_registered_model: one model per experiment "
+            "that had none, named by slug; tags copied to existing models); no existing model "
+            "changed otherwise")

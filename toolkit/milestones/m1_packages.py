@@ -32,8 +32,10 @@ from toolkit.engine.listing import count_of, listed
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Anomaly, Check, StepPlan
 from toolkit.engine.step import KeysetPass, Step
+from toolkit.mlflow_api.artifact_uri import package_name_sql, path_sql
 from toolkit.names import M1_LEDGER as LEDGER
-from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES
+from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES, PACKAGE_TYPE_ML_MODEL
+from toolkit.verify.fingerprint import FROM_EXPERIMENTS, experiment_relations, mlflow_source
 
 # GitLab's Gitlab::Regex.semver_regex (anchored), in PostgreSQL's ARE syntax.
 SEMVER = (
@@ -97,6 +99,23 @@ WITH restored AS (
            OR NOT EXISTS (SELECT 1 FROM packages_packages gone WHERE gone.id = l.package_id))
 )
 SELECT count(*) FROM restored"""
+
+URI_CHANGES = "runs whose MLflow artifact_uri changes (GitLab's rule; declared)"
+
+
+def artifact_uri_changes_sql(conn: Connection) -> str:
+    """Runs whose ``artifact_uri`` GitLab answers differently once the eligible packages are
+    ``ml_model``: the URI by GitLab's rule now against the same rule with the conversion
+    applied (:mod:`toolkit.mlflow_api.artifact_uri`). Each one milestone 1 converts goes from
+    ``…/packages/generic/…`` to ``…/packages/ml_models/…/files/``."""
+    experiments, _ = experiment_relations(mlflow_source(conn) or FROM_EXPERIMENTS)
+    name = package_name_sql(conn, experiments, canonical=False)
+    converted = (f"CASE WHEN {ELIGIBLE} AND {CANDIDATE_LINKED} THEN {PACKAGE_TYPE_ML_MODEL} "
+                 "ELSE p.package_type END")
+    return f"""
+SELECT count(*) FROM ml_candidates c LEFT JOIN packages_packages p ON p.id = c.package_id
+WHERE ({path_sql("p.package_type", name)}) IS DISTINCT FROM ({path_sql(converted, name)})"""
+
 
 RESOLUTIONS = {
     "cross_project_package": (
@@ -195,14 +214,16 @@ class ConvertCandidatePackages(Step):
             SELECT CASE p.package_type WHEN 7 THEN 'generic' WHEN 14 THEN 'ml_model' ELSE 'other' END,
                    count(*)
             FROM packages_packages p WHERE {CANDIDATE_LINKED} GROUP BY 1""")).all())
+        uri_changes = artifact_uri_changes_sql(conn)
         context = {
             "candidate packages already ml_model (unchanged)": by_type.get("ml_model", 0),
             "candidate packages of other types (never touched)": by_type.get("other", 0),
             "candidate packages still generic": by_type.get("generic", 0),
+            URI_CHANGES: conn.execute(sa.text(uri_changes)).scalar_one(),
         }
         return StepPlan(step=self.name, description=self.description, rows=sum(breakdown.values()),
                         breakdown=breakdown, context=context, anomalies=find_anomalies(conn),
-                         sql=self.forward_sql())
+                        sql=[*self.forward_sql(), f"-- {URI_CHANGES}\n{uri_changes.strip()}"])
 
     def remaining(self, conn: Connection) -> int:
         return conn.execute(sa.text(

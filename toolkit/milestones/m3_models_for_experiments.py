@@ -183,6 +183,27 @@ def remove_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
     return len(models)
 
 
+def registry_additions_check(conn: Connection) -> Check:
+    """What milestone 3 added to the registry is exactly its ledgers: every created model is
+    there, its tags are the metadata it copied (no other), and every copied tag is there. The
+    fingerprint's registry parts prove the rest of the registry unchanged (verify/baselines.py)."""
+    odd = listed(conn, f"""
+        SELECT l.model_id, NULL::text AS tag, 'created model missing' AS problem FROM {CREATED} l
+        WHERE NOT EXISTS (SELECT 1 FROM ml_models m WHERE m.id = l.model_id)
+        UNION ALL
+        SELECT mm.model_id, mm.name, 'tag of a created model that milestone 3 did not copy'
+        FROM {CREATED} l JOIN ml_model_metadata mm ON mm.model_id = l.model_id
+        WHERE mm.id NOT IN (SELECT model_metadata_id FROM {COPIED})
+        UNION ALL
+        SELECT k.model_id, NULL, 'copied tag missing' FROM {COPIED} k
+        WHERE NOT EXISTS (SELECT 1 FROM ml_model_metadata mm WHERE mm.id = k.model_metadata_id)
+        ORDER BY 1, 2""")
+    return Check(name="the registry gained exactly the created models and the copied tags", ok=not odd,
+                 detail="as the ledgers say" if not odd else f"{count_of(odd)} differ from the ledgers",
+                 remedy=None if not odd else "find out what changed these models (GitLab's audit events)",
+                 rows=odd)
+
+
 class AddDisplayName(SchemaStep):
     name = "add-display-name"
     description = f"add ml_models.display_name with {DISPLAY_CHECK} (<= 255) NOT VALID"
@@ -397,6 +418,7 @@ class CreateModelsForExperiments(Step):
                 Check(name="created model names pass GitLab's model-name rule", ok=not bad,
                       detail="all do" if not bad else f"{count_of(bad)} do not", remedy=None, rows=bad)
             )
+            checks.append(registry_additions_check(conn))
         return checks
 
     def rollback_checks(self, conn: Connection) -> list[Check]:

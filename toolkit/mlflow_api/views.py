@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from typing import Any
-from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -29,6 +28,7 @@ from sqlalchemy.engine import Connection
 from toolkit.catalog import relation_exists
 from toolkit.engine.state import ROLLING_BACK, milestone_state
 from toolkit.mlflow_api import rails
+from toolkit.mlflow_api.artifact_uri import artifact_path_sql, artifact_uri
 from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, missing, resource_not_found
 from toolkit.mlflow_api.ordering import (
     EXPERIMENT_LIST,
@@ -204,7 +204,7 @@ class View:
         parent, iid = ((run_parent(self.conn, self.source), "x.iid") if with_experiment
                        else ("", "0"))
         found = self._rows(f"""
-            SELECT {self.RUN_COLUMNS}, {iid} AS experiment_iid FROM ml_candidates c {parent}
+            SELECT {self._run_columns()}, {iid} AS experiment_iid FROM ml_candidates c {parent}
             LEFT JOIN packages_packages pk ON pk.id = c.package_id
             WHERE c.project_id = :project AND c.eid = CAST(:eid AS uuid)""",
             {"project": self.project_id, "eid": eid})
@@ -240,20 +240,19 @@ class View:
                 SELECT m.value FROM ml_candidate_metrics m WHERE m.candidate_id = c.id AND m.name = :metric
                 ORDER BY m.id DESC LIMIT 1) lm ON true"""
         rows = self._rows(f"""
-            SELECT {self.RUN_COLUMNS}, {ordering.select()} FROM ml_candidates c {metric_join}
+            SELECT {self._run_columns()}, {ordering.select()} FROM ml_candidates c {metric_join}
             LEFT JOIN packages_packages pk ON pk.id = c.package_id
             WHERE {runs_of_experiment(self.conn, self.source)} AND {where}
             ORDER BY {ordering.order_by()} LIMIT :n""", keyed)
         page, next_token = _paged(rows, size, ordering)
         return {"runs": self._run_documents(page, str(experiment.iid)), "next_page_token": next_token}
 
-    def _artifact_uri(self, run: sa.Row) -> str:
-        """The run's package, by its name and version (which no milestone changes); the
-        toolkit serves no artifacts, and a run without a package has none."""
-        if run.package_name is None:
-            return ""
-        return (f"{self.base_url}/api/v4/projects/{run.package_project}/packages/generic/"
-                f"{quote(run.package_name, safe='')}/{quote(run.package_version or '', safe='')}/")
+    def _run_columns(self) -> str:
+        """The columns a run's answer needs, its ``artifact_uri`` path among them
+        (:mod:`.artifact_uri`: generic package, model version, or ``candidate:<iid>``, at
+        this stage), so a page of runs is one query."""
+        experiments, _ = experiment_relations(self.source)
+        return f"{self.RUN_COLUMNS}, {artifact_path_sql(self.conn, experiments)} AS artifact_path"
 
     def _run_documents(self, runs: list[sa.Row], experiment_id: str) -> list[dict[str, Any]]:
         ids = [run.id for run in runs]
@@ -286,7 +285,7 @@ class View:
                 info["run_name"] = run.name
             info.update({
                 "status": STATUS_NAMES.get(run.status, str(run.status)),
-                "artifact_uri": self._artifact_uri(run), "lifecycle_stage": "active",
+                "artifact_uri": artifact_uri(self.base_url, run.artifact_path), "lifecycle_stage": "active",
                 "user_id": "" if run.user_id is None else str(run.user_id)})
             documents.append({"info": info, "data": data[run.id]})
         return documents

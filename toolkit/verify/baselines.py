@@ -16,7 +16,15 @@ from toolkit.engine.results import Check
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
 from toolkit.verify.digest import Memo
-from toolkit.verify.fingerprint import PART_TABLES, Difference, Fingerprint, Scope, compare, take
+from toolkit.verify.fingerprint import (
+    NOT_COMPARABLE,
+    PART_TABLES,
+    Difference,
+    Fingerprint,
+    Scope,
+    compare,
+    take,
+)
 
 TABLE = f"{SCHEMA}.fingerprints"
 
@@ -92,6 +100,11 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
         untouched = f", {proof.parts_untouched} untouched by its runs" if proof is not None else ""
         computed = (f"{len(now.mlflow)} parts equal{untouched} (computed from {now.source}; "
                     f"baseline {shown(baseline.taken_at)})")
+        if declared := _declared(now, milestone):
+            computed += f"; declared differences, from the ledgers: {declared}"
+        if skipped := NOT_COMPARABLE.get(now.source or "", ()):
+            computed += (f"; not comparable after the archive drop: {', '.join(skipped)} "
+                         "(the experiments' own tags went with it; the models' metadata is served)")
         if proof is not None:
             computed += f"; {proof.parts_not_read}"
         checks = [Check(name=name, ok=not mlflow, detail=_summary(mlflow) + hint if mlflow else computed)]
@@ -111,6 +124,14 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
             remedy=proof.remedy if proof and proof.stray else None,
         ))
     return checks
+
+
+def _declared(now: Fingerprint, milestone: str) -> str:
+    """The declared differences of this milestone and later ones (their ledgers say what they
+    changed on purpose; the parts compared leave exactly that out)."""
+    number = int(milestone.rsplit("-", 1)[-1]) if milestone.rsplit("-", 1)[-1].isdigit() else 0
+    return ", ".join(f"{n} {what}" for what, n in sorted(now.declared.items())
+                     if int(what.split("milestone-")[1][0]) >= number)
 
 
 def _to_read_again(scope: Scope | None, changes: tuple[str, ...], compare_tables: bool) -> Scope | None:

@@ -58,6 +58,31 @@ def query_digest(conn: Connection, row_sql: str, params: dict[str, Any] | None =
     return result
 
 
+def bucketed_digest(conn: Connection, row_sql: str, params: dict[str, Any], size: int,
+                    method: int = METHOD, memo: Memo | None = None) -> tuple[int, str, dict[str, str]]:
+    """:func:`query_digest` of a query whose rows also carry a key ``k`` (a run's or a
+    model's id), with the digest of each bucket of ``size`` keys beside the whole one. The
+    whole digest is the same as :func:`query_digest`'s (the sums add up), so a fingerprint
+    with buckets compares with one without; the buckets only say *where* two differ: with
+    one key a bucket (small databases) they name the run or model."""
+    if method != METHOD:  # an earlier format: no buckets
+        rows, digest = query_digest(conn, row_sql, params, memo, method)
+        return rows, digest, {}
+    key = (method, f"{row_sql} /* buckets of {size} */", tuple(sorted(params.items())))
+    if memo is not None and key in memo:
+        return memo[key]  # type: ignore[return-value]
+    found = conn.execute(sa.text(
+        f"SELECT s.b, count(*), COALESCE(sum(s.h), 0) FROM (SELECT div(q.k, :bucket_size) AS b, "
+        f"hashtextextended(q.r, 0) AS h FROM ({row_sql}) AS q) AS s GROUP BY s.b"),
+        {**params, "bucket_size": size}).all()
+    rows, total = sum(n for _, n, _ in found), sum(int(h) for _, _, h in found)
+    whole = hashlib.sha256(f"{rows}:{total}".encode()).hexdigest()[:32]
+    buckets = {str(b): hashlib.sha256(f"{n}:{h}".encode()).hexdigest()[:12] for b, n, h in found}
+    if memo is not None:
+        memo[key] = (rows, whole, buckets)  # type: ignore[assignment]
+    return rows, whole, buckets
+
+
 def row_text(conn: Connection, table: str, alias: str = "t") -> str:
     """``ROW(columns)::text`` with the columns in name order, not table order: a column
     dropped and added back (milestone 4's rollback) comes back last, and the same data

@@ -7,8 +7,13 @@ Two halves:
   not change at all.
 - ``mlflow``: GitLab's MLflow API as a client sees it (``reference/000`` and ``001``):
   experiments by ``iid`` and name with their tags, runs by ``eid`` with name, status,
-  times, user and artifact package, their params, the latest value of each metric, the
-  full metric history and the run tags. No milestone may change any of it.
+  times, user and package, their params, the latest value of each metric, the full
+  metric history and the run tags; each run's ``artifact_uri`` by GitLab's rule; and the
+  registry as ``get_registered_model`` shows it (models, tags, versions, version tags).
+  No milestone may change any of it but by its *declared* differences: milestone 1's
+  converted packages change GitLab's ``artifact_uri`` of their runs, milestone 3 adds
+  models and copies tags. Those parts are computed as before the declared changes (the
+  ledgers say which rows), and :func:`declared_changes` records how many there are.
 
 The MLflow half is computed the way the application will have to compute it at each
 stage, so comparing it across a milestone proves the new structure still answers:
@@ -18,10 +23,16 @@ stage, so comparing it across a milestone proves the new structure still answers
   display name of a model milestone 3 created, or the default experiment's own name for a
   model that already had one), and runs through ``ml_candidates.model_id``;
 - after milestone 4: the same, with the ``iid`` mapping and experiment tags read from the
-  archive (``toolkit.m4_archive_*``), as GitLab's MLflow endpoints will have to.
+  archive (``toolkit.m4_archive_*``), as GitLab's MLflow endpoints will have to;
+- after ``toolkit archive drop``: the same, from the ids milestone 4 kept for good
+  (``toolkit.mlflow_experiment_ids``); experiment tags are then the models' metadata, the
+  only copy left, and are not compared (:data:`NOT_COMPARABLE`).
 
-Experiment tags are not read from ``ml_model_metadata``: a model may have metadata its
-experiment never had, and metadata clashes keep the model's value (milestone 3).
+Until then experiment tags are not read from ``ml_model_metadata``: a model may have
+metadata its experiment never had, and metadata clashes keep the model's value.
+
+Keyed parts (:data:`KEYED`) also keep a digest per bucket of ids, so a difference names
+the runs or models it is in.
 
 Every part is bounded by the ``id`` watermarks of the fingerprint it is compared with,
 so rows the application inserts afterwards do not count as differences. Runs' params,
@@ -41,16 +52,30 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.catalog import column_exists, relation_exists
+from toolkit.mlflow_api.artifact_uri import artifact_path_sql
+from toolkit.names import (
+    M1_LEDGER,
+    M4_ARCHIVE_EXPERIMENTS,
+    M4_ARCHIVE_METADATA,
+    M4_ARCHIVES,
+    M4_EXPERIMENT_IDS,
+)
+from toolkit.names import M3_COPIED_METADATA as COPIED_METADATA
 from toolkit.names import M3_CREATED_MODELS as CREATED_MODELS
-from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_ARCHIVES
 from toolkit.schema.gitlab import ML_TABLE_NAMES
-from toolkit.verify.digest import METHOD, METHODS, Memo, query_digest, table_digest
+from toolkit.verify.digest import METHOD, METHODS, Memo, bucketed_digest, query_digest, table_digest
 
 FORMAT = METHOD  # the format is the digest method (verify/digest.py); 1 is still read
 
 FROM_EXPERIMENTS = "experiments"
 FROM_MODELS = "models"
 FROM_MODELS_AND_ARCHIVE = "models + archive"
+FROM_MODELS_AND_IDS = "models + kept experiment ids"  # after `toolkit archive drop`
+
+# What a stage cannot compute as before: after the archive drop the experiments' own tags
+# are gone; a blueprint-complete GitLab shows the model's metadata (milestone 3 copied them
+# there; a clash kept the model's value). Declared, not compared.
+NOT_COMPARABLE = {FROM_MODELS_AND_IDS: ("experiment_tags",)}
 
 
 # The GitLab tables whose rows make each MLflow part (after milestone 4 the archive stands
@@ -64,7 +89,25 @@ PART_TABLES: dict[str, tuple[str, ...]] = {
     "run_metrics_latest": ("ml_candidate_metrics",),
     "run_metrics_history": ("ml_candidate_metrics",),
     "run_tags": ("ml_candidate_metadata",),
+    "run_artifact_uris": ("ml_candidates", "packages_packages", "ml_experiments", "ml_models"),
+    # the registry as get_registered_model shows it (models milestone 3 created and the
+    # metadata it copied left out: a declared difference, proven by its ledgers)
+    "registered_models": ("ml_models",),
+    "registered_model_tags": ("ml_model_metadata",),
+    "model_versions": ("ml_model_versions", "ml_candidates"),
+    "model_version_tags": ("ml_model_version_metadata",),
 }
+# Parts whose rows carry a key (``k``): their digest is also kept per bucket of keys, so a
+# difference names the runs or models it is in. (the key's table, what a key names)
+KEYED: dict[str, tuple[str, str]] = {
+    "run_artifact_uris": ("ml_candidates", "candidate"),
+    "registered_models": ("ml_models", "model"),
+    "registered_model_tags": ("ml_models", "model"),
+    "model_versions": ("ml_model_versions", "model version"),
+    "model_version_tags": ("ml_model_versions", "model version"),
+}
+BUCKETS = 512  # at most about this many per part: one key a bucket up to 512 runs or models
+REGISTRY_PARTS = ("registered_models", "registered_model_tags", "model_versions", "model_version_tags")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +144,9 @@ class Fingerprint:
     scope: dict[str, Any] | None = None
     kept: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # rows it may not change
     format: int = FORMAT  # how its digests were computed
+    # What the milestones changed on purpose when it was taken (their ledgers): runs whose
+    # artifact_uri milestone 1 changed, models and tags milestone 3 added to the registry.
+    declared: dict[str, int] = field(default_factory=dict)
 
     @property
     def scoped(self) -> Scope | None:
@@ -127,26 +173,55 @@ class Difference:
     after: dict[str, Any] | None
     expected: bool  # a table the milestone changes on purpose
     note: str = ""
+    where: str = ""  # the runs or models a keyed part differs in
 
     def describe(self) -> str:
         if self.note:
             return f"{self.part}: {self.note}"
+        meaning = PART_MEANINGS.get(self.part.removeprefix("mlflow."))
+        at = f"; differs at {self.where}" if self.where else ""
+        if meaning:
+            return f"{self.part} ({meaning}): {self._sides()}{at}"
+        return f"{self.part}: {self._sides()}{at}"
+
+    def _sides(self) -> str:
 
         def side(d: dict[str, Any] | None) -> str:
             return "absent" if d is None else f"{d['rows']} rows, hash {d['hash'][:12]}"
-        return f"{self.part}: {side(self.before)} before, {side(self.after)} now"
+        return f"{side(self.before)} before, {side(self.after)} now"
+
+
+# What a difference in these parts means to a user, said with it.
+PART_MEANINGS = {
+    "run_artifact_uris": "GitLab's artifact_uri of runs differs beyond what the milestones' ledgers "
+                         "declare (milestone 1's converted packages)",
+    "registered_models": "get_registered_model shows an existing model changed (name, description, "
+                         "user or times); milestone 3 only adds models",
+    "registered_model_tags": "an existing model's tags changed beyond the metadata milestone 3 copied",
+    "model_versions": "model versions changed",
+    "model_version_tags": "model version tags changed",
+}
 
 
 def mlflow_source(conn: Connection) -> str | None:
     if relation_exists(conn, "ml_experiments"):
         return FROM_MODELS if column_exists(conn, "ml_models", "display_name") else FROM_EXPERIMENTS
-    return FROM_MODELS_AND_ARCHIVE if relation_exists(conn, M4_ARCHIVE_EXPERIMENTS) else None
+    if relation_exists(conn, M4_ARCHIVE_EXPERIMENTS):
+        return FROM_MODELS_AND_ARCHIVE
+    # after `toolkit archive drop`: the ids milestone 4 kept
+    return FROM_MODELS_AND_IDS if relation_exists(conn, M4_EXPERIMENT_IDS) else None
 
 
 def experiment_relations(source: str) -> tuple[str, str]:
-    """Where experiments and their tags are read: the live tables, or the archive."""
+    """Where experiments and their tags are read: the live tables, the archive, or after the
+    archive drop the kept ids with their models' metadata as tags (``experiment_id``,
+    ``id``, ``name``, ``value``)."""
     if source == FROM_MODELS_AND_ARCHIVE:
         return M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA
+    if source == FROM_MODELS_AND_IDS:
+        return M4_EXPERIMENT_IDS, (f"(SELECT k.id AS experiment_id, mm.id, mm.name, mm.value "
+                                   f"FROM {M4_EXPERIMENT_IDS} k JOIN ml_model_metadata mm "
+                                   "ON mm.model_id = k.model_id)")
     return "ml_experiments", "ml_experiment_metadata"
 
 
@@ -204,7 +279,12 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
         SELECT ROW(e.project_id, e.iid, e.name, e.deleted_on IS NOT NULL)::text AS r
         FROM ({experiments_view(conn, source, "x.id <= :w_experiments")}) e"""
     parent = run_parent(conn, source)
-    return {
+    created = relation_exists(conn, CREATED_MODELS)
+    not_created = f"NOT IN (SELECT model_id FROM {CREATED_MODELS})" if created else "IS NOT NULL"
+    not_copied = (f"mm.id NOT IN (SELECT model_metadata_id FROM {COPIED_METADATA})"
+                  if relation_exists(conn, COPIED_METADATA) else "true")
+    uri = artifact_path_sql(conn, experiments, canonical=True)
+    parts = {
         "experiments": experiment_rows,
         "experiment_tags": f"""
             SELECT ROW(x.project_id, x.iid, t.name, t.value)::text AS r
@@ -228,7 +308,48 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
         "run_tags": """
             SELECT ROW(t.candidate_id, t.name, t.value)::text AS r
             FROM ml_candidate_metadata t WHERE t.id <= :w_candidate_metadata""",
+        "run_artifact_uris": f"""
+            SELECT ROW(c.id, {uri})::text AS r, c.id AS k
+            FROM ml_candidates c LEFT JOIN packages_packages pk ON pk.id = c.package_id
+            WHERE c.id <= :w_candidates""",
+        "registered_models": f"""
+            SELECT ROW(m.id, m.project_id, m.name, m.description, m.user_id, m.created_at,
+                       m.updated_at)::text AS r, m.id AS k
+            FROM ml_models m WHERE m.id <= :w_models AND m.id {not_created}""",
+        "registered_model_tags": f"""
+            SELECT ROW(mm.model_id, mm.name, mm.value)::text AS r, mm.model_id AS k
+            FROM ml_model_metadata mm WHERE mm.id <= :w_model_metadata AND {not_copied}
+              AND mm.model_id {not_created}""",
+        "model_versions": """
+            SELECT ROW(v.id, v.model_id, v.version, v.description, v.created_at, v.updated_at,
+                       c.eid)::text AS r, v.id AS k
+            FROM ml_model_versions v LEFT JOIN ml_candidates c ON c.model_version_id = v.id
+            WHERE v.id <= :w_model_versions""",
+        "model_version_tags": """
+            SELECT ROW(t.model_version_id, t.name, t.value)::text AS r, t.model_version_id AS k
+            FROM ml_model_version_metadata t WHERE t.id <= :w_model_version_metadata""",
     }
+    for part in NOT_COMPARABLE.get(source, ()):
+        del parts[part]
+    return parts
+
+
+def declared_changes(conn: Connection, marks: dict[str, int | None]) -> dict[str, int]:
+    """What the milestones' ledgers say they changed on purpose in what users see, within the
+    watermarks: runs whose artifact_uri milestone 1 changed (their package converted), models
+    milestone 3 created and metadata it copied to models."""
+    found: dict[str, int] = {}
+    if relation_exists(conn, M1_LEDGER):
+        found["runs whose artifact_uri milestone-1 changed"] = conn.execute(sa.text(f"""
+            SELECT count(*) FROM ml_candidates c JOIN {M1_LEDGER} l ON l.package_id = c.package_id
+            WHERE c.id <= :w"""), {"w": _bound(marks, "ml_candidates")}).scalar_one()
+    if relation_exists(conn, CREATED_MODELS):
+        found["models milestone-3 created"] = conn.execute(sa.text(
+            f"SELECT count(*) FROM {CREATED_MODELS}")).scalar_one()
+    if relation_exists(conn, COPIED_METADATA):
+        found["model tags milestone-3 copied"] = conn.execute(sa.text(
+            f"SELECT count(*) FROM {COPIED_METADATA}")).scalar_one()
+    return {k: n for k, n in found.items() if n}
 
 
 _WATERMARK_PARAMS = {
@@ -238,8 +359,17 @@ _WATERMARK_PARAMS = {
     "w_params": "ml_candidate_params",
     "w_metrics": "ml_candidate_metrics",
     "w_candidate_metadata": "ml_candidate_metadata",
+    "w_models": "ml_models",
+    "w_model_metadata": "ml_model_metadata",
+    "w_model_versions": "ml_model_versions",
+    "w_model_version_metadata": "ml_model_version_metadata",
 }
 _NO_BOUND = 2**63 - 1
+
+
+def _bound(marks: dict[str, int | None], table: str) -> int:
+    mark = marks.get(table)
+    return _NO_BOUND if mark is None else mark
 
 
 def _watermarks(conn: Connection) -> dict[str, int | None]:
@@ -248,6 +378,8 @@ def _watermarks(conn: Connection) -> dict[str, int | None]:
     archived = M4_ARCHIVES
     for table in ML_TABLE_NAMES:
         relation = table if relation_exists(conn, table) else archived.get(table)
+        if table == "ml_experiments" and not (relation and relation_exists(conn, relation)):
+            relation = M4_EXPERIMENT_IDS  # after the archive drop, the ids it kept
         if relation and relation_exists(conn, relation):
             marks[table] = conn.execute(sa.text(f"SELECT COALESCE(max(id), 0) FROM {relation}")).scalar_one()
         else:
@@ -306,11 +438,56 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
                     and reference.tables.get(table) == tables[table] and part in reference.mlflow):
                 mlflow[part] = reference.mlflow[part]
                 continue
+            if part in KEYED:
+                mlflow[part] = _keyed_digest(conn, sql, params, part, marks, reference, method, memo)
+                continue
             rows, digest = query_digest(conn, sql, params, memo, method)
             mlflow[part] = {"rows": rows, "hash": digest}
     database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
+    declared = declared_changes(conn, marks) if source is not None else {}
     return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
-                       tables, mlflow, scope.__dict__ if scope else None, kept, method)
+                       tables, mlflow, scope.__dict__ if scope else None, kept, method, declared)
+
+
+def _keyed_digest(conn: Connection, sql: str, params: dict[str, Any], part: str,
+                  marks: dict[str, int | None], reference: Fingerprint | None, method: int,
+                  memo: Memo | None) -> dict[str, Any]:
+    """A keyed part's digest with its buckets, of the reference's size when it has one."""
+    theirs = reference.mlflow.get(part) if reference is not None else None
+    keys = _bound_or_zero(marks, KEYED[part][0]) + 1
+    size = (theirs or {}).get("bucket_size") or max(1, -(-keys // BUCKETS))
+    rows, digest, buckets = bucketed_digest(conn, sql, params, size, method, memo)
+    found: dict[str, Any] = {"rows": rows, "hash": digest}
+    if buckets or method == METHOD:
+        found.update(bucket_size=size, buckets=buckets)
+    return found
+
+
+def _bound_or_zero(marks: dict[str, int | None], table: str) -> int:
+    return marks.get(table) or 0
+
+
+def _same(one: dict[str, Any] | None, other: dict[str, Any] | None) -> bool:
+    """Equal digests (buckets only locate a difference; a fingerprint may have none)."""
+    if one is None or other is None:
+        return one is other
+    return (one["rows"], one["hash"]) == (other["rows"], other["hash"])
+
+
+def locate(part: str, one: dict[str, Any] | None, other: dict[str, Any] | None) -> str:
+    """Where two keyed digests differ: the keys (one a bucket) or key ranges, at most ten."""
+    if part not in KEYED or not one or not other or one.get("bucket_size") != other.get("bucket_size") \
+            or "buckets" not in one or "buckets" not in other:
+        return ""
+    size, a, b = one["bucket_size"], one["buckets"], other["buckets"]
+    differ = sorted(int(k) for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if not differ:
+        return ""
+    noun = KEYED[part][1]
+    shown = [str(k) if size == 1 else f"{k * size}-{k * size + size - 1}" for k in differ[:10]]
+    more = f" and {len(differ) - 10} more" if len(differ) > 10 else ""
+    return f"{noun}{'s' if len(differ) > 1 or size > 1 else ''} {'id ' if size == 1 else 'ids '}" \
+        f"{', '.join(shown)}{more}"
 
 
 def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...] = (),
@@ -340,8 +517,11 @@ def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...]
         found.append(Difference("mlflow", None, None, False, note=(
             "the MLflow view cannot be computed any more: ml_experiments and its archive are gone")))
         return found
+    skipped = {p for fp in (before, after) for p in NOT_COMPARABLE.get(fp.source or "", ())}
     for part in keys(before.mlflow, after.mlflow):
+        if part in skipped:
+            continue
         b, a = before.mlflow.get(part), after.mlflow.get(part)
-        if b != a:
-            found.append(Difference(f"mlflow.{part}", b, a, False))
+        if not _same(b, a):
+            found.append(Difference(f"mlflow.{part}", b, a, False, where=locate(part, b, a)))
     return found

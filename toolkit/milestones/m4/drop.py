@@ -28,11 +28,21 @@ from toolkit.names import (
     M4_DROPPED_COLUMN,
     M4_DROPPED_TABLES,
     M4_EXPERIMENT_ID_CHECK,
+    M4_EXPERIMENT_IDS,
     M4_SYNC_TRIGGER,
     TRANSITION_TRIGGERS,
 )
 
 EXPERIMENT_ID_NOT_NULL = catalog.column_not_null_sql(*M4_DROPPED_COLUMN)
+
+# In the transaction that drops ml_experiments (so no experiment GitLab writes meanwhile is
+# missed): what GitLab's MLflow API needs of each experiment once it is gone, kept for good.
+KEEP_EXPERIMENT_IDS = f"""INSERT INTO {M4_EXPERIMENT_IDS}
+    (id, project_id, iid, model_id, name, created_at, updated_at, deleted_on)
+SELECT id, project_id, iid, model_id, name, created_at, updated_at, deleted_on FROM ml_experiments
+ON CONFLICT (id) DO UPDATE SET project_id = EXCLUDED.project_id, iid = EXCLUDED.iid,
+    model_id = EXCLUDED.model_id, name = EXCLUDED.name, created_at = EXCLUDED.created_at,
+    updated_at = EXCLUDED.updated_at, deleted_on = EXCLUDED.deleted_on"""
 
 
 def _stored(name: str, description: str, done_sql: str, *phases: str, transactional: bool = True,
@@ -95,8 +105,10 @@ class DropLegacy(Step):
                        ("DROP TABLE IF EXISTS ml_experiment_metadata",
                         "DROP FUNCTION IF EXISTS trigger_2b8fdc9b4a4e()"),
                        tables=("ml_experiment_metadata",)),
-            Statements("drop-ml-experiments", "drop ml_experiments", EXPERIMENTS_GONE,
-                       ("DROP TABLE IF EXISTS ml_experiments",), tables=("ml_experiments",)),
+            Statements("drop-ml-experiments",
+                       f"keep each experiment's MLflow id in {M4_EXPERIMENT_IDS}, then drop ml_experiments",
+                       EXPERIMENTS_GONE, (KEEP_EXPERIMENT_IDS, "DROP TABLE IF EXISTS ml_experiments"),
+                       tables=("ml_experiments",)),
         ]
 
     def backward(self) -> list[Action]:
@@ -138,6 +150,9 @@ class DropLegacy(Step):
             StoredStatements("rebuild-triggers",
                              "trigger functions and triggers, transition triggers included",
                              "SELECT false", _functions_and_triggers, _TRIGGERS_QUERY),
+            Statements("forget-experiment-ids", f"empty {M4_EXPERIMENT_IDS} (the experiments are back)",
+                       f"SELECT NOT EXISTS (SELECT 1 FROM {M4_EXPERIMENT_IDS})",
+                       (f"DELETE FROM {M4_EXPERIMENT_IDS}",)),
         ]
 
     def plan(self, conn: Connection) -> StepPlan:
