@@ -131,7 +131,7 @@ def _decode_token(token: Any, order: Order) -> tuple[Any, int] | None:
         text = str(token)
         data = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
         value, row_id = data["k"]
-        if data["o"] != order.text or not isinstance(row_id, int):
+        if data["o"] != order.text or type(row_id) is not int:
             raise ValueError
     except (ValueError, KeyError, TypeError):
         raise invalid(f"page_token {str(token)[:80]!r} is not a token this server gave for "
@@ -147,6 +147,9 @@ def _keyset(order: Order, sort_sql: str, id_sql: str, cast: str, token: Any,
     after = _decode_token(token, order)
     if after is None:
         return "true", ordering
+    value = after[0]
+    if value is not None and not (type(value) is int if cast == "bigint" else isinstance(value, str)):
+        raise invalid(f"page_token {str(token)[:80]!r} is not a token this server gave for this order_by")
     params["k_value"], params["k_id"] = after
     op = "<" if order.descending else ">"
     return f"({sort_sql}, {id_sql}) {op} (CAST(:k_value AS {cast}), :k_id)", ordering
@@ -169,7 +172,7 @@ def metric_value(value: float | None, is_nan: bytes | None) -> float | str:
 
 def _integer(text: str) -> int | None:
     """A bigint id written in ASCII digits, else None."""
-    if not (text.isascii() and text.isdigit()) or int(text) > BIGINT_MAX:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > BIGINT_MAX:
         return None
     return int(text)
 

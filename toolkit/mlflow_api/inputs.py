@@ -1,0 +1,236 @@
+"""A request's parameters read as GitLab reads them, before any endpoint sees them.
+
+Three of GitLab's layers stand between the socket and an MLflow endpoint, and each
+answers bad input with a 400 of its own shape; this module is those three, so that no
+input reaches :class:`toolkit.mlflow_api.views.View` that could make it fail:
+
+1. ``Gitlab::Middleware::HandleMalformedStrings`` (``lib/gitlab/middleware/
+   handle_malformed_strings.rb``, Rack): a path, query or JSON parameter with a NUL or
+   invalid UTF-8, an ``Authorization`` header with either, or a body Rails cannot parse as
+   JSON is answered ``400``, ``Content-Type: text/plain``, body ``Bad Request``
+   (:class:`Malformed`). GitLab looks two levels deep for NULs; this looks everywhere, so
+   no NUL ever reaches PostgreSQL (which refuses it in text).
+2. ``Gitlab::Middleware::JsonValidation`` (``lib/gitlab/middleware/json_validation.rb``,
+   limits in ``lib/gitlab/json/stream_validator.rb``): JSON deeper than 32, an array or
+   object over 50,000 entries, over 100,000 elements in all: ``400 {"error": "Parameters
+   nested too deeply"}`` and its siblings (:class:`Refused`).
+3. Grape's declared parameter types (``lib/api/ml/mlflow/*.rb``: ``type: String``,
+   ``Integer``, ``Array``), coerced as Grape's ``PrimitiveCoercer`` does; a value it cannot
+   coerce is ``400 {"error": "<name> is invalid"}`` (GitLab's ``lib/api/api.rb`` rescues
+   ``Grape::Exceptions::Base`` with ``error!``, which Grape's JSON error formatter writes
+   as ``{"error": message}``).
+
+Presence (``… is missing``) and the meaning of a value stay with the endpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qsl
+
+# Grape's declared types of the read endpoints' parameters, from GitLab's
+# lib/api/ml/mlflow/{experiments,runs,metrics,registered_models,model_versions}.rb.
+# ``order_by`` is declared ``type: String`` on GitLab: a list (what the Python client sends
+# to runs/search) is "order_by is invalid" there; the endpoints decide it (a --lenient
+# mode may accept it), so it is not coerced here. An endpoint added to ``Api.reads``
+# adds its line here.
+DECLARED: dict[str, dict[str, type]] = {
+    "experiments/get": {"experiment_id": str},
+    "experiments/get-by-name": {"experiment_name": str},
+    "experiments/search": {"max_results": int, "page_token": str, "filter": str},
+    "runs/get": {"run_id": str, "run_uuid": str},
+    "runs/search": {"experiment_ids": list, "max_results": int, "page_token": str},
+    "metrics/get-history": {"run_id": str, "metric_key": str, "max_results": int, "page_token": str},
+    "registered-models/get": {"name": str},
+    "registered-models/get-latest-versions": {"name": str},
+    "registered-models/search": {"filter": str, "max_results": int, "page_token": str},
+    "registered-models/alias": {"name": str, "alias": str},
+    "model-versions/get": {"name": str, "version": str},
+    "model-versions/get-download-uri": {"name": str, "version": int},
+}
+# Names an access log line may show (never a value); any other name is shown as ``*``.
+KNOWN_NAMES = frozenset(name for names in DECLARED.values() for name in names) | {"order_by"}
+
+# lib/gitlab/middleware/json_validation.rb DEFAULT_LIMITS, and the messages of
+# Gitlab::Json::StreamValidator.user_facing_error_message.
+MAX_DEPTH, MAX_ARRAY, MAX_HASH, MAX_ELEMENTS = 32, 50_000, 50_000, 100_000
+TOO_DEEP = "Parameters nested too deeply"
+MAX_QUERY_FIELDS = 1000
+# An integer of more digits than this is larger than any id or page size: kept as 10**30
+# (with its sign), so Python's limit on converting long digit strings is never met.
+LONG_DIGITS = 30
+_INTEGER = re.compile(r"\s*([+-]?)(\d+)\s*")
+
+
+class Malformed(Exception):
+    """GitLab's HandleMalformedStrings answer: 400, text/plain, ``Bad Request``."""
+
+
+class Refused(Exception):
+    """A 400 GitLab answers as ``{"error": message}`` (Grape, JsonValidation)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+    def document(self) -> dict[str, str]:
+        return {"error": self.message}
+
+
+def text(raw: str, what: str = "") -> str:
+    """A WSGI string (bytes as latin-1) read as UTF-8; NUL or invalid UTF-8 is Malformed."""
+    try:
+        decoded = raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise Malformed(what) from None
+    if "\x00" in decoded:
+        raise Malformed(what)
+    return decoded
+
+
+def query_params(raw: str) -> dict[str, Any]:
+    """A query string (or a form body) as Rack reads it: ``name=v`` (the last one wins),
+    ``name[]=v`` a list, ``name[key]=v`` a hash."""
+    try:
+        pairs = parse_qsl(raw.encode("latin-1"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+        decoded = [(k.decode("utf-8"), v.decode("utf-8")) for k, v in pairs]
+    except UnicodeError:
+        raise Malformed("query") from None
+    except ValueError:  # more fields than MAX_QUERY_FIELDS
+        raise Refused("Too many total parameters") from None
+    params: dict[str, Any] = {}
+    for key, value in decoded:
+        if "\x00" in key or "\x00" in value:
+            raise Malformed("query")
+        if key.endswith("[]"):
+            found = params.setdefault(key[:-2], [])
+            if isinstance(found, list):
+                found.append(value)
+            continue
+        nested = re.fullmatch(r"([^\[\]]+)\[([^\[\]]+)\]", key)
+        if nested:
+            found = params.setdefault(nested[1], {})
+            if isinstance(found, dict):
+                found[nested[2]] = value
+            continue
+        params[key] = value
+    return params
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's extension, not JSON
+
+
+def json_body(raw: bytes) -> Any:
+    """The body as JSON, held to JsonValidation's limits. An empty body is ``{}``."""
+    if not raw.strip():
+        return {}
+    try:
+        document = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise Refused(TOO_DEEP) from None
+    except ValueError:  # not UTF-8, not JSON, an integer of more digits than Python reads
+        raise Malformed("body") from None
+    _within_limits(document)
+    return document
+
+
+def _within_limits(document: Any) -> None:
+    """Depth, sizes and element count as ``Gitlab::Json::StreamValidator`` counts them
+    (a key and its pair count two elements), and no NUL or lone surrogate anywhere."""
+    elements = 0
+    stack: list[tuple[Any, int]] = [(document, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            if depth + 1 > MAX_DEPTH:
+                raise Refused(TOO_DEEP)
+            if len(value) > MAX_HASH:
+                raise Refused("Hash parameter too large")
+            elements += 2 * len(value)
+            for key, item in value.items():
+                _clean_string(key)
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            if depth + 1 > MAX_DEPTH:
+                raise Refused(TOO_DEEP)
+            if len(value) > MAX_ARRAY:
+                raise Refused("Array parameter too large")
+            elements += len(value)
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _clean_string(value)
+        if elements > MAX_ELEMENTS:
+            raise Refused("Too many total parameters")
+
+
+def _clean_string(value: str) -> None:
+    if "\x00" in value:
+        raise Malformed("NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800": a lone surrogate is no UTF-8 string
+        raise Malformed("surrogate") from None
+
+
+def coerce(endpoint: str, params: dict[str, Any],
+           declared: dict[str, dict[str, type]] = DECLARED) -> dict[str, Any]:
+    """``params`` with the endpoint's declared parameters coerced as Grape coerces them;
+    undeclared parameters are passed on untouched."""
+    types = declared.get(endpoint, {})
+    coerced = dict(params)
+    for name, kind in types.items():
+        if name in coerced and coerced[name] is not None:
+            coerced[name] = _coerced(name, coerced[name], kind)
+    return coerced
+
+
+def _coerced(name: str, value: Any, kind: type) -> Any:
+    invalid = Refused(f"{name} is invalid")
+    if kind is str:
+        # Grape's PrimitiveCoercer#reject?: an Array or a Hash is no String; a number or a
+        # boolean is written out (Ruby's to_s).
+        if isinstance(value, list | dict):
+            raise invalid
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value if isinstance(value, str) else json.dumps(value)
+    if kind is int:
+        # dry-types' Params::Integer: Integer(text, 10) for a string, Integer(number) for a
+        # number (a float is truncated; Infinity and NaN are not integers).
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise invalid
+        if isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise invalid
+            return int(value)
+        if isinstance(value, int):
+            return value
+        found = _INTEGER.fullmatch(value)
+        if found is None:
+            raise invalid
+        sign, digits = found.groups()
+        number = 10**LONG_DIGITS if len(digits) > LONG_DIGITS else int(digits)
+        return -number if sign == "-" else number
+    if kind is list:
+        if not isinstance(value, list):
+            raise invalid
+        return value
+    raise AssertionError(f"no coercion for {kind}")
+
+
+def walk_strings(value: Any) -> Iterator[str]:
+    """Every string in a parameter value (keys of hashes too)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            yield from item.keys()
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)

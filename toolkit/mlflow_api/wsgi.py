@@ -1,0 +1,214 @@
+"""The WSGI application of ``toolkit mlflow serve``: GitLab's routes over :class:`Api`.
+
+It routes as GitLab's API does (``ROUTE``; ``experiments/list`` streamed page by page),
+refuses writes, reads every parameter through :mod:`toolkit.mlflow_api.inputs` (so bad
+input is GitLab's 400, never a failure of an endpoint), writes one access log line per
+request, and answers a bug with GitLab's 500 and one warning line, never a traceback.
+
+URIs in answers (``artifact_uri``) start with the configured external URL, never with
+the request's ``Host`` header, which any client sets as it likes.
+
+A later layer (tokens) sets ``environ[USER_KEY]`` to the request's user; the access log
+shows it, ``-`` until then.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from toolkit.errors import redact
+from toolkit.mlflow_api import inputs
+from toolkit.mlflow_api.views import ApiError
+from toolkit.output import out
+
+if TYPE_CHECKING:
+    from toolkit.mlflow_api.server import Api
+
+USER_KEY = "toolkit.user"
+# POSTs that only read (GitLab declares them ``post``); every other call that is not a GET
+# or HEAD writes: experiments/create, runs/create, runs/log-*, runs/set-tag, runs/update, ...
+POST_READS = frozenset({"experiments/search", "runs/search", "registered-models/get-latest-versions"})
+JSON = [("Content-Type", "application/json")]
+REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           413: "Request Entity Too Large", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class StreamCut(Exception):
+    """Raised into the server to end a streamed answer without its last chunk, so the
+    client sees the cut; the reason was already said in one warning line."""
+
+
+def status_line(status: int) -> str:
+    return f"{status} {REASONS.get(status, 'Unknown')}"
+
+
+def encode(document: Any) -> bytes:
+    return json.dumps(document, ensure_ascii=False, allow_nan=False).encode()
+
+
+class MlflowApp:
+    """One instance serves every request; it keeps no state between them."""
+
+    def __init__(self, api: Api, external_url: str, *, access_log: bool = True,
+                 declared: dict[str, dict[str, type]] = inputs.DECLARED):
+        from toolkit.mlflow_api.server import ROUTE, TRACKING_PATH  # server.py imports this module
+
+        self.route, self.tracking_path = ROUTE, TRACKING_PATH
+        self.api = api
+        self.external_url = external_url.rstrip("/")
+        self.access_log = access_log
+        self.declared = declared
+
+    # -- WSGI -----------------------------------------------------------------------------
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        started = time.monotonic()
+        environ.setdefault(USER_KEY, "-")
+        try:
+            status, headers, body = self._answer(environ)
+        except Exception as exc:  # a bug: GitLab's 500, and one line where the operator looks
+            status, headers, body = self._bug(environ, exc)
+        if isinstance(body, list):
+            headers = [*headers, ("Content-Length", str(sum(map(len, body))))]
+        start_response(status_line(status), headers)
+        return _Logged(body, lambda: self.log(environ, status, started))
+
+    def _answer(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
+        try:
+            return self._route(environ)
+        except inputs.Malformed:
+            return 400, [("Content-Type", "text/plain")], [b"Bad Request"]
+        except inputs.Refused as exc:
+            return exc.status, JSON, [encode(exc.document())]
+        except ApiError as exc:
+            if exc.status >= 500 and exc.status != 503:
+                out.warn(f"mlflow serve: {environ.get('REQUEST_METHOD')} {self._path(environ)} "
+                         f"answered {exc.status}: {redact(exc.message, self.api.secrets)[:500]}")
+            return exc.status, JSON, [encode(exc.document())]
+
+    def _route(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = inputs.text(environ.get("PATH_INFO", ""), "path")
+        inputs.text(environ.get("HTTP_AUTHORIZATION", ""), "authorization")
+        params = self._params(environ)
+        match = self.route.match(path)
+        if match is None:
+            raise ApiError(404, "ENDPOINT_NOT_FOUND",
+                           f"No such endpoint: {path[:200]}. The tracking URI of project P is "
+                           f"{self.external_url}{self.tracking_path.format(project='P')}")
+        endpoint, project = match["endpoint"], match["project"]
+        api = self.api
+        if method not in ("GET", "HEAD") and endpoint not in POST_READS:
+            raise ApiError(403, "FEATURE_DISABLED",
+                           f"toolkit mlflow serve is read-only: {endpoint} would write, and nothing "
+                           "was changed. Log runs to GitLab itself")
+        params = inputs.coerce(endpoint, params, self.declared)
+        if endpoint == "experiments/list":
+            return 200, JSON, self._stream_list(api.list_pages(project, self.external_url))
+        if endpoint in api.reads:
+            return 200, JSON, [encode(api.answer(endpoint, project, self.external_url, params))]
+        raise ApiError(404, "ENDPOINT_NOT_FOUND",
+                       f"{endpoint} is not served by toolkit mlflow serve (it serves "
+                       f"{', '.join(sorted([*api.reads, 'experiments/list']))})")
+
+    @staticmethod
+    def _params(environ: dict[str, Any]) -> dict[str, Any]:
+        """Query, then body over it (Grape's order). A JSON body that is not an object
+        carries no parameters, as on GitLab; a form body is read like a query string."""
+        params = inputs.query_params(environ.get("QUERY_STRING", ""))
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:  # the server checked it; a WSGI server that did not
+            raise inputs.Malformed("content-length") from None
+        raw = environ["wsgi.input"].read(length) if length > 0 else b""
+        if environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
+            params.update(inputs.query_params(raw.decode("latin-1")))
+            return params
+        body = inputs.json_body(raw)
+        if isinstance(body, dict):
+            params.update(body)
+        return params
+
+    def _stream_list(self, pages: Iterator[list[dict[str, Any]]]) -> Iterable[bytes]:
+        """A page of experiments is sent as it is read; the first is read before the
+        answer starts, so an unknown project is still a whole error document."""
+        first = next(pages)
+
+        def chunks() -> Iterator[bytes]:
+            yield b'{"experiments":['
+            sep = b""
+            try:
+                for page in (first, *pages):
+                    if page:
+                        yield sep + b",".join(encode(experiment) for experiment in page)
+                        sep = b","
+            except Exception as exc:  # a half-sent document: end it, the client sees the cut
+                out.warn(f"mlflow serve: experiments/list stopped half-way: {type(exc).__name__}: "
+                         f"{redact(str(getattr(exc, 'message', exc)), self.api.secrets)[:500]}")
+                raise StreamCut from None
+            yield b"]}"
+
+        return chunks()
+
+    def _bug(self, environ: dict[str, Any], exc: Exception) -> tuple[int, list[tuple[str, str]], list[bytes]]:
+        problem = redact(f"{type(exc).__name__}: {exc}", self.api.secrets)[:500]
+        out.warn(f"mlflow serve: {environ.get('REQUEST_METHOD')} {self._path(environ)} failed: {problem}")
+        # GitLab's answer to an exception no rescue_from names (API::Helpers#handle_api_exception)
+        return 500, JSON, [encode({"message": "500 Internal Server Error"})]
+
+    # -- the access log -------------------------------------------------------------------
+    @staticmethod
+    def _path(environ: dict[str, Any]) -> str:
+        """The path as sent (percent-encoded, so no byte of it can forge a log line) and the
+        names of the query's parameters, never their values."""
+        raw = environ.get("PATH_INFO", "").encode("latin-1", "replace")
+        path = quote(raw, safe="/-._~!$&'()*+,;=:@")[:300]
+        names = [name.decode("latin-1") for name, _ in
+                 _query_names(environ.get("QUERY_STRING", "").encode("latin-1", "replace"))]
+        if names:
+            shown = [name if name.removesuffix("[]") in inputs.KNOWN_NAMES else "*" for name in names[:20]]
+            path += "?" + "&".join(f"{name}=…" for name in shown)
+        return path
+
+    def log(self, environ: dict[str, Any], status: int, started: float) -> None:
+        if not self.access_log:
+            return
+        ms = (time.monotonic() - started) * 1000
+        user = quote(str(environ.get(USER_KEY) or "-"), safe="-._~@:")[:100]
+        method = quote(str(environ.get("REQUEST_METHOD", "-")), safe="")[:20]
+        client = quote(str(environ.get("REMOTE_ADDR") or "-"), safe=".:[]")[:60]
+        out.note(f"access: {method} {self._path(environ)} {status} {ms:.0f} ms user={user} client={client}")
+
+
+def _query_names(raw: bytes) -> list[tuple[bytes, bytes]]:
+    pairs = []
+    for part in raw.split(b"&")[:inputs.MAX_QUERY_FIELDS]:
+        if part:
+            name = part.split(b"=", 1)[0]
+            pairs.append((name, b""))
+    return pairs
+
+
+class _Logged:
+    """The answer's body; when the server is done with it (sent, or the client gone) the
+    access log line is written, with the time the whole answer took."""
+
+    def __init__(self, body: Iterable[bytes], done: Callable[[], None]):
+        self.body = body
+        self.done = done
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.done()
