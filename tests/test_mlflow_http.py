@@ -306,6 +306,14 @@ def test_malformed_input_is_answered_as_gitlab_answers_it(served, db):
     assert plain(served.request("GET", f"/api/v4/projects/{project}%FF/ml/mlflow/api/2.0/mlflow/experiments/list")) \
         == bad_request
 
+    # and what is well-formed passes: UTF-8 in query and body, a NUL-free name with every odd character
+    for name in db.rows("SELECT project_id, name FROM ml_experiments WHERE name !~ '^[a-z_ ]*$' LIMIT 20"):
+        found = served.api(name[0], "experiments/get-by-name", query="experiment_name=" + quote(name[1], safe=""))
+        assert found[0] == 200 and json.loads(found[2])["experiment"]["name"] == name[1], name
+        found = served.api(name[0], "experiments/get-by-name", query="experiment_name=x",
+                           method="POST", body={"experiment_name": name[1]})
+        assert found[0] == 403  # a POST there is a write: read-only
+
     # JsonValidation: too deep, before Python's recursion limit and far past it
     for depth in (33, 100_000):
         deep = b"[" * depth + b"]" * depth

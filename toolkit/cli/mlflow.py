@@ -51,7 +51,7 @@ def mlflow() -> None:
 @click.option("--max-body-mb", type=click.IntRange(1, 1024), default=Limits.max_body_bytes // MIB,
               show_default=True,
               help="Largest request body in MiB; a larger one is answered 413 without being read "
-                   "(MLflow's largest request, log-batch at its own limits, is under 1 MiB).")
+                   "(MLflow's largest request, log-batch at its own limits, is under 2 MiB).")
 @click.option("--max-header-kb", type=click.IntRange(1, 1024), default=Limits.max_header_bytes // 1024,
               show_default=True, help="Largest request line and headers in KiB; larger is answered 431.")
 @click.option("--idle-timeout-s", type=click.IntRange(1, 3600), default=Limits.idle_timeout_s,
@@ -83,6 +83,11 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
     answers are GitLab's: experiment_id is the experiment's iid, run_id the candidate's eid.
     Calls that write are refused (403, FEATURE_DISABLED) and change nothing. Each request
     is one short READ ONLY transaction with its own timeouts.
+
+    It runs on waitress with request limits (body, headers, idle and request timeouts,
+    connections, threads: the options below), answers malformed input with GitLab's 400s,
+    starts URIs with --external-url (never the request's Host), and writes one access log
+    line per request on stderr (no query values, no headers, never a token).
 
     \b
     Point an MLflow script at project P of a rehearsal copy:

@@ -29,7 +29,7 @@ import json
 import re
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_to_bytes
 
 # Grape's declared types of the read endpoints' parameters, from GitLab's
 # lib/api/ml/mlflow/{experiments,runs,metrics,registered_models,model_versions}.rb.
@@ -94,13 +94,14 @@ def text(raw: str, what: str = "") -> str:
 def query_params(raw: str) -> dict[str, Any]:
     """A query string (or a form body) as Rack reads it: ``name=v`` (the last one wins),
     ``name[]=v`` a list, ``name[key]=v`` a hash."""
+    fields = [field for field in raw.encode("latin-1").split(b"&") if field]
+    if len(fields) > MAX_QUERY_FIELDS:
+        raise Refused("Too many total parameters")
     try:
-        pairs = parse_qsl(raw.encode("latin-1"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
-        decoded = [(k.decode("utf-8"), v.decode("utf-8")) for k, v in pairs]
+        decoded = [tuple(unquote_to_bytes(part.replace(b"+", b" ")).decode("utf-8")
+                         for part in (*field.split(b"=", 1), b"")[:2]) for field in fields]
     except UnicodeError:
         raise Malformed("query") from None
-    except ValueError:  # more fields than MAX_QUERY_FIELDS
-        raise Refused("Too many total parameters") from None
     params: dict[str, Any] = {}
     for key, value in decoded:
         if "\x00" in key or "\x00" in value:

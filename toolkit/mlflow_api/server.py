@@ -156,8 +156,9 @@ MIB = 1024 * 1024
 class Limits:
     """What one client can make the server hold, and for how long (``toolkit mlflow serve
     --help`` names the options). MLflow's largest read request is a few KiB; its
-    ``log-batch`` at MLflow's own limits (1000 metrics, 100 params, 100 tags) is well under
-    1 MiB, so the 16 MiB body limit refuses nothing a client sends."""
+    ``log-batch`` at MLflow's own limits (1000 metrics; 100 params of up to 6000 characters;
+    100 tags of up to 8000) is under 2 MiB, so the 16 MiB body limit refuses nothing a
+    client sends."""
 
     max_body_bytes: int = 16 * MIB
     max_header_bytes: int = 64 * 1024
