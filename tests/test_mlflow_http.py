@@ -474,3 +474,22 @@ def test_clients_that_leave_mid_answer_leave_no_traceback(served, db):
     wait_for(lambda: marker in served.stderr, "the access log line of the request after them")
     assert "Traceback" not in served.stderr and "Exception" not in served.stderr
     assert os.path.exists(f"/proc/{served.process.pid}")
+
+
+def test_head_answers_a_gets_headers_without_its_body(served, db):
+    project, eid = run_of(db)
+    path = f"/api/v4/projects/{project}/ml/mlflow/api/2.0/mlflow/runs/get?run_id={eid}"
+    connection = http.client.HTTPConnection(served.host, served.port, timeout=30)
+    try:
+        connection.request("GET", path)
+        got = connection.getresponse()
+        body = got.read()
+        connection.request("HEAD", path)  # on the same connection: no stray body in between
+        head = connection.getresponse()
+        assert (head.status, head.read()) == (200, b"")
+        assert head.getheader("Content-Length") == str(len(body)) == got.getheader("Content-Length")
+        connection.request("GET", path)
+        again = connection.getresponse()
+        assert (again.status, again.read()) == (200, body)
+    finally:
+        connection.close()

@@ -75,6 +75,11 @@ class MlflowApp:
             status, headers, body = self._bug(environ, exc)
         if isinstance(body, list):
             headers = [*headers, ("Content-Length", str(sum(map(len, body))))]
+        if environ.get("REQUEST_METHOD") == "HEAD":  # a GET's headers, no body
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+            body = []
         start_response(status_line(status), headers)
         return _Logged(body, lambda: self.log(environ, status, started))
 
