@@ -108,6 +108,7 @@ class MlflowApp:
                            f"{self.external_url}{self.tracking_path.format(project='P')}")
         endpoint, project = match["endpoint"], match["project"]
         api = self.api
+        self.check_access(environ, method, endpoint, project)
         if method not in ("GET", "HEAD") and endpoint not in POST_READS:
             raise ApiError(403, "FEATURE_DISABLED",
                            f"toolkit mlflow serve is read-only: {endpoint} would write, and nothing "
@@ -120,6 +121,13 @@ class MlflowApp:
         raise ApiError(404, "ENDPOINT_NOT_FOUND",
                        f"{endpoint} is not served by toolkit mlflow serve (it serves "
                        f"{', '.join(sorted([*api.reads, 'experiments/list']))})")
+
+    def check_access(self, environ: dict[str, Any], method: str, endpoint: str, project: str) -> None:
+        """Where a request's token is checked, in GitLab's order: after the malformed-input
+        checks and the route, before the read-only refusal and the parameters' types (Grape
+        runs an endpoint's ``before`` blocks, ``check_api_read!`` among them, before its
+        validations). It raises ApiError for a 401, 403 or 404 and sets
+        ``environ[USER_KEY]``, which the access log shows. Nothing yet: reads are open."""
 
     @staticmethod
     def _params(environ: dict[str, Any]) -> dict[str, Any]:
