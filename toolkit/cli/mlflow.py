@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import resource
 import signal
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
@@ -14,6 +15,7 @@ from toolkit import milestones
 from toolkit.cli.context import app
 from toolkit.engine.preflight import check_gitlab_database
 from toolkit.errors import PreconditionRefused, UsageProblem
+from toolkit.mlflow_api.auth import Authenticator, DatabaseTokens, FileTokens, TokenSource, missing_users
 from toolkit.mlflow_api.server import MIB, TRACKING_PATH, Api, Limits, MlflowServer
 from toolkit.mlflow_api.views import MAX_PAGE
 from toolkit.output import out
@@ -32,8 +34,8 @@ def mlflow() -> None:
 
 @mlflow.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. Anyone who reaches it reads every project's experiments "
-                   "without a token: keep it on 127.0.0.1 unless the network is yours.")
+              help="Address to listen on. Any other than loopback needs --tokens-file or "
+                   "--gitlab-secrets: without a token source every project is readable by anyone.")
 @click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True,
               help="Port to listen on (0: any free one, printed).")
 @click.option("--max-page-size", type=click.IntRange(1, MAX_PAGE), default=MAX_PAGE, show_default=True,
@@ -44,6 +46,17 @@ def mlflow() -> None:
                    "answers 503, which MLflow clients retry.")
 @click.option("--statement-timeout-ms", type=click.IntRange(1), default=10_000, show_default=True,
               help="How long one query of a request may run.")
+@click.option("--tokens-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="YAML list of {token, user, scopes} for a rehearsal copy: each request must carry "
+                   "one of them (Authorization: Bearer or PRIVATE-TOKEN), checked as GitLab checks "
+                   "a personal access token.")
+@click.option("--gitlab-secrets", type=click.Path(path_type=Path, dir_okay=False),
+              help="GitLab's /etc/gitlab/gitlab-secrets.json: the users' own personal access tokens "
+                   "are checked against personal_access_tokens, by the digest GitLab stores.")
+@click.option("--lenient", is_flag=True,
+              help="Accept order_by as a list (what MLflow clients send, mlflow/mlflow#13082), "
+                   "reading its first entry; GitLab refuses it with 400 'order_by is invalid', "
+                   "and so does the server without this flag.")
 @click.option("--external-url", metavar="URL",
               help="The server's URL as clients reach it (http[s]://HOST[:PORT][/PATH]), used in "
                    "every URI of an answer (artifact_uri); the request's Host header never is. "
@@ -73,6 +86,7 @@ def mlflow() -> None:
                    "parameters (never their values, never a token), status, milliseconds, user, "
                    "client address.")
 def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statement_timeout_ms: int,
+          tokens_file: Path | None, gitlab_secrets: Path | None, lenient: bool,
           external_url: str | None, max_body_mb: int, max_header_kb: int, idle_timeout_s: int,
           request_timeout_s: int, max_connections: int, threads: int, access_log: bool) -> None:
     """Serve GitLab's MLflow tracking API, read-only, until Ctrl-C.
@@ -83,6 +97,10 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
     answers are GitLab's: experiment_id is the experiment's iid, run_id the candidate's eid.
     Calls that write are refused (403, FEATURE_DISABLED) and change nothing. Each request
     is one short READ ONLY transaction with its own timeouts.
+
+    With --tokens-file or --gitlab-secrets every request needs a token, as on GitLab
+    (read_api for GET, api for the POST searches) and the project access GitLab's policies
+    ask (guest to read). Without either, reads are open, on loopback only.
 
     It runs on waitress with request limits (body, headers, idle and request timeouts,
     connections, threads: the options below), answers malformed input with GitLab's 400s,
@@ -96,6 +114,14 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
 
     Example: toolkit mlflow serve --port 0
     """
+    sources: list[TokenSource] = []
+    if gitlab_secrets is not None:
+        sources.append(DatabaseTokens.from_secrets_file(gitlab_secrets))
+    if tokens_file is not None:
+        sources.append(FileTokens.from_file(tokens_file))
+    if refusal := open_reads_refusal(host, bool(sources)):
+        raise UsageProblem(*refusal)
+    auth = Authenticator(sources) if sources else None
     state = app()
     if external_url is not None:
         external_url = checked_external_url(external_url)
@@ -104,7 +130,7 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
                     max_connections=max_connections, threads=threads)
     target = state.target()
     api = Api.connect(target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-                      page_limit=max_page_size, threads=threads)
+                      page_limit=max_page_size, auth=auth, lenient=lenient, threads=threads)
     try:
         with api.transaction() as conn:
             check_gitlab_database(conn, milestones.plan(), columns=False)  # exit 3, as every command
@@ -114,6 +140,7 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
                     f"{target.describe()} has neither ml_experiments nor the toolkit's archive of it: "
                     "there is nothing an MLflow client could read",
                     "check --database-url (GitLab's database, usually gitlabhq_production)")
+            _check_token_sources(conn, sources)
             projects = list(conn.execute(sa.text(
                 f"SELECT e.project_id, count(*) AS n FROM ({experiments_view(conn, source)}) e "
                 "GROUP BY e.project_id ORDER BY e.project_id")))
@@ -130,15 +157,19 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
         out.say(f"Serving GitLab's MLflow API, read-only, at {listening} (experiments read from: {source})")
         if address != listening:
             out.say(f"External URL (in every URI it answers): {address}")
+        if auth is not None:
+            auth.gitlab_url = address
         out.say(f"Tracking URI of project P: {address}{TRACKING_PATH.format(project='P')}")
         shown = ", ".join(f"{p.project_id} ({p.n} experiments)" for p in projects[:SHOWN_PROJECTS])
         more = f", and {len(projects) - SHOWN_PROJECTS} more" if len(projects) > SHOWN_PROJECTS else ""
         out.say(f"Projects: {shown or 'none yet'}{more}")
         first = projects[0].project_id if projects else 1
         out.say(f"For example: MLFLOW_TRACKING_URI={address}{TRACKING_PATH.format(project=first)}")
-        if not _loopback(host):
-            out.warn(f"listening on {host}: whoever reaches it reads every project's experiments "
-                     "and runs, without a token")
+        if auth is None:
+            out.say("No token source: anyone on this machine reads every project without a token "
+                    "(GitLab asks for one); --tokens-file or --gitlab-secrets turn GitLab's checks on")
+        else:
+            out.say(f"Tokens: every request is checked as GitLab checks it, against {auth.describe()}")
         out.say("Ctrl-C stops it.")
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
@@ -153,6 +184,26 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
                       "projects": {str(p.project_id): p.n for p in projects}})
     finally:
         api.close()
+
+
+def open_reads_refusal(host: str, has_tokens: bool) -> tuple[str, str] | None:
+    """Why listening on ``host`` is refused (problem, next step), or None: without a token
+    source every request is let in, which only loopback may offer."""
+    if has_tokens or _loopback(host):
+        return None
+    return (f"Listening on {host} without a token source would let anyone who reaches it read every "
+            "project's experiments", "pass --tokens-file or --gitlab-secrets, or --host 127.0.0.1")
+
+
+def _check_token_sources(conn: sa.Connection, sources: list[TokenSource]) -> None:
+    for source in sources:
+        if isinstance(source, DatabaseTokens):
+            if conn.execute(sa.text("SELECT to_regclass('personal_access_tokens')")).scalar() is None:
+                raise PreconditionRefused("--gitlab-secrets: this database has no personal_access_tokens "
+                                          "table", "check --database-url, or use --tokens-file")
+        elif missing := missing_users(conn, source.users()):
+            raise UsageProblem(f"--tokens-file names users the database lacks: {', '.join(missing[:10])}",
+                               "give each token a username or id from the users table")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -1,8 +1,9 @@
 """A request's parameters read as GitLab reads them, before any endpoint sees them.
 
-Three of GitLab's layers stand between the socket and an MLflow endpoint, and each
-answers bad input with a 400 of its own shape; this module is those three, so that no
-input reaches :class:`toolkit.mlflow_api.views.View` that could make it fail:
+Two of GitLab's Rack middlewares stand between the socket and an MLflow endpoint, each
+answering bad input with a 400 of its own shape; this module is those two, so that no
+string reaches :class:`toolkit.mlflow_api.views.View` that PostgreSQL or Python could not
+take:
 
 1. ``Gitlab::Middleware::HandleMalformedStrings`` (``lib/gitlab/middleware/
    handle_malformed_strings.rb``, Rack): a path, query or JSON parameter with a NUL or
@@ -14,29 +15,23 @@ input reaches :class:`toolkit.mlflow_api.views.View` that could make it fail:
    limits in ``lib/gitlab/json/stream_validator.rb``): JSON deeper than 32, an array or
    object over 50,000 entries, over 100,000 elements in all: ``400 {"error": "Parameters
    nested too deeply"}`` and its siblings (:class:`Refused`).
-3. Grape's declared parameter types (``lib/api/ml/mlflow/*.rb``: ``type: String``,
-   ``Integer``, ``Array``), coerced as Grape's ``PrimitiveCoercer`` does; a value it cannot
-   coerce is ``400 {"error": "<name> is invalid"}`` (GitLab's ``lib/api/api.rb`` rescues
-   ``Grape::Exceptions::Base`` with ``error!``, which Grape's JSON error formatter writes
-   as ``{"error": message}``).
 
-Presence (``… is missing``) and the meaning of a value stay with the endpoints.
+Grape's declared parameter types (``400 {"error": "<name> is invalid"}``), presence and
+the meaning of a value are the endpoints' (:mod:`toolkit.mlflow_api.rails`,
+:mod:`toolkit.mlflow_api.views`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-# Grape's declared types of the read endpoints' parameters, from GitLab's
-# lib/api/ml/mlflow/{experiments,runs,metrics,registered_models,model_versions}.rb.
-# ``order_by`` is declared ``type: String`` on GitLab: a list (what the Python client sends
-# to runs/search) is "order_by is invalid" there; the endpoints decide it (a --lenient
-# mode may accept it), so it is not coerced here. An endpoint added to ``Api.reads``
-# adds its line here.
+# The parameters GitLab declares for the read endpoints (with their Grape types), from
+# lib/api/ml/mlflow/{experiments,runs,metrics,registered_models,model_versions}.rb: the
+# names an access log line shows (never a value). An endpoint added to ``Api.reads`` adds
+# its line here.
 DECLARED: dict[str, dict[str, type]] = {
     "experiments/get": {"experiment_id": str},
     "experiments/get-by-name": {"experiment_name": str},
@@ -51,7 +46,7 @@ DECLARED: dict[str, dict[str, type]] = {
     "model-versions/get": {"name": str, "version": str},
     "model-versions/get-download-uri": {"name": str, "version": int},
 }
-# Names an access log line may show (never a value); any other name is shown as ``*``.
+# Any other name is shown as ``*``.
 KNOWN_NAMES = frozenset(name for names in DECLARED.values() for name in names) | {"order_by"}
 
 # lib/gitlab/middleware/json_validation.rb DEFAULT_LIMITS, and the messages of
@@ -59,10 +54,6 @@ KNOWN_NAMES = frozenset(name for names in DECLARED.values() for name in names) |
 MAX_DEPTH, MAX_ARRAY, MAX_HASH, MAX_ELEMENTS = 32, 50_000, 50_000, 100_000
 TOO_DEEP = "Parameters nested too deeply"
 MAX_QUERY_FIELDS = 1000
-# An integer of more digits than this is larger than any id or page size: kept as 10**30
-# (with its sign), so Python's limit on converting long digit strings is never met.
-LONG_DIGITS = 30
-_INTEGER = re.compile(r"\s*([+-]?)(\d+)\s*")
 
 
 class Malformed(Exception):
@@ -175,63 +166,3 @@ def _clean_string(value: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:  # "\ud800": a lone surrogate is no UTF-8 string
         raise Malformed("surrogate") from None
-
-
-def coerce(endpoint: str, params: dict[str, Any],
-           declared: dict[str, dict[str, type]] = DECLARED) -> dict[str, Any]:
-    """``params`` with the endpoint's declared parameters coerced as Grape coerces them;
-    undeclared parameters are passed on untouched."""
-    types = declared.get(endpoint, {})
-    coerced = dict(params)
-    for name, kind in types.items():
-        if name in coerced and coerced[name] is not None:
-            coerced[name] = _coerced(name, coerced[name], kind)
-    return coerced
-
-
-def _coerced(name: str, value: Any, kind: type) -> Any:
-    invalid = Refused(f"{name} is invalid")
-    if kind is str:
-        # Grape's PrimitiveCoercer#reject?: an Array or a Hash is no String; a number or a
-        # boolean is written out (Ruby's to_s).
-        if isinstance(value, list | dict):
-            raise invalid
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return value if isinstance(value, str) else json.dumps(value)
-    if kind is int:
-        # dry-types' Params::Integer: Integer(text, 10) for a string, Integer(number) for a
-        # number (a float is truncated; Infinity and NaN are not integers).
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise invalid
-        if isinstance(value, float):
-            if value != value or value in (float("inf"), float("-inf")):
-                raise invalid
-            return int(value)
-        if isinstance(value, int):
-            return value
-        found = _INTEGER.fullmatch(value)
-        if found is None:
-            raise invalid
-        sign, digits = found.groups()
-        number = 10**LONG_DIGITS if len(digits) > LONG_DIGITS else int(digits)
-        return -number if sign == "-" else number
-    if kind is list:
-        if not isinstance(value, list):
-            raise invalid
-        return value
-    raise AssertionError(f"no coercion for {kind}")
-
-
-def walk_strings(value: Any) -> Iterator[str]:
-    """Every string in a parameter value (keys of hashes too)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            yield item
-        elif isinstance(item, dict):
-            yield from item.keys()
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)

@@ -47,6 +47,8 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from toolkit.db import TIMEOUTS_OPTION, Target, create_engine
 from toolkit.errors import redact
+from toolkit.mlflow_api.auth import Authenticator, needs_for
+from toolkit.mlflow_api.projects import resolve_project
 from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
 from toolkit.mlflow_api.wsgi import USER_KEY, MlflowApp, StreamCut
 from toolkit.output import out
@@ -63,8 +65,11 @@ class Api:
     """The endpoints, each a function of (view, params); reads only."""
 
     def __init__(self, engine: Engine, *, lock_timeout_ms: int, statement_timeout_ms: int,
-                 page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = ()):
+                 page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = (),
+                 auth: Authenticator | None = None, lenient: bool = False):
         self.engine = engine
+        self.auth = auth  # None: no token source, every request is let in (loopback only)
+        self.lenient = lenient  # accept the client's list order_by (GitLab refuses it)
         self.timeouts = (lock_timeout_ms, statement_timeout_ms)
         self.page_limit = page_limit
         self.secrets = secrets
@@ -81,14 +86,16 @@ class Api:
 
     @classmethod
     def connect(cls, target: Target | str, *, lock_timeout_ms: int = 1000, statement_timeout_ms: int = 10_000,
-                page_limit: int = MAX_PAGE, threads: int = 8) -> Api:
+                page_limit: int = MAX_PAGE, auth: Authenticator | None = None, lenient: bool = False,
+                threads: int = 8) -> Api:
         """An API over its own small pool, its sessions named ``toolkit mlflow serve``: a
         connection for each of the server's ``threads`` (at most that many are ever busy)."""
         engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=min(threads, 4),
                                max_overflow=max(threads - 4, 0), pool_timeout=10,
                                connect_args={"application_name": "toolkit mlflow serve"})
         return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-                   page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else ())
+                   page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else (),
+                   auth=auth, lenient=lenient)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -104,9 +111,21 @@ class Api:
                 finally:
                     transaction.rollback()
 
+    def authenticate(self, method: str, headers: Any, params: dict[str, Any], project: str,
+                     endpoint: str) -> str | None:
+        """GitLab's token, scope and project checks before ``endpoint`` runs, in a short READ
+        ONLY transaction of their own; the user's username, or None without a token source.
+        Raises GitLab's 401/403/404 as an :class:`ApiError`."""
+        if self.auth is None:
+            return None
+        auth = self.auth
+        user = self._retrying(lambda conn: auth.authenticate(
+            conn, method, headers, params, _project_id(conn, project), needs_for(endpoint, method)))
+        return user.username
+
     def answer(self, endpoint: str, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]:
         read = self.reads[endpoint]
-        return self._retrying(lambda conn: read(View(conn, project, base_url), params))
+        return self._retrying(lambda conn: read(View(conn, project, base_url, lenient=self.lenient), params))
 
     def list_pages(self, project: str, base_url: str) -> Iterator[list[dict[str, Any]]]:
         """experiments/list, a page per transaction (a project's every experiment is not
@@ -114,10 +133,7 @@ class Api:
         token: str | None = None
         while True:
             def page(conn: Connection, token=token) -> tuple[list[dict[str, Any]], str | None]:
-                found = View(conn, project, base_url).search_experiments(
-                    {"order_by": "id ASC", "max_results": self.page_limit, "page_token": token},
-                    self.page_limit)
-                return found["experiments"], found.get("next_page_token")
+                return View(conn, project, base_url).experiments_list_page(token, self.page_limit)
             experiments, token = self._retrying(page)
             yield experiments
             if token is None:
@@ -147,6 +163,14 @@ class Api:
                 raise ApiError(500, "INTERNAL_ERROR", f"The read failed: {first}") from exc
         raise AssertionError("unreachable")
 
+
+def _project_id(conn: Connection, segment: str) -> int | None:
+    """The project the URL names (id or URL-encoded full path), None when there is none:
+    GitLab authenticates first and answers 404 Project Not Found after."""
+    try:
+        return resolve_project(conn, segment)
+    except ApiError:
+        return None
 
 
 MIB = 1024 * 1024

@@ -1,26 +1,26 @@
 """The answers of GitLab's MLflow read endpoints, from one connection, at any stage.
 
-Every answer is built the way GitLab's API builds it (``reference/001_…`` and GitLab's
-``lib/api/ml/mlflow``, ``lib/api/entities/ml/mlflow``): ``experiment_id`` is the
-experiment's per-project iid as a string, ``run_id`` and ``run_uuid`` the candidate's
-``eid``. Which tables hold experiments and how a run reaches its experiment depend on the
-stage; that knowledge lives in one place, the fingerprint's MLflow view
-(:func:`toolkit.verify.fingerprint.experiments_view`, ``run_parent``,
+Every answer is built the way GitLab's API builds it (``lib/api/ml/mlflow/*.rb``, the
+entities in ``lib/api/entities/ml/mlflow``, the finders in ``app/finders/projects/ml``;
+``docs/mlflow.md`` names the files and commits): ``experiment_id`` is the experiment's
+per-project iid as a string, ``run_id`` and ``run_uuid`` the candidate's ``eid``; errors
+come in GitLab's three shapes (:mod:`toolkit.mlflow_api.errors`), parameters are read as
+Grape and Rails read them (:mod:`toolkit.mlflow_api.rails`), the project as
+``find_project!`` finds it (:mod:`toolkit.mlflow_api.projects`), rows in GitLab's order
+(:mod:`toolkit.mlflow_api.ordering`). Which tables hold experiments and how a run reaches
+its experiment depend on the stage; that knowledge lives in one place, the fingerprint's
+MLflow view (:func:`toolkit.verify.fingerprint.experiments_view`, ``run_parent``,
 ``runs_of_experiment``), so what the server answers is what ``verify`` proves unchanged.
 
 Pages are keyset pages (GitLab's ``keyset_paginate``): the token carries the last row's
-sort value and id, so a page costs the same wherever it is, and a run is seen exactly once
+sort values, so a page costs the same wherever it is, and a run is seen exactly once
 while milestones move rows under a paging client.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import math
-import uuid
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -28,6 +28,17 @@ from sqlalchemy.engine import Connection
 
 from toolkit.catalog import relation_exists
 from toolkit.engine.state import ROLLING_BACK, milestone_state
+from toolkit.mlflow_api import rails
+from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, missing, resource_not_found
+from toolkit.mlflow_api.ordering import (
+    EXPERIMENT_LIST,
+    METRIC_HISTORY,
+    Ordering,
+    experiment_ordering,
+    order_text,
+    run_ordering,
+)
+from toolkit.mlflow_api.projects import resolve_project
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS
 from toolkit.schema.gitlab import CANDIDATE_STATUSES
 from toolkit.verify.fingerprint import (
@@ -40,141 +51,44 @@ from toolkit.verify.fingerprint import (
     runs_of_experiment,
 )
 
+__all__ = ["MAX_PAGE", "ApiError", "View", "invalid", "not_found", "reading_source", "required"]
+
 # GitLab caps every page at 1000 (runs/search, experiments/search, metrics/get-history).
 MAX_PAGE = 1000
 STATUS_NAMES = {number: name.upper() for name, number in CANDIDATE_STATUSES.items()}
-BIGINT_MAX = 2**63 - 1
 
 
-class ApiError(Exception):
-    """An MLflow error document: HTTP status, ``error_code`` and message."""
-
-    def __init__(self, status: int, error_code: str, message: str):
-        super().__init__(message)
-        self.status, self.error_code, self.message = status, error_code, message
-
-    def document(self) -> dict[str, str]:
-        return {"error_code": self.error_code, "message": self.message}
-
-
-def not_found(message: str) -> ApiError:
-    return ApiError(404, "RESOURCE_DOES_NOT_EXIST", message)
+def not_found(message: str | None = None) -> ApiError:
+    """GitLab's ``resource_not_found!``: 404 and ``RESOURCE_DOES_NOT_EXIST``, no message."""
+    return resource_not_found()
 
 
 def invalid(message: str) -> ApiError:
-    return ApiError(400, "INVALID_PARAMETER_VALUE", message)
+    """GitLab's ``invalid_parameter!(message)``."""
+    return invalid_parameter(message)
 
 
-# --- parameters ---------------------------------------------------------------------------
 def required(params: dict[str, Any], *names: str) -> str:
-    """The first of ``names`` given (``run_id``, then ``run_uuid``), as a string."""
+    """A parameter declared ``requires :name, type: String`` (the first of ``names`` given):
+    Grape's ``<name> is missing`` when none is there."""
     for name in names:
-        value = params.get(name)
-        if value not in (None, ""):
-            return str(value)
-    raise invalid(f"Missing value for required parameter '{names[0]}'")
-
-
-def page_size(params: dict[str, Any], default: int, limit: int) -> int:
-    raw = params.get("max_results")
-    if raw in (None, ""):
-        return min(default, limit)
-    try:
-        size = int(raw)
-    except (TypeError, ValueError):
-        raise invalid(f"max_results must be a positive integer, not {raw!r}") from None
-    if size < 1:
-        raise invalid(f"max_results must be a positive integer, not {size}")
-    return min(size, limit)
-
-
-@dataclass(frozen=True)
-class Order:
-    """A keyset order: a sort expression, its kind, and the direction (the id breaks ties
-    in the same direction)."""
-
-    column: str
-    descending: bool
-
-    @property
-    def text(self) -> str:
-        return f"{self.column} {'DESC' if self.descending else 'ASC'}"
-
-
-def parse_order(raw: Any, columns: tuple[str, ...], default: Order) -> Order:
-    """The first ``order_by`` entry (GitLab reads one); an unknown column gives the default,
-    as GitLab's finders do. Ordering by a metric is refused: it cannot be paged by keyset."""
-    if isinstance(raw, list):
-        raw = raw[0] if raw else None
-    if not raw:
-        return default
-    words = str(raw).split()
-    column = words[0].removeprefix("attributes.").removeprefix("attribute.")
-    if column.startswith(("metrics.", "metric.", "params.", "param.", "tags.", "tag.")):
-        raise invalid(f"order_by {raw!r}: toolkit mlflow serve orders by "
-                      f"{', '.join(columns)} only")
-    if column not in columns:
-        return default
-    descending = len(words) > 1 and words[1].upper() == "DESC"
-    return Order(column, descending)
-
-
-def _encode_token(order: Order, value: Any, row_id: int) -> str:
-    raw = json.dumps({"o": order.text, "k": [value, row_id]}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_token(token: Any, order: Order) -> tuple[Any, int] | None:
-    if token in (None, ""):
-        return None
-    try:
-        text = str(token)
-        data = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-        value, row_id = data["k"]
-        if data["o"] != order.text or type(row_id) is not int:
-            raise ValueError
-    except (ValueError, KeyError, TypeError):
-        raise invalid(f"page_token {str(token)[:80]!r} is not a token this server gave for "
-                      "this order_by") from None
-    return value, row_id
-
-
-def _keyset(order: Order, sort_sql: str, id_sql: str, cast: str, token: Any,
-            params: dict[str, Any]) -> tuple[str, str]:
-    """The WHERE condition after the token's row (``true`` without one) and the ORDER BY."""
-    direction = "DESC" if order.descending else "ASC"
-    ordering = f"{sort_sql} {direction}, {id_sql} {direction}"
-    after = _decode_token(token, order)
-    if after is None:
-        return "true", ordering
-    value = after[0]
-    if value is not None and not (type(value) is int if cast == "bigint" else isinstance(value, str)):
-        raise invalid(f"page_token {str(token)[:80]!r} is not a token this server gave for this order_by")
-    params["k_value"], params["k_id"] = after
-    op = "<" if order.descending else ">"
-    return f"({sort_sql}, {id_sql}) {op} (CAST(:k_value AS {cast}), :k_id)", ordering
-
-
-def _sort_value(value: Any) -> Any:
-    return value.isoformat() if hasattr(value, "isoformat") else value
+        if name in params:
+            value = rails.grape_string(params, name, required=True)
+            return "" if value is None else value
+    raise missing(names[0])
 
 
 # --- values as MLflow's JSON carries them ---------------------------------------------------
 def metric_value(value: float | None, is_nan: bytes | None) -> float | str:
-    """NaN (GitLab stores it as ``is_nan`` and no value) and infinities as protobuf's JSON
-    strings, which every MLflow client parses."""
+    """NaN (the sandbox's older rows store it as ``is_nan`` and no value) and infinities
+    as protobuf's JSON strings, which every MLflow client parses."""
     if value is None or (is_nan is not None and any(bytes(is_nan))):
+        return "NaN"
+    if math.isnan(value):
         return "NaN"
     if math.isinf(value):
         return "Infinity" if value > 0 else "-Infinity"
     return value
-
-
-def _integer(text: str) -> int | None:
-    """A bigint id written in ASCII digits, else None."""
-    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > BIGINT_MAX:
-        return None
-    return int(text)
 
 
 def _key_values(rows: list[sa.Row]) -> list[dict[str, str]]:
@@ -182,53 +96,58 @@ def _key_values(rows: list[sa.Row]) -> list[dict[str, str]]:
 
 
 class View:
-    """One project's MLflow API over one connection (one request's READ ONLY transaction)."""
+    """One project's MLflow API over one connection (one request's READ ONLY transaction).
 
-    def __init__(self, conn: Connection, project: str, base_url: str):
+    ``project`` is the URL's ``:id`` segment as it came, still URL-encoded (an id or a full
+    path such as ``group%2Fsub%2Fproject``). ``lenient`` accepts the MLflow client's list
+    ``order_by`` (its first entry), which GitLab refuses."""
+
+    def __init__(self, conn: Connection, project: str, base_url: str, *, lenient: bool = False):
         self.conn = conn
         self.base_url = base_url
-        project_id = _integer(project)
-        if project_id is None:
-            raise not_found(f"Project {project[:80]!r} not found: give the project's numeric id")
-        self.project_id = project_id
-        if conn.execute(sa.text("SELECT count(*) FROM projects WHERE id = :p"),
-                        {"p": self.project_id}).scalar_one() == 0:
-            raise not_found(f"Project {self.project_id} not found")
+        self.lenient = lenient
+        self.project_id = resolve_project(conn, project)
         source = reading_source(conn)
         if source is None:
-            raise not_found("This database has no experiments: ml_experiments and the toolkit's "
-                            "archive of it are both absent")
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST",
+                           "This database has no experiments: ml_experiments and the toolkit's "
+                           "archive of it are both absent")
         self.source = source
-        _, self.tags_relation = experiment_relations(source)
+        self.experiments_relation, self.tags_relation = experiment_relations(source)
 
     def _rows(self, sql: str, params: dict[str, Any]) -> list[sa.Row]:
         return list(self.conn.execute(sa.text(sql), params))
 
     # -- experiments -------------------------------------------------------------------
-    def _experiments(self, where: str, params: dict[str, Any], tail: str = "") -> list[sa.Row]:
+    def _experiments(self, where: str, params: dict[str, Any], tail: str = "",
+                     select: str = "") -> list[sa.Row]:
         view = experiments_view(self.conn, self.source, "x.project_id = :project")
-        return self._rows(f"SELECT e.* FROM ({view}) e WHERE e.project_id = :project AND {where} {tail}",
-                          {"project": self.project_id, **params})
+        return self._rows(f"""
+            SELECT e.*{select} FROM (
+                SELECT v.*, u.updated_at FROM ({view}) v JOIN {self.experiments_relation} u ON u.id = v.id
+            ) e WHERE e.project_id = :project AND {where} {tail}""",
+            {"project": self.project_id, **params})
 
-    def _experiment(self, by_iid: str | None = None, by_name: str | None = None) -> sa.Row:
-        if by_iid is not None:
-            iid = _integer(by_iid)
-            if iid is None:
-                raise invalid(f"experiment_id must be an experiment's id (an integer), not {by_iid[:80]!r}")
-            found = self._experiments("e.iid = :iid", {"iid": iid})
-            what = f"id {by_iid}"
+    def _find_experiment(self, iid: Any, name: Any) -> sa.Row:
+        """``find_experiment!(iid, name)``: by iid when one is given (even an empty one),
+        else by name when one is given; 404 when none matches."""
+        if iid is not None and iid is not rails.ABSENT:
+            number = rails.integer_cast(iid)
+            found = [] if number is None else self._experiments("e.iid = :iid", {"iid": number})
+        elif name is not None and name is not rails.ABSENT:
+            text = str(name)
+            found = self._experiments("e.name = :name", {"name": text}) if rails.storable(text) else []
         else:
-            found = self._experiments("e.name = :name", {"name": by_name})
-            what = f"name {by_name!r}"
+            found = []
         if not found:
-            raise not_found(f"No experiment with {what} in project {self.project_id}")
+            raise resource_not_found()
         return found[0]
 
     def _experiment_documents(self, rows: list[sa.Row]) -> list[dict[str, Any]]:
         tags: dict[int, list[sa.Row]] = {row.id: [] for row in rows}
         if rows:
             for tag in self._rows(f"""SELECT t.experiment_id, t.name, t.value FROM {self.tags_relation} t
-                                      WHERE t.experiment_id = ANY(:ids) ORDER BY t.experiment_id, t.name""",
+                                      WHERE t.experiment_id = ANY(:ids) ORDER BY t.experiment_id, t.id""",
                                   {"ids": list(tags)}):
                 tags[tag.experiment_id].append(tag)
         return [{"experiment_id": str(row.iid), "name": row.name,
@@ -237,59 +156,51 @@ class View:
                 for row in rows]
 
     def get_experiment(self, params: dict[str, Any]) -> dict[str, Any]:
-        row = self._experiment(by_iid=required(params, "experiment_id"))
+        """``optional :experiment_id, type: String, default: ''``: without one, no experiment."""
+        iid = rails.grape_string(params, "experiment_id", default="")
+        row = self._find_experiment(iid, params.get("experiment_name", rails.ABSENT))
         return {"experiment": self._experiment_documents([row])[0]}
 
     def get_experiment_by_name(self, params: dict[str, Any]) -> dict[str, Any]:
-        name = params.get("experiment_name")
-        if name is None:
-            raise invalid("Missing value for required parameter 'experiment_name'")
-        return {"experiment": self._experiment_documents([self._experiment(by_name=str(name))])[0]}
-
-    EXPERIMENT_ORDER = Order("created_at", True)  # GitLab's default for experiments/search
-    EXPERIMENT_COLUMNS = ("created_at", "name", "id")
+        """``optional :experiment_name, type: String, default: ''``; an ``experiment_id``
+        in the request still wins, as in GitLab's shared ``experiment`` helper."""
+        name = rails.grape_string(params, "experiment_name", default="")
+        row = self._find_experiment(params.get("experiment_id", rails.ABSENT), name)
+        return {"experiment": self._experiment_documents([row])[0]}
 
     def search_experiments(self, params: dict[str, Any], limit: int) -> dict[str, Any]:
-        size = page_size(params, 200, limit)
-        order = parse_order(params.get("order_by"), self.EXPERIMENT_COLUMNS, self.EXPERIMENT_ORDER)
-        rows, token = self._experiment_page(order, size, params.get("page_token"))
-        found: dict[str, Any] = {"experiments": self._experiment_documents(rows)}
-        if token:
-            found["next_page_token"] = token
-        return found
+        size = rails.page_size(params, 200, limit)
+        ordering = experiment_ordering(order_text(params, "created_at DESC", lenient=self.lenient))
+        token = rails.grape_string(params, "page_token")
+        rows, next_token = self._experiment_page(ordering, size, token)
+        return {"experiments": self._experiment_documents(rows), "next_page_token": next_token}
 
-    def _experiment_page(self, order: Order, size: int, token: Any) -> tuple[list[sa.Row], str | None]:
-        sort, cast = {"created_at": ("e.created_at", "timestamptz"), "name": ("e.name", "text"),
-                      "id": ("e.id", "bigint")}[order.column]
+    def experiments_list_page(self, token: str | None, size: int) -> tuple[list[dict[str, Any]], str | None]:
+        """experiments/list: every experiment in the finder's default order (``id DESC``),
+        one page at a time so the server can stream them."""
+        rows, next_token = self._experiment_page(EXPERIMENT_LIST, size, token)
+        return self._experiment_documents(rows), next_token
+
+    def _experiment_page(self, ordering: Ordering, size: int,
+                         token: str | None) -> tuple[list[sa.Row], str | None]:
         keyed: dict[str, Any] = {"n": size + 1}
-        where, ordering = _keyset(order, sort, "e.id", cast, token, keyed)
-        rows = self._experiments(where, keyed, f"ORDER BY {ordering} LIMIT :n")
-        return self._paged(rows, size, order, lambda row: getattr(row, order.column))
-
-    @staticmethod
-    def _paged(rows: list[sa.Row], size: int, order: Order, sort_value) -> tuple[list[sa.Row], str | None]:
-        if len(rows) <= size:
-            return rows, None
-        last = rows[size - 1]
-        return rows[:size], _encode_token(order, _sort_value(sort_value(last)), last.id)
+        where = ordering.after(token or None, keyed)
+        rows = self._experiments(where, keyed, f"ORDER BY {ordering.order_by()} LIMIT :n",
+                                 select=f", {ordering.select()}")
+        return _paged(rows, size, ordering)
 
     # -- runs --------------------------------------------------------------------------
     RUN_COLUMNS = """c.id, c.eid, c.name, c.status, c.start_time, c.end_time, c.user_id,
         c.created_at, pk.project_id AS package_project, pk.name AS package_name,
         pk.version AS package_version"""
-    RUN_ORDER = Order("created_at", True)  # GitLab's default for runs/search
-    RUN_SORT: ClassVar[dict[str, tuple[str, str]]] = {
-        "created_at": ("c.created_at", "timestamptz"), "name": ("COALESCE(c.name, '')", "text"),
-        "id": ("c.id", "bigint")}
 
     def _run(self, params: dict[str, Any], *, with_experiment: bool = True) -> sa.Row:
-        """The candidate whose eid is ``run_id`` in the project (GitLab's ``find_candidate!``),
-        with its experiment's iid (a run no experiment reaches is not found)."""
-        eid = required(params, "run_id", "run_uuid")
-        try:
-            uuid.UUID(eid)
-        except ValueError:
-            raise not_found(f"No run with id {eid[:80]!r} in project {self.project_id}") from None
+        """``find_candidate!(params[:run_id])``: the candidate of the project whose eid is
+        ``run_id`` (``run_uuid`` is ignored), with its experiment's iid."""
+        given = rails.grape_string(params, "run_id", required=True)
+        eid = rails.uuid_cast(given) if given else None
+        if eid is None:
+            raise resource_not_found()
         parent, iid = ((run_parent(self.conn, self.source), "x.iid") if with_experiment
                        else ("", "0"))
         found = self._rows(f"""
@@ -298,7 +209,7 @@ class View:
             WHERE c.project_id = :project AND c.eid = CAST(:eid AS uuid)""",
             {"project": self.project_id, "eid": eid})
         if not found or found[0].experiment_iid is None:
-            raise not_found(f"No run with id {eid} in project {self.project_id}")
+            raise resource_not_found()
         return found[0]
 
     def get_run(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -306,29 +217,35 @@ class View:
         return {"run": self._run_documents([run], str(run.experiment_iid))[0]}
 
     def search_runs(self, params: dict[str, Any], limit: int) -> dict[str, Any]:
-        ids = params.get("experiment_ids")
-        if isinstance(ids, str):
-            ids = [ids]
-        if not ids:
-            raise invalid("Missing value for required parameter 'experiment_ids'")
-        experiment = self._experiment(by_iid=str(ids[0]))  # GitLab reads the first one only
-        size = page_size(params, 200, limit)
-        order = parse_order(params.get("order_by"), tuple(self.RUN_SORT), self.RUN_ORDER)
-        sort, cast = self.RUN_SORT[order.column]
+        ids = rails.grape_array(params, "experiment_ids")
+        first = ids[0] if ids else None
+        if isinstance(first, (list, dict)):
+            # GitLab hands it to ActiveRecord, which fails; its rescue answers this
+            raise invalid_parameter("experiment_ids must hold experiment ids")
+        size = rails.page_size(params, 200, limit)
+        ordering = run_ordering(order_text(params, "created_at DESC", lenient=self.lenient))
+        token = rails.grape_string(params, "page_token")
+        experiment = self._find_experiment(first, params.get("experiment_name", rails.ABSENT))
         keyed: dict[str, Any] = {"n": size + 1, "experiment_row": experiment.id,
                                  "experiment_model": experiment.model_id}
-        where, ordering = _keyset(order, sort, "c.id", cast, params.get("page_token"), keyed)
+        where = ordering.after(token or None, keyed)
+        metric_join = ""
+        if ordering.metric is not None and not rails.storable(ordering.metric):
+            raise invalid_parameter("order_by names a metric no run can have (a NUL or a lone surrogate)")
+        if ordering.metric is not None:
+            # the run's latest value of the metric (Ml::CandidateMetric.latest); runs
+            # without it are left out, as GitLab's INNER JOIN leaves them out
+            keyed["metric"] = ordering.metric
+            metric_join = """JOIN LATERAL (
+                SELECT m.value FROM ml_candidate_metrics m WHERE m.candidate_id = c.id AND m.name = :metric
+                ORDER BY m.id DESC LIMIT 1) lm ON true"""
         rows = self._rows(f"""
-            SELECT {self.RUN_COLUMNS} FROM ml_candidates c
+            SELECT {self.RUN_COLUMNS}, {ordering.select()} FROM ml_candidates c {metric_join}
             LEFT JOIN packages_packages pk ON pk.id = c.package_id
             WHERE {runs_of_experiment(self.conn, self.source)} AND {where}
-            ORDER BY {ordering} LIMIT :n""", keyed)
-        page, token = self._paged(rows, size, order, lambda row: {
-            "created_at": row.created_at, "name": row.name or "", "id": row.id}[order.column])
-        found: dict[str, Any] = {"runs": self._run_documents(page, str(experiment.iid))}
-        if token:
-            found["next_page_token"] = token
-        return found
+            ORDER BY {ordering.order_by()} LIMIT :n""", keyed)
+        page, next_token = _paged(rows, size, ordering)
+        return {"runs": self._run_documents(page, str(experiment.iid)), "next_page_token": next_token}
 
     def _artifact_uri(self, run: sa.Row) -> str:
         """The run's package, by its name and version (which no milestone changes); the
@@ -362,35 +279,38 @@ class View:
         for run in runs:
             info: dict[str, Any] = {
                 "run_id": str(run.eid), "run_uuid": str(run.eid), "experiment_id": experiment_id,
-                "start_time": run.start_time or 0,
-                "status": STATUS_NAMES.get(run.status, str(run.status)),
-                "artifact_uri": self._artifact_uri(run), "lifecycle_stage": "active",
-                "user_id": "" if run.user_id is None else str(run.user_id)}
+                "start_time": run.start_time or 0}
             if run.end_time is not None:
                 info["end_time"] = run.end_time
             if run.name is not None:
                 info["run_name"] = run.name
+            info.update({
+                "status": STATUS_NAMES.get(run.status, str(run.status)),
+                "artifact_uri": self._artifact_uri(run), "lifecycle_stage": "active",
+                "user_id": "" if run.user_id is None else str(run.user_id)})
             documents.append({"info": info, "data": data[run.id]})
         return documents
 
     def metric_history(self, params: dict[str, Any], limit: int) -> dict[str, Any]:
+        """``for_history``: the points of one key, by ``step`` then ``tracked_at`` (NULLs
+        last), then ``id DESC``. Both ``run_id`` and ``metric_key`` are required."""
+        problems = [f"{name} is missing" for name in ("run_id", "metric_key") if name not in params]
+        if problems:
+            raise grape_errors(*problems)
+        key = rails.grape_string(params, "metric_key", required=True)
+        size = rails.page_size(params, MAX_PAGE, limit)
+        token = rails.grape_string(params, "page_token")
         run = self._run(params, with_experiment=False)
-        key = required(params, "metric_key")
-        size = page_size(params, MAX_PAGE, limit)
-        after = 0
-        if token := params.get("page_token"):
-            decoded = _decode_token(token, Order("id", False))
-            after = decoded[1] if decoded else 0
-        rows = self._rows("""
-            SELECT m.id, m.name, m.value, m.is_nan, m.step, m.tracked_at FROM ml_candidate_metrics m
-            WHERE m.candidate_id = :c AND m.name = :key AND m.id > :after ORDER BY m.id LIMIT :n""",
-            {"c": run.id, "key": key, "after": after, "n": size + 1})
-        page, token = self._paged(rows, size, Order("id", False), lambda row: row.id)
-        found: dict[str, Any] = {"metrics": [_metric(m.name, m.value, m.is_nan, m.step, m.tracked_at)
-                                              for m in page]}
-        if token:
-            found["next_page_token"] = token
-        return found
+        keyed: dict[str, Any] = {"c": run.id, "key": key or "", "n": size + 1}
+        where = METRIC_HISTORY.after(token or None, keyed)
+        rows = [] if key is None or not rails.storable(key) else self._rows(f"""
+            SELECT m.id, m.name, m.value, m.is_nan, m.step, m.tracked_at, {METRIC_HISTORY.select()}
+            FROM ml_candidate_metrics m
+            WHERE m.candidate_id = :c AND m.name = :key AND {where}
+            ORDER BY {METRIC_HISTORY.order_by()} LIMIT :n""", keyed)
+        page, next_token = _paged(rows, size, METRIC_HISTORY)
+        return {"metrics": [_metric(m.name, m.value, m.is_nan, m.step, m.tracked_at) for m in page],
+                "next_page_token": next_token}
 
     # -- registry ------------------------------------------------------------------------
     def registered_model(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -442,11 +362,18 @@ def reading_source(conn: Connection) -> str | None:
     return source
 
 
+def _paged(rows: list[sa.Row], size: int, ordering: Ordering) -> tuple[list[sa.Row], str | None]:
+    """The page and, when a row beyond it was read, the token of its last row."""
+    if len(rows) <= size:
+        return rows, None
+    return rows[:size], ordering.token_for(rows[size - 1])
+
+
 def _metric(name: str, value: float | None, is_nan: bytes | None, step: int | None,
             tracked_at: int | None) -> dict[str, Any]:
-    found: dict[str, Any] = {"key": name, "value": metric_value(value, is_nan)}
-    if tracked_at is not None:
-        found["timestamp"] = tracked_at
+    """GitLab's Metric entity: ``timestamp`` always (null when none was logged), ``step``
+    only when there is one."""
+    found: dict[str, Any] = {"key": name, "value": metric_value(value, is_nan), "timestamp": tracked_at}
     if step is not None:
         found["step"] = step
     return found

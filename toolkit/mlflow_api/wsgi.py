@@ -55,15 +55,13 @@ def encode(document: Any) -> bytes:
 class MlflowApp:
     """One instance serves every request; it keeps no state between them."""
 
-    def __init__(self, api: Api, external_url: str, *, access_log: bool = True,
-                 declared: dict[str, dict[str, type]] = inputs.DECLARED):
+    def __init__(self, api: Api, external_url: str, *, access_log: bool = True):
         from toolkit.mlflow_api.server import ROUTE, TRACKING_PATH  # server.py imports this module
 
         self.route, self.tracking_path = ROUTE, TRACKING_PATH
         self.api = api
         self.external_url = external_url.rstrip("/")
         self.access_log = access_log
-        self.declared = declared
 
     # -- WSGI -----------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -94,7 +92,7 @@ class MlflowApp:
             if exc.status >= 500 and exc.status != 503:
                 out.warn(f"mlflow serve: {environ.get('REQUEST_METHOD')} {self._path(environ)} "
                          f"answered {exc.status}: {redact(exc.message, self.api.secrets)[:500]}")
-            return exc.status, JSON, [encode(exc.document())]
+            return exc.status, [*JSON, *exc.headers], [encode(exc.document())]
 
     def _route(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -108,12 +106,11 @@ class MlflowApp:
                            f"{self.external_url}{self.tracking_path.format(project='P')}")
         endpoint, project = match["endpoint"], match["project"]
         api = self.api
-        self.check_access(environ, method, endpoint, project)
+        self.check_access(environ, method, endpoint, project, params)
         if method not in ("GET", "HEAD") and endpoint not in POST_READS:
             raise ApiError(403, "FEATURE_DISABLED",
                            f"toolkit mlflow serve is read-only: {endpoint} would write, and nothing "
                            "was changed. Log runs to GitLab itself")
-        params = inputs.coerce(endpoint, params, self.declared)
         if endpoint == "experiments/list":
             return 200, JSON, self._stream_list(api.list_pages(project, self.external_url))
         if endpoint in api.reads:
@@ -122,12 +119,16 @@ class MlflowApp:
                        f"{endpoint} is not served by toolkit mlflow serve (it serves "
                        f"{', '.join(sorted([*api.reads, 'experiments/list']))})")
 
-    def check_access(self, environ: dict[str, Any], method: str, endpoint: str, project: str) -> None:
-        """Where a request's token is checked, in GitLab's order: after the malformed-input
-        checks and the route, before the read-only refusal and the parameters' types (Grape
-        runs an endpoint's ``before`` blocks, ``check_api_read!`` among them, before its
-        validations). It raises ApiError for a 401, 403 or 404 and sets
-        ``environ[USER_KEY]``, which the access log shows. Nothing yet: reads are open."""
+    def check_access(self, environ: dict[str, Any], method: str, endpoint: str, project: str,
+                     params: dict[str, Any]) -> None:
+        """The request's token checked as GitLab checks it (:meth:`Api.authenticate`), in
+        GitLab's order: after the malformed-input checks and the route, before the read-only
+        refusal and the parameters' types (Grape runs an endpoint's ``before`` blocks,
+        ``check_api_read!`` among them, before its validations). A 401, 403 or 404 is raised
+        as ApiError; the user goes to ``environ[USER_KEY]``, which the access log shows."""
+        user = self.api.authenticate(method, _headers(environ), params, project, endpoint)
+        if user is not None:
+            environ[USER_KEY] = user
 
     @staticmethod
     def _params(environ: dict[str, Any]) -> dict[str, Any]:
@@ -196,6 +197,16 @@ class MlflowApp:
         method = quote(str(environ.get("REQUEST_METHOD", "-")), safe="")[:20]
         client = quote(str(environ.get("REMOTE_ADDR") or "-"), safe=".:[]")[:60]
         out.note(f"access: {method} {self._path(environ)} {status} {ms:.0f} ms user={user} client={client}")
+
+
+def _headers(environ: dict[str, Any]) -> dict[str, str]:
+    """The request's headers by their names (``PRIVATE-TOKEN``), from the WSGI environ."""
+    found = {name[5:].replace("_", "-"): value for name, value in environ.items()
+             if name.startswith("HTTP_") and isinstance(value, str)}
+    for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if name in environ:
+            found[name.replace("_", "-")] = str(environ[name])
+    return found
 
 
 def _query_names(raw: bytes) -> list[tuple[bytes, bytes]]:

@@ -22,6 +22,10 @@ EXISTING_MODEL_NAME = "my_experiment"
 NOTHING_LEFT_NAMES = ("!!!", "日本語の実験", "🔥🔥🔥", "   ", "Эксперимент", "تجربة")
 ODD_NAMES = ("🚀 launch v2", "Ünïcödé Straße", "tab\there", "new\nline", "back\\slash", "quote\"d",
              "percent %s and {braces}", "[model]not-really-a-model", "ml_experiment_1")
+# Members (developers of the first project) whose tokens GitLab refuses, by users.state.
+UNUSABLE_USERS = {"blocked-user": "blocked", "deactivated-user": "deactivated",
+                  "pending-user": "blocked_pending_approval"}
+ADMIN_USERNAME = "admin-user"  # users.admin, member of no project
 
 
 def add_adversarial_rows(b: Builder, base: Entities) -> None:
@@ -144,3 +148,8 @@ def add_adversarial_rows(b: Builder, base: Entities) -> None:
     # --- candidates in experiments with odd names, and a default experiment's candidates ---
     for exp in [*named[4:], default_exp, old_default]:
         candidate(exp)
+
+    # --- identities GitLab's API refuses though they are members, and an admin who is not --
+    for username, state in UNUSABLE_USERS.items():
+        b.authorize(b.user(username, state=state), project, 30)
+    b.user(ADMIN_USERNAME, admin=True)

@@ -27,13 +27,17 @@ from sqlalchemy.engine import Connection
 
 from toolkit.sandbox.legacy_schema import ALL_TABLES, create_tables, finish_schema
 from toolkit.sandbox.scales import PROFILES, Scale
+from toolkit.schema import gitlab
 from toolkit.schema.gitlab import CANDIDATE_STATUSES, PACKAGE_STATUSES, PACKAGE_TYPES
 
 BASE_TIME = datetime(2023, 6, 1, tzinfo=UTC)
 
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "projects": ("id", "name"),
-    "users": ("id", "username"),
+    "namespaces": ("id", "name", "path", "type", "parent_id"),
+    "projects": ("id", "name", "path", "namespace_id"),
+    "routes": ("id", "source_id", "source_type", "path", "created_at", "updated_at", "name"),
+    "users": ("id", "username", "state", "admin"),
+    "project_authorizations": ("user_id", "project_id", "access_level", "is_unique"),
     "ml_models": ("id", "created_at", "updated_at", "project_id", "name", "description", "user_id",
                   "cached_markdown_version", "description_html"),
     "ml_experiments": ("id", "created_at", "updated_at", "iid", "project_id", "user_id", "name",
@@ -69,6 +73,8 @@ TOPICS = ("churn", "fraud", "ranking", "forecast", "vision", "speech", "recsys",
 VARIANTS = ("baseline", "tuned", "v2", "large", "distilled", "xgb", "resnet", "bert", "lstm", "prophet")
 ANIMALS = ("otter", "lynx", "heron", "yak", "gecko", "ibis", "koala", "marten", "orca", "tapir")
 FILES = ("model.pkl", "metrics.json", "requirements.txt", "conda.yaml", "MLmodel", "weights.bin")
+# project_authorizations.access_level: guest, reporter, developer, maintainer (Gitlab::Access)
+ACCESS_LEVELS = (10, 20, 30, 40)
 # package status weights: mostly default, each of the others present
 STATUS_WEIGHTS = ((0, 88), (1, 3), (2, 2), (3, 2), (4, 3), (5, 2))
 
@@ -133,15 +139,37 @@ class Builder:
         self.ids[table] += 1
         return self.ids[table]
 
-    def project(self, name: str) -> int:
+    def namespace(self, path: str, parent: tuple[int, str] | None = None) -> tuple[int, str]:
+        """A group (a subgroup under ``parent``) and its route; its id and full path."""
+        nid = self._next("namespaces")
+        full_path = f"{parent[1]}/{path}" if parent else path
+        self.sink.add("namespaces", id=nid, name=path, path=path, type="Group",
+                      parent_id=parent[0] if parent else None)
+        self._route(nid, "Namespace", full_path)
+        return nid, full_path
+
+    def project(self, path: str, namespace: tuple[int, str]) -> int:
         pid = self._next("projects")
-        self.sink.add("projects", id=pid, name=name)
+        full_path = f"{namespace[1]}/{path}"
+        self.sink.add("projects", id=pid, name=full_path, path=path, namespace_id=namespace[0])
+        self._route(pid, "Project", full_path)
         return pid
 
-    def user(self, username: str) -> int:
+    def _route(self, source_id: int, source_type: str, full_path: str) -> None:
+        self.sink.add("routes", id=self._next("routes"), source_id=source_id, source_type=source_type,
+                      path=full_path, created_at=BASE_TIME, updated_at=BASE_TIME, name=full_path)
+
+    def user(self, username: str, state: str = "active", admin: bool = False) -> int:
         uid = self._next("users")
-        self.sink.add("users", id=uid, username=username)
+        self.sink.add("users", id=uid, username=username, state=state, admin=admin)
         return uid
+
+    def authorize(self, user_id: int, project_id: int, access_level: int) -> None:
+        """A ``project_authorizations`` row: the user's access to the project (10 guest,
+        20 reporter, 30 developer, 40 maintainer, 50 owner), as GitLab derives it from
+        memberships."""
+        self.sink.add("project_authorizations", user_id=user_id, project_id=project_id,
+                      access_level=access_level, is_unique=None)
 
     def model(self, project_id: int, name: str, created_at: datetime, user_id: int | None,
               description: str | None = None) -> int:
@@ -280,7 +308,7 @@ def seed_database(conn: Connection, scale: Scale, profile: str = "realistic", se
     _generate_children(conn, scale, seed)
     phase("generate params, metrics, metadata")
 
-    for table in ALL_TABLES:
+    for table in (t for t in ALL_TABLES if "id" in gitlab.metadata.tables[t].c):
         conn.execute(sa.text(
             f"SELECT setval('{table}_id_seq', COALESCE((SELECT max(id) FROM {table}), 0) + 1, false)"
         ))
@@ -316,7 +344,19 @@ def _weighted_status(rng: random.Random) -> int:
 def _build_realistic(b: Builder, scale: Scale) -> Entities:
     rng = b.rng
     users = [b.user(f"user{i}") for i in range(1, max(5, scale.projects // 2) + 1)]
-    projects = [b.project(f"group{i % 7}/project-{i}") for i in range(1, scale.projects + 1)]
+    # Groups group0..group6, and under group1 a subgroup with a subgroup of its own (mixed
+    # case: GitLab finds a full path case-insensitively); project i lives in group{i % 7},
+    # or for group1 in one of the nested subgroups, so projects have one- to three-level paths.
+    groups = [b.namespace(f"group{g}") for g in range(7)]
+    team = b.namespace("Team-ML", groups[1])
+    vision = b.namespace("vision", team)
+
+    def home(i: int) -> tuple[int, str]:
+        if i % 7 != 1:
+            return groups[i % 7]
+        return vision if i % 14 == 1 else team
+
+    projects = [b.project(f"project-{i}", home(i)) for i in range(1, scale.projects + 1)]
     model_every = max(1, round(1 / scale.model_fraction))
     # Spread creation over ~18 months, in order of id, like a real table.
     span_minutes = 18 * 30 * 24 * 60
@@ -391,7 +431,17 @@ def _build_realistic(b: Builder, scale: Scale) -> Entities:
         name = {"npm": f"@group/lib-{k}", "generic": f"release-assets-{k}"}.get(kind, f"lib-{k}")
         b.package(project_id, name, f"1.{k}.0", PACKAGE_TYPES[kind], end,
                   status=PACKAGE_STATUSES["default"], creator_id=users[0], files=1)
+    _authorize_users(b, users, projects)
     return Entities(users, projects, experiments, end)
+
+
+def _authorize_users(b: Builder, users: list[int], projects: list[int]) -> None:
+    """Every project has a guest, a reporter, a developer and a maintainer, and (with five
+    users or more) users without access; no random draw, so the ML rows stay as they were."""
+    for i, project_id in enumerate(projects):
+        for k, level in enumerate(ACCESS_LEVELS):
+            if k < len(users):
+                b.authorize(users[(i + k) % len(users)], project_id, level)
 
 
 def _generate_children(conn: Connection, scale: Scale, seed: int) -> None:

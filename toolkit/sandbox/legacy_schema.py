@@ -27,14 +27,16 @@ def _tables() -> list[sa.Table]:
 def create_tables(conn: Connection) -> None:
     conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
     for table in _tables():
-        conn.execute(CreateSequence(table.c.id.default, if_not_exists=True))
+        if "id" in table.c:  # project_authorizations has none
+            conn.execute(CreateSequence(table.c.id.default, if_not_exists=True))
     for table in _tables():
         conn.execute(CreateTable(table, include_foreign_key_constraints=[]))
 
 
 def finish_schema(conn: Connection) -> None:
     for table in _tables():
-        conn.execute(sa.text(f"ALTER SEQUENCE {table.name}_id_seq OWNED BY {table.name}.id"))
+        if "id" in table.c:
+            conn.execute(sa.text(f"ALTER SEQUENCE {table.name}_id_seq OWNED BY {table.name}.id"))
         for index in sorted(table.indexes, key=lambda i: i.name):
             conn.execute(CreateIndex(index))
         for fk in sorted(table.foreign_key_constraints, key=lambda c: c.name):

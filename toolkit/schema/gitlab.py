@@ -18,8 +18,10 @@ import hashlib
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -93,19 +95,73 @@ def _fk(target: str, ondelete: str, table: str, column: str, name: str | None = 
     )
 
 
-# Stubs for the two tables GitLab's ML tables point at. A real GitLab database has the
-# full tables; the sandbox needs only their ids.
+# Stubs for the tables GitLab's ML tables point at, the tables the MLflow API reads to
+# find a project by its full path, and the identity tables ``toolkit mlflow serve`` checks
+# tokens and access with (db/structure.sql at 0016ea05: the columns it reads, with GitLab's
+# names and types). A real GitLab database has the full tables; the toolkit only reads
+# them, and only the sandbox creates these stubs.
+namespaces = Table(
+    "namespaces", metadata,
+    _id("namespaces"),
+    Column("name", String, nullable=False),
+    Column("path", String, nullable=False),
+    Column("type", String, nullable=False, server_default=text("'User'::character varying")),
+    Column("parent_id", BigInteger),
+)
 projects = Table(
     "projects", metadata,
     _id("projects"),
     Column("name", Text, nullable=False),
+    Column("visibility_level", Integer, nullable=False, server_default=text("0")),  # 0/10/20
+    Column("path", String),
+    Column("namespace_id", BigInteger),  # NOT NULL in GitLab; the stub lets a test insert (id, name)
+    Column("pending_delete", Boolean, server_default=text("false")),
+    Column("hidden", Boolean, nullable=False, server_default=text("false")),
+)
+# routes: a project's or namespace's full path (Routable), the table find_by_full_path reads
+routes = Table(
+    "routes", metadata,
+    _id("routes"),
+    Column("source_id", BigInteger, nullable=False),
+    Column("source_type", String, nullable=False),
+    Column("path", String, nullable=False),
+    Column("created_at", DateTime),
+    Column("updated_at", DateTime),
+    Column("name", String),
+    Column("namespace_id", BigInteger),
+    Index("index_routes_on_path", "path", unique=True),
+    Index("index_routes_on_source_type_and_source_id", "source_type", "source_id", unique=True),
 )
 users = Table(
     "users", metadata,
     _id("users"),
     Column("username", Text, nullable=False),
+    Column("state", String),  # active, blocked, deactivated, blocked_pending_approval, ...
+    Column("admin", Boolean, nullable=False, server_default=text("false")),
 )
-STUB_TABLE_NAMES = ("projects", "users")
+personal_access_tokens = Table(
+    "personal_access_tokens", metadata,
+    _id("personal_access_tokens"),
+    Column("user_id", BigInteger, nullable=False),
+    Column("name", String, nullable=False),
+    Column("revoked", Boolean, server_default=text("false")),
+    Column("expires_at", Date),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Column("scopes", String, nullable=False, server_default=text("'--- []\n'::character varying")),
+    Column("impersonation", Boolean, nullable=False, server_default=text("false")),
+    Column("token_digest", String),
+    Index("index_personal_access_tokens_on_token_digest", "token_digest", unique=True),
+)
+project_authorizations = Table(  # no id: one row per (user, project)
+    "project_authorizations", metadata,
+    Column("user_id", BigInteger, primary_key=True),
+    Column("project_id", BigInteger, primary_key=True),
+    Column("access_level", Integer, nullable=False),
+    Column("is_unique", Boolean),
+)
+STUB_TABLE_NAMES = ("namespaces", "projects", "routes", "users", "personal_access_tokens",
+                    "project_authorizations")
 
 
 def _project_fk(table: str) -> ForeignKey:
