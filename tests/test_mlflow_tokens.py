@@ -180,9 +180,9 @@ def call(server, endpoint: str, *, token: str | None = None, how: str = "bearer"
     request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read()), dict(answer.headers)
+            return answer.status, json.loads(answer.read()), answer.headers  # names in any case
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+        return exc.code, json.loads(exc.read()), exc.headers
 
 
 def get(server, token=None, **kw) -> tuple[int, dict]:

@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from toolkit.errors import redact
 from toolkit.mlflow_api import inputs
@@ -96,10 +96,11 @@ class MlflowApp:
 
     def _route(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
         method = environ.get("REQUEST_METHOD", "GET")
-        path = inputs.text(environ.get("PATH_INFO", ""), "path")
+        path = inputs.text(environ.get("PATH_INFO", ""), "path")  # decoded: NUL, invalid UTF-8
         inputs.text(environ.get("HTTP_AUTHORIZATION", ""), "authorization")
         params = self._params(environ)
-        match = self.route.match(path)
+        # routed as sent, as Grape routes: the project's full path stays one URL-encoded segment
+        match = self.route.match(inputs.text(_raw_path(environ), "path"))
         if match is None:
             raise ApiError(404, "ENDPOINT_NOT_FOUND",
                            f"No such endpoint: {path[:200]}. The tracking URI of project P is "
@@ -132,17 +133,15 @@ class MlflowApp:
 
     @staticmethod
     def _params(environ: dict[str, Any]) -> dict[str, Any]:
-        """Query, then body over it (Grape's order). A JSON body that is not an object
-        carries no parameters, as on GitLab; a form body is read like a query string."""
+        """Query, then body over it (Grape's order). The body is read as JSON whatever its
+        Content-Type (MLflow clients send JSON; so do scripts that forget the header); a JSON
+        body that is not an object carries no parameters, as on GitLab."""
         params = inputs.query_params(environ.get("QUERY_STRING", ""))
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:  # the server checked it; a WSGI server that did not
             raise inputs.Malformed("content-length") from None
         raw = environ["wsgi.input"].read(length) if length > 0 else b""
-        if environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
-            params.update(inputs.query_params(raw.decode("latin-1")))
-            return params
         body = inputs.json_body(raw)
         if isinstance(body, dict):
             params.update(body)
@@ -180,8 +179,8 @@ class MlflowApp:
     def _path(environ: dict[str, Any]) -> str:
         """The path as sent (percent-encoded, so no byte of it can forge a log line) and the
         names of the query's parameters, never their values."""
-        raw = environ.get("PATH_INFO", "").encode("latin-1", "replace")
-        path = quote(raw, safe="/-._~!$&'()*+,;=:@")[:300]
+        raw = _raw_path(environ).encode("latin-1", "replace")
+        path = quote(raw, safe="/-._~!$&'()*+,;=:@%")[:300]
         names = [name.decode("latin-1") for name, _ in
                  _query_names(environ.get("QUERY_STRING", "").encode("latin-1", "replace"))]
         if names:
@@ -197,6 +196,16 @@ class MlflowApp:
         method = quote(str(environ.get("REQUEST_METHOD", "-")), safe="")[:20]
         client = quote(str(environ.get("REMOTE_ADDR") or "-"), safe=".:[]")[:60]
         out.note(f"access: {method} {self._path(environ)} {status} {ms:.0f} ms user={user} client={client}")
+
+
+def _raw_path(environ: dict[str, Any]) -> str:
+    """The path as the request line has it, still URL-encoded (waitress's ``PATH_INFO`` is
+    decoded, which would split ``group%2Fproject`` in two)."""
+    raw = str(environ.get("REQUEST_URI") or "")
+    if not raw.startswith("/"):  # absolute-form (http://host/path) or none
+        raw = urlsplit(raw).path if raw else quote(environ.get("PATH_INFO", "").encode("latin-1", "replace"),
+                                                   safe="/")
+    return raw.split("?", 1)[0].split("#", 1)[0]
 
 
 def _headers(environ: dict[str, Any]) -> dict[str, str]:
