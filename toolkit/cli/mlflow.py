@@ -15,6 +15,7 @@ from toolkit import milestones
 from toolkit.cli.context import app
 from toolkit.engine.preflight import check_gitlab_database
 from toolkit.errors import PreconditionRefused, UsageProblem
+from toolkit.mlflow_api.artifacts import OMNIBUS_PACKAGES_DIR
 from toolkit.mlflow_api.auth import Authenticator, DatabaseTokens, FileTokens, TokenSource, missing_users
 from toolkit.mlflow_api.server import MIB, TRACKING_PATH, Api, Limits, MlflowServer
 from toolkit.mlflow_api.views import MAX_PAGE
@@ -46,6 +47,10 @@ def mlflow() -> None:
                    "answers 503, which MLflow clients retry.")
 @click.option("--statement-timeout-ms", type=click.IntRange(1), default=10_000, show_default=True,
               help="How long one query of a request may run.")
+@click.option("--packages-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="GitLab's package store on local storage (Omnibus: "
+                   f"{OMNIBUS_PACKAGES_DIR}), or a copy: model version artifacts are downloaded "
+                   "from it. Without it they are listed, and a download says where the file is.")
 @click.option("--tokens-file", type=click.Path(path_type=Path, dir_okay=False),
               help="YAML list of {token, user, scopes} for a rehearsal copy: each request must carry "
                    "one of them (Authorization: Bearer or PRIVATE-TOKEN), checked as GitLab checks "
@@ -87,13 +92,16 @@ def mlflow() -> None:
                    "client address.")
 def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statement_timeout_ms: int,
           tokens_file: Path | None, gitlab_secrets: Path | None, lenient: bool,
+          packages_dir: Path | None,
           external_url: str | None, max_body_mb: int, max_header_kb: int, idle_timeout_s: int,
           request_timeout_s: int, max_connections: int, threads: int, access_log: bool) -> None:
     """Serve GitLab's MLflow tracking API, read-only, until Ctrl-C.
 
     Answers the MLflow client's reads (experiments get, get-by-name, search, list; runs get
-    and search; metric history; registered models get) from the database at whatever stage
-    it is in: before milestone 1, during any milestone, after each, after rollbacks. The
+    and search; metric history; registered models get, get-latest-versions, search, alias;
+    model versions get, get-download-uri; mlflow-artifacts list and download, the files
+    from --packages-dir) from the database at whatever stage it is in: before milestone 1,
+    during any milestone, after each, after rollbacks. The
     answers are GitLab's: experiment_id is the experiment's iid, run_id the candidate's eid.
     Calls that write are refused (403, FEATURE_DISABLED) and change nothing. Each request
     is one short READ ONLY transaction with its own timeouts.
@@ -130,7 +138,8 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
                     max_connections=max_connections, threads=threads)
     target = state.target()
     api = Api.connect(target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-                      page_limit=max_page_size, auth=auth, lenient=lenient, threads=threads)
+                      page_limit=max_page_size, auth=auth, lenient=lenient, packages_dir=packages_dir,
+                      threads=threads)
     try:
         with api.transaction() as conn:
             check_gitlab_database(conn, milestones.plan(), columns=False)  # exit 3, as every command
@@ -165,6 +174,8 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
         out.say(f"Projects: {shown or 'none yet'}{more}")
         first = projects[0].project_id if projects else 1
         out.say(f"For example: MLFLOW_TRACKING_URI={address}{TRACKING_PATH.format(project=first)}")
+        out.say(f"Artifacts: downloaded from {packages_dir}" if packages_dir else
+                "Artifacts: listed; downloads need --packages-dir (GitLab's package store)")
         if auth is None:
             out.say("No token source: anyone on this machine reads every project without a token "
                     "(GitLab asks for one); --tokens-file or --gitlab-secrets turn GitLab's checks on")

@@ -8,7 +8,7 @@ import click
 
 from toolkit.cli.context import app
 from toolkit.output import out
-from toolkit.sandbox.database import ensure_database, seed_sandbox
+from toolkit.sandbox.database import ensure_database, seed_sandbox, write_sandbox_package_files
 from toolkit.sandbox.scales import PROFILES, SCALES
 from toolkit.sandbox.server import DATA_DIR_ENV, SANDBOX_DATABASE, SandboxServer, ServerStatus
 
@@ -116,7 +116,11 @@ def url() -> None:
 @click.option("--metrics-per-candidate", type=click.IntRange(min=1), default=None,
               help="Metric rows per candidate instead of the scale's 10 (the benchmark shows "
                    "that milestone 1 costs the same either way).")
-def seed(scale: str, profile: str, seed_value: int, metrics_per_candidate: int | None) -> None:
+@click.option("--packages-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write every package file there, where GitLab's local package store keeps "
+                   "it (sparse files of the rows' sizes), for `mlflow serve --packages-dir`.")
+def seed(scale: str, profile: str, seed_value: int, metrics_per_candidate: int | None,
+         packages_dir: Path | None) -> None:
     """Replace the sandbox database with freshly generated GitLab data.
 
     Starts the sandbox if it is not running. Only ever touches the sandbox.
@@ -132,5 +136,10 @@ def seed(scale: str, profile: str, seed_value: int, metrics_per_candidate: int |
                           metrics_per_candidate=metrics_per_candidate)
     out.table(["table", "rows"], sorted(report.counts.items()))
     out.say(f"Seeded in {report.seconds:.1f}s.")
+    files = None
+    if packages_dir is not None:
+        files = write_sandbox_package_files(status, packages_dir)
+        out.say(f"Wrote {files} package files under {packages_dir}.")
     app().finish({"scale": scale, "profile": profile, "seed": seed_value,
-                  "seconds": report.seconds, "phases": report.phases, "counts": report.counts})
+                  "seconds": report.seconds, "phases": report.phases, "counts": report.counts,
+                  "package_files_written": files})

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -47,8 +48,10 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from toolkit.db import TIMEOUTS_OPTION, Target, create_engine
 from toolkit.errors import redact
+from toolkit.mlflow_api import artifacts
 from toolkit.mlflow_api.auth import Authenticator, needs_for
 from toolkit.mlflow_api.projects import resolve_project
+from toolkit.mlflow_api.registry import Registry
 from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
 from toolkit.mlflow_api.wsgi import USER_KEY, MlflowApp, StreamCut
 from toolkit.output import out
@@ -59,6 +62,8 @@ ROUTE = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/ml/mlflow/api/2\.0/(?:
 # What a catalog change under a request looks like: the stage moved on; read it again.
 STAGE_CHANGED = {"42P01", "42703"}  # undefined table, undefined column
 BUSY = {"55P03": "a lock it needed was held too long", "57014": "it ran longer than its statement_timeout"}
+# POSTs that only read (GitLab routes them without its write checks)
+READ_ONLY_POSTS = frozenset({"experiments/search", "runs/search", "registered-models/get-latest-versions"})
 
 
 class Api:
@@ -66,10 +71,12 @@ class Api:
 
     def __init__(self, engine: Engine, *, lock_timeout_ms: int, statement_timeout_ms: int,
                  page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = (),
-                 auth: Authenticator | None = None, lenient: bool = False):
+                 auth: Authenticator | None = None, lenient: bool = False,
+                 packages_dir: Path | None = None):
         self.engine = engine
         self.auth = auth  # None: no token source, every request is let in (loopback only)
         self.lenient = lenient  # accept the client's list order_by (GitLab refuses it)
+        self.packages_dir = packages_dir  # GitLab's package store (local storage), or a copy
         self.timeouts = (lock_timeout_ms, statement_timeout_ms)
         self.page_limit = page_limit
         self.secrets = secrets
@@ -81,13 +88,18 @@ class Api:
             "runs/get": lambda v, p: v.get_run(p),
             "runs/search": lambda v, p: v.search_runs(p, limit),
             "metrics/get-history": lambda v, p: v.metric_history(p, limit),
-            "registered-models/get": lambda v, p: v.registered_model(p),
+            "registered-models/get": lambda v, p: Registry(v).registered_model(p),
+            "registered-models/get-latest-versions": lambda v, p: Registry(v).latest_versions(p),
+            "registered-models/search": lambda v, p: Registry(v).search(p, limit),
+            "registered-models/alias": lambda v, p: Registry(v).version_by_alias(p),
+            "model-versions/get": lambda v, p: Registry(v).model_version(p),
+            "model-versions/get-download-uri": lambda v, p: Registry(v).download_uri(p),
         }
 
     @classmethod
     def connect(cls, target: Target | str, *, lock_timeout_ms: int = 1000, statement_timeout_ms: int = 10_000,
                 page_limit: int = MAX_PAGE, auth: Authenticator | None = None, lenient: bool = False,
-                threads: int = 8) -> Api:
+                packages_dir: Path | None = None, threads: int = 8) -> Api:
         """An API over its own small pool, its sessions named ``toolkit mlflow serve``: a
         connection for each of the server's ``threads`` (at most that many are ever busy)."""
         engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=min(threads, 4),
@@ -95,7 +107,7 @@ class Api:
                                connect_args={"application_name": "toolkit mlflow serve"})
         return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
                    page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else (),
-                   auth=auth, lenient=lenient)
+                   auth=auth, lenient=lenient, packages_dir=packages_dir)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -126,6 +138,15 @@ class Api:
     def answer(self, endpoint: str, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]:
         read = self.reads[endpoint]
         return self._retrying(lambda conn: read(View(conn, project, base_url, lenient=self.lenient), params))
+
+    def artifact_list(self, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]:
+        return self._retrying(lambda conn: artifacts.list_artifacts(View(conn, project, base_url), params))
+
+    def artifact_file(self, project: str, base_url: str, version: str, file_path: str) -> artifacts.Download:
+        """The file row in one transaction; the disk is read after it has ended."""
+        stored = self._retrying(lambda conn: artifacts.find_file(View(conn, project, base_url), version,
+                                                                 file_path))
+        return artifacts.open_file(stored, self.packages_dir)
 
     def list_pages(self, project: str, base_url: str) -> Iterator[list[dict[str, Any]]]:
         """experiments/list, a page per transaction (a project's every experiment is not

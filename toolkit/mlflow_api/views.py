@@ -312,44 +312,6 @@ class View:
         return {"metrics": [_metric(m.name, m.value, m.is_nan, m.step, m.tracked_at) for m in page],
                 "next_page_token": next_token}
 
-    # -- registry ------------------------------------------------------------------------
-    def registered_model(self, params: dict[str, Any]) -> dict[str, Any]:
-        name = required(params, "name")
-        found = self._rows("""SELECT id, name, created_at, updated_at, description, user_id FROM ml_models
-                              WHERE project_id = :project AND name = :name""",
-                           {"project": self.project_id, "name": name})
-        if not found:
-            raise not_found(f"No registered model named {name!r} in project {self.project_id}")
-        model = found[0]
-        tags = self._rows("SELECT name, value FROM ml_model_metadata WHERE model_id = :m ORDER BY name",
-                          {"m": model.id})
-        versions = self._rows("""
-            SELECT v.id, v.version, v.created_at, v.updated_at, v.description, c.eid
-            FROM ml_model_versions v LEFT JOIN ml_candidates c ON c.model_version_id = v.id
-            WHERE v.model_id = :m ORDER BY v.id""", {"m": model.id})
-        version_tags: dict[int, list[sa.Row]] = {v.id: [] for v in versions}
-        if versions:
-            for tag in self._rows("""SELECT model_version_id, name, value FROM ml_model_version_metadata
-                                     WHERE model_version_id = ANY(:ids) ORDER BY model_version_id, name""",
-                                  {"ids": list(version_tags)}):
-                version_tags[tag.model_version_id].append(tag)
-        return {"registered_model": {
-            # GitLab gives these timestamps in seconds
-            "name": model.name, "creation_timestamp": int(model.created_at.timestamp()),
-            "last_updated_timestamp": int(model.updated_at.timestamp()),
-            "description": model.description or "",
-            "user_id": "" if model.user_id is None else str(model.user_id),
-            "tags": _key_values(tags),
-            "latest_versions": [{
-                "name": model.name, "version": str(v.id),
-                "creation_timestamp": int(v.created_at.timestamp()),
-                "last_updated_timestamp": int(v.updated_at.timestamp()),
-                "current_stage": "development", "description": v.description or "",
-                "run_id": "" if v.eid is None else str(v.eid), "status": "READY",
-                "status_message": "", "tags": _key_values(version_tags[v.id]), "run_link": "",
-                "aliases": [v.version]} for v in versions],
-        }}
-
 
 def reading_source(conn: Connection) -> str | None:
     """The fingerprint's source, but while milestone 4 is being rolled back the archive:

@@ -15,6 +15,7 @@ shows it, ``-`` until then.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
     from toolkit.mlflow_api.server import Api
 
 USER_KEY = "toolkit.user"
-# POSTs that only read (GitLab declares them ``post``); every other call that is not a GET
-# or HEAD writes: experiments/create, runs/create, runs/log-*, runs/set-tag, runs/update, ...
-POST_READS = frozenset({"experiments/search", "runs/search", "registered-models/get-latest-versions"})
 JSON = [("Content-Type", "application/json")]
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            413: "Request Entity Too Large", 431: "Request Header Fields Too Large",
@@ -56,9 +54,12 @@ class MlflowApp:
     """One instance serves every request; it keeps no state between them."""
 
     def __init__(self, api: Api, external_url: str, *, access_log: bool = True):
-        from toolkit.mlflow_api.server import ROUTE, TRACKING_PATH  # server.py imports this module
+        # server.py imports this module
+        from toolkit.mlflow_api.artifacts import ARTIFACTS_ROUTE
+        from toolkit.mlflow_api.server import READ_ONLY_POSTS, ROUTE, TRACKING_PATH
 
-        self.route, self.tracking_path = ROUTE, TRACKING_PATH
+        self.route, self.artifacts_route, self.tracking_path = ROUTE, ARTIFACTS_ROUTE, TRACKING_PATH
+        self.read_only_posts = READ_ONLY_POSTS
         self.api = api
         self.external_url = external_url.rstrip("/")
         self.access_log = access_log
@@ -98,9 +99,12 @@ class MlflowApp:
         method = environ.get("REQUEST_METHOD", "GET")
         path = inputs.text(environ.get("PATH_INFO", ""), "path")  # decoded: NUL, invalid UTF-8
         inputs.text(environ.get("HTTP_AUTHORIZATION", ""), "authorization")
-        params = self._params(environ)
         # routed as sent, as Grape routes: the project's full path stays one URL-encoded segment
-        match = self.route.match(inputs.text(_raw_path(environ), "path"))
+        sent = inputs.text(_raw_path(environ), "path")
+        if (artifact := self.artifacts_route.match(sent)) is not None:
+            return self._artifacts(environ, method, artifact)
+        params = self._params(environ)
+        match = self.route.match(sent)
         if match is None:
             raise ApiError(404, "ENDPOINT_NOT_FOUND",
                            f"No such endpoint: {path[:200]}. The tracking URI of project P is "
@@ -108,7 +112,9 @@ class MlflowApp:
         endpoint, project = match["endpoint"], match["project"]
         api = self.api
         self.check_access(environ, method, endpoint, project, params)
-        if method not in ("GET", "HEAD") and endpoint not in POST_READS:
+        if method not in ("GET", "HEAD") and endpoint not in self.read_only_posts:
+            # every other call that is not a GET writes: experiments/create, runs/create,
+            # runs/log-*, runs/set-tag, runs/update, registered-models/create, ...
             raise ApiError(403, "FEATURE_DISABLED",
                            f"toolkit mlflow serve is read-only: {endpoint} would write, and nothing "
                            "was changed. Log runs to GitLab itself")
@@ -119,6 +125,21 @@ class MlflowApp:
         raise ApiError(404, "ENDPOINT_NOT_FOUND",
                        f"{endpoint} is not served by toolkit mlflow serve (it serves "
                        f"{', '.join(sorted([*api.reads, 'experiments/list']))})")
+
+    def _artifacts(self, environ: dict[str, Any], method: str,
+                   match: re.Match[str]) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
+        """GitLab's mlflow-artifacts GETs (list, download, the file sent in chunks); uploading
+        is a write. Its parameters are the query's (an upload's body is a file, not JSON)."""
+        project = match["project"]
+        params = inputs.query_params(environ.get("QUERY_STRING", ""))
+        self.check_access(environ, method, "artifacts", project, params)
+        if method not in ("GET", "HEAD"):
+            raise ApiError(403, "FEATURE_DISABLED", "toolkit mlflow serve is read-only: uploading an "
+                           "artifact would write, and nothing was changed. Log artifacts to GitLab itself")
+        if match["version"] is None:
+            return 200, JSON, [encode(self.api.artifact_list(project, self.external_url, params))]
+        download = self.api.artifact_file(project, self.external_url, match["version"], match["file"])
+        return 200, download.headers(), download.chunks()
 
     def check_access(self, environ: dict[str, Any], method: str, endpoint: str, project: str,
                      params: dict[str, Any]) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import sqlalchemy as sa
 
 from toolkit.db import create_engine
 from toolkit.sandbox.generator import SeedReport, seed_database
+from toolkit.sandbox.package_files import write_package_files
 from toolkit.sandbox.scales import SCALES
 from toolkit.sandbox.server import SANDBOX_DATABASE, ServerStatus
 
@@ -53,5 +55,15 @@ def seed_sandbox(status: ServerStatus, scale: str, profile: str, seed: int,
     try:
         with engine.connect() as conn:
             return seed_database(conn, sized, profile, seed, on_phase=on_phase)
+    finally:
+        engine.dispose()
+
+
+def write_sandbox_package_files(status: ServerStatus, packages_dir: Path) -> int:
+    """The sandbox's package files under ``packages_dir`` (see :mod:`package_files`)."""
+    engine = create_engine(status.url())
+    try:
+        with engine.connect() as conn:
+            return write_package_files(conn, packages_dir)
     finally:
         engine.dispose()

@@ -73,6 +73,8 @@ TOPICS = ("churn", "fraud", "ranking", "forecast", "vision", "speech", "recsys",
 VARIANTS = ("baseline", "tuned", "v2", "large", "distilled", "xgb", "resnet", "bert", "lstm", "prophet")
 ANIMALS = ("otter", "lynx", "heron", "yak", "gecko", "ibis", "koala", "marten", "orca", "tapir")
 FILES = ("model.pkl", "metrics.json", "requirements.txt", "conda.yaml", "MLmodel", "weights.bin")
+# what log_model leaves in a model version's package (artifact_path '', GitLab's docs)
+MODEL_FILES = ("MLmodel", "model.pkl", "requirements.txt")
 # project_authorizations.access_level: guest, reporter, developer, maintainer (Gitlab::Access)
 ACCESS_LEVELS = (10, 20, 30, 40)
 # package status weights: mostly default, each of the others present
@@ -202,16 +204,19 @@ class Builder:
 
     def package(self, project_id: int, name: str, version: str | None, package_type: int,
                 created_at: datetime, *, status: int = 0, creator_id: int | None = None,
-                files: int = 1, status_message: str | None = None) -> int:
+                files: int = 1, status_message: str | None = None,
+                names: tuple[str, ...] | None = None) -> int:
+        """A package and its files (``names``, else ``files`` of FILES); sizes in bytes."""
         pkg_id = self._next("packages_packages")
         self.sink.add("packages_packages", id=pkg_id, project_id=project_id, created_at=created_at,
                       updated_at=created_at, name=name, version=version, package_type=package_type,
                       creator_id=creator_id, status=status, status_message=status_message)
-        for n in range(files):
-            file_name = FILES[(pkg_id + n) % len(FILES)]
+        for n, file_name in enumerate(names or [FILES[(pkg_id + k) % len(FILES)] for k in range(files)]):
+            size = (200 + (pkg_id * 7 + n) % 400 if file_name == "MLmodel"
+                    else 1024 * (1 + (pkg_id * 7 + n) % 5000))
             self.sink.add("packages_package_files", id=self._next("packages_package_files"),
                           package_id=pkg_id, created_at=created_at, updated_at=created_at,
-                          size=1024 * (1 + (pkg_id * 7 + n) % 5000), file_name=file_name,
+                          size=size, file_name=file_name,
                           file=file_name, file_sha256=uuid.UUID(int=self.rng.getrandbits(128)).bytes * 2,
                           status=0, project_id=project_id)
         return pkg_id
@@ -418,7 +423,7 @@ def _build_realistic(b: Builder, scale: Scale) -> Entities:
         for major in range(1, 1 + 1 + exp.id % 2):
             version = f"{major}.0.0"
             package_id = b.package(exp.project_id, exp.model_name or "", version, ML_MODEL, end,
-                                   files=2)
+                                   names=MODEL_FILES)
             version_id = b.model_version(model_id, exp.project_id, version, package_id, end)
             b.model_version_metadata(version_id, exp.project_id, "stage", "production", end)
             b.candidate(exp, end, user_id=None, status=CANDIDATE_STATUSES["finished"],
