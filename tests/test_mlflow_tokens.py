@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -161,6 +162,9 @@ def server(db, tokens) -> Iterator[tuple[str, list[str]]]:
         out, _ = process.communicate(timeout=20)
         err = Path(process.stderr_path).read_text()
         assert process.returncode == 0, err
+        # the access log names the token's user on the requests it let in, "-" on those refused
+        assert re.search(r"^access: GET \S+ 200 \d+ ms user=(?!-)\S+ ", err, re.M), err[-2000:]
+        assert re.search(r"^access: GET \S+ 401 \d+ ms user=- ", err, re.M), err[-2000:]
         for name, token in tokens.items():  # never printed, not even in an error
             assert name.startswith("_") or token not in out + err + "".join(said), name
 
