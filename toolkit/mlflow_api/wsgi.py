@@ -1,15 +1,17 @@
 """The WSGI application of ``toolkit mlflow serve``: GitLab's routes over :class:`Api`.
 
-It routes as GitLab's API does (``ROUTE``; ``experiments/list`` streamed page by page),
-refuses writes, reads every parameter through :mod:`toolkit.mlflow_api.inputs` (so bad
-input is GitLab's 400, never a failure of an endpoint), writes one access log line per
-request, and answers a bug with GitLab's 500 and one warning line, never a traceback.
+It routes as GitLab's API does (``ROUTE`` and ``ARTIFACTS_ROUTE`` on the path as sent;
+``experiments/list`` streamed page by page, an artifact in chunks), reads the path, the
+query and the body through :mod:`toolkit.mlflow_api.inputs` (GitLab's Rack-level 400s for
+malformed input), checks the token (:meth:`MlflowApp.check_access`), refuses writes,
+writes one access log line per request, and answers a bug with GitLab's 500 and one
+warning line, never a traceback.
 
 URIs in answers (``artifact_uri``) start with the configured external URL, never with
 the request's ``Host`` header, which any client sets as it likes.
 
-A later layer (tokens) sets ``environ[USER_KEY]`` to the request's user; the access log
-shows it, ``-`` until then.
+``environ[USER_KEY]`` is the request's user once its token is checked, which the access
+log shows (``-`` without one).
 """
 
 from __future__ import annotations
