@@ -8,11 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import count
+from pathlib import Path
 from typing import Any
 
 from conftest import PREFIX, Database, _create_database, _drop_database
@@ -44,10 +46,13 @@ def adversarial_database(pg_server, templates, label: str) -> Iterator[Database]
 
 @contextmanager
 def serving(db: Database, *args: str) -> Iterator[str]:
-    """``toolkit mlflow serve`` on a free port; its http://HOST:PORT. Stopped with SIGTERM."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
-         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """``toolkit mlflow serve`` on a free port; its http://HOST:PORT. Stopped with SIGTERM.
+    Its stderr (an access log line per request) goes to a file: a pipe nobody reads would
+    fill and stop the server."""
+    with tempfile.NamedTemporaryFile("w", suffix=".stderr", delete=False) as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
+             *args], stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         address = None
         for line in process.stdout:
@@ -55,11 +60,12 @@ def serving(db: Database, *args: str) -> Iterator[str]:
                 address = line.split(" at ")[1].split()[0]
             if line.startswith("Ctrl-C"):
                 break
-        assert address, process.stderr.read()
+        assert address, Path(err.name).read_text()
         yield address
     finally:
         process.terminate()
-        assert process.wait(timeout=20) == 0, process.stderr.read()
+        assert process.wait(timeout=20) == 0, Path(err.name).read_text()[-3000:]
+        os.unlink(err.name)
 
 
 def raw(server: str, project: int | str, endpoint: str, *, query: str = "", body: dict | None = None,

@@ -55,12 +55,16 @@ def db(pg_server, templates) -> Iterator[Database]:
 
 
 @pytest.fixture(scope="module")
-def server(db) -> Iterator[str]:
-    """``toolkit mlflow serve`` on a free port; its http://HOST:PORT. Stopped with SIGTERM."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
-         "--max-page-size", str(SERVER_PAGE)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def server(db, tmp_path_factory) -> Iterator[str]:
+    """``toolkit mlflow serve`` on a free port; its http://HOST:PORT. Stopped with SIGTERM.
+    Its stderr (an access log line per request) goes to a file: a pipe nobody reads would
+    fill and stop the server."""
+    stderr = tmp_path_factory.mktemp("mlflow_serve") / "stderr.txt"
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
+             "--max-page-size", str(SERVER_PAGE)],
+            stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         address = None
         for line in process.stdout:
@@ -68,11 +72,11 @@ def server(db) -> Iterator[str]:
                 address = line.split(" at ")[1].split()[0]
             if line.startswith("Ctrl-C"):
                 break
-        assert address, process.stderr.read()
+        assert address, stderr.read_text()
         yield address
     finally:
         process.terminate()
-        assert process.wait(timeout=20) == 0, process.stderr.read()
+        assert process.wait(timeout=20) == 0, stderr.read_text()[-3000:]
 
 
 def projects(db) -> list[int]:

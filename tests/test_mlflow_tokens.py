@@ -15,13 +15,16 @@ import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import count
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -129,9 +132,13 @@ def tokens(db, people, tmp_path_factory) -> dict[str, str]:
 
 
 def _start(db, *options: str) -> tuple[subprocess.Popen, str, list[str]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
-         *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """The server; its stderr (an access log line per request) goes to a file, whose name is
+    ``process.stderr_path``: a pipe nobody reads would fill and stop the server."""
+    with tempfile.NamedTemporaryFile("w", suffix=".stderr", delete=False) as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
+             *options], stdout=subprocess.PIPE, stderr=err, text=True)
+    process.stderr_path = err.name
     address, said = None, []
     for line in process.stdout:
         said.append(line)
@@ -139,7 +146,7 @@ def _start(db, *options: str) -> tuple[subprocess.Popen, str, list[str]]:
             address = line.split(" at ")[1].split()[0]
         if line.startswith("Ctrl-C"):
             break
-    assert address, "".join(said) + process.stderr.read()
+    assert address, "".join(said) + Path(err.name).read_text()
     return process, address, said
 
 
@@ -152,8 +159,12 @@ def server(db, tokens) -> Iterator[tuple[str, list[str]]]:
         yield address, said
     finally:
         process.terminate()
-        out, err = process.communicate(timeout=20)
+        out, _ = process.communicate(timeout=20)
+        err = Path(process.stderr_path).read_text()
         assert process.returncode == 0, err
+        # the access log names the token's user on the requests it let in, "-" on those refused
+        assert re.search(r"^access: GET \S+ 200 \d+ ms user=(?!-)\S+ ", err, re.M), err[-2000:]
+        assert re.search(r"^access: GET \S+ 401 \d+ ms user=- ", err, re.M), err[-2000:]
         for name, token in tokens.items():  # never printed, not even in an error
             assert name.startswith("_") or token not in out + err + "".join(said), name
 
@@ -173,9 +184,9 @@ def call(server, endpoint: str, *, token: str | None = None, how: str = "bearer"
     request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read()), dict(answer.headers)
+            return answer.status, json.loads(answer.read()), answer.headers  # names in any case
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+        return exc.code, json.loads(exc.read()), exc.headers
 
 
 def get(server, token=None, **kw) -> tuple[int, dict]:

@@ -44,11 +44,13 @@ class Output:
 
     @staticmethod
     def _print(text: str, stream: TextIO) -> None:
-        """One line, flushed. When the reader has gone (``toolkit history | head -1``), the
-        rest of the output is not wanted: it goes to /dev/null and the command carries on to
-        its own end and exit code, without a word about the pipe."""
+        """One line, flushed, in one write (threads of a server never interleave inside a
+        line). When the reader has gone (``toolkit history | head -1``), the rest of the
+        output is not wanted: it goes to /dev/null and the command carries on to its own end
+        and exit code, without a word about the pipe."""
         try:
-            print(text, file=stream, flush=True)
+            stream.write(f"{text}\n")
+            stream.flush()
         except BrokenPipeError:
             discard(stream)
 

@@ -32,7 +32,7 @@ def upgrade() -> None:
         sa.Column("model_id", sa.BigInteger, nullable=False),
         sa.Column("name", sa.Text, nullable=False),  # the experiment's name, as it was
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),  # experiments/search orders by it
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),  # search orders by it
         sa.Column("deleted_on", sa.DateTime(timezone=True)),
         sa.UniqueConstraint("project_id", "iid"),
         schema=SCHEMA,

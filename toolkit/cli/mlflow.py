@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import resource
 import signal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 import sqlalchemy as sa
@@ -15,7 +17,7 @@ from toolkit.engine.preflight import check_gitlab_database
 from toolkit.errors import PreconditionRefused, UsageProblem
 from toolkit.mlflow_api.artifacts import OMNIBUS_PACKAGES_DIR
 from toolkit.mlflow_api.auth import Authenticator, DatabaseTokens, FileTokens, TokenSource, missing_users
-from toolkit.mlflow_api.server import TRACKING_PATH, Api, MlflowServer
+from toolkit.mlflow_api.server import MIB, TRACKING_PATH, Api, Limits, MlflowServer
 from toolkit.mlflow_api.views import MAX_PAGE
 from toolkit.output import out
 from toolkit.verify.fingerprint import experiments_view, mlflow_source
@@ -60,9 +62,39 @@ def mlflow() -> None:
               help="Accept order_by as a list (what MLflow clients send, mlflow/mlflow#13082), "
                    "reading its first entry; GitLab refuses it with 400 'order_by is invalid', "
                    "and so does the server without this flag.")
-def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
-          statement_timeout_ms: int, tokens_file: Path | None, gitlab_secrets: Path | None,
-          lenient: bool, packages_dir: Path | None) -> None:
+@click.option("--external-url", metavar="URL",
+              help="The server's URL as clients reach it (http[s]://HOST[:PORT][/PATH]), used in "
+                   "every URI of an answer (artifact_uri); the request's Host header never is. "
+                   "Default: http://<the address it listens on>.")
+@click.option("--max-body-mb", type=click.IntRange(1, 1024), default=Limits.max_body_bytes // MIB,
+              show_default=True,
+              help="Largest request body in MiB; a larger one is answered 413 without being read "
+                   "(MLflow's largest request, log-batch at its own limits, is under 2 MiB).")
+@click.option("--max-header-kb", type=click.IntRange(1, 1024), default=Limits.max_header_bytes // 1024,
+              show_default=True, help="Largest request line and headers in KiB; larger is answered 431.")
+@click.option("--idle-timeout-s", type=click.IntRange(1, 3600), default=Limits.idle_timeout_s,
+              show_default=True,
+              help="A connection that sends nothing and waits for no answer this long is closed.")
+@click.option("--request-timeout-s", type=click.IntRange(1, 3600), default=Limits.request_timeout_s,
+              show_default=True,
+              help="A request (headers and body) must arrive whole within this many seconds of its "
+                   "first byte, or its connection is closed: a client trickling bytes holds nothing "
+                   "for long.")
+@click.option("--max-connections", type=click.IntRange(1, 10_000), default=Limits.max_connections,
+              show_default=True,
+              help="Open connections at most; beyond it new ones wait in the listen queue. A waiting "
+                   "or slow connection holds a socket, never a thread.")
+@click.option("--threads", type=click.IntRange(1, 64), default=Limits.threads, show_default=True,
+              help="Requests answered at once (each holds one database connection while it reads).")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One line per request on stderr: method, path and the names of its query "
+                   "parameters (never their values, never a token), status, milliseconds, user, "
+                   "client address.")
+def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statement_timeout_ms: int,
+          tokens_file: Path | None, gitlab_secrets: Path | None, lenient: bool,
+          packages_dir: Path | None,
+          external_url: str | None, max_body_mb: int, max_header_kb: int, idle_timeout_s: int,
+          request_timeout_s: int, max_connections: int, threads: int, access_log: bool) -> None:
     """Serve GitLab's MLflow tracking API, read-only, until Ctrl-C.
 
     Answers the MLflow client's reads (experiments get, get-by-name, search, list; runs get
@@ -77,6 +109,11 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
     With --tokens-file or --gitlab-secrets every request needs a token, as on GitLab
     (read_api for GET, api for the POST searches) and the project access GitLab's policies
     ask (guest to read). Without either, reads are open, on loopback only.
+
+    It runs on waitress with request limits (body, headers, idle and request timeouts,
+    connections, threads: the options below), answers malformed input with GitLab's 400s,
+    starts URIs with --external-url (never the request's Host), and writes one access log
+    line per request on stderr (no query values, no headers, never a token).
 
     \b
     Point an MLflow script at project P of a rehearsal copy:
@@ -94,9 +131,15 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
         raise UsageProblem(*refusal)
     auth = Authenticator(sources) if sources else None
     state = app()
+    if external_url is not None:
+        external_url = checked_external_url(external_url)
+    limits = Limits(max_body_bytes=max_body_mb * MIB, max_header_bytes=max_header_kb * 1024,
+                    idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
+                    max_connections=max_connections, threads=threads)
     target = state.target()
     api = Api.connect(target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-                      page_limit=max_page_size, auth=auth, lenient=lenient, packages_dir=packages_dir)
+                      page_limit=max_page_size, auth=auth, lenient=lenient, packages_dir=packages_dir,
+                      threads=threads)
     try:
         with api.transaction() as conn:
             check_gitlab_database(conn, milestones.plan(), columns=False)  # exit 3, as every command
@@ -110,15 +153,21 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
             projects = list(conn.execute(sa.text(
                 f"SELECT e.project_id, count(*) AS n FROM ({experiments_view(conn, source)}) e "
                 "GROUP BY e.project_id ORDER BY e.project_id")))
+        _allow_open_files(max_connections)
         try:
-            server = MlflowServer((host, port), api)
-        except OSError as exc:
-            raise UsageProblem(f"Cannot listen on {host} port {port}: {exc.strerror or exc}",
-                               "pass another --port (0 picks a free one)") from None
-        address = f"http://{server.address_text}"
+            server = MlflowServer((host, port), api, limits=limits, external_url=external_url,
+                                  access_log=access_log)
+        except (OSError, ValueError) as exc:
+            raise UsageProblem(f"Cannot listen on {host} port {port}: "
+                               f"{getattr(exc, 'strerror', None) or exc}",
+                               "pass another --host or --port (0 picks a free one)") from None
+        listening = f"http://{server.address_text}"
+        address = server.external_url
+        out.say(f"Serving GitLab's MLflow API, read-only, at {listening} (experiments read from: {source})")
+        if address != listening:
+            out.say(f"External URL (in every URI it answers): {address}")
         if auth is not None:
             auth.gitlab_url = address
-        out.say(f"Serving GitLab's MLflow API, read-only, at {address} (experiments read from: {source})")
         out.say(f"Tracking URI of project P: {address}{TRACKING_PATH.format(project='P')}")
         shown = ", ".join(f"{p.project_id} ({p.n} experiments)" for p in projects[:SHOWN_PROJECTS])
         more = f", and {len(projects) - SHOWN_PROJECTS} more" if len(projects) > SHOWN_PROJECTS else ""
@@ -142,7 +191,7 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int,
             signal.signal(signal.SIGTERM, previous)
             server.server_close()
         out.say("Stopped.")
-        state.finish({"address": address, "source": source,
+        state.finish({"address": listening, "external_url": address, "source": source,
                       "projects": {str(p.project_id): p.n for p in projects}})
     finally:
         api.close()
@@ -179,3 +228,48 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def checked_external_url(raw: str) -> str:
+    """``--external-url`` as it starts URIs: http or https, a host, an optional port and
+    path, nothing else (no user, query or fragment); without a trailing slash."""
+    problem = None
+    try:
+        url = urlsplit(raw.strip())
+        port = url.port  # a port that is not a number raises here
+    except ValueError as exc:
+        problem, url, port = str(exc), None, None
+    if url is not None:
+        if url.scheme not in ("http", "https"):
+            problem = "it must start with http:// or https://"
+        elif not url.hostname:
+            problem = "it names no host"
+        elif url.username is not None or url.password is not None:
+            problem = "it must not carry a user or password"
+        elif url.query or url.fragment or "?" in raw or "#" in raw:
+            problem = "it must not have a query or fragment"
+        elif any(c.isspace() or not c.isprintable() for c in raw.strip()):
+            problem = "it must not contain spaces or control characters"
+        elif port == 0:
+            problem = "port 0 is no port a client can reach"
+    if problem:
+        raise UsageProblem(f"--external-url {raw[:200]!r} is not usable: {problem}",
+                           "pass the URL clients reach the server at, e.g. https://mlflow.example.com")
+    return raw.strip().rstrip("/")
+
+
+def _allow_open_files(connections: int) -> None:
+    """Raise the soft limit of open files towards the hard one so that --max-connections
+    sockets (and the database pool, and files) fit; warn when they cannot."""
+    needed = connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+        if soft < needed:
+            out.warn(f"--max-connections {connections} needs about {needed} open files; this process "
+                     f"may open {soft} (ulimit -n): beyond that, connections are refused")

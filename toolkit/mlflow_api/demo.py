@@ -29,7 +29,7 @@ class ClientReadings:
         if self.version is None:
             return self
         self.api = Api.connect(self.url)
-        self.server = MlflowServer(("127.0.0.1", 0), self.api)
+        self.server = MlflowServer(("127.0.0.1", 0), self.api, access_log=False)
         serve_in_thread(self.server)
         with self.api.transaction() as conn:
             found = conn.execute(sa.text("SELECT id FROM projects ORDER BY id")).scalars()

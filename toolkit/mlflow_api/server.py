@@ -1,9 +1,20 @@
-"""The HTTP side of ``toolkit mlflow serve``: GitLab's routes, MLflow's error documents,
-one short READ ONLY transaction per request.
+"""The HTTP side of ``toolkit mlflow serve``: the API over the database (:class:`Api`),
+one short READ ONLY transaction per request, and the server that carries it.
 
-Python's own ``http.server`` (``ThreadingHTTPServer``) serves it: the API is a handful of
-JSON endpoints, the operator installs nothing more, and each request's thread holds one
-pooled connection for the length of one transaction.
+The server is waitress (``waitress`` on PyPI), a pure-Python WSGI server, one dependency
+and no compiler; the application is a thin WSGI layer over :class:`Api`
+(:mod:`toolkit.mlflow_api.wsgi`). Chosen because it holds up when anyone can reach it:
+its one I/O loop reads every request whole (headers and body) before a worker thread
+sees it, so a slow or stalled client holds a socket and a buffer, never a thread; and its
+limits are built in: ``max_request_body_size`` (a larger body is answered 413 as soon as
+its ``Content-Length`` is read, a chunked one when it passes the limit; a body above
+512 KiB waits in a temporary file, not in memory), ``max_request_header_size`` (431),
+``channel_timeout`` (an idle connection is closed), ``connection_limit`` (beyond it new
+connections wait in the listen backlog) and a fixed pool of worker threads. A malformed
+request line, ``Content-Length`` (``-1``, not a number) or chunk is 400 before the
+application is called. :class:`Limits` adds one limit waitress lacks: a request must
+arrive whole within ``request_timeout_s`` of its first byte, so a client trickling a
+byte a second cannot keep a connection forever.
 
 A request never holds what a milestone needs for long: its transaction is READ ONLY and
 REPEATABLE READ (one snapshot per answer), waits at most ``lock_timeout_ms`` for a lock
@@ -15,18 +26,25 @@ and the table) is read again from the new stage.
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
+import psycopg
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from toolkit.db import TIMEOUTS_OPTION, Target, create_engine
 from toolkit.errors import redact
@@ -35,6 +53,7 @@ from toolkit.mlflow_api.auth import Authenticator, needs_for
 from toolkit.mlflow_api.projects import resolve_project
 from toolkit.mlflow_api.registry import Registry
 from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
+from toolkit.mlflow_api.wsgi import USER_KEY, MlflowApp, StreamCut
 from toolkit.output import out
 
 TRACKING_PATH = "/api/v4/projects/{project}/ml/mlflow"
@@ -45,13 +64,6 @@ STAGE_CHANGED = {"42P01", "42703"}  # undefined table, undefined column
 BUSY = {"55P03": "a lock it needed was held too long", "57014": "it ran longer than its statement_timeout"}
 # POSTs that only read (GitLab routes them without its write checks)
 READ_ONLY_POSTS = frozenset({"experiments/search", "runs/search", "registered-models/get-latest-versions"})
-
-
-def _params(body: dict[str, Any], query: dict[str, list[str]]) -> dict[str, Any]:
-    params: dict[str, Any] = {key: values if key in ("experiment_ids", "order_by") else values[0]
-                              for key, values in query.items()}
-    params.update(body)
-    return params
 
 
 class Api:
@@ -87,10 +99,12 @@ class Api:
     @classmethod
     def connect(cls, target: Target | str, *, lock_timeout_ms: int = 1000, statement_timeout_ms: int = 10_000,
                 page_limit: int = MAX_PAGE, auth: Authenticator | None = None, lenient: bool = False,
-                packages_dir: Path | None = None) -> Api:
-        """An API over its own small pool, its sessions named ``toolkit mlflow serve``."""
-        engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=4, max_overflow=8,
-                               pool_timeout=10, connect_args={"application_name": "toolkit mlflow serve"})
+                packages_dir: Path | None = None, threads: int = 8) -> Api:
+        """An API over its own small pool, its sessions named ``toolkit mlflow serve``: a
+        connection for each of the server's ``threads`` (at most that many are ever busy)."""
+        engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=min(threads, 4),
+                               max_overflow=max(threads - 4, 0), pool_timeout=10,
+                               connect_args={"application_name": "toolkit mlflow serve"})
         return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
                    page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else (),
                    auth=auth, lenient=lenient, packages_dir=packages_dir)
@@ -157,7 +171,9 @@ class Api:
                     continue
                 first = redact(str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else "",
                                self.secrets)
-                if code.startswith("22"):  # a value the database cannot take: a forged page_token
+                # a value the database cannot take (a forged page_token): class 22, or what
+                # psycopg refuses before sending (a NUL in a string)
+                if code.startswith("22") or (not code and isinstance(exc.orig, psycopg.DataError)):
                     raise ApiError(400, "INVALID_PARAMETER_VALUE",
                                    f"A parameter is not valid: {first}") from exc
                 if code in BUSY or code.startswith("08") or exc.connection_invalidated:
@@ -178,163 +194,166 @@ def _project_id(conn: Connection, segment: str) -> int | None:
         return None
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: MlflowServer
-    protocol_version = "HTTP/1.1"
-    server_version = "toolkit-mlflow"
-    # headers and body are two writes: without TCP_NODELAY each answer waits for the
-    # client's delayed ACK (40 ms on Linux)
-    disable_nagle_algorithm = True
-    username: str | None = None  # who the request's token belongs to, for the access log
+MIB = 1024 * 1024
 
-    def log_message(self, format: str, *args: Any) -> None:  # requests are not logged
-        return
 
-    def do_GET(self) -> None:
-        self._handle()
+@dataclass(frozen=True)
+class Limits:
+    """What one client can make the server hold, and for how long (``toolkit mlflow serve
+    --help`` names the options). MLflow's largest read request is a few KiB; its
+    ``log-batch`` at MLflow's own limits (1000 metrics; 100 params of up to 6000 characters;
+    100 tags of up to 8000) is under 2 MiB, so the 16 MiB body limit refuses nothing a
+    client sends."""
 
-    def do_POST(self) -> None:
-        self._handle()
+    max_body_bytes: int = 16 * MIB
+    max_header_bytes: int = 64 * 1024
+    idle_timeout_s: int = 60  # a connection with no request and no byte for this long is closed
+    request_timeout_s: int = 60  # a request must arrive whole within this of its first byte
+    max_connections: int = 500
+    threads: int = 8
 
-    def do_PATCH(self) -> None:
-        self._handle()
 
-    def do_PUT(self) -> None:
-        self._handle()
+class _TimedParser(HTTPRequestParser):
+    """waitress's request parser, knowing when the request's first byte came."""
 
-    def do_DELETE(self) -> None:
-        self._handle()
+    def __init__(self, adj: Adjustments):
+        super().__init__(adj)
+        self.started = time.monotonic()
 
-    def _handle(self) -> None:
-        try:
-            self._route()
-        except ApiError as exc:
-            self._send(exc.status, exc.document(), exc.headers)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as exc:  # a bug: answer it as MLflow would, and say it where the operator looks
-            problem = redact(f"{type(exc).__name__}: {exc}", self.server.api.secrets)
-            out.warn(f"mlflow serve: {self.command} {urlsplit(self.path).path[:200]} failed: {problem}")
-            self.close_connection = True
-            self._send(500, {"error_code": "INTERNAL_ERROR",
-                             "message": f"toolkit mlflow serve failed: {problem}"})
 
-    def _body(self) -> dict[str, Any]:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise ApiError(400, "MALFORMED_REQUEST", "Content-Length is not a number") from None
-        raw = self.rfile.read(length) if length else b""
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "MALFORMED_REQUEST", "The request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "MALFORMED_REQUEST", "The request body is not a JSON object")
-        return body
+class _ErrorTask(ErrorTask):
+    """waitress's answer to a request it refused before the application (a malformed
+    request line or Content-Length, 413, 431): the status and its reason in plain text,
+    as GitLab's Rack layer answers a malformed request, and an access log line."""
 
-    def _route(self) -> None:
-        url = urlsplit(self.path)
-        body = self._body()  # read it whatever the answer, so the connection stays usable
-        if (artifact := artifacts.ARTIFACTS_ROUTE.match(url.path)) is not None:
-            self._artifacts(artifact, url.query)
+    def execute(self) -> None:
+        started = getattr(self.request, "started", time.monotonic())
+        error = self.request.error
+        self.status = f"{error.code} {error.reason}"
+        body = error.reason.encode()
+        self.response_headers.append(("Content-Type", "text/plain"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+        server: MlflowServer = self.channel.server
+        request = self.request
+        server.app.log({"REQUEST_METHOD": getattr(request, "command", None) or "-",
+                        "PATH_INFO": getattr(request, "path", "") or "",
+                        "QUERY_STRING": getattr(request, "query", "") or "",
+                        "REMOTE_ADDR": self.channel.addr[0] if self.channel.addr else "-",
+                        USER_KEY: "-"}, error.code, started)
+
+
+class _Channel(HTTPChannel):
+    parser_class = _TimedParser
+    error_task_class = _ErrorTask
+
+
+class _OneLine(logging.Handler):
+    """waitress's own log (requests waiting for a thread, the connection limit reached) as
+    one line on stderr through the toolkit's output; never a traceback. A client gone
+    mid-answer, and a stream the application already reported cut, say nothing; requests
+    waiting for a thread are said when ten or more wait (a few is a busy moment)."""
+
+    QUEUE_SAID_FROM = 10
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING:
             return
-        match = ROUTE.match(url.path)
-        if match is None:
-            raise ApiError(404, "ENDPOINT_NOT_FOUND",
-                           f"No such endpoint: {url.path[:200]}. The tracking URI of project P is "
-                           f"http://HOST:PORT{TRACKING_PATH.format(project='P')}")
-        endpoint, project = match["endpoint"], match["project"]
-        api = self.server.api
-        params = _params(body, parse_qs(url.query, keep_blank_values=True))
-        self.username = api.authenticate(self.command, self.headers, params, project, endpoint)
-        if self.command != "GET" and endpoint not in READ_ONLY_POSTS:
-            # every other call that is not a GET writes: experiments/create, runs/create,
-            # runs/log-*, runs/set-tag, runs/update, registered-models/create, ...
-            raise ApiError(403, "FEATURE_DISABLED",
-                           f"toolkit mlflow serve is read-only: {endpoint} would write, and nothing "
-                           "was changed. Log runs to GitLab itself")
-        base_url = f"http://{self.headers.get('Host') or self.server.address_text}"
-        if endpoint == "experiments/list":
-            self._stream_list(api.list_pages(project, base_url))
-        elif endpoint in api.reads:
-            self._send(200, api.answer(endpoint, project, base_url, params))
-        else:
-            raise ApiError(404, "ENDPOINT_NOT_FOUND",
-                           f"{endpoint} is not served by toolkit mlflow serve (it serves "
-                           f"{', '.join(sorted([*api.reads, 'experiments/list']))})")
-
-    def _artifacts(self, match: re.Match[str], query: str) -> None:
-        """GitLab's mlflow-artifacts GETs (list, download); uploading is a write."""
-        api, project = self.server.api, match["project"]
-        params = _params({}, parse_qs(query, keep_blank_values=True))
-        self.username = api.authenticate(self.command, self.headers, params, project, "artifacts")
-        if self.command != "GET":
-            raise ApiError(403, "FEATURE_DISABLED", "toolkit mlflow serve is read-only: uploading an "
-                           "artifact would write, and nothing was changed. Log artifacts to GitLab itself")
-        base_url = f"http://{self.headers.get('Host') or self.server.address_text}"
-        if match["version"] is None:
-            self._send(200, api.artifact_list(project, base_url, params))
+        if record.exc_info and isinstance(record.exc_info[1], StreamCut | ConnectionError):
             return
-        download = api.artifact_file(project, base_url, match["version"], match["file"])
-        self.send_response(200)
-        for name, value in download.headers():
-            self.send_header(name, value)
-        self.end_headers()
-        for piece in download.chunks():
-            self.wfile.write(piece)
-
-    def _send(self, status: int, document: dict[str, Any], headers: tuple[tuple[str, str], ...] = ()) -> None:
-        payload = json.dumps(document, ensure_ascii=False, allow_nan=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _stream_list(self, pages: Iterator[list[dict[str, Any]]]) -> None:
-        """Chunked: each page of experiments is sent as it is read."""
-        first = next(pages)  # an error here (unknown project) is still a whole error document
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-
-        def chunk(data: bytes) -> None:
-            if data:
-                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-
-        chunk(b'{"experiments":[')
-        sep = b""
-        try:
-            for page in (first, *pages):
-                for experiment in page:
-                    chunk(sep + json.dumps(experiment, ensure_ascii=False, allow_nan=False).encode())
-                    sep = b","
-            chunk(b"]}")
-        except Exception as exc:  # a half-sent document: end it, the client sees the cut
-            out.warn(f"mlflow serve: experiments/list stopped half-way: {type(exc).__name__}: "
-                     f"{getattr(exc, 'message', exc)}")
-            self.close_connection = True
+        if record.name == "waitress.queue" and record.args and record.args[0] < self.QUEUE_SAID_FROM:
             return
-        self.wfile.write(b"0\r\n\r\n")
+        problem = f": {type(record.exc_info[1]).__name__}" if record.exc_info and record.exc_info[1] else ""
+        out.note(f"mlflow serve: {record.getMessage().splitlines()[0][:300]}{problem}")
 
 
-class MlflowServer(ThreadingHTTPServer):
-    daemon_threads = True
+_waitress_log = logging.getLogger("waitress")
+_waitress_log.addHandler(_OneLine())
+_waitress_log.propagate = False  # and not Python's last-resort handler, which prints tracebacks
 
-    def __init__(self, address: tuple[str, int], api: Api):
-        super().__init__(address, Handler)
+
+class MlflowServer(TcpWSGIServer):
+    """``toolkit mlflow serve``'s server: waitress with :class:`Limits`, serving
+    :class:`MlflowApp` over ``api``. ``external_url`` starts every URI in answers
+    (``artifact_uri``); it defaults to http://<the bound address>.
+
+    ``serve_forever()`` runs it until ``shutdown()`` (from another thread) or
+    KeyboardInterrupt; ``server_close()`` releases the socket."""
+
+    channel_class = _Channel
+
+    def __init__(self, address: tuple[str, int], api: Api, *, limits: Limits = Limits(),
+                 external_url: str | None = None, access_log: bool = True):
+        host, port = address
+        adj = Adjustments(
+            listen=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            threads=limits.threads, connection_limit=limits.max_connections,
+            channel_timeout=limits.idle_timeout_s,
+            # how often idle and slow connections are looked for
+            cleanup_interval=max(1, min(30, min(limits.idle_timeout_s, limits.request_timeout_s) // 2)),
+            max_request_body_size=limits.max_body_bytes, max_request_header_size=limits.max_header_bytes,
+            ident="toolkit-mlflow", expose_tracebacks=False, log_socket_errors=False,
+            # poll(), not select(): select() cannot watch a socket numbered above 1023
+            asyncore_use_poll=True)
+        self.limits = limits
         self.api = api
+        self.app = MlflowApp(api, "http://placeholder", access_log=access_log)
+        dispatcher = ThreadedTaskDispatcher()
+        dispatcher.set_thread_count(limits.threads)
+        try:
+            super().__init__(self.app, map={}, dispatcher=dispatcher, adj=adj, sockinfo=adj.listen[0])
+        except BaseException:
+            dispatcher.shutdown(timeout=1)
+            raise
+        self.app.external_url = (external_url or f"http://{self.address_text}").rstrip("/")
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+
+    @property
+    def external_url(self) -> str:
+        return self.app.external_url
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return str(self.effective_host), int(self.effective_port)
 
     @property
     def address_text(self) -> str:
-        host, port = self.server_address[:2]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        host, port = self.server_address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def maintenance(self, now: float) -> None:
+        """waitress closes connections idle for ``channel_timeout``; this also closes those
+        whose request has not arrived whole within ``request_timeout_s``."""
+        super().maintenance(now)
+        cutoff = time.monotonic() - self.limits.request_timeout_s
+        for channel in list(self.active_channels.values()):
+            request = channel.request
+            if request is not None and getattr(request, "started", cutoff) < cutoff:
+                channel.will_close = True
+
+    def serve_forever(self) -> None:
+        self._stopped.clear()
+        try:
+            while not self._stop.is_set():
+                wasyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self._map, use_poll=True, count=1)
+        finally:
+            for channel in list(self._map.values()):
+                if channel is not self and channel is not self.trigger:
+                    channel.close()
+            self.task_dispatcher.shutdown(timeout=5)
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop ``serve_forever`` running in another thread, and wait for it."""
+        self._stop.set()
+        self.pull_trigger()
+        self._stopped.wait(timeout=10)
+
+    def server_close(self) -> None:
+        self.close()
 
 
 def serve_in_thread(server: MlflowServer) -> threading.Thread:
