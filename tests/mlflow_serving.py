@@ -30,13 +30,14 @@ _numbers = count()
 
 
 @contextmanager
-def adversarial_database(pg_server, templates, label: str) -> Iterator[Database]:
-    """A database of its own cloned from the adversarial template, milestone 1's blocking
-    anomalies resolved as the runbook says (so the milestones run on it)."""
+def adversarial_database(pg_server, templates, label: str, *, resolved: bool = True) -> Iterator[Database]:
+    """A database of its own cloned from the adversarial template; ``resolved``: milestone
+    1's blocking anomalies resolved as the runbook says (so the milestones run on it)."""
     name = f"{PREFIX}{label}_{next(_numbers)}"
     _create_database(pg_server, name, templates.get("adversarial:small"))
     database = Database(name, pg_server.url(name), create_engine(pg_server.url(name)))
-    resolve_m1_anomalies(database)
+    if resolved:
+        resolve_m1_anomalies(database)
     try:
         yield database
     finally:
@@ -45,11 +46,11 @@ def adversarial_database(pg_server, templates, label: str) -> Iterator[Database]
 
 
 @contextmanager
-def serving(db: Database, *args: str) -> Iterator[str]:
-    """``toolkit mlflow serve`` on a free port; its http://HOST:PORT. Stopped with SIGTERM.
-    Its stderr (an access log line per request) goes to a file: a pipe nobody reads would
-    fill and stop the server."""
-    with tempfile.NamedTemporaryFile("w", suffix=".stderr", delete=False) as err:
+def serve_process(db: Database, *args: str, stderr: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``toolkit mlflow serve ARGS`` on a free port: the process and its http://HOST:PORT.
+    Its stderr (an access log line per request) goes to the file ``stderr``: a pipe nobody
+    reads would fill and stop the server. Stopped with SIGTERM, which must end it well."""
+    with stderr.open("w") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
              *args], stdout=subprocess.PIPE, stderr=err, text=True)
@@ -60,12 +61,19 @@ def serving(db: Database, *args: str) -> Iterator[str]:
                 address = line.split(" at ")[1].split()[0]
             if line.startswith("Ctrl-C"):
                 break
-        assert address, Path(err.name).read_text()
-        yield address
+        assert address, stderr.read_text()
+        yield process, address
     finally:
         process.terminate()
-        assert process.wait(timeout=20) == 0, Path(err.name).read_text()[-3000:]
-        os.unlink(err.name)
+        assert process.wait(timeout=30) == 0, stderr.read_text()[-3000:]
+
+
+@contextmanager
+def serving(db: Database, *args: str) -> Iterator[str]:
+    """:func:`serve_process`, its log in a directory of its own; the address."""
+    with tempfile.TemporaryDirectory() as folder, \
+            serve_process(db, *args, stderr=Path(folder) / "stderr.txt") as (_, address):
+        yield address
 
 
 def raw(server: str, project: int | str, endpoint: str, *, query: str = "", body: dict | None = None,

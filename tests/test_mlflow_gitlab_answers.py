@@ -21,18 +21,17 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import count
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from conftest import PREFIX, Database, _create_database, _drop_database
+from mlflow_serving import serving
 
 from toolkit.db import create_engine
 from toolkit.mlflow_api.walk import client_version
@@ -115,25 +114,8 @@ def _add_rows(db: Database) -> None:
 
 
 def _serve(db: Database, *extra: str) -> Iterator[str]:
-    # stderr (an access log line per request) to a file: a pipe nobody reads would fill
-    with tempfile.NamedTemporaryFile("w", suffix=".stderr", delete=False) as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
-             "--max-page-size", str(SERVER_PAGE), *extra],
-            stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        address = None
-        for line in process.stdout:
-            if line.startswith("Serving "):
-                address = line.split(" at ")[1].split()[0]
-            if line.startswith("Ctrl-C"):
-                break
-        assert address, Path(err.name).read_text()
+    with serving(db, "--max-page-size", str(SERVER_PAGE), *extra) as address:
         yield address
-    finally:
-        process.terminate()
-        assert process.wait(timeout=20) == 0, Path(err.name).read_text()[-3000:]
-        os.unlink(err.name)
 
 
 @pytest.fixture(scope="module")

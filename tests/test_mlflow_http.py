@@ -25,33 +25,26 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from itertools import count
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
-from conftest import PREFIX, Database, _create_database, _drop_database
+from conftest import Database
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from toolkit.db import create_engine
+from mlflow_serving import adversarial_database, serve_process
 
 EXTERNAL = "https://mlflow.example.test/gitlab"
 IDLE_S, REQUEST_S = 2, 4
 SLOW_CLIENTS = 200
 MB = 1024 * 1024
 SECRET = "secret-token-123"
-_numbers = count()
 
 
 @pytest.fixture(scope="module")
 def db(pg_server, templates) -> Iterator[Database]:
-    name = f"{PREFIX}mlflow_http_{next(_numbers)}"
-    _create_database(pg_server, name, templates.get("adversarial:small"))
-    database = Database(name, pg_server.url(name), create_engine(pg_server.url(name)))
-    yield database
-    database.engine.dispose()
-    _drop_database(pg_server, name)
+    with adversarial_database(pg_server, templates, "mlflow_http", resolved=False) as database:
+        yield database
 
 
 class Served:
@@ -90,25 +83,11 @@ class Served:
 @pytest.fixture(scope="module")
 def served(db, tmp_path_factory) -> Iterator[Served]:
     stderr = tmp_path_factory.mktemp("mlflow_http") / "stderr.txt"
-    with stderr.open("w") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
-             "--max-page-size", "5", "--external-url", EXTERNAL, "--idle-timeout-s", str(IDLE_S),
-             "--request-timeout-s", str(REQUEST_S), "--max-connections", "400", "--threads", "4"],
-            stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        address = None
-        for line in process.stdout:
-            if line.startswith("Serving "):
-                address = line.split(" at ")[1].split()[0]
-            if line.startswith("Ctrl-C"):
-                break
-        assert address, stderr.read_text()
+    with serve_process(db, "--max-page-size", "5", "--external-url", EXTERNAL, "--idle-timeout-s", str(IDLE_S),
+                       "--request-timeout-s", str(REQUEST_S), "--max-connections", "400", "--threads", "4",
+                       stderr=stderr) as (process, address):
         url = urlsplit(address)
         yield Served(process, url.hostname, url.port, stderr)
-    finally:
-        process.terminate()
-        assert process.wait(timeout=30) == 0, stderr.read_text()[-3000:]
     assert "Traceback" not in stderr.read_text()
 
 
@@ -355,8 +334,13 @@ def test_malformed_input_is_answered_as_gitlab_answers_it(served, db):
 
 JSON_LEAVES = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30))
-JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+def _json_containers(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
+JSON_VALUES = st.recursive(JSON_LEAVES, _json_containers, max_leaves=12)
 NAMES = st.sampled_from(["experiment_id", "experiment_name", "experiment_ids", "run_id", "run_uuid", "metric_key",
                          "max_results", "order_by", "page_token", "name", "filter", "version", "alias"]) | st.text(max_size=10)
 ENDPOINTS = st.sampled_from(["experiments/get", "experiments/get-by-name", "experiments/search", "experiments/list",

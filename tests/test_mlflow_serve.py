@@ -25,6 +25,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import PREFIX, Database, _create_database, _drop_database
 from helpers import TALLY, resolve_m1_anomalies, toolkit
+from mlflow_serving import serve_process
 
 from toolkit.db import create_engine
 from toolkit.mlflow_api import walk as walk_module
@@ -56,27 +57,10 @@ def db(pg_server, templates) -> Iterator[Database]:
 
 @pytest.fixture(scope="module")
 def server(db, tmp_path_factory) -> Iterator[str]:
-    """``toolkit mlflow serve`` on a free port; its http://HOST:PORT. Stopped with SIGTERM.
-    Its stderr (an access log line per request) goes to a file: a pipe nobody reads would
-    fill and stop the server."""
+    """``toolkit mlflow serve`` on a free port, pages of at most SERVER_PAGE; its http://HOST:PORT."""
     stderr = tmp_path_factory.mktemp("mlflow_serve") / "stderr.txt"
-    with stderr.open("w") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0",
-             "--max-page-size", str(SERVER_PAGE)],
-            stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        address = None
-        for line in process.stdout:
-            if line.startswith("Serving "):
-                address = line.split(" at ")[1].split()[0]
-            if line.startswith("Ctrl-C"):
-                break
-        assert address, stderr.read_text()
+    with serve_process(db, "--max-page-size", str(SERVER_PAGE), stderr=stderr) as (_, address):
         yield address
-    finally:
-        process.terminate()
-        assert process.wait(timeout=20) == 0, stderr.read_text()[-3000:]
 
 
 def projects(db) -> list[int]:
@@ -275,3 +259,34 @@ def test_the_same_reading_before_during_and_after_every_milestone_and_rollback(s
         assert walk(server, db) == original, f"rollback {milestone}"
     assert all(during.values()), during  # every migrate was read while its batches committed
     TALLY["MLflow client readings while milestone batches committed"] += sum(during.values())
+
+
+def _without_experiment_tags(reading: dict) -> dict:
+    """The reading but experiments' tags: after ``archive drop`` those are the models'
+    metadata (the experiments' own tags went with the archive; docs/mlflow.md, "The proof")."""
+    return {**reading, "projects": {
+        p: {**r, "experiments": [{k: v for k, v in e.items() if k != "tags"} for e in r["experiments"]]}
+        for p, r in reading["projects"].items()}}
+
+
+def test_after_the_archive_drop_the_clients_read_the_same_but_experiment_tags(server, db):
+    """The blueprint's final state, served: milestones 1 to 4 again, then ``archive drop``;
+    both clients read every experiment, run and metric history as before milestone 1,
+    only the experiments' tags are now their models' metadata. Runs last in the module:
+    the drop cannot be undone."""
+    before = walk(server, db)
+    for milestone in MILESTONES:
+        assert toolkit(db, "migrate", milestone, "--yes").exit_code == 0, milestone
+    assert toolkit(db, "archive", "drop", "--yes").exit_code == 0
+    assert db.scalar("SELECT to_regclass('toolkit.m4_archive_ml_experiments') IS NULL")
+    after = walk(server, db)
+    assert after["inconsistent"] == []
+    assert _without_experiment_tags(after) == _without_experiment_tags(before)
+    tags = {(p, e["id"]): e["tags"] for p, r in after["projects"].items() for e in r["experiments"]}
+    for row in db.rows("""SELECT k.project_id, k.iid, mm.name, mm.value FROM toolkit.mlflow_experiment_ids k
+                          JOIN ml_model_metadata mm ON mm.model_id = k.model_id"""):
+        assert tags[(str(row.project_id), str(row.iid))][row.name] == row.value
+    python = os.environ.get(MLFLOW2_PYTHON_ENV)
+    if python:  # the last 2.x client reads the final state the same
+        older = walk(server, db, python=python)
+        assert {**older, "client": ""} == {**after, "client": ""}

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import PREFIX, Database, _create_database, _drop_database
+from conftest import Database
+from mlflow_serving import adversarial_database
 
 from toolkit.cli.mlflow import open_reads_refusal
-from toolkit.db import create_engine
 from toolkit.errors import ExitCode
 from toolkit.mlflow_api.auth import (
     READ_EXPERIMENTS,
@@ -67,12 +67,8 @@ def gitlab_digest(token: str) -> str:
 
 @pytest.fixture(scope="module")
 def db(pg_server, templates) -> Iterator[Database]:
-    name = f"{PREFIX}tokens_{next(_numbers)}"
-    _create_database(pg_server, name, templates.get("adversarial:small"))
-    database = Database(name, pg_server.url(name), create_engine(pg_server.url(name)))
-    yield database
-    database.engine.dispose()
-    _drop_database(pg_server, name)
+    with adversarial_database(pg_server, templates, "tokens", resolved=False) as database:
+        yield database
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,13 @@ toolkit's expression.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import sqlalchemy as sa
 from helpers import toolkit, toolkit_json
+from mlflow_serving import serving
 
 from toolkit.errors import ExitCode
 from toolkit.mlflow_api.views import View
@@ -182,23 +179,8 @@ def test_milestone_3_adds_exactly_its_models_and_tags_to_the_registry(realistic_
 
 
 # -- after the archive drop: a real `toolkit mlflow serve` -----------------------------------
-@contextmanager
-def served(db) -> Iterator[str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "toolkit", "--database-url", db.url_text, "mlflow", "serve", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        address = None
-        for line in process.stdout:
-            if line.startswith("Serving "):
-                address = line.split(" at ")[1].split()[0]
-            if line.startswith("Ctrl-C"):
-                break
-        assert address, process.stderr.read()
-        yield address
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+def served(db):
+    return serving(db)
 
 
 def ask(server: str, project: int, endpoint: str, query: str) -> tuple[int, dict]:
