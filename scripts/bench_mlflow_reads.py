@@ -1,7 +1,7 @@
 """Benchmark: reading a large experiment through ``toolkit mlflow serve`` against the same
 rows read straight from PostgreSQL, in the same run.
 
-    python scripts/bench_mlflow_reads.py                 # 100,000 runs, about two minutes
+    python scripts/bench_mlflow_reads.py                 # 100,000 runs, about half a minute
     python scripts/bench_mlflow_reads.py --runs 20000
 
 Builds a sandbox of its own (``--data-dir``, never the default sandbox) at the small scale,
