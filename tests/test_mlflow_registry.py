@@ -305,7 +305,7 @@ say(c.get_registered_model({model.name!r}).name)
 def test_milestone_3_adds_models_and_copied_tags_and_nothing_else(server, db):
     """Before milestones 1-3 and after: the models that were there read the same but for
     tags milestone 3 copied from their default experiments; the models it created read
-    as GitLab reads a model without versions."""
+    as GitLab reads a model without versions. Then 4 and back to 1: the same readings."""
     projects = [r[0] for r in db.rows("SELECT DISTINCT project_id FROM ml_experiments ORDER BY 1")]
 
     def every_model() -> dict[tuple[int, str], dict]:
@@ -352,6 +352,17 @@ except Exception as e:
     say(type(e).__name__)
 """))
     assert read == ["ParseError"]
+
+    # on to milestone 4 and back to the start: milestone 4 leaves the registry as milestone
+    # 3 made it, and each rollback gives back what was read before it
+    result = toolkit(db, "migrate", "milestone-4", "--yes")
+    assert result.exit_code == 0, result.output
+    assert every_model() == after
+    for milestone, expected in (("milestone-4", after), ("milestone-3", before), ("milestone-2", before),
+                                ("milestone-1", before)):
+        result = toolkit(db, "rollback", milestone)
+        assert result.exit_code == 0, result.output
+        assert every_model() == expected, f"rollback {milestone}"
 
 
 @pytest.mark.parametrize(("raw_filter", "expected"), [
