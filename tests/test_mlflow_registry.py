@@ -21,6 +21,8 @@ and reads the registry again.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -196,6 +198,28 @@ def test_download_uri_is_made_from_the_parameters(server, db):
     read = said(client(server, model.project_id,
                        f"say(c.get_model_version_download_uri({model.name!r}, {versions[0].id}))"))
     assert read == [f"mlflow-artifacts:/{versions[0].id}"]
+
+
+def test_numbers_and_page_tokens_no_row_can_match_are_4xx(server, db):
+    """Past a bigint no id exists; 5000 digits also pass Python's int() limit; digits of
+    another script are no number to Ruby; a forged token's sort value is refused before
+    PostgreSQL sees it. None of them may be a 500."""
+    model, _ = versioned_model(db)
+    project, huge = model.project_id, "9" * 5000
+    assert raw(server, project, "model-versions/get-download-uri", query=f"name=x&version={huge}")[:2] == (
+        400, {"error": "version is invalid"})
+    assert raw(server, project, "registered-models/search", query=f"max_results={huge}")[0] == 400
+    assert raw(server, project, "artifacts", api="mlflow-artifacts", query=f"path={huge}")[0] == 404
+    assert raw(server, project, "artifacts", api="mlflow-artifacts", query="path=" + quote("\u0661\u0662"))[0] == 404
+    forged = [{"s": "created_at_desc", "k": [True, 1]}, {"s": "name_asc", "k": [{}, 1]},
+              {"s": "created_at_desc", "k": ["not a time", 1]}, {"s": "id_desc", "k": ["1", 1]},
+              {"s": "name_asc", "k": ["a", 2**70]}]
+    for token in forged:
+        text = base64.urlsafe_b64encode(json.dumps(token).encode()).decode().rstrip("=")
+        order = {"created_at_desc": "creation_timestamp DESC", "name_asc": "name ASC", "id_desc": "id DESC"}
+        status, document, _ = raw(server, project, "registered-models/search",
+                                  query=f"order_by={quote(order[token['s']])}&page_token={text}")
+        assert (status, document.get("error_code")) == (400, "INVALID_PARAMETER_VALUE"), (token, document)
 
 
 def test_a_version_without_a_run_fails_as_on_gitlab(server, db):

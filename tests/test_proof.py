@@ -121,6 +121,17 @@ def test_milestone_1_changes_artifact_uri_as_declared_and_nothing_else(realistic
 
     db.execute("UPDATE ml_candidates SET package_id = NULL WHERE id = :r", r=run)
     assert toolkit(db, "verify", "milestone-1").exit_code == 0
+
+    # a converted package renamed behind the milestone's back (its URI does not name the
+    # package, its row does): named too, and accepted again once it is given back
+    converted = changed[0]
+    package = db.scalar("SELECT package_id FROM ml_candidates WHERE id = :r", r=converted)
+    db.execute("UPDATE packages_packages SET name = name || '-renamed' WHERE id = :p", p=package)
+    code, doc = toolkit_json(db, "verify", "milestone-1")
+    assert code == ExitCode.VERIFY_FAILED
+    assert f"differs at candidate id {converted}" in _checks(doc)[MLFLOW_CHECK.format("milestone-1")]["detail"]
+    db.execute("UPDATE packages_packages SET name = left(name, -8) WHERE id = :p", p=package)
+    assert toolkit(db, "verify", "milestone-1").exit_code == 0
     code, doc = toolkit_json(db, "rollback", "milestone-1")
     assert code == 0, doc
     assert {c["name"]: c["ok"] for c in doc["result"]["checks"]}[
@@ -232,8 +243,14 @@ def test_after_the_archive_drop_serve_answers_as_before_but_experiment_tags(real
         assert toolkit(db, "migrate", milestone, "--yes").exit_code == 0, milestone
     with served(db) as server:
         before = answers(server, db)
+        # as a toolkit before revision 0008 leaves milestone 4: no ids kept; the drop keeps
+        # them from the archive first
+        kept = db.rows("SELECT * FROM toolkit.mlflow_experiment_ids ORDER BY id")
+        assert kept
+        db.execute("DELETE FROM toolkit.mlflow_experiment_ids")
         assert toolkit(db, "archive", "drop", "--yes").exit_code == 0
         assert db.scalar("SELECT to_regclass('toolkit.m4_archive_ml_experiments') IS NULL")
+        assert db.rows("SELECT * FROM toolkit.mlflow_experiment_ids ORDER BY id") == kept
         after = answers(server, db)
     assert _without_experiment_tags(after) == _without_experiment_tags(before)
     assert after["model"] == before["model"]  # the registry is untouched by the drop

@@ -78,8 +78,10 @@ def drop(yes: bool) -> None:
 
     The archive holds the only copy of the dropped experiments' rows and tags: export it
     first if you need it. The MLflow experiment id of each model stays (in
-    toolkit.mlflow_experiment_ids, which milestone 4 wrote), so `toolkit mlflow serve` still
-    answers experiments, runs and the registry afterwards.
+    toolkit.mlflow_experiment_ids, which milestone 4 wrote; the drop first copies there any
+    archived experiment a toolkit before that table never kept, and drops nothing if one
+    has no model), so `toolkit mlflow serve` still answers experiments, runs and the
+    registry afterwards.
 
     Example: toolkit archive drop --yes
     """

@@ -38,7 +38,8 @@ from urllib.parse import quote, quote_plus, unquote
 
 import sqlalchemy as sa
 
-from toolkit.mlflow_api.registry import GitLabAnswer, resource_not_found, ruby_to_i
+from toolkit.mlflow_api.errors import ApiError, resource_not_found
+from toolkit.mlflow_api.registry import ruby_to_i
 from toolkit.mlflow_api.views import View
 
 LOCAL_STORE, REMOTE_STORE = 1, 2  # ObjectStorage::Store
@@ -157,8 +158,8 @@ def find_file(view: View, version_text: str, file_path_in_url: str) -> StoredFil
                       row.file_store, row.file_final_path)
 
 
-def _not_here(message: str) -> GitLabAnswer:
-    return GitLabAnswer(501, {"error_code": "NOT_IMPLEMENTED", "message": message})
+def _not_here(message: str) -> ApiError:
+    return ApiError(501, body={"error_code": "NOT_IMPLEMENTED", "message": message})
 
 
 def open_file(stored: StoredFile, packages_dir: Path | None) -> Download:
@@ -177,7 +178,7 @@ def open_file(stored: StoredFile, packages_dir: Path | None) -> Download:
     root = packages_dir.resolve()
     path = (root / relative).resolve()
     if bad or os.path.commonpath([root, path]) != str(root):
-        raise GitLabAnswer(404, {"error_code": "RESOURCE_DOES_NOT_EXIST",
+        raise ApiError(404, body={"error_code": "RESOURCE_DOES_NOT_EXIST",
                                  "message": f"package file {stored.file_id} has a stored name that would "
                                             "lead out of the package directory; not served"})
     try:
@@ -185,7 +186,7 @@ def open_file(stored: StoredFile, packages_dir: Path | None) -> Download:
     except OSError:
         size = None
     if size is None:
-        raise GitLabAnswer(404, {"error_code": "RESOURCE_DOES_NOT_EXIST",
+        raise ApiError(404, body={"error_code": "RESOURCE_DOES_NOT_EXIST",
                                  "message": f"{stored.file_name} is not in the package directory: "
                                             f"expected {packages_dir / relative}"})
     return Download(path, size, stored.file_name)

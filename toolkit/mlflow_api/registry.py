@@ -41,7 +41,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from toolkit.catalog import relation_exists
-from toolkit.mlflow_api.views import ApiError, View
+from toolkit.mlflow_api import rails
+from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, resource_not_found
+from toolkit.mlflow_api.views import View
 
 PROMPT_TAG = "mlflow.prompt.is_prompt"
 SEARCH_DEFAULT, SEARCH_MAX = 200, 1000  # registered_models.rb: max_results default 200, capped at 1000
@@ -61,40 +63,21 @@ SORT_CASTS = {"m.created_at": "timestamptz", "m.updated_at": "timestamptz", "m.i
 VALID_ORDER_BY, VALID_SORT = ("name", "created_at", "updated_at", "id"), ("asc", "desc")
 
 
-class GitLabAnswer(ApiError):
-    """An error document exactly as GitLab renders it (no message where GitLab has none)."""
-
-    def __init__(self, status: int, body: dict[str, Any]):
-        super().__init__(status, str(body.get("error_code") or body.get("error") or ""),
-                         str(body.get("message") or body.get("error") or ""))
-        self.body = body
-
-    def document(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.body
-
-
-def resource_not_found() -> GitLabAnswer:
-    """api_helpers.rb ``resource_not_found!``."""
-    return GitLabAnswer(404, {"error_code": "RESOURCE_DOES_NOT_EXIST"})
-
-
-def invalid_parameter(message: str | None) -> GitLabAnswer:
-    """api_helpers.rb ``invalid_parameter!(message)``."""
-    return GitLabAnswer(400, {"error_code": "INVALID_PARAMETER_VALUE", "message": message})
-
-
 def grape_missing(params: dict[str, Any], *names: str) -> None:
     """Grape's ``requires``: every missing name, in declaration order, in one 400."""
     missing = [f"{name} is missing" for name in names if params.get(name) is None]
     if missing:
-        raise GitLabAnswer(400, {"error": ", ".join(missing)})
+        raise grape_errors(*missing)
 
 
 def ruby_to_i(text: str) -> int | None:
     """How ActiveRecord reads an id given as text (``"12"``, ``" 12abc"`` -> 12); None
     where it finds no number, which no row has."""
-    found = re.match(r"\s*([+-]?\d+)", text)
-    return int(found.group(1)) if found and abs(int(found.group(1))) < 2**63 else None
+    found = re.match(r"\s*([+-]?)0*(\d+)", text, re.ASCII)
+    if not found or len(found.group(2)) > 19:  # beyond any bigint (and Python's int() digit limit)
+        return None
+    number = int(found.group(1) + found.group(2))
+    return number if abs(number) < 2**63 else None
 
 
 def grape_integer(params: dict[str, Any], name: str) -> int:
@@ -102,12 +85,14 @@ def grape_integer(params: dict[str, Any], name: str) -> int:
     around), else 400 ``"<name> is invalid"``."""
     raw = params.get(name)
     if isinstance(raw, bool) or not isinstance(raw, int | str):
-        raise GitLabAnswer(400, {"error": f"{name} is invalid"})
+        raise ApiError(400, body={"error": f"{name} is invalid"})
     if isinstance(raw, int):
         return raw
-    if not re.fullmatch(r"\s*[+-]?\d+(?:_\d+)*\s*", raw):
-        raise GitLabAnswer(400, {"error": f"{name} is invalid"})
-    return int(raw.strip().replace("_", ""))
+    digits = raw.strip().replace("_", "")
+    if not re.fullmatch(r"\s*[+-]?\d+(?:_\d+)*\s*", raw, re.ASCII) or len(digits.lstrip("+-0")) > 19:
+        # beyond a bigint no id exists; Grape would take it, the toolkit answers 400 (docs/mlflow.md)
+        raise ApiError(400, body={"error": f"{name} is invalid"})
+    return int(digits)
 
 
 def _seconds(at: datetime) -> int:
@@ -198,6 +183,21 @@ def _token(sort: Sort, value: Any, row_id: int) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+def _check_sort_value(value: Any, cast: str | None) -> None:
+    """A token's sort value must be what the sort compares (a forged one is a 400, never a
+    value PostgreSQL or the driver refuses); raises ValueError otherwise."""
+    if cast is None:
+        return
+    if cast == "bigint":
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**63:
+            raise ValueError
+        return
+    if not isinstance(value, str) or not rails.storable(value):
+        raise ValueError
+    if cast == "timestamptz":
+        datetime.fromisoformat(value)
+
+
 def _untoken(token: Any, sort: Sort) -> tuple[Any, int] | None:
     if token in (None, ""):
         return None
@@ -205,8 +205,10 @@ def _untoken(token: Any, sort: Sort) -> tuple[Any, int] | None:
         text = str(token)
         data = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
         value, row_id = data["k"]
-        if data["s"] != sort.key or not isinstance(row_id, int) or isinstance(row_id, bool):
+        if (data["s"] != sort.key or not isinstance(row_id, int) or isinstance(row_id, bool)
+                or abs(row_id) >= 2**63):
             raise ValueError
+        _check_sort_value(value, SORT_CASTS.get((sort.expression or ("", ""))[0]))
     except (ValueError, KeyError, TypeError):
         raise invalid_parameter(f"page_token {str(token)[:80]!r} is not a token this server gave for "
                                 "this order_by") from None
@@ -263,7 +265,7 @@ class Registry:
         documents = []
         for v in versions:
             if v.eid is None:  # ``object.candidate.eid`` on nil
-                raise GitLabAnswer(500, {
+                raise ApiError(500, body={
                     "message": f"500 Internal Server Error: GitLab fails here too: model version {v.id} "
                                "has no run, and GitLab's entity reads its run's eid (see docs/mlflow.md)"})
             documents.append({

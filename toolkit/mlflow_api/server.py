@@ -39,6 +39,7 @@ from typing import Any
 import psycopg
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
@@ -61,6 +62,8 @@ ROUTE = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/ml/mlflow/api/2\.0/(?:
                    r"(?P<endpoint>[a-z0-9/_-]+)$")
 # What a catalog change under a request looks like: the stage moved on; read it again.
 STAGE_CHANGED = {"42P01", "42703"}  # undefined table, undefined column
+# connection exceptions, too many connections, operator intervention (shutdown, restart)
+UNAVAILABLE = ("08", "53300", "57P01", "57P02", "57P03")
 BUSY = {"55P03": "a lock it needed was held too long", "57014": "it ran longer than its statement_timeout"}
 # POSTs that only read (GitLab routes them without its write checks)
 READ_ONLY_POSTS = frozenset({"experiments/search", "runs/search", "registered-models/get-latest-versions"})
@@ -102,8 +105,8 @@ class Api:
                 packages_dir: Path | None = None, threads: int = 8) -> Api:
         """An API over its own small pool, its sessions named ``toolkit mlflow serve``: a
         connection for each of the server's ``threads`` (at most that many are ever busy)."""
-        engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=min(threads, 4),
-                               max_overflow=max(threads - 4, 0), pool_timeout=10,
+        engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=threads,
+                               max_overflow=0, pool_timeout=10,
                                connect_args={"application_name": "toolkit mlflow serve"})
         return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
                    page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else (),
@@ -176,12 +179,17 @@ class Api:
                 if code.startswith("22") or (not code and isinstance(exc.orig, psycopg.DataError)):
                     raise ApiError(400, "INVALID_PARAMETER_VALUE",
                                    f"A parameter is not valid: {first}") from exc
-                if code in BUSY or code.startswith("08") or exc.connection_invalidated:
-                    why = BUSY.get(code, "the connection to the database was lost")
+                if (code in BUSY or code.startswith(UNAVAILABLE) or exc.connection_invalidated
+                        or (not code and isinstance(exc.orig, psycopg.OperationalError))):
+                    # the server restarting, full or shutting down: MLflow clients retry a 503
+                    why = BUSY.get(code, "the database is unreachable or refused the connection")
                     raise ApiError(503, "TEMPORARILY_UNAVAILABLE",
                                    f"The database did not answer this read: {why} ({first}); "
                                    "try again") from exc
                 raise ApiError(500, "INTERNAL_ERROR", f"The read failed: {first}") from exc
+            except PoolTimeout as exc:
+                raise ApiError(503, "TEMPORARILY_UNAVAILABLE",
+                               "Every database connection of the server is busy; try again") from exc
         raise AssertionError("unreachable")
 
 

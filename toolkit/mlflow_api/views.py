@@ -29,7 +29,7 @@ from toolkit.catalog import relation_exists
 from toolkit.engine.state import ROLLING_BACK, milestone_state
 from toolkit.mlflow_api import rails
 from toolkit.mlflow_api.artifact_uri import artifact_path_sql, artifact_uri
-from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, missing, resource_not_found
+from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, resource_not_found
 from toolkit.mlflow_api.ordering import (
     EXPERIMENT_LIST,
     METRIC_HISTORY,
@@ -51,31 +51,11 @@ from toolkit.verify.fingerprint import (
     runs_of_experiment,
 )
 
-__all__ = ["MAX_PAGE", "ApiError", "View", "invalid", "not_found", "reading_source", "required"]
+__all__ = ["MAX_PAGE", "ApiError", "View", "reading_source"]
 
 # GitLab caps every page at 1000 (runs/search, experiments/search, metrics/get-history).
 MAX_PAGE = 1000
 STATUS_NAMES = {number: name.upper() for name, number in CANDIDATE_STATUSES.items()}
-
-
-def not_found(message: str | None = None) -> ApiError:
-    """GitLab's ``resource_not_found!``: 404 and ``RESOURCE_DOES_NOT_EXIST``, no message."""
-    return resource_not_found()
-
-
-def invalid(message: str) -> ApiError:
-    """GitLab's ``invalid_parameter!(message)``."""
-    return invalid_parameter(message)
-
-
-def required(params: dict[str, Any], *names: str) -> str:
-    """A parameter declared ``requires :name, type: String`` (the first of ``names`` given):
-    Grape's ``<name> is missing`` when none is there."""
-    for name in names:
-        if name in params:
-            value = rails.grape_string(params, name, required=True)
-            return "" if value is None else value
-    raise missing(names[0])
 
 
 # --- values as MLflow's JSON carries them ---------------------------------------------------

@@ -20,6 +20,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
 
 USER_KEY = "toolkit.user"
 JSON = [("Content-Type", "application/json")]
-REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           413: "Request Entity Too Large", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
@@ -45,7 +43,10 @@ class StreamCut(Exception):
 
 
 def status_line(status: int) -> str:
-    return f"{status} {REASONS.get(status, 'Unknown')}"
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
 
 
 def encode(document: Any) -> bytes:

@@ -107,7 +107,6 @@ KEYED: dict[str, tuple[str, str]] = {
     "model_version_tags": ("ml_model_versions", "model version"),
 }
 BUCKETS = 512  # at most about this many per part: one key a bucket up to 512 runs or models
-REGISTRY_PARTS = ("registered_models", "registered_model_tags", "model_versions", "model_version_tags")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,7 +193,8 @@ class Difference:
 # What a difference in these parts means to a user, said with it.
 PART_MEANINGS = {
     "run_artifact_uris": "GitLab's artifact_uri of runs differs beyond what the milestones' ledgers "
-                         "declare (milestone 1's converted packages)",
+                         "declare (milestone 1's converted packages), or a run's package is gone or "
+                         "renamed",
     "registered_models": "get_registered_model shows an existing model changed (name, description, "
                          "user or times); milestone 3 only adds models",
     "registered_model_tags": "an existing model's tags changed beyond the metadata milestone 3 copied",
@@ -309,7 +309,7 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
             SELECT ROW(t.candidate_id, t.name, t.value)::text AS r
             FROM ml_candidate_metadata t WHERE t.id <= :w_candidate_metadata""",
         "run_artifact_uris": f"""
-            SELECT ROW(c.id, {uri})::text AS r, c.id AS k
+            SELECT ROW(c.id, {uri}, pk.id, pk.project_id, pk.name, pk.version)::text AS r, c.id AS k
             FROM ml_candidates c LEFT JOIN packages_packages pk ON pk.id = c.package_id
             WHERE c.id <= :w_candidates""",
         "registered_models": f"""

@@ -21,6 +21,7 @@ from toolkit.names import (
     M4_ARCHIVED_DDL,
     M4_ARCHIVES,
     M4_DROPPED_COLUMN,
+    M4_EXPERIMENT_IDS,
     M4_SYNC_TRIGGER,
 )
 from toolkit.verify.digest import table_digest
@@ -190,7 +191,24 @@ def clear(conn: Connection, *, check_rebuild: bool) -> None:
         conn.execute(sa.text(statement))
 
 
+# What `archive drop` copies before the archive goes: the ids of experiments milestone 4
+# archived but a toolkit before 0008 never kept (it ran milestone 4 without that table).
+KEEP_ARCHIVED_IDS = f"""INSERT INTO {M4_EXPERIMENT_IDS}
+    (id, project_id, iid, model_id, name, created_at, updated_at, deleted_on)
+SELECT id, project_id, iid, model_id, name, created_at, updated_at, deleted_on FROM {M4_ARCHIVE_EXPERIMENTS}
+WHERE model_id IS NOT NULL ON CONFLICT (id) DO NOTHING"""
+ARCHIVED_IDS_NOT_KEPT = f"""SELECT count(*) FROM {M4_ARCHIVE_EXPERIMENTS} a
+WHERE NOT EXISTS (SELECT 1 FROM {M4_EXPERIMENT_IDS} k WHERE k.id = a.id)"""
+
+
 def drop_everything(conn: Connection) -> None:
-    """``toolkit archive drop``: the archive and the recorded DDL, for good."""
+    """``toolkit archive drop``: the archive and the recorded DDL, for good; first every
+    archived experiment's MLflow id is made sure to be kept, or nothing is dropped."""
+    if catalog.relation_exists(conn, M4_ARCHIVE_EXPERIMENTS):
+        conn.execute(sa.text(KEEP_ARCHIVED_IDS))
+        if lost := conn.execute(sa.text(ARCHIVED_IDS_NOT_KEPT)).scalar_one():
+            raise VerificationFailed(
+                f"{lost} archived experiments have no model, so their MLflow ids could not be kept",
+                "nothing was dropped; `toolkit verify milestone-3` names experiments without a model")
     clear(conn, check_rebuild=False)
     conn.execute(sa.text(f"DELETE FROM {M4_ARCHIVED_DDL}"))

@@ -35,8 +35,10 @@ from toolkit.names import (
 
 EXPERIMENT_ID_NOT_NULL = catalog.column_not_null_sql(*M4_DROPPED_COLUMN)
 
-# In the transaction that drops ml_experiments (so no experiment GitLab writes meanwhile is
-# missed): what GitLab's MLflow API needs of each experiment once it is gone, kept for good.
+# In the transaction that drops ml_experiments, after taking the lock the DROP takes anyway
+# (so an experiment GitLab is inserting meanwhile is either committed and copied, or waits
+# and finds the table gone): what GitLab's MLflow API needs of each experiment, kept for good.
+LOCK_EXPERIMENTS = "LOCK TABLE ml_experiments IN ACCESS EXCLUSIVE MODE"
 KEEP_EXPERIMENT_IDS = f"""INSERT INTO {M4_EXPERIMENT_IDS}
     (id, project_id, iid, model_id, name, created_at, updated_at, deleted_on)
 SELECT id, project_id, iid, model_id, name, created_at, updated_at, deleted_on FROM ml_experiments
@@ -107,7 +109,8 @@ class DropLegacy(Step):
                        tables=("ml_experiment_metadata",)),
             Statements("drop-ml-experiments",
                        f"keep each experiment's MLflow id in {M4_EXPERIMENT_IDS}, then drop ml_experiments",
-                       EXPERIMENTS_GONE, (KEEP_EXPERIMENT_IDS, "DROP TABLE IF EXISTS ml_experiments"),
+                       EXPERIMENTS_GONE,
+                       (LOCK_EXPERIMENTS, KEEP_EXPERIMENT_IDS, "DROP TABLE IF EXISTS ml_experiments"),
                        tables=("ml_experiments",)),
         ]
 
