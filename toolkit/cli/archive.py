@@ -11,6 +11,7 @@ from toolkit.engine import state
 from toolkit.engine.runner import Runner
 from toolkit.errors import PreconditionRefused
 from toolkit.milestones.m4 import archive as m4_archive
+from toolkit.milestones.m4.final import DROP_COMMAND, archive_dropped
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS
 from toolkit.output import out
 
@@ -90,10 +91,17 @@ def drop(yes: bool) -> None:
                                   "pass --yes when you are sure (export the mapping first if needed)")
     engine = app().engine()
     runner = app().runner()
+    with runner.read_only() as conn:
+        runner.check_gitlab(conn, columns=False)
+        gone = archive_dropped(conn)
+    if gone is not None:
+        out.say(f"Nothing to drop: milestone-4 {gone.why}.")
+        app().finish({"dropped": {}, "already": gone.as_dict()})
+        return
     _refuse_unless_verified(runner)  # before anything is written
     # Under the runner lock and the fenced lease: a rollback of milestone 4 rebuilds from this
     # very archive, so the two must never overlap; the state is read again under the lock.
-    with runner.exclusive("toolkit archive drop --yes", "milestone-4"):
+    with runner.exclusive(DROP_COMMAND, "milestone-4"):
         _refuse_unless_verified(runner)
         with engine.connect() as conn:
             counts = _counts(conn)

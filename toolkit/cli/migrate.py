@@ -222,6 +222,14 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
         out.say("Dry run: nothing was written.")
         app().finish({"dry_run": True, "milestones": [_plan_doc(result)]})
         return
+    final, now = runner.final(chosen)
+    if final is not None and now == state.VERIFIED:
+        # Nothing to apply, nothing to confirm: say so and write nothing.
+        out.say(f"{chosen.name} is already verified, and final: {final.why}. Nothing to apply; "
+                f"`toolkit verify {chosen.name}` checks it again.")
+        app().finish({"milestone": chosen.name, "state": now, "already": True, "final": final.as_dict()})
+        return
+
     def go_ahead() -> None:
         if chosen.confirm and not yes:
             _confirm_destructive(chosen)
@@ -362,6 +370,13 @@ def status() -> None:
                      entry["schema_changes_left"], where or "-"])
     out.table(["milestone", "state", "rows left", "schema changes left", "checkpoint"], rows)
     for entry in report:
+        if entry["final"]:
+            again = "" if entry["state"] == state.VERIFIED else (
+                f" Run `toolkit migrate {entry['milestone']}"
+                f"{' --yes' if registry.get(entry['milestone']).confirm else ''}` to verify it and "
+                "record it verified again.")
+            out.say(f"{entry['milestone']} is final: {entry['final']['why']}; it cannot be rolled "
+                    f"back.{again}")
         if entry["left_to_undo"]:
             out.say(f"{entry['milestone']} is rolling back (interrupted?); left to undo: "
                     + "; ".join(entry["left_to_undo"])

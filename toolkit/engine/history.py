@@ -18,8 +18,26 @@ from toolkit.engine.events import Events
 from toolkit.engine.lease import UNFENCED, Hold
 from toolkit.engine.outcomes import ApplyResult
 from toolkit.engine.plan import Milestone
-from toolkit.errors import Interrupted, SessionLost, Throttled, ToolkitError, redact
+from toolkit.errors import (
+    Interrupted,
+    SessionLost,
+    Throttled,
+    ToolkitError,
+    redact,
+    without_database_urls,
+)
 from toolkit.schema.migrations import ensure_own_tables
+
+
+def error_text(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
+    """What history keeps of an unexpected failure: its kind and first line, redacted. Of a
+    driver error, the SQLSTATE and the server's first line: never SQLAlchemy's statement
+    dump, parameters or link, which the column would otherwise keep."""
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        kind = type(exc.orig).__name__ + (f" ({sqlstate})" if sqlstate else "")
+        return f"{kind}: {first_line(exc, secrets)}"
+    return redact(f"{type(exc).__name__}: {exc}", secrets)
 
 
 class RunHistory:
@@ -81,10 +99,10 @@ class RunHistory:
                 lost = lost_session_error(exc, why, render_url(self.engine.url), self.events.secrets)
                 self.finish(result, "interrupted", lost.one_line())
                 raise lost from exc
-            self.finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
+            self.finish(result, "failed", error_text(exc, self.events.secrets))
             raise
         except Exception as exc:
-            self.finish(result, "failed", redact(f"{type(exc).__name__}: {exc}"))
+            self.finish(result, "failed", error_text(exc, self.events.secrets))
             raise
         if result.stopped == "interrupted":
             self.finish(result, "interrupted")
@@ -116,6 +134,8 @@ class RunHistory:
                     extra: dict[str, Any] | None = None) -> None:
         """The run's own history row, written even after the hold is lost (it says so) and
         given up on, with a warning, when the server cannot be reached to write it."""
+        if error is not None:
+            error = without_database_urls(redact(error, self.events.secrets))
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(**{UNFENCED: True})

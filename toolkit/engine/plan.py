@@ -20,6 +20,20 @@ from toolkit.engine.step import Step
 from toolkit.errors import UsageProblem
 
 
+@dataclass(frozen=True)
+class Final:
+    """Why a milestone can no longer be undone (milestone 4 once its archive is dropped):
+    the runner refuses up front what would need undoing it, and ``status`` says so instead
+    of advising a command that cannot succeed."""
+
+    why: str  # "its archive was dropped by run 12 at ...": follows "<milestone> cannot be rolled back: "
+    instead: str  # what to do instead (the error's "Next")
+    details: dict[str, object] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"why": self.why, "instead": self.instead, **self.details}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Milestone:
     name: str
@@ -36,6 +50,11 @@ class Milestone:
     # Preconditions beyond "the previous milestone verifies" (milestone 4 has several).
     preconditions: Callable[[Connection], list[Check]] | None = field(default=None, compare=False)
     confirm: bool = False  # destructive: needs --yes or the database name typed
+    # When it has become final (cannot be rolled back any more): why, else None.
+    final: Callable[[Connection], Final | None] | None = field(default=None, compare=False)
+
+    def final_now(self, conn: Connection) -> Final | None:
+        return self.final(conn) if self.final is not None else None
 
     def plan(self, conn: Connection) -> list[StepPlan]:
         return [step.plan(conn) for step in self.steps]

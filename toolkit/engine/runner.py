@@ -26,11 +26,11 @@ from toolkit.engine.batches import (
 )
 from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.health import Limits, Throttle
-from toolkit.engine.history import RunHistory
+from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.lease import Hold, HoldLost
 from toolkit.engine.listing import count_of
 from toolkit.engine.outcomes import ApplyResult, Gate, PlanResult, VerifyResult, timed
-from toolkit.engine.plan import Milestone, MilestonePlan
+from toolkit.engine.plan import Final, Milestone, MilestonePlan
 from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import (
     check_gitlab_database,
@@ -46,7 +46,6 @@ from toolkit.errors import (
     PreconditionRefused,
     SessionLost,
     ToolkitError,
-    redact,
 )
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.schema.migrations import ensure_own_tables
@@ -147,7 +146,9 @@ class Runner:
             for milestone in self.milestones:
                 self._check_reads(conn, milestone.reads)
                 recorded = state.milestone_state(conn, milestone.name)
-                undoing = recorded["state"] == state.ROLLING_BACK
+                final = milestone.final_now(conn)
+                # A final milestone has nothing left to undo: a rollback could never finish.
+                undoing = recorded["state"] == state.ROLLING_BACK and final is None
                 report.append({
                     "milestone": milestone.name,
                     "title": milestone.title,
@@ -161,6 +162,7 @@ class Runner:
                         f"{c.name}: not yet" + (f" ({count_of(c.rows)} left)" if c.rows else "")
                         for step in milestone.steps for c in step.rollback_checks(conn) if not c.ok]
                     if undoing else [],
+                    "final": final.as_dict() if final else None,
                 })
                 if undoing and (kept := sum(s.schema_changes - s.schema_changes_left(conn)
                                             for s in milestone.steps)):
@@ -188,15 +190,31 @@ class Runner:
         return self._reconnecting(
             lambda first: self._rollback_once(milestone, go_ahead if first else None))
 
+    def final(self, milestone: Milestone) -> tuple[Final | None, str]:
+        """Whether ``milestone`` can no longer be rolled back (and why), and its state. Read-only."""
+        with self.read_only() as conn:
+            return milestone.final_now(conn), state.milestone_state(conn, milestone.name)["state"]
+
     def _refuse_out_of_order(self, milestone: Milestone, verb: str) -> None:
         """Before any other check: a later milestone in the way is the one thing to say (after
-        milestone 4 the tables the other checks read are gone)."""
+        milestone 4 the tables the other checks read are gone). A milestone that is final (or
+        a final one in the way) is refused too, naming why: its rollback could never succeed."""
         with self.read_only() as conn:
             started = self._later_started(conn, milestone)
             undoing = [name for name in started
                        if state.milestone_state(conn, name)["state"] == state.ROLLING_BACK]
-        if verb == "migrate":
-            started = [name for name in started if self.milestones.get(name).drops]
+            if verb == "migrate":
+                started = [name for name in started if self.milestones.get(name).drops]
+            in_the_way = [milestone] if verb == "rollback" else []
+            in_the_way += [self.milestones.get(name) for name in started]
+            final = next(((m, f) for m in in_the_way if (f := m.final_now(conn)) is not None), None)
+        if final is not None:
+            what = "be rolled back" if verb == "rollback" else "be migrated again"
+            final_one, why = final
+            problem = (f"{milestone.name} cannot be rolled back: {why.why}" if final_one is milestone
+                       else f"{milestone.name} cannot {what}: {final_one.name} is final, "
+                            f"{why.why}, so it cannot be rolled back first")
+            raise PreconditionRefused(problem, why.instead, details={"final": final_one.name, **why.details})
         if started:
             plural = "are" if len(started) > 1 else "is"
             where = "applied" if not set(undoing) & set(started) else (
@@ -220,7 +238,11 @@ class Runner:
                 raise gate.refusal(milestone)
             if go_ahead is not None:
                 go_ahead()
-            passes = [p for step in milestone.steps for p in step.forward()]
+            with self.read_only() as conn:
+                final = milestone.final_now(conn)
+            # Final (milestone 4 after its archive drop): everything is applied and the passes
+            # that build the archive cannot run again; what is left is to verify and say so.
+            passes = [] if final else [p for step in milestone.steps for p in step.forward()]
             with self.history.recorded(hold, milestone, "migrate", state.IN_PROGRESS) as result:
                 self._run_passes(hold, result, passes, before=self.take_baseline)
                 if result.complete:
@@ -298,7 +320,7 @@ class Runner:
                 error = exc.one_line()
                 raise
             except Exception as exc:
-                error = redact(f"{type(exc).__name__}: {exc}")
+                error = error_text(exc, self.events.secrets)
                 raise
             finally:
                 self.history.record_end(run_id, outcome, {}, error)

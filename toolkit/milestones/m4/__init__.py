@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from toolkit.engine.plan import Milestone
 from toolkit.milestones.m4.drop import DropLegacy
+from toolkit.milestones.m4.final import archive_dropped
 from toolkit.milestones.m4.preconditions import preconditions
 from toolkit.milestones.m4.steps import ArchiveRows, CaptureDdl, CheckArchive, ModelIdNotNull
 from toolkit.names import M4_DROPPED_COLUMN, M4_DROPPED_TABLES
@@ -35,4 +36,5 @@ MILESTONE_4 = Milestone(
     drops_columns=(".".join(M4_DROPPED_COLUMN),),
     preconditions=preconditions,
     confirm=True,
+    final=archive_dropped,  # once `toolkit archive drop` has run: no rollback can rebuild
 )
