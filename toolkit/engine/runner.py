@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -191,9 +192,18 @@ class Runner:
             lambda first: self._rollback_once(milestone, go_ahead if first else None))
 
     def final(self, milestone: Milestone) -> tuple[Final | None, str]:
-        """Whether ``milestone`` can no longer be rolled back (and why), and its state. Read-only."""
-        with self.read_only() as conn:
-            return milestone.final_now(conn), state.milestone_state(conn, milestone.name)["state"]
+        """Whether ``milestone`` can no longer be rolled back (and why), and its state.
+
+        Read-only through ``SET TRANSACTION READ ONLY``, not :meth:`read_only`'s connection
+        characteristic: the command asks this before any preflight, and a pooled connection
+        whose characteristic was set is handed back read-write, which would hide a read-only
+        role and make a replica fail on ``BEGIN READ WRITE`` instead of being named."""
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            try:
+                conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+                return milestone.final_now(conn), state.milestone_state(conn, milestone.name)["state"]
+            finally:
+                transaction.rollback()
 
     def _refuse_out_of_order(self, milestone: Milestone, verb: str) -> None:
         """Before any other check: a later milestone in the way is the one thing to say (after
