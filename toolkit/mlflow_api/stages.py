@@ -60,6 +60,19 @@ def stage_of(conn: Connection) -> Stage:
 
 
 @dataclass(frozen=True)
+class WriteContext:
+    """What every write endpoint gets besides its parameters: the project (resolved), the
+    token's user (None when the server runs without a token source), the stage read in the
+    write's transaction, and the URL answers start with."""
+
+    project_id: int
+    user_id: int | None
+    stage: Stage
+    base_url: str
+    endpoint: str
+
+
+@dataclass(frozen=True)
 class ExperimentRef:
     """An MLflow experiment as a write needs it: its row id (None once milestone 4 dropped
     the table), its per-project iid (the MLflow ``experiment_id``) and its model, if any."""
