@@ -59,6 +59,13 @@ def write(db, who, endpoint: str, **params: Any) -> tuple[int, Any, Stage]:
     return 200, answer, stage
 
 
+def returning(db, sql: str, one: bool = True, **params: Any) -> Any:
+    """An INSERT … RETURNING, committed: its one value, or its row."""
+    with db.engine.begin() as conn:
+        row = conn.execute(sa.text(sql), params).one()
+    return row[0] if one else row
+
+
 def recorded(db, endpoint: str) -> set[tuple[str, str]]:
     if not db.scalar("SELECT to_regclass('toolkit.mlflow_writes') IS NOT NULL"):
         return set()
@@ -167,6 +174,60 @@ def test_stage_experiments_as_gitlab_does_today(db, who):
     assert {r[0] for r in db.rows("SELECT status FROM packages_packages WHERE id = ANY(:k)", k=packages)} == {4}
     assert write(db, who, "registered-models/delete", name="churn-model")[:2] == NOT_FOUND
     assert write(db, who, "registered-models/delete")[:2] == NOT_FOUND
+
+
+def test_a_run_becomes_a_version_and_iids_come_from_internal_ids(db, who):
+    project, _ = who
+    # GitLab's internal_ids (db/structure.sql), which the sandbox's schema leaves out
+    db.execute("""
+        CREATE TABLE internal_ids (id bigserial PRIMARY KEY, project_id integer, usage integer NOT NULL,
+                                   last_value integer NOT NULL, namespace_id integer);
+        CREATE UNIQUE INDEX index_internal_ids_on_usage_and_project_id ON internal_ids (usage, project_id)
+            WHERE project_id IS NOT NULL""")
+    try:
+        highest = db.scalar("SELECT COALESCE(max(iid), 0) FROM ml_experiments WHERE project_id = :p", p=project)
+        db.execute("INSERT INTO internal_ids (project_id, usage, last_value) VALUES (:p, 12, :v)",
+                   p=project, v=highest + 10)  # a live GitLab handed out ten more
+        assert write(db, who, "registered-models/create", name="promoted")[0] == 200
+        [model] = model_row(db, who, "promoted")
+        [experiment] = db.rows("SELECT * FROM ml_experiments WHERE model_id = :m", m=model.id)
+        assert experiment.iid == highest + 11
+        assert db.scalar("SELECT last_value FROM internal_ids WHERE project_id = :p AND usage = 12",
+                         p=project) == highest + 11
+
+        # a run of the model's experiment, with its ml_model package, becomes the version (CMVS)
+        runs_before = db.scalar("SELECT max(internal_id) FROM ml_candidates WHERE project_id = :p", p=project)
+        package = returning(db, """
+            INSERT INTO packages_packages (created_at, updated_at, project_id, name, version, package_type)
+            VALUES (now(), now(), :p, 'promoted', 'candidate_1', 14) RETURNING id""", p=project)
+        run = returning(db, """
+            INSERT INTO ml_candidates (created_at, updated_at, experiment_id, eid, project_id, internal_id,
+                                       package_id, name, status)
+            VALUES (now(), now(), :e, gen_random_uuid(), :p, :i, :k, 'trained', 2) RETURNING id, eid""",
+                        e=experiment.id, p=project, i=runs_before + 1, k=package, one=False)
+        status, answer, _ = write(db, who, "model-versions/create", name="promoted", run_id=str(run.eid))
+        assert status == 200, answer
+        assert answer["model_version"]["run_id"] == str(run.eid)
+        version = db.rows("SELECT * FROM ml_model_versions WHERE id = :v", v=int(answer["model_version"]["version"]))[0]
+        assert (version.version, version.package_id) == ("1.0.0", package)
+        assert db.scalar("SELECT model_version_id FROM ml_candidates WHERE id = :c", c=run.id) == version.id
+        assert tuple(db.rows("SELECT name, version FROM packages_packages WHERE id = :k", k=package)[0]) == \
+            ("promoted", "1.0.0")
+        assert db.scalar("SELECT count(*) FROM ml_candidates WHERE model_version_id = :v", v=version.id) == 1
+        # a run of another experiment is refused; a new version's run takes its iid from internal_ids
+        other = db.scalar("SELECT eid FROM ml_candidates WHERE project_id = :p AND model_version_id IS NULL "
+                          "AND experiment_id <> :e LIMIT 1", p=project, e=experiment.id)
+        assert write(db, who, "model-versions/create", name="promoted", run_id=str(other))[:2] == \
+            (400, {"error_code": "INVALID_PARAMETER_VALUE",
+                   "message": ["Run's experiment does not belong to this model"]})
+        status, answer, _ = write(db, who, "model-versions/create", name="promoted")
+        assert status == 200 and answer["model_version"]["aliases"] == ["2.0.0"]
+        new_run = db.scalar("SELECT internal_id FROM ml_candidates WHERE eid = CAST(:e AS uuid)",
+                            e=answer["model_version"]["run_id"])
+        assert new_run == db.scalar("SELECT last_value FROM internal_ids WHERE project_id = :p AND usage = 13",
+                                    p=project) == runs_before + 2
+    finally:
+        db.execute("DROP TABLE internal_ids")
 
 
 def test_stage_models_after_milestones_1_to_3(db, who):
