@@ -113,6 +113,13 @@ def test_stage_experiments_as_gitlab_does_today(db, who):
     # UMS: the description, cleared when none is sent
     status, answer, _ = write(db, who, "registered-models/update", name="churn-model", description="second")
     assert status == 200 and answer["registered_model"]["description"] == "second"
+    assert write(db, who, "registered-models/update", name="churn-model", description="x" * 10_001)[:2] == \
+        (400, {"error_code": "INVALID_PARAMETER_VALUE",
+               "message": "Validation failed: Description is too long (maximum is 10000 characters)"})
+    assert db.scalar("SELECT description FROM ml_models WHERE id = :m", m=model.id) == "second"
+    status, answer, _ = write(db, who, "registered-models/update", name="churn-model")
+    assert status == 200 and answer["registered_model"]["description"] == ""  # update!(description: nil)
+    assert db.scalar("SELECT description FROM ml_models WHERE id = :m", m=model.id) is None
     assert write(db, who, "registered-models/update", name="no-such-model", description="x")[:2] == NOT_FOUND
     assert write(db, who, "registered-models/update", description="x")[:2] == NOT_FOUND
 
@@ -162,6 +169,8 @@ def test_stage_experiments_as_gitlab_does_today(db, who):
     assert db.scalar("SELECT description FROM ml_model_versions WHERE id = :v", v=version.id) == "better"
     assert write(db, who, "model-versions/update", name="churn-model", version="9.9.9", description="x")[:2] == \
         (400, {"error_code": "UPDATE_FAILED"})
+    assert write(db, who, "model-versions/update", name="churn-model", version="1.0.0", description="")[0] == 200
+    assert db.scalar("SELECT description FROM ml_model_versions WHERE id = :v", v=version.id) == ""
     assert write(db, who, "model-versions/update", name="churn-model", version="1.0.0")[:2] == \
         (400, {"error_code": "INVALID_PARAMETER_VALUE", "message": None})
 
