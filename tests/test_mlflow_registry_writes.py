@@ -326,3 +326,32 @@ def test_after_milestone_4_a_deleted_model_takes_its_archived_experiment_and_rol
     assert db.scalar("SELECT count(*) FROM ml_experiments WHERE id = :e", e=archived) == 0
     assert db.scalar("SELECT count(*) FROM ml_experiments WHERE model_id IS NOT NULL "
                      "AND model_id NOT IN (SELECT id FROM ml_models)") == 0
+
+
+def test_after_the_archive_drop_the_model_is_made_alone_and_deleted_with_its_kept_id(db, who):
+    """Stage KEPT_IDS: milestone 4 again, then `toolkit archive drop`. The model deleted
+    above is the application's change, accepted with a new baseline (until verify reads
+    toolkit.mlflow_writes)."""
+    _, user = who
+    for args in (("fingerprint", "--baseline", "milestone-4"), ("migrate", "milestone-4", "--yes"),
+                 ("archive", "drop", "--yes")):
+        result = toolkit(db, *args)
+        assert result.exit_code == 0, result.output
+    status, answer, stage = write(db, who, "registered-models/create", name="kept-ids",
+                                  tags=[{"key": "a", "value": "b"}])
+    assert stage is Stage.KEPT_IDS
+    assert status == 200, answer
+    [model] = model_row(db, who, "kept-ids")
+    assert (model.display_name, model.user_id) == ("kept-ids", user)
+    status, answer, _ = write(db, who, "model-versions/create", name="kept-ids")
+    assert status == 200 and answer["model_version"]["aliases"] == ["1.0.0"]
+    assert db.scalar("SELECT model_id FROM ml_candidates WHERE eid = CAST(:e AS uuid)",
+                     e=answer["model_version"]["run_id"]) == model.id
+    # a model that stands for an experiment: its kept MLflow experiment id goes with it
+    standing = db.rows("SELECT k.model_id, m.name FROM toolkit.mlflow_experiment_ids k "
+                       "JOIN ml_models m ON m.id = k.model_id WHERE k.project_id = :p ORDER BY k.model_id LIMIT 1",
+                       p=who[0])[0]
+    assert write(db, who, "registered-models/delete", name=standing.name)[:2] == (200, {})
+    assert db.scalar("SELECT count(*) FROM toolkit.mlflow_experiment_ids WHERE model_id = :m",
+                     m=standing.model_id) == 0
+    assert ("toolkit.mlflow_experiment_ids", "delete") in recorded(db, "registered-models/delete")
