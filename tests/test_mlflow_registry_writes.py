@@ -15,6 +15,8 @@ One adversarial database for the module, walked forward: the tests run in file o
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -355,3 +357,41 @@ def test_after_the_archive_drop_the_model_is_made_alone_and_deleted_with_its_kep
     assert db.scalar("SELECT count(*) FROM toolkit.mlflow_experiment_ids WHERE model_id = :m",
                      m=standing.model_id) == 0
     assert ("toolkit.mlflow_experiment_ids", "delete") in recorded(db, "registered-models/delete")
+
+
+def test_concurrent_creates_of_one_name_and_versions_of_one_model(db, who):
+    """Two writes at once, each in its own READ COMMITTED transaction: one model of the
+    name, the other answered as GitLab answers a taken name; versions of one model
+    numbered one after the other."""
+    project, user = who
+    results: dict[str, tuple[int, Any]] = {}
+
+    def racing(endpoint: str, params: dict, key: str, started: threading.Event) -> None:
+        with db.engine.connect() as conn, conn.begin() as tx:
+            ctx = WriteContext(project, user, stage_of(conn), BASE, endpoint)
+            started.set()
+            try:
+                results[key] = (200, WRITES[endpoint](conn, ctx, params))
+            except ApiError as exc:
+                tx.rollback()
+                results[key] = (exc.status, exc.document())
+
+    for endpoint, params in (("registered-models/create", {"name": "raced"}),
+                             ("model-versions/create", {"name": "raced"})):
+        with db.engine.connect() as conn, conn.begin():
+            ctx = WriteContext(project, user, stage_of(conn), BASE, endpoint)
+            first = WRITES[endpoint](conn, ctx, dict(params))
+            started = threading.Event()
+            second = threading.Thread(target=racing, args=(endpoint, dict(params), endpoint, started))
+            second.start()
+            started.wait(10)
+            time.sleep(0.3)  # the second write is now waiting on the first's locks
+            assert second.is_alive(), results
+        second.join(30)
+        if endpoint == "registered-models/create":
+            assert first["registered_model"]["name"] == "raced"
+            assert results[endpoint] == EXISTS
+        else:
+            assert first["model_version"]["aliases"] == ["1.0.0"]
+            assert results[endpoint][0] == 200 and results[endpoint][1]["model_version"]["aliases"] == ["2.0.0"]
+    assert len(model_row(db, who, "raced")) == 1
