@@ -577,6 +577,16 @@ def update_model_version(conn: Connection, ctx: WriteContext, params: dict) -> d
     return {"model_version": registry._version_documents([registry._version(name, version)])[0]}
 
 
+# The parameters GitLab declares for these routes (registered_models.rb, model_versions.rb),
+# with their Grape types, for the access log's names as ``inputs.DECLARED`` has the reads'.
+DECLARED: dict[str, dict[str, type]] = {
+    "registered-models/create": {"name": str, "description": str, "tags": list},
+    "registered-models/update": {"name": str, "description": str},
+    "registered-models/delete": {"name": str},
+    "model-versions/create": {"name": str, "description": str, "tags": list, "run_id": str},
+    "model-versions/update": {"name": str, "version": str, "description": str},
+}
+
 WRITES: dict[str, Write] = {
     "registered-models/create": create_registered_model,
     "registered-models/update": update_registered_model,
