@@ -42,8 +42,12 @@ def db(pg_server, templates) -> Iterator:
 
 @pytest.fixture(scope="module")
 def who(db) -> tuple[int, int]:
-    """A project and a user of the sandbox."""
-    return (db.scalar("SELECT min(id) FROM projects"), db.scalar("SELECT min(id) FROM users"))
+    """A project and a Maintainer of it (GitLab's destroy_package, which deleting a model with
+    packages needs), not an administrator."""
+    project = db.scalar("SELECT min(project_id) FROM project_authorizations WHERE access_level = 40")
+    user = db.scalar("SELECT min(a.user_id) FROM project_authorizations a JOIN users u ON u.id = a.user_id "
+                     "WHERE a.project_id = :p AND a.access_level = 40 AND NOT u.admin", p=project)
+    return project, user
 
 
 def write(db, who, endpoint: str, **params: Any) -> tuple[int, Any, Stage]:
@@ -178,6 +182,12 @@ def test_stage_experiments_as_gitlab_does_today(db, who):
 
     # DMS: packages pending destruction, then the model and all that cascades from it
     packages = [r[0] for r in db.rows("SELECT package_id FROM ml_model_versions WHERE model_id = :m", m=model.id)]
+    developer = db.scalar("SELECT min(a.user_id) FROM project_authorizations a JOIN users u ON u.id = a.user_id "
+                          "WHERE a.project_id = :p AND a.access_level = 30 AND NOT u.admin", p=project)
+    assert developer is not None
+    assert write(db, (project, developer), "registered-models/delete", name="churn-model")[:2] == \
+        (400, {"message": "Model could not be deleted"})  # DMS: destroy_package is Maintainer's
+    assert len(model_row(db, who, "churn-model")) == 1
     assert write(db, who, "registered-models/delete", name="churn-model")[:2] == (200, {})
     assert model_row(db, who, "churn-model") == []
     assert db.scalar("SELECT count(*) FROM ml_experiments WHERE id = :e", e=experiment.id) == 0

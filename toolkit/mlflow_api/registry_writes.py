@@ -65,7 +65,8 @@ SEMVER = re.compile(
     r"\A(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?\Z", re.ASCII)
-INT4_MAX = 2**31 - 1  # semver_major/minor/patch are integer columns
+INT4_MAX = 2**31 - 1
+MAINTAINER = 40  # Gitlab::Access::MAINTAINER  # semver_major/minor/patch are integer columns
 # Enums::InternalId.usage_resources (app/models/concerns/internal_id_enums.rb)
 IID_USAGES = {"ml_experiments": 12, "ml_candidates": 13}
 # where has_internal_id's init finds the highest iid in use: (table, column)
@@ -323,6 +324,10 @@ def delete_registered_model(conn: Connection, ctx: WriteContext, params: dict) -
     name = _string(params, "name")
     model = _find_model(conn, ctx, name)
     m = model.id
+    if not _may_destroy_packages(conn, ctx, m):
+        # MarkPackagesForDestructionService fails (``destroy_package`` is Maintainer's); the
+        # route answers render_api_error!('Model could not be deleted', 400)
+        raise ApiError(400, body={"message": "Model could not be deleted"})
     packages = conn.execute(sa.text("""
         UPDATE packages_packages SET status = :pending
         WHERE project_id = :p AND package_type = :t AND status <> :pending
@@ -338,6 +343,27 @@ def delete_registered_model(conn: Connection, ctx: WriteContext, params: dict) -
     conn.execute(sa.text("DELETE FROM ml_models WHERE id = :m"), {"m": m})
     record_write(conn, ctx.endpoint, "ml_models", m, "delete", model_id=m)
     return {}
+
+
+def _may_destroy_packages(conn: Connection, ctx: WriteContext, model_id: int) -> bool:
+    """``can?(current_user, :destroy_package, package)`` for each of the model's packages:
+    ProjectPolicy gives ``destroy_package`` with ``maintainer_access`` (Maintainer, Owner,
+    an administrator). A model without packages needs nothing; a server without tokens has
+    no user to ask about."""
+    if ctx.user_id is None:
+        return True
+    has_packages = conn.execute(sa.text("""
+        SELECT EXISTS (SELECT 1 FROM ml_model_versions v JOIN packages_packages p ON p.id = v.package_id
+                       WHERE v.model_id = :m AND p.project_id = :p AND p.package_type = :t)"""),
+                                {"m": model_id, "p": ctx.project_id, "t": PACKAGE_TYPE_ML_MODEL}).scalar_one()
+    if not has_packages:
+        return True
+    return bool(conn.execute(sa.text("""
+        SELECT COALESCE(u.admin, false)
+               OR COALESCE((SELECT max(a.access_level) FROM project_authorizations a
+                            WHERE a.project_id = :p AND a.user_id = u.id), 0) >= :level
+        FROM users u WHERE u.id = :u"""),
+                             {"p": ctx.project_id, "u": ctx.user_id, "level": MAINTAINER}).scalar())
 
 
 def _cascade(conn: Connection, stage: Stage, model_id: int) -> list[tuple[str, int, int | None]]:
