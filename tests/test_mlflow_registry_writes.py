@@ -405,3 +405,39 @@ def test_concurrent_creates_of_one_name_and_versions_of_one_model(db, who):
             assert first["model_version"]["aliases"] == ["1.0.0"]
             assert results[endpoint][0] == 200 and results[endpoint][1]["model_version"]["aliases"] == ["2.0.0"]
     assert len(model_row(db, who, "raced")) == 1
+
+
+def test_the_mlflow_client_parses_every_answer(db, who):
+    """What the client (mlflow-skinny 3.17.2) does with a 200: ``call_endpoint`` parses the
+    JSON into the endpoint's Response proto (``parse_dict``), the client makes its entity
+    from it. Each answer goes through exactly that."""
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+    from mlflow.protos import model_registry_pb2 as pb
+    from mlflow.utils.proto_json_utils import parse_dict
+
+    def parsed(endpoint: str, response: Any, **params: Any) -> Any:
+        status, answer, _ = write(db, who, endpoint, **params)
+        assert status == 200, answer
+        message = response()
+        parse_dict(js_dict=answer, message=message)
+        return message
+
+    tags = [{"key": "stage", "value": "dev"}]
+    model = RegisteredModel.from_proto(parsed("registered-models/create", pb.CreateRegisteredModel.Response,
+                                              name="parsed", description="d", tags=tags).registered_model)
+    assert (model.name, model.description, model.tags) == ("parsed", "d", {"stage": "dev"})
+    model = RegisteredModel.from_proto(parsed("registered-models/update", pb.UpdateRegisteredModel.Response,
+                                              name="parsed", description="e").registered_model)
+    assert model.description == "e"
+    version = ModelVersion.from_proto(parsed("model-versions/create", pb.CreateModelVersion.Response,
+                                             name="parsed", tags=tags).model_version)
+    assert (version.name, version.aliases, version.tags, version.status) == ("parsed", ["1.0.0"], {"stage": "dev"},
+                                                                             "READY")
+    version = ModelVersion.from_proto(parsed("model-versions/update", pb.UpdateModelVersion.Response,
+                                             name="parsed", version="1.0.0", description="f").model_version)
+    assert version.description == "f"
+    model = RegisteredModel.from_proto(parsed("registered-models/update", pb.UpdateRegisteredModel.Response,
+                                              name="parsed", description="g").registered_model)
+    assert [v.version for v in model.latest_versions] == [version.version]
+    assert parsed("registered-models/delete", pb.DeleteRegisteredModel.Response, name="parsed") == \
+        pb.DeleteRegisteredModel.Response()
