@@ -320,6 +320,24 @@ class Workload:
                 process.wait()
 
 
+def first_runs(workload: Workload, timeout_s: float = 90, refused_after: int = 3) -> str | None:
+    """Wait until every client has ended a run: None then, else why not (the server refused
+    the writes: ``refused_after`` failed set_experiment calls and no experiment set; the
+    clients ended; the time ran out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entries = list(read_journals(workload.journals))
+        if len({e["worker"] for e in entries if e.get("op") == "ended"}) == workload.clients:
+            return None
+        failed = [e for e in entries if e.get("op") == "set_experiment" and e.get("ok") is False]
+        if len(failed) >= refused_after and not any(e.get("op") == "experiment" for e in entries):
+            return f"the server refused them ({failed[0]['error'][:200]})"
+        if all(p.poll() is not None for p in workload.processes):
+            return "the clients ended before they wrote"
+        time.sleep(0.2)
+    return f"the clients wrote no run in {timeout_s:.0f}s"
+
+
 def read_journals(paths: list[Path]) -> Iterator[dict[str, Any]]:
     for path in paths:
         if not path.exists():

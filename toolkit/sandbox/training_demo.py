@@ -12,17 +12,13 @@ that refuses writes (or will not start with them) is said, and the demo goes on.
 from __future__ import annotations
 
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from toolkit.errors import VerificationFailed
-from toolkit.sandbox.training import Report, Workload, read_back, read_journals
+from toolkit.sandbox.training import Report, Workload, first_runs, read_back
 from toolkit.sandbox.writing_server import writing_server
-
-REFUSED_AFTER = 3  # failed set_experiment calls with nothing acknowledged: writes are refused
-START_TIMEOUT_S = 90
 
 
 class TrainingDuringMigration:
@@ -47,26 +43,11 @@ class TrainingDuringMigration:
         self.workload = Workload(server.address, [self.project], clients=self.clients, seed=self.seed,
                                  folder=folder / "journals", pause_s=0.05)
         self.stack.enter_context(self.workload)
-        self.problem = self._first_runs()
+        self.problem = first_runs(self.workload)
         if self.problem:
             self.workload.stop()
             self.workload = None
         return self
-
-    def _first_runs(self) -> str | None:
-        """None once every client has ended a run; else why not."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            entries = list(read_journals(self.workload.journals))
-            if len({e["worker"] for e in entries if e.get("op") == "ended"}) == self.clients:
-                return None
-            failed = [e for e in entries if e.get("op") == "set_experiment" and e.get("ok") is False]
-            if len(failed) >= REFUSED_AFTER and not any(e.get("op") == "experiment" for e in entries):
-                return f"the server refused them ({failed[0]['error'][:200]})"
-            if all(p.poll() is not None for p in self.workload.processes):
-                return "the clients ended before they wrote"
-            time.sleep(0.2)
-        return f"the clients wrote no run in {START_TIMEOUT_S}s"
 
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
