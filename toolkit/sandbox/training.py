@@ -626,11 +626,35 @@ def _read_registry(entries, client, report: Report, error) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="a training workload's client process")
-    parser.add_argument("command", choices=["worker"])
-    parser.add_argument("config")
+    """``python -m toolkit.sandbox.training run URL --projects 1,2 [--clients N] [--seconds S]``:
+    the workload against a server for S seconds, then read back, the report as JSON (exit 1
+    when a write was lost or duplicated, or a 5xx other than 503 was seen). ``worker`` is
+    how :class:`Workload` starts each client."""
+    parser = argparse.ArgumentParser(description="the training workload of toolkit.sandbox.training")
+    commands = parser.add_subparsers(dest="command", required=True)
+    worker = commands.add_parser("worker")
+    worker.add_argument("config")
+    run = commands.add_parser("run", help="run N clients against a server, then read every write back")
+    run.add_argument("server", help="http://HOST:PORT of `toolkit mlflow serve --allow-writes`")
+    run.add_argument("--projects", required=True, help="project ids, comma-separated")
+    run.add_argument("--clients", type=int, default=2)
+    run.add_argument("--seconds", type=float, default=30)
+    run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--label", default="", help="in every name made (a second run on the same database)")
+    run.add_argument("--journals", type=Path, default=None,
+                     help="folder for the journals (default: a temporary one)")
     args = parser.parse_args(argv)
-    return worker_main(json.loads(args.config))
+    if args.command == "worker":
+        return worker_main(json.loads(args.config))
+    projects = [int(p) for p in args.projects.split(",")]
+    workload = Workload(args.server.rstrip("/"), projects, clients=args.clients, seed=args.seed,
+                        folder=args.journals, label=args.label, token=os.environ.get("MLFLOW_TRACKING_TOKEN"))
+    with workload:
+        time.sleep(args.seconds)
+    report = read_back(workload.server, workload.journals, token=workload.token)
+    print(json.dumps({"summary": report.summary(), "journals": str(workload.folder), **report.as_dict()},
+                     indent=2, ensure_ascii=False))
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":
