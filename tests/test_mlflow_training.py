@@ -15,7 +15,10 @@ killed with SIGKILL part-way and run again to resume. Then:
   have written more) without a re-baseline;
 - each rollback gives back what existed before its milestone: ``fingerprint --compare``
   with the fingerprint taken before the migrate (every ML table and the MLflow view, up
-  to the ids it saw) exits 0;
+  to the ids it saw) exits 0. That fingerprint is taken with the clients held between two
+  iterations, so no run it saw is one the clients will still change (a run they finish
+  later is the application's change, not the rollback's); the migrate's own baseline is
+  taken with them writing, and its verify must tell their writes from its own;
 - experiments the clients created after milestone 3 and after milestone 4 are models
   with their names as display names (``ml_models.display_name``).
 
@@ -130,7 +133,9 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
             done: dict[str, float] = {}
             for milestone in MILESTONES:
                 before[milestone] = tmp_path / f"before-{milestone}.json"
+                workload.pause()  # no client run open: none the clients will still change
                 taken = toolkit(db, "fingerprint", "--out", str(before[milestone]))
+                workload.resume()
                 assert taken.exit_code == 0, taken.output
                 _killed_then_resumed(db, windows, "migrate", milestone, "--yes")
                 done[milestone] = time.time()

@@ -162,7 +162,11 @@ def worker_main(config: dict[str, Any]) -> int:
     made: list[str] = []
     models: list[str] = []
     k = 0
+    pause = Path(config["pause_file"])
     while not stop.exists() and (config.get("iterations") is None or k < config["iterations"]):
+        if pause.exists():
+            _paused(pause, stop, journal, base)
+            continue
         name, kind = experiment_name(worker, k, rng, made, existing, config.get("label", ""))
         ok, experiment = call("set_experiment", lambda name=name: mlflow.set_experiment(name),
                               name=name, kind=kind)
@@ -179,6 +183,18 @@ def worker_main(config: dict[str, Any]) -> int:
     journal.write({**base, "op": "stopped", "t": time.time(), "iterations": k})
     journal.close()
     return 0
+
+
+def _paused(pause: Path, stop: Path, journal: Journal, base: dict[str, Any]) -> None:
+    """Between iterations (no run of this client open): say so, then wait for the pause
+    file to go (or the stop file to come)."""
+    try:
+        generation = pause.read_text().strip()
+    except FileNotFoundError:
+        return
+    journal.write({**base, "op": "paused", "generation": generation, "t": time.time()})
+    while pause.exists() and not stop.exists():
+        time.sleep(0.05)
 
 
 def _one_run(call, client, mlflow, rng: random.Random, mark: str, experiment_id: str,
@@ -275,6 +291,8 @@ class Workload:
             self.folder = Path(tempfile.mkdtemp(prefix="toolkit-training-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.stop_file = self.folder / "stop"
+        self.pause_file = self.folder / "pause"
+        self.pauses = 0
 
     @property
     def journals(self) -> list[Path]:
@@ -282,6 +300,7 @@ class Workload:
 
     def start(self) -> Workload:
         self.stop_file.unlink(missing_ok=True)
+        self.pause_file.unlink(missing_ok=True)
         env = {**os.environ, **CLIENT_ENV, "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
         if self.token:
@@ -289,12 +308,35 @@ class Workload:
         for i, journal in enumerate(self.journals):
             config = {"worker": i, "seed": self.seed, "server": self.server, "journal": str(journal),
                       "project": self.projects[i % len(self.projects)], "stop_file": str(self.stop_file),
+                      "pause_file": str(self.pause_file),
                       "pause_s": self.pause_s, "iterations": self.iterations, "label": self.label}
             with (self.folder / f"client-{i}.stderr").open("w") as err:
                 self.processes.append(subprocess.Popen(
                     [sys.executable, "-m", "toolkit.sandbox.training", "worker", json.dumps(config)],
                     env=env, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL))
         return self
+
+    def pause(self, timeout_s: float = 120) -> None:
+        """Hold every client between two iterations, no run of theirs open; returns once all
+        are held (a fingerprint taken then has no run the clients will still change)."""
+        self.pauses += 1
+        generation = str(self.pauses)
+        written = self.pause_file.with_suffix(".new")
+        written.write_text(generation)
+        written.replace(self.pause_file)  # whole, never read half-written
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            held = {e["worker"] for e in read_journals(self.journals)
+                    if e.get("op") == "paused" and e["generation"] == generation}
+            if len(held) == self.clients:
+                return
+            if any(p.poll() is not None for p in self.processes):
+                raise RuntimeError("a training client ended while it was asked to pause")
+            time.sleep(0.05)
+        raise TimeoutError(f"the training clients did not pause within {timeout_s}s")
+
+    def resume(self) -> None:
+        self.pause_file.unlink(missing_ok=True)
 
     def stop(self, timeout_s: float = 180) -> list[int]:
         """Ask every client to stop after its current iteration; their exit codes."""
