@@ -1,0 +1,457 @@
+"""MLflow writes through ``toolkit mlflow serve --allow-writes``, before any milestone.
+
+The real MLflow client (3.x) logs a training run the way a script does; every write is
+read back through the client and found in GitLab's tables as GitLab writes it: iids from
+``internal_ids``, the token's user as ``user_id``, each row recorded in
+``toolkit.mlflow_writes``. GitLab's answers for duplicates, bad input and access; a write
+meeting a schema change (ACCESS EXCLUSIVE held) is 503 with Retry-After and writes nothing,
+and the client's own retry gets it through once the lock goes; a killed session is 503 and
+the next call works; iids allocated by the server and by GitLab's statement beside it never
+collide.
+
+One seeded (adversarial, small) database and one server for the module; the toolkit's own
+tables are created first, as any toolkit command that touches the database does.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import count
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import Database
+from mlflow_serving import adversarial_database, client, raw, said, serve_process, serving
+from test_mlflow_tokens import DB_KEY_BASE, PROJECT, SCOPE, UNAUTHORIZED, gitlab_digest
+
+from toolkit.db import create_engine
+from toolkit.mlflow_api.internal_ids import ML_CANDIDATES, ML_EXPERIMENTS
+from toolkit.mlflow_api.walk import client_version
+from toolkit.schema.migrations import ensure_own_tables
+
+pytestmark = pytest.mark.skipif(client_version() is None,
+                                reason="the MLflow client is not installed: pip install -e '.[test]'")
+ML_TABLES = ("ml_experiments", "ml_experiment_metadata", "ml_candidates", "ml_candidate_params",
+             "ml_candidate_metrics", "ml_candidate_metadata")
+LOCK_TIMEOUT_MS = 2000
+_names = count()
+
+
+@pytest.fixture(scope="module")
+def db(pg_server, templates) -> Iterator[Database]:
+    with adversarial_database(pg_server, templates, "writes", resolved=False) as database:
+        with database.engine.connect() as conn:
+            ensure_own_tables(conn)
+        yield database
+
+
+@pytest.fixture(scope="module")
+def users(db) -> dict[str, int]:
+    """A developer, a reporter of PROJECT (the sandbox's project_authorizations)."""
+    found = {}
+    for role, level in (("developer", 30), ("reporter", 20)):
+        found[role] = db.scalar("""SELECT min(a.user_id) FROM project_authorizations a JOIN users u ON u.id = a.user_id
+                                   WHERE a.project_id = :p AND a.access_level = :l AND u.state = 'active'""",
+                                p=PROJECT, l=level)
+    assert all(found.values()), found
+    return found
+
+
+@pytest.fixture(scope="module")
+def tokens(db, users, tmp_path_factory) -> dict[str, str]:
+    """Personal access tokens as GitLab stores them (tests/test_mlflow_tokens.py's digest)."""
+    made = {}
+    for name, who, scopes in (("dev_api", "developer", "---\n- api\n"),
+                              ("dev_read_api", "developer", "---\n- read_api\n"),
+                              ("reporter_api", "reporter", "---\n- api\n")):
+        token = f"glpat-writes-{name.replace('_', '-')}"
+        db.execute("""INSERT INTO personal_access_tokens (user_id, name, created_at, updated_at, scopes, token_digest)
+                      VALUES (:u, :n, now(), now(), :s, :d)""",
+                   u=users[who], n=name, s=scopes, d=gitlab_digest(token))
+        made[name] = token
+    folder = tmp_path_factory.mktemp("writes")
+    (folder / "gitlab-secrets.json").write_text(json.dumps({"gitlab_rails": {"db_key_base": DB_KEY_BASE}}))
+    made["_secrets"] = str(folder / "gitlab-secrets.json")
+    return made
+
+
+class Server(str):
+    """The server's URL; ``log()`` its access log so far."""
+
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def server(db, tokens, tmp_path_factory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("writes-server") / "stderr.txt"
+    with serve_process(db, "--allow-writes", "--gitlab-secrets", tokens["_secrets"],
+                       "--lock-timeout-ms", str(LOCK_TIMEOUT_MS), stderr=log) as (_, address):
+        found = Server(address)
+        found.log_path = log
+        yield found
+
+
+def counts(db) -> dict[str, int]:
+    return {t: db.scalar(f"SELECT count(*) FROM {t}") for t in (*ML_TABLES, "internal_ids")}
+
+
+def recorded(db, table: str, row_id: int) -> list[tuple]:
+    return [tuple(r) for r in db.rows("""SELECT endpoint, action, candidate_id FROM toolkit.mlflow_writes
+                                         WHERE table_name = :t AND row_id = :r ORDER BY id""", t=table, r=row_id)]
+
+
+def last_value(db, usage: int, project: int = PROJECT) -> int | None:
+    return db.scalar("SELECT last_value FROM internal_ids WHERE project_id = :p AND usage = :u", p=project, u=usage)
+
+
+def run_client(server, tokens, code: str, **env: str) -> list:
+    return said(client(server, PROJECT, code, env={"MLFLOW_TRACKING_TOKEN": tokens["dev_api"], **env}))
+
+
+# --- a training script ------------------------------------------------------------------------
+def test_a_training_run_is_written_as_gitlab_writes_it(db, server, tokens, users):
+    existing = db.scalar("SELECT name FROM ml_experiments WHERE project_id = :p AND model_id IS NULL "
+                         "ORDER BY iid LIMIT 1", p=PROJECT)
+    max_iid = db.scalar("SELECT max(iid) FROM ml_experiments WHERE project_id = :p", p=PROJECT)
+    max_internal = db.scalar("SELECT max(internal_id) FROM ml_candidates WHERE project_id = :p", p=PROJECT)
+    assert last_value(db, ML_EXPERIMENTS) is None  # the counter is made from the greatest iid
+    name = "writes: training run é"
+    out = run_client(server, tokens, f"""
+new = mlflow.set_experiment({name!r})
+again = mlflow.set_experiment({name!r})
+old = mlflow.set_experiment({existing!r})
+say([new.experiment_id, again.experiment_id, old.experiment_id])
+mlflow.set_experiment({name!r})
+with mlflow.start_run(run_name="first") as run:
+    mlflow.log_param("lr", "0.1")
+    for step in range(3):
+        mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+    mlflow.set_tag("team", "ml")
+    c.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric("acc", 0.9, 1700000000000, 2)],
+                params=[mlflow.entities.Param("epochs", "3")], tags=[mlflow.entities.RunTag("stage", "dev")])
+    rid = run.info.run_id
+r = c.get_run(rid)
+say([rid, r.info.run_name, r.info.status, r.info.user_id, r.info.experiment_id, r.data.params, r.data.tags.get("team"),
+     r.data.tags.get("stage"), r.data.metrics])
+say([(m.step, m.value) for m in c.get_metric_history(rid, "loss")])
+unnamed = c.create_run(new.experiment_id, tags={{"mlflow.runName": "from-tag"}})
+say(c.get_run(unnamed.info.run_id).info.run_name)
+c.set_experiment_tag(new.experiment_id, "purpose", "tests")
+say(c.get_experiment(new.experiment_id).tags)
+doomed = c.create_run(new.experiment_id)
+say(doomed.info.run_name)
+c.delete_run(doomed.info.run_id)
+try:
+    c.get_run(doomed.info.run_id)
+except MlflowException as exc:
+    say(exc.error_code)
+""")
+    ids, run, history, tagged_name, experiment_tags, generated = out[:6]
+    assert out[6] == "RESOURCE_DOES_NOT_EXIST"
+    assert ids[0] == ids[1] == str(max_iid + 1) and ids[2] != ids[0]
+    rid, run_name, status, user_id, experiment_id, params, team, stage, metrics = run
+    assert (run_name, status, user_id, experiment_id) == ("first", "FINISHED", str(users["developer"]), ids[0])
+    assert params == {"lr": "0.1", "epochs": "3"} and (team, stage) == ("ml", "dev")
+    assert metrics == {"loss": pytest.approx(1 / 3), "acc": 0.9}
+    assert history == [[0, 1.0], [1, 0.5], [2, pytest.approx(1 / 3)]]
+    assert tagged_name == "from-tag"
+    assert experiment_tags == {"purpose": "tests"}
+    assert len(generated.split("-")) == 4 and generated.split("-")[3].isdigit()  # GitLab's animal-animal-animal-N
+
+    # the tables, as GitLab would hold them
+    experiment = db.rows("SELECT id, iid, user_id FROM ml_experiments WHERE project_id = :p AND name = :n",
+                         p=PROJECT, n=name)[0]
+    assert (experiment.iid, experiment.user_id) == (max_iid + 1, users["developer"])
+    assert last_value(db, ML_EXPERIMENTS) == max_iid + 1
+    candidate = db.rows("""SELECT id, internal_id, user_id, status, end_time, name, experiment_id, project_id
+                           FROM ml_candidates WHERE eid = CAST(:e AS uuid)""", e=rid)[0]
+    assert (candidate.internal_id, candidate.user_id, candidate.status, candidate.experiment_id,
+            candidate.project_id) == (max_internal + 1, users["developer"], 2, experiment.id, PROJECT)
+    assert candidate.end_time is not None
+    # three runs made, one deleted: the counter moved three, gapless
+    assert last_value(db, ML_CANDIDATES) == max_internal + 3
+    assert db.scalar("SELECT count(*) FROM ml_candidates WHERE experiment_id = :e", e=experiment.id) == 2
+    params_rows = db.rows("SELECT id, name, value, project_id FROM ml_candidate_params WHERE candidate_id = :c "
+                          "ORDER BY name", c=candidate.id)
+    assert [(p.name, p.value, p.project_id) for p in params_rows] == [("epochs", "3", PROJECT), ("lr", "0.1", PROJECT)]
+    metric_rows = db.rows("SELECT id, name, value, step, tracked_at FROM ml_candidate_metrics WHERE candidate_id = :c "
+                          "ORDER BY id", c=candidate.id)
+    assert [(m.name, m.step) for m in metric_rows] == [("loss", 0), ("loss", 1), ("loss", 2), ("acc", 2)]
+    assert metric_rows[3].tracked_at == 1700000000000
+
+    # every row recorded, with its run
+    assert recorded(db, "ml_experiments", experiment.id) == [("experiments/create", "insert", None)]
+    assert recorded(db, "ml_candidates", candidate.id) == [("runs/create", "insert", candidate.id),
+                                                           ("runs/update", "update", candidate.id)]
+    assert recorded(db, "ml_candidate_params", params_rows[1].id) == [("runs/log-parameter", "insert", candidate.id)]
+    assert recorded(db, "ml_candidate_params", params_rows[0].id) == [("runs/log-batch", "insert", candidate.id)]
+    assert [recorded(db, "ml_candidate_metrics", m.id)[0][0] for m in metric_rows] == \
+        ["runs/log-metric"] * 3 + ["runs/log-batch"]
+    tag = db.scalar("SELECT id FROM ml_candidate_metadata WHERE candidate_id = :c AND name = 'team'", c=candidate.id)
+    assert recorded(db, "ml_candidate_metadata", tag) == [("runs/set-tag", "insert", candidate.id)]
+    experiment_tag = db.scalar("SELECT id FROM ml_experiment_metadata WHERE experiment_id = :e", e=experiment.id)
+    assert recorded(db, "ml_experiment_metadata", experiment_tag) == [
+        ("experiments/set-experiment-tag", "insert", None)]
+    assert db.scalar("SELECT count(*) FROM toolkit.mlflow_writes WHERE endpoint = 'runs/delete' AND action = 'delete'"
+                     " AND table_name = 'ml_candidates'") == 1
+
+
+def test_delete_experiment_takes_its_runs_and_is_recorded(db, server, tokens):
+    name = f"writes: doomed {next(_names)}"
+    experiment_id, run_id = run_client(server, tokens, f"""
+e = c.create_experiment({name!r})
+r = c.create_run(e)
+c.log_param(r.info.run_id, "k", "v")
+say([e, r.info.run_id])
+""")[0]
+    row = db.rows("SELECT id FROM ml_experiments WHERE project_id = :p AND iid = :i", p=PROJECT, i=int(experiment_id))[0]
+    candidate = db.scalar("SELECT id FROM ml_candidates WHERE eid = CAST(:e AS uuid)", e=run_id)
+    out = run_client(server, tokens, f"""
+c.delete_experiment({experiment_id!r})
+for call in (lambda: c.get_experiment({experiment_id!r}), lambda: c.get_run({run_id!r})):
+    try:
+        call()
+    except MlflowException as exc:
+        say(exc.error_code)
+""")
+    assert out == ["RESOURCE_DOES_NOT_EXIST"] * 2
+    assert db.scalar("SELECT count(*) FROM ml_candidate_params WHERE candidate_id = :c", c=candidate) == 0
+    assert recorded(db, "ml_experiments", row.id)[-1] == ("experiments/delete", "delete", None)
+    assert recorded(db, "ml_candidates", candidate)[-1] == ("experiments/delete", "delete", candidate)
+    # an experiment of a model: GitLab's stop_destroy
+    model_experiment = db.scalar("SELECT iid FROM ml_experiments WHERE project_id = :p AND model_id IS NOT NULL "
+                                 "LIMIT 1", p=PROJECT)
+    if model_experiment is not None:
+        before = counts(db)
+        status, document, _ = raw(server, PROJECT, "experiments/delete", body={"experiment_id": str(model_experiment)},
+                                  token=tokens["dev_api"])
+        assert (status, document) == (400, {"message": "Cannot delete an experiment associated to a model"})
+        assert counts(db) == before
+
+
+# --- GitLab's answers -------------------------------------------------------------------------
+def _new_run(server, tokens) -> str:
+    status, document, _ = raw(server, PROJECT, "experiments/create", body={"name": f"writes: raw {next(_names)}"},
+                              token=tokens["dev_api"])
+    assert status == 200, document
+    status, document, _ = raw(server, PROJECT, "runs/create", body={"experiment_id": document["experiment_id"]},
+                              token=tokens["dev_api"])
+    assert status == 200, document
+    return document["run"]["info"]["run_id"]
+
+
+def test_duplicates_as_gitlab_answers_them(db, server, tokens):
+    run_id = _new_run(server, tokens)
+    token = tokens["dev_api"]
+    assert raw(server, PROJECT, "runs/log-parameter", body={"run_id": run_id, "key": "p", "value": "1"},
+               token=token)[:2] == (200, {})
+    before = counts(db)
+    assert raw(server, PROJECT, "runs/log-parameter", body={"run_id": run_id, "key": "p", "value": "2"},
+               token=token)[:2] == (400, {"error_code": "INVALID_PARAMETER_VALUE",
+                                          "message": "Validation failed: Name has already been taken"})
+    assert raw(server, PROJECT, "runs/set-tag", body={"run_id": run_id, "key": "t", "value": "1"},
+               token=token)[:2] == (200, {})
+    assert raw(server, PROJECT, "runs/set-tag", body={"run_id": run_id, "key": "t", "value": "2"},
+               token=token)[:2] == (400, {"error_code": "INVALID_PARAMETER_VALUE",
+                                          "message": "Validation failed: Name 't' already taken"})
+    assert counts(db)["ml_candidate_params"] == before["ml_candidate_params"]
+    # log-batch drops duplicates (insert_all skips what the unique index has), keeps the first
+    status, document, _ = raw(server, PROJECT, "runs/log-batch", token=token, body={
+        "run_id": run_id, "params": [{"key": "p", "value": "3"}, {"key": "q", "value": "first"},
+                                     {"key": "q", "value": "second"}],
+        "tags": [{"key": "t", "value": "x"}, {"key": "u", "value": "1"}],
+        "metrics": [{"key": "m", "value": 1, "timestamp": 5}, {"key": "m", "value": 1, "timestamp": 5}]})
+    assert (status, document) == (200, {})
+    candidate = db.scalar("SELECT id FROM ml_candidates WHERE eid = CAST(:e AS uuid)", e=run_id)
+    assert dict(db.rows("SELECT name, value FROM ml_candidate_params WHERE candidate_id = :c", c=candidate)) == \
+        {"p": "1", "q": "first"}
+    assert dict(db.rows("SELECT name, value FROM ml_candidate_metadata WHERE candidate_id = :c", c=candidate)) == \
+        {"t": "1", "u": "1"}
+    assert db.scalar("SELECT count(*) FROM ml_candidate_metrics WHERE candidate_id = :c", c=candidate) == 2
+    # a taken experiment name
+    name = db.scalar("SELECT name FROM ml_experiments WHERE project_id = :p LIMIT 1", p=PROJECT)
+    assert raw(server, PROJECT, "experiments/create", body={"name": name}, token=token)[:2] == \
+        (400, {"error_code": "RESOURCE_ALREADY_EXISTS"})
+
+
+def test_bad_input_is_400_and_writes_nothing(db, server, tokens):
+    run_id = _new_run(server, tokens)
+    token = tokens["dev_api"]
+    before = counts(db)
+    cases = [
+        ("runs/create", {}, (400, {"error": "experiment_id is missing"})),
+        ("runs/create", {"experiment_id": "12abc"}, (400, {"error": "experiment_id is invalid"})),
+        ("runs/create", {"experiment_id": 987654}, (404, {"error_code": "RESOURCE_DOES_NOT_EXIST"})),
+        ("runs/log-metric", {"run_id": "not-a-uuid", "key": "m", "value": 1, "timestamp": 1},
+         (404, {"error_code": "RESOURCE_DOES_NOT_EXIST"})),
+        ("runs/log-metric", {"run_id": run_id, "key": "m", "value": "abc", "timestamp": "x"},
+         (400, {"error": "value is invalid, timestamp is invalid"})),
+        ("runs/log-metric", {"run_id": run_id}, (400, {"error": "key is missing, value is missing, "
+                                                                "timestamp is missing"})),
+        ("runs/log-parameter", {"run_id": run_id, "key": "long", "value": "v" * 251},
+         (400, {"error_code": "INVALID_PARAMETER_VALUE",
+                "message": "Validation failed: Value is too long (maximum is 250 characters)"})),
+        ("runs/update", {"run_id": run_id, "status": "DONE"}, (400, {"error": "status does not have a valid value"})),
+        ("runs/log-batch", {"run_id": run_id, "metrics": [{"value": 1, "timestamp": 1}]},
+         (400, {"error": "metrics[0][key] is missing"})),
+        ("experiments/create", {}, (400, {"error": "name is missing"})),
+        ("runs/set-tag", {"run_id": run_id, "key": "gitlab.CI_JOB_ID", "value": "999999"},
+         (400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "gitlab.CI_JOB_ID must refer to an existing build"})),
+    ]
+    for endpoint, body, expected in cases:
+        assert raw(server, PROJECT, endpoint, body=body, token=token)[:2] == expected, (endpoint, body)
+    assert counts(db) == before
+
+
+def test_tokens_and_access_for_writes(db, server, tokens):
+    before = counts(db)
+    body = {"name": "writes: refused"}
+    # read_api is for GET and HEAD only; a reporter lacks write_model_experiments: check_api_write!
+    # answers 401 (unauthorized!), as on GitLab
+    assert raw(server, PROJECT, "experiments/create", body=body, token=tokens["dev_read_api"])[:2] == (403, SCOPE)
+    assert raw(server, PROJECT, "experiments/create", body=body, token=tokens["reporter_api"])[:2] == UNAUTHORIZED
+    assert raw(server, PROJECT, "experiments/create", body=body)[:2] == UNAUTHORIZED
+    assert counts(db) == before
+
+
+def test_without_allow_writes_nothing_is_written(db, tokens):
+    before = counts(db)
+    with serving(db, "--gitlab-secrets", tokens["_secrets"]) as read_only:
+        status, document, _ = raw(read_only, PROJECT, "experiments/create", body={"name": "writes: no"},
+                                  token=tokens["dev_api"])
+        out = said(client(read_only, PROJECT, """
+try:
+    mlflow.set_experiment("writes: not made")
+except MlflowException as exc:
+    say([exc.error_code, exc.message])
+""", env={"MLFLOW_TRACKING_TOKEN": tokens["dev_api"]}))
+    assert status == 403 and document["error_code"] == "FEATURE_DISABLED"
+    assert "--allow-writes" in document["message"]
+    assert out[0][0] == "FEATURE_DISABLED" and "--allow-writes" in out[0][1]
+    assert counts(db) == before
+
+
+# --- schema changes, lost sessions, concurrent iids --------------------------------------------
+class Holder:
+    """Another session holding ACCESS EXCLUSIVE on a table, as a milestone's DDL does."""
+
+    def __init__(self, db: Database, table: str):
+        self.engine = create_engine(db.url)
+        self.conn = self.engine.connect()
+        self.conn.execute(sa.text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+        self.engine.dispose()
+
+
+def test_a_write_during_a_schema_change_is_503_and_the_client_retries(db, server, tokens):
+    run_id = _new_run(server, tokens)
+    before = counts(db)
+    holder = Holder(db, "ml_candidates")
+    try:
+        started = time.monotonic()
+        status, document, headers = raw(server, PROJECT, "runs/log-parameter", token=tokens["dev_api"],
+                                        body={"run_id": run_id, "key": "during", "value": "ddl"})
+        waited = time.monotonic() - started
+    finally:
+        holder.release()
+    assert waited >= LOCK_TIMEOUT_MS / 1000 * 0.9
+    assert status == 503 and document["error_code"] == "TEMPORARILY_UNAVAILABLE", document
+    assert int(headers["Retry-After"]) >= 1
+    assert counts(db) == before
+    # the client's own retry (urllib3, honouring Retry-After) gets through once the lock goes
+    refused = server.log().count("/runs/log-parameter 503 ")
+    holder = Holder(db, "ml_candidates")
+    timer = threading.Timer(5, holder.release)  # after the client's first attempt has timed out
+    timer.start()
+    try:
+        out = run_client(server, tokens, f"""
+c.log_param({run_id!r}, "during", "ddl")
+say(c.get_run({run_id!r}).data.params)
+""", MLFLOW_HTTP_REQUEST_MAX_RETRIES="6", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    finally:
+        timer.join()
+    assert out == [{"during": "ddl"}]
+    assert server.log().count("/runs/log-parameter 503 ") > refused  # answered 503 first, then retried
+
+
+
+def test_a_killed_session_is_503_then_the_next_call_works(db, server, tokens):
+    run_id = _new_run(server, tokens)
+    holder = Holder(db, "ml_candidate_metrics")
+    answer = {}
+
+    def call() -> None:
+        answer["result"] = raw(server, PROJECT, "runs/log-metric", token=tokens["dev_api"],
+                               body={"run_id": run_id, "key": "m", "value": 1.5, "timestamp": 1})
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    try:
+        killed = False
+        for _ in range(100):
+            killed = bool(db.scalar("""
+                SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity
+                WHERE application_name = 'toolkit mlflow serve' AND wait_event_type = 'Lock'"""))
+            if killed:
+                break
+            time.sleep(0.02)
+        assert killed
+        worker.join(30)
+    finally:
+        holder.release()
+    status, document, headers = answer["result"]
+    assert status == 503 and document["error_code"] == "TEMPORARILY_UNAVAILABLE", document
+    assert "connection was lost" in document["message"] and "Retry-After" in headers
+    candidate = db.scalar("SELECT id FROM ml_candidates WHERE eid = CAST(:e AS uuid)", e=run_id)
+    assert db.scalar("SELECT count(*) FROM ml_candidate_metrics WHERE candidate_id = :c", c=candidate) == 0
+    assert raw(server, PROJECT, "runs/log-metric", token=tokens["dev_api"],
+               body={"run_id": run_id, "key": "m", "value": 1.5, "timestamp": 1})[:2] == (200, {})
+    assert db.scalar("SELECT count(*) FROM ml_candidate_metrics WHERE candidate_id = :c", c=candidate) == 1
+
+
+def test_iids_from_the_server_and_from_gitlab_never_collide(db, server, tokens):
+    """GitLab's allocation (InternalId's UPDATE … RETURNING, then its INSERT of an
+    experiment with that iid) runs beside the server's experiments/create."""
+    raw(server, PROJECT, "experiments/create", body={"name": f"writes: iid {next(_names)}"}, token=tokens["dev_api"])
+    engine = create_engine(db.url)
+    gitlab_iids: list[int] = []
+
+    def gitlab(n: int) -> None:
+        for i in range(n):
+            with engine.begin() as conn:
+                iid = conn.execute(sa.text("""UPDATE internal_ids SET last_value = last_value + 1
+                                              WHERE project_id = :p AND usage = :u RETURNING last_value"""),
+                                   {"p": PROJECT, "u": ML_EXPERIMENTS}).scalar_one()
+                conn.execute(sa.text("""INSERT INTO ml_experiments (created_at, updated_at, iid, project_id, name)
+                                        VALUES (now(), now(), :i, :p, :n)"""),
+                             {"i": iid, "p": PROJECT, "n": f"writes: gitlab {iid} {i}"})
+                gitlab_iids.append(iid)
+
+    def server_create(i: int) -> str:
+        status, document, _ = raw(server, PROJECT, "experiments/create", body={"name": f"writes: server {i}"},
+                                  token=tokens["dev_api"])
+        assert status == 200, document
+        return document["experiment_id"]
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            ours = pool.submit(gitlab, 12)
+            server_iids = [int(i) for i in pool.map(server_create, range(12))]
+            ours.result()
+    finally:
+        engine.dispose()
+    together = server_iids + gitlab_iids
+    assert len(together) == 24 and len(set(together)) == 24
+    assert last_value(db, ML_EXPERIMENTS) == db.scalar("SELECT max(iid) FROM ml_experiments WHERE project_id = :p",
+                                                       p=PROJECT)
