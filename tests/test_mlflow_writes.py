@@ -229,12 +229,12 @@ for call in (lambda: c.get_experiment({experiment_id!r}), lambda: c.get_run({run
     # an experiment of a model: GitLab's stop_destroy
     model_experiment = db.scalar("SELECT iid FROM ml_experiments WHERE project_id = :p AND model_id IS NOT NULL "
                                  "LIMIT 1", p=PROJECT)
-    if model_experiment is not None:
-        before = counts(db)
-        status, document, _ = raw(server, PROJECT, "experiments/delete", body={"experiment_id": str(model_experiment)},
-                                  token=tokens["dev_api"])
-        assert (status, document) == (400, {"message": "Cannot delete an experiment associated to a model"})
-        assert counts(db) == before
+    assert model_experiment is not None, "the adversarial seed has experiments of models"
+    before = counts(db)
+    status, document, _ = raw(server, PROJECT, "experiments/delete", body={"experiment_id": str(model_experiment)},
+                              token=tokens["dev_api"])
+    assert (status, document) == (400, {"message": "Cannot delete an experiment associated to a model"})
+    assert counts(db) == before
 
 
 # --- GitLab's answers -------------------------------------------------------------------------
@@ -455,3 +455,38 @@ def test_iids_from_the_server_and_from_gitlab_never_collide(db, server, tokens):
     assert len(together) == 24 and len(set(together)) == 24
     assert last_value(db, ML_EXPERIMENTS) == db.scalar("SELECT max(iid) FROM ml_experiments WHERE project_id = :p",
                                                        p=PROJECT)
+
+
+def test_gitlab_ci_job_id_names_the_runs_build(db, server, tokens):
+    """``gitlab.CI_JOB_ID`` (HandleCandidateGitlabMetadataService): the run's ``ci_build_id``
+    is the build, which must exist (``Ci::Build``: ``p_ci_builds``; a stub of it here)."""
+    db.execute("CREATE TABLE IF NOT EXISTS p_ci_builds (id bigint PRIMARY KEY)")
+    db.execute("INSERT INTO p_ci_builds (id) VALUES (4242) ON CONFLICT DO NOTHING")
+    experiment = raw(server, PROJECT, "experiments/create", body={"name": f"writes: ci {next(_names)}"},
+                     token=tokens["dev_api"])[1]["experiment_id"]
+    status, document, _ = raw(server, PROJECT, "runs/create", token=tokens["dev_api"], body={
+        "experiment_id": experiment, "tags": [{"key": "gitlab.CI_JOB_ID", "value": "4242"}]})
+    assert status == 200, document
+    run_id = document["run"]["info"]["run_id"]
+    assert db.scalar("SELECT ci_build_id FROM ml_candidates WHERE eid = CAST(:e AS uuid)", e=run_id) == 4242
+    before = counts(db)
+    status, document, _ = raw(server, PROJECT, "runs/create", token=tokens["dev_api"], body={
+        "experiment_id": experiment, "tags": [{"key": "gitlab.CI_JOB_ID", "value": "4243"}]})
+    assert (status, document) == (400, {"error_code": "INVALID_PARAMETER_VALUE",
+                                        "message": "gitlab.CI_JOB_ID must refer to an existing build"})
+    assert counts(db) == before  # GitLab saves the run first; here nothing is written
+
+
+def test_runs_get_their_experiments_model_once_the_column_exists(db, server, tokens):
+    """After milestone 2 ``ml_candidates.model_id`` exists: a run is inserted with its
+    experiment's model (``stages.candidate_parent``). The column is added here by hand, the
+    last test of the module, as milestone 2 adds it."""
+    experiment = db.rows("SELECT iid, model_id FROM ml_experiments WHERE project_id = :p AND model_id IS NOT NULL "
+                         "ORDER BY iid LIMIT 1", p=PROJECT)
+    assert experiment, "the adversarial seed has experiments of models"
+    db.execute("ALTER TABLE ml_candidates ADD COLUMN IF NOT EXISTS model_id bigint")
+    status, document, _ = raw(server, PROJECT, "runs/create", body={"experiment_id": experiment[0].iid},
+                              token=tokens["dev_api"])
+    assert status == 200, document
+    assert db.scalar("SELECT model_id FROM ml_candidates WHERE eid = CAST(:e AS uuid)",
+                     e=document["run"]["info"]["run_id"]) == experiment[0].model_id
