@@ -490,3 +490,20 @@ def test_runs_get_their_experiments_model_once_the_column_exists(db, server, tok
     assert status == 200, document
     assert db.scalar("SELECT model_id FROM ml_candidates WHERE eid = CAST(:e AS uuid)",
                      e=document["run"]["info"]["run_id"]) == experiment[0].model_id
+
+
+def test_the_registry_writes_are_served_beside_the_tracking_ones(db, server, tokens):
+    """``registry_writes.WRITES`` joins ``Api.writes``: the client creates a model and a
+    version through the server, each in a write transaction of its own."""
+    name = f"writes-model-{next(_names)}"
+    out = run_client(server, tokens, f"""
+c.create_registered_model({name!r})
+v = c.create_model_version({name!r}, source="ignored")
+say([v.version, c.get_registered_model({name!r}).name])
+""")
+    model = db.scalar("SELECT id FROM ml_models WHERE project_id = :p AND name = :n", p=PROJECT, n=name)
+    version = db.rows("SELECT id, version FROM ml_model_versions WHERE model_id = :m", m=model)
+    # GitLab's MLflow version is the version row's id; its semantic version is 1.0.0
+    assert out == [[str(version[0].id), name]] and version[0].version == "1.0.0"
+    assert db.scalar("SELECT count(*) FROM toolkit.mlflow_writes WHERE endpoint = 'registered-models/create' "
+                     "AND table_name = 'ml_models' AND row_id = :m", m=model) == 1
