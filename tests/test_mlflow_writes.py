@@ -507,3 +507,74 @@ say([v.version, c.get_registered_model({name!r}).name])
     assert out == [[str(version[0].id), name]] and version[0].version == "1.0.0"
     assert db.scalar("SELECT count(*) FROM toolkit.mlflow_writes WHERE endpoint = 'registered-models/create' "
                      "AND table_name = 'ml_models' AND row_id = :m", m=model) == 1
+
+
+# --- the write transaction itself ------------------------------------------------------------
+def test_the_write_transaction_retries_answers_and_never_half_writes(db):
+    """:class:`Writer` on the module's database, with endpoint functions that meet what a
+    migration can do to a write: a table gone under it (the stage changed), a
+    serialization failure or deadlock, a value the database refuses, a stage not served."""
+    from toolkit.mlflow_api.errors import ApiError
+    from toolkit.mlflow_api.writing import Writer, tables_written
+
+    engine = create_engine(db.url, pool_size=2)
+    writer = Writer(engine, timeouts=(1000, 10_000))
+    attempts: list[str] = []
+    marker = f"writes-writer-{next(_names)}"
+
+    def insert_marker(conn) -> None:
+        conn.execute(sa.text("INSERT INTO ml_experiment_metadata (created_at, updated_at, experiment_id, name, "
+                             "value, project_id) SELECT now(), now(), min(id), :n, 'v', :p FROM ml_experiments "
+                             "WHERE project_id = :p"), {"n": f"{marker}-{next(_names)}", "p": PROJECT})
+
+    @tables_written("ml_experiment_metadata")
+    def stage_changes_once(conn, ctx, params):
+        attempts.append(ctx.stage.name)
+        insert_marker(conn)  # written, then undone with the attempt
+        if len(attempts) == 1:
+            conn.execute(sa.text("SELECT * FROM no_such_table_dropped_by_a_milestone"))
+        return {"attempts": len(attempts)}
+
+    @tables_written("ml_experiment_metadata")
+    def conflicts(conn, ctx, params):
+        attempts.append("conflict")
+        insert_marker(conn)
+        conn.execute(sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40P01'; END $$"))
+        return {}
+
+    @tables_written("ml_experiment_metadata")
+    def refused_value(conn, ctx, params):
+        insert_marker(conn)
+        conn.execute(sa.text("INSERT INTO ml_experiment_metadata (created_at, updated_at, experiment_id, name, "
+                             "value, project_id) VALUES (now(), now(), -1, 'x', 'v', :p)"), {"p": PROJECT})
+        return {}
+
+    @tables_written("ml_experiment_metadata")
+    def not_served(conn, ctx, params):
+        insert_marker(conn)
+        raise NotImplementedError("later")
+
+    def call(function, project: int = PROJECT) -> dict | ApiError:
+        try:
+            return writer.write(function, "test/endpoint", str(project), "http://x", {}, None)
+        except ApiError as exc:
+            return exc
+
+    try:
+        assert call(stage_changes_once) == {"attempts": 2} and attempts == ["EXPERIMENTS", "EXPERIMENTS"]
+        attempts.clear()
+        answer = call(conflicts)
+        assert isinstance(answer, ApiError) and answer.status == 503 and dict(answer.headers)["Retry-After"]
+        assert len(attempts) == 5  # run again, then given up as a 503 the client retries
+        answer = call(refused_value)
+        assert isinstance(answer, ApiError) and (answer.status, answer.error_code) == (400, "INVALID_PARAMETER_VALUE")
+        answer = call(not_served)
+        assert isinstance(answer, ApiError) and (answer.status, answer.error_code) == (403, "FEATURE_DISABLED")
+        assert "nothing was written" in answer.message
+        answer = call(stage_changes_once, project=999999)
+        assert isinstance(answer, ApiError) and answer.body == {"message": "404 Project Not Found"}
+        # of every attempt, only the one that succeeded left its row
+        assert db.scalar("SELECT count(*) FROM ml_experiment_metadata WHERE name LIKE :n", n=f"{marker}-%") == 1
+    finally:
+        engine.dispose()
+
