@@ -276,6 +276,12 @@ def test_duplicates_as_gitlab_answers_them(db, server, tokens):
     assert dict(db.rows("SELECT name, value FROM ml_candidate_metadata WHERE candidate_id = :c", c=candidate)) == \
         {"t": "1", "u": "1"}
     assert db.scalar("SELECT count(*) FROM ml_candidate_metrics WHERE candidate_id = :c", c=candidate) == 2
+    # runs/update: saved (and recorded) only when a value changes, as ActiveRecord saves
+    for _ in range(2):
+        status, document, _ = raw(server, PROJECT, "runs/update", token=token,
+                                  body={"run_id": run_id, "status": "KILLED", "end_time": 7})
+        assert status == 200 and (document["run_info"]["status"], document["run_info"]["end_time"]) == ("KILLED", 7)
+    assert [r[0] for r in recorded(db, "ml_candidates", candidate)] == ["runs/create", "runs/update"]
     # a taken experiment name
     name = db.scalar("SELECT name FROM ml_experiments WHERE project_id = :p LIMIT 1", p=PROJECT)
     assert raw(server, PROJECT, "experiments/create", body={"name": name}, token=token)[:2] == \

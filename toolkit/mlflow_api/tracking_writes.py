@@ -443,12 +443,16 @@ def update_run(conn: Connection, ctx: WriteContext, params: dict[str, Any]) -> d
     end_time = declared.integer("end_time")
     declared.check()
     candidate = find_candidate(conn, ctx, params, for_update=True)
-    if status is not None or end_time is not None:
-        conn.execute(sa.text("""
-            UPDATE ml_candidates SET status = COALESCE(:s, status), end_time = COALESCE(:e, end_time),
-                                     updated_at = now()
-            WHERE id = :c"""),
-            {"s": CANDIDATE_STATUSES[status.lower()] if status else None, "e": end_time, "c": candidate.id})
+    # ActiveRecord's save writes (and bumps updated_at) only when a value changes
+    changed = conn.execute(sa.text("""
+        UPDATE ml_candidates SET status = COALESCE(:s, status), end_time = COALESCE(:e, end_time),
+                                 updated_at = now()
+        WHERE id = :c AND (status IS DISTINCT FROM COALESCE(:s, status)
+                           OR end_time IS DISTINCT FROM COALESCE(:e, end_time))
+        RETURNING id"""),
+        {"s": CANDIDATE_STATUSES[status.lower()] if status else None, "e": end_time,
+         "c": candidate.id}).scalar_one_or_none()
+    if changed is not None:
         _record(conn, ctx, "ml_candidates", [candidate.id], "update", candidate_id=candidate.id)
     run = _view(conn, ctx).get_run({"run_id": str(candidate.eid)})
     return {"run_info": run["run"]["info"]}
