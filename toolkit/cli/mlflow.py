@@ -88,8 +88,9 @@ def mlflow() -> None:
               help="Requests answered at once (each holds one database connection while it reads).")
 @click.option("--allow-writes", is_flag=True,
               help="Take MLflow writes (experiments create, set-experiment-tag, delete; runs create, "
-                   "update, delete, log-metric, log-parameter, set-tag, log-batch) with GitLab's "
-                   "semantics, iids from GitLab's internal_ids. Each write is one transaction that "
+                   "update, delete, log-metric, log-parameter, set-tag, log-batch; registered models "
+                   "create, update, delete; model versions create, update) with GitLab's semantics, "
+                   "iids from GitLab's internal_ids. Each write is one transaction that "
                    "follows the blueprint's stage, read in it; during a milestone's schema change it "
                    "answers 503 with Retry-After (clients retry). Off by default: writes are refused "
                    "(403) and nothing is changed.")
@@ -113,12 +114,14 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
     answers are GitLab's: experiment_id is the experiment's iid, run_id the candidate's eid.
     Each read is one short READ ONLY transaction with its own timeouts. Calls that write
     are refused (403, FEATURE_DISABLED) and change nothing, unless --allow-writes: then
-    the tracking writes are GitLab's, each one read-write transaction that reads the
-    blueprint's stage and writes where that stage says (artifact uploads stay refused).
+    the tracking and registry writes are GitLab's, each one read-write transaction that
+    reads the blueprint's stage and writes where that stage says (artifact uploads stay
+    refused).
 
     With --tokens-file or --gitlab-secrets every request needs a token, as on GitLab
-    (read_api for GET, api for the POST searches) and the project access GitLab's policies
-    ask (guest to read). Without either, reads are open, on loopback only.
+    (read_api for GET, api for the POST searches and writes) and the project access
+    GitLab's policies ask (guest to read, developer to write). Without either, reads (and
+    writes) are open, on loopback only.
 
     It runs on waitress with request limits (body, headers, idle and request timeouts,
     connections, threads: the options below), answers malformed input with GitLab's 400s,
