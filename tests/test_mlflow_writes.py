@@ -392,6 +392,45 @@ say(c.get_run({run_id!r}).data.params)
 
 
 
+def test_a_queued_schema_change_is_not_overtaken(db, server, tokens):
+    """A schema change waiting for ACCESS EXCLUSIVE behind a reader: the write queues
+    behind it (PostgreSQL's lock queue) and answers 503 after its lock timeout rather
+    than slip in first; nothing is written, and the schema change then gets its lock."""
+    run_id = _new_run(server, tokens)
+    before = counts(db)
+    engine = create_engine(db.url)
+    reader, ddl = engine.connect(), engine.connect()
+    reader.execute(sa.text("SELECT count(*) FROM ml_candidate_params"))  # ACCESS SHARE, held
+    got: dict[str, float] = {}
+
+    def schema_change() -> None:
+        ddl.execute(sa.text("SET lock_timeout = '30s'"))
+        ddl.execute(sa.text("LOCK TABLE ml_candidate_params IN ACCESS EXCLUSIVE MODE"))
+        got["at"] = time.monotonic()
+        ddl.rollback()
+
+    waiting = threading.Thread(target=schema_change)
+    waiting.start()
+    try:
+        for _ in range(100):  # the schema change is queued
+            if db.scalar("SELECT count(*) FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock' "
+                         "AND relation = to_regclass('ml_candidate_params')"):
+                break
+            time.sleep(0.02)
+        status, document, headers = raw(server, PROJECT, "runs/log-parameter", token=tokens["dev_api"],
+                                        body={"run_id": run_id, "key": "queued", "value": "v"})
+        assert status == 503 and document["error_code"] == "TEMPORARILY_UNAVAILABLE" and "Retry-After" in headers
+        assert "at" not in got  # still waiting: the write did not go first
+    finally:
+        reader.rollback()
+        waiting.join(30)
+        reader.close()
+        ddl.close()
+        engine.dispose()
+    assert "at" in got
+    assert counts(db) == before
+
+
 def test_a_killed_session_is_503_then_the_next_call_works(db, server, tokens):
     run_id = _new_run(server, tokens)
     holder = Holder(db, "ml_candidate_metrics")
