@@ -1,5 +1,6 @@
 """The HTTP side of ``toolkit mlflow serve``: the API over the database (:class:`Api`),
-one short READ ONLY transaction per request, and the server that carries it.
+one short transaction per request (READ ONLY for reads; read-write for the writes
+``--allow-writes`` takes, :mod:`toolkit.mlflow_api.writing`), and the server that carries it.
 
 The server is waitress (``waitress`` on PyPI), a pure-Python WSGI server, one dependency
 and no compiler; the application is a thin WSGI layer over :class:`Api`
@@ -21,7 +22,10 @@ REPEATABLE READ (one snapshot per answer), waits at most ``lock_timeout_ms`` for
 and runs at most ``statement_timeout_ms``; a lock it cannot have in time answers 503
 ``TEMPORARILY_UNAVAILABLE``, which MLflow clients retry. A request that meets the stage
 changing under it (milestone 4 dropping ``ml_experiments`` between reading the catalog
-and the table) is read again from the new stage.
+and the table) is read again from the new stage. A write is one READ COMMITTED
+transaction that locks the tables it writes before reading the stage, with the same
+timeouts and the same 503s (and ``Retry-After``), run again whole when the stage changes
+under it (:mod:`toolkit.mlflow_api.writing`).
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def _contributed_writes() -> dict[str, WriteFunction]:
     registry's (``toolkit.mlflow_api.registry_writes.WRITES``), when that module exists."""
     if importlib.util.find_spec("toolkit.mlflow_api.registry_writes") is None:
         return {}
-    from toolkit.mlflow_api.registry_writes import WRITES  # type: ignore[import-not-found]
+    from toolkit.mlflow_api.registry_writes import WRITES
 
     return dict(WRITES)
 
