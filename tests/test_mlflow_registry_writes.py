@@ -199,14 +199,11 @@ def test_stage_experiments_as_gitlab_does_today(db, who):
 
 def test_a_run_becomes_a_version_and_iids_come_from_internal_ids(db, who):
     project, _ = who
-    # GitLab's internal_ids (db/structure.sql), which the sandbox's schema leaves out
-    db.execute("""
-        CREATE TABLE internal_ids (id bigserial PRIMARY KEY, project_id integer, usage integer NOT NULL,
-                                   last_value integer NOT NULL, namespace_id integer);
-        CREATE UNIQUE INDEX index_internal_ids_on_usage_and_project_id ON internal_ids (usage, project_id)
-            WHERE project_id IS NOT NULL""")
+    # GitLab's internal_ids (db/structure.sql), in the sandbox's schema (toolkit/schema/gitlab.py)
+    assert db.scalar("SELECT to_regclass('internal_ids') IS NOT NULL")
     try:
         highest = db.scalar("SELECT COALESCE(max(iid), 0) FROM ml_experiments WHERE project_id = :p", p=project)
+        db.execute("DELETE FROM internal_ids WHERE project_id = :p", p=project)  # the earlier tests' rows
         db.execute("INSERT INTO internal_ids (project_id, usage, last_value) VALUES (:p, 12, :v)",
                    p=project, v=highest + 10)  # a live GitLab handed out ten more
         assert write(db, who, "registered-models/create", name="promoted")[0] == 200
@@ -248,7 +245,7 @@ def test_a_run_becomes_a_version_and_iids_come_from_internal_ids(db, who):
         assert new_run == db.scalar("SELECT last_value FROM internal_ids WHERE project_id = :p AND usage = 13",
                                     p=project) == runs_before + 2
     finally:
-        db.execute("DROP TABLE internal_ids")
+        db.execute("DELETE FROM internal_ids WHERE project_id = :p", p=project)
 
 
 def test_stage_models_after_milestones_1_to_3(db, who):

@@ -126,3 +126,18 @@ def record_write(conn: Connection, endpoint: str, table: str, row_id: int, actio
         INSERT INTO toolkit.mlflow_writes (endpoint, table_name, row_id, action, candidate_id, model_id)
         VALUES (:e, :t, :r, :a, :c, :m)"""),
                  {"e": endpoint, "t": table, "r": row_id, "a": action, "c": candidate_id, "m": model_id})
+
+
+def candidate_parent(conn: Connection, ref: ExperimentRef) -> dict[str, int | None]:
+    """The parent columns of a run inserted under ``ref``: ``experiment_id`` while the
+    experiment is a row, and ``model_id`` (the experiment's model) once milestone 2 has
+    given ``ml_candidates`` the column; a column the table does not have is left out."""
+    columns: dict[str, int | None] = {}
+    if ref.id is not None:
+        columns["experiment_id"] = ref.id
+    has_model_id = conn.execute(sa.text("""
+        SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('ml_candidates')
+                       AND attname = 'model_id' AND NOT attisdropped)""")).scalar_one()
+    if has_model_id:
+        columns["model_id"] = ref.model_id
+    return columns
