@@ -28,6 +28,7 @@ The gitlab-com scale of the same workload runs in ``scripts/bench.py --mlflow-cl
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -108,7 +109,7 @@ def _killed_then_resumed(db, windows: dict[str, tuple[float, float]], *command: 
     began = time.time()
     resumed = toolkit(db, *command, *BATCH)
     windows[f"{' '.join(command[:2])} (resumed)"] = (began, time.time())
-    assert resumed.exit_code == 0, (command, resumed.output[-3000:])
+    assert resumed.exit_code == 0, f"{command}: {resumed.output[-3000:]}"
     TALLY["milestone commands killed with SIGKILL while MLflow clients wrote, then resumed"] += 1
 
 
@@ -158,7 +159,7 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
         report = read_back(server, workload.journals)
     statuses = [int(s) for s in re.findall(r"^access: \S+ \S+ (\d{3}) ", log.read_text(), flags=re.M)]
     assert report.runs and report.metrics and report.experiments_created and report.versions, report.as_dict()
-    assert report.lost == [] and report.duplicated == [], report.as_dict()
+    assert report.lost == [] and report.duplicated == [], json.dumps(report.as_dict(), indent=1, ensure_ascii=False)
     assert report.not_acknowledged == 0, report.as_dict()["errors"]
     assert not report.other_5xx, report.other_5xx
     assert [s for s in statuses if s >= 500 and s != 503] == []

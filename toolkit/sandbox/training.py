@@ -249,7 +249,10 @@ def _registry(call, client, rng: random.Random, mark: str, models: list[str], jo
     ok, version = call("create_model_version", lambda: client.create_model_version(name, source),
                        name=name, source=source)
     if ok:
-        journal.write({**base, "op": "version", "name": name, "version": str(version.version)})
+        # GitLab answers the version's id as ``version`` and its semantic version as its only
+        # alias; model-versions/get takes the semantic one (docs/mlflow.md)
+        journal.write({**base, "op": "version", "name": name, "version": str(version.version),
+                       "semantic": (list(version.aliases or []) or [str(version.version)])[0]})
     call("get_latest_versions", lambda: client.get_latest_versions(name), name=name)
 
 
@@ -632,6 +635,8 @@ def _read_registry(entries, client, report: Report, error) -> None:
     models = {(e["project"], e["name"]) for e in entries
               if e.get("op") == "create_registered_model" and e["ok"]}
     versions = [(e["project"], e["name"], e["version"]) for e in entries if e.get("op") == "version"]
+    semantic = {(e["project"], e["name"], e["version"]): e.get("semantic", e["version"]) for e in entries
+                if e.get("op") == "version"}
     report.models, report.versions = len(models), len(versions)
     for project, name in sorted(models):
         try:
@@ -642,11 +647,14 @@ def _read_registry(entries, client, report: Report, error) -> None:
             report.lost.append(f"registered model {name!r} of project {project}: {exc.error_code}")
     for project, name, version in versions:
         try:
-            found = client(project).get_model_version(name, version)
+            asked = semantic[(project, name, version)]
+            found = client(project).get_model_version(name, asked)
             if found.name != name or str(found.version) != version:
-                report.lost.append(f"version {version} of {name!r}: read {found.name!r} {found.version}")
+                report.lost.append(f"version {version} ({asked}) of {name!r}: read {found.name!r} "
+                                   f"{found.version}")
         except error as exc:
-            report.lost.append(f"version {version} of {name!r} (project {project}): {exc.error_code}")
+            report.lost.append(f"version {version} ({asked}) of {name!r} (project {project}): "
+                               f"{exc.error_code}")
     # a version made twice where the client made it once: the model's latest version is then
     # not the last one its (only) writer was told about
     last: dict[tuple[int, str], str] = {}
