@@ -15,6 +15,7 @@ from toolkit.engine import writes
 from toolkit.engine.results import Check
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
+from toolkit.verify import app_writes
 from toolkit.verify.digest import Memo
 from toolkit.verify.fingerprint import (
     NOT_COMPARABLE,
@@ -86,6 +87,12 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     verb = "is back to" if rolled_back else "equals"
     name = f"the MLflow view {verb} the fingerprint taken before {milestone}"
     mlflow = [d for d in differences if d.part.startswith("mlflow")]
+    # The application's own writes through the server since the baseline (app_writes.py):
+    # a difference confined to the runs, models and experiments they name is theirs.
+    written = app_writes.written_since(conn, baseline.snapshot) if mlflow else app_writes.Written()
+    theirs = [d for d in mlflow if written.accounts_for(d.part.removeprefix("mlflow."), d.before, d.after,
+                                                           baseline.watermarks)]
+    mlflow = [d for d in mlflow if d not in theirs]
     unexpected = [d for d in differences if d.part.startswith("tables") and not d.expected]
     expected = [d.part.removeprefix("tables.") for d in differences if d.expected]
     proof = _Proof.of(conn, milestone, scope) if scope else None
@@ -98,8 +105,12 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
         checks = [Check(name=name, ok=False, detail=proof.unproven_parts, remedy=proof.remedy)]
     else:
         untouched = f", {proof.parts_untouched} untouched by its runs" if proof is not None else ""
-        computed = (f"{len(now.mlflow)} parts equal{untouched} (computed from {now.source}; "
+        computed = (f"{len(now.mlflow) - len(theirs)} parts equal{untouched} (computed from {now.source}; "
                     f"baseline {shown(baseline.taken_at)})")
+        if theirs:
+            at = "them" if all(_one_key_a_bucket(d) for d in theirs) else "the id ranges holding them"
+            computed += (f"; {app_writes.said(written, baseline.watermarks)}: "
+                         f"{', '.join(d.part.removeprefix('mlflow.') for d in theirs)} differ only at {at}")
         if declared := _declared(now, milestone):
             computed += f"; declared differences, from the ledgers: {declared}"
         if skipped := NOT_COMPARABLE.get(now.source or "", ()):
@@ -124,6 +135,10 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
             remedy=proof.remedy if proof and proof.stray else None,
         ))
     return checks
+
+
+def _one_key_a_bucket(difference: Difference) -> bool:
+    return (difference.before or {}).get("bucket_size") == 1
 
 
 def _declared(now: Fingerprint, milestone: str) -> str:

@@ -98,8 +98,17 @@ PART_TABLES: dict[str, tuple[str, ...]] = {
     "model_version_tags": ("ml_model_version_metadata",),
 }
 # Parts whose rows carry a key (``k``): their digest is also kept per bucket of keys, so a
-# difference names the runs or models it is in. (the key's table, what a key names)
+# difference names the runs, models or experiments it is in, and ``verify`` can tell a
+# difference confined to what MLflow clients wrote through the server since the baseline
+# (toolkit/verify/app_writes.py). (the key's table, what a key names)
 KEYED: dict[str, tuple[str, str]] = {
+    "experiments": ("ml_experiments", "experiment"),
+    "experiment_tags": ("ml_experiments", "experiment"),
+    "runs": ("ml_candidates", "run"),
+    "run_params": ("ml_candidates", "run"),
+    "run_metrics_latest": ("ml_candidates", "run"),
+    "run_metrics_history": ("ml_candidates", "run"),
+    "run_tags": ("ml_candidates", "run"),
     "run_artifact_uris": ("ml_candidates", "candidate"),
     "registered_models": ("ml_models", "model"),
     "registered_model_tags": ("ml_models", "model"),
@@ -146,6 +155,9 @@ class Fingerprint:
     # What the milestones changed on purpose when it was taken (their ledgers): runs whose
     # artifact_uri milestone 1 changed, models and tags milestone 3 added to the registry.
     declared: dict[str, int] = field(default_factory=dict)
+    # The snapshot it was taken in (pg_current_snapshot): the writes MLflow clients made
+    # through the server since are those of transactions it does not see (app_writes.py).
+    snapshot: str | None = None
 
     @property
     def scoped(self) -> Scope | None:
@@ -276,7 +288,7 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
     """The SQL of each part: one text column ``r`` per row an MLflow client would see."""
     experiments, tags = experiment_relations(source)
     experiment_rows = f"""
-        SELECT ROW(e.project_id, e.iid, e.name, e.deleted_on IS NOT NULL)::text AS r
+        SELECT ROW(e.project_id, e.iid, e.name, e.deleted_on IS NOT NULL)::text AS r, e.id AS k
         FROM ({experiments_view(conn, source, "x.id <= :w_experiments")}) e"""
     parent = run_parent(conn, source)
     created = relation_exists(conn, CREATED_MODELS)
@@ -287,26 +299,28 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
     parts = {
         "experiments": experiment_rows,
         "experiment_tags": f"""
-            SELECT ROW(x.project_id, x.iid, t.name, t.value)::text AS r
+            SELECT ROW(x.project_id, x.iid, t.name, t.value)::text AS r, x.id AS k
             FROM {tags} t JOIN {experiments} x ON x.id = t.experiment_id
             WHERE t.id <= :w_experiment_metadata""",
         "runs": f"""
             SELECT ROW(c.id, c.eid, x.project_id, x.iid, c.name, c.status, c.start_time,
-                       c.end_time, c.user_id, c.package_id, c.internal_id)::text AS r
+                       c.end_time, c.user_id, c.package_id, c.internal_id)::text AS r, c.id AS k
             FROM ml_candidates c {parent} WHERE c.id <= :w_candidates""",
         "run_params": """
-            SELECT ROW(p.candidate_id, p.name, p.value)::text AS r
+            SELECT ROW(p.candidate_id, p.name, p.value)::text AS r, p.candidate_id AS k
             FROM ml_candidate_params p WHERE p.id <= :w_params""",
         "run_metrics_latest": """
             SELECT DISTINCT ON (x.candidate_id, x.name)
-                   ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r
+                   ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r,
+                   x.candidate_id AS k
             FROM ml_candidate_metrics x WHERE x.id <= :w_metrics
             ORDER BY x.candidate_id, x.name, x.id DESC""",
         "run_metrics_history": """
-            SELECT ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r
+            SELECT ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r,
+                   x.candidate_id AS k
             FROM ml_candidate_metrics x WHERE x.id <= :w_metrics""",
         "run_tags": """
-            SELECT ROW(t.candidate_id, t.name, t.value)::text AS r
+            SELECT ROW(t.candidate_id, t.name, t.value)::text AS r, t.candidate_id AS k
             FROM ml_candidate_metadata t WHERE t.id <= :w_candidate_metadata""",
         "run_artifact_uris": f"""
             SELECT ROW(c.id, {uri}, pk.id, pk.project_id, pk.name, pk.version)::text AS r, c.id AS k
@@ -445,8 +459,9 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
             mlflow[part] = {"rows": rows, "hash": digest}
     database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
     declared = declared_changes(conn, marks) if source is not None else {}
+    snapshot = conn.execute(sa.text("SELECT pg_current_snapshot()::text")).scalar_one()
     return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
-                       tables, mlflow, scope.__dict__ if scope else None, kept, method, declared)
+                       tables, mlflow, scope.__dict__ if scope else None, kept, method, declared, snapshot)
 
 
 def _keyed_digest(conn: Connection, sql: str, params: dict[str, Any], part: str,
@@ -474,15 +489,23 @@ def _same(one: dict[str, Any] | None, other: dict[str, Any] | None) -> bool:
     return (one["rows"], one["hash"]) == (other["rows"], other["hash"])
 
 
-def locate(part: str, one: dict[str, Any] | None, other: dict[str, Any] | None) -> str:
-    """Where two keyed digests differ: the keys (one a bucket) or key ranges, at most ten."""
+def differing_buckets(part: str, one: dict[str, Any] | None,
+                      other: dict[str, Any] | None) -> tuple[int, list[int]] | None:
+    """The bucket size and the buckets two keyed digests differ in; None when they cannot
+    say (not a keyed part, a side without buckets, or buckets of different sizes)."""
     if part not in KEYED or not one or not other or one.get("bucket_size") != other.get("bucket_size") \
             or "buckets" not in one or "buckets" not in other:
+        return None
+    a, b = one["buckets"], other["buckets"]
+    return one["bucket_size"], sorted(int(k) for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def locate(part: str, one: dict[str, Any] | None, other: dict[str, Any] | None) -> str:
+    """Where two keyed digests differ: the keys (one a bucket) or key ranges, at most ten."""
+    found = differing_buckets(part, one, other)
+    if not found or not found[1]:
         return ""
-    size, a, b = one["bucket_size"], one["buckets"], other["buckets"]
-    differ = sorted(int(k) for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if not differ:
-        return ""
+    size, differ = found
     noun = KEYED[part][1]
     shown = [str(k) if size == 1 else f"{k * size}-{k * size + size - 1}" for k in differ[:10]]
     more = f" and {len(differ) - 10} more" if len(differ) > 10 else ""
