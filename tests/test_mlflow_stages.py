@@ -103,6 +103,8 @@ def test_from_milestone_3_then_after_milestone_4_then_both_rollbacks(ready):
     assert experiment["name"] == "Made after milestone 4" and [r["info"]["run_name"] for r in runs["runs"]] \
         == ["late run"]
     assert served(db, 9001)[0]["name"] == "Made after milestone 3 / ünïcode"
+    result = toolkit(db, "verify")
+    assert result.exit_code == 0, result.output
 
     result = toolkit(db, "rollback", "milestone-4")
     assert result.exit_code == 0, result.output
@@ -126,6 +128,24 @@ def test_from_milestone_3_then_after_milestone_4_then_both_rollbacks(ready):
     assert db.scalar("SELECT count(*) FROM ml_models WHERE id IN (:a, :b)", a=made.model_id, b=late.model_id) == 0
     left = db.rows("SELECT iid, model_id FROM ml_experiments WHERE iid IN (9001, 9002) ORDER BY iid")
     assert [tuple(r) for r in left] == [(9001, None), (9002, None)]  # as experiments/create made them before
+
+
+def test_after_the_archive_drop_the_kept_ids_hold_it(ready):
+    db = ready()
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+    before_drop = create(db, "Made at the archive", 9001, tags=[("k", "archive")], expect=Stage.ARCHIVE)
+    result = toolkit(db, "archive", "drop", "--yes")
+    assert result.exit_code == 0, result.output
+    made = create(db, "Made after the archive drop", 9002, tags=[("k", "kept")], expect=Stage.KEPT_IDS)
+    assert made.id > before_drop.id
+    with db.engine.begin() as conn:
+        assert stages.find_experiment(conn, Stage.KEPT_IDS, _project(db), 9001).model_id == before_drop.model_id
+        assert stages.find_experiment(conn, Stage.KEPT_IDS, _project(db), 9002) == made
+    for iid, name, value in ((9001, "Made at the archive", "archive"), (9002, "Made after the archive drop", "kept")):
+        experiment, _ = served(db, iid)
+        assert (experiment["name"], experiment["tags"]) == (name, [{"key": "k", "value": value}])
+    result = toolkit(db, "verify")
+    assert result.exit_code == 0, result.output
 
 
 def test_while_milestone_3_runs_its_catch_up_makes_no_second_model_and_rollback_removes_it(before_milestone,

@@ -185,12 +185,16 @@ def _lock_for(conn: Connection, stage: Stage) -> None:
     changed (:class:`StageChanged`) instead of writing where nobody reads any more.
     """
     table = _where_experiments_live(stage)
-    mode = "ROW EXCLUSIVE" if stage in (Stage.EXPERIMENTS, Stage.MODELS) else "SHARE ROW EXCLUSIVE"
+    legacy = stage in (Stage.EXPERIMENTS, Stage.MODELS)
+    # (with its tags' table: milestone 4 drops ml_experiment_metadata in a transaction of
+    # its own, just before ml_experiments)
+    tables = f"{table}, ml_experiment_metadata" if legacy else table
+    mode = "ROW EXCLUSIVE" if legacy else "SHARE ROW EXCLUSIVE"
     try:
         with conn.begin_nested():
-            conn.execute(sa.text(f"LOCK TABLE {table} IN {mode} MODE"))
+            conn.execute(sa.text(f"LOCK TABLE {tables} IN {mode} MODE"))
     except sa.exc.ProgrammingError as gone:  # dropped while the write waited for it
-        raise StageChanged(f"{table} is gone: the stage is no longer {stage.value}") from gone
+        raise StageChanged(f"{tables} is gone: the stage is no longer {stage.value}") from gone
     if (now := stage_of(conn)) is not stage:
         raise StageChanged(f"the stage changed from {stage.value} to {now.value}")
 
