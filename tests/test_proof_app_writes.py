@@ -124,3 +124,20 @@ def test_a_write_before_the_baseline_does_not_excuse_a_later_change(migrated):
     db.execute(f"UPDATE ml_candidates SET status = 3 WHERE id = {runs[0]}")
     code, check = verified(db, "milestone-3")
     assert code != 0 and not check["ok"], check
+
+
+def test_the_rollbacks_accept_the_clients_writes_and_nothing_else(migrated, make_database):
+    db = migrated
+    runs = _runs(db)
+    with db.engine.begin() as conn:
+        finish(conn, runs[0])
+        delete_run(conn, runs[1])
+    unrecorded = make_database(like=db)
+    with unrecorded.engine.begin() as conn:
+        finish(conn, runs[-1], recorded=False)
+    for milestone in ("milestone-3", "milestone-2"):
+        result = toolkit(db, "rollback", milestone)
+        assert result.exit_code == 0, result.output
+        assert "2 runs written by MLflow clients through toolkit mlflow serve since the baseline" in result.output
+    result = toolkit(unrecorded, "rollback", "milestone-3")
+    assert result.exit_code != 0 and "tables.ml_candidates" in result.output, result.output

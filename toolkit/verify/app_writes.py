@@ -28,7 +28,13 @@ from sqlalchemy.engine import Connection
 
 from toolkit.catalog import relation_exists
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS
-from toolkit.verify.fingerprint import KEYED, differing_buckets, experiment_relations, mlflow_source
+from toolkit.verify.fingerprint import (
+    KEYED,
+    TABLE_KEYS,
+    differing_buckets,
+    experiment_relations,
+    mlflow_source,
+)
 
 WRITES = "toolkit.mlflow_writes"
 
@@ -59,14 +65,20 @@ class Written:
 
     def accounts_for(self, part: str, before: dict[str, Any] | None, after: dict[str, Any] | None,
                      marks: dict[str, int | None]) -> bool:
-        """Whether a difference in ``part`` lies only in buckets that hold written keys the
-        baseline had (within its watermark: a run made since cannot vouch for an older one
-        that shares its bucket)."""
-        found = differing_buckets(part, before, after)
+        """Whether a difference in ``part`` (an MLflow part, or ``tables.<table>``) lies
+        only in buckets that hold written keys the baseline had (within its watermark: a run
+        made since cannot vouch for an older one that shares its bucket)."""
+        table_name = part.removeprefix("tables.")
+        if part.startswith("tables.") and table_name in TABLE_KEYS:
+            table = TABLE_KEYS[table_name][1]
+        elif part in KEYED:
+            table = KEYED[part][0]
+        else:
+            return False
+        found = differing_buckets(before, after)
         if not found or not found[1]:
             return False
         size, buckets = found
-        table = KEYED[part][0]
         bound = marks.get(table) or 0
         written = {key // size for key in self.of(table) if key <= bound}
         return set(buckets) <= written

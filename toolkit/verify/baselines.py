@@ -87,13 +87,17 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     verb = "is back to" if rolled_back else "equals"
     name = f"the MLflow view {verb} the fingerprint taken before {milestone}"
     mlflow = [d for d in differences if d.part.startswith("mlflow")]
+    unexpected = [d for d in differences if d.part.startswith("tables") and not d.expected]
     # The application's own writes through the server since the baseline (app_writes.py):
     # a difference confined to the runs, models and experiments they name is theirs.
-    written = app_writes.written_since(conn, baseline.snapshot) if mlflow else app_writes.Written()
+    written = (app_writes.written_since(conn, baseline.snapshot) if mlflow or unexpected
+               else app_writes.Written())
     theirs = [d for d in mlflow if written.accounts_for(d.part.removeprefix("mlflow."), d.before, d.after,
                                                            baseline.watermarks)]
     mlflow = [d for d in mlflow if d not in theirs]
-    unexpected = [d for d in differences if d.part.startswith("tables") and not d.expected]
+    tables_theirs = [d for d in unexpected if written.accounts_for(d.part, d.before, d.after,
+                                                                   baseline.watermarks)]
+    unexpected = [d for d in unexpected if d not in tables_theirs]
     expected = [d.part.removeprefix("tables.") for d in differences if d.expected]
     proof = _Proof.of(conn, milestone, scope) if scope else None
     if now.source is None:
@@ -108,9 +112,9 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
         computed = (f"{len(now.mlflow) - len(theirs)} parts equal{untouched} (computed from {now.source}; "
                     f"baseline {shown(baseline.taken_at)})")
         if theirs:
-            at = "them" if all(_one_key_a_bucket(d) for d in theirs) else "the id ranges holding them"
             computed += (f"; {app_writes.said(written, baseline.watermarks)}: "
-                         f"{', '.join(d.part.removeprefix('mlflow.') for d in theirs)} differ only at {at}")
+                         f"{', '.join(d.part.removeprefix('mlflow.') for d in theirs)} differ only at "
+                         f"{_at(theirs)}")
         if declared := _declared(now, milestone):
             computed += f"; declared differences, from the ledgers: {declared}"
         if skipped := NOT_COMPARABLE.get(now.source or "", ()):
@@ -127,6 +131,10 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
         on_purpose = f"; changed on purpose: {', '.join(changed)}" if changed else ""
         if proof is not None and changes:
             on_purpose += " (not hashed again: it changes them)"
+        if tables_theirs and not problems:
+            on_purpose += (f"; {app_writes.said(written, baseline.watermarks)}: "
+                           f"{', '.join(d.part.removeprefix('tables.') for d in tables_theirs)} differ only "
+                           f"at {_at(tables_theirs)}")
         checks.append(Check(
             name="every ML table is as it was" if rolled_back or not changes
             else "every other ML table is unchanged",
@@ -137,8 +145,11 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     return checks
 
 
-def _one_key_a_bucket(difference: Difference) -> bool:
-    return (difference.before or {}).get("bucket_size") == 1
+def _at(differences: list[Difference]) -> str:
+    """Where accepted differences lie: at the written keys themselves, one a bucket, or in
+    the id ranges holding them."""
+    exact = all((d.before or {}).get("bucket_size") == 1 for d in differences)
+    return "them" if exact else "the id ranges holding them"
 
 
 def _declared(now: Fingerprint, milestone: str) -> str:

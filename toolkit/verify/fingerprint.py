@@ -63,7 +63,15 @@ from toolkit.names import (
 from toolkit.names import M3_COPIED_METADATA as COPIED_METADATA
 from toolkit.names import M3_CREATED_MODELS as CREATED_MODELS
 from toolkit.schema.gitlab import ML_TABLE_NAMES
-from toolkit.verify.digest import METHOD, METHODS, Memo, bucketed_digest, query_digest, table_digest
+from toolkit.verify.digest import (
+    METHOD,
+    METHODS,
+    Memo,
+    bucketed_digest,
+    query_digest,
+    row_text,
+    table_digest,
+)
 
 FORMAT = METHOD  # the format is the digest method (verify/digest.py); 1 is still read
 
@@ -115,6 +123,24 @@ KEYED: dict[str, tuple[str, str]] = {
     "model_versions": ("ml_model_versions", "model version"),
     "model_version_tags": ("ml_model_versions", "model version"),
 }
+# Tables whose digest is also kept per bucket of a key, so a difference in them names the
+# runs, experiments or models it is in, as the keyed parts do (a rollback must give the
+# tables back; what MLflow clients wrote since is theirs). (the key column, the key's table)
+# ml_candidate_metrics is left out: no milestone changes it (a milestone's baseline never
+# hashes it), and grouping 10M rows would slow every whole fingerprint.
+TABLE_KEYS: dict[str, tuple[str, str]] = {
+    "ml_experiments": ("id", "ml_experiments"),
+    "ml_experiment_metadata": ("experiment_id", "ml_experiments"),
+    "ml_candidates": ("id", "ml_candidates"),
+    "ml_candidate_params": ("candidate_id", "ml_candidates"),
+    "ml_candidate_metadata": ("candidate_id", "ml_candidates"),
+    "ml_models": ("id", "ml_models"),
+    "ml_model_metadata": ("model_id", "ml_models"),
+    "ml_model_versions": ("id", "ml_model_versions"),
+    "ml_model_version_metadata": ("model_version_id", "ml_model_versions"),
+}
+KEY_NOUNS = {"ml_experiments": "experiment", "ml_candidates": "run", "ml_models": "model",
+             "ml_model_versions": "model version"}
 BUCKETS = 512  # at most about this many per part: one key a bucket up to 512 runs or models
 
 
@@ -433,6 +459,14 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
     def digest_of(table: str, where: str = "") -> dict[str, Any] | None:
         if not relation_exists(conn, table):
             return None
+        if table in TABLE_KEYS and method == METHOD:
+            key, keys_of = TABLE_KEYS[table]
+            theirs = (reference.tables.get(table) if reference is not None and not where else None) or {}
+            size = theirs.get("bucket_size") or max(1, -(-(_bound_or_zero(marks, keys_of) + 1) // BUCKETS))
+            sql = (f"SELECT {row_text(conn, table)} AS r, t.{key} AS k FROM {table} AS t "
+                   f"WHERE t.id <= :w{where}")
+            rows, digest, buckets = bucketed_digest(conn, sql, {"w": bound(table)}, size, method, memo)
+            return {"rows": rows, "hash": digest, "bucket_size": size, "buckets": buckets}
         digest = table_digest(conn, table, f"t.id <= :w{where}", {"w": bound(table)}, memo, method)
         return {"rows": digest.rows, "hash": digest.digest}
 
@@ -449,7 +483,7 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
                 continue
             table = DERIVED_FROM.get(part)
             if (comparable and table and tables.get(table) is not None
-                    and reference.tables.get(table) == tables[table] and part in reference.mlflow):
+                    and _same(reference.tables.get(table), tables[table]) and part in reference.mlflow):
                 mlflow[part] = reference.mlflow[part]
                 continue
             if part in KEYED:
@@ -489,11 +523,11 @@ def _same(one: dict[str, Any] | None, other: dict[str, Any] | None) -> bool:
     return (one["rows"], one["hash"]) == (other["rows"], other["hash"])
 
 
-def differing_buckets(part: str, one: dict[str, Any] | None,
+def differing_buckets(one: dict[str, Any] | None,
                       other: dict[str, Any] | None) -> tuple[int, list[int]] | None:
     """The bucket size and the buckets two keyed digests differ in; None when they cannot
-    say (not a keyed part, a side without buckets, or buckets of different sizes)."""
-    if part not in KEYED or not one or not other or one.get("bucket_size") != other.get("bucket_size") \
+    say (a side without buckets, or buckets of different sizes)."""
+    if not one or not other or one.get("bucket_size") != other.get("bucket_size") \
             or "buckets" not in one or "buckets" not in other:
         return None
     a, b = one["buckets"], other["buckets"]
@@ -502,11 +536,11 @@ def differing_buckets(part: str, one: dict[str, Any] | None,
 
 def locate(part: str, one: dict[str, Any] | None, other: dict[str, Any] | None) -> str:
     """Where two keyed digests differ: the keys (one a bucket) or key ranges, at most ten."""
-    found = differing_buckets(part, one, other)
+    found = differing_buckets(one, other) if part in KEYED or part in TABLE_KEYS else None
     if not found or not found[1]:
         return ""
     size, differ = found
-    noun = KEYED[part][1]
+    noun = KEYED[part][1] if part in KEYED else KEY_NOUNS[TABLE_KEYS[part][1]]
     shown = [str(k) if size == 1 else f"{k * size}-{k * size + size - 1}" for k in differ[:10]]
     more = f" and {len(differ) - 10} more" if len(differ) > 10 else ""
     return f"{noun}{'s' if len(differ) > 1 or size > 1 else ''} {'id ' if size == 1 else 'ids '}" \
@@ -530,11 +564,12 @@ def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...]
     if tables:
         for table in keys(before.tables, after.tables):
             b, a = before.tables.get(table), after.tables.get(table)
-            if b != a:
-                found.append(Difference(f"tables.{table}", b, a, table in changes))
+            if not _same(b, a):
+                found.append(Difference(f"tables.{table}", b, a, table in changes,
+                                        where=locate(table, b, a)))
         for table in keys(before.kept, after.kept):
             b, a = before.kept.get(table), after.kept.get(table)
-            if b != a:
+            if not _same(b, a):
                 found.append(Difference(f"tables.{table} (rows it may not change)", b, a, False))
     if after.source is None and before.source is not None:
         found.append(Difference("mlflow", None, None, False, note=(
