@@ -108,14 +108,14 @@ PART_TABLES: dict[str, tuple[str, ...]] = {
 # Parts whose rows carry a key (``k``): their digest is also kept per bucket of keys, so a
 # difference names the runs, models or experiments it is in, and ``verify`` can tell a
 # difference confined to what MLflow clients wrote through the server since the baseline
-# (toolkit/verify/app_writes.py). (the key's table, what a key names)
+# (toolkit/verify/app_writes.py). Not the metric parts: no milestone's baseline reads them
+# (no milestone writes ml_candidate_metrics), and grouping 10M rows would slow every whole
+# fingerprint. (the key's table, what a key names)
 KEYED: dict[str, tuple[str, str]] = {
     "experiments": ("ml_experiments", "experiment"),
     "experiment_tags": ("ml_experiments", "experiment"),
     "runs": ("ml_candidates", "run"),
     "run_params": ("ml_candidates", "run"),
-    "run_metrics_latest": ("ml_candidates", "run"),
-    "run_metrics_history": ("ml_candidates", "run"),
     "run_tags": ("ml_candidates", "run"),
     "run_artifact_uris": ("ml_candidates", "candidate"),
     "registered_models": ("ml_models", "model"),
@@ -337,13 +337,11 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
             FROM ml_candidate_params p WHERE p.id <= :w_params""",
         "run_metrics_latest": """
             SELECT DISTINCT ON (x.candidate_id, x.name)
-                   ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r,
-                   x.candidate_id AS k
+                   ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r
             FROM ml_candidate_metrics x WHERE x.id <= :w_metrics
             ORDER BY x.candidate_id, x.name, x.id DESC""",
         "run_metrics_history": """
-            SELECT ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r,
-                   x.candidate_id AS k
+            SELECT ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r
             FROM ml_candidate_metrics x WHERE x.id <= :w_metrics""",
         "run_tags": """
             SELECT ROW(t.candidate_id, t.name, t.value)::text AS r, t.candidate_id AS k
