@@ -141,3 +141,25 @@ def test_the_rollbacks_accept_the_clients_writes_and_nothing_else(migrated, make
         assert "2 runs written by MLflow clients through toolkit mlflow serve since the baseline" in result.output
     result = toolkit(unrecorded, "rollback", "milestone-3")
     assert result.exit_code != 0 and "tables.ml_candidates" in result.output, result.output
+
+
+def test_a_package_a_client_renamed_passes_milestone_1s_rollback(migrated, make_database):
+    """model-versions/create with a run renames the run's package to the model's name and
+    the version (registry_writes.py): milestone 1's rollback must give packages_packages
+    back, and accepts that one, recorded; a package changed unrecorded fails the first
+    rollback that compares its run."""
+    db = migrated
+    run, package = db.rows("SELECT id, package_id FROM ml_candidates WHERE package_id IS NOT NULL "
+                           "ORDER BY id LIMIT 1")[0]
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE packages_packages SET name = 'renamed', version = '9.9.9' WHERE id = {package}")
+        stages.record_write(conn, ENDPOINT, "packages_packages", package, "update", candidate_id=run)
+    other = make_database(like=db)
+    other.execute("UPDATE packages_packages SET version = '0.0.1' WHERE id = (SELECT max(package_id) "
+                  "FROM ml_candidates)")
+    for milestone in ("milestone-3", "milestone-2", "milestone-1"):
+        result = toolkit(db, "rollback", milestone)
+        assert result.exit_code == 0, result.output
+    assert "packages_packages differ only at" in result.output, result.output
+    result = toolkit(other, "rollback", "milestone-3")  # its run's artifact_uri names the package
+    assert result.exit_code != 0 and "mlflow.run_artifact_uris" in result.output, result.output

@@ -85,9 +85,9 @@ class Written:
 
 
 def written_since(conn: Connection, snapshot: str | None) -> Written:
-    """What the server's writes since ``snapshot`` name: runs, models, model versions and
-    experiments (by row id), each also through the others (a model's experiment, a written
-    model's versions)."""
+    """What the server's writes since ``snapshot`` name: runs, models, model versions,
+    experiments and packages (by row id), each also through the others (a model's
+    experiment, a written model's versions)."""
     if snapshot is None or not relation_exists(conn, WRITES):
         return Written()
     rows = conn.execute(sa.text(SINCE), {"snapshot": snapshot}).all()
@@ -111,8 +111,9 @@ def written_since(conn: Connection, snapshot: str | None) -> Written:
             experiments |= set(conn.execute(sa.text(
                 "SELECT experiment_id FROM ml_experiment_metadata WHERE id = ANY(:t)"),
                 {"t": tag_rows}).scalars())
+    packages = {r.row_id for r in rows if r.table_name == "packages_packages"}
     return Written({"ml_candidates": runs, "ml_models": models, "ml_model_versions": versions,
-                    "ml_experiments": experiments})
+                    "ml_experiments": experiments, "packages_packages": packages})
 
 
 def said(written: Written, marks: dict[str, int | None]) -> str:

@@ -138,9 +138,10 @@ TABLE_KEYS: dict[str, tuple[str, str]] = {
     "ml_model_metadata": ("model_id", "ml_models"),
     "ml_model_versions": ("id", "ml_model_versions"),
     "ml_model_version_metadata": ("model_version_id", "ml_model_versions"),
+    "packages_packages": ("id", "packages_packages"),
 }
 KEY_NOUNS = {"ml_experiments": "experiment", "ml_candidates": "run", "ml_models": "model",
-             "ml_model_versions": "model version"}
+             "ml_model_versions": "model version", "packages_packages": "package"}
 BUCKETS = 512  # at most about this many per part: one key a bucket up to 512 runs or models
 
 
