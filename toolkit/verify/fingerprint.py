@@ -31,8 +31,10 @@ stage, so comparing it across a milestone proves the new structure still answers
 Until then experiment tags are not read from ``ml_model_metadata``: a model may have
 metadata its experiment never had, and metadata clashes keep the model's value.
 
-Keyed parts (:data:`KEYED`) also keep a digest per bucket of ids, so a difference names
-the runs or models it is in.
+Keyed parts (:data:`KEYED`) and tables (:data:`TABLE_KEYS`) also keep a digest per
+bucket of ids, so a difference names the runs, experiments, models or packages it is in,
+and verify can tell what MLflow clients wrote through the server since the baseline
+(:mod:`toolkit.verify.app_writes`).
 
 Every part is bounded by the ``id`` watermarks of the fingerprint it is compared with,
 so rows the application inserts afterwards do not count as differences. Runs' params,
