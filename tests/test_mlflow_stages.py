@@ -249,3 +249,55 @@ def test_a_write_that_waited_for_a_schema_change_finds_the_stage_changed(ready):
     assert isinstance(outcome[0], stages.StageChanged), outcome
     assert db.scalar("SELECT count(*) FROM toolkit.m4_archive_ml_experiments WHERE iid = 9001") == 0
     assert db.scalar("SELECT count(*) FROM ml_models WHERE display_name = 'waited'") == 0
+
+
+def test_a_write_at_milestone_3s_stage_and_milestone_4_do_not_lose_an_experiment(ready):
+    """The write first, uncommitted, while milestone 4 starts: milestone 4 waits for it
+    (its archive triggers, its drops), then archives and keeps it."""
+    db = ready()
+    with db.engine.connect() as conn:
+        conn.begin()
+        written = stages.create_experiment(conn, Stage.MODELS, project_id=_project(db), name="in flight",
+                                           tags=[("k", "v")], user_id=None, iid=9001)
+        results: list = []
+        migrate = threading.Thread(target=lambda: results.append(
+            toolkit_process(db, "migrate", "milestone-4", "--yes")))
+        migrate.start()
+        deadline = time.monotonic() + 60
+        while not db.scalar("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation IN "
+                            "(to_regclass('ml_experiments'), to_regclass('ml_models'))"):
+            assert time.monotonic() < deadline, "milestone 4 never waited for the write"
+            time.sleep(0.1)
+        conn.commit()
+    migrate.join(300)
+    assert results[0].returncode == 0, results[0].stderr
+    assert db.scalar("SELECT model_id FROM toolkit.m4_archive_ml_experiments WHERE id = :e",
+                     e=written.id) == written.model_id
+    assert db.scalar("SELECT model_id FROM toolkit.mlflow_experiment_ids WHERE iid = 9001") == written.model_id
+    assert served(db, 9001)[0]["tags"] == [{"key": "k", "value": "v"}]
+
+
+def test_a_write_that_waited_for_milestone_4s_drop_finds_the_stage_changed(ready):
+    """The drop (here by hand, as milestone 4's last transaction takes it) commits while a
+    write at milestone 3's stage waits for ml_experiments: it writes nothing (503)."""
+    db = ready()
+    outcome: list = []
+
+    def write() -> None:
+        try:
+            create(db, "waited", 9001, expect=Stage.MODELS)
+            outcome.append("written")
+        except stages.StageChanged as changed:
+            outcome.append(changed)
+
+    with db.engine.connect() as drop:
+        drop.begin()
+        drop.execute(sa.text("LOCK TABLE ml_experiments IN ACCESS EXCLUSIVE MODE"))
+        writer = threading.Thread(target=write)
+        writer.start()
+        _waiting_on(db, "ml_experiments")
+        drop.execute(sa.text("DROP TABLE ml_experiment_metadata, ml_experiments CASCADE"))
+        drop.commit()
+    writer.join(60)
+    assert isinstance(outcome[0], stages.StageChanged), outcome
+    assert db.scalar("SELECT count(*) FROM ml_models WHERE display_name = 'waited'") == 0
