@@ -28,7 +28,7 @@ from enum import Enum
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from toolkit.catalog import relation_exists
+from toolkit.catalog import column_exists, relation_exists
 from toolkit.engine.state import ROLLING_BACK, STARTED, milestone_state
 from toolkit.milestones import slug
 from toolkit.milestones.m3_models_for_experiments import create_models_batch
@@ -50,9 +50,23 @@ class Stage(Enum):
     KEPT_IDS = "models, experiment ids kept for good"
 
 
+class WritesPaused(Exception):
+    """A moment of the migration that takes no MLflow write, answered 503 at once (the
+    client retries): milestone 4's rollback, from rebuilding the experiments' tables to
+    checking them row for row against the archive (a write in between would be neither in
+    the archive nor in the check); milestone 4's drop, between dropping
+    ``ml_candidates.experiment_id`` and ``ml_experiments`` (a run would have no parent)."""
+
+
 def stage_of(conn: Connection) -> Stage:
-    """The stage a write in this transaction meets."""
+    """The stage a write in this transaction meets; :class:`WritesPaused` when none."""
+    if milestone_state(conn, "milestone-4")["state"] == ROLLING_BACK:
+        raise WritesPaused("milestone 4 is being rolled back (its tables rebuilt and checked against "
+                           "its archive)")
     source = mlflow_source(conn)
+    experiments_live = source in (FROM_EXPERIMENTS, FROM_MODELS)
+    if experiments_live and not column_exists(conn, "ml_candidates", "experiment_id"):
+        raise WritesPaused("milestone 4 is dropping the experiments' tables")
     if source == FROM_MODELS_AND_ARCHIVE:
         return Stage.ARCHIVE
     if source == FROM_MODELS_AND_IDS:
