@@ -392,6 +392,26 @@ say(c.get_run({run_id!r}).data.params)
 
 
 
+def test_no_write_while_milestone_4_rolls_back(db, server, tokens):
+    """From rebuilding the experiments' tables to checking them against the archive, a
+    write would be in neither: 503 at once, naming why, and nothing written; the same write
+    goes through once the rollback is over."""
+    run_id = _new_run(server, tokens)
+    db.execute("INSERT INTO toolkit.milestones (milestone, state) VALUES ('milestone-4', 'rolling_back')")
+    before = counts(db)
+    try:
+        status, document, headers = raw(server, PROJECT, "runs/log-parameter", token=tokens["dev_api"],
+                                        body={"run_id": run_id, "key": "paused", "value": "1"})
+    finally:
+        db.execute("DELETE FROM toolkit.milestones WHERE milestone = 'milestone-4'")
+    assert status == 503 and document["error_code"] == "TEMPORARILY_UNAVAILABLE", document
+    assert "milestone 4 is being rolled back" in document["message"] and "Retry-After" in headers
+    assert counts(db) == before
+    status, document, _ = raw(server, PROJECT, "runs/log-parameter", token=tokens["dev_api"],
+                              body={"run_id": run_id, "key": "paused", "value": "1"})
+    assert status == 200, document
+
+
 def test_a_queued_schema_change_is_not_overtaken(db, server, tokens):
     """A schema change waiting for ACCESS EXCLUSIVE behind a reader: the write queues
     behind it (PostgreSQL's lock queue) and answers 503 after its lock timeout rather

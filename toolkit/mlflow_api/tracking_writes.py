@@ -242,7 +242,8 @@ def create_experiment(conn: Connection, ctx: WriteContext, params: dict[str, Any
             ref = stages.create_experiment(conn, ctx.stage, project_id=ctx.project_id, name=name, tags=pairs,
                                            user_id=ctx.user_id, iid=iid)
     except IntegrityError as exc:
-        if getattr(exc.orig, "sqlstate", None) == "23505":  # the name, taken by a write beside this one
+        # the name, taken by a write beside this one (or, after milestone 4, in the kept view)
+        if isinstance(exc, stages.ExperimentNameTaken) or getattr(exc.orig, "sqlstate", None) == "23505":
             raise ApiError(400, body={"error_code": "RESOURCE_ALREADY_EXISTS"}) from None
         raise
     _record_new_experiment(conn, ctx, ref)

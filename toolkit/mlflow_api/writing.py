@@ -16,6 +16,10 @@ A write endpoint is a function ``(conn, ctx, params) -> answer`` (:data:`WriteFu
    same transaction;
 3. the endpoint, which records every row it writes (:func:`stages.record_write`).
 
+A moment of the migration that takes no write (:class:`stages.WritesPaused`: milestone 4's
+rollback, milestone 4's drop) is 503 at once; a stage that changed while the write waited
+for its lock (:class:`stages.StageChanged`) runs the write again in the new stage.
+
 The whole transaction is run again on a serialization failure or deadlock
 (``40001``/``40P01``) and when the stage changed under it (``42P01``/``42703``: a table or
 column dropped between the catalog read and the statement). A connection lost, a server
@@ -106,6 +110,13 @@ class Writer:
                                            f"{endpoint} is not served at this stage of the migration "
                                            f"({stage.value}) by this version of toolkit mlflow serve; "
                                            "nothing was written") from None
+            except stages.WritesPaused as exc:
+                raise unavailable(f"Writes wait while {exc}; nothing was written, try again") from None
+            except stages.StageChanged as exc:
+                if not last:
+                    continue  # a schema change committed while the write waited: the new stage
+                raise unavailable("The migration kept changing the schema under this write; nothing "
+                                  "was written, try again") from exc
             except DBAPIError as exc:
                 code = getattr(exc.orig, "sqlstate", None) or ""
                 if (code in CONFLICT or code in STAGE_CHANGED) and not last:
