@@ -158,9 +158,11 @@ def worker_main(config: dict[str, Any]) -> int:
     existing: list[str] = []
     ok, found = call("search_experiments", lambda: client.search_experiments(max_results=20))
     if ok:
-        existing = sorted(e.name for e in found if not e.name.startswith(("train ", "long ")))[:10]
+        # GitLab's search answers deleted experiments too (set_experiment refuses those)
+        existing = sorted(e.name for e in found if e.lifecycle_stage == "active"
+                          and not e.name.startswith(("train ", "long ")))[:10]
     made: list[str] = []
-    models: list[str] = []
+    models: dict[str, int] = {}  # the models it made, with the versions it made of each
     k = 0
     pause = Path(config["pause_file"])
     while not stop.exists() and (config.get("iterations") is None or k < config["iterations"]):
@@ -236,15 +238,15 @@ def _one_run(call, client, mlflow, rng: random.Random, mark: str, experiment_id:
         os.environ.pop("MLFLOW_RUN_ID", None)
 
 
-def _registry(call, client, rng: random.Random, mark: str, models: list[str], journal: Journal,
+def _registry(call, client, rng: random.Random, mark: str, models: dict[str, int], journal: Journal,
               base: dict[str, Any]) -> None:
     if not models or rng.random() < 0.5:
         name = f"reg-{mark}"
         ok, _ = call("create_registered_model", lambda: client.create_registered_model(name), name=name)
         if not ok:
             return
-        models.append(name)
-    name = rng.choice(models)
+        models[name] = 0
+    name = rng.choice(sorted(models))
     source = f"s3://training/{mark}/model"
     ok, version = call("create_model_version", lambda: client.create_model_version(name, source),
                        name=name, source=source)
@@ -253,7 +255,9 @@ def _registry(call, client, rng: random.Random, mark: str, models: list[str], jo
         # alias; model-versions/get takes the semantic one (docs/mlflow.md)
         journal.write({**base, "op": "version", "name": name, "version": str(version.version),
                        "semantic": (list(version.aliases or []) or [str(version.version)])[0]})
-    call("get_latest_versions", lambda: client.get_latest_versions(name), name=name)
+        models[name] += 1
+    if models[name]:  # GitLab answers [null] for a model without versions, which the client cannot parse
+        call("get_latest_versions", lambda: client.get_latest_versions(name), name=name)
 
 
 def _params(params: dict[str, str]) -> list:
