@@ -99,16 +99,30 @@ def created_since(entries: list[dict], since: float) -> list[tuple[int, str]]:
     return sorted(key for key, e in first.items() if e["kind"] != "existing" and e["t"] > since)
 
 
-def _killed_then_resumed(db, windows: dict[str, tuple[float, float]], *command: str) -> None:
-    """``command`` killed part-way, then run again: it resumes and ends well. Each run's
-    time window goes to ``windows`` (the clients must have written during each)."""
+class Commands:
+    """The milestone commands run, each with its time window (the clients must have written
+    during each), also written next to the journals (which command ran when a call failed)."""
+
+    def __init__(self, log: Path):
+        self.log = log
+        self.windows: dict[str, tuple[float, float]] = {}
+
+    def ran(self, what: str, began: float, code: int, output: str) -> None:
+        self.windows[what] = (began, time.time())
+        with self.log.open("a") as out:
+            out.write(json.dumps({"command": what, "began": began, "ended": self.windows[what][1],
+                                  "exit": code, "said": output[-300:]}) + "\n")
+
+
+def _killed_then_resumed(db, commands: Commands, *command: str) -> None:
+    """``command`` killed part-way, then run again: it resumes and ends well."""
     began = time.time()
     died = toolkit_process(db, *command, *BATCH, env=KILL)
-    windows[f"{' '.join(command[:2])} (killed)"] = (began, time.time())
+    commands.ran(f"{' '.join(command[:2])} (killed)", began, died.returncode, died.stderr)
     assert died.returncode == -signal.SIGKILL, (command, died.returncode, died.stderr[-2000:])
     began = time.time()
     resumed = toolkit(db, *command, *BATCH)
-    windows[f"{' '.join(command[:2])} (resumed)"] = (began, time.time())
+    commands.ran(f"{' '.join(command[:2])} (resumed)", began, resumed.exit_code, resumed.output)
     assert resumed.exit_code == 0, f"{command}: {resumed.output[-3000:]}"
     TALLY["milestone commands killed with SIGKILL while MLflow clients wrote, then resumed"] += 1
 
@@ -130,7 +144,7 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
             _wait_for(workload, "a run each", lambda entries: len({e["worker"] for e in entries
                                                                     if e.get("op") == "ended"}) == CLIENTS)
             before: dict[str, Path] = {}
-            windows: dict[str, tuple[float, float]] = {}
+            commands = Commands(workload.folder / "commands.jsonl")
             done: dict[str, float] = {}
             for milestone in MILESTONES:
                 before[milestone] = tmp_path / f"before-{milestone}.json"
@@ -138,7 +152,7 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
                 taken = toolkit(db, "fingerprint", "--out", str(before[milestone]))
                 workload.resume()
                 assert taken.exit_code == 0, taken.output
-                _killed_then_resumed(db, windows, "migrate", milestone, "--yes")
+                _killed_then_resumed(db, commands, "migrate", milestone, "--yes")
                 done[milestone] = time.time()
                 _more_runs(workload, CLIENTS, f"more runs after {milestone}")
                 verified = toolkit(db, "verify", milestone)  # no re-baseline: the writes are the server's
@@ -150,7 +164,7 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
                     assert _models_named(db, new) == [], (milestone, new)
                     TALLY["experiments MLflow clients created as models after milestones 3 and 4"] += len(new)
             for milestone in reversed(MILESTONES):
-                _killed_then_resumed(db, windows, "rollback", milestone)
+                _killed_then_resumed(db, commands, "rollback", milestone)
                 compared = toolkit(db, "fingerprint", "--compare", str(before[milestone]))
                 assert compared.exit_code == 0, (milestone, compared.output[-3000:])
             _more_runs(workload, CLIENTS, "more runs after the last rollback")
@@ -164,7 +178,8 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
     assert not report.other_5xx, report.other_5xx
     assert [s for s in statuses if s >= 500 and s != 503] == []
     written = write_latencies(list(read_journals(workload.journals)))
-    during = {what: sum(1 for t, _ in written if began <= t <= ended) for what, (began, ended) in windows.items()}
+    during = {what: sum(1 for t, _ in written if began <= t <= ended)
+              for what, (began, ended) in commands.windows.items()}
     assert all(during.values()), during  # the clients wrote while each run of each command ran
     TALLY["MLflow writes acknowledged during the milestones and read back"] += report.calls
     TALLY["503s MLflow clients retried during schema changes"] += report.retried_503
