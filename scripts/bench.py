@@ -131,8 +131,8 @@ def _training(url: sa.URL, clients: int) -> Iterator[dict[str, Any] | None]:
             yield result
             ended = time.time()
         report = read_back(server.address, workload.journals)
-    during = [ms / 1000 for t, ms in write_latencies(list(read_journals(workload.journals)))
-              if began <= t <= ended]
+        during = [ms / 1000 for t, ms in write_latencies(list(read_journals(workload.journals)))
+                  if began <= t <= ended]  # (the journals go with the folder)
     result.update({"writes": len(during), "write_p50_ms": as_ms(percentile(during, 50)),
                    "write_p99_ms": as_ms(percentile(during, 99)),
                    "write_max_ms": as_ms(max(during, default=0)),
