@@ -291,6 +291,7 @@ class Workload:
     pause_s: float = 0.05
     iterations: int | None = None
     label: str = ""  # in every name it makes: two workloads on one database make different ones
+    env: dict[str, str] = field(default_factory=dict)  # over CLIENT_ENV (e.g. fewer retries)
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -308,7 +309,7 @@ class Workload:
     def start(self) -> Workload:
         self.stop_file.unlink(missing_ok=True)
         self.pause_file.unlink(missing_ok=True)
-        env = {**os.environ, **CLIENT_ENV, "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+        env = {**os.environ, **CLIENT_ENV, "MLFLOW_ENABLE_ASYNC_LOGGING": "false", **self.env}
         env.pop("MLFLOW_TRACKING_URI", None)
         if self.token:
             env["MLFLOW_TRACKING_TOKEN"] = self.token
