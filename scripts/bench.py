@@ -118,7 +118,9 @@ def _training(url: sa.URL, clients: int) -> Iterator[dict[str, Any] | None]:
             raise SystemExit(f"--mlflow-clients: the server would not start with writes: {server.problem}")
         engine = create_engine(url)
         with engine.connect() as conn:
-            projects = list(conn.execute(sa.text("SELECT id FROM projects ORDER BY id LIMIT :n"),
+            # not the first project: the application-like writer makes its experiments there with
+            # max(iid) + 1, not through internal_ids as GitLab (and the server) do
+            projects = list(conn.execute(sa.text("SELECT id FROM projects ORDER BY id OFFSET 1 LIMIT :n"),
                                          {"n": clients}).scalars())
         engine.dispose()
         workload = Workload(server.address, projects, clients=clients, seed=1,

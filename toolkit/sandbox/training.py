@@ -170,7 +170,7 @@ def worker_main(config: dict[str, Any]) -> int:
             _paused(pause, stop, journal, base)
             continue
         name, kind = experiment_name(worker, k, rng, made, existing, config.get("label", ""))
-        ok, experiment = call("set_experiment", lambda name=name: mlflow.set_experiment(name),
+        ok, experiment = call("set_experiment", lambda name=name: _set_experiment(mlflow, name),
                               name=name, kind=kind)
         if ok:
             journal.write({**base, "op": "experiment", "name": name, "id": experiment.experiment_id})
@@ -185,6 +185,16 @@ def worker_main(config: dict[str, Any]) -> int:
     journal.write({**base, "op": "stopped", "t": time.time(), "iterations": k})
     journal.close()
     return 0
+
+
+def _set_experiment(mlflow, name: str):
+    """``mlflow.set_experiment``, which returns None when the name is neither found nor
+    free (get-by-name: none, create: RESOURCE_ALREADY_EXISTS, get-by-name again: none)."""
+    experiment = mlflow.set_experiment(name)
+    if experiment is None:
+        raise RuntimeError(f"set_experiment({name!r}) returned None: the server said the name is taken "
+                           "but does not find it by name")
+    return experiment
 
 
 def _paused(pause: Path, stop: Path, journal: Journal, base: dict[str, Any]) -> None:
