@@ -42,7 +42,13 @@ from mlflow_serving import adversarial_database, serve_process
 
 from toolkit.engine.batches import FAULT_KILL_AFTER_ACTIONS_ENV, FAULT_KILL_AFTER_BATCHES_ENV
 from toolkit.mlflow_api.walk import client_version
-from toolkit.sandbox.training import Workload, read_back, read_journals, write_latencies
+from toolkit.sandbox.training import (
+    HELD_WHILE_MILESTONE_4_IS_APPLIED,
+    Workload,
+    read_back,
+    read_journals,
+    write_latencies,
+)
 
 MILESTONES = ("milestone-1", "milestone-2", "milestone-3", "milestone-4")
 CLIENTS, SEED = 4, 27
@@ -50,12 +56,6 @@ BATCH = ("--batch-size", "5", "--pause-ms", "20")  # a few seconds each: the cli
 # SIGKILL after the 2nd batch or the 1st action (a DDL change or a whole pass), whichever
 # comes first: part-way through every migrate and rollback of the small scale
 KILL = {FAULT_KILL_AFTER_BATCHES_ENV: "2", FAULT_KILL_AFTER_ACTIONS_ENV: "1"}
-# Waiting on fixes in toolkit/mlflow_api (test_writes_while_milestone_4_is_applied, strict
-# xfail, fails as soon as they land: then set this False and remove its mark): while
-# milestone 4 is applied, experiments/create and runs/create answer 503 for good, and a
-# model version made then stops `rollback milestone-4`. Until then the clients are held from
-# before `migrate milestone-4` until `rollback milestone-4` has ended.
-HELD_WHILE_MILESTONE_4_IS_APPLIED = True
 
 pytestmark = pytest.mark.skipif(client_version() is None,
                                 reason="the MLflow client is not installed: pip install -e '.[test]'")
@@ -199,6 +199,8 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
     TALLY["503s MLflow clients retried during schema changes"] += report.retried_503
 
 
+# Waiting on fixes in toolkit/mlflow_api. Strict: it fails as soon as they land; then remove
+# the mark and set HELD_WHILE_MILESTONE_4_IS_APPLIED (toolkit/sandbox/training.py) to False.
 @pytest.mark.xfail(strict=True, reason=(
     "toolkit/mlflow_api: once milestone 4 is applied, ExperimentRef.id is the archive's row id, which "
     "tracking_writes._record_new_experiment (reads ml_experiment_metadata) and stages.candidate_parent "
