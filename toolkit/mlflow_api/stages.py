@@ -315,7 +315,7 @@ def candidate_parent(conn: Connection, ref: ExperimentRef) -> dict[str, int | No
     experiment is a row, and ``model_id`` (the experiment's model) once milestone 2 has
     given ``ml_candidates`` the column; a column the table does not have is left out."""
     columns: dict[str, int | None] = {}
-    if ref.id is not None and column_exists(conn, "ml_candidates", "experiment_id"):
+    if ref.id is not None:
         columns["experiment_id"] = ref.id
     has_model_id = conn.execute(sa.text("""
         SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('ml_candidates')

@@ -277,7 +277,7 @@ def _tag_pairs(tags: list[Any] | None) -> list[tuple[str, str]]:
 def _record_new_experiment(conn: Connection, ctx: WriteContext, ref: stages.ExperimentRef) -> None:
     """Every row the new experiment brought, at whatever stage: its row and tags, and its
     model and the model's metadata when the stage made one (all new: the name was free)."""
-    if ref.id is not None and ctx.stage in (stages.Stage.EXPERIMENTS, stages.Stage.MODELS):
+    if ref.id is not None:
         _record(conn, ctx, "ml_experiments", [ref.id], "insert", model_id=ref.model_id)
         _record(conn, ctx, "ml_experiment_metadata", [r[0] for r in conn.execute(sa.text(
             "SELECT id FROM ml_experiment_metadata WHERE experiment_id = :e ORDER BY id"), {"e": ref.id})],
