@@ -102,7 +102,9 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
     from toolkit.conninfo import from_libpq_environment
 
     ignored = f"--gitlab-config {gitlab_config} not read" if gitlab_config else ""
-    if url_option:
+    # An option given empty (`--database-url "$UNSET"`) is refused as empty, never skipped
+    # for the next source, which could be another database.
+    if url_option is not None:
         return Target(parse_url(url_option), "option",
                       note=ignored and f"{ignored}: --database-url comes first")
     if raw := os.environ.get(DATABASE_URL_ENV):
@@ -112,7 +114,7 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
         return Target(libpq.url, "libpq", libpq.origin(),
                       note=ignored and f"{ignored}: libpq's environment ({', '.join(libpq.variables)}) "
                                        "comes first; unset it to use the file")
-    if gitlab_config:
+    if gitlab_config is not None:
         from toolkit import gitlab_config as gitlab
 
         found = gitlab.read(gitlab_config)

@@ -50,7 +50,7 @@ def _seconds(bound: float) -> str:
     return f"{int(bound):,} s" if bound == int(bound) else f"{bound:,.3f} s"
 
 
-class Whole(click.ParamType):
+class Whole(click.types.IntParamType):
     """An integer from ``low`` to ``high``; ``why`` says where the upper bound comes from."""
 
     name = "integer"
@@ -82,7 +82,7 @@ class Whole(click.ParamType):
         return f"Whole({self.low}, {self.high})"
 
 
-class Seconds(click.ParamType):
+class Seconds(click.types.FloatParamType):
     """A finite number of seconds from ``low`` to ``high`` (no nan, no inf, no 1e308).
 
     ``whole_ms``: the value becomes a PostgreSQL timeout in milliseconds, where 0 means
