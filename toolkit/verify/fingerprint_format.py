@@ -10,14 +10,18 @@ would fail deep inside that work; :func:`check` names the first field that is wr
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from typing import Any
 
 from toolkit.verify.digest import METHODS
+from toolkit.verify.fingerprint import Fingerprint
 
 BIGINT_MAX = 2**63 - 1
-FIELDS = {"taken_at", "database", "source", "watermarks", "tables", "mlflow", "scope", "kept",
-          "format", "declared"}
-REQUIRED = ("taken_at", "database", "source", "watermarks", "tables")
+# The fields are the dataclass's own, so a field added to it is known here at once (and
+# checked for its type once a rule below names it).
+FIELDS = {f.name for f in fields(Fingerprint)}
+REQUIRED = tuple(f.name for f in fields(Fingerprint)
+                 if f.default is MISSING and f.default_factory is MISSING)
 SCOPE_FIELDS = {"tables", "kept", "parts", "first_run"}
 
 
@@ -55,15 +59,16 @@ def _object(value: object, where: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _digest(value: object, where: str, *, keyed: bool = False) -> None:
-    """``{"rows": N, "hash": "…"}``; an MLflow part may add ``bucket_size`` and ``buckets``."""
+def _digest(value: object, where: str) -> None:
+    """``{"rows": N, "hash": "…"}``, with ``bucket_size`` and ``buckets`` where a part or a
+    table is kept per bucket of keys."""
     digest = _object(value, where, "rows and hash")
     for key in ("rows", "hash"):
         if key not in digest:
             raise FormatProblem(f"{where} has no {key!r}")
     _count(digest["rows"], f"{where}.rows")
     _text(digest["hash"], f"{where}.hash")
-    allowed = {"rows", "hash", "bucket_size", "buckets"} if keyed else {"rows", "hash"}
+    allowed = {"rows", "hash", "bucket_size", "buckets"}
     if unknown := sorted(set(digest) - allowed):
         raise FormatProblem(f"{where} has an unknown field {unknown[0]!r}")
     if "bucket_size" in digest:
@@ -97,8 +102,9 @@ def check(data: object) -> None:
             raise FormatProblem(f"it has no {key!r}")
     _text(data["taken_at"], "taken_at")
     _text(data["database"], "database", empty=True)
-    if data["source"] is not None:
-        _text(data["source"], "source")
+    for optional in ("source", "snapshot"):
+        if data.get(optional) is not None:
+            _text(data[optional], optional)
     for table, mark in _object(data["watermarks"], "watermarks", "tables and their highest ids").items():
         if mark is not None:
             _count(mark, f"watermarks.{table}")
@@ -109,7 +115,7 @@ def check(data: object) -> None:
         if digest is not None:
             _digest(digest, f"kept.{table}")
     for part, digest in _object(data.get("mlflow", {}), "mlflow", "MLflow part digests").items():
-        _digest(digest, f"mlflow.{part}", keyed=True)
+        _digest(digest, f"mlflow.{part}")
     for name, count in _object(data.get("declared", {}), "declared", "declared counts").items():
         _count(count, f"declared.{name}")
     scope = data.get("scope")
