@@ -361,3 +361,13 @@ def test_the_shared_types_take_the_bounds_themselves():
     assert params.READ_TIMEOUT_S.convert("2147483.647", None, None) == 2147483.647
     assert params.SEED.convert("-9223372036854775808", None, None) == -(2**63)
     assert params.SECONDS.convert("0.5", None, None) == 0.5
+
+
+@pytest.mark.parametrize("args", [[], ["archive"], ["mlflow"], ["report"], ["sandbox"]])
+def test_a_group_alone_shows_its_help_not_an_error_line(args):
+    """Not a bad value: a group without its command gets the help, as Click gives it."""
+    result = _invoke(args, {})
+    assert result.exit_code == ExitCode.USAGE
+    first = result.output.splitlines()[0]
+    assert first.startswith("Usage: ") and first.endswith(f"{' '.join(args)} [OPTIONS] COMMAND [ARGS]...".strip())
+    assert "error:" not in result.output

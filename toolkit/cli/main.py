@@ -12,6 +12,7 @@ import sys
 import traceback
 
 import click
+from click.exceptions import NoArgsIsHelpError
 from sqlalchemy.exc import DBAPIError
 
 from toolkit import __version__, output
@@ -101,6 +102,8 @@ class ToolkitGroup(click.Group):
         given = list(args)
         try:
             return super().parse_args(ctx, global_options_first(self, ctx, args))
+        except NoArgsIsHelpError:
+            raise  # `toolkit` alone: Click's help, as it always was
         except click.UsageError as exc:
             # before the group's own callback configured the output: --json, if it was asked for
             app(ctx).json_mode = _asks_for_json(given)
@@ -111,6 +114,8 @@ class ToolkitGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise  # `toolkit archive` alone: Click's help
         except click.UsageError as exc:  # a subcommand's options, read as it is invoked
             _report(ctx, usage_problem(exc))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
