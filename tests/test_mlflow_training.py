@@ -22,6 +22,11 @@ killed with SIGKILL part-way and run again to resume. Then:
 - experiments the clients created after milestone 3 and after milestone 4 are models
   with their names as display names (``ml_models.display_name``).
 
+While milestone 4 is applied the clients are held for now (``HELD_WHILE_MILESTONE_4_IS_APPLIED``,
+docs/mlflow-training.md): the writes then wait on fixes in ``toolkit/mlflow_api``, and
+``test_writes_while_milestone_4_is_applied`` (a strict xfail) checks them, the models made
+after milestone 4 included.
+
 The gitlab-com scale of the same workload runs in ``scripts/bench.py --mlflow-clients 4``
 (too slow for the suite on 2 cores).
 """
