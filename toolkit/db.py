@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from toolkit.cancel import track
 from toolkit.conninfo import refused_for_good
 from toolkit.conninfo import render as render_url
 from toolkit.conninfo import to_url as conninfo_to_url
@@ -164,6 +165,7 @@ def create_engine(target: Target | URL | str, *, read_timeout: int | None = None
     connect_args["prepare_threshold"] = None
     connect_args.update(kwargs.pop("connect_args", {}))  # type: ignore[arg-type]
     engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **kwargs)
+    track(engine)  # a stop (Ctrl-C, SIGTERM) cancels the statement on the server: cancel.py
     statement_ms = read_timeout_ms() if read_timeout is None else read_timeout
     defaults = (DEFAULT_LOCK_TIMEOUT_MS, statement_ms)
 

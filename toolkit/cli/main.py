@@ -15,6 +15,7 @@ import click
 from sqlalchemy.exc import DBAPIError
 
 from toolkit import __version__, output
+from toolkit.cancel import stop_in_chain
 from toolkit.cli.context import AppContext, app, debug_enabled, envelope
 from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
 from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode, Interrupted, ToolkitError
@@ -103,6 +104,8 @@ class ToolkitGroup(click.Group):
             where = app(ctx)._target.describe() if app(ctx)._target else "the database"
             _report(ctx, classify(exc, where, output.out.secrets))
         except Exception as exc:
+            if stop_in_chain(exc) is not None:  # a stop that a later error masked
+                _report(ctx, Interrupted("Interrupted", "run the same command again to resume"))
             if debug_enabled():
                 raise
             _report(ctx, ToolkitError(f"Unexpected error: {type(exc).__name__}: {exc}",

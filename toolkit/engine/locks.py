@@ -85,6 +85,33 @@ def table_lock_holders(conn: Connection, tables: tuple[str, ...]) -> list[dict[s
     return [dict(r._mapping) for r in rows]
 
 
+def snapshot_holders(conn: Connection) -> list[dict[str, Any]]:
+    """Sessions of this database (other than ours) holding a snapshot, oldest first.
+
+    CREATE INDEX CONCURRENTLY (and DROP INDEX CONCURRENTLY) waits, as a ``virtualxid`` lock,
+    for every transaction whose snapshot is older than its own: a lock timeout there names
+    no table lock, only these. ``age_s`` is how long the transaction has been open."""
+    rows = conn.execute(sa.text("""
+        SELECT a.pid, a.application_name, a.usename, a.state, a.xact_start,
+               extract(epoch FROM clock_timestamp() - a.xact_start)::float AS age_s,
+               left(a.query, 200) AS query
+        FROM pg_stat_activity a
+        WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+          AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+          AND a.backend_type = 'client backend'
+        ORDER BY a.xact_start NULLS LAST
+    """))
+    return [dict(r._mapping) for r in rows]
+
+
+def describe_snapshot(holder: dict[str, Any]) -> str:
+    app = holder.get("application_name") or "no application_name"
+    age = holder.get("age_s")
+    open_for = f"open for {age:.0f} s" if age is not None else "open"
+    return (f"an old snapshot: pid {holder['pid']} ({app}, user {holder.get('usename')}), "
+            f"{holder.get('state')}, its transaction {open_for} since {shown(holder.get('xact_start'))}")
+
+
 def describe_holder(holder: dict[str, Any]) -> str:
     since = holder.get("xact_start") or holder.get("backend_start")
     app = holder.get("application_name") or "no application_name"
