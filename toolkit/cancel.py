@@ -115,7 +115,7 @@ def track(engine: Engine) -> None:
     def _failed(context: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        dbapi = _dbapi(context.cursor)
+        dbapi = _dbapi(getattr(context.execution_context, "cursor", None))
         if dbapi is None:
             return
         done = IN_FLIGHT.finished(dbapi)

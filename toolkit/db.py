@@ -37,6 +37,9 @@ from toolkit.errors import (
 DATABASE_URL_ENV = "TOOLKIT_DATABASE_URL"
 READ_TIMEOUT_ENV = "TOOLKIT_READ_TIMEOUT_S"
 APPLICATION_NAME = "toolkit"
+# A pooled connection's info key: the application_name its session was last given by a
+# set_config (a run's token name, engine/lease.py; the runner lock's label, engine/locks.py).
+SESSION_NAME_KEY = "toolkit_application_name"
 # Every transaction of the toolkit waits at most this long for a lock (batches set their
 # own, shorter, limit): a read must fail clearly rather than queue behind an ACCESS EXCLUSIVE lock.
 DEFAULT_LOCK_TIMEOUT_MS = 5000

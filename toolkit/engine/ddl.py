@@ -281,8 +281,9 @@ def _gave_up(conn: Connection, action: SchemaChange, code: str | None, tries: in
              options: RunOptions) -> LockUnavailable:
     """What a schema change waited for, named: the sessions holding locks on its tables, and
     (CREATE INDEX CONCURRENTLY waits for them as ``virtualxid`` locks) old snapshots."""
-    holders = table_lock_holders(conn, action.tables)
-    snapshots = snapshot_holders(conn)
+    holders = table_lock_holders(conn, action.tables, readers=True)
+    named = {h['pid'] for h in holders}
+    snapshots = [h for h in snapshot_holders(conn) if h['pid'] not in named]
     conn.rollback()
     said = [describe_holder(h) for h in holders[:3]] + [describe_snapshot(h) for h in snapshots[:3]]
     who = "; ".join(said) or "none visible now"

@@ -30,13 +30,14 @@ import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from toolkit.db import APPLICATION_NAME
+from toolkit.db import APPLICATION_NAME, SESSION_NAME_KEY
 from toolkit.engine import writes
 from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.locks import RunnerLock
@@ -73,6 +74,37 @@ _ORPHANS = sa.text("""
 """)
 
 
+# The name each engine's sessions should carry now, kept per engine (see name_sessions).
+_WANTED: WeakKeyDictionary[Engine, list[str | None]] = WeakKeyDictionary()
+
+
+def name_sessions(engine: Engine, name: str | None) -> None:
+    """From now on every session ``engine`` hands out is named ``name`` (None: as the engine
+    names it, without a token). Set on checkout, by the session's own ``set_config`` only when
+    it is named otherwise, and committed on the driver's connection: a name is no write of
+    the run's, so it needs no fence. PgBouncer tracks application_name like the client's own."""
+    if engine in _WANTED:
+        _WANTED[engine][0] = name
+        return
+    wanted: list[str | None] = [name]
+    _WANTED[engine] = wanted
+
+    @event.listens_for(engine, "checkout")
+    def _named(dbapi: Any, record: Any, proxy: Any) -> None:
+        name = wanted[0] or _default_name(engine)
+        if record.info.get(SESSION_NAME_KEY, _default_name(engine)) == name:
+            return
+        with dbapi.cursor() as cursor:
+            cursor.execute("SELECT set_config('application_name', %s, false)", (name,))
+        dbapi.commit()
+        record.info[SESSION_NAME_KEY] = name
+
+
+def _default_name(engine: Engine) -> str:
+    base = engine.url.query.get("application_name") or APPLICATION_NAME
+    return base if isinstance(base, str) else base[0]
+
+
 class HoldLost(SessionLost):
     """The run no longer holds the runner lock: it commits nothing more. ``taken_over``:
     another run holds it now (resuming by itself would fight that run, so it does not)."""
@@ -101,8 +133,6 @@ class Hold:
     lock_pid: int | None = None
     commits_checked: int = 0
     _lock: RunnerLock | None = field(default=None, repr=False)
-    _session_name: str = field(default=APPLICATION_NAME, repr=False)
-    _naming: bool = field(default=False, repr=False)
 
     def __enter__(self) -> Hold:
         self._lock = RunnerLock(self.engine, self.label, self.wait_s, events=self.events).__enter__()
@@ -113,9 +143,7 @@ class Hold:
         if self.token is not None:
             event.remove(self.engine, "commit", self._fence)
             self.token = None
-        if self._naming:
-            event.remove(self.engine, "do_connect", self._named)
-            self._naming = False
+        name_sessions(self.engine, None)
         if self._lock is not None:
             self._lock.__exit__(*exc)
             self._lock = None
@@ -145,22 +173,13 @@ class Hold:
     def session_name(self, run_id: int | None = None) -> str:
         """``toolkit run 12 token 7``: the prefix (``toolkit``, or the URL's own
         application_name) first, so pg_stat_activity filters on it still work."""
-        base = self.engine.url.query.get("application_name") or APPLICATION_NAME
-        base = base if isinstance(base, str) else base[0]
+        base = _default_name(self.engine)
         suffix = (f" run {run_id}" if run_id is not None else "") + f" token {self.token}"
         return base[:NAME_MAX - len(suffix)] + suffix
 
     def _name_sessions(self, run_id: int | None) -> None:
-        """Every session the engine opens from now on carries the token; the pool's idle
-        sessions, named before, are closed (those in use keep their name until returned)."""
-        self._session_name = self.session_name(run_id)
-        if not self._naming:
-            event.listen(self.engine, "do_connect", self._named)
-            self._naming = True
-        self.engine.dispose()
-
-    def _named(self, dialect: object, record: object, cargs: object, cparams: dict[str, Any]) -> None:
-        cparams["application_name"] = self._session_name
+        """Every session the engine hands out from now on carries the token."""
+        name_sessions(self.engine, self.session_name(run_id))
 
     def end_orphans(self, conn: Connection) -> list[dict[str, Any]]:
         """Terminate the backends of earlier tokens still at work (this role's, in this

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from toolkit.db import SESSION_NAME_KEY
 from toolkit.engine.events import LOGGED, Events
 from toolkit.errors import LockUnavailable
 from toolkit.timestamps import shown
@@ -67,8 +68,10 @@ def stop_hint(holders: list[dict[str, Any]]) -> str:
             "its next commit, resumable. Never kill the server process itself, and never run two at once")
 
 
-def table_lock_holders(conn: Connection, tables: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Sessions (other than ours) holding a lock on any of ``tables``, oldest first."""
+def table_lock_holders(conn: Connection, tables: tuple[str, ...], *,
+                       readers: bool = False) -> list[dict[str, Any]]:
+    """Sessions (other than ours) holding a lock on any of ``tables``, oldest first; with
+    ``readers``, those that only read it too (they block a schema change's ACCESS EXCLUSIVE)."""
     if not tables:
         return []
     rows = conn.execute(sa.text("""
@@ -78,10 +81,11 @@ def table_lock_holders(conn: Connection, tables: tuple[str, ...]) -> list[dict[s
         JOIN pg_class c ON c.oid = l.relation
         JOIN pg_stat_activity a ON a.pid = l.pid
         WHERE c.relname = ANY(:tables) AND l.granted AND a.pid <> pg_backend_pid()
-          AND l.mode IN ('AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock',
+          AND (l.mode IN ('AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock',
                          'ShareLock', 'ShareUpdateExclusiveLock', 'RowExclusiveLock')
+               OR (:readers AND l.mode IN ('AccessShareLock', 'RowShareLock')))
         ORDER BY a.xact_start NULLS LAST
-    """), {"tables": list(tables)})
+    """), {"tables": list(tables), "readers": readers})
     return [dict(r._mapping) for r in rows]
 
 
@@ -135,6 +139,7 @@ class RunnerLock:
         conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         conn.execute(sa.text("SELECT set_config('application_name', :n, false), "
                              "set_config('idle_session_timeout', '0', false)"), {"n": self.label[:63]})
+        conn.info[SESSION_NAME_KEY] = self.label[:63]  # named again when the pool hands it on
         deadline = time.monotonic() + self.wait_s
         waited = False
         while True:
