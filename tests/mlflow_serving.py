@@ -77,12 +77,15 @@ def serving(db: Database, *args: str) -> Iterator[str]:
 
 
 def raw(server: str, project: int | str, endpoint: str, *, query: str = "", body: dict | None = None,
-        api: str = "mlflow", method: str | None = None) -> tuple[int, Any, dict[str, str]]:
-    """(status, parsed JSON or bytes, headers) of one request."""
+        api: str = "mlflow", method: str | None = None,
+        token: str | None = None) -> tuple[int, Any, dict[str, str]]:
+    """(status, parsed JSON or bytes, headers) of one request (``token``: sent as Bearer)."""
     url = f"{server}/api/v4/projects/{project}/ml/mlflow/api/2.0/{api}/{endpoint}" + (f"?{query}" if query else "")
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+    headers = {"Content-Type": "application/json"} if data else {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
             status, payload, headers = answer.status, answer.read(), dict(answer.headers)
@@ -93,15 +96,17 @@ def raw(server: str, project: int | str, endpoint: str, *, query: str = "", body
     return status, payload, headers
 
 
-def client(server: str, project: int, code: str, *, python: str | None = None) -> subprocess.CompletedProcess:
+def client(server: str, project: int, code: str, *, python: str | None = None,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``code`` run by the real client, ``c`` an MlflowClient of ``project``; ``say(x)``
-    prints one JSON line."""
+    prints one JSON line. ``env`` is added last (e.g. MLFLOW_TRACKING_TOKEN, or retries on)."""
     prelude = ("import json, mlflow\nfrom mlflow import MlflowClient\n"
                "from mlflow.exceptions import MlflowException\nc = MlflowClient()\n"
                "def say(x): print('SAY ' + json.dumps(x, default=str), flush=True)\n")
     return subprocess.run([python or sys.executable, "-c", prelude + code], capture_output=True, text=True,
                           timeout=120, env={**os.environ, **CLIENT_ENV,
-                                            "MLFLOW_TRACKING_URI": f"{server}/api/v4/projects/{project}/ml/mlflow"})
+                                            "MLFLOW_TRACKING_URI": f"{server}/api/v4/projects/{project}/ml/mlflow",
+                                            **(env or {})})
 
 
 def said(done: subprocess.CompletedProcess) -> list:

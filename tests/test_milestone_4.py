@@ -101,7 +101,7 @@ def test_a_run_that_would_be_refused_does_not_ask_for_confirmation(ready):
      "milestone-3 does not verify"),
     ("UPDATE ml_experiment_metadata SET value = 'changed', updated_at = now() "
      "WHERE id = (SELECT min(id) FROM ml_experiment_metadata)",
-     "nothing written to experiments since milestone 3 finished"),
+     "every experiment has its model and its tags"),
     ("UPDATE ml_candidates SET model_id = NULL WHERE id = (SELECT min(id) FROM ml_candidates)",
      "does not verify"),
     ("WITH p AS (INSERT INTO packages_packages (project_id, created_at, updated_at, name, version, package_type) "

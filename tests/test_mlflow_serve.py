@@ -207,7 +207,7 @@ for call in calls:
     said = [line.split()[1] for line in refused.stdout.splitlines() if line.startswith("said: ")]
     assert said == ["FEATURE_DISABLED"] * 8, refused.stdout + refused.stderr[-2000:]
     status, answer = raw(server, 1, "runs/log-batch", body={"run_id": run, "metrics": []})
-    assert status == 403 and "read-only" in answer["message"]
+    assert status == 403 and "read-only" in answer["message"] and "--allow-writes" in answer["message"]
     compared = toolkit(db, "fingerprint", "--compare", str(before))
     assert compared.exit_code == 0, compared.output
 

@@ -86,6 +86,14 @@ def mlflow() -> None:
                    "or slow connection holds a socket, never a thread.")
 @click.option("--threads", type=click.IntRange(1, 64), default=Limits.threads, show_default=True,
               help="Requests answered at once (each holds one database connection while it reads).")
+@click.option("--allow-writes", is_flag=True,
+              help="Take MLflow writes (experiments create, set-experiment-tag, delete; runs create, "
+                   "update, delete, log-metric, log-parameter, set-tag, log-batch; registered models "
+                   "create, update, delete; model versions create, update) with GitLab's semantics, "
+                   "iids from GitLab's internal_ids. Each write is one transaction that "
+                   "follows the blueprint's stage, read in it; during a milestone's schema change it "
+                   "answers 503 with Retry-After (clients retry). Off by default: writes are refused "
+                   "(403) and nothing is changed.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="One line per request on stderr: method, path and the names of its query "
                    "parameters (never their values, never a token), status, milliseconds, user, "
@@ -94,8 +102,9 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
           tokens_file: Path | None, gitlab_secrets: Path | None, lenient: bool,
           packages_dir: Path | None,
           external_url: str | None, max_body_mb: int, max_header_kb: int, idle_timeout_s: int,
-          request_timeout_s: int, max_connections: int, threads: int, access_log: bool) -> None:
-    """Serve GitLab's MLflow tracking API, read-only, until Ctrl-C.
+          request_timeout_s: int, max_connections: int, threads: int, allow_writes: bool,
+          access_log: bool) -> None:
+    """Serve GitLab's MLflow tracking API until Ctrl-C: reads, and writes with --allow-writes.
 
     Answers the MLflow client's reads (experiments get, get-by-name, search, list; runs get
     and search; metric history; registered models get, get-latest-versions, search, alias;
@@ -103,12 +112,16 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
     from --packages-dir) from the database at whatever stage it is in: before milestone 1,
     during any milestone, after each, after rollbacks. The
     answers are GitLab's: experiment_id is the experiment's iid, run_id the candidate's eid.
-    Calls that write are refused (403, FEATURE_DISABLED) and change nothing. Each request
-    is one short READ ONLY transaction with its own timeouts.
+    Each read is one short READ ONLY transaction with its own timeouts. Calls that write
+    are refused (403, FEATURE_DISABLED) and change nothing, unless --allow-writes: then
+    the tracking and registry writes are GitLab's, each one read-write transaction that
+    reads the blueprint's stage and writes where that stage says (artifact uploads stay
+    refused).
 
     With --tokens-file or --gitlab-secrets every request needs a token, as on GitLab
-    (read_api for GET, api for the POST searches) and the project access GitLab's policies
-    ask (guest to read). Without either, reads are open, on loopback only.
+    (read_api for GET, api for the POST searches and writes) and the project access
+    GitLab's policies ask (guest to read, developer to write). Without either, reads (and
+    writes) are open, on loopback only.
 
     It runs on waitress with request limits (body, headers, idle and request timeouts,
     connections, threads: the options below), answers malformed input with GitLab's 400s,
@@ -139,7 +152,7 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
     target = state.target()
     api = Api.connect(target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
                       page_limit=max_page_size, auth=auth, lenient=lenient, packages_dir=packages_dir,
-                      threads=threads)
+                      threads=threads, allow_writes=allow_writes)
     try:
         with api.transaction() as conn:
             check_gitlab_database(conn, milestones.plan(), columns=False)  # exit 3, as every command
@@ -163,7 +176,8 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
                                "pass another --host or --port (0 picks a free one)") from None
         listening = f"http://{server.address_text}"
         address = server.external_url
-        out.say(f"Serving GitLab's MLflow API, read-only, at {listening} (experiments read from: {source})")
+        mode = "reads and writes" if allow_writes else "read-only"
+        out.say(f"Serving GitLab's MLflow API, {mode}, at {listening} (experiments read from: {source})")
         if address != listening:
             out.say(f"External URL (in every URI it answers): {address}")
         if auth is not None:
@@ -181,6 +195,9 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
                     "(GitLab asks for one); --tokens-file or --gitlab-secrets turn GitLab's checks on")
         else:
             out.say(f"Tokens: every request is checked as GitLab checks it, against {auth.describe()}")
+        if allow_writes:
+            out.say("Writes: taken (--allow-writes), as GitLab takes them, each one transaction at the "
+                    "blueprint's stage; 503 with Retry-After while a schema change holds the tables")
         out.say("Ctrl-C stops it.")
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:

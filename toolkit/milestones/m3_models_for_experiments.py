@@ -305,9 +305,11 @@ class CreateModelsForExperiments(Step):
         undo = ";\n".join(s.strip() for s in (UNDO_BATCH, UNLINK_CANDIDATES, UNLINK_EXPERIMENTS,
                                               DELETE_MODEL_METADATA, DELETE_MODELS, FORGET_MODELS))
         return [
+            # catch_up: an experiments/create through the server that read the stage just
+            # before the rollback began commits its model after the pass took its bound
             KeysetPass(f"{self.name}:revert", "remove the models milestone 3 created", CREATED, undo,
                        key="model_id", locks=("ml_models", "ml_experiments", "ml_candidates"),
-                       apply=remove_models_batch),
+                       catch_up=True, apply=remove_models_batch),
             KeysetPass(f"{self.name}:revert-metadata", "remove metadata copied to existing models",
                        COPIED, REMOVE_COPIED_METADATA, key="model_metadata_id",
                        locks=("ml_model_metadata",)),

@@ -19,6 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
+# SQLSTATEs a request may meet, by what the server does about them.
+# A catalog change under a request: the stage moved on (milestone 4 dropped a table); again.
+STAGE_CHANGED = frozenset({"42P01", "42703"})  # undefined table, undefined column
+# connection exceptions, too many connections, operator intervention (shutdown, restart)
+UNAVAILABLE = ("08", "53300", "57P01", "57P02", "57P03")
+BUSY = {"55P03": "a lock it needed was held too long", "57014": "it ran longer than its statement_timeout"}
+# a write that met another transaction: serialization failure, deadlock; run it again
+CONFLICT = frozenset({"40001", "40P01"})
+
 
 class ApiError(Exception):
     """An answer that is not 200: the HTTP status and the JSON document sent with it.

@@ -35,7 +35,6 @@ half-done because the caller rolls the transaction back on any error.
 
 from __future__ import annotations
 
-import random
 import re
 import uuid
 from collections.abc import Callable
@@ -46,10 +45,11 @@ from sqlalchemy.engine import Connection
 
 from toolkit.catalog import column_exists, relation_exists
 from toolkit.milestones.slug import MODEL_NAME
-from toolkit.mlflow_api import rails
+from toolkit.mlflow_api import internal_ids, rails
 from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid, resource_not_found
 from toolkit.mlflow_api.registry import Registry
 from toolkit.mlflow_api.stages import Stage, WriteContext, record_write
+from toolkit.mlflow_api.tracking_writes import random_candidate_name
 from toolkit.mlflow_api.views import View
 from toolkit.names import M3_COLUMN, M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_EXPERIMENT_IDS
 from toolkit.schema.gitlab import PACKAGE_TYPE_ML_MODEL, PENDING_DESTRUCTION
@@ -67,18 +67,6 @@ SEMVER = re.compile(
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?\Z", re.ASCII)
 INT4_MAX = 2**31 - 1
 MAINTAINER = 40  # Gitlab::Access::MAINTAINER  # semver_major/minor/patch are integer columns
-# Enums::InternalId.usage_resources (app/models/concerns/internal_id_enums.rb)
-IID_USAGES = {"ml_experiments": 12, "ml_candidates": 13}
-# where has_internal_id's init finds the highest iid in use: (table, column)
-IID_INIT = {"ml_experiments": ("ml_experiments", "iid"), "ml_candidates": ("ml_candidates", "internal_id")}
-# A few of FFaker::AnimalUS.common_name: Ml::CreateCandidateService names a version's run
-# "<animal>-<animal>-<animal>-<0..9999>".
-ANIMALS = ("alpaca", "badger", "beaver", "bison", "bobcat", "camel", "cheetah", "cougar", "coyote",
-           "dingo", "donkey", "elk", "ferret", "gazelle", "gecko", "gibbon", "gopher", "heron", "hyena",
-           "ibex", "impala", "jackal", "koala", "lemur", "llama", "lynx", "marmot", "mink", "moose",
-           "narwhal", "ocelot", "otter", "panda", "puma", "quail", "rabbit", "raccoon", "reindeer",
-           "salamander", "seal", "skunk", "sloth", "tapir", "tiger", "walrus", "weasel", "wombat", "yak",
-           "zebra")
 
 
 # -- GitLab's answers ------------------------------------------------------------------------
@@ -176,37 +164,6 @@ def is_valid_model_name(name: str | None) -> bool:
 
 
 # -- internal ids ----------------------------------------------------------------------------
-def allocate_iid(conn: Connection, usage: str, project_id: int) -> int:
-    """The next internal id of ``usage`` in the project, as GitLab's AtomicInternalId takes
-    it: ``UPDATE internal_ids SET last_value = last_value + 1`` on the (usage, project) row,
-    the row created from the highest iid in use when there is none. The row lock serialises
-    this with a live GitLab, so both never hand out the same iid.
-
-    Where the database has no ``internal_ids`` (the sandbox's schema), the highest iid in
-    use plus one, under a transaction-scoped advisory lock per (usage, project).
-
-    (The registry writes' own allocator; the run writes have theirs, to be unified.)"""
-    number = IID_USAGES[usage]
-    table, column = IID_INIT[usage]
-    highest = f"SELECT COALESCE(max({column}), 0) FROM {table} WHERE project_id = :p"
-    if relation_exists(conn, "internal_ids"):
-        bump = sa.text("UPDATE internal_ids SET last_value = last_value + 1 "
-                       "WHERE usage = :u AND project_id = :p RETURNING last_value")
-        got = conn.execute(bump, {"u": number, "p": project_id}).scalar()
-        if got is not None:
-            return int(got)
-        got = conn.execute(sa.text(f"""
-            INSERT INTO internal_ids (usage, project_id, last_value)
-            SELECT :u, :p, ({highest}) + 1 ON CONFLICT DO NOTHING RETURNING last_value"""),
-                           {"u": number, "p": project_id}).scalar()
-        if got is not None:
-            return int(got)
-        return int(conn.execute(bump, {"u": number, "p": project_id}).scalar_one())
-    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-                 {"k": f"toolkit.internal_id:{usage}:{project_id}"})
-    return int(conn.execute(sa.text(highest), {"p": project_id}).scalar_one()) + 1
-
-
 # -- reading back ----------------------------------------------------------------------------
 def _registry(conn: Connection, ctx: WriteContext) -> Registry:
     return Registry(View(conn, str(ctx.project_id), ctx.base_url))
@@ -275,7 +232,7 @@ def _insert_model(conn: Connection, ctx: WriteContext, name: str, description: s
             {"p": ctx.project_id, "n": EXPERIMENT_PREFIX + name}).scalar_one()
         if exists:
             raise resource_already_exists()  # CreateExperimentService: name taken
-        iid = allocate_iid(conn, "ml_experiments", ctx.project_id)
+        iid = internal_ids.next_experiment_iid(conn, ctx.project_id)
         experiment_id = conn.execute(sa.text("""
             INSERT INTO ml_experiments (created_at, updated_at, iid, project_id, user_id, name)
             VALUES (now(), now(), :iid, :p, :u, :n) RETURNING id"""),
@@ -529,8 +486,8 @@ def _version_candidate(conn: Connection, ctx: WriteContext, model: sa.Row, versi
                      candidate_id=found.id, model_id=model.id)
         return int(found.package_id)
     columns: dict[str, Any] = {"project_id": ctx.project_id, "eid": str(uuid.uuid4()),
-                               "internal_id": allocate_iid(conn, "ml_candidates", ctx.project_id),
-                               "name": _run_name(), "start_time": 0, "status": 0,
+                               "internal_id": internal_ids.next_candidate_iid(conn, ctx.project_id),
+                               "name": random_candidate_name(), "start_time": 0, "status": 0,
                                "model_version_id": version_id}
     if experiments:
         # ``has_one :default_experiment``: the experiment whose model_id is the model's
@@ -549,11 +506,6 @@ def _version_candidate(conn: Connection, ctx: WriteContext, model: sa.Row, versi
     record_write(conn, ctx.endpoint, "ml_candidates", candidate, "insert", candidate_id=candidate,
                  model_id=model.id)
     return None
-
-
-def _run_name() -> str:
-    """Ml::CreateCandidateService#random_candidate_name."""
-    return "-".join(random.choice(ANIMALS) for _ in range(3)) + f"-{random.randrange(10000)}"
 
 
 def _find_or_create_package(conn: Connection, ctx: WriteContext, model: sa.Row, version: str) -> int:

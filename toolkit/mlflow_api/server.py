@@ -1,5 +1,6 @@
 """The HTTP side of ``toolkit mlflow serve``: the API over the database (:class:`Api`),
-one short READ ONLY transaction per request, and the server that carries it.
+one short transaction per request (READ ONLY for reads; read-write for the writes
+``--allow-writes`` takes, :mod:`toolkit.mlflow_api.writing`), and the server that carries it.
 
 The server is waitress (``waitress`` on PyPI), a pure-Python WSGI server, one dependency
 and no compiler; the application is a thin WSGI layer over :class:`Api`
@@ -21,11 +22,15 @@ REPEATABLE READ (one snapshot per answer), waits at most ``lock_timeout_ms`` for
 and runs at most ``statement_timeout_ms``; a lock it cannot have in time answers 503
 ``TEMPORARILY_UNAVAILABLE``, which MLflow clients retry. A request that meets the stage
 changing under it (milestone 4 dropping ``ml_experiments`` between reading the catalog
-and the table) is read again from the new stage.
+and the table) is read again from the new stage. A write is one READ COMMITTED
+transaction that locks the tables it writes before reading the stage, with the same
+timeouts and the same 503s (and ``Retry-After``), run again whole when the stage changes
+under it (:mod:`toolkit.mlflow_api.writing`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import threading
@@ -50,33 +55,45 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from toolkit.db import TIMEOUTS_OPTION, Target, create_engine
 from toolkit.errors import redact
 from toolkit.mlflow_api import artifacts
-from toolkit.mlflow_api.auth import Authenticator, needs_for
+from toolkit.mlflow_api.auth import Authenticator, User, needs_for
+from toolkit.mlflow_api.errors import BUSY, STAGE_CHANGED, UNAVAILABLE
 from toolkit.mlflow_api.projects import resolve_project
 from toolkit.mlflow_api.registry import Registry
+from toolkit.mlflow_api.tracking_writes import WRITES as TRACKING_WRITES
 from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
+from toolkit.mlflow_api.writing import WriteFunction, Writer
 from toolkit.mlflow_api.wsgi import USER_KEY, MlflowApp, StreamCut
 from toolkit.output import out
 
 TRACKING_PATH = "/api/v4/projects/{project}/ml/mlflow"
 ROUTE = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/ml/mlflow/api/2\.0/(?:preview/)?mlflow/"
                    r"(?P<endpoint>[a-z0-9/_-]+)$")
-# What a catalog change under a request looks like: the stage moved on; read it again.
-STAGE_CHANGED = {"42P01", "42703"}  # undefined table, undefined column
-# connection exceptions, too many connections, operator intervention (shutdown, restart)
-UNAVAILABLE = ("08", "53300", "57P01", "57P02", "57P03")
-BUSY = {"55P03": "a lock it needed was held too long", "57014": "it ran longer than its statement_timeout"}
 # POSTs that only read (GitLab routes them without its write checks)
 READ_ONLY_POSTS = frozenset({"experiments/search", "runs/search", "registered-models/get-latest-versions"})
 
 
+def _contributed_writes() -> dict[str, WriteFunction]:
+    """Write endpoints other modules contribute beside the tracking ones: the model
+    registry's (``toolkit.mlflow_api.registry_writes.WRITES``), when that module exists."""
+    if importlib.util.find_spec("toolkit.mlflow_api.registry_writes") is None:
+        return {}
+    from toolkit.mlflow_api.registry_writes import WRITES
+
+    return dict(WRITES)
+
+
 class Api:
-    """The endpoints, each a function of (view, params); reads only."""
+    """The endpoints: reads, each a function of (view, params), in a READ ONLY transaction;
+    writes (``writes``, served with ``allow_writes``), each a function of (connection,
+    :class:`~toolkit.mlflow_api.stages.WriteContext`, params), in a read-write transaction
+    of their own (:class:`~toolkit.mlflow_api.writing.Writer`)."""
 
     def __init__(self, engine: Engine, *, lock_timeout_ms: int, statement_timeout_ms: int,
                  page_limit: int = MAX_PAGE, secrets: tuple[str, ...] = (),
                  auth: Authenticator | None = None, lenient: bool = False,
-                 packages_dir: Path | None = None):
+                 packages_dir: Path | None = None, allow_writes: bool = False):
         self.engine = engine
+        self.allow_writes = allow_writes
         self.auth = auth  # None: no token source, every request is let in (loopback only)
         self.lenient = lenient  # accept the client's list order_by (GitLab refuses it)
         self.packages_dir = packages_dir  # GitLab's package store (local storage), or a copy
@@ -98,11 +115,14 @@ class Api:
             "model-versions/get": lambda v, p: Registry(v).model_version(p),
             "model-versions/get-download-uri": lambda v, p: Registry(v).download_uri(p),
         }
+        # endpoint -> function(conn, ctx, params); the registry's writes join from their module
+        self.writes: dict[str, WriteFunction] = {**TRACKING_WRITES, **_contributed_writes()}
+        self.writer = Writer(engine, timeouts=self.timeouts, secrets=secrets)
 
     @classmethod
     def connect(cls, target: Target | str, *, lock_timeout_ms: int = 1000, statement_timeout_ms: int = 10_000,
                 page_limit: int = MAX_PAGE, auth: Authenticator | None = None, lenient: bool = False,
-                packages_dir: Path | None = None, threads: int = 8) -> Api:
+                packages_dir: Path | None = None, threads: int = 8, allow_writes: bool = False) -> Api:
         """An API over its own small pool, its sessions named ``toolkit mlflow serve``: a
         connection for each of the server's ``threads`` (at most that many are ever busy)."""
         engine = create_engine(target, read_timeout=statement_timeout_ms, pool_size=threads,
@@ -110,7 +130,7 @@ class Api:
                                connect_args={"application_name": "toolkit mlflow serve"})
         return cls(engine, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
                    page_limit=page_limit, secrets=target.secrets if isinstance(target, Target) else (),
-                   auth=auth, lenient=lenient, packages_dir=packages_dir)
+                   auth=auth, lenient=lenient, packages_dir=packages_dir, allow_writes=allow_writes)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -127,16 +147,20 @@ class Api:
                     transaction.rollback()
 
     def authenticate(self, method: str, headers: Any, params: dict[str, Any], project: str,
-                     endpoint: str) -> str | None:
+                     endpoint: str) -> User | None:
         """GitLab's token, scope and project checks before ``endpoint`` runs, in a short READ
-        ONLY transaction of their own; the user's username, or None without a token source.
-        Raises GitLab's 401/403/404 as an :class:`ApiError`."""
+        ONLY transaction of their own; the user (id and username), or None without a token
+        source. Raises GitLab's 401/403/404 as an :class:`ApiError`."""
         if self.auth is None:
             return None
         auth = self.auth
-        user = self._retrying(lambda conn: auth.authenticate(
+        return self._retrying(lambda conn: auth.authenticate(
             conn, method, headers, params, _project_id(conn, project), needs_for(endpoint, method)))
-        return user.username
+
+    def write(self, endpoint: str, project: str, base_url: str, params: dict[str, Any],
+              user_id: int | None) -> dict[str, Any]:
+        """``endpoint``'s write, one transaction (:class:`~toolkit.mlflow_api.writing.Writer`)."""
+        return self.writer.write(self.writes[endpoint], endpoint, project, base_url, params, user_id)
 
     def answer(self, endpoint: str, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]:
         read = self.reads[endpoint]

@@ -3,7 +3,8 @@
 It routes as GitLab's API does (``ROUTE`` and ``ARTIFACTS_ROUTE`` on the path as sent;
 ``experiments/list`` streamed page by page, an artifact in chunks), reads the path, the
 query and the body through :mod:`toolkit.mlflow_api.inputs` (GitLab's Rack-level 400s for
-malformed input), checks the token (:meth:`MlflowApp.check_access`), refuses writes,
+malformed input), checks the token (:meth:`MlflowApp.check_access`), hands writes to
+:meth:`Api.write` when the server takes them (``--allow-writes``) and refuses them otherwise,
 writes one access log line per request, and answers a bug with GitLab's 500 and one
 warning line, never a traceback.
 
@@ -11,7 +12,8 @@ URIs in answers (``artifact_uri``) start with the configured external URL, never
 the request's ``Host`` header, which any client sets as it likes.
 
 ``environ[USER_KEY]`` is the request's user once its token is checked, which the access
-log shows (``-`` without one).
+log shows (``-`` without one); ``environ[USER_ID_KEY]`` its id, which a write records as
+the row's ``user_id``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from toolkit.mlflow_api.server import Api
 
 USER_KEY = "toolkit.user"
+USER_ID_KEY = "toolkit.user_id"
 JSON = [("Content-Type", "application/json")]
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -118,9 +121,17 @@ class MlflowApp:
         if method not in ("GET", "HEAD") and endpoint not in self.read_only_posts:
             # every other call that is not a GET writes: experiments/create, runs/create,
             # runs/log-*, runs/set-tag, runs/update, registered-models/create, ...
-            raise ApiError(403, "FEATURE_DISABLED",
-                           f"toolkit mlflow serve is read-only: {endpoint} would write, and nothing "
-                           "was changed. Log runs to GitLab itself")
+            if not api.allow_writes:
+                raise ApiError(403, "FEATURE_DISABLED",
+                               f"toolkit mlflow serve is read-only: {endpoint} would write, and nothing "
+                               "was changed. Start it with --allow-writes to take writes, or log runs "
+                               "to GitLab itself")
+            if endpoint not in api.writes:
+                raise ApiError(403, "FEATURE_DISABLED",
+                               f"toolkit mlflow serve does not serve {endpoint}, and nothing was changed "
+                               f"(it writes {', '.join(sorted(api.writes))})")
+            return 200, JSON, [encode(api.write(endpoint, project, self.external_url, params,
+                                                environ.get(USER_ID_KEY)))]
         if endpoint == "experiments/list":
             return 200, JSON, self._stream_list(api.list_pages(project, self.external_url))
         if endpoint in api.reads:
@@ -137,8 +148,9 @@ class MlflowApp:
         params = inputs.query_params(environ.get("QUERY_STRING", ""))
         self.check_access(environ, method, "artifacts", project, params)
         if method not in ("GET", "HEAD"):
-            raise ApiError(403, "FEATURE_DISABLED", "toolkit mlflow serve is read-only: uploading an "
-                           "artifact would write, and nothing was changed. Log artifacts to GitLab itself")
+            raise ApiError(403, "FEATURE_DISABLED", "toolkit mlflow serve does not take artifact uploads "
+                           "(not even with --allow-writes), and nothing was changed. Log artifacts to "
+                           "GitLab itself")
         if match["version"] is None:
             return 200, JSON, [encode(self.api.artifact_list(project, self.external_url, params))]
         download = self.api.artifact_file(project, self.external_url, match["version"], match["file"])
@@ -153,7 +165,8 @@ class MlflowApp:
         as ApiError; the user goes to ``environ[USER_KEY]``, which the access log shows."""
         user = self.api.authenticate(method, _headers(environ), params, project, endpoint)
         if user is not None:
-            environ[USER_KEY] = user
+            environ[USER_KEY] = user.username
+            environ[USER_ID_KEY] = user.id
 
     @staticmethod
     def _params(environ: dict[str, Any]) -> dict[str, Any]:

@@ -160,8 +160,27 @@ project_authorizations = Table(  # no id: one row per (user, project)
     Column("access_level", Integer, nullable=False),
     Column("is_unique", Boolean),
 )
+# internal_ids: the per-scope counters GitLab's AtomicInternalId allocates iids from
+# (db/structure.sql at 0016ea05: table, indexes; usage 12 is ml_experiments, 13 ml_candidates;
+# its foreign keys are written as GitLab's other project/namespace ones). The server
+# allocates experiment iids and candidate internal_ids here, as GitLab does, so a live
+# GitLab and the server never hand out the same one.
+internal_ids = Table(
+    "internal_ids", metadata,
+    _id("internal_ids"),
+    Column("project_id", BigInteger, _fk("projects.id", "CASCADE", "internal_ids", "project_id")),
+    Column("usage", Integer, nullable=False),
+    Column("last_value", Integer, nullable=False),
+    Column("namespace_id", BigInteger, _fk("namespaces.id", "CASCADE", "internal_ids", "namespace_id")),
+    Index("index_internal_ids_on_namespace_id", "namespace_id"),
+    Index("index_internal_ids_on_project_id", "project_id"),
+    Index("index_internal_ids_on_usage_and_project_id", "usage", "project_id", unique=True,
+          postgresql_where=text("(project_id IS NOT NULL)")),
+    Index("index_internal_ids_on_usage_and_namespace_id", "usage", "namespace_id", unique=True,
+          postgresql_where=text("(namespace_id IS NOT NULL)")),
+)
 STUB_TABLE_NAMES = ("namespaces", "projects", "routes", "users", "personal_access_tokens",
-                    "project_authorizations")
+                    "project_authorizations", "internal_ids")
 
 
 def _project_fk(table: str) -> ForeignKey:

@@ -15,6 +15,7 @@ from toolkit.engine import writes
 from toolkit.engine.results import Check
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
+from toolkit.verify import app_writes
 from toolkit.verify.digest import Memo
 from toolkit.verify.fingerprint import (
     NOT_COMPARABLE,
@@ -87,6 +88,16 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     name = f"the MLflow view {verb} the fingerprint taken before {milestone}"
     mlflow = [d for d in differences if d.part.startswith("mlflow")]
     unexpected = [d for d in differences if d.part.startswith("tables") and not d.expected]
+    # The application's own writes through the server since the baseline (app_writes.py):
+    # a difference confined to the runs, models and experiments they name is theirs.
+    written = (app_writes.written_since(conn, baseline.snapshot) if mlflow or unexpected
+               else app_writes.Written())
+    theirs = [d for d in mlflow if written.accounts_for(d.part.removeprefix("mlflow."), d.before, d.after,
+                                                           baseline.watermarks)]
+    mlflow = [d for d in mlflow if d not in theirs]
+    tables_theirs = [d for d in unexpected if written.accounts_for(d.part, d.before, d.after,
+                                                                   baseline.watermarks)]
+    unexpected = [d for d in unexpected if d not in tables_theirs]
     expected = [d.part.removeprefix("tables.") for d in differences if d.expected]
     proof = _Proof.of(conn, milestone, scope) if scope else None
     if now.source is None:
@@ -98,8 +109,12 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
         checks = [Check(name=name, ok=False, detail=proof.unproven_parts, remedy=proof.remedy)]
     else:
         untouched = f", {proof.parts_untouched} untouched by its runs" if proof is not None else ""
-        computed = (f"{len(now.mlflow)} parts equal{untouched} (computed from {now.source}; "
+        computed = (f"{len(now.mlflow) - len(theirs)} parts equal{untouched} (computed from {now.source}; "
                     f"baseline {shown(baseline.taken_at)})")
+        if theirs:
+            computed += (f"; {app_writes.said(written, baseline.watermarks)}: "
+                         f"{', '.join(d.part.removeprefix('mlflow.') for d in theirs)} differ only at "
+                         f"{_at(theirs)}")
         if declared := _declared(now, milestone):
             computed += f"; declared differences, from the ledgers: {declared}"
         if skipped := NOT_COMPARABLE.get(now.source or "", ()):
@@ -116,6 +131,10 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
         on_purpose = f"; changed on purpose: {', '.join(changed)}" if changed else ""
         if proof is not None and changes:
             on_purpose += " (not hashed again: it changes them)"
+        if tables_theirs and not problems:
+            on_purpose += (f"; {app_writes.said(written, baseline.watermarks)}: "
+                           f"{', '.join(d.part.removeprefix('tables.') for d in tables_theirs)} differ only "
+                           f"at {_at(tables_theirs)}")
         checks.append(Check(
             name="every ML table is as it was" if rolled_back or not changes
             else "every other ML table is unchanged",
@@ -124,6 +143,13 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
             remedy=proof.remedy if proof and proof.stray else None,
         ))
     return checks
+
+
+def _at(differences: list[Difference]) -> str:
+    """Where accepted differences lie: at the written keys themselves, one a bucket, or in
+    the id ranges holding them."""
+    exact = all((d.before or {}).get("bucket_size") == 1 for d in differences)
+    return "them" if exact else "the id ranges holding them"
 
 
 def _declared(now: Fingerprint, milestone: str) -> str:

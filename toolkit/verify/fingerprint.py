@@ -31,8 +31,10 @@ stage, so comparing it across a milestone proves the new structure still answers
 Until then experiment tags are not read from ``ml_model_metadata``: a model may have
 metadata its experiment never had, and metadata clashes keep the model's value.
 
-Keyed parts (:data:`KEYED`) also keep a digest per bucket of ids, so a difference names
-the runs or models it is in.
+Keyed parts (:data:`KEYED`) and tables (:data:`TABLE_KEYS`) also keep a digest per
+bucket of ids, so a difference names the runs, experiments, models or packages it is in,
+and verify can tell what MLflow clients wrote through the server since the baseline
+(:mod:`toolkit.verify.app_writes`).
 
 Every part is bounded by the ``id`` watermarks of the fingerprint it is compared with,
 so rows the application inserts afterwards do not count as differences. Runs' params,
@@ -63,7 +65,15 @@ from toolkit.names import (
 from toolkit.names import M3_COPIED_METADATA as COPIED_METADATA
 from toolkit.names import M3_CREATED_MODELS as CREATED_MODELS
 from toolkit.schema.gitlab import ML_TABLE_NAMES
-from toolkit.verify.digest import METHOD, METHODS, Memo, bucketed_digest, query_digest, table_digest
+from toolkit.verify.digest import (
+    METHOD,
+    METHODS,
+    Memo,
+    bucketed_digest,
+    query_digest,
+    row_text,
+    table_digest,
+)
 
 FORMAT = METHOD  # the format is the digest method (verify/digest.py); 1 is still read
 
@@ -98,14 +108,42 @@ PART_TABLES: dict[str, tuple[str, ...]] = {
     "model_version_tags": ("ml_model_version_metadata",),
 }
 # Parts whose rows carry a key (``k``): their digest is also kept per bucket of keys, so a
-# difference names the runs or models it is in. (the key's table, what a key names)
+# difference names the runs, models or experiments it is in, and ``verify`` can tell a
+# difference confined to what MLflow clients wrote through the server since the baseline
+# (toolkit/verify/app_writes.py). Not the metric parts: no milestone's baseline reads them
+# (no milestone writes ml_candidate_metrics), and grouping 10M rows would slow every whole
+# fingerprint. (the key's table, what a key names)
 KEYED: dict[str, tuple[str, str]] = {
+    "experiments": ("ml_experiments", "experiment"),
+    "experiment_tags": ("ml_experiments", "experiment"),
+    "runs": ("ml_candidates", "run"),
+    "run_params": ("ml_candidates", "run"),
+    "run_tags": ("ml_candidates", "run"),
     "run_artifact_uris": ("ml_candidates", "candidate"),
     "registered_models": ("ml_models", "model"),
     "registered_model_tags": ("ml_models", "model"),
     "model_versions": ("ml_model_versions", "model version"),
     "model_version_tags": ("ml_model_versions", "model version"),
 }
+# Tables whose digest is also kept per bucket of a key, so a difference in them names the
+# runs, experiments or models it is in, as the keyed parts do (a rollback must give the
+# tables back; what MLflow clients wrote since is theirs). (the key column, the key's table)
+# ml_candidate_metrics is left out: no milestone changes it (a milestone's baseline never
+# hashes it), and grouping 10M rows would slow every whole fingerprint.
+TABLE_KEYS: dict[str, tuple[str, str]] = {
+    "ml_experiments": ("id", "ml_experiments"),
+    "ml_experiment_metadata": ("experiment_id", "ml_experiments"),
+    "ml_candidates": ("id", "ml_candidates"),
+    "ml_candidate_params": ("candidate_id", "ml_candidates"),
+    "ml_candidate_metadata": ("candidate_id", "ml_candidates"),
+    "ml_models": ("id", "ml_models"),
+    "ml_model_metadata": ("model_id", "ml_models"),
+    "ml_model_versions": ("id", "ml_model_versions"),
+    "ml_model_version_metadata": ("model_version_id", "ml_model_versions"),
+    "packages_packages": ("id", "packages_packages"),
+}
+KEY_NOUNS = {"ml_experiments": "experiment", "ml_candidates": "run", "ml_models": "model",
+             "ml_model_versions": "model version", "packages_packages": "package"}
 BUCKETS = 512  # at most about this many per part: one key a bucket up to 512 runs or models
 
 
@@ -146,6 +184,9 @@ class Fingerprint:
     # What the milestones changed on purpose when it was taken (their ledgers): runs whose
     # artifact_uri milestone 1 changed, models and tags milestone 3 added to the registry.
     declared: dict[str, int] = field(default_factory=dict)
+    # The snapshot it was taken in (pg_current_snapshot): the writes MLflow clients made
+    # through the server since are those of transactions it does not see (app_writes.py).
+    snapshot: str | None = None
 
     @property
     def scoped(self) -> Scope | None:
@@ -276,7 +317,7 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
     """The SQL of each part: one text column ``r`` per row an MLflow client would see."""
     experiments, tags = experiment_relations(source)
     experiment_rows = f"""
-        SELECT ROW(e.project_id, e.iid, e.name, e.deleted_on IS NOT NULL)::text AS r
+        SELECT ROW(e.project_id, e.iid, e.name, e.deleted_on IS NOT NULL)::text AS r, e.id AS k
         FROM ({experiments_view(conn, source, "x.id <= :w_experiments")}) e"""
     parent = run_parent(conn, source)
     created = relation_exists(conn, CREATED_MODELS)
@@ -287,15 +328,15 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
     parts = {
         "experiments": experiment_rows,
         "experiment_tags": f"""
-            SELECT ROW(x.project_id, x.iid, t.name, t.value)::text AS r
+            SELECT ROW(x.project_id, x.iid, t.name, t.value)::text AS r, x.id AS k
             FROM {tags} t JOIN {experiments} x ON x.id = t.experiment_id
             WHERE t.id <= :w_experiment_metadata""",
         "runs": f"""
             SELECT ROW(c.id, c.eid, x.project_id, x.iid, c.name, c.status, c.start_time,
-                       c.end_time, c.user_id, c.package_id, c.internal_id)::text AS r
+                       c.end_time, c.user_id, c.package_id, c.internal_id)::text AS r, c.id AS k
             FROM ml_candidates c {parent} WHERE c.id <= :w_candidates""",
         "run_params": """
-            SELECT ROW(p.candidate_id, p.name, p.value)::text AS r
+            SELECT ROW(p.candidate_id, p.name, p.value)::text AS r, p.candidate_id AS k
             FROM ml_candidate_params p WHERE p.id <= :w_params""",
         "run_metrics_latest": """
             SELECT DISTINCT ON (x.candidate_id, x.name)
@@ -306,7 +347,7 @@ def _mlflow_parts(conn: Connection, source: str) -> dict[str, str]:
             SELECT ROW(x.candidate_id, x.name, x.value, x.step, x.tracked_at, x.is_nan)::text AS r
             FROM ml_candidate_metrics x WHERE x.id <= :w_metrics""",
         "run_tags": """
-            SELECT ROW(t.candidate_id, t.name, t.value)::text AS r
+            SELECT ROW(t.candidate_id, t.name, t.value)::text AS r, t.candidate_id AS k
             FROM ml_candidate_metadata t WHERE t.id <= :w_candidate_metadata""",
         "run_artifact_uris": f"""
             SELECT ROW(c.id, {uri}, pk.id, pk.project_id, pk.name, pk.version)::text AS r, c.id AS k
@@ -419,6 +460,14 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
     def digest_of(table: str, where: str = "") -> dict[str, Any] | None:
         if not relation_exists(conn, table):
             return None
+        if table in TABLE_KEYS and method == METHOD:
+            key, keys_of = TABLE_KEYS[table]
+            theirs = (reference.tables.get(table) if reference is not None and not where else None) or {}
+            size = theirs.get("bucket_size") or max(1, -(-(_bound_or_zero(marks, keys_of) + 1) // BUCKETS))
+            sql = (f"SELECT {row_text(conn, table)} AS r, t.{key} AS k FROM {table} AS t "
+                   f"WHERE t.id <= :w{where}")
+            rows, digest, buckets = bucketed_digest(conn, sql, {"w": bound(table)}, size, method, memo)
+            return {"rows": rows, "hash": digest, "bucket_size": size, "buckets": buckets}
         digest = table_digest(conn, table, f"t.id <= :w{where}", {"w": bound(table)}, memo, method)
         return {"rows": digest.rows, "hash": digest.digest}
 
@@ -435,7 +484,7 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
                 continue
             table = DERIVED_FROM.get(part)
             if (comparable and table and tables.get(table) is not None
-                    and reference.tables.get(table) == tables[table] and part in reference.mlflow):
+                    and _same(reference.tables.get(table), tables[table]) and part in reference.mlflow):
                 mlflow[part] = reference.mlflow[part]
                 continue
             if part in KEYED:
@@ -445,8 +494,9 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
             mlflow[part] = {"rows": rows, "hash": digest}
     database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
     declared = declared_changes(conn, marks) if source is not None else {}
+    snapshot = conn.execute(sa.text("SELECT pg_current_snapshot()::text")).scalar_one()
     return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
-                       tables, mlflow, scope.__dict__ if scope else None, kept, method, declared)
+                       tables, mlflow, scope.__dict__ if scope else None, kept, method, declared, snapshot)
 
 
 def _keyed_digest(conn: Connection, sql: str, params: dict[str, Any], part: str,
@@ -474,16 +524,24 @@ def _same(one: dict[str, Any] | None, other: dict[str, Any] | None) -> bool:
     return (one["rows"], one["hash"]) == (other["rows"], other["hash"])
 
 
+def differing_buckets(one: dict[str, Any] | None,
+                      other: dict[str, Any] | None) -> tuple[int, list[int]] | None:
+    """The bucket size and the buckets two keyed digests differ in; None when they cannot
+    say (a side without buckets, or buckets of different sizes)."""
+    if not one or not other or one.get("bucket_size") != other.get("bucket_size") \
+            or "buckets" not in one or "buckets" not in other:
+        return None
+    a, b = one["buckets"], other["buckets"]
+    return one["bucket_size"], sorted(int(k) for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def locate(part: str, one: dict[str, Any] | None, other: dict[str, Any] | None) -> str:
     """Where two keyed digests differ: the keys (one a bucket) or key ranges, at most ten."""
-    if part not in KEYED or not one or not other or one.get("bucket_size") != other.get("bucket_size") \
-            or "buckets" not in one or "buckets" not in other:
+    found = differing_buckets(one, other) if part in KEYED or part in TABLE_KEYS else None
+    if not found or not found[1]:
         return ""
-    size, a, b = one["bucket_size"], one["buckets"], other["buckets"]
-    differ = sorted(int(k) for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if not differ:
-        return ""
-    noun = KEYED[part][1]
+    size, differ = found
+    noun = KEYED[part][1] if part in KEYED else KEY_NOUNS[TABLE_KEYS[part][1]]
     shown = [str(k) if size == 1 else f"{k * size}-{k * size + size - 1}" for k in differ[:10]]
     more = f" and {len(differ) - 10} more" if len(differ) > 10 else ""
     return f"{noun}{'s' if len(differ) > 1 or size > 1 else ''} {'id ' if size == 1 else 'ids '}" \
@@ -507,11 +565,12 @@ def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...]
     if tables:
         for table in keys(before.tables, after.tables):
             b, a = before.tables.get(table), after.tables.get(table)
-            if b != a:
-                found.append(Difference(f"tables.{table}", b, a, table in changes))
+            if not _same(b, a):
+                found.append(Difference(f"tables.{table}", b, a, table in changes,
+                                        where=locate(table, b, a)))
         for table in keys(before.kept, after.kept):
             b, a = before.kept.get(table), after.kept.get(table)
-            if b != a:
+            if not _same(b, a):
                 found.append(Difference(f"tables.{table} (rows it may not change)", b, a, False))
     if after.source is None and before.source is not None:
         found.append(Difference("mlflow", None, None, False, note=(

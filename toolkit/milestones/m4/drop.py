@@ -15,6 +15,7 @@ from collections.abc import Callable
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
+from toolkit.catalog import literal
 from toolkit.engine.actions import Action
 from toolkit.engine.catalog_checks import remedy
 from toolkit.engine.ddl import Statements, StoredStatements
@@ -23,8 +24,11 @@ from toolkit.engine.step import KeysetPass, Step
 from toolkit.milestones.m4 import archive, capture
 from toolkit.milestones.m4.steps import EXPERIMENTS_GONE, schema_plan
 from toolkit.names import (
+    M3_COPIED_METADATA,
+    M3_CREATED_MODELS,
     M4_ARCHIVE_EXPERIMENTS,
     M4_ARCHIVE_METADATA,
+    M4_ARCHIVES,
     M4_DROPPED_COLUMN,
     M4_DROPPED_TABLES,
     M4_EXPERIMENT_ID_CHECK,
@@ -77,6 +81,53 @@ def _functions_and_triggers(conn: Connection) -> list[str]:
     return statements
 
 
+# Experiments MLflow clients made after milestone 4 (toolkit.mlflow_api.stages) are rows of
+# the archive like the others; their tags are their models' metadata only (recorded as copied
+# by milestone 3's ledger, run_id NULL), and become their experiment's tags again here.
+LOCK_ARCHIVES = f"LOCK TABLE {M4_ARCHIVE_EXPERIMENTS}, {M4_ARCHIVE_METADATA} IN SHARE MODE"
+ARCHIVE_TAGS_OF_MADE_SINCE = f"""
+INSERT INTO {M4_ARCHIVE_METADATA} (id, created_at, updated_at, experiment_id, name, value, project_id)
+SELECT nextval(CAST(:sequence AS regclass)), mm.created_at, mm.updated_at, x.id, mm.name, mm.value,
+       mm.project_id
+FROM {M4_ARCHIVE_EXPERIMENTS} x
+JOIN {M3_CREATED_MODELS} l ON l.model_id = x.model_id AND l.experiment_id = x.id AND l.run_id IS NULL
+JOIN ml_model_metadata mm ON mm.model_id = x.model_id
+JOIN {M3_COPIED_METADATA} k ON k.model_metadata_id = mm.id
+WHERE NOT EXISTS (SELECT 1 FROM {M4_ARCHIVE_METADATA} a WHERE a.experiment_id = x.id AND a.name = mm.name)
+ORDER BY mm.id"""
+
+
+def _past(sequence: str, relation: str) -> str:
+    """Move ``sequence`` past the highest id of ``relation`` (never back)."""
+    return (f"SELECT setval({literal(sequence)}, s.m) FROM (SELECT max(id) AS m FROM {relation}) s, "
+            f"{sequence} q WHERE s.m > q.last_value OR (s.m = q.last_value AND NOT q.is_called)")
+
+
+def _sequences_of(conn: Connection) -> dict[str, str]:
+    return {s.table: s.name for s in capture.recorded(conn, "setval")}
+
+
+def _experiments_made_since(conn: Connection) -> list[str]:
+    """In the transaction that recreates the tables: wait for writes into the archive to
+    commit (SHARE: they hold ROW EXCLUSIVE and, finding ``ml_experiments`` back once this
+    commits, write nothing more there), set the new sequences past the archived ids (an
+    experiment made after milestone 4 has an id past the recorded position, and GitLab's
+    next insert must not take it), and give those experiments their tags back."""
+    sequences = _sequences_of(conn)
+    statements = [LOCK_ARCHIVES]
+    statements += [_past(sequences[t], archived) for t, archived in M4_ARCHIVES.items() if t in sequences]
+    if "ml_experiment_metadata" in sequences and catalog.relation_exists(conn, M3_COPIED_METADATA):
+        statements.append(ARCHIVE_TAGS_OF_MADE_SINCE.replace(
+            ":sequence", literal(sequences["ml_experiment_metadata"])))
+    return statements
+
+
+def _sequences_past_the_rows(conn: Connection) -> list[str]:
+    """After the recorded positions: past the restored rows, whichever is further (the
+    recorded position was read before the archive copied the last rows GitLab wrote)."""
+    return [_past(sequence, table) for table, sequence in _sequences_of(conn).items()]
+
+
 _FOREIGN_KEYS_QUERY, _ = capture.statements("foreign_keys")
 _TRIGGERS_QUERY, _ = capture.statements("functions", "triggers")
 
@@ -119,14 +170,15 @@ class DropLegacy(Step):
         check_in_place = catalog.constraint_exists_sql(M4_EXPERIMENT_ID_CHECK)
         return [
             _stored("rebuild-tables", "recreate sequences, tables and primary keys from the archive",
-                    f"SELECT {restored}", "sequences", "tables", "owned_by", "primary_keys"),
+                    f"SELECT {restored}", "sequences", "tables", "owned_by", "primary_keys",
+                    then=_experiments_made_since),
             KeysetPass("restore-ml-experiments", "restore ml_experiments rows", M4_ARCHIVE_EXPERIMENTS,
                        archive.copy_sql(M4_ARCHIVE_EXPERIMENTS, "ml_experiments")),
             KeysetPass("restore-ml-experiment-metadata", "restore ml_experiment_metadata rows",
                        M4_ARCHIVE_METADATA, archive.copy_sql(M4_ARCHIVE_METADATA, "ml_experiment_metadata")),
             _stored("rebuild-constraints-and-indexes", "sequence positions, constraints, indexes",
                     catalog.relation_exists_sql("index_ml_experiments_on_project_id_and_iid"),
-                    "setval", "constraints", "indexes"),
+                    "setval", "constraints", "indexes", then=_sequences_past_the_rows),
             _stored("rebuild-candidates-experiment-id", "add ml_candidates.experiment_id back",
                     catalog.column_exists_sql(*M4_DROPPED_COLUMN), "candidate_column"),
             KeysetPass("restore-candidate-experiments", "restore each candidate's experiment_id",
