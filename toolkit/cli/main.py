@@ -8,6 +8,7 @@ tests sees exactly what an operator sees.
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 
@@ -180,5 +181,13 @@ def _register() -> None:
 _register()
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # SIGTERM stops a command as Ctrl-C does (exit 130, a run's history `interrupted`), not
+    # by the default action that leaves no word; a run's batches handle both themselves
+    # (engine/signals.py) and `mlflow serve` its own.
+    signal.signal(signal.SIGTERM, _terminated)
     cli(prog_name="toolkit")
