@@ -214,3 +214,25 @@ def test_an_index_build_left_by_a_killed_run_is_ended_and_named_by_the_next_run(
     assert [r[0] for r in runs] == ["stopped unrecorded", "succeeded"], runs
     state = end_state(db)
     assert state == twin, differences(state, twin)
+
+
+def test_sigterm_while_waiting_for_the_runner_lock_stops_with_exit_130(m2_db, tmp_path: Path):
+    """Outside a run's batches too (here: waiting for another run's lock), SIGTERM is a stop
+    as Ctrl-C is, not the default action that ends the process without a word."""
+    db = m2_db
+    with holding(db, "reporting", repeatable_read=True):
+        first = start_toolkit(db, ("migrate", "milestone-2", "--yes", *WAIT), tmp_path, "first")
+        waiting_toolkit_backend(db, first, "virtualxid")
+        runs = db.scalar("SELECT count(*) FROM toolkit.runs")
+        second = start_toolkit(db, ("migrate", "milestone-2", "--yes", "--lock-wait", "60"), tmp_path,
+                               "second")
+        deadline = time.monotonic() + 30
+        while "waiting up to 60 s (--lock-wait)" not in second.stderr.read_text():
+            assert time.monotonic() < deadline and second.process.poll() is None, second.stderr.read_text()
+            time.sleep(0.02)
+        second.process.send_signal(signal.SIGTERM)
+        stopped_in_time(second, time.monotonic())
+        assert db.scalar("SELECT count(*) FROM toolkit.runs") == runs  # it wrote nothing
+        first.process.send_signal(signal.SIGTERM)
+        stopped_in_time(first, time.monotonic())
+    assert last_run(db)[0] == "interrupted"
