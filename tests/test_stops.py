@@ -236,3 +236,27 @@ def test_sigterm_while_waiting_for_the_runner_lock_stops_with_exit_130(m2_db, tm
         first.process.send_signal(signal.SIGTERM)
         stopped_in_time(first, time.monotonic())
     assert last_run(db)[0] == "interrupted"
+
+
+def test_milestone_4s_index_build_stops_at_once_and_its_lock_timeout_names_the_old_snapshot(
+        before_milestone, tmp_path: Path):
+    """Milestone 4's CREATE UNIQUE INDEX CONCURRENTLY, after its archive and its NOT NULL
+    changes, held up by an old snapshot: SIGTERM stops it at once (exit 130, rolled back on
+    the server); with short waits its retries end naming the snapshot and the option."""
+    db = before_milestone(4)
+    with holding(db, "reporting", repeatable_read=True) as pid:
+        run = start_toolkit(db, ("migrate", "milestone-4", "--yes", *WAIT), tmp_path, "stopped")
+        backend, _ = waiting_toolkit_backend(db, run, "virtualxid")
+        run.process.send_signal(signal.SIGTERM)
+        stopped_in_time(run, time.monotonic())
+        assert not still_on_server(db, backend)
+        outcome, error = last_run(db)
+        assert outcome == "interrupted" and "CREATE UNIQUE INDEX CONCURRENTLY" in error, error
+
+        done = toolkit(db, "migrate", "milestone-4", "--yes", "--ddl-lock-timeout-ms", "50",
+                       "--ddl-retries", "2")
+    assert done.exit_code == ExitCode.LOCKED, done.output
+    (line,) = [line for line in done.output.splitlines() if line.startswith("error:")]
+    assert "lock timeout in 3 tries (--ddl-lock-timeout-ms 50 each)" in line, line
+    assert f"an old snapshot: pid {pid} (reporting, user " in line, line
+    assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
