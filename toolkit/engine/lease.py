@@ -41,7 +41,7 @@ from toolkit.db import APPLICATION_NAME, SESSION_NAME_KEY
 from toolkit.engine import writes
 from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.locks import RunnerLock
-from toolkit.errors import SessionLost
+from toolkit.errors import LockUnavailable, SessionLost
 from toolkit.schema.own import SCHEMA
 
 # A connection option: this commit writes only the run's own history row, which must be
@@ -69,7 +69,7 @@ _ORPHANS = sa.text("""
     FROM pg_stat_activity
     WHERE datname = current_database() AND usename = current_user AND pid <> pg_backend_pid()
       AND state IS DISTINCT FROM 'idle'
-      AND substring(application_name FROM ' token ([0-9]+)$')::bigint < :token
+      AND substring(application_name FROM ' token ([0-9]{1,18})$')::bigint < :token
     ORDER BY pid
 """)
 
@@ -204,11 +204,17 @@ class Hold:
                 orphan["terminated"] = False
         conn.rollback()
         said = "; ".join(
-            f"pid {o['pid']} ({o['application_name']}, {o['state']} for {o['seconds']:.0f} s"
+            f"pid {o['pid']} ({o['application_name']}, {o['state']} for {o['seconds'] or 0:.0f} s"
             + (f", waiting for {o['wait_event_type']} {o['wait_event']}" if o["wait_event_type"] else "")
             + f": {' '.join((o['query'] or '').split())[:80]})"
-            + ("" if o["terminated"] else " (could not be terminated)")
             for o in orphans)
+        if left := [o for o in orphans if not o["terminated"]]:
+            raise LockUnavailable(
+                f"A session of an earlier run is still at work on the server and did not end when "
+                f"terminated: {said}",
+                f"end it (`SELECT pg_terminate_backend({left[0]['pid']})` as a superuser, or wait for "
+                "it), then run the same command again; nothing of this run was written",
+                details={"orphans": orphans})
         self.events.warn(f"terminated {len(orphans)} session(s) of earlier runs still at work on the "
                          f"server, so nothing of theirs commits after this run took over: {said}")
         return orphans
