@@ -260,3 +260,22 @@ def test_milestone_4s_index_build_stops_at_once_and_its_lock_timeout_names_the_o
     assert "lock timeout in 3 tries (--ddl-lock-timeout-ms 50 each)" in line, line
     assert f"an old snapshot: pid {pid} (reporting, user " in line, line
     assert toolkit(db, "migrate", "milestone-4", "--yes").exit_code == 0
+
+
+def test_one_sigint_during_a_batch_waiting_for_a_row_lock_stops_within_a_second(before_milestone,
+                                                                                tmp_path: Path):
+    """A batch held up by rows GitLab has locked (its lock_timeout raised so it would wait a
+    minute): the first Ctrl-C gives it half a second, then cancels it on the server; the
+    batch is rolled back with its checkpoint, and the next run resumes."""
+    db = before_milestone(1)
+    with holding(db, "gitlab-sidekiq", "SELECT id FROM packages_packages FOR UPDATE"):
+        run = start_toolkit(db, ("migrate", "milestone-1", "--lock-timeout-ms", "60000"), tmp_path,
+                            "stopped")
+        waiting_toolkit_backend(db, run, "transactionid")
+        run.process.send_signal(signal.SIGINT)
+        stopped_in_time(run, time.monotonic())
+    outcome, error = last_run(db)
+    assert outcome == "interrupted" and "cancelled on the server" in error, error
+    assert db.scalar("SELECT count(*) FROM toolkit.m1_converted_packages") == \
+        db.scalar("SELECT coalesce(sum(rows_done), 0) FROM toolkit.checkpoints")
+    assert toolkit(db, "migrate", "milestone-1").exit_code == 0
