@@ -5,7 +5,7 @@ well within :data:`GRACE_S`; a statement still on the server by then (a schema c
 waiting for its lock, CREATE INDEX CONCURRENTLY waiting for an old snapshot, a long
 batch) is cancelled on the server (:mod:`toolkit.cancel`), its transaction rolled back.
 A second signal cancels it at once, or, when nothing is on the server, aborts the
-Python side (``KeyboardInterrupt``). Either way the run ends as a stop: history records
+Python side (``KeyboardInterrupt``); a third always does. Either way the run ends as a stop: history records
 ``interrupted`` and the exit code is 130.
 """
 
@@ -40,9 +40,14 @@ def stop_on_signals(budget: Budget) -> Iterator[None]:
         yield
         return
 
+    received = [0]
+
     def handler(signum: int, frame: object) -> None:
+        received[0] += 1
         if budget.stop_requested:
-            if IN_FLIGHT.any():
+            # A third signal aborts whatever the second found on the server (should a
+            # cancel not end it, or a connection it found be idle by now).
+            if IN_FLIGHT.any() and received[0] == 2:
                 _in_background(IN_FLIGHT.cancel)
                 return
             raise KeyboardInterrupt
