@@ -50,12 +50,20 @@ class Stage(Enum):
     KEPT_IDS = "models, experiment ids kept for good"
 
 
-class WritesPaused(Exception):
+class StageChanged(Exception):
+    """The stage changed under the write: a milestone's (or its rollback's, or ``toolkit
+    archive drop``'s) schema change committed while the write waited for its lock. Nothing
+    was written; the transaction must be rolled back and the request answered 503
+    ``TEMPORARILY_UNAVAILABLE`` (the client retries, and meets the new stage)."""
+
+
+class WritesPaused(StageChanged):
     """A moment of the migration that takes no MLflow write, answered 503 at once (the
     client retries): milestone 4's rollback, from rebuilding the experiments' tables to
     checking them row for row against the archive (a write in between would be neither in
     the archive nor in the check); milestone 4's drop, between dropping
-    ``ml_candidates.experiment_id`` and ``ml_experiments`` (a run would have no parent)."""
+    ``ml_candidates.experiment_id`` and ``ml_experiments`` (a run would have no parent).
+    A write that waited for a lock and then finds such a moment has changed stage too."""
 
 
 def stage_of(conn: Connection) -> Stage:
@@ -103,13 +111,6 @@ class ExperimentRef:
     model_id: int | None
     name: str
     deleted: bool
-
-
-class StageChanged(Exception):
-    """The stage changed under the write: a milestone's (or its rollback's, or ``toolkit
-    archive drop``'s) schema change committed while the write waited for its lock. Nothing
-    was written; the transaction must be rolled back and the request answered 503
-    ``TEMPORARILY_UNAVAILABLE`` (the client retries, and meets the new stage)."""
 
 
 class ExperimentNameTaken(sa.exc.IntegrityError):
