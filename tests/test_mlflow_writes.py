@@ -16,6 +16,7 @@ tables are created first, as any toolkit command that touches the database does.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import Database
-from mlflow_serving import adversarial_database, client, raw, said, serve_process, serving
+from mlflow_serving import MLFLOW2_PYTHON_ENV, adversarial_database, client, raw, said, serve_process, serving
 from test_mlflow_tokens import DB_KEY_BASE, PROJECT, SCOPE, UNAUTHORIZED, gitlab_digest
 
 from toolkit.db import create_engine
@@ -647,6 +648,69 @@ except MlflowException as exc:
     assert ("registered-models/delete", "ml_models", "delete") in {
         (r.endpoint, r.table_name, r.action) for r in db.rows(
             "SELECT endpoint, table_name, action FROM toolkit.mlflow_writes WHERE model_id = :m", m=model.id)}
+
+
+READ_BACK = """
+e = c.get_experiment_by_name({name!r})
+[run] = c.search_runs([e.experiment_id])
+r = c.get_run(run.info.run_id)
+say([mlflow.__version__.split(".")[0], e.experiment_id, e.name, e.lifecycle_stage, r.info.run_id, r.info.run_name,
+     r.info.status, r.info.start_time, r.info.end_time, r.info.user_id, r.data.params, r.data.metrics,
+     {{k: v for k, v in r.data.tags.items()}},
+     sorted((m.key, m.value, m.step, m.timestamp) for k in ("loss", "acc") for m in c.get_metric_history(r.info.run_id, k))])
+"""
+
+
+def test_the_mlflow_2_client_writes_a_training_run_the_3_client_reads_the_same(db, server, tokens, users):
+    """The last 2.x client (2.22.4) logs a training script through the server; it and the
+    3.x client read it back identically, and the rows are GitLab's."""
+    python = os.environ.get(MLFLOW2_PYTHON_ENV)
+    if not python:
+        pytest.skip(f"set {MLFLOW2_PYTHON_ENV} to the python of a venv with mlflow-skinny 2.22.4 (as .ci/run "
+                    "makes it: python3 -m venv .ci/mlflow2 && .ci/mlflow2/bin/pip install 'mlflow-skinny==2.22.4')")
+    name = f"writes: mlflow 2 training {next(_names)}"
+    env = {"MLFLOW_TRACKING_TOKEN": tokens["dev_api"]}
+    written = said(client(server, PROJECT, f"""
+e = mlflow.set_experiment({name!r})
+run = mlflow.start_run(run_name="from mlflow 2")
+mlflow.log_param("lr", "0.01")
+for step in range(3):
+    mlflow.log_metric("loss", 1.0 / (step + 1), step=step, timestamp=1700000000000 + step)
+mlflow.set_tag("client", "two")
+c.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric("acc", 0.75, 1700000000100, 3)],
+            params=[mlflow.entities.Param("epochs", "5")], tags=[mlflow.entities.RunTag("stage", "dev")])
+mlflow.end_run()
+say([mlflow.__version__, e.experiment_id, run.info.run_id])
+""" + READ_BACK.format(name=name), python=python, env=env))
+    (version, experiment_id, run_id), older = written
+    assert version.startswith("2.") and older[0] == "2"
+    [newer] = said(client(server, PROJECT, READ_BACK.format(name=name), env=env))
+    assert newer[0] == "3" and newer[1:] == older[1:]
+    (experiment_iid, got_name, stage, got_run, run_name, status, _start, end, user, params, metrics, tags,
+     history) = newer[1:]
+    assert (experiment_iid, got_name, stage, got_run, run_name, status, user) == (
+        experiment_id, name, "active", run_id, "from mlflow 2", "FINISHED", str(users["developer"]))
+    assert end is not None
+    assert params == {"lr": "0.01", "epochs": "5"} and metrics == {"loss": pytest.approx(1 / 3), "acc": 0.75}
+    assert (tags["client"], tags["stage"]) == ("two", "dev")
+    assert history == [["acc", 0.75, 3, 1700000000100], ["loss", pytest.approx(1 / 3), 2, 1700000000002],
+                       ["loss", 0.5, 1, 1700000000001], ["loss", 1.0, 0, 1700000000000]]
+    # the rows, as GitLab holds them, each recorded
+    candidate = db.rows("""SELECT c.id, c.status, c.user_id, x.iid, x.name FROM ml_candidates c
+                           JOIN ml_experiments x ON x.id = c.experiment_id WHERE c.eid = CAST(:e AS uuid)""",
+                        e=run_id)[0]
+    assert (candidate.status, candidate.user_id, str(candidate.iid), candidate.name) == (
+        2, users["developer"], experiment_id, name)
+    assert {tuple(r) for r in db.rows("SELECT name, value FROM ml_candidate_params WHERE candidate_id = :c",
+                                      c=candidate.id)} == {("lr", "0.01"), ("epochs", "5")}
+    assert db.scalar("SELECT count(*) FROM ml_candidate_metrics WHERE candidate_id = :c", c=candidate.id) == 4
+    assert {(r.endpoint, r.table_name) for r in db.rows(
+        "SELECT endpoint, table_name FROM toolkit.mlflow_writes WHERE candidate_id = :c", c=candidate.id)} == {
+        ("runs/create", "ml_candidates"), ("runs/log-parameter", "ml_candidate_params"),
+        ("runs/log-metric", "ml_candidate_metrics"), ("runs/set-tag", "ml_candidate_metadata"),
+        ("runs/log-batch", "ml_candidate_metrics"), ("runs/log-batch", "ml_candidate_params"),
+        ("runs/log-batch", "ml_candidate_metadata"), ("runs/update", "ml_candidates"),
+        ("runs/create", "ml_candidate_metadata")}
 
 
 def test_runs_get_their_experiments_model_once_the_column_exists(db, server, tokens):
