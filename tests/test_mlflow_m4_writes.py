@@ -11,15 +11,22 @@ the real MLflow client (3.x): ``ml_experiments`` is gone, every experiment is it
 - ``set_experiment`` of a new name then tagging it: the experiment made after milestone 4
   shows its tags at the archive and after the rollback.
 
-One database walked forward: milestone 4, rollback, milestone 4 again, ``archive drop``.
+One database walked forward: milestone 4, rollback, milestone 4 again, ``archive drop``;
+then two sessions: a tag set at the archive and milestone 4's rollback do not interleave.
 """
 
 from __future__ import annotations
 
-import pytest
-from helpers import toolkit
-from mlflow_serving import client, raw, said, serving
+import threading
 
+import pytest
+import sqlalchemy as sa
+from helpers import toolkit, toolkit_process
+from mlflow_serving import client, raw, said, serving
+from test_mlflow_stages import _waiting_on
+
+from toolkit.mlflow_api.stages import Stage, StageChanged, WriteContext, stage_of
+from toolkit.mlflow_api.tracking_writes import WRITES
 from toolkit.mlflow_api.walk import client_version
 
 pytestmark = pytest.mark.skipif(client_version() is None,
@@ -152,3 +159,54 @@ say(refused(lambda: c.delete_experiment("{late_iid}")))
     assert db.scalar("SELECT count(*) FROM toolkit.mlflow_experiment_ids WHERE id IN (:o, :l)",
                      o=old.id, l=late.id) == 2
     ok(db, "verify", "milestone-4")
+
+
+def test_a_tag_set_at_the_archive_and_the_rebuild_do_not_interleave(before_milestone):
+    """Two sessions: set-experiment-tag at the archive, uncommitted, holds its lock (SHARE
+    ROW EXCLUSIVE on the archive); ``rollback milestone-4`` waits for it, then rebuilds the
+    experiment with the tag. The other order: the write waits for the rebuild's lock and,
+    once the tables are back, finds the stage changed and writes nothing."""
+    db = before_milestone(4)
+    ok(db, "migrate", "milestone-4", "--yes")
+    old = db.rows("SELECT project_id, iid, id, model_id FROM toolkit.m4_archive_ml_experiments "
+                  "WHERE model_id IS NOT NULL ORDER BY id LIMIT 1")[0]
+    with db.engine.connect() as conn:
+        conn.begin()
+        ctx = WriteContext(old.project_id, None, stage_of(conn), "http://x", "experiments/set-experiment-tag")
+        assert ctx.stage is Stage.ARCHIVE
+        assert WRITES[ctx.endpoint](conn, ctx, {"experiment_id": str(old.iid), "key": "in flight",
+                                                "value": "v"}) == {}
+        results: list = []
+        rollback = threading.Thread(target=lambda: results.append(toolkit_process(db, "rollback", "milestone-4")))
+        rollback.start()
+        _waiting_on(db, "toolkit.m4_archive_ml_experiments")
+        conn.commit()
+    rollback.join(300)
+    assert results[0].returncode == 0, results[0].stderr
+    assert db.scalar("SELECT value FROM ml_experiment_metadata WHERE experiment_id = :e AND name = 'in flight'",
+                     e=old.id) == "v"
+
+    ok(db, "migrate", "milestone-4", "--yes")
+    outcome: list = []
+
+    def write() -> None:
+        with db.engine.connect() as conn, conn.begin():
+            ctx = WriteContext(old.project_id, None, stage_of(conn), "http://x", "experiments/set-experiment-tag")
+            try:
+                WRITES[ctx.endpoint](conn, ctx, {"experiment_id": str(old.iid), "key": "waited", "value": "v"})
+                outcome.append("written")
+            except StageChanged as changed:
+                outcome.append(changed)
+
+    with db.engine.connect() as rebuild:
+        rebuild.begin()
+        rebuild.execute(sa.text(f"LOCK TABLE toolkit.m4_archive_ml_experiments, {ARCHIVE_METADATA} IN SHARE MODE"))
+        writer = threading.Thread(target=write)
+        writer.start()
+        _waiting_on(db, "toolkit.m4_archive_ml_experiments")
+        rebuild.execute(sa.text("CREATE TABLE ml_experiments (LIKE toolkit.m4_archive_ml_experiments)"))
+        rebuild.commit()
+    writer.join(60)
+    assert isinstance(outcome[0], StageChanged), outcome
+    assert db.scalar("SELECT count(*) FROM ml_model_metadata WHERE name = 'waited'") == 0
+    assert db.scalar(f"SELECT count(*) FROM {ARCHIVE_METADATA} WHERE name = 'waited'") == 0
