@@ -210,3 +210,27 @@ def test_a_tag_set_at_the_archive_and_the_rebuild_do_not_interleave(before_miles
     assert isinstance(outcome[0], StageChanged), outcome
     assert db.scalar("SELECT count(*) FROM ml_model_metadata WHERE name = 'waited'") == 0
     assert db.scalar(f"SELECT count(*) FROM {ARCHIVE_METADATA} WHERE name = 'waited'") == 0
+
+
+def test_both_rollbacks_leave_the_tag_where_gitlab_before_the_blueprint_keeps_it(before_milestone):
+    """A tag set after milestone 4 on the default experiment of a model GitLab made (a
+    model milestone 3's rollback keeps): milestone 4's rollback gives the tag back to the
+    experiment, milestone 3's removes the model's copy (in its ledger, as its own copies),
+    and verify passes after each."""
+    db = before_milestone(4)
+    ok(db, "migrate", "milestone-4", "--yes")
+    old = db.rows("""SELECT x.project_id, x.iid, x.id, x.model_id FROM toolkit.m4_archive_ml_experiments x
+                     WHERE x.model_id NOT IN (SELECT model_id FROM toolkit.m3_created_models)
+                     ORDER BY x.id LIMIT 1""")[0]
+    with db.engine.connect() as conn, conn.begin():
+        ctx = WriteContext(old.project_id, None, stage_of(conn), "http://x", "experiments/set-experiment-tag")
+        assert WRITES[ctx.endpoint](conn, ctx, {"experiment_id": str(old.iid), "key": "both", "value": "v"}) == {}
+    ok(db, "rollback", "milestone-4")
+    ok(db, "verify")
+    assert model_tags(db, old.model_id)["both"] == "v"
+    ok(db, "rollback", "milestone-3")
+    assert db.scalar("SELECT value FROM ml_experiment_metadata WHERE experiment_id = :e AND name = 'both'",
+                     e=old.id) == "v"
+    assert db.scalar("SELECT count(*) FROM ml_models WHERE id = :m", m=old.model_id) == 1  # GitLab's: kept
+    assert "both" not in model_tags(db, old.model_id)
+    ok(db, "verify")
