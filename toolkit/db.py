@@ -10,6 +10,7 @@ every message uses.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,7 +102,9 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
     from toolkit.conninfo import from_libpq_environment
 
     ignored = f"--gitlab-config {gitlab_config} not read" if gitlab_config else ""
-    if url_option:
+    # An option given empty (`--database-url "$UNSET"`) is refused as empty, never skipped
+    # for the next source, which could be another database.
+    if url_option is not None:
         return Target(parse_url(url_option), "option",
                       note=ignored and f"{ignored}: --database-url comes first")
     if raw := os.environ.get(DATABASE_URL_ENV):
@@ -111,7 +114,7 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
         return Target(libpq.url, "libpq", libpq.origin(),
                       note=ignored and f"{ignored}: libpq's environment ({', '.join(libpq.variables)}) "
                                        "comes first; unset it to use the file")
-    if gitlab_config:
+    if gitlab_config is not None:
         from toolkit import gitlab_config as gitlab
 
         found = gitlab.read(gitlab_config)
@@ -132,13 +135,25 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
     return Target(parse_url(status.url()), "sandbox")
 
 
+MAX_TIMEOUT_MS = 2**31 - 1  # PostgreSQL's integer settings (statement_timeout) stop here
+
+
 def read_timeout_ms() -> int:
+    """$TOOLKIT_READ_TIMEOUT_S in milliseconds, checked as --read-timeout is (cli/params.py):
+    finite, within PostgreSQL's statement_timeout, and not under a millisecond (which would
+    round to 0, PostgreSQL's "no timeout")."""
     raw = os.environ.get(READ_TIMEOUT_ENV)
+    next_step = f"set {READ_TIMEOUT_ENV} to seconds, e.g. 600 (0 for none)"
     try:
         seconds = float(raw) if raw else DEFAULT_READ_TIMEOUT_S
     except ValueError:
-        raise UsageProblem(f"{READ_TIMEOUT_ENV}={raw!r} is not a number of seconds",
-                           f"set {READ_TIMEOUT_ENV} to seconds, e.g. 600 (0 for none)") from None
+        raise UsageProblem(f"{READ_TIMEOUT_ENV}={raw!r} is not a number of seconds", next_step) from None
+    if not math.isfinite(seconds) or not 0 <= seconds * 1000 <= MAX_TIMEOUT_MS:
+        raise UsageProblem(f"{READ_TIMEOUT_ENV}={raw!r} is not from 0 to {MAX_TIMEOUT_MS / 1000:,.3f} "
+                           "seconds (PostgreSQL's largest statement_timeout)", next_step)
+    if 0 < seconds < 0.001:
+        raise UsageProblem(f"{READ_TIMEOUT_ENV}={raw!r} is less than a millisecond, which PostgreSQL "
+                           "would take as no timeout at all", next_step)
     return int(seconds * 1000)
 
 

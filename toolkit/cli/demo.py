@@ -9,6 +9,7 @@ import click
 import sqlalchemy as sa
 
 from toolkit import milestones as registry
+from toolkit.cli import params
 from toolkit.cli.context import app
 from toolkit.db import create_engine
 from toolkit.engine.batches import RunOptions
@@ -24,8 +25,9 @@ from toolkit.verify.fingerprint import compare, take
 
 
 @click.command()
-@click.option("--seed", "seed_value", type=int, default=1, show_default=True, help="Data generator seed.")
-@click.option("--batch-size", type=click.IntRange(1), default=50, show_default=True,
+@click.option("--seed", "seed_value", type=params.SEED, default=1, show_default=True,
+              help="Data generator seed.")
+@click.option("--batch-size", type=params.BATCH_SIZE, default=50, show_default=True,
               help="Small, so the demo runs several batches per step.")
 def demo(seed_value: int, batch_size: int) -> None:
     """Run the whole blueprint on the sandbox: plan, migrate 1-4, verify, report, roll back.

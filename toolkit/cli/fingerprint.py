@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from toolkit import milestones as registry
+from toolkit.cli import params
 from toolkit.cli.context import app
 from toolkit.engine.plan import Milestone
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
@@ -18,9 +19,9 @@ from toolkit.verify.fingerprint import Fingerprint, compare, take
 
 
 @click.command()
-@click.option("--out", "out_file", type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              help="Write the fingerprint to this JSON file.")
-@click.option("--compare", "compare_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--out", "out_file", type=params.OUTPUT_FILE,
+              help="Write the fingerprint to this JSON file (checked writable before any work).")
+@click.option("--compare", "compared", type=params.FINGERPRINT_FILE,
               help="Compare the database with this fingerprint (rows added since do not count); "
                    "exit 1 when anything differs.")
 @click.option("--mlflow-only", is_flag=True,
@@ -29,7 +30,7 @@ from toolkit.verify.fingerprint import Fingerprint, compare, take
 @click.option("--baseline", "baseline_of", metavar="MILESTONE",
               help="Re-take the fingerprint MILESTONE's verify compares with, accepting the "
                    "database as it is now (after the application's own updates, say).")
-def fingerprint(out_file: Path | None, compare_file: Path | None, mlflow_only: bool,
+def fingerprint(out_file: Path | None, compared: params.FingerprintAt | None, mlflow_only: bool,
                 baseline_of: str | None) -> None:
     """Row counts and content hashes of the ML tables and of the MLflow view. Read-only
     unless --baseline.
@@ -38,16 +39,18 @@ def fingerprint(out_file: Path | None, compare_file: Path | None, mlflow_only: b
 
     Example: toolkit fingerprint --out before.json; toolkit fingerprint --compare before.json
     """
+    _refuse_combinations(out_file, compared, mlflow_only, baseline_of)
     if baseline_of:
         _rebaseline(registry.get(baseline_of))
         return
-    reference = _load(compare_file) if compare_file else None
+    reference = compared.fingerprint if compared else None
+    compare_file = compared.path if compared else None
     runner = app().runner()
     with runner.read_only() as conn:
         runner.check_gitlab(conn)
         now = take(conn, reference.watermarks if reference else None, reference=reference)
     if out_file:
-        out_file.write_text(now.dumps() + "\n")
+        _write(out_file, now)
         out.say(f"Wrote the fingerprint to {out_file}.")
     _show(now)
     if reference is None:
@@ -69,12 +72,28 @@ def fingerprint(out_file: Path | None, compare_file: Path | None, mlflow_only: b
     app().finish(doc)
 
 
-def _load(path: Path) -> Fingerprint:
+def _refuse_combinations(out_file: Path | None, compared: params.FingerprintAt | None,
+                         mlflow_only: bool, baseline_of: str | None) -> None:
+    """Options that would be silently ignored are refused, before anything connects."""
+    if baseline_of and (out_file or compared or mlflow_only):
+        given = [name for name, value in (("--out", out_file), ("--compare", compared),
+                                          ("--mlflow-only", mlflow_only)) if value]
+        raise UsageProblem(f"--baseline takes no {' or '.join(given)}: it re-takes the fingerprint "
+                           "a milestone's verify compares with, and writes no file",
+                           "run `toolkit fingerprint --out FILE` or `--compare FILE` on its own")
+    if mlflow_only and not compared:
+        raise UsageProblem("--mlflow-only goes with --compare FILE: it says what to compare",
+                           "add --compare FILE, or leave out --mlflow-only")
+
+
+def _write(path: Path, fp: Fingerprint) -> None:
+    """--out was proven writable before the work; a disk that filled since is said in one line."""
     try:
-        return Fingerprint.loads(path.read_text())
-    except (ValueError, TypeError) as exc:
-        raise UsageProblem(f"{path} is not a toolkit fingerprint ({exc})",
-                           "pass a file written by `toolkit fingerprint --out`") from None
+        path.write_text(fp.dumps() + "\n")
+    except OSError as exc:
+        raise UsageProblem(f"Could not write the fingerprint to {path}: "
+                           f"{exc.strerror or type(exc).__name__}",
+                           "free space or choose another --out, then run the command again") from None
 
 
 def _show(fp: Fingerprint) -> None:

@@ -12,12 +12,14 @@ import sys
 import traceback
 
 import click
+from click.exceptions import NoArgsIsHelpError
 from sqlalchemy.exc import DBAPIError
 
 from toolkit import __version__, output
+from toolkit.cli import params
 from toolkit.cli.context import AppContext, app, debug_enabled, envelope
 from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
-from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode, Interrupted, ToolkitError
+from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode, Interrupted, ToolkitError, UsageProblem
 
 
 def _exit_code_help() -> str:
@@ -76,15 +78,46 @@ def global_options_first(root: click.Group, ctx: click.Context, args: list[str])
     return moved + kept
 
 
+def usage_problem(exc: click.UsageError) -> UsageProblem:
+    """Click's usage error as the toolkit's one line: what is wrong with which option (Click
+    says it), then where to look (the option type's own next step, or the command's help)."""
+    path = exc.ctx.command_path.split(" ", 1) if exc.ctx is not None else []
+    command = " ".join(["toolkit", *path[1:]])
+    next_step = getattr(exc, "next_step", None) or f"see `{command} --help`"
+    return UsageProblem(exc.format_message(), next_step)
+
+
+def _asks_for_json(args: list[str]) -> bool:
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
+
+
 class ToolkitGroup(click.Group):
+    """The root group. Every usage error, Click's (a bad value, an unknown option, a missing
+    argument) like the toolkit's, is one line and exit 2, raised while the options are
+    read: before anything connects, so nothing is written and no run is recorded."""
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if ctx.parent is None:
-            args = global_options_first(self, ctx, args)
-        return super().parse_args(ctx, args)
+        if ctx.parent is not None:
+            return super().parse_args(ctx, args)
+        given = list(args)
+        try:
+            return super().parse_args(ctx, global_options_first(self, ctx, args))
+        except NoArgsIsHelpError:
+            raise  # `toolkit` alone: Click's help, as it always was
+        except click.UsageError as exc:
+            # before the group's own callback configured the output: --json, if it was asked for
+            app(ctx).json_mode = _asks_for_json(given)
+            output.configure(json_mode=app(ctx).json_mode)
+            _report(ctx, usage_problem(exc))
+            raise  # not reached: _report exits
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise  # `toolkit archive` alone: Click's help
+        except click.UsageError as exc:  # a subcommand's options, read as it is invoked
+            _report(ctx, usage_problem(exc))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except ToolkitError as exc:
@@ -140,7 +173,7 @@ def _report(ctx: click.Context, exc: ToolkitError, code: ExitCode | None = None)
                    "libpq's environment names one.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings; no progress bars.")
-@click.option("--read-timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",
+@click.option("--read-timeout", type=params.READ_TIMEOUT_S, default=None, metavar="SECONDS",
               help=f"statement_timeout of every read the toolkit makes (plan, verify, fingerprint, "
                    f"status, the checks around a run), set per transaction so a role's own timeout "
                    f"does not cut them off; 0 for none (default: ${READ_TIMEOUT_ENV}, else "

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from toolkit import milestones as registry
-from toolkit.cli import render
+from toolkit.cli import params, render
 from toolkit.cli.context import app
 from toolkit.engine import health, state
 from toolkit.engine.batches import RunOptions
@@ -41,67 +41,67 @@ def batch_target(batch_size: int | None, target_batch_ms: int | None) -> int | N
 def run_options(func: Callable) -> Callable:
     """Options every writing command shares."""
     options = [
-        click.option("--batch-size", type=click.IntRange(1), default=None,
+        click.option("--batch-size", type=params.BATCH_SIZE, default=None,
                      help="Keys of the driving table per batch (one short transaction each). "
                           "Given, every batch has this size (unless --target-batch-ms is given "
                           "too); without it, batches start at 1000 keys and adapt.  [default: "
                           "adaptive]"),
-        click.option("--target-batch-ms", type=click.IntRange(0), default=None,
+        click.option("--target-batch-ms", type=params.DURATION_MS, default=None,
                      help="Resize batches (x0.5 to x2 each time, 100 to 50000 keys) so each "
                           f"takes about this long; 0 keeps the size fixed.  [default: "
                           f"{DEFAULT_TARGET_BATCH_MS} without --batch-size]"),
-        click.option("--pause-ms", type=click.IntRange(0), default=0, show_default=True,
+        click.option("--pause-ms", type=params.DURATION_MS, default=0, show_default=True,
                      help="Pause between batches, to leave room for GitLab's own traffic."),
-        click.option("--max-batches", type=click.IntRange(1), default=None,
+        click.option("--max-batches", type=params.BATCHES, default=None,
                      help="Do this many batches now, then stop; the next run resumes."),
-        click.option("--max-runtime", type=click.FloatRange(0), default=None, metavar="SECONDS",
+        click.option("--max-runtime", type=params.SECONDS, default=None, metavar="SECONDS",
                      help="Stop at the first batch boundary after this long; the next run resumes."),
-        click.option("--lock-timeout-ms", type=click.IntRange(1), default=2000, show_default=True,
+        click.option("--lock-timeout-ms", type=params.TIMEOUT_MS, default=2000, show_default=True,
                      help="Longest a statement waits for a lock before the batch is retried."),
-        click.option("--statement-timeout-ms", type=click.IntRange(1), default=60_000,
+        click.option("--statement-timeout-ms", type=params.TIMEOUT_MS, default=60_000,
                      show_default=True, help="Longest a single statement may run."),
-        click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
+        click.option("--retries", type=params.TRIES, default=5, show_default=True,
                      help="Retries of a batch after a lock or statement timeout (with backoff)."),
-        click.option("--ddl-lock-timeout-ms", type=click.IntRange(1), default=100, show_default=True,
+        click.option("--ddl-lock-timeout-ms", type=params.TIMEOUT_MS, default=100, show_default=True,
                      help="Longest a schema change waits for its lock (GitLab's queries queue "
                           "behind it meanwhile), before it is retried."),
-        click.option("--ddl-retries", type=click.IntRange(0), default=20, show_default=True,
+        click.option("--ddl-retries", type=params.TRIES, default=20, show_default=True,
                      help="Retries of a schema change after a lock timeout (backoff up to 5 s)."),
-        click.option("--lock-wait", type=click.FloatRange(0), default=10.0, show_default=True,
+        click.option("--lock-wait", type=params.SECONDS, default=10.0, show_default=True,
                      metavar="SECONDS", help="How long to poll for the one-runner lock."),
-        click.option("--reconnect", type=click.IntRange(0), default=0, show_default=True, metavar="N",
+        click.option("--reconnect", type=params.TRIES, default=0, show_default=True, metavar="N",
                      help="When the database ends the session (restart, failover, a terminated "
                           "session, idle_session_timeout), resume by itself up to N times, "
                           "waiting 1 s, 2 s, 4 s ... (at most 30 s) and connecting to whichever "
                           "host is the primary. Without it such a run stops with exit code 75."),
-        click.option("--max-replica-lag-ms", type=click.IntRange(0), metavar="MS",
+        click.option("--max-replica-lag-ms", type=params.DURATION_MS, metavar="MS",
                      default=health.DEFAULT_MAX_REPLICA_LAG_MS, show_default=True,
                      help="Before each batch and schema change, wait while a streaming replica "
                           "(pg_stat_replication) is this far behind in replay_lag. A replica "
                           "attached but not replaying counts as lagging."),
-        click.option("--max-replica-lag-bytes", type=click.IntRange(0), metavar="BYTES",
+        click.option("--max-replica-lag-bytes", type=params.BYTES, metavar="BYTES",
                      default=health.DEFAULT_MAX_REPLICA_LAG_BYTES, show_default=True,
                      help="Wait too while a replica has more than this many bytes of WAL not yet "
                           "replayed (replay_lag stays small while replay is paused; bytes do not)."),
-        click.option("--max-transaction-age-s", type=click.FloatRange(0), metavar="SECONDS",
+        click.option("--max-transaction-age-s", type=params.SECONDS, metavar="SECONDS",
                      default=health.DEFAULT_MAX_TRANSACTION_AGE_S, show_default=True,
                      help="Wait while another session of this database has a transaction open "
                           "longer than this (it keeps VACUUM from removing what batches leave). "
                           "Waits too during a VACUUM of a table the batch writes, and while WAL "
                           "archiving has failed since the run started."),
-        click.option("--max-archive-backlog", type=click.IntRange(0), metavar="SEGMENTS",
+        click.option("--max-archive-backlog", type=params.SEGMENTS, metavar="SEGMENTS",
                      default=health.DEFAULT_MAX_ARCHIVE_BACKLOG, show_default=True,
                      help="Wait while more WAL segments wait to be archived than when the run "
                           "started, by more than this (the archiver falling behind)."),
-        click.option("--throttle-query", metavar="SQL", default=None,
+        click.option("--throttle-query", type=params.SQL_QUERY, metavar="SQL", default=None,
                      help="Your own check, run before each batch: wait while it returns true.  "
                           "[default: none]"),
-        click.option("--throttle-flag-file", metavar="PATH", default=None,
+        click.option("--throttle-flag-file", type=params.FLAG_FILE, metavar="PATH", default=None,
                      help="Wait while this file exists (create it to pause a run, remove it to "
                           "go on).  [default: none]"),
         click.option("--no-throttle", is_flag=True, default=False,
                      help="Do not read the database's health nor wait on it."),
-        click.option("--max-throttle-s", type=click.FloatRange(0), default=None, metavar="SECONDS",
+        click.option("--max-throttle-s", type=params.SECONDS, default=None, metavar="SECONDS",
                      help="Wait at most this long in all on the database's health, then stop at "
                           "the batch boundary with exit code 6; the same command resumes.  "
                           "[default: no limit]"),
@@ -391,7 +391,7 @@ def _took(run: dict) -> str:
 
 
 @click.command()
-@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--limit", type=params.ROWS, default=20, show_default=True)
 def history(limit: int) -> None:
     """Who ran what, when, how many rows, and how it ended.
 

@@ -12,6 +12,7 @@ import click
 import sqlalchemy as sa
 
 from toolkit import milestones
+from toolkit.cli import params
 from toolkit.cli.context import app
 from toolkit.engine.preflight import check_gitlab_database
 from toolkit.errors import PreconditionRefused, UsageProblem
@@ -42,10 +43,10 @@ def mlflow() -> None:
 @click.option("--max-page-size", type=click.IntRange(1, MAX_PAGE), default=MAX_PAGE, show_default=True,
               help="Largest page of experiments, runs or metric history one request answers "
                    "(GitLab's is 1000); clients follow next_page_token.")
-@click.option("--lock-timeout-ms", type=click.IntRange(1), default=1000, show_default=True,
+@click.option("--lock-timeout-ms", type=params.TIMEOUT_MS, default=1000, show_default=True,
               help="How long a request waits for a lock (a milestone's schema change) before it "
                    "answers 503, which MLflow clients retry.")
-@click.option("--statement-timeout-ms", type=click.IntRange(1), default=10_000, show_default=True,
+@click.option("--statement-timeout-ms", type=params.TIMEOUT_MS, default=10_000, show_default=True,
               help="How long one query of a request may run.")
 @click.option("--packages-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="GitLab's package store on local storage (Omnibus: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from toolkit.cli import params
 from toolkit.cli.context import app
 from toolkit.output import out
 from toolkit.report import candidate_report
@@ -18,7 +19,7 @@ def report() -> None:
 
 
 @report.command()
-@click.option("--project", "project_id", type=int, required=True, help="The project's id.")
+@click.option("--project", "project_id", type=params.ID, required=True, help="The project's id.")
 @click.option("--model", "model_name", required=True, help="The model's name.")
 @click.option("--metric", help="Sort by the latest value of this metric.")
 @click.option("--order", type=click.Choice(["asc", "desc"]), default="desc", show_default=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from toolkit.cli import params
 from toolkit.cli.context import app
 from toolkit.output import out
 from toolkit.sandbox.database import ensure_database, seed_sandbox, write_sandbox_package_files
@@ -111,9 +112,9 @@ def url() -> None:
               help="small: a demo; gitlab-com: the blueprint's gitlab.com size; x25: 25 times that.")
 @click.option("--profile", type=click.Choice(PROFILES), default="realistic", show_default=True,
               help="adversarial adds every awkward case the milestones must survive.")
-@click.option("--seed", "seed_value", type=int, default=1, show_default=True,
+@click.option("--seed", "seed_value", type=params.SEED, default=1, show_default=True,
               help="Same seed, same data.")
-@click.option("--metrics-per-candidate", type=click.IntRange(min=1), default=None,
+@click.option("--metrics-per-candidate", type=params.PER_CANDIDATE, default=None,
               help="Metric rows per candidate instead of the scale's 10 (the benchmark shows "
                    "that milestone 1 costs the same either way).")
 @click.option("--packages-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -241,6 +241,27 @@ def _throttle_query(conn: Connection, limits: Limits) -> Reading | None:
                    f"--throttle-query returned {answer!r}" + (" (wait while true)" if answer else ""))
 
 
+THROTTLE_QUERY_EXAMPLE = ("give a query that returns one boolean (true: wait), e.g. "
+                          "--throttle-query \"SELECT count(*) > 50 FROM pg_stat_activity\"")
+
+
+def check_throttle_query(engine: Engine, query: str) -> None:
+    """Refuse, as a usage error, a --throttle-query that does not run in a health read (a
+    typo, a table that is not there, a write, longer than the read's timeout) or answers
+    neither true nor false (``SELECT count(*) ...`` would keep a run waiting for ever).
+    Asked before the run is recorded, so a refused query leaves no run row behind."""
+    try:
+        with _reading(engine) as conn:
+            answer = conn.execute(sa.text(query)).scalar()
+    except DBAPIError as exc:
+        first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise UsageProblem(f"--throttle-query does not run: {first}", THROTTLE_QUERY_EXAMPLE) from exc
+    if answer is not None and not isinstance(answer, bool):
+        raise UsageProblem(f"--throttle-query returns {answer!r} ({type(answer).__name__}), not true or "
+                           "false: the run would wait while it is anything but false",
+                           THROTTLE_QUERY_EXAMPLE)
+
+
 def _flag_file(limits: Limits) -> Reading | None:
     if not limits.throttle_flag_file:
         return None
@@ -313,15 +334,7 @@ class Throttle:
             for warning in unreadable(conn, self.base):
                 self.budget.events.warn(f"throttling: {warning}")
         if self.limits.throttle_query:
-            try:
-                with _reading(self.engine) as conn:
-                    _throttle_query(conn, self.limits)
-            except DBAPIError as exc:
-                first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-                raise UsageProblem(f"--throttle-query does not run: {first}",
-                                   "give a query that returns one boolean (true: wait), e.g. "
-                                   "--throttle-query \"SELECT count(*) > 50 FROM pg_stat_activity\"") \
-                    from exc
+            check_throttle_query(self.engine, self.limits.throttle_query)
 
     def over(self, tables: tuple[str, ...]) -> list[Reading]:
         with _reading(self.engine) as conn:

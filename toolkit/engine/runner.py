@@ -26,7 +26,7 @@ from toolkit.engine.batches import (
     read_with_retries,
 )
 from toolkit.engine.events import LOGGED, Events
-from toolkit.engine.health import Limits, Throttle
+from toolkit.engine.health import Limits, Throttle, check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.lease import Hold, HoldLost
 from toolkit.engine.listing import count_of
@@ -177,6 +177,9 @@ class Runner:
             check_writable(conn)
             check_privileges(conn, milestone.updates, milestone.reads)
             conn.rollback()
+        if self.options.throttle_query and not self.options.no_throttle:
+            # before the run is recorded: a usage error leaves no failed run behind
+            check_throttle_query(self.engine, self.options.throttle_query)
 
     def migrate(self, milestone: Milestone, *, verify_after: bool = True,
                 go_ahead: Callable[[], None] | None = None) -> ApplyResult:

@@ -1,0 +1,253 @@
+"""The option types every command shares, so every value is checked by Click before
+anything connects.
+
+A number that reaches the database unchecked fails there, after a run row was written
+(``--statement-timeout-ms 99999999999``: PostgreSQL's integer settings stop at 2147483647),
+or never fails at all (``--lock-wait nan`` compares false with everything, so it never
+ends; ``--read-timeout 0.0001`` rounds to 0 ms, which PostgreSQL reads as *no* timeout).
+Each type here says its bounds and why, and refuses anything else with one line naming
+the option: a usage error, exit 2, with nothing connected and nothing written.
+
+Files are checked the same way: an output file must be writable before the work that
+fills it starts (a fingerprint of a large database takes minutes), and a fingerprint to
+compare with must be one (verify/fingerprint_format.py), field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import click
+
+from toolkit.verify.fingerprint import Fingerprint
+from toolkit.verify.fingerprint_format import FormatProblem, check
+
+PG_INT_MAX = 2**31 - 1  # PostgreSQL's integer settings: lock_timeout, statement_timeout (ms)
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
+MAX_BATCH_SIZE = 10_000_000  # keys in one batch, one short transaction
+MAX_TRIES = 10_000  # retries and reconnects: beyond this a run is not waiting, it is stuck
+MAX_SECONDS = 366 * 24 * 3600  # a year: longer than any run, any wait, any limit
+SHOWN_DIGITS = 24  # a value longer than this is cut in the message
+
+
+class BadValue(click.BadParameter):
+    """Click's usage error with the operator's next step, said after the problem."""
+
+    def __init__(self, message: str, next_step: str | None = None, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.next_step = next_step
+
+
+def _shown(value: object) -> str:
+    text = str(value)
+    return repr(text if len(text) <= SHOWN_DIGITS else text[:SHOWN_DIGITS] + "...")
+
+
+def _seconds(bound: float) -> str:
+    return f"{int(bound):,} s" if bound == int(bound) else f"{bound:,.3f} s"
+
+
+class Whole(click.types.IntParamType):
+    """An integer from ``low`` to ``high``; ``why`` says where the upper bound comes from."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int, why: str, unit: str = ""):
+        self.low, self.high, self.why, self.unit = low, high, why, unit
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if isinstance(value, int):
+            number = value
+        else:
+            text = str(value).strip()
+            digits = text.removeprefix("-").removeprefix("+")
+            if not digits.isascii() or not digits.isdigit():
+                self.fail(f"{_shown(value)} is not a whole number", param, ctx)
+            if len(digits) > 20:  # Python refuses to read past 4300 digits; no bound needs 21
+                number = self.high + 1 if not text.startswith("-") else self.low - 1
+            else:
+                number = int(text)
+        if number < self.low:
+            self.fail(f"{_shown(value)} is less than {self.low}{self.unit}", param, ctx)
+        if number > self.high:
+            self.fail(f"{_shown(value)} is more than {self.high:,}{self.unit} ({self.why})", param, ctx)
+        return number
+
+    def __repr__(self) -> str:
+        return f"Whole({self.low}, {self.high})"
+
+
+class Seconds(click.types.FloatParamType):
+    """A finite number of seconds from ``low`` to ``high`` (no nan, no inf, no 1e308).
+
+    ``whole_ms``: the value becomes a PostgreSQL timeout in milliseconds, where 0 means
+    none; a positive value under a millisecond would silently become that 0, so it is
+    refused."""
+
+    name = "seconds"
+
+    def __init__(self, high: float, why: str, *, low: float = 0.0, whole_ms: bool = False):
+        self.low, self.high, self.why, self.whole_ms = low, high, why, whole_ms
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{_shown(value)} is not a number of seconds", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{_shown(value)} is not a finite number of seconds", param, ctx)
+        if number < self.low:
+            self.fail(f"{_shown(value)} is less than {_seconds(self.low)}", param, ctx)
+        if number > self.high:
+            self.fail(f"{_shown(value)} is more than {_seconds(self.high)} ({self.why})", param, ctx)
+        if self.whole_ms and 0 < number < 0.001:
+            self.fail(f"{_shown(value)} is less than a millisecond, which PostgreSQL would take as "
+                      "no timeout at all (0 for none)", param, ctx)
+        return number
+
+    def __repr__(self) -> str:
+        return f"Seconds({self.low}, {self.high})"
+
+
+class Text(click.ParamType):
+    """A string that is not empty (an empty ``--throttle-query`` would be silently off)."""
+
+    name = "text"
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not str(value).strip():
+            self.fail(f"is empty: give {self.what}", param, ctx)
+        if "\x00" in str(value):
+            self.fail("holds a NUL character, which PostgreSQL cannot take", param, ctx)
+        return str(value)
+
+
+class FlagFile(click.ParamType):
+    """A file whose existence pauses a run: not a directory (which exists already, so the
+    run would wait for ever), in a directory that exists (else it can never be created)."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not text.strip() or "\x00" in text:
+            self.fail("is empty: give the path of a file to create when the run is to wait", param, ctx)
+        path = Path(text)
+        if path.is_dir():
+            self.fail(f"{text} is a directory: it always exists, so the run would never go on", param, ctx)
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            self.fail(f"{text} cannot ever exist: {parent} is not a directory", param, ctx)
+        return text
+
+
+class OutputFile(click.ParamType):
+    """A file the command will write, proven writable now: opened for appending (which
+    changes nothing in a file that exists) and removed again if it did not exist. Asking
+    ``os.access`` would say yes to root everywhere, and nothing about a full or read-only
+    file system."""
+
+    name = "file"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        if isinstance(value, Path):
+            path = value
+        else:
+            if not str(value).strip() or "\x00" in str(value):
+                self.fail("is empty: give the file to write", param, ctx)
+            path = Path(str(value))
+        if path.is_dir():
+            self.fail(f"{path} is a directory, not a file", param, ctx)
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.exists():
+            raise BadValue(f"cannot write {path}: the directory {parent} does not exist",
+                           f"create {parent} first, or write elsewhere", param=param, ctx=ctx)
+        if not parent.is_dir():
+            self.fail(f"cannot write {path}: {parent} is not a directory", param, ctx)
+        existed = path.exists()
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as exc:
+            raise BadValue(f"cannot write {path}: {exc.strerror or type(exc).__name__}",
+                           "choose a file this user can write", param=param, ctx=ctx) from None
+        if not existed:
+            path.unlink(missing_ok=True)
+        return path
+
+
+class FingerprintAt(NamedTuple):
+    path: Path
+    fingerprint: Fingerprint
+
+
+class FingerprintFile(click.ParamType):
+    """A fingerprint written by ``toolkit fingerprint --out``, read and checked whole:
+    JSON, the format, every field of the shape the comparison reads. Returns the
+    :class:`~toolkit.verify.fingerprint.Fingerprint` with its path."""
+
+    name = "file"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> FingerprintAt:
+        if isinstance(value, FingerprintAt):
+            return value
+        path = Path(str(value))
+        step = "pass a file written by `toolkit fingerprint --out`"
+        if not str(value).strip() or "\x00" in str(value):
+            self.fail("is empty: give a file written by `toolkit fingerprint --out`", param, ctx)
+        if path.is_dir():
+            self.fail(f"{path} is a directory, not a fingerprint file", param, ctx)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise BadValue(f"{path} does not exist", step, param=param, ctx=ctx) from None
+        except UnicodeDecodeError:
+            raise BadValue(f"{path} is not a toolkit fingerprint (not UTF-8 text)", step,
+                           param=param, ctx=ctx) from None
+        except OSError as exc:
+            raise BadValue(f"{path} cannot be read: {exc.strerror or type(exc).__name__}",
+                           "give a file this user can read", param=param, ctx=ctx) from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise BadValue(f"{path} is not a toolkit fingerprint (not JSON: {exc})", step,
+                           param=param, ctx=ctx) from None
+        try:
+            check(data)
+            return FingerprintAt(path, Fingerprint.loads(text))
+        except (FormatProblem, ValueError, TypeError) as exc:
+            raise BadValue(f"{path} is not a toolkit fingerprint: {exc}", step,
+                           param=param, ctx=ctx) from None
+
+
+# The shared instances: one per kind of number, used by every command that has one.
+TIMEOUT_MS = Whole(1, PG_INT_MAX, "PostgreSQL's largest lock_timeout and statement_timeout", " ms")
+DURATION_MS = Whole(0, PG_INT_MAX, "about 24 days, the largest millisecond setting PostgreSQL has",
+                    " ms")
+BATCH_SIZE = Whole(1, MAX_BATCH_SIZE, "a batch is one short transaction")
+TRIES = Whole(0, MAX_TRIES, "beyond that a run is stuck, not waiting")
+BATCHES = Whole(1, PG_INT_MAX, "more batches than any table has keys for")
+BYTES = Whole(0, BIGINT_MAX, "PostgreSQL's bigint")
+SEGMENTS = Whole(0, PG_INT_MAX, "more WAL segments than a server can keep")
+ROWS = Whole(1, PG_INT_MAX, "more rows than a table of runs holds")
+ID = Whole(1, BIGINT_MAX, "GitLab's ids are bigint")
+SEED = Whole(BIGINT_MIN, BIGINT_MAX, "the generator's seed is a bigint")
+PER_CANDIDATE = Whole(1, 10_000, "ten thousand metric rows per candidate is already billions at x25")
+SECONDS = Seconds(MAX_SECONDS, "a year")
+READ_TIMEOUT_S = Seconds(PG_INT_MAX / 1000, "PostgreSQL's largest statement_timeout", whole_ms=True)
+SQL_QUERY = Text("a query that returns true or false")
+FLAG_FILE = FlagFile()
+OUTPUT_FILE = OutputFile()
+FINGERPRINT_FILE = FingerprintFile()
+
