@@ -148,8 +148,10 @@ say(c.get_experiment("{old.iid}").tags)
 say(refused(lambda: c.set_experiment_tag("{old.iid}", "kept", "again")))
 say(refused(lambda: c.set_experiment_tag("{old.iid}", "{TAGGED}", "again")))
 say(refused(lambda: c.delete_experiment("{late_iid}")))
+say(c.get_experiment(c.create_experiment("made after the drop", tags={{"k": "v"}})).tags)
 """))
-    kept_tags, twice, twice_older, deleted = out
+    kept_tags, twice, twice_older, deleted, made_after_drop = out
+    assert made_after_drop == {"k": "v"}
     assert kept_tags == model_tags(db, old.model_id) and kept_tags["kept"] == "after the archive drop"
     assert kept_tags[TAGGED] == "at the archive"
     assert twice[:2] == twice_older[:2] == [400, "INVALID_PARAMETER_VALUE"] and "'kept' already taken" in twice[2]
