@@ -174,7 +174,7 @@ def create_experiment(conn: Connection, stage: Stage, *, project_id: int, name: 
       reads it (:func:`_keep_experiment_id`); at ARCHIVE the tags in the archived
       ``ml_experiment_metadata`` too, where the view reads them.
     """
-    _lock_for(conn, stage)
+    _lock_for(conn, stage, tags=True)  # (the archived tags' ids are serialized by it too)
     if stage in (Stage.EXPERIMENTS, Stage.MODELS):
         row = conn.execute(sa.text("""
             INSERT INTO ml_experiments (created_at, updated_at, iid, project_id, user_id, name)
