@@ -207,11 +207,10 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
 # Waiting on fixes in toolkit/mlflow_api. Strict: it fails as soon as they land; then remove
 # the mark and set HELD_WHILE_MILESTONE_4_IS_APPLIED (toolkit/sandbox/training.py) to False.
 @pytest.mark.xfail(strict=True, reason=(
-    "toolkit/mlflow_api: once milestone 4 is applied, ExperimentRef.id is the archive's row id, which "
-    "tracking_writes._record_new_experiment (reads ml_experiment_metadata) and stages.candidate_parent "
-    "(sets ml_candidates.experiment_id) take for a row of ml_experiments: experiments/create and "
-    "runs/create answer 503 for good; and a model version made then has a candidate without "
-    "experiment_id, so `rollback milestone-4` fails on check_ml_candidates_experiment_id_not_null"))
+    "toolkit/mlflow_api: once milestone 4 is applied, runs/create answers 503 for good: ExperimentRef.id "
+    "is then the archive's row id, which stages.candidate_parent takes for a row of ml_experiments and "
+    "sets as ml_candidates.experiment_id, a dropped column; and a run or model version made then has "
+    "no experiment_id, so `rollback milestone-4` fails on check_ml_candidates_experiment_id_not_null"))
 def test_writes_while_milestone_4_is_applied(db, tmp_path):
     """What the clients are held from above: two clients write three iterations each with
     milestone 4 applied. Every call must be acknowledged and read back, their new
