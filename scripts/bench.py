@@ -118,8 +118,8 @@ def _training(url: sa.URL, clients: int) -> Iterator[dict[str, Any] | None]:
             raise SystemExit(f"--mlflow-clients: the server would not start with writes: {server.problem}")
         engine = create_engine(url)
         with engine.connect() as conn:
-            # not the first project: the application-like writer makes its experiments there with
-            # max(iid) + 1, not through internal_ids as GitLab (and the server) do
+            # not the first project, where the application-like writer makes its experiments: the
+            # clients' names and runs stay apart from its own
             projects = list(conn.execute(sa.text("SELECT id FROM projects ORDER BY id OFFSET 1 LIMIT :n"),
                                          {"n": clients}).scalars())
         engine.dispose()
