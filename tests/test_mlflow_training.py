@@ -22,10 +22,9 @@ killed with SIGKILL part-way and run again to resume. Then:
 - experiments the clients created after milestone 3 and after milestone 4 are models
   with their names as display names (``ml_models.display_name``).
 
-While milestone 4 is applied the clients are held for now (``HELD_WHILE_MILESTONE_4_IS_APPLIED``,
-docs/mlflow-training.md): the writes then wait on fixes in ``toolkit/mlflow_api``, and
-``test_writes_while_milestone_4_is_applied`` (a strict xfail) checks them, the models made
-after milestone 4 included.
+``test_writes_while_milestone_4_is_applied`` adds what milestone 4's stage asks for on its
+own: runs and model versions made while it is applied, rebuilt with their experiments by
+its rollback.
 
 The gitlab-com scale of the same workload runs in ``scripts/bench.py --mlflow-clients 4``
 (too slow for the suite on 2 cores).
@@ -48,7 +47,6 @@ from mlflow_serving import adversarial_database, serve_process
 from toolkit.engine.batches import FAULT_KILL_AFTER_ACTIONS_ENV, FAULT_KILL_AFTER_BATCHES_ENV
 from toolkit.mlflow_api.walk import client_version
 from toolkit.sandbox.training import (
-    HELD_WHILE_MILESTONE_4_IS_APPLIED,
     Workload,
     read_back,
     read_journals,
@@ -118,27 +116,26 @@ class Commands:
         self.log = log
         self.windows: dict[str, tuple[float, float]] = {}
 
-    def ran(self, what: str, began: float, code: int, output: str, *, writing: bool) -> None:
+    def ran(self, what: str, began: float, code: int, output: str) -> None:
         ended = time.time()
-        if writing:
-            self.windows[what] = (began, ended)
+        self.windows[what] = (began, ended)
         with self.log.open("a") as out:
-            out.write(json.dumps({"command": what, "began": began, "ended": ended, "writing": writing,
-                                  "exit": code, "said": output[-300:]}) + "\n")
+            out.write(json.dumps({"command": what, "began": began, "ended": ended, "exit": code,
+                                  "said": output[-300:]}) + "\n")
 
 
-def _killed_then_resumed(db, commands: Commands, *command: str, writing: bool = True) -> None:
-    """``command`` killed part-way, then run again: it resumes and ends well. ``writing``:
-    the clients write meanwhile (else they are held)."""
+def _killed_then_resumed(db, commands: Commands, *command: str) -> None:
+    """``command`` killed part-way while the clients write, then run again: it resumes and
+    ends well."""
     began = time.time()
     died = toolkit_process(db, *command, *BATCH, env=KILL)
-    commands.ran(f"{' '.join(command[:2])} (killed)", began, died.returncode, died.stderr, writing=writing)
+    commands.ran(f"{' '.join(command[:2])} (killed)", began, died.returncode, died.stderr)
     assert died.returncode == -signal.SIGKILL, (command, died.returncode, died.stderr[-2000:])
     began = time.time()
     resumed = toolkit(db, *command, *BATCH)
-    commands.ran(f"{' '.join(command[:2])} (resumed)", began, resumed.exit_code, resumed.output, writing=writing)
+    commands.ran(f"{' '.join(command[:2])} (resumed)", began, resumed.exit_code, resumed.output)
     assert resumed.exit_code == 0, f"{command}: {resumed.output[-3000:]}"
-    TALLY["milestone commands killed with SIGKILL, then resumed, while MLflow clients wrote"] += writing
+    TALLY["milestone commands killed with SIGKILL, then resumed, while MLflow clients wrote"] += 1
 
 
 def _models_named(db, experiments: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -161,28 +158,24 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
             commands = Commands(workload.folder / "commands.jsonl")
             done: dict[str, float] = {}
             for milestone in MILESTONES:
-                held = milestone == "milestone-4" and HELD_WHILE_MILESTONE_4_IS_APPLIED
                 before[milestone] = tmp_path / f"before-{milestone}.json"
                 workload.pause()  # no client run open: none the clients will still change
                 taken = toolkit(db, "fingerprint", "--out", str(before[milestone]))
-                if not held:
-                    workload.resume()
+                workload.resume()
                 assert taken.exit_code == 0, taken.output
-                _killed_then_resumed(db, commands, "migrate", milestone, "--yes", writing=not held)
+                _killed_then_resumed(db, commands, "migrate", milestone, "--yes")
                 done[milestone] = time.time()
-                if not held:
-                    _more_runs(workload, CLIENTS, f"more runs after {milestone}")
+                _more_runs(workload, CLIENTS, f"more runs after {milestone}")
                 verified = toolkit(db, "verify", milestone)  # no re-baseline: the writes are the server's
                 assert verified.exit_code == 0, (milestone, verified.output[-3000:])
-                if milestone == "milestone-3" or (milestone == "milestone-4" and not held):
+                if milestone in ("milestone-3", "milestone-4"):
                     made = _wait_for(workload, f"a new experiment after {milestone}",
                                      lambda entries, m=milestone: created_since(entries, done[m]))
                     new = created_since(made, done[milestone])
                     assert _models_named(db, new) == [], (milestone, new)
                     TALLY["experiments MLflow clients created as models after milestones 3 and 4"] += len(new)
             for milestone in reversed(MILESTONES):
-                held = milestone == "milestone-4" and HELD_WHILE_MILESTONE_4_IS_APPLIED
-                _killed_then_resumed(db, commands, "rollback", milestone, writing=not held)
+                _killed_then_resumed(db, commands, "rollback", milestone)
                 workload.resume()
                 compared = toolkit(db, "fingerprint", "--compare", str(before[milestone]))
                 assert compared.exit_code == 0, (milestone, compared.output[-3000:])
@@ -204,13 +197,6 @@ def test_training_clients_write_through_every_milestone_and_rollback_and_read_ba
     TALLY["503s MLflow clients retried during schema changes"] += report.retried_503
 
 
-# Waiting on fixes in toolkit/mlflow_api. Strict: it fails as soon as they land; then remove
-# the mark and set HELD_WHILE_MILESTONE_4_IS_APPLIED (toolkit/sandbox/training.py) to False.
-@pytest.mark.xfail(strict=True, reason=(
-    "toolkit/mlflow_api: once milestone 4 is applied, runs/create answers 503 for good: ExperimentRef.id "
-    "is then the archive's row id, which stages.candidate_parent takes for a row of ml_experiments and "
-    "sets as ml_candidates.experiment_id, a dropped column; and a run or model version made then has "
-    "no experiment_id, so `rollback milestone-4` fails on check_ml_candidates_experiment_id_not_null"))
 def test_writes_while_milestone_4_is_applied(db, tmp_path):
     """What the clients are held from above: two clients write three iterations each with
     milestone 4 applied. Every call must be acknowledged and read back, their new

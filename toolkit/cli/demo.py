@@ -21,7 +21,6 @@ from toolkit.output import out
 from toolkit.report import candidate_report
 from toolkit.sandbox.database import seed_sandbox
 from toolkit.sandbox.server import SandboxServer
-from toolkit.sandbox.training import HELD_WHILE_MILESTONE_4_IS_APPLIED
 from toolkit.sandbox.training_demo import TrainingDuringMigration
 from toolkit.verify.fingerprint import compare, take
 
@@ -80,8 +79,6 @@ def demo(seed_value: int, batch_size: int) -> None:
             out.say(f"   {milestone.name}: {rows}")
         out.say("3. Apply each milestone, verifying after each:")
         for milestone in registry.MILESTONES.values():
-            if milestone.name == "milestone-4" and HELD_WHILE_MILESTONE_4_IS_APPLIED:
-                training.hold()
             result = runner.migrate(milestone)
             if result.verify is None or not result.verify.ok:
                 raise (result.verify.failure() if result.verify else
@@ -120,7 +117,6 @@ def demo(seed_value: int, batch_size: int) -> None:
                 said = (f"{undone} schema changes undone, which took the {written} values it had "
                         "written with them")
             out.say(f"   {milestone.name}: rolled back: {said}")
-            training.release()
             stages.append({"stage": f"rollback {milestone.name}", "rows": result.rows, "ok": True})
         out.say(f"   {training.finish()}")
 

@@ -311,6 +311,30 @@ def _keep_experiment_id(conn: Connection, stage: Stage, *, row: int, project_id:
                  {"id": row, "p": project_id, "iid": iid, "m": model_id, "n": name})
 
 
+def keep_default_experiment(conn: Connection, stage: Stage, *, project_id: int, model_id: int, name: str,
+                            user_id: int | None, iid: int) -> int:
+    """After milestone 4, ``registered-models/create``'s default experiment
+    (``[model]<name>``, GitLab's ``Ml::CreateModelService``) kept as an id only, where the
+    view reads experiments, as those of models made before milestone 4 are: so the model's
+    runs and versions have an experiment again when milestone 4 is rolled back (its rebuild
+    gives each candidate the experiment of its model). Its row id."""
+    _lock_for(conn, stage)
+    row = _next_experiment_row_id(conn)
+    _keep_experiment_id(conn, stage, row=row, project_id=project_id, iid=iid, model_id=model_id, name=name,
+                        user_id=user_id)
+    return row
+
+
+def experiments_init_sql(conn: Connection, stage: Stage) -> str:
+    """``AtomicInternalId.project_init``'s greatest experiment iid of the project
+    (``:project``), wherever the stage keeps experiment iids: after milestone 4 no longer in
+    ``ml_experiments`` but in the MLflow view of them."""
+    if stage in (Stage.EXPERIMENTS, Stage.MODELS):
+        return "SELECT max(iid) FROM ml_experiments WHERE project_id = :project"
+    view = experiments_view(conn, mlflow_source(conn) or FROM_MODELS, "x.project_id = :project")
+    return f"SELECT max(e.iid) FROM ({view}) e"
+
+
 def lock_experiments(conn: Connection, stage: Stage) -> None:
     """After milestone 4, what a write to an existing experiment takes before it reads it:
     the lock :func:`create_experiment` takes (SHARE ROW EXCLUSIVE on the archive and its
@@ -397,11 +421,9 @@ def candidate_parent(conn: Connection, ref: ExperimentRef) -> dict[str, int | No
     experiment is a row, and ``model_id`` (the experiment's model) once milestone 2 has
     given ``ml_candidates`` the column; a column the table does not have is left out."""
     columns: dict[str, int | None] = {}
-    if ref.id is not None:
+    # after milestone 4, ref.id is the archived or kept row id: the column is gone
+    if ref.id is not None and column_exists(conn, "ml_candidates", "experiment_id"):
         columns["experiment_id"] = ref.id
-    has_model_id = conn.execute(sa.text("""
-        SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('ml_candidates')
-                       AND attname = 'model_id' AND NOT attisdropped)""")).scalar_one()
-    if has_model_id:
+    if column_exists(conn, "ml_candidates", "model_id"):
         columns["model_id"] = ref.model_id
     return columns

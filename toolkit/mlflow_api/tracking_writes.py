@@ -39,7 +39,6 @@ from toolkit.mlflow_api.views import View
 from toolkit.mlflow_api.writing import WriteFunction, tables_written
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_EXPERIMENT_IDS
 from toolkit.schema.gitlab import CANDIDATE_STATUSES
-from toolkit.verify.fingerprint import experiments_view, mlflow_source
 
 WriteContext = stages.WriteContext
 CANDIDATE_STATES = [name.upper() for name in CANDIDATE_STATUSES]  # Ml::Candidate.statuses, upcased
@@ -237,7 +236,7 @@ def create_experiment(conn: Connection, ctx: WriteContext, params: dict[str, Any
             {"p": ctx.project_id, "n": name}).scalar_one():
         raise ApiError(400, body={"error_code": "RESOURCE_ALREADY_EXISTS"})
     pairs = _tag_pairs(tags)
-    iid = internal_ids.next_experiment_iid(conn, ctx.project_id, _experiments_init(conn, ctx))
+    iid = internal_ids.next_experiment_iid(conn, ctx.project_id, stages.experiments_init_sql(conn, ctx.stage))
     try:
         with conn.begin_nested():
             ref = stages.create_experiment(conn, ctx.stage, project_id=ctx.project_id, name=name, tags=pairs,
@@ -249,15 +248,6 @@ def create_experiment(conn: Connection, ctx: WriteContext, params: dict[str, Any
         raise
     _record_new_experiment(conn, ctx, ref)
     return {"experiment_id": str(ref.iid)}
-
-
-def _experiments_init(conn: Connection, ctx: WriteContext) -> str:
-    """``project_init``'s greatest iid of the project, wherever the stage keeps experiment
-    iids (after milestone 4 no longer in ``ml_experiments``: the fingerprint's view of them)."""
-    if ctx.stage in (stages.Stage.EXPERIMENTS, stages.Stage.MODELS):
-        return internal_ids.EXPERIMENTS_INIT
-    view = experiments_view(conn, mlflow_source(conn), "x.project_id = :project")
-    return f"SELECT max(e.iid) FROM ({view}) e"
 
 
 def _tag_pairs(tags: list[Any] | None) -> list[tuple[str, str]]:

@@ -55,11 +55,6 @@ CLIENT_ENV = {
     "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "true",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
-# While milestone 4 is applied, runs/create answers 503 for good and a run or model version
-# made then stops `rollback milestone-4` (toolkit/mlflow_api, see
-# tests/test_mlflow_training.py::test_writes_while_milestone_4_is_applied): until that is fixed
-# the demo and the test hold their clients from before `migrate milestone-4` until its rollback.
-HELD_WHILE_MILESTONE_4_IS_APPLIED = True
 WRITE_OPS = ("set_experiment", "start_run", "log_params", "log_metric", "log_batch", "set_tags",
              "end_run", "create_registered_model", "create_model_version")
 STATUSES = ("FINISHED", "FAILED", "KILLED")

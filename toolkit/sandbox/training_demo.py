@@ -18,7 +18,6 @@ from typing import Any
 
 from toolkit.errors import VerificationFailed
 from toolkit.sandbox.training import (
-    HELD_WHILE_MILESTONE_4_IS_APPLIED,
     Report,
     Workload,
     first_runs,
@@ -61,10 +60,8 @@ class TrainingDuringMigration:
     def started(self) -> str:
         if self.problem:
             return f"MLflow writes: not exercised: {self.problem}"
-        held = (" (held from milestone 4's migrate to its rollback: writes while it is applied are not "
-                "served well yet)") if HELD_WHILE_MILESTONE_4_IS_APPLIED else ""
         return (f"MLflow writes: {self.clients} training clients (the real MLflow client) write to project "
-                f"{self.project} through `toolkit mlflow serve --allow-writes` from here on{held}")
+                f"{self.project} through `toolkit mlflow serve --allow-writes` from here on")
 
     def hold(self) -> None:
         """Hold the clients between two iterations (no run of theirs open) until release()."""
