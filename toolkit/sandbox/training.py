@@ -442,7 +442,7 @@ class Report:
         if self.other_5xx:
             extra += f"; other 5xx: {dict(self.other_5xx)}"
         if self.not_acknowledged:
-            extra += f"; {self.not_acknowledged} calls failed ({_top(self.errors)})"
+            extra += f"; {self.not_acknowledged} calls failed ({top_errors(self.errors)})"
         return f"{said}, {back}{extra}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -458,7 +458,7 @@ class Report:
                 "write_p99_ms": round(percentile(self.write_ms, 99), 1)}
 
 
-def _top(errors: Counter) -> str:
+def top_errors(errors: Counter) -> str:
     return ", ".join(f"{n}× {e[:120]}" for e, n in errors.most_common(3))
 
 

@@ -22,6 +22,7 @@ from toolkit.sandbox.training import (
     Workload,
     first_runs,
     read_back,
+    top_errors,
 )
 from toolkit.sandbox.writing_server import writing_server
 
@@ -86,7 +87,8 @@ class TrainingDuringMigration:
                 + "; ".join((report.lost + report.duplicated)[:3]),
                 "report this with the output of `toolkit mlflow serve`")
         retried = f"; {report.retried_503} 503s retried by the client" if report.retried_503 else ""
-        failed = f"; {report.not_acknowledged} calls failed" if report.not_acknowledged else ""
+        failed = (f"; {report.not_acknowledged} calls failed ({top_errors(report.errors)})"
+                  if report.not_acknowledged else "")
         return f"MLflow writes: {counts}, all read back{retried}{failed}"
 
     def as_dict(self) -> dict[str, Any] | None:
