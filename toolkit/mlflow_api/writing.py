@@ -51,7 +51,10 @@ from toolkit.schema.gitlab import ML_TABLE_NAMES
 WriteFunction = Callable[[Connection, stages.WriteContext, dict[str, Any]], dict[str, Any]]
 
 ATTEMPTS = 5
-RETRY_AFTER_S = 2  # what a 503 asks the client to wait; MLflow's client (urllib3) honours it
+# What a 503 asks the client to wait. MLflow's client (urllib3) honours it instead of its own
+# backoff, up to MLFLOW_HTTP_REQUEST_MAX_RETRIES (7) times: its patience is 7 x Retry-After.
+RETRY_AFTER_S = 2  # a lock wait: the schema change holding it is short
+PAUSED_RETRY_AFTER_S = 10  # milestone 4 rolling back or between its drops: 70 s of patience
 
 
 def tables_written(*names: str) -> Callable[[WriteFunction], WriteFunction]:
@@ -77,8 +80,8 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def unavailable(message: str) -> ApiError:
-    return ApiError(503, "TEMPORARILY_UNAVAILABLE", message, headers=(("Retry-After", str(RETRY_AFTER_S)),))
+def unavailable(message: str, retry_after_s: int = RETRY_AFTER_S) -> ApiError:
+    return ApiError(503, "TEMPORARILY_UNAVAILABLE", message, headers=(("Retry-After", str(retry_after_s)),))
 
 
 class Writer:
@@ -111,7 +114,8 @@ class Writer:
                                            f"({stage.value}) by this version of toolkit mlflow serve; "
                                            "nothing was written") from None
             except stages.WritesPaused as exc:
-                raise unavailable(f"Writes wait while {exc}; nothing was written, try again") from None
+                raise unavailable(f"Writes wait while {exc}; nothing was written, try again",
+                                  PAUSED_RETRY_AFTER_S) from None
             except stages.StageChanged as exc:
                 if not last:
                     continue  # a schema change committed while the write waited: the new stage
