@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.conninfo import render as render_url
-from toolkit.db import cannot_connect, first_line, lost_session_error, session_lost
+from toolkit.db import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
 from toolkit.engine import state
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.events import Events
@@ -93,6 +93,12 @@ class RunHistory:
             self.finish(result, "failed", exc.one_line())
             raise
         except DBAPIError as exc:
+            exhausted = resource_exhausted(exc, render_url(self.engine.url), self.events.secrets)
+            if exhausted is not None:
+                # the cause, in the line the operator saw, written from a connection of its
+                # own (the pool's pre-ping replaces the run's if the server dropped it)
+                self.finish(result, "interrupted", exhausted.one_line())
+                raise exhausted from exc
             why = session_lost(exc, during_run=True) or (
                 "the database cannot be reached" if cannot_connect(exc) else None)
             if why:

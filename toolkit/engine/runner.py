@@ -45,6 +45,7 @@ from toolkit.errors import (
     DatabaseProblem,
     LockUnavailable,
     PreconditionRefused,
+    ResourceExhausted,
     SessionLost,
     ToolkitError,
 )
@@ -278,7 +279,8 @@ class Runner:
         except (ToolkitError, DBAPIError) as exc:
             problem = (exc if isinstance(exc, ToolkitError)
                        else classify(exc, render_url(self.engine.url), self.events.secrets))
-            kind = type(problem) if isinstance(problem, SessionLost | LockUnavailable) else DatabaseProblem
+            kind = (type(problem) if isinstance(problem, SessionLost | LockUnavailable | ResourceExhausted)
+                    else DatabaseProblem)
             raise kind(
                 f"{milestone.name} is applied, but its closing verify did not finish: {problem.problem}",
                 f"run `toolkit verify {milestone.name}` (--read-timeout raises the time a read may "

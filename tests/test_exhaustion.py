@@ -1,0 +1,187 @@
+"""The database server runs out of a resource in the middle of a run: a resumable stop.
+
+A real full disk: a tablespace on a small tmpfs of the test's own (mounted as root, as CI
+runs), holding ``ml_models``, with a file filling it but for two pages. Milestone 3 creates
+models into it in batches of 4 until PostgreSQL cannot extend the table's file
+(``could not extend file … No space left on device``, SQLSTATE 53100). Then:
+
+- the run exits 75 with one line: the disk is full, everything committed is kept, free
+  disk space, then run the same command again; no traceback;
+- history records the run as ``interrupted`` with that line (the SQLSTATE and the
+  server's words), written from another connection, and the rows its committed batches
+  changed;
+- once the filler is removed, the same command ends in the state of an uninterrupted twin
+  (but for the ids the failed batch took from the sequences: compared by natural key).
+
+Not reproduced here: ``pg_wal`` filling until the server PANICs (the server would need a
+WAL directory on its own small filesystem and a crash restart; an immediate restart, what
+the PANIC leads to, is test_restarts.py's). A connection refused for too many clients
+(53300) is checked against a real server that refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from faults import FaultServer, ServerDb, checkpoint_rows, id_free, newest_run_id, start_toolkit
+from helpers import differences, end_state, resolve_m1_anomalies, toolkit
+
+from toolkit.errors import ExitCode, without_database_urls
+from toolkit.sandbox.generator import seed_database
+from toolkit.sandbox.scales import SCALES
+from toolkit.sandbox.server import SYSTEM_USER_WHEN_ROOT
+
+BATCH = ("--batch-size", "4")
+COMMAND = ("migrate", "milestone-3", "--yes", *BATCH)
+SEQUENCE_ID_PARTS = {"tables.ml_models", "tables.ml_model_metadata", "tables.ml_candidates",
+                     "tables.ml_experiments", "ledgers.m3_created_models", "ledgers.m3_copied_metadata"}
+
+
+class Tmpfs:
+    """A small tmpfs mounted for the test (root only), unmounted at the end."""
+
+    def __init__(self, size: str):
+        self.path = Path(tempfile.mkdtemp(prefix="tk-small-fs-"))
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                               str(self.path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            os.rmdir(self.path)
+            pytest.skip(f"a small filesystem for a tablespace needs `mount -t tmpfs` (root): "
+                        f"{done.stderr.strip() or done.returncode}")
+
+    def free(self) -> int:
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
+
+    def fill(self, leave: int) -> Path:
+        """A file taking all the space but ``leave`` bytes."""
+        filler = self.path / "filler"
+        with filler.open("wb") as out:
+            out.write(b"\0" * max(0, self.free() - leave))
+        return filler
+
+    def close(self) -> None:
+        subprocess.run(["umount", str(self.path)], check=False)
+        os.rmdir(self.path)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    if os.geteuid() != 0:
+        pytest.skip("a tablespace on a small filesystem needs root to mount it (CI runs as root)")
+    with FaultServer.started() as server:
+        seeded = server.database("tpl_seeded")
+        with seeded.engine.connect() as conn:
+            seed_database(conn, SCALES["small"], "adversarial", seed=1)
+        resolve_m1_anomalies(seeded)
+        for milestone in ("milestone-1", "milestone-2"):
+            done = toolkit(seeded, "migrate", milestone, "--yes")
+            assert done.exit_code == 0, done.output
+        seeded.dispose()
+        yield server
+
+
+def _history(db: ServerDb, after_run: int) -> list[dict]:
+    done = toolkit(db, "--json", "history", "--limit", "50")
+    assert done.exit_code == 0, done.output
+    return sorted((r for r in json.loads(done.stdout)["result"]["runs"] if r["id"] > after_run),
+                  key=lambda r: r["id"])
+
+
+def _rows(run: dict) -> dict[str, int]:
+    return {step: rows for step, rows in (run["rows_by_step"] or {}).items() if rows}
+
+
+def _one_error_line(code: int, stdout: str, stderr: str) -> str:
+    assert code == ExitCode.SESSION_LOST, f"exit {code}\n{stdout}\n{stderr}"
+    assert "Traceback" not in stdout + stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_a_full_tablespace_during_milestone_3_stops_resumably_and_ends_equal(lab: FaultServer,
+                                                                               tmp_path: Path):
+    twin_db = lab.database("twin", template="tpl_seeded")
+    done = toolkit(twin_db, "--json", *COMMAND)
+    assert done.exit_code == 0, done.output
+    twin_rows = json.loads(done.stdout)["result"]["rows"]
+    twin_state, twin_ids = end_state(twin_db), id_free(twin_db)
+    lab.drop("twin")
+
+    db = lab.database("full", template="tpl_seeded")
+    small = Tmpfs("4m")
+    try:
+        owner = pwd.getpwnam(SYSTEM_USER_WHEN_ROOT) if os.geteuid() == 0 else None
+        location = small.path / "ts"
+        location.mkdir()
+        if owner is not None:
+            os.chown(location, owner.pw_uid, owner.pw_gid)
+        lab._admin(f"CREATE TABLESPACE tk_small LOCATION '{location}'")
+        # few rows a page, so the created models need new pages, and every one is on the tablespace
+        db.execute("ALTER TABLE ml_models SET (fillfactor = 10)")
+        db.execute("ALTER TABLE ml_models SET TABLESPACE tk_small")
+        filler = small.fill(leave=16 * 1024)  # two of PostgreSQL's 8 kB pages
+        prior = newest_run_id(db)
+
+        running = start_toolkit(db, COMMAND, tmp_path, "full")
+        code, stdout, stderr = running.wait()
+        line = _one_error_line(code, stdout, stderr)
+        assert "disk is full (53100: could not extend file" in line, line
+        assert "No space left on device" in line, line
+        assert "everything committed before it is kept" in line, line
+        assert "free disk space on the database server" in line, line
+        assert line.endswith("then run the same command again"), line
+
+        (stopped,) = _history(db, prior)
+        committed, batches = checkpoint_rows(db, stopped["id"])
+        assert batches >= 1, "the disk was meant to fill after some batches had committed"
+        assert stopped["outcome"] == "interrupted", stopped
+        assert stopped["error"] == without_database_urls(line.removeprefix("error: ")), stopped
+        assert _rows(stopped) == committed, "history's rows are the committed batches'"
+
+        filler.unlink()  # the operator frees space
+        again = start_toolkit(db, COMMAND, tmp_path, "again")
+        code, stdout, stderr = again.wait()
+        assert code == 0, (stdout, stderr)
+        runs = _history(db, prior)
+        assert [r["outcome"] for r in runs] == ["interrupted", "succeeded"], runs
+        assert sum(sum(_rows(r).values()) for r in runs) == twin_rows, runs
+        state = end_state(db)
+        # the batch the full disk rolled back had taken ids from ml_models' sequence: models
+        # created after it have other ids than the twin's, and nothing else differs
+        assert set(differences(state, twin_state)) <= SEQUENCE_ID_PARTS, differences(state, twin_state)
+        assert id_free(db) == twin_ids
+    finally:
+        lab.drop("full")
+        lab._admin("DROP TABLESPACE IF EXISTS tk_small")
+        small.close()
+
+
+def test_no_connection_left_is_a_resumable_stop_with_nothing_written(lab: FaultServer):
+    """The database allows one connection to the role the run uses: the run's second
+    session is refused by the server (53300), before anything is written."""
+    db = lab.database("crowded", template="tpl_seeded")
+    try:
+        db.execute("CREATE ROLE tk_crowded LOGIN NOSUPERUSER CONNECTION LIMIT 1")
+        db.execute(f'GRANT "{db.scalar("SELECT current_user")}" TO tk_crowded')  # the tables' owner
+        owner = db.scalar("SELECT current_user")
+        url = db.url_text.replace(f"://{owner}@", "://tk_crowded@", 1)
+        assert "tk_crowded@" in url, url
+        prior = newest_run_id(db)
+        done = toolkit(type("Db", (), {"url_text": url})(), "migrate", "milestone-3", "--yes")
+        assert done.exit_code == ExitCode.SESSION_LOST, done.output
+        errors = [line for line in done.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, done.output
+        assert "no connection left for the toolkit (53300: " in errors[0], errors[0]
+        assert "free connections" in errors[0] and errors[0].endswith("then run the same command again")
+        assert newest_run_id(db) == prior, "nothing recorded"
+    finally:
+        lab.drop("crowded")
+        lab._admin("DROP ROLE IF EXISTS tk_crowded")
