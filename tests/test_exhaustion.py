@@ -29,7 +29,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from faults import FaultServer, ServerDb, checkpoint_rows, id_free, newest_run_id, start_toolkit
+from faults import (
+    FaultServer,
+    ServerDb,
+    checkpoint_rows,
+    id_free,
+    newest_run_id,
+    start_toolkit,
+    wait_for_batches,
+)
 from helpers import differences, end_state, resolve_m1_anomalies, toolkit
 
 from toolkit.errors import ExitCode, without_database_urls
@@ -106,14 +114,29 @@ def _one_error_line(code: int, stdout: str, stderr: str) -> str:
     return errors[0]
 
 
-def test_a_full_tablespace_during_milestone_3_stops_resumably_and_ends_equal(lab: FaultServer,
-                                                                               tmp_path: Path):
-    twin_db = lab.database("twin", template="tpl_seeded")
-    done = toolkit(twin_db, "--json", *COMMAND)
+@pytest.fixture(scope="module")
+def twin(lab: FaultServer) -> tuple[int, tuple, dict]:
+    """The uninterrupted run's rows, end state, and end state by natural key."""
+    db = lab.database("twin", template="tpl_seeded")
+    done = toolkit(db, "--json", *COMMAND)
     assert done.exit_code == 0, done.output
-    twin_rows = json.loads(done.stdout)["result"]["rows"]
-    twin_state, twin_ids = end_state(twin_db), id_free(twin_db)
+    made = json.loads(done.stdout)["result"]["rows"], end_state(db), id_free(db)
     lab.drop("twin")
+    return made
+
+
+def _equal_to_twin(db: ServerDb, runs: list[dict], twin: tuple[int, tuple, dict]) -> None:
+    twin_rows, twin_state, twin_ids = twin
+    assert sum(sum(_rows(r).values()) for r in runs) == twin_rows, runs
+    state = end_state(db)
+    # a batch rolled back had taken ids from ml_models' sequence: models created after it
+    # have other ids than the twin's, and nothing else differs
+    assert set(differences(state, twin_state)) <= SEQUENCE_ID_PARTS, differences(state, twin_state)
+    assert id_free(db) == twin_ids
+
+
+def test_a_full_tablespace_during_milestone_3_stops_resumably_and_ends_equal(lab: FaultServer, twin,
+                                                                               tmp_path: Path):
 
     db = lab.database("full", template="tpl_seeded")
     small = Tmpfs("4m")
@@ -152,12 +175,7 @@ def test_a_full_tablespace_during_milestone_3_stops_resumably_and_ends_equal(lab
         assert code == 0, (stdout, stderr)
         runs = _history(db, prior)
         assert [r["outcome"] for r in runs] == ["interrupted", "succeeded"], runs
-        assert sum(sum(_rows(r).values()) for r in runs) == twin_rows, runs
-        state = end_state(db)
-        # the batch the full disk rolled back had taken ids from ml_models' sequence: models
-        # created after it have other ids than the twin's, and nothing else differs
-        assert set(differences(state, twin_state)) <= SEQUENCE_ID_PARTS, differences(state, twin_state)
-        assert id_free(db) == twin_ids
+        _equal_to_twin(db, runs, twin)
     finally:
         lab.drop("full")
         lab._admin("DROP TABLESPACE IF EXISTS tk_small")
@@ -185,3 +203,34 @@ def test_no_connection_left_is_a_resumable_stop_with_nothing_written(lab: FaultS
     finally:
         lab.drop("crowded")
         lab._admin("DROP ROLE IF EXISTS tk_crowded")
+
+
+def test_an_end_the_database_could_not_take_is_recorded_by_the_next_run(lab: FaultServer, twin,
+                                                                        tmp_path: Path):
+    """The server stops mid-run and is still down when the run records its end: the run
+    keeps it on this machine and says so; the next run writes it on the abandoned run
+    (not ``stopped unrecorded``), then resumes to the twin's end state."""
+    db = lab.database("down", template="tpl_seeded")
+    prior = newest_run_id(db)
+    running = start_toolkit(db, (*COMMAND, "--pause-ms", "30"), tmp_path, "down")
+    run_id = wait_for_batches(db, running, prior, 2)
+    db.dispose()
+    lab.server.stop()
+    try:
+        code, stdout, stderr = running.wait()
+    finally:
+        lab.status = lab.server.start()
+    line = _one_error_line(code, stdout, stderr)
+    assert line.startswith("error: Interrupted: "), line
+    warning = f"warning: could not record how run {run_id} ended ("
+    assert warning in stderr and "the next run on this database from this machine records it" in stderr, stderr
+
+    again = start_toolkit(db, COMMAND, tmp_path, "again")
+    code, stdout, stderr = again.wait()
+    assert code == 0, (stdout, stderr)
+    runs = _history(db, prior)
+    assert [r["outcome"] for r in runs] == ["interrupted", "succeeded"], runs
+    assert runs[0]["error"] == (f"{without_database_urls(line.removeprefix('error: '))} "
+                                f"(recorded by run {runs[1]['id']}: the database could not take it then)")
+    _equal_to_twin(db, runs, twin)
+    lab.drop("down")
