@@ -339,6 +339,13 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
             "...), or connect as a role with a password (over TCP, or where pg_hba.conf asks for one)")
     if (exhausted := resource_exhausted(exc, where, secrets)) is not None:
         return exhausted  # before "cannot connect": out of connections is refused at connect
+    if sqlstate in ("42P01", "3F000") and ('"toolkit.' in first or 'schema "toolkit"' in first):
+        return PreconditionRefused(
+            f"The toolkit's own schema, or a table of it, is gone ({first}) on {where}: what the "
+            "batch under way did was rolled back, and the toolkit's record of what it changed "
+            "went with the schema",
+            "`toolkit status` says what GitLab's tables show in place; restore the toolkit schema "
+            "from a backup, or declare the state with `toolkit adopt --yes`")
     if sqlstate == "42501":
         return DatabaseProblem(
             f"Permission denied on {where}: {first}",

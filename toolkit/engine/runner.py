@@ -29,6 +29,7 @@ from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.health import Limits, Throttle, check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.lease import Hold, HoldLost
+from toolkit.engine.ledger import refuse_lost_ledger
 from toolkit.engine.listing import count_of
 from toolkit.engine.outcomes import ApplyResult, Gate, PlanResult, VerifyResult, timed
 from toolkit.engine.plan import Final, Milestone, MilestonePlan
@@ -71,6 +72,14 @@ class Runner:
         self.command = command
         self.lock_wait_s = lock_wait_s
         self.history = RunHistory(engine, self.options, events, command)
+        self._ledger_checked = False
+
+    def _refuse_lost_ledger(self, conn: Connection) -> None:
+        """Once per runner, before its first read: a toolkit schema lost while GitLab's
+        tables show milestones in place is named, and every command refused (ledger.py)."""
+        if not self._ledger_checked:
+            refuse_lost_ledger(conn, self.milestones)
+            self._ledger_checked = True
 
     # -- read-only -------------------------------------------------------------------
     @contextmanager
@@ -80,6 +89,7 @@ class Runner:
             conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             with conn.begin() as transaction:
                 try:
+                    self._refuse_lost_ledger(conn)
                     yield conn
                 finally:
                     transaction.rollback()
@@ -205,6 +215,7 @@ class Runner:
         with self.engine.connect() as conn, conn.begin() as transaction:
             try:
                 conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+                self._refuse_lost_ledger(conn)
                 return milestone.final_now(conn), state.milestone_state(conn, milestone.name)["state"]
             finally:
                 transaction.rollback()
