@@ -115,18 +115,22 @@ def _one_error_line(code: int, stdout: str, stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def twin(lab: FaultServer) -> tuple[int, tuple, dict]:
-    """The uninterrupted run's rows, end state, and end state by natural key."""
+def twin(lab: FaultServer, tmp_path_factory) -> tuple[int, tuple, dict, Path]:
+    """The uninterrupted run's rows, end state, end state by natural key, and the file of
+    its `toolkit fingerprint --out`."""
     db = lab.database("twin", template="tpl_seeded")
     done = toolkit(db, "--json", *COMMAND)
     assert done.exit_code == 0, done.output
-    made = json.loads(done.stdout)["result"]["rows"], end_state(db), id_free(db)
+    fingerprint = tmp_path_factory.mktemp("twin") / "twin.json"
+    taken = toolkit(db, "fingerprint", "--out", str(fingerprint))
+    assert taken.exit_code == 0, taken.output
+    made = json.loads(done.stdout)["result"]["rows"], end_state(db), id_free(db), fingerprint
     lab.drop("twin")
     return made
 
 
-def _equal_to_twin(db: ServerDb, runs: list[dict], twin: tuple[int, tuple, dict]) -> None:
-    twin_rows, twin_state, twin_ids = twin
+def _equal_to_twin(db: ServerDb, runs: list[dict], twin: tuple[int, tuple, dict, Path]) -> None:
+    twin_rows, twin_state, twin_ids, _ = twin
     assert sum(sum(_rows(r).values()) for r in runs) == twin_rows, runs
     state = end_state(db)
     # a batch rolled back had taken ids from ml_models' sequence: models created after it
@@ -176,6 +180,7 @@ def test_a_full_tablespace_during_milestone_3_stops_resumably_and_ends_equal(lab
         runs = _history(db, prior)
         assert [r["outcome"] for r in runs] == ["interrupted", "succeeded"], runs
         _equal_to_twin(db, runs, twin)
+        _compare_across_the_gap(db, twin[3], tmp_path)
     finally:
         lab.drop("full")
         lab._admin("DROP TABLESPACE IF EXISTS tk_small")
@@ -234,3 +239,30 @@ def test_an_end_the_database_could_not_take_is_recorded_by_the_next_run(lab: Fau
                                 f"(recorded by run {runs[1]['id']}: the database could not take it then)")
     _equal_to_twin(db, runs, twin)
     lab.drop("down")
+
+
+def _compare_across_the_gap(db: ServerDb, twin_file: Path, tmp_path: Path) -> None:
+    """`toolkit fingerprint --compare` with the twin's file says equal across the sequence
+    gap, naming what it compared by natural key; the same file without them (as a toolkit
+    before this took it) compares ids and finds the gap."""
+    gapped = db.scalar("SELECT max(model_id) FROM toolkit.m3_created_models")
+    twin_doc = json.loads(twin_file.read_text())
+    assert gapped > twin_doc["watermarks"]["ml_models"], "the rolled-back batch left a gap in the ids"
+    done = toolkit(db, "--json", "fingerprint", "--compare", str(twin_file))
+    assert done.exit_code == 0, done.output
+    said = json.loads(done.stdout)["result"]
+    assert said["differences"] == []
+    created = db.scalar("SELECT count(*) FROM toolkit.m3_created_models")
+    assert [n.split(":")[0] for n in said["natural_keys"]] == [
+        "tables.ml_candidates", "tables.ml_experiments", "tables.ml_model_metadata", "tables.ml_models"
+    ], said["natural_keys"]
+    assert said["natural_keys"][3] == (f"tables.ml_models: {created} rows, models milestone-3 created, "
+                                       "by project and name, not id"), said["natural_keys"]
+    text = toolkit(db, "fingerprint", "--compare", str(twin_file))
+    assert text.exit_code == 0 and "Compared by natural key, as sequence values may differ" in text.output
+
+    by_id = tmp_path / "by-id.json"
+    by_id.write_text(json.dumps({k: v for k, v in twin_doc.items() if k != "natural"}))
+    done = toolkit(db, "fingerprint", "--compare", str(by_id))
+    assert done.exit_code == 1, done.output
+    assert "tables.ml_models:" in done.output, done.output
