@@ -81,9 +81,8 @@ def fingerprint(out_file: Path | None, compared: params.FingerprintAt | None, ml
 
 def _by_natural_key(reference: Fingerprint, now: Fingerprint) -> list[str]:
     """The parts compared by natural key, each with its row count and how."""
-    both = set(reference.natural or {}) | set(now.natural or {})
     return [f"tables.{table}: {(now.natural or {}).get(table, {}).get('rows', 0)} rows, "
-            f"{NATURAL_KEYS[table]}" for table in sorted(both) if table in NATURAL_KEYS]
+            f"{NATURAL_KEYS[table]}" for table in sorted(reference.natural or {}) if table in NATURAL_KEYS]
 
 
 def _refuse_combinations(out_file: Path | None, compared: params.FingerprintAt | None,
