@@ -6,6 +6,7 @@ The runner is the only place that decides *when* a step's passes execute; the st
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from toolkit.engine.preflight import (
     check_writable,
 )
 from toolkit.engine.results import Check
+from toolkit.engine.rewind import Memory, said
 from toolkit.engine.signals import stop_on_signals
 from toolkit.errors import (
     DatabaseProblem,
@@ -52,6 +54,7 @@ from toolkit.errors import (
 )
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.schema.migrations import ensure_own_tables
+from toolkit.schema.own import SCHEMA
 from toolkit.verify import baselines
 from toolkit.verify.digest import Memo
 from toolkit.verify.fingerprint import Scope, take
@@ -73,6 +76,7 @@ class Runner:
         self.lock_wait_s = lock_wait_s
         self.history = RunHistory(engine, self.options, events, command)
         self._ledger_checked = False
+        self.memory = Memory()  # the batches this process committed, across --reconnect attempts
 
     def _refuse_lost_ledger(self, conn: Connection) -> None:
         """Once per runner, before its first read: a toolkit schema lost while GitLab's
@@ -269,6 +273,7 @@ class Runner:
             # that build the archive cannot run again; what is left is to verify and say so.
             passes = [] if final else [p for step in milestone.steps for p in step.forward()]
             with self.history.recorded(hold, milestone, "migrate", state.IN_PROGRESS) as result:
+                self._went_back(result)
                 self._run_passes(hold, result, passes, before=self.take_baseline)
                 if result.complete:
                     self._set_state(milestone, state.APPLIED, result.run_id)
@@ -309,6 +314,7 @@ class Runner:
             passes = [p for step in reversed(milestone.steps) for p in step.backward()]
             checks: list[Check] = []
             with self.history.recorded(hold, milestone, "rollback", state.ROLLING_BACK) as result:
+                self._went_back(result)
                 self._run_passes(hold, result, passes)
                 if result.complete:
                     with timed(result, "checks"), self.read_only() as conn:
@@ -383,7 +389,7 @@ class Runner:
     def _run_passes(self, hold: Hold, result: ApplyResult, passes: list[Action],
                     before: Callable[[Milestone, int], None] | None = None) -> None:
         milestone = result.milestone
-        budget = Budget(self.options, events=self.events)
+        budget = Budget(self.options, events=self.events, on_commit=self.memory.remember)
         budget.throttle = self._throttle(budget)
         with stop_on_signals(budget):
             if before is not None:
@@ -422,6 +428,21 @@ class Runner:
                 result.stopped = done.stopped
                 break
             after_action(len(result.passes))
+
+    def _went_back(self, result: ApplyResult) -> None:
+        """An attempt that resumes after a lost session: batches this process committed that
+        the database no longer has (a promoted replica had not replayed them) are said, and
+        recorded in the run's options (``went_back``), before they are done again."""
+        with self.engine.connect() as conn:
+            report = self.memory.check(conn, result.milestone.name)
+            if report is not None:
+                conn.execute(sa.text(f"""
+                    UPDATE {SCHEMA}.runs SET options = options || jsonb_build_object(
+                        'went_back', CAST(:report AS jsonb)) WHERE id = :id"""),
+                    {"report": json.dumps(report), "id": result.run_id})
+            conn.commit()
+        if report is not None:
+            self.events.warn(said(result.milestone.name, report))
 
     def _set_state(self, milestone: Milestone, name: str, run_id: int) -> None:
         with self.engine.connect() as conn:
