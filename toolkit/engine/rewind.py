@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
-from toolkit.engine import state
+from toolkit.engine.unrecorded import take_note, write_note
+from toolkit.schema.migrations import own_schema_exists
+from toolkit.schema.own import SCHEMA
+
+NOTE = ".committed"
 
 # The timeline is the first 8 hex digits of the current WAL file's name (pg_walfile_name
 # is refused during recovery; a run writes on a primary). pg_control_system() may need
@@ -47,9 +51,31 @@ class Memory:
 
     committed: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     server: tuple[str, int] | None = None
+    runs: set[int] = field(default_factory=set)  # the runs that committed them
 
     def remember(self, milestone: str, step: str, key: int) -> None:
         self.committed.setdefault((milestone, step), []).append(key)
+
+    # -- across processes: a run that stopped (exit 75) leaves it for the next one ---------
+    def save(self, url: URL) -> None:
+        if any(self.committed.values()):
+            write_note(url, NOTE, {"committed": [[m, s, keys] for (m, s), keys in self.committed.items()],
+                                   "server": list(self.server) if self.server else None,
+                                   "runs": sorted(self.runs)})
+
+    def load(self, url: URL) -> None:
+        """What a run before this one, from this machine, committed and could not check."""
+        note = take_note(url, NOTE)
+        if not note or self.committed:
+            return
+        try:
+            for milestone, step, keys in note.get("committed", []):
+                self.committed[(str(milestone), str(step))] = [int(k) for k in keys]
+            server = note.get("server")
+            self.server = (str(server[0]), int(server[1])) if server else None
+            self.runs = {int(r) for r in note.get("runs", [])}
+        except (TypeError, ValueError, IndexError):
+            self.committed, self.server, self.runs = {}, None, set()
 
     def check(self, conn: Connection, milestone: str) -> dict[str, Any] | None:
         """At the start of an attempt: the batches of ``milestone`` this process committed
@@ -59,11 +85,15 @@ class Memory:
         before, self.server = self.server, now or self.server
         steps: dict[str, int] = {}
         for (name, step), keys in self.committed.items():
-            if name != milestone or not keys:
+            if name != milestone or not keys or not own_schema_exists(conn):
                 continue
-            found = state.read_checkpoint(conn, name, step)
-            if found is not None and found.completed_at is not None:
-                continue
+            found = conn.execute(sa.text(f"""
+                SELECT last_key, completed_at, run_id FROM {SCHEMA}.checkpoints
+                WHERE milestone = :m AND step = :s"""), {"m": name, "s": step}).one_or_none()
+            if found is not None and (found.completed_at is not None or (
+                    found.run_id is not None and found.run_id not in self.runs
+                    and found.run_id > max(self.runs, default=0))):
+                continue  # done since, or a later run went on from there
             at = (found.last_key or 0) if found is not None else 0
             lost = [key for key in keys if key > at]
             if lost:

@@ -77,6 +77,7 @@ class Runner:
         self.history = RunHistory(engine, self.options, events, command)
         self._ledger_checked = False
         self.memory = Memory()  # the batches this process committed, across --reconnect attempts
+        self._memory_loaded = False
 
     def _refuse_lost_ledger(self, conn: Connection) -> None:
         """Once per runner, before its first read: a toolkit schema lost while GitLab's
@@ -368,6 +369,8 @@ class Runner:
             except (SessionLost, DBAPIError) as exc:
                 why = self._why_retry(exc)
                 if why is None or tries >= self.options.reconnect:
+                    if why is not None:  # the next run from here checks what this one committed
+                        self.memory.save(self.engine.url)
                     raise
             tries += 1
             delay = min(self.options.reconnect_backoff_s * 2 ** (tries - 1), MAX_RECONNECT_DELAY_S)
@@ -433,8 +436,12 @@ class Runner:
         """An attempt that resumes after a lost session: batches this process committed that
         the database no longer has (a promoted replica had not replayed them) are said, and
         recorded in the run's options (``went_back``), before they are done again."""
+        if not self._memory_loaded:  # what an earlier process (exit 75) committed
+            self.memory.load(self.engine.url)
+            self._memory_loaded = True
         with self.engine.connect() as conn:
             report = self.memory.check(conn, result.milestone.name)
+            self.memory.runs.add(result.run_id)
             if report is not None:
                 conn.execute(sa.text(f"""
                     UPDATE {SCHEMA}.runs SET options = options || jsonb_build_object(

@@ -29,9 +29,33 @@ def _directory() -> Path:
     return Path(given) if given else platformdirs.user_state_path("toolkit") / "unrecorded"
 
 
-def _file(url: URL) -> Path:
+def _file(url: URL, kind: str = "") -> Path:
+    """One file per database (and kind of note), named by a hash of its URL, no password."""
     name = url.set(password=None).render_as_string(hide_password=True)
-    return _directory() / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
+    return _directory() / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}{kind}.json"
+
+
+def write_note(url: URL, kind: str, note: dict[str, Any]) -> None:
+    """Another note about the database (rewind.py's committed batches); best effort."""
+    path = _file(url, kind)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(note))
+        temporary.replace(path)
+    except OSError:
+        pass
+
+
+def take_note(url: URL, kind: str) -> dict[str, Any] | None:
+    path = _file(url, kind)
+    try:
+        note = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return note if isinstance(note, dict) else None
 
 
 def keep(url: URL, run_id: int, outcome: str, rows: dict[str, int], error: str | None) -> bool:
