@@ -3,6 +3,7 @@
     python scripts/bench.py --scale gitlab-com   # about a minute and a half
     python scripts/bench.py --scale x25          # about 25 minutes
     python scripts/bench.py --replica-lag        # each milestone's replica lag, throttled or not
+    python scripts/bench.py --mlflow-clients 4   # and training clients write through the server
 
 Batches are sized as ``toolkit migrate`` sizes them by default (toward a second each);
 ``--batch-size N`` fixes the size instead, ``--target-batch-ms`` changes the budget.
@@ -23,7 +24,13 @@ for each milestone in order:
   run comes second;
 * during both, the application-like writer of ``toolkit/sandbox/app_writer.py`` (the one
   the tests run) logs a run every 20 ms, with an experiment while GitLab still creates
-  them; its latencies give the p99 GitLab's traffic would see.
+  them; its latencies give the p99 GitLab's traffic would see;
+* with ``--mlflow-clients N``, during both as well: ``N`` processes of the training workload
+  (``toolkit/sandbox/training.py``, the real MLflow client) write through ``toolkit mlflow
+  serve --allow-writes`` on the copy being migrated, each call timed in the client; the
+  write p50/p99 during the migrate, the 503s the clients retried, and whether every
+  acknowledged write read back are reported per milestone, and the ratios are then the
+  ratios with the workload running.
 
 Last, milestone 1's whole command on the same data seeded with 1 metric row per candidate
 instead of 10, alternating the two on fresh copies of each pristine seed: it never writes
@@ -38,6 +45,7 @@ figure that counts is the throughput ratio batched / set-based, measured in the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import shutil
@@ -46,6 +54,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,10 +67,12 @@ from toolkit.cli.migrate import batch_target
 from toolkit.db import create_engine
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
-from toolkit.errors import ExitCode
+from toolkit.errors import ExitCode, PreconditionRefused
 from toolkit.sandbox.app_writer import AppWriter, as_ms, percentile
 from toolkit.sandbox.scales import SCALES
 from toolkit.sandbox.server import SUPERUSER, SandboxServer, _bin
+from toolkit.sandbox.training import Workload, first_runs, read_back, read_journals, write_latencies
+from toolkit.sandbox.writing_server import writing_server
 
 
 def migrate_worker(url: str, milestone: str, options: str, out: str, whole: str) -> None:
@@ -88,17 +100,63 @@ def migrate_worker(url: str, milestone: str, options: str, out: str, whole: str)
                      for s, n in zip(p.batch_seconds, p.batch_sizes, strict=True)]}))
 
 
-def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions, whole: bool) -> dict[str, Any]:
-    # GitLab as deployed for the milestone, a run (and an experiment) every 20 ms
-    writer = AppWriter.during(url, milestone, interval_s=0.02, experiment_every=1)
-    writer.start()
-    try:
-        with tempfile.NamedTemporaryFile("r") as out:
-            worker = _measured([__file__, "--migrate-worker", _text(url), milestone,
-                                json.dumps(options.as_dict()), out.name, "whole" if whole else "apply"])
-            run = json.loads(out.read())
-    finally:
-        traffic = writer.finish()
+_labels = itertools.count()
+
+
+@contextmanager
+def _training(url: sa.URL, clients: int) -> Iterator[dict[str, Any] | None]:
+    """``clients`` training clients writing through ``toolkit mlflow serve --allow-writes``
+    on ``url`` while the body runs (they start, and each ends a run, before it); the dict
+    yielded is filled when the block ends: the write latencies of the calls the clients
+    started meanwhile, the 503s they retried, and what did not read back."""
+    if not clients:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as folder, \
+            writing_server(_text(url), Path(folder) / "serve.stderr", "--no-access-log") as server:
+        if server.address is None:
+            raise SystemExit(f"--mlflow-clients: the server would not start with writes: {server.problem}")
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            # not the first project, where the application-like writer makes its experiments: the
+            # clients' names and runs stay apart from its own
+            projects = list(conn.execute(sa.text("SELECT id FROM projects ORDER BY id OFFSET 1 LIMIT :n"),
+                                         {"n": clients}).scalars())
+        engine.dispose()
+        workload = Workload(server.address, projects, clients=clients, seed=1,
+                            folder=Path(folder) / "journals", label=f"b{next(_labels)}", pause_s=0.05)
+        result: dict[str, Any] = {"clients": clients}
+        with workload:
+            if problem := first_runs(workload):
+                raise SystemExit(f"--mlflow-clients: {problem}")
+            began = time.time()
+            yield result
+            ended = time.time()
+        report = read_back(server.address, workload.journals)
+        during = [ms / 1000 for t, ms in write_latencies(list(read_journals(workload.journals)))
+                  if began <= t <= ended]  # (the journals go with the folder)
+    result.update({"writes": len(during), "write_p50_ms": as_ms(percentile(during, 50)),
+                   "write_p99_ms": as_ms(percentile(during, 99)),
+                   "write_max_ms": as_ms(max(during, default=0)),
+                   "retried_503": report.retried_503, "other_5xx": dict(report.other_5xx),
+                   "not_acknowledged": report.not_acknowledged, "errors": dict(report.errors),
+                   "lost": len(report.lost), "duplicated": len(report.duplicated),
+                   "read_back": report.summary()})
+
+
+def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions, whole: bool,
+                   mlflow_clients: int = 0) -> dict[str, Any]:
+    with _training(url, mlflow_clients) as mlflow:
+        # GitLab as deployed for the milestone, a run (and an experiment) every 20 ms
+        writer = AppWriter.during(url, milestone, interval_s=0.02, experiment_every=1)
+        writer.start()
+        try:
+            with tempfile.NamedTemporaryFile("r") as out:
+                worker = _measured([__file__, "--migrate-worker", _text(url), milestone,
+                                    json.dumps(options.as_dict()), out.name, "whole" if whole else "apply"])
+                run = json.loads(out.read())
+        finally:
+            traffic = writer.finish()
     timeline, phases = run["timeline"], run["phases"]
     # the whole command, or (set-based) the bare change: its apply alone
     seconds = run["seconds"] if whole else phases.get("apply", run["seconds"])
@@ -111,11 +169,11 @@ def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions, whole: bool
             "batch_p50_ms": as_ms(percentile(batches, 50)), "batch_p99_ms": as_ms(percentile(batches, 99)),
             "batch_max_ms": as_ms(max(batches, default=0)),
             "batch_size_min": min(sizes, default=0), "batch_size_max": max(sizes, default=0),
-            "timeline": timeline, "writer": traffic}
+            "timeline": timeline, "writer": traffic, "mlflow": mlflow}
 
 
 def compare(admin: sa.Engine, url: sa.URL, milestone: str, repeat: int,
-            options: dict[str, RunOptions]) -> tuple[dict[str, Any], dict[str, Any]]:
+            options: dict[str, RunOptions], mlflow_clients: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """The set-based baseline and the batched apply, each ``repeat`` times; the median run of
     each (by seconds), with every run's seconds in ``seconds_each``.
 
@@ -131,12 +189,16 @@ def compare(admin: sa.Engine, url: sa.URL, milestone: str, repeat: int,
         for kind in ("set_based", "batched") if i % 2 == 0 else ("batched", "set_based"):
             print(f"{milestone}: {kind.replace('_', '-')} run {i + 1} of {repeat} ...", flush=True)
             copy = _fresh_copy(admin, url, f"bench_{kind}")
-            runs[kind].append(_timed_migrate(copy, milestone, options[kind], whole=kind == "batched"))
+            runs[kind].append(_timed_migrate(copy, milestone, options[kind], whole=kind == "batched",
+                                             mlflow_clients=mlflow_clients))
     _drop(admin, "bench_set_based")
     # What the writer added at the very end is taken by a second run, as an operator would
     # (not timed): the next milestone's gate needs this one to verify.
     engine = create_engine(url.set(database="bench_batched"))
-    Runner(engine, options["batched"], plan=registry.plan()).migrate(registry.get(milestone))
+    try:
+        Runner(engine, options["batched"], plan=registry.plan()).migrate(registry.get(milestone))
+    except PreconditionRefused as refused:  # said, and the table says the milestone did not verify
+        print(f"{milestone}: the catch-up run was refused: {refused}", flush=True)
     engine.dispose()
     medians = []
     for kind in ("set_based", "batched"):
@@ -345,6 +407,9 @@ def main() -> None:
     parser.add_argument("--replica-lag", action="store_true",
                         help="instead: with a streaming replica attached, each milestone's largest "
                              "replica lag with throttling off and on")
+    parser.add_argument("--mlflow-clients", type=int, default=0, metavar="N",
+                        help="N training clients (the real MLflow client) write through `toolkit mlflow "
+                             "serve --allow-writes` during every timed run; their write p50/p99 is reported")
     parser.add_argument("--migrate-worker", nargs=5, metavar=("URL", "MILESTONE", "OPTIONS", "OUT", "WHOLE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -374,7 +439,7 @@ def main() -> None:
                                  target_batch_ms=target, statement_timeout_ms=600_000)
     results: dict[str, Any] = {
         "scale": args.scale, "batch_size": args.batch_size, "target_batch_ms": target,
-        "repeat": args.repeat,
+        "repeat": args.repeat, "mlflow_clients": args.mlflow_clients,
         "seed_seconds": seeded.doc["result"]["seconds"], "seed_peak_mb": seeded.peak_mb,
         "counts": seeded.doc["result"]["counts"], "milestones": {}}
     results["vacuum_after_seed_seconds"] = _settle(url)
@@ -394,7 +459,7 @@ def main() -> None:
             _settle(url)
             baseline, batched = compare(admin, url, milestone, args.repeat, {
                 "set_based": RunOptions(batch_size=10**12, statement_timeout_ms=3_600_000),
-                "batched": batched_options})
+                "batched": batched_options}, args.mlflow_clients)
             _drop(admin, url.database)
             with admin.connect() as conn:
                 conn.execute(sa.text(f'ALTER DATABASE "bench_batched" RENAME TO "{url.database}"'))
@@ -414,8 +479,11 @@ def main() -> None:
                 "whole_command_ratio": (round(baseline["seconds"] / batched["seconds"], 3)
                                         if batched["seconds"] else None),
             }
-            print(json.dumps({k: v for k, v in results["milestones"][milestone].items()
-                              if k not in ("batched", "set_based")}), flush=True)
+            shown = {k: v for k, v in results["milestones"][milestone].items()
+                     if k not in ("batched", "set_based")}
+            if batched.get("mlflow"):
+                shown["mlflow_batched"] = {k: v for k, v in batched["mlflow"].items() if k != "read_back"}
+            print(json.dumps(shown), flush=True)
         results["metrics_variant"] = metrics_variant(args, admin, url, batched_options, results,
                                                      one_metric_rows)
     finally:
@@ -481,6 +549,33 @@ def _safeguard_lines(results: dict[str, Any]) -> list[str]:
             f"timeouts, {cost['fenced_ms']} ms fenced too: {cost['overhead_ms']} ms a commit.", ""]
 
 
+def _mlflow_lines(results: dict[str, Any]) -> list[str]:
+    """With --mlflow-clients: each milestone's write latency through the server, batched and
+    set-based, and milestone 3's ratio with the workload running."""
+    if not results.get("mlflow_clients"):
+        return []
+    lines = ["", f"{results['mlflow_clients']} training clients (the real MLflow client, "
+             "`toolkit/sandbox/training.py`) wrote through `toolkit mlflow serve --allow-writes` during "
+             "every timed run; latencies are per client call, measured in the clients, of the calls "
+             "started while the migrate ran (median run of each kind):", "",
+             "| milestone | writes batched | write p50/p99/max ms batched | write p50/p99/max ms set-based "
+             "| 503s retried batched/set-based | read back (batched) | ratio apply |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in results["milestones"].items():
+        b, s = m["batched"].get("mlflow") or {}, m["set_based"].get("mlflow") or {}
+        back = "all" if not b.get("lost") and not b.get("duplicated") else \
+            f"{b.get('lost')} lost, {b.get('duplicated')} duplicated"
+        lines.append(f"| {name} | {b.get('writes')} | {b.get('write_p50_ms')}/{b.get('write_p99_ms')}/"
+                     f"{b.get('write_max_ms')} | {s.get('write_p50_ms')}/{s.get('write_p99_ms')}/"
+                     f"{s.get('write_max_ms')} | {b.get('retried_503')}/{s.get('retried_503')} | {back} "
+                     f"| {m['throughput_ratio']} |")
+    if "milestone-3" in results["milestones"]:
+        lines += ["", f"Milestone 3's ratio with the workload running: "
+                  f"{results['milestones']['milestone-3']['throughput_ratio']} (apply), "
+                  f"{results['milestones']['milestone-3']['whole_command_ratio']} (whole command)."]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Scale {results['scale']}, "
@@ -511,6 +606,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{b['writer']['p99_ms']} | {s['writer']['p99_ms']} | {m['plan_seconds']} | "
             f"{m['verify_seconds']}{'' if m['verified'] else ' (FAILED)'} | "
             f"{b.get('peak_mb')}/{m['verify_peak_mb']} |")
+    lines += _mlflow_lines(results)
     variant = results.get("metrics_variant")
     if variant:
         (ten, one), (rows_ten, rows_one) = variant["seconds"], variant["metric_rows"]

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from toolkit.db import create_engine
 from toolkit.sandbox.server import SandboxServer, ServerStatus, _bin
 
-# The test's own sessions are told apart from the toolkit's ('toolkit', and the lock
+# The test's own sessions are told apart from the toolkit's ('toolkit run N token T', and the lock
 # session's 'toolkit migrate ...' / 'toolkit rollback ...') by their application_name.
 TEST_APPLICATION = "tk-test-observer"
 
@@ -132,7 +132,7 @@ class FaultServer:
 
     def terminate_batch_session(self, database: str, timeout_s: float = 5.0) -> tuple[int, str]:
         """pg_terminate_backend of the toolkit's session that runs batches: application_name
-        'toolkit' (not the lock session, 'toolkit migrate ...'/'toolkit rollback ...'), caught
+        'toolkit run N token T' (not the lock session, 'toolkit migrate ...'/'toolkit rollback ...'), caught
         inside a transaction (a batch in flight) when possible, else the one active last.
         Returns its pid and the state it was caught in."""
         engine = create_engine(self.url(database), isolation_level="AUTOCOMMIT",
@@ -144,7 +144,7 @@ class FaultServer:
                     idle_too = time.monotonic() >= deadline
                     found = conn.execute(sa.text("""
                         SELECT pid, state FROM pg_stat_activity
-                        WHERE datname = :d AND application_name = 'toolkit'
+                        WHERE datname = :d AND application_name ~ '^toolkit( run [0-9]+)? token [0-9]+$'
                           AND (state <> 'idle' OR :idle_too)
                         ORDER BY state <> 'idle' DESC, backend_xid IS NOT NULL DESC,
                                  state_change DESC NULLS LAST

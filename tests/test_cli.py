@@ -27,6 +27,10 @@ def test_demo_runs_the_whole_blueprint_and_comes_back_identical(sandbox_dir):
     assert "runs whose artifact_uri milestone-1 changed" in result.output
     assert "registry users see " in result.output and "models milestone-3 created" in result.output
     assert "but " in result.output and "runs' artifact_uri (GitLab's rule, declared)" in result.output
+    # two training clients wrote through `mlflow serve --allow-writes` from milestone 1 to the last rollback
+    writes = next(line for line in result.output.splitlines() if line.startswith("   MLflow writes: ")
+                  and "written" in line)
+    assert "written during the migration, all read back" in writes, result.output
     backfilled = next(line for line in result.output.splitlines() if line.startswith("   milestone-2: ")
                       and "rows" in line).split(": ")[1].split()[0]
     assert (f"milestone-2: rolled back: 5 schema changes undone, which took the {backfilled} values it "

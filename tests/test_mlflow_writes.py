@@ -16,6 +16,7 @@ tables are created first, as any toolkit command that touches the database does.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -26,11 +27,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import Database
-from mlflow_serving import adversarial_database, client, raw, said, serve_process, serving
+from mlflow_serving import MLFLOW2_PYTHON_ENV, adversarial_database, client, raw, said, serve_process, serving
 from test_mlflow_tokens import DB_KEY_BASE, PROJECT, SCOPE, UNAUTHORIZED, gitlab_digest
 
 from toolkit.db import create_engine
 from toolkit.mlflow_api.internal_ids import ML_CANDIDATES, ML_EXPERIMENTS
+from toolkit.mlflow_api.registry_writes import PENDING_DESTRUCTION
 from toolkit.mlflow_api.walk import client_version
 from toolkit.schema.migrations import ensure_own_tables
 
@@ -540,6 +542,175 @@ def test_gitlab_ci_job_id_names_the_runs_build(db, server, tokens):
     assert (status, document) == (400, {"error_code": "INVALID_PARAMETER_VALUE",
                                         "message": "gitlab.CI_JOB_ID must refer to an existing build"})
     assert counts(db) == before  # GitLab saves the run first; here nothing is written
+
+
+def test_the_client_writes_the_registry_and_reads_it_back(db, server, tokens, users):
+    """mlflow 3.x ``MlflowClient``'s registry writes, through HTTP: a model with tags and a
+    description, its description updated, a version from a run's source and one from
+    elsewhere, a version's description updated, the latest version, the model deleted
+    (refused to a Developer while it has packages, GitLab's ``destroy_package``; done by a
+    Maintainer). A version's run must be of the model's default experiment (GitLab's rule). Each read back through the client and found in GitLab's tables."""
+    name = f"writes-client-model-{next(_names)}"
+    maintainer = db.scalar("""SELECT min(a.user_id) FROM project_authorizations a JOIN users u ON u.id = a.user_id
+                              WHERE a.project_id = :p AND a.access_level = 40 AND u.state = 'active'
+                              AND NOT u.admin""", p=PROJECT)
+    assert maintainer is not None
+    maintainer_token = f"glpat-writes-maintainer-{next(_names)}"
+    db.execute("""INSERT INTO personal_access_tokens (user_id, name, created_at, updated_at, scopes, token_digest)
+                  VALUES (:u, 'maintainer', now(), now(), '---\n- api\n', :d)""",
+               u=maintainer, d=gitlab_digest(maintainer_token))
+    experiment = f"writes: registry runs {next(_names)}"
+    out = run_client(server, tokens, f"""
+def model(m):
+    return [m.name, m.tags, m.description, [v.version for v in (m.latest_versions or [])]]
+def version(v):
+    return [v.version, list(v.aliases), v.run_id, dict(v.tags), v.description, v.status, v.source]
+def refused(call):
+    try:
+        call()
+    except MlflowException as exc:
+        return [exc.error_code, exc.message]
+say(model(c.create_registered_model({name!r}, tags={{"team": "ml", "stage": "dev"}}, description="first words")))
+say(model(c.get_registered_model({name!r})))
+say(model(c.update_registered_model({name!r}, description="second words")))
+say(model(c.get_registered_model({name!r})))
+elsewhere = c.create_run(c.create_experiment({experiment!r})).info.run_id
+say(refused(lambda: c.create_model_version({name!r}, source="runs:/" + elsewhere + "/model", run_id=elsewhere)))
+run = c.create_run(c.get_experiment_by_name("[model]" + {name!r}).experiment_id)  # the model's own
+rid = run.info.run_id
+say(rid)
+v1 = c.create_model_version({name!r}, source="runs:/" + rid + "/model", run_id=rid, tags={{"k": "v"}},
+                            description="from a run")
+say(version(v1))
+v2 = c.create_model_version({name!r}, source="s3://bucket/elsewhere")
+say(version(v2))
+say(version(c.update_model_version({name!r}, "1.0.0", description="described again")))
+say(version(c.get_model_version({name!r}, "1.0.0")))
+say([version(v) for v in c.get_latest_versions({name!r})])
+say(model(c.get_registered_model({name!r})))
+say(refused(lambda: c.delete_registered_model({name!r})))
+""")
+    created, got, updated, got_updated, elsewhere, rid, v1, v2, v1_updated, v1_got, latest, final, refused = out
+    assert elsewhere == ["INVALID_PARAMETER_VALUE",
+                         "INVALID_PARAMETER_VALUE: [\"Run's experiment does not belong to this model\"]"]
+    assert created == got == [name, {"team": "ml", "stage": "dev"}, "first words", []]
+    assert updated == got_updated == [name, {"team": "ml", "stage": "dev"}, "second words", []]
+    model = db.rows("SELECT id, description, user_id FROM ml_models WHERE project_id = :p AND name = :n",
+                    p=PROJECT, n=name)[0]
+    assert (model.description, model.user_id) == ("second words", users["developer"])
+    assert {tuple(r) for r in db.rows("SELECT name, value FROM ml_model_metadata WHERE model_id = :m",
+                                      m=model.id)} == {("team", "ml"), ("stage", "dev")}
+    versions = {r.version: r for r in db.rows("""
+        SELECT v.id, v.version, v.description, v.package_id, c.eid::text AS run, c.id AS candidate
+        FROM ml_model_versions v LEFT JOIN ml_candidates c ON c.model_version_id = v.id
+        WHERE v.model_id = :m""", m=model.id)}
+    assert set(versions) == {"1.0.0", "2.0.0"}
+    first, second = versions["1.0.0"], versions["2.0.0"]
+    # GitLab's MLflow version is the row id, its alias the semantic version; the run given
+    # becomes the version's, without one a new run is made for it
+    assert v1[:6] == [str(first.id), ["1.0.0"], rid, {"k": "v"}, "from a run", "READY"]
+    assert first.run == rid and second.run not in (None, rid)
+    assert v2[:6] == [str(second.id), ["2.0.0"], second.run, {}, "", "READY"]
+    assert v1_updated[:5] == v1_got[:5] == [str(first.id), ["1.0.0"], rid, {"k": "v"}, "described again"]
+    assert (first.description, second.description) == ("described again", None)
+    assert {tuple(r) for r in db.rows("SELECT name, value FROM ml_model_version_metadata WHERE model_version_id "
+                                      "= :v", v=first.id)} == {("k", "v")}
+    assert [v[:2] for v in latest] == [[str(second.id), ["2.0.0"]]]
+    # GitLab's RegisteredModel entity gives every version as latest_versions (expose :versions)
+    assert final == [name, {"team": "ml", "stage": "dev"}, "second words", [str(first.id), str(second.id)]]
+    assert refused[0] == "INTERNAL_ERROR" and "Model could not be deleted" in refused[1]  # 400 {"message"}
+    packages = sorted(r[0] for r in db.rows("SELECT package_id FROM ml_model_versions WHERE model_id = :m",
+                                            m=model.id))
+    assert len(packages) == 2 and None not in packages
+    assert db.scalar("SELECT count(*) FROM ml_models WHERE id = :m", m=model.id) == 1  # refused: kept
+    mine = {(r.endpoint, r.table_name, r.action) for r in db.rows(
+        "SELECT endpoint, table_name, action FROM toolkit.mlflow_writes WHERE model_id = :m", m=model.id)}
+    assert {("registered-models/create", "ml_models", "insert"), ("registered-models/create", "ml_model_metadata",
+            "insert"), ("registered-models/update", "ml_models", "update"),
+            ("model-versions/create", "ml_model_versions", "insert"),
+            ("model-versions/update", "ml_model_versions", "update")} <= mine
+
+    # a Maintainer deletes it: the model, its versions and their runs gone, packages pending destruction
+    out = said(client(server, PROJECT, f"""
+c.delete_registered_model({name!r})
+try:
+    c.get_registered_model({name!r})
+except MlflowException as exc:
+    say(exc.error_code)
+""", env={"MLFLOW_TRACKING_TOKEN": maintainer_token}))
+    assert out == ["RESOURCE_DOES_NOT_EXIST"]
+    assert db.scalar("SELECT count(*) FROM ml_models WHERE id = :m", m=model.id) == 0
+    assert db.scalar("SELECT count(*) FROM ml_model_versions WHERE model_id = :m", m=model.id) == 0
+    assert db.scalar("SELECT count(*) FROM ml_candidates WHERE id = ANY(:c)",
+                     c=[first.candidate, second.candidate]) == 0
+    assert {r[0] for r in db.rows("SELECT status FROM packages_packages WHERE id = ANY(:k)", k=packages)} == \
+        {PENDING_DESTRUCTION}
+    assert ("registered-models/delete", "ml_models", "delete") in {
+        (r.endpoint, r.table_name, r.action) for r in db.rows(
+            "SELECT endpoint, table_name, action FROM toolkit.mlflow_writes WHERE model_id = :m", m=model.id)}
+
+
+READ_BACK = """
+e = c.get_experiment_by_name({name!r})
+[run] = c.search_runs([e.experiment_id])
+r = c.get_run(run.info.run_id)
+say([mlflow.__version__.split(".")[0], e.experiment_id, e.name, e.lifecycle_stage, r.info.run_id, r.info.run_name,
+     r.info.status, r.info.start_time, r.info.end_time, r.info.user_id, r.data.params, r.data.metrics,
+     {{k: v for k, v in r.data.tags.items()}},
+     sorted((m.key, m.value, m.step, m.timestamp) for k in ("loss", "acc") for m in c.get_metric_history(r.info.run_id, k))])
+"""
+
+
+def test_the_mlflow_2_client_writes_a_training_run_the_3_client_reads_the_same(db, server, tokens, users):
+    """The last 2.x client (2.22.4) logs a training script through the server; it and the
+    3.x client read it back identically, and the rows are GitLab's."""
+    python = os.environ.get(MLFLOW2_PYTHON_ENV)
+    if not python:
+        pytest.skip(f"set {MLFLOW2_PYTHON_ENV} to the python of a venv with mlflow-skinny 2.22.4 (as .ci/run "
+                    "makes it: python3 -m venv .ci/mlflow2 && .ci/mlflow2/bin/pip install 'mlflow-skinny==2.22.4')")
+    name = f"writes: mlflow 2 training {next(_names)}"
+    env = {"MLFLOW_TRACKING_TOKEN": tokens["dev_api"]}
+    written = said(client(server, PROJECT, f"""
+e = mlflow.set_experiment({name!r})
+run = mlflow.start_run(run_name="from mlflow 2")
+mlflow.log_param("lr", "0.01")
+for step in range(3):
+    mlflow.log_metric("loss", 1.0 / (step + 1), step=step, timestamp=1700000000000 + step)
+mlflow.set_tag("client", "two")
+c.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric("acc", 0.75, 1700000000100, 3)],
+            params=[mlflow.entities.Param("epochs", "5")], tags=[mlflow.entities.RunTag("stage", "dev")])
+mlflow.end_run()
+say([mlflow.__version__, e.experiment_id, run.info.run_id])
+""" + READ_BACK.format(name=name), python=python, env=env))
+    (version, experiment_id, run_id), older = written
+    assert version.startswith("2.") and older[0] == "2"
+    [newer] = said(client(server, PROJECT, READ_BACK.format(name=name), env=env))
+    assert newer[0] == "3" and newer[1:] == older[1:]
+    (experiment_iid, got_name, stage, got_run, run_name, status, _start, end, user, params, metrics, tags,
+     history) = newer[1:]
+    assert (experiment_iid, got_name, stage, got_run, run_name, status, user) == (
+        experiment_id, name, "active", run_id, "from mlflow 2", "FINISHED", str(users["developer"]))
+    assert end is not None
+    assert params == {"lr": "0.01", "epochs": "5"} and metrics == {"loss": pytest.approx(1 / 3), "acc": 0.75}
+    assert (tags["client"], tags["stage"]) == ("two", "dev")
+    assert history == [["acc", 0.75, 3, 1700000000100], ["loss", pytest.approx(1 / 3), 2, 1700000000002],
+                       ["loss", 0.5, 1, 1700000000001], ["loss", 1.0, 0, 1700000000000]]
+    # the rows, as GitLab holds them, each recorded
+    candidate = db.rows("""SELECT c.id, c.status, c.user_id, x.iid, x.name FROM ml_candidates c
+                           JOIN ml_experiments x ON x.id = c.experiment_id WHERE c.eid = CAST(:e AS uuid)""",
+                        e=run_id)[0]
+    assert (candidate.status, candidate.user_id, str(candidate.iid), candidate.name) == (
+        2, users["developer"], experiment_id, name)
+    assert {tuple(r) for r in db.rows("SELECT name, value FROM ml_candidate_params WHERE candidate_id = :c",
+                                      c=candidate.id)} == {("lr", "0.01"), ("epochs", "5")}
+    assert db.scalar("SELECT count(*) FROM ml_candidate_metrics WHERE candidate_id = :c", c=candidate.id) == 4
+    assert {(r.endpoint, r.table_name) for r in db.rows(
+        "SELECT endpoint, table_name FROM toolkit.mlflow_writes WHERE candidate_id = :c", c=candidate.id)} == {
+        ("runs/create", "ml_candidates"), ("runs/log-parameter", "ml_candidate_params"),
+        ("runs/log-metric", "ml_candidate_metrics"), ("runs/set-tag", "ml_candidate_metadata"),
+        ("runs/log-batch", "ml_candidate_metrics"), ("runs/log-batch", "ml_candidate_params"),
+        ("runs/log-batch", "ml_candidate_metadata"), ("runs/update", "ml_candidates"),
+        ("runs/create", "ml_candidate_metadata")}
 
 
 def test_runs_get_their_experiments_model_once_the_column_exists(db, server, tokens):

@@ -21,6 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from toolkit.cancel import track
 from toolkit.conninfo import refused_for_good
 from toolkit.conninfo import render as render_url
 from toolkit.conninfo import to_url as conninfo_to_url
@@ -38,6 +39,9 @@ from toolkit.errors import (
 DATABASE_URL_ENV = "TOOLKIT_DATABASE_URL"
 READ_TIMEOUT_ENV = "TOOLKIT_READ_TIMEOUT_S"
 APPLICATION_NAME = "toolkit"
+# A pooled connection's info key: the application_name its session was last given by a
+# set_config (a run's token name, engine/lease.py; the runner lock's label, engine/locks.py).
+SESSION_NAME_KEY = "toolkit_application_name"
 # Every transaction of the toolkit waits at most this long for a lock (batches set their
 # own, shorter, limit): a read must fail clearly rather than queue behind an ACCESS EXCLUSIVE lock.
 DEFAULT_LOCK_TIMEOUT_MS = 5000
@@ -180,6 +184,7 @@ def create_engine(target: Target | URL | str, *, read_timeout: int | None = None
     connect_args["prepare_threshold"] = None
     connect_args.update(kwargs.pop("connect_args", {}))  # type: ignore[arg-type]
     engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **kwargs)
+    track(engine)  # a stop (Ctrl-C, SIGTERM) cancels the statement on the server: cancel.py
     statement_ms = read_timeout_ms() if read_timeout is None else read_timeout
     defaults = (DEFAULT_LOCK_TIMEOUT_MS, statement_ms)
 

@@ -21,6 +21,7 @@ from toolkit.output import out
 from toolkit.report import candidate_report
 from toolkit.sandbox.database import seed_sandbox
 from toolkit.sandbox.server import SandboxServer
+from toolkit.sandbox.training_demo import TrainingDuringMigration
 from toolkit.verify.fingerprint import compare, take
 
 
@@ -37,8 +38,11 @@ def demo(seed_value: int, batch_size: int) -> None:
     the fingerprint (ML tables and MLflow view) is back to what it was. The real MLflow
     client (mlflow-skinny, when installed) reads the sandbox through `toolkit mlflow serve`
     before and after each milestone and after the last rollback: every reading must be
-    the same. Exit 0 only if every check held. Replaces the sandbox database; never
-    touches any other.
+    the same. Meanwhile two training clients (the real MLflow client) write to the last
+    project through `toolkit mlflow serve --allow-writes`, from before milestone 1 to after
+    the last rollback; every write they were told succeeded must read back (a server that
+    refuses writes is said, not a failure). Exit 0 only if every check held. Replaces the
+    sandbox database; never touches any other.
 
     Example: toolkit demo
     """
@@ -59,7 +63,14 @@ def demo(seed_value: int, batch_size: int) -> None:
                 f"{counts['ml_candidate_metrics']} metrics, {counts['packages_packages']} packages "
                 f"(seeded in {report.seconds:.1f}s, data in {status.data_dir})")
         readings = stack.enter_context(ClientReadings(status.url()))
+        with runner.read_only() as conn:  # the training clients' project, left out of the readings
+            training_project = conn.execute(sa.text("SELECT max(id) FROM projects")).scalar_one()
+        if hasattr(readings, "projects"):
+            readings.projects = [p for p in readings.projects if p != str(training_project)]
         out.say(f"   {readings.first()}")
+        training = stack.enter_context(TrainingDuringMigration(status.url(), training_project,
+                                                               seed=seed_value))
+        out.say(f"   {training.started()}")
 
         out.say("2. Plan (read-only, one snapshot):")
         for milestone in registry.MILESTONES.values():
@@ -107,6 +118,7 @@ def demo(seed_value: int, batch_size: int) -> None:
                         "written with them")
             out.say(f"   {milestone.name}: rolled back: {said}")
             stages.append({"stage": f"rollback {milestone.name}", "rows": result.rows, "ok": True})
+        out.say(f"   {training.finish()}")
 
         out.say("6. Compare the fingerprint with the one taken before step 3:")
         with runner.read_only() as conn:
@@ -125,7 +137,8 @@ def demo(seed_value: int, batch_size: int) -> None:
         engine.dispose()
     out.say("Every check held. Go on: `toolkit status`, `toolkit plan milestone-1`, `toolkit history`.")
     app().finish({"sandbox": str(status.data_dir), "counts": counts, "stages": stages,
-                  "round_trip_identical": True, "mlflow_client": readings.as_dict()})
+                  "round_trip_identical": True, "mlflow_client": readings.as_dict(),
+                  "mlflow_writes": training.as_dict()})
 
 
 

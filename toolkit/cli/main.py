@@ -8,6 +8,7 @@ tests sees exactly what an operator sees.
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 
@@ -16,6 +17,7 @@ from click.exceptions import NoArgsIsHelpError
 from sqlalchemy.exc import DBAPIError
 
 from toolkit import __version__, output
+from toolkit.cancel import stop_in_chain
 from toolkit.cli import params
 from toolkit.cli.context import AppContext, app, debug_enabled, envelope
 from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
@@ -136,6 +138,8 @@ class ToolkitGroup(click.Group):
             where = app(ctx)._target.describe() if app(ctx)._target else "the database"
             _report(ctx, classify(exc, where, output.out.secrets))
         except Exception as exc:
+            if stop_in_chain(exc) is not None:  # a stop that a later error masked
+                _report(ctx, Interrupted("Interrupted", "run the same command again to resume"))
             if debug_enabled():
                 raise
             _report(ctx, ToolkitError(f"Unexpected error: {type(exc).__name__}: {exc}",
@@ -210,5 +214,13 @@ def _register() -> None:
 _register()
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # SIGTERM stops a command as Ctrl-C does (exit 130, a run's history `interrupted`), not
+    # by the default action that leaves no word; a run's batches handle both themselves
+    # (engine/signals.py) and `mlflow serve` its own.
+    signal.signal(signal.SIGTERM, _terminated)
     cli(prog_name="toolkit")

@@ -191,7 +191,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 bar.update(scanned)
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
-                    _sleep(options.pause_ms / 1000, budget)
+                    pause(options.pause_ms / 1000, budget)
 
 
 def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,
@@ -217,13 +217,15 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
                 code == UNIQUE_VIOLATION and kpass.retry_unique_violation)
             if not retryable:
                 raise
-            if attempt == options.retries or budget.stop_requested:
+            if budget.stop_requested:  # a stop while the batch waited: a stop, not a failure
+                raise KeyboardInterrupt from exc
+            if attempt == options.retries:
                 raise _gave_up(conn, kpass.name, kpass.locks, code, attempt + 1,
                                "the last batch was rolled back") from exc
             delay = options.backoff_s * 2 ** attempt
             budget.events.warn(f"{kpass.name}: {TRANSIENT_STATES.get(code, 'unique violation')} on the batch "
                      f"after key {lo}; rolled back, retry {attempt + 1}/{options.retries} in {delay:.1f}s")
-            _sleep(delay, budget)
+            pause(delay, budget)
     raise AssertionError("unreachable")
 
 
@@ -267,7 +269,7 @@ def _gave_up(conn: Connection, name: str, tables: tuple[str, ...], code: str | N
     )
 
 
-def _sleep(seconds: float, budget: Budget) -> None:
+def pause(seconds: float, budget: Budget) -> None:
     """Sleep in small steps so Ctrl-C during a pause stops promptly."""
     deadline = time.monotonic() + seconds
     while not budget.stop_requested and time.monotonic() < deadline:
@@ -282,3 +284,6 @@ def _maybe_inject_fault(done: int, variable: str = FAULT_KILL_AFTER_BATCHES_ENV)
 
 def after_action(actions_done: int) -> None:
     _maybe_inject_fault(actions_done, FAULT_KILL_AFTER_ACTIONS_ENV)
+
+
+_sleep = pause  # the name health.py imports

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -25,8 +24,14 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine.actions import Action, ActionRun
-from toolkit.engine.batches import Budget, PassResult, RunOptions, sqlstate
-from toolkit.engine.locks import TRANSIENT_STATES, describe_holder, table_lock_holders
+from toolkit.engine.batches import Budget, PassResult, RunOptions, pause, sqlstate
+from toolkit.engine.locks import (
+    TRANSIENT_STATES,
+    describe_holder,
+    describe_snapshot,
+    snapshot_holders,
+    table_lock_holders,
+)
 from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.step import Step
 from toolkit.errors import LockUnavailable
@@ -79,6 +84,8 @@ class SchemaChange:
         if reason := budget.exhausted_reason():
             return PassResult(self.name, stopped=reason)
         changed = run_ddl(run.engine, self, run.options, budget, run.check_hold)
+        if changed is None:
+            return PassResult(self.name, stopped=budget.exhausted_reason() or "interrupted")
         return PassResult(self.name, complete=True, schema_change=self.outcome is None,
                           changed=changed, outcome=self.outcome)
 
@@ -228,14 +235,19 @@ def is_applied(conn: Connection, revision: str) -> bool:
 
 
 def run_ddl(engine: Engine, action: SchemaChange, options: RunOptions,
-            budget: Budget, check_hold: Callable[[Connection], None] | None = None) -> bool:
-    """Apply one DDL action with retries; False when it was already done.
+            budget: Budget, check_hold: Callable[[Connection], None] | None = None) -> bool | None:
+    """Apply one DDL action with retries; False when it was already done, None when a stop
+    (Ctrl-C, SIGTERM) came first: the change is not in place, and nothing of it is kept.
 
     ``check_hold`` (the run's lease) is called right before the change: its transactional
-    statements are fenced at commit anyway, but CREATE INDEX CONCURRENTLY commits by itself.
+    statements are fenced at commit anyway, but CREATE INDEX CONCURRENTLY commits by itself
+    (and the next run terminates it if this process dies while it waits: lease.py).
+    A stop while the change waits on the server cancels it there (engine/signals.py).
     """
     timeouts = (options.ddl_lock_timeout_ms, options.statement_timeout_ms)
     for attempt in range(options.ddl_retries + 1):
+        if budget.stop_requested:
+            return None
         with engine.connect() as conn:
             conn = conn.execution_options(**{TIMEOUTS_OPTION: timeouts})
             if action.is_done(conn):
@@ -254,21 +266,37 @@ def run_ddl(engine: Engine, action: SchemaChange, options: RunOptions,
                 code = sqlstate(exc)
                 if code not in TRANSIENT_STATES:
                     raise
-                if attempt == options.ddl_retries or budget.stop_requested:
-                    holders = table_lock_holders(conn, action.tables)
-                    who = "; ".join(describe_holder(h) for h in holders[:3]) or "none visible now"
-                    raise LockUnavailable(
-                        f"{action.name}: {TRANSIENT_STATES[code]} in {attempt + 1} tries; the "
-                        f"change was rolled back. Holding locks: {who}",
-                        "find out why that session holds its lock (or end it), then run the same "
-                        "command again; --lock-timeout-ms raises the wait per try",
-                        details={"holders": holders},
-                    ) from exc
+                if budget.stop_requested:
+                    return None
+                if attempt == options.ddl_retries:
+                    raise _gave_up(conn, action, code, attempt + 1, options) from exc
                 delay = min(options.backoff_s * 2 ** attempt, options.ddl_backoff_max_s)
                 budget.events.warn(f"{action.name}: {TRANSIENT_STATES[code]}; rolled back, retry "
-                         f"{attempt + 1}/{options.ddl_retries} in {delay:.1f}s")
-                time.sleep(delay)
+                                   f"{attempt + 1}/{options.ddl_retries} in {delay:.1f}s")
+                pause(delay, budget)
     raise AssertionError("unreachable")
+
+
+def _gave_up(conn: Connection, action: SchemaChange, code: str | None, tries: int,
+             options: RunOptions) -> LockUnavailable:
+    """What a schema change waited for, named: the sessions holding locks on its tables, and
+    (CREATE INDEX CONCURRENTLY waits for them as ``virtualxid`` locks) old snapshots."""
+    holders = table_lock_holders(conn, action.tables, readers=True)
+    named = {h['pid'] for h in holders}
+    snapshots = [h for h in snapshot_holders(conn) if h['pid'] not in named]
+    conn.rollback()
+    said = [describe_holder(h) for h in holders[:3]] + [describe_snapshot(h) for h in snapshots[:3]]
+    who = "; ".join(said) or "none visible now"
+    what = TRANSIENT_STATES.get(code or "", "a timeout")
+    option = ("--statement-timeout-ms" if code == "57014" else "--ddl-lock-timeout-ms")
+    limit = options.statement_timeout_ms if code == "57014" else options.ddl_lock_timeout_ms
+    return LockUnavailable(
+        f"{action.name}: {what} in {tries} tries ({option} {limit} each); the change was "
+        f"rolled back. Waiting for: {who}",
+        "find out why that session holds its lock or its snapshot (or end it), then run the same "
+        f"command again; {option} raises the wait per try, --ddl-retries the tries",
+        details={"holders": holders, "snapshots": snapshots},
+    )
 
 
 @contextmanager

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
+from toolkit.cancel import StatementCancelled, stop_in_chain
 from toolkit.conninfo import render as render_url
 from toolkit.db import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
 from toolkit.engine import state, unrecorded
@@ -88,18 +89,20 @@ class RunHistory:
         try:
             yield result
         except KeyboardInterrupt:
-            self.finish(result, "interrupted", "aborted during a batch; that batch was rolled back")
-            raise Interrupted(
-                f"Aborted: {milestone.name} stopped during a batch, which was rolled back",
-                "run the same command again to resume from the last completed batch",
-            ) from None
+            self._stopped(result, "aborted during a batch; that batch was rolled back",
+                          f"Aborted: {milestone.name} stopped during a batch, which was rolled back")
+        except StatementCancelled as exc:
+            said = f"stopped by a signal: the statement under way was {exc}, and rolled back"
+            self._stopped(result, said, f"Stopped: {milestone.name} {said}", cause=exc)
         except SessionLost as exc:
             self.finish(result, "interrupted", exc.one_line())
             raise
         except ToolkitError as exc:
+            self._masked_stop(result, exc)
             self.finish(result, "failed", exc.one_line())
             raise
         except DBAPIError as exc:
+            self._masked_stop(result, exc)
             exhausted = resource_exhausted(exc, render_url(self.engine.url), self.events.secrets)
             if exhausted is not None:
                 # the cause, in the line the operator saw, written from a connection of its
@@ -115,6 +118,7 @@ class RunHistory:
             self.finish(result, "failed", error_text(exc, self.events.secrets))
             raise
         except Exception as exc:
+            self._masked_stop(result, exc)
             self.finish(result, "failed", error_text(exc, self.events.secrets))
             raise
         if result.stopped == "interrupted":
@@ -138,6 +142,20 @@ class RunHistory:
                          "throttled_seconds": result.throttled_seconds},
             )
         self.finish(result, result.outcome)
+
+    def _stopped(self, result: ApplyResult, recorded: str, problem: str,
+                 cause: BaseException | None = None) -> NoReturn:
+        """A run a signal stopped mid-statement: history says ``interrupted``, exit 130."""
+        self.finish(result, "interrupted", recorded)
+        raise Interrupted(problem, "run the same command again to resume from the last completed batch"
+                          ) from cause
+
+    def _masked_stop(self, result: ApplyResult, exc: BaseException) -> None:
+        """A stop that a later error masked (a commit on the connection the stop invalidated)
+        is still a stop, not a failure."""
+        if (stop := stop_in_chain(exc)) is not None:
+            said = "aborted by a signal; the statement under way was rolled back"
+            self._stopped(result, said, f"Aborted: {result.milestone.name} {said}", cause=stop)
 
     def finish(self, result: ApplyResult, outcome: str, error: str | None = None) -> None:
         self.record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error,

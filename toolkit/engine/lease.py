@@ -14,6 +14,14 @@ completes, and a new run must *update* that row to claim the lease, so it cannot
 it between another run's check and that run's commit. Once it has, the old token fails
 every later check. Statements that run outside a transaction (CREATE INDEX
 CONCURRENTLY) check the lease just before they start (:meth:`Hold.check`).
+
+That check cannot reach a statement already on the server: a run killed (``kill -9``, a
+crashed host) while CREATE INDEX CONCURRENTLY waits leaves its backend waiting, and it
+would commit the index by itself after the lease moved on. So every session of a run
+carries the run's token in its ``application_name`` (``toolkit run 12 token 7``), and a
+run that has just claimed the lease terminates the backends of earlier tokens still at
+work (its own role's, in this database) and names them before it goes on
+(:meth:`Hold.end_orphans`): what a run that lost its hold left on the server ends there.
 """
 
 from __future__ import annotations
@@ -22,15 +30,18 @@ import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
+from toolkit.db import APPLICATION_NAME, SESSION_NAME_KEY
 from toolkit.engine import writes
 from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.locks import RunnerLock
-from toolkit.errors import SessionLost
+from toolkit.errors import LockUnavailable, SessionLost
 from toolkit.schema.own import SCHEMA
 
 # A connection option: this commit writes only the run's own history row, which must be
@@ -46,6 +57,52 @@ _CHECK = sa.text(f"""
                    WHERE a.backend_start = l.holder_started) AS held
     FROM {SCHEMA}.runner_lease l WHERE l.id = 1 FOR SHARE OF l
 """)
+
+
+# PostgreSQL keeps the first NAMEDATALEN - 1 bytes of an application_name.
+NAME_MAX = 63
+# Backends of earlier runs still at work: named by a token older than this run's, this
+# role's, in this database, and not idle (an idle session of a killed client ends by itself).
+_ORPHANS = sa.text("""
+    SELECT pid, application_name, state, wait_event_type, wait_event, left(query, 200) AS query,
+           extract(epoch FROM clock_timestamp() - coalesce(query_start, backend_start))::float AS seconds
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND usename = current_user AND pid <> pg_backend_pid()
+      AND state IS DISTINCT FROM 'idle'
+      AND substring(application_name FROM ' token ([0-9]{1,18})$')::bigint < :token
+    ORDER BY pid
+""")
+
+
+# The name each engine's sessions should carry now, kept per engine (see name_sessions).
+_WANTED: WeakKeyDictionary[Engine, list[str | None]] = WeakKeyDictionary()
+
+
+def name_sessions(engine: Engine, name: str | None) -> None:
+    """From now on every session ``engine`` hands out is named ``name`` (None: as the engine
+    names it, without a token). Set on checkout, by the session's own ``set_config`` only when
+    it is named otherwise, and committed on the driver's connection: a name is no write of
+    the run's, so it needs no fence. PgBouncer tracks application_name like the client's own."""
+    if engine in _WANTED:
+        _WANTED[engine][0] = name
+        return
+    wanted: list[str | None] = [name]
+    _WANTED[engine] = wanted
+
+    @event.listens_for(engine, "checkout")
+    def _named(dbapi: Any, record: Any, proxy: Any) -> None:
+        name = wanted[0] or _default_name(engine)
+        if record.info.get(SESSION_NAME_KEY, _default_name(engine)) == name:
+            return
+        with dbapi.cursor() as cursor:
+            cursor.execute("SELECT set_config('application_name', %s, false)", (name,))
+        dbapi.commit()
+        record.info[SESSION_NAME_KEY] = name
+
+
+def _default_name(engine: Engine) -> str:
+    base = engine.url.query.get("application_name") or APPLICATION_NAME
+    return base if isinstance(base, str) else base[0]
 
 
 class HoldLost(SessionLost):
@@ -86,12 +143,14 @@ class Hold:
         if self.token is not None:
             event.remove(self.engine, "commit", self._fence)
             self.token = None
+        name_sessions(self.engine, None)
         if self._lock is not None:
             self._lock.__exit__(*exc)
             self._lock = None
 
     def claim(self, conn: Connection, run_id: int | None = None) -> int:
-        """Take the lease (after any earlier holder's last commit) and fence every commit."""
+        """Take the lease (after any earlier holder's last commit), fence every commit, name
+        the run's sessions by its token, and end what earlier tokens left on the server."""
         self.token = conn.execute(sa.text(f"""
             UPDATE {SCHEMA}.runner_lease SET token = token + 1, holder_pid = :pid, holder = :who,
                    holder_started = (SELECT backend_start FROM pg_stat_get_activity(:pid)),
@@ -100,12 +159,65 @@ class Hold:
         """), {"pid": self.lock_pid, "who": describe_self(self.label), "run": run_id}).scalar_one()
         conn.commit()  # not yet fenced: the listener comes next
         event.listen(self.engine, "commit", self._fence)
+        self._name_sessions(run_id)
+        self.end_orphans(conn)
         return self.token
 
     def record_run(self, conn: Connection, run_id: int) -> None:
         """From now on every commit also records the rows it wrote (engine/writes.py)."""
         conn.execute(sa.text(f"UPDATE {SCHEMA}.runner_lease SET run_id = :r WHERE id = 1"), {"r": run_id})
         self.run_id = run_id if writes.start(conn, run_id) else None
+        self._name_sessions(run_id)
+
+    # -- the run's sessions, by name -----------------------------------------------------
+    def session_name(self, run_id: int | None = None) -> str:
+        """``toolkit run 12 token 7``: the prefix (``toolkit``, or the URL's own
+        application_name) first, so pg_stat_activity filters on it still work."""
+        base = _default_name(self.engine)
+        suffix = (f" run {run_id}" if run_id is not None else "") + f" token {self.token}"
+        return base[:NAME_MAX - len(suffix)] + suffix
+
+    def _name_sessions(self, run_id: int | None) -> None:
+        """Every session the engine hands out from now on carries the token."""
+        name_sessions(self.engine, self.session_name(run_id))
+
+    def end_orphans(self, conn: Connection) -> list[dict[str, Any]]:
+        """Terminate the backends of earlier tokens still at work (this role's, in this
+        database), name them in one line, and return them. They belong to runs that lost
+        their hold (killed, or their lock session ended): a statement of theirs already on
+        the server (CREATE INDEX CONCURRENTLY waiting for an old snapshot, a batch) would
+        otherwise go on, and commit, after this run took over."""
+        orphans = [dict(r._mapping) for r in conn.execute(_ORPHANS, {"token": self.token})]
+        if not orphans:
+            conn.rollback()
+            return []
+        two_args = conn.execute(sa.text("SELECT current_setting('server_version_num')::int >= 140000")
+                                ).scalar_one()
+        terminate = ("SELECT pg_terminate_backend(:pid, 5000)" if two_args
+                     else "SELECT pg_terminate_backend(:pid)")
+        for orphan in orphans:
+            try:
+                orphan["terminated"] = bool(conn.execute(sa.text(terminate),
+                                                         {"pid": orphan["pid"]}).scalar())
+            except DBAPIError:  # it ended by itself in between, or would not in 5 s
+                conn.rollback()
+                orphan["terminated"] = False
+        conn.rollback()
+        said = "; ".join(
+            f"pid {o['pid']} ({o['application_name']}, {o['state']} for {o['seconds'] or 0:.0f} s"
+            + (f", waiting for {o['wait_event_type']} {o['wait_event']}" if o["wait_event_type"] else "")
+            + f": {' '.join((o['query'] or '').split())[:80]})"
+            for o in orphans)
+        if left := [o for o in orphans if not o["terminated"]]:
+            raise LockUnavailable(
+                f"A session of an earlier run is still at work on the server and did not end when "
+                f"terminated: {said}",
+                f"end it (`SELECT pg_terminate_backend({left[0]['pid']})` as a superuser, or wait for "
+                "it), then run the same command again; nothing of this run was written",
+                details={"orphans": orphans})
+        self.events.warn(f"terminated {len(orphans)} session(s) of earlier runs still at work on the "
+                         f"server, so nothing of theirs commits after this run took over: {said}")
+        return orphans
 
     def check(self, conn: Connection) -> None:
         """Raise :class:`HoldLost` unless this run still holds the lease; inside a

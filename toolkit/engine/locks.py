@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from toolkit.db import SESSION_NAME_KEY
 from toolkit.engine.events import LOGGED, Events
 from toolkit.errors import LockUnavailable
 from toolkit.timestamps import shown
@@ -67,8 +68,10 @@ def stop_hint(holders: list[dict[str, Any]]) -> str:
             "its next commit, resumable. Never kill the server process itself, and never run two at once")
 
 
-def table_lock_holders(conn: Connection, tables: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Sessions (other than ours) holding a lock on any of ``tables``, oldest first."""
+def table_lock_holders(conn: Connection, tables: tuple[str, ...], *,
+                       readers: bool = False) -> list[dict[str, Any]]:
+    """Sessions (other than ours) holding a lock on any of ``tables``, oldest first; with
+    ``readers``, those that only read it too (they block a schema change's ACCESS EXCLUSIVE)."""
     if not tables:
         return []
     rows = conn.execute(sa.text("""
@@ -78,11 +81,39 @@ def table_lock_holders(conn: Connection, tables: tuple[str, ...]) -> list[dict[s
         JOIN pg_class c ON c.oid = l.relation
         JOIN pg_stat_activity a ON a.pid = l.pid
         WHERE c.relname = ANY(:tables) AND l.granted AND a.pid <> pg_backend_pid()
-          AND l.mode IN ('AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock',
+          AND (l.mode IN ('AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock',
                          'ShareLock', 'ShareUpdateExclusiveLock', 'RowExclusiveLock')
+               OR (:readers AND l.mode IN ('AccessShareLock', 'RowShareLock')))
         ORDER BY a.xact_start NULLS LAST
-    """), {"tables": list(tables)})
+    """), {"tables": list(tables), "readers": readers})
     return [dict(r._mapping) for r in rows]
+
+
+def snapshot_holders(conn: Connection) -> list[dict[str, Any]]:
+    """Sessions of this database (other than ours) holding a snapshot, oldest first.
+
+    CREATE INDEX CONCURRENTLY (and DROP INDEX CONCURRENTLY) waits, as a ``virtualxid`` lock,
+    for every transaction whose snapshot is older than its own: a lock timeout there names
+    no table lock, only these. ``age_s`` is how long the transaction has been open."""
+    rows = conn.execute(sa.text("""
+        SELECT a.pid, a.application_name, a.usename, a.state, a.xact_start,
+               extract(epoch FROM clock_timestamp() - a.xact_start)::float AS age_s,
+               left(a.query, 200) AS query
+        FROM pg_stat_activity a
+        WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+          AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+          AND a.backend_type = 'client backend'
+        ORDER BY a.xact_start NULLS LAST
+    """))
+    return [dict(r._mapping) for r in rows]
+
+
+def describe_snapshot(holder: dict[str, Any]) -> str:
+    app = holder.get("application_name") or "no application_name"
+    age = holder.get("age_s")
+    open_for = f"open for {age:.0f} s" if age is not None else "open"
+    return (f"an old snapshot: pid {holder['pid']} ({app}, user {holder.get('usename')}), "
+            f"{holder.get('state')}, its transaction {open_for} since {shown(holder.get('xact_start'))}")
 
 
 def describe_holder(holder: dict[str, Any]) -> str:
@@ -108,6 +139,7 @@ class RunnerLock:
         conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         conn.execute(sa.text("SELECT set_config('application_name', :n, false), "
                              "set_config('idle_session_timeout', '0', false)"), {"n": self.label[:63]})
+        conn.info[SESSION_NAME_KEY] = self.label[:63]  # named again when the pool hands it on
         deadline = time.monotonic() + self.wait_s
         waited = False
         while True:

@@ -1,6 +1,8 @@
-"""GitLab's MLflow-compatible tracking API, read-only, over the database at any stage.
+"""GitLab's MLflow-compatible API over the database at any stage of the blueprint.
 
-``views.py`` answers each read call from one connection, through the stage-aware SQL of
-the fingerprint's MLflow view (:mod:`toolkit.verify.fingerprint`); ``server.py`` is the
-HTTP side: routes, MLflow error documents, one short READ ONLY transaction per request.
+Reads: ``views.py`` (tracking) and ``registry.py`` answer each call from one connection,
+through the stage-aware SQL of the fingerprint's MLflow view
+(:mod:`toolkit.verify.fingerprint`). Writes (``--allow-writes``): ``tracking_writes.py``
+and ``registry_writes.py``, each run by ``writing.py`` in one transaction, and placed by
+``stages.py`` where the stage keeps them. ``server.py`` and ``wsgi.py`` are the HTTP side.
 """

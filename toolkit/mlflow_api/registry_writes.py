@@ -48,7 +48,13 @@ from toolkit.milestones.slug import MODEL_NAME
 from toolkit.mlflow_api import internal_ids, rails
 from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid, resource_not_found
 from toolkit.mlflow_api.registry import Registry
-from toolkit.mlflow_api.stages import Stage, WriteContext, record_write
+from toolkit.mlflow_api.stages import (
+    Stage,
+    WriteContext,
+    experiments_init_sql,
+    keep_default_experiment,
+    record_write,
+)
 from toolkit.mlflow_api.tracking_writes import random_candidate_name
 from toolkit.mlflow_api.views import View
 from toolkit.names import M3_COLUMN, M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_EXPERIMENT_IDS
@@ -247,6 +253,13 @@ def _insert_model(conn: Connection, ctx: WriteContext, name: str, description: s
         conn.execute(sa.text("UPDATE ml_experiments SET model_id = :m WHERE id = :e"),
                      {"m": model_id, "e": experiment_id})
         record_write(conn, ctx.endpoint, "ml_experiments", experiment_id, "insert", model_id=model_id)
+    else:  # after milestone 4: the default experiment kept as an id, as the earlier models' are
+        iid = internal_ids.next_experiment_iid(conn, ctx.project_id, experiments_init_sql(conn, ctx.stage))
+        kept = keep_default_experiment(conn, ctx.stage, project_id=ctx.project_id, model_id=model_id,
+                                       name=EXPERIMENT_PREFIX + name, user_id=ctx.user_id, iid=iid)
+        record_write(conn, ctx.endpoint, M4_EXPERIMENT_IDS, kept, "insert", model_id=model_id)
+        if ctx.stage is Stage.ARCHIVE:
+            record_write(conn, ctx.endpoint, M4_ARCHIVE_EXPERIMENTS, kept, "insert", model_id=model_id)
     record_write(conn, ctx.endpoint, "ml_models", model_id, "insert", model_id=model_id)
     return int(model_id)
 

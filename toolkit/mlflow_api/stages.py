@@ -32,7 +32,13 @@ from toolkit.catalog import column_exists, relation_exists
 from toolkit.engine.state import ROLLING_BACK, STARTED, milestone_state
 from toolkit.milestones import slug
 from toolkit.milestones.m3_models_for_experiments import create_models_batch
-from toolkit.names import M3_COPIED_METADATA, M3_CREATED_MODELS, M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS
+from toolkit.names import (
+    M3_COPIED_METADATA,
+    M3_CREATED_MODELS,
+    M4_ARCHIVE_EXPERIMENTS,
+    M4_ARCHIVE_METADATA,
+    M4_EXPERIMENT_IDS,
+)
 from toolkit.verify.fingerprint import (
     FROM_EXPERIMENTS,
     FROM_MODELS,
@@ -165,9 +171,10 @@ def create_experiment(conn: Connection, stage: Stage, *, project_id: int, name: 
       rollback removes it as it removes its own and its catch-up finds nothing to do;
     - ARCHIVE, KEPT_IDS: only the model (the same slug, display name and copied tags,
       recorded in the same ledgers), and the MLflow experiment id kept where the view
-      reads it (:func:`_keep_experiment_id`).
+      reads it (:func:`_keep_experiment_id`); at ARCHIVE the tags in the archived
+      ``ml_experiment_metadata`` too, where the view reads them.
     """
-    _lock_for(conn, stage)
+    _lock_for(conn, stage, tags=True)  # (the archived tags' ids are serialized by it too)
     if stage in (Stage.EXPERIMENTS, Stage.MODELS):
         row = conn.execute(sa.text("""
             INSERT INTO ml_experiments (created_at, updated_at, iid, project_id, user_id, name)
@@ -188,8 +195,9 @@ def create_experiment(conn: Connection, stage: Stage, *, project_id: int, name: 
                               user_id=user_id, iid=iid)
 
 
-def _lock_for(conn: Connection, stage: Stage) -> None:
-    """Take the lock the write's relation needs, then read the stage again.
+def _lock_for(conn: Connection, stage: Stage, *, tags: bool = False) -> None:
+    """Take the lock the write's relation needs, then read the stage again (``tags``: the
+    relation of the experiments' tags too, at the archive its metadata table).
 
     The write takes ROW EXCLUSIVE on ``ml_experiments`` (EXPERIMENTS, MODELS) or SHARE ROW
     EXCLUSIVE on the archive or the kept ids (ARCHIVE, KEPT_IDS: it also serializes the
@@ -203,7 +211,8 @@ def _lock_for(conn: Connection, stage: Stage) -> None:
     legacy = stage in (Stage.EXPERIMENTS, Stage.MODELS)
     # (with its tags' table: milestone 4 drops ml_experiment_metadata in a transaction of
     # its own, just before ml_experiments)
-    tables = f"{table}, ml_experiment_metadata" if legacy else table
+    tables = (f"{table}, ml_experiment_metadata" if legacy
+              else f"{table}, {M4_ARCHIVE_METADATA}" if tags and stage is Stage.ARCHIVE else table)
     mode = "ROW EXCLUSIVE" if legacy else "SHARE ROW EXCLUSIVE"
     try:
         with conn.begin_nested():
@@ -267,7 +276,11 @@ def _create_model_only(conn: Connection, stage: Stage, *, project_id: int, name:
             SELECT id, :m, NULL FROM tag"""), {"m": model_id, "k": key, "v": value, "p": project_id})
     _keep_experiment_id(conn, stage, row=row, project_id=project_id, iid=iid, model_id=model_id,
                         name=name, user_id=user_id)
-    return ExperimentRef(row, iid, project_id, model_id, name, False)
+    made = ExperimentRef(row, iid, project_id, model_id, name, False)
+    if stage is Stage.ARCHIVE:  # where the reads take the experiment's tags from (and the rollback)
+        for key, value in tags:
+            _archive_tag(conn, made, key, value)
+    return made
 
 
 def _next_experiment_row_id(conn: Connection) -> int:
@@ -298,6 +311,98 @@ def _keep_experiment_id(conn: Connection, stage: Stage, *, row: int, project_id:
                  {"id": row, "p": project_id, "iid": iid, "m": model_id, "n": name})
 
 
+def keep_default_experiment(conn: Connection, stage: Stage, *, project_id: int, model_id: int, name: str,
+                            user_id: int | None, iid: int) -> int:
+    """After milestone 4, ``registered-models/create``'s default experiment
+    (``[model]<name>``, GitLab's ``Ml::CreateModelService``) kept as an id only, where the
+    view reads experiments, as those of models made before milestone 4 are: so the model's
+    runs and versions have an experiment again when milestone 4 is rolled back (its rebuild
+    gives each candidate the experiment of its model). Its row id."""
+    _lock_for(conn, stage)
+    row = _next_experiment_row_id(conn)
+    _keep_experiment_id(conn, stage, row=row, project_id=project_id, iid=iid, model_id=model_id, name=name,
+                        user_id=user_id)
+    return row
+
+
+def experiments_init_sql(conn: Connection, stage: Stage) -> str:
+    """``AtomicInternalId.project_init``'s greatest experiment iid of the project
+    (``:project``), wherever the stage keeps experiment iids: after milestone 4 no longer in
+    ``ml_experiments`` but in the MLflow view of them."""
+    if stage in (Stage.EXPERIMENTS, Stage.MODELS):
+        return "SELECT max(iid) FROM ml_experiments WHERE project_id = :project"
+    view = experiments_view(conn, mlflow_source(conn) or FROM_MODELS, "x.project_id = :project")
+    return f"SELECT max(e.iid) FROM ({view}) e"
+
+
+def lock_experiments(conn: Connection, stage: Stage) -> None:
+    """After milestone 4, what a write to an existing experiment takes before it reads it:
+    the lock :func:`create_experiment` takes (SHARE ROW EXCLUSIVE on the archive and its
+    metadata table, or on the kept ids), so the write and milestone 4's rollback (SHARE on
+    the archive while it rebuilds) or ``toolkit archive drop`` do not interleave; then the
+    stage again (:class:`StageChanged`). Nothing to take before milestone 4 (the write's
+    ROW EXCLUSIVE on ``ml_experiments`` is enough)."""
+    if stage in (Stage.ARCHIVE, Stage.KEPT_IDS):
+        _lock_for(conn, stage, tags=True)
+
+
+def experiment_tag_taken(conn: Connection, stage: Stage, ref: ExperimentRef, key: str) -> bool:
+    """Whether the experiment already has the tag ``key`` after milestone 4, where its tags
+    are its model's metadata (and, at the archive, the archived ``ml_experiment_metadata``
+    rows the reads show): ``Ml::ExperimentMetadata``'s and ``Ml::ModelMetadata``'s
+    uniqueness of the name, either way."""
+    assert stage in (Stage.ARCHIVE, Stage.KEPT_IDS) and ref.model_id is not None
+    taken = conn.execute(sa.text(
+        "SELECT EXISTS (SELECT 1 FROM ml_model_metadata WHERE model_id = :m AND name = :k)"),
+        {"m": ref.model_id, "k": key}).scalar_one()
+    if not taken and stage is Stage.ARCHIVE:
+        taken = conn.execute(sa.text(f"""
+            SELECT EXISTS (SELECT 1 FROM {M4_ARCHIVE_METADATA} WHERE experiment_id = :e AND name = :k)"""),
+                             {"e": ref.id, "k": key}).scalar_one()
+    return taken
+
+
+def add_experiment_tag(conn: Connection, stage: Stage, ref: ExperimentRef, key: str,
+                       value: str) -> list[tuple[str, int]]:
+    """``experiments/set-experiment-tag`` after milestone 4 (the caller took
+    :func:`lock_experiments` and checked :func:`experiment_tag_taken`): the rows written, as
+    (table, id).
+
+    - the tag on the experiment's model (``ml_model_metadata``), recorded in milestone 3's
+      ledger as a copy of an experiment tag (``run_id`` NULL, as :func:`create_experiment`
+      records the tags of an experiment it makes): once milestone 4's rollback has given
+      the experiment the tag back, milestone 3's rollback removes the model's copy as it
+      removes its own;
+    - at the archive, the tag in the archived ``ml_experiment_metadata`` too: the reads
+      and ``verify`` read the experiment's tags there, and milestone 4's rollback rebuilds
+      ``ml_experiment_metadata`` from it (its row id past every archived one: the lock
+      serializes it, and the rollback sets the rebuilt sequence past the archive's ids).
+    """
+    assert stage in (Stage.ARCHIVE, Stage.KEPT_IDS) and ref.model_id is not None
+    project_id = ref.project_id
+    written = []
+    model_tag = conn.execute(sa.text("""
+        INSERT INTO ml_model_metadata (created_at, updated_at, model_id, name, value, project_id)
+        VALUES (now(), now(), :m, :k, :v, :p) RETURNING id"""),
+        {"m": ref.model_id, "k": key, "v": value, "p": project_id}).scalar_one()
+    written.append(("ml_model_metadata", model_tag))
+    if relation_exists(conn, M3_COPIED_METADATA):
+        conn.execute(sa.text(f"""
+            INSERT INTO {M3_COPIED_METADATA} (model_metadata_id, model_id, run_id)
+            VALUES (:t, :m, NULL)"""), {"t": model_tag, "m": ref.model_id})
+    if stage is Stage.ARCHIVE:
+        written.append((M4_ARCHIVE_METADATA, _archive_tag(conn, ref, key, value)))
+    return written
+
+
+def _archive_tag(conn: Connection, ref: ExperimentRef, key: str, value: str) -> int:
+    """One archived ``ml_experiment_metadata`` row of ``ref`` (under :func:`_lock_for`'s lock)."""
+    return conn.execute(sa.text(f"""
+        INSERT INTO {M4_ARCHIVE_METADATA} (id, created_at, updated_at, experiment_id, name, value, project_id)
+        SELECT COALESCE(max(id), 0) + 1, now(), now(), :e, :k, :v, :p FROM {M4_ARCHIVE_METADATA}
+        RETURNING id"""), {"e": ref.id, "k": key, "v": value, "p": ref.project_id}).scalar_one()
+
+
 def record_write(conn: Connection, endpoint: str, table: str, row_id: int, action: str, *,
                  candidate_id: int | None = None, model_id: int | None = None) -> None:
     """Record a row an MLflow client wrote through the server, in the write's transaction,
@@ -316,11 +421,9 @@ def candidate_parent(conn: Connection, ref: ExperimentRef) -> dict[str, int | No
     experiment is a row, and ``model_id`` (the experiment's model) once milestone 2 has
     given ``ml_candidates`` the column; a column the table does not have is left out."""
     columns: dict[str, int | None] = {}
-    if ref.id is not None:
+    # after milestone 4, ref.id is the archived or kept row id: the column is gone
+    if ref.id is not None and column_exists(conn, "ml_candidates", "experiment_id"):
         columns["experiment_id"] = ref.id
-    has_model_id = conn.execute(sa.text("""
-        SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('ml_candidates')
-                       AND attname = 'model_id' AND NOT attisdropped)""")).scalar_one()
-    if has_model_id:
+    if column_exists(conn, "ml_candidates", "model_id"):
         columns["model_id"] = ref.model_id
     return columns

@@ -37,8 +37,8 @@ from toolkit.mlflow_api import internal_ids, rails, stages
 from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, resource_not_found
 from toolkit.mlflow_api.views import View
 from toolkit.mlflow_api.writing import WriteFunction, tables_written
+from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_EXPERIMENT_IDS
 from toolkit.schema.gitlab import CANDIDATE_STATUSES
-from toolkit.verify.fingerprint import experiments_view, mlflow_source
 
 WriteContext = stages.WriteContext
 CANDIDATE_STATES = [name.upper() for name in CANDIDATE_STATUSES]  # Ml::Candidate.statuses, upcased
@@ -236,7 +236,7 @@ def create_experiment(conn: Connection, ctx: WriteContext, params: dict[str, Any
             {"p": ctx.project_id, "n": name}).scalar_one():
         raise ApiError(400, body={"error_code": "RESOURCE_ALREADY_EXISTS"})
     pairs = _tag_pairs(tags)
-    iid = internal_ids.next_experiment_iid(conn, ctx.project_id, _experiments_init(conn, ctx))
+    iid = internal_ids.next_experiment_iid(conn, ctx.project_id, stages.experiments_init_sql(conn, ctx.stage))
     try:
         with conn.begin_nested():
             ref = stages.create_experiment(conn, ctx.stage, project_id=ctx.project_id, name=name, tags=pairs,
@@ -248,15 +248,6 @@ def create_experiment(conn: Connection, ctx: WriteContext, params: dict[str, Any
         raise
     _record_new_experiment(conn, ctx, ref)
     return {"experiment_id": str(ref.iid)}
-
-
-def _experiments_init(conn: Connection, ctx: WriteContext) -> str:
-    """``project_init``'s greatest iid of the project, wherever the stage keeps experiment
-    iids (after milestone 4 no longer in ``ml_experiments``: the fingerprint's view of them)."""
-    if ctx.stage in (stages.Stage.EXPERIMENTS, stages.Stage.MODELS):
-        return internal_ids.EXPERIMENTS_INIT
-    view = experiments_view(conn, mlflow_source(conn), "x.project_id = :project")
-    return f"SELECT max(e.iid) FROM ({view}) e"
 
 
 def _tag_pairs(tags: list[Any] | None) -> list[tuple[str, str]]:
@@ -275,13 +266,20 @@ def _tag_pairs(tags: list[Any] | None) -> list[tuple[str, str]]:
 
 
 def _record_new_experiment(conn: Connection, ctx: WriteContext, ref: stages.ExperimentRef) -> None:
-    """Every row the new experiment brought, at whatever stage: its row and tags, and its
-    model and the model's metadata when the stage made one (all new: the name was free)."""
+    """Every row the new experiment brought, at whatever stage: its row and tags (after
+    milestone 4 in the archive, or its kept id), and its model and the model's metadata
+    when the stage made one (all new: the name was free)."""
+    tables = {stages.Stage.EXPERIMENTS: ("ml_experiments", "ml_experiment_metadata"),
+              stages.Stage.MODELS: ("ml_experiments", "ml_experiment_metadata"),
+              stages.Stage.ARCHIVE: (M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA),
+              stages.Stage.KEPT_IDS: (M4_EXPERIMENT_IDS, None)}[ctx.stage]
     if ref.id is not None:
-        _record(conn, ctx, "ml_experiments", [ref.id], "insert", model_id=ref.model_id)
-        _record(conn, ctx, "ml_experiment_metadata", [r[0] for r in conn.execute(sa.text(
-            "SELECT id FROM ml_experiment_metadata WHERE experiment_id = :e ORDER BY id"), {"e": ref.id})],
-            "insert", model_id=ref.model_id)
+        experiments, tags = tables
+        _record(conn, ctx, experiments, [ref.id], "insert", model_id=ref.model_id)
+        if tags is not None:
+            _record(conn, ctx, tags, [r[0] for r in conn.execute(sa.text(
+                f"SELECT id FROM {tags} WHERE experiment_id = :e ORDER BY id"), {"e": ref.id})],
+                "insert", model_id=ref.model_id)
     if ref.model_id is not None:
         _record(conn, ctx, "ml_models", [ref.model_id], "insert", model_id=ref.model_id)
         _record(conn, ctx, "ml_model_metadata", [r[0] for r in conn.execute(sa.text(
@@ -289,21 +287,34 @@ def _record_new_experiment(conn: Connection, ctx: WriteContext, ref: stages.Expe
             "insert", model_id=ref.model_id)
 
 
-def _experiment_row_stage(ctx: WriteContext) -> None:
-    if ctx.stage not in (stages.Stage.EXPERIMENTS, stages.Stage.MODELS):
-        raise NotImplementedError(ctx.endpoint)
+def _after_milestone_4(ctx: WriteContext) -> bool:
+    return ctx.stage in (stages.Stage.ARCHIVE, stages.Stage.KEPT_IDS)
 
 
-@tables_written("ml_experiments", "ml_experiment_metadata")
+@tables_written("ml_experiments", "ml_experiment_metadata", "ml_model_metadata")
 def set_experiment_tag(conn: Connection, ctx: WriteContext, params: dict[str, Any]) -> dict[str, Any]:
-    """``experiment_repository.add_tag!`` (``experiment.metadata.create!``)."""
+    """``experiment_repository.add_tag!`` (``experiment.metadata.create!``). After
+    milestone 4 the experiment's tags are its model's metadata (and, until ``toolkit
+    archive drop``, the archive's rows the reads show): the tag goes there, under the
+    same validations (:func:`stages.add_experiment_tag`)."""
     declared = Declared(params)
     iid = declared.string("experiment_id", required=True)
     key = declared.string("key", required=True)
     value = declared.string("value", required=True)
     declared.check()
-    _experiment_row_stage(ctx)
+    if _after_milestone_4(ctx):
+        stages.lock_experiments(conn, ctx.stage)
     experiment = find_experiment(conn, ctx, iid)
+    if _after_milestone_4(ctx):
+        if experiment.model_id is None:  # milestone 4's gate lets none through
+            raise NotImplementedError(ctx.endpoint)
+        taken = key is not None and stages.experiment_tag_taken(conn, ctx.stage, experiment, key)
+        errors = _metadata_validation(key, value, taken)
+        if errors:
+            raise validation_failed(*errors)
+        for table, row in stages.add_experiment_tag(conn, ctx.stage, experiment, key, value):
+            _record(conn, ctx, table, [row], "insert", model_id=experiment.model_id)
+        return {}
     errors = _metadata_errors(conn, "ml_experiment_metadata", "experiment_id", experiment.id, key, value)
     if errors:
         raise validation_failed(*errors)
@@ -317,15 +328,22 @@ def set_experiment_tag(conn: Connection, ctx: WriteContext, params: dict[str, An
 
 def _metadata_errors(conn: Connection, table: str, parent: str, parent_id: int, key: str | None,
                      value: str | None) -> list[str]:
-    """``Ml::ExperimentMetadata`` / ``CandidateMetadata`` validations, in their order:
-    name length 250, presence, uniqueness (``'<name>' already taken``); value length 5000,
-    presence."""
+    """``Ml::ExperimentMetadata`` / ``CandidateMetadata`` validations over ``table``."""
+    taken = not _blank(key) and conn.execute(sa.text(
+        f"SELECT EXISTS (SELECT 1 FROM {table} WHERE {parent} = :id AND name = :k)"),
+        {"id": parent_id, "k": key}).scalar_one()
+    return _metadata_validation(key, value, taken)
+
+
+def _metadata_validation(key: str | None, value: str | None, taken: bool) -> list[str]:
+    """``Ml::ExperimentMetadata`` / ``CandidateMetadata`` / ``ModelMetadata`` validations,
+    in their order: name length 250, presence, uniqueness (``'<name>' already taken``);
+    value length 5000, presence."""
     errors: list[str] = []
     _length_presence(errors, "Name", key, 250)
     if _blank(key):
         errors.append("Name can't be blank")
-    elif conn.execute(sa.text(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE {parent} = :id AND name = :k)"),
-                      {"id": parent_id, "k": key}).scalar_one():
+    elif taken:
         errors.append(f"Name '{key}' already taken")
     _length_presence(errors, "Value", value, 5000)
     if _blank(value):
@@ -341,10 +359,14 @@ def delete_experiment(conn: Connection, ctx: WriteContext, params: dict[str, Any
     declared = Declared(params)
     iid = declared.string("experiment_id", required=True)
     declared.check()
-    _experiment_row_stage(ctx)
+    if _after_milestone_4(ctx):
+        stages.lock_experiments(conn, ctx.stage)
     experiment = find_experiment(conn, ctx, iid)
     if experiment.model_id is not None:
+        # after milestone 4 every experiment is its model's (milestone 4's gate): always this
         raise ApiError(400, body={"message": "Cannot delete an experiment associated to a model"})
+    if _after_milestone_4(ctx):
+        raise NotImplementedError(ctx.endpoint)  # an experiment without a model: none gets past the gate
     candidates = [r[0] for r in conn.execute(sa.text(
         "SELECT id FROM ml_candidates WHERE experiment_id = :e ORDER BY id FOR UPDATE"),
         {"e": experiment.id})]

@@ -6,6 +6,8 @@ other run, of one whose model it is), and, every ``experiment_every``-th time, a
 experiment first. It is GitLab as deployed for the milestone that runs:
 
 - it creates generic candidate packages until milestone 1 is done, ``ml_model`` ones after;
+- it takes iids from ``internal_ids`` as GitLab does (so it and ``toolkit mlflow serve
+  --allow-writes`` never hand out the same one);
 - it creates experiments until milestone 3 is done; the version deployed for milestone 4
   only logs runs and sets ``model_id`` itself, and once ``experiment_id`` is gone a
   model is the run's parent.
@@ -24,6 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from toolkit.db import parse_url
+from toolkit.mlflow_api import internal_ids
 from toolkit.schema.gitlab import PACKAGE_TYPE_GENERIC, PACKAGE_TYPE_ML_MODEL
 
 HAS_EXPERIMENT_ID = """
@@ -31,9 +34,7 @@ HAS_EXPERIMENT_ID = """
       AND attname = 'experiment_id' AND NOT attisdropped"""
 NEW_EXPERIMENT = """
     INSERT INTO ml_experiments (created_at, updated_at, iid, project_id, name)
-    SELECT now(), now(), COALESCE(max(iid), 0) + 1, p.id, 'Live ' || :n || ' ' || gen_random_uuid()
-    FROM (SELECT min(id) AS id FROM projects) p LEFT JOIN ml_experiments e ON e.project_id = p.id
-    GROUP BY p.id RETURNING id"""
+    VALUES (now(), now(), :iid, :p, 'Live ' || :n || ' ' || gen_random_uuid()) RETURNING id"""
 EXPERIMENT_PARENT = """
     SELECT e.id, e.iid, e.project_id, e.model_id FROM ml_experiments e
     ORDER BY e.id DESC LIMIT 1 OFFSET :k"""
@@ -93,7 +94,10 @@ class AppWriter(threading.Thread):
         """One run logged, after a new experiment every ``experiment_every``-th time."""
         has_experiments = conn.execute(sa.text(HAS_EXPERIMENT_ID)).scalar()
         if self.experiments and self.experiment_every and n % self.experiment_every == 0:
-            self.new_experiments.append(conn.execute(sa.text(NEW_EXPERIMENT), {"n": n}).scalar())
+            project = conn.execute(sa.text("SELECT min(id) FROM projects")).scalar_one()
+            iid = internal_ids.next_experiment_iid(conn, project)
+            self.new_experiments.append(
+                conn.execute(sa.text(NEW_EXPERIMENT), {"n": n, "iid": iid, "p": project}).scalar())
         # the run's parent: one of the latest experiments, every other time one of a model
         parent = None
         if has_experiments and n % 2 == 0:
@@ -102,9 +106,7 @@ class AppWriter(threading.Thread):
             parent = conn.execute(sa.text(EXPERIMENT_PARENT if has_experiments else MODEL_PARENT),
                                   {"k": n % 7}).one()
         experiment_id, iid, project_id, model_id = parent
-        candidate_iid = conn.execute(sa.text(
-            "SELECT COALESCE(max(internal_id), 0) + 1 FROM ml_candidates WHERE project_id = :p"),
-            {"p": project_id}).scalar()
+        candidate_iid = internal_ids.next_candidate_iid(conn, project_id)
         package = conn.execute(sa.text("""
             INSERT INTO packages_packages (created_at, updated_at, project_id, name, version, package_type)
             VALUES (now(), now(), :p, :name, :v, :t) RETURNING id"""),
