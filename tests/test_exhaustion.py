@@ -13,10 +13,16 @@ models into it in batches of 4 until PostgreSQL cannot extend the table's file
 - once the filler is removed, the same command ends in the state of an uninterrupted twin
   (but for the ids the failed batch took from the sequences: compared by natural key).
 
-Not reproduced here: ``pg_wal`` filling until the server PANICs (the server would need a
-WAL directory on its own small filesystem and a crash restart; an immediate restart, what
-the PANIC leads to, is test_restarts.py's). A connection refused for too many clients
-(53300) is checked against a real server that refuses it.
+And ``pg_wal`` full: a server of the test's own whose ``pg_wal`` is moved to a tmpfs just
+larger than its one segment; the run commits batches, the test writes WAL until the
+segment is nearly full, the run's next batches need a new segment: PostgreSQL PANICs
+(``could not write to file "pg_wal/xlogtemp…": No space left on device``), and its crash
+recovery cannot finish either, so the server stays down. The run exits 75 saying to free
+disk space; nothing can record its end, so it keeps it on the machine; once the tmpfs is
+made larger and the server started, the same command records it on the abandoned run and
+ends equal to the twin. A connection refused for too many clients (53300) is checked
+against a real server that refuses it. Not reproduced: 53200 (out of memory) and 53400
+(a configured limit): they take the same path as 53100 and 53300.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -266,3 +273,77 @@ def _compare_across_the_gap(db: ServerDb, twin_file: Path, tmp_path: Path) -> No
     done = toolkit(db, "fingerprint", "--compare", str(by_id))
     assert done.exit_code == 1, done.output
     assert "tables.ml_models:" in done.output, done.output
+
+
+def test_pg_wal_full_panics_the_server_and_the_same_command_resumes_once_space_is_freed(
+        lab: FaultServer, twin, tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("pg_wal on a small filesystem needs root to mount it")
+    with FaultServer.started() as server:
+        seeded = server.database("seeded")
+        with seeded.engine.connect() as conn:
+            seed_database(conn, SCALES["small"], "adversarial", seed=1)
+        resolve_m1_anomalies(seeded)
+        for milestone in ("milestone-1", "milestone-2"):
+            assert toolkit(seeded, "migrate", milestone, "--yes").exit_code == 0
+        seeded.dispose()
+        wal = Path(server.server.pgdata) / "pg_wal"
+        server.server.stop()
+        # room for what is there and one more segment (the start preallocates the next one
+        # when the current one is three quarters full), and 2 MB: never a segment more
+        small = Tmpfs(str(sum(f.stat().st_size for f in wal.rglob("*") if f.is_file()) + SEGMENT + 2 * 2**20))
+        try:
+            owner = pwd.getpwnam(SYSTEM_USER_WHEN_ROOT)
+            moved = small.path / "pg_wal"
+            shutil.copytree(wal, moved, symlinks=True)
+            for path in (moved, *moved.rglob("*")):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+            os.chmod(moved, 0o700)
+            shutil.rmtree(wal)
+            os.symlink(moved, wal)
+            server.status = server.server.start()
+            db = server.databases["seeded"]
+            prior = newest_run_id(db)
+            running = start_toolkit(db, (*COMMAND, "--pause-ms", "100"), tmp_path, "wal")
+            wait_for_batches(db, running, prior, 2)
+            _fill_wal_but(db, moved, 64 * 1024)  # the run's next batches need a new segment
+            db.dispose()
+            code, stdout, stderr = running.wait()
+            line = _one_error_line(code, stdout, stderr)
+            assert "free disk space" in line and "then run the same command again" in line, line
+            assert "No space left on device" in line or "crash" in line, line
+            assert "warning: could not record how run" in stderr, stderr
+            assert "PANIC:  could not write to file \"pg_wal/xlogtemp" in server.server.logfile.read_text()
+            assert not server.server.status().running, "crash recovery could not finish either"
+
+            subprocess.run(["mount", "-o", "remount,size=64m", "tmpfs", str(small.path)], check=True)
+            server.status = server.server.start()
+            again = start_toolkit(db, COMMAND, tmp_path, "wal-again")
+            code, stdout, stderr = again.wait()
+            assert code == 0, (stdout, stderr)
+            runs = _history(db, prior)
+            assert [r["outcome"] for r in runs] == ["interrupted", "succeeded"], runs
+            assert runs[0]["error"] == (f"{without_database_urls(line.removeprefix('error: '))} "
+                                        f"(recorded by run {runs[1]['id']}: the database could not take it then)")
+            # the batches after the last one the crash kept are done again: rows add up
+            _equal_to_twin(db, runs, twin)
+        finally:
+            server.server.stop()
+            small.close()
+
+
+SEGMENT = 16 * 2**20  # PostgreSQL's WAL segment size (initdb's default)
+
+
+def _fill_wal_but(db: ServerDb, wal: Path, leave: int) -> None:
+    """Write WAL (logical messages) until the current segment is the last one there and
+    only ``leave`` bytes of it are left."""
+    for _ in range(8):
+        (name, offset), = db.rows("SELECT file_name, file_offset FROM pg_walfile_name_offset(pg_current_wal_lsn())")
+        ahead = [p for p in wal.iterdir() if len(p.name) == 24 and p.name > name]
+        remaining = SEGMENT - int(offset)
+        db.execute("SELECT pg_logical_emit_message(false, 'tk-test', repeat('x', :n))",
+                   n=max(0, remaining - leave) if not ahead else remaining + 1024)
+        if not ahead:
+            return
+    raise AssertionError("WAL segments kept appearing ahead")

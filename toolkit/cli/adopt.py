@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from toolkit.cli.context import app
 from toolkit.engine import state
-from toolkit.engine.ledger import ADOPT, _and, ledger_lost, schema_exists
+from toolkit.engine.ledger import ADOPT, joined, ledger_lost, schema_exists
 from toolkit.errors import PreconditionRefused
 from toolkit.output import out
 from toolkit.schema.own import SCHEMA
@@ -53,7 +53,7 @@ def adopt(yes: bool) -> None:
             f"{SCHEMA}_damaged) and run `{ADOPT} --yes` again")
     if not yes:
         raise PreconditionRefused(
-            f"`{ADOPT}` would record {_and(names)} as applied, for good ({lost.described()}): "
+            f"`{ADOPT}` would record {joined(names)} as applied, for good ({lost.described()}): "
             "they could never be rolled back by the toolkit",
             f"pass --yes to declare it, or restore the {SCHEMA} schema from a backup instead")
     with runner.exclusive(ADOPT) as run_id, runner.engine.connect() as conn:
@@ -63,6 +63,6 @@ def adopt(yes: bool) -> None:
         conn.commit()
         for name in names:
             state.set_milestone_state(conn, name, state.APPLIED, run_id)
-    out.say(f"Recorded {_and(names)} as applied (run {run_id}); they can no longer be rolled back. "
+    out.say(f"Recorded {joined(names)} as applied (run {run_id}); they can no longer be rolled back. "
             "`toolkit status` shows where each milestone stands.")
     app().finish({"adopted": lost.in_place, "run_id": run_id})

@@ -62,13 +62,13 @@ class LedgerLost:
         names = list(self.in_place)
         return PreconditionRefused(
             f"The toolkit's ledger is lost: {self.what}, but GitLab's tables show changes of "
-            f"{_and(names)} in place: {self.described()}. What the ledger recorded (converted "
+            f"{joined(names)} in place: {self.described()}. What the ledger recorded (converted "
             f"packages, created models, copied tags, milestone 4's archive, the runs) went with it: "
-            f"{_and(names)} can no longer be rolled back, and nothing is written until the state "
+            f"{joined(names)} can no longer be rolled back, and nothing is written until the state "
             "is known",
             "restore the toolkit schema from a backup taken before it was lost (pg_restore "
             f"--schema={SCHEMA}), or declare what is in place with `{ADOPT} --yes` (records "
-            f"{_and(names)} as applied, for good: they can never be rolled back by the toolkit)",
+            f"{joined(names)} as applied, for good: they can never be rolled back by the toolkit)",
             details={"ledger": self.what, "in_place": self.in_place})
 
     def as_dict(self) -> dict[str, Any]:
@@ -136,5 +136,5 @@ def adopted_final(conn: Connection, milestone: str) -> Final | None:
         details={"adopted_by_run": adopted["id"]})
 
 
-def _and(names: list[str]) -> str:
+def joined(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
