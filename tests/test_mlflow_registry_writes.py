@@ -277,7 +277,7 @@ def test_stage_models_after_milestones_1_to_3(db, who):
     assert ("ml_candidates", run.id) in {(r.table_name, r.row_id) for r in mine}
 
 
-def test_stage_archive_after_milestone_4_makes_the_model_alone(db, who):
+def test_stage_archive_after_milestone_4_makes_the_model_and_keeps_its_default_experiment_id(db, who):
     _project, user = who
     # Milestone 4's gate accepts the default experiment of the model made above: it has
     # its model, and no tags its model lacks
@@ -290,7 +290,11 @@ def test_stage_archive_after_milestone_4_makes_the_model_alone(db, who):
     assert answer["registered_model"]["name"] == "after-m4"
     [model] = model_row(db, who, "after-m4")
     assert (model.display_name, model.user_id) == ("after-m4", user)
-    assert db.scalar("SELECT count(*) FROM toolkit.m4_archive_ml_experiments") == experiments
+    # its default experiment kept as an id, where the earlier models' are (the rollback rebuilds it)
+    kept = db.rows("SELECT a.name, a.model_id, k.iid FROM toolkit.m4_archive_ml_experiments a "
+                   "JOIN toolkit.mlflow_experiment_ids k ON k.id = a.id WHERE a.model_id = :m", m=model.id)
+    assert [(r.name, r.model_id) for r in kept] == [("[model]after-m4", model.id)]
+    assert db.scalar("SELECT count(*) FROM toolkit.m4_archive_ml_experiments") == experiments + 1
     status, answer, _ = write(db, who, "model-versions/create", name="after-m4")
     assert status == 200, answer
     [run] = db.rows("SELECT c.* FROM ml_candidates c JOIN ml_model_versions v ON v.id = c.model_version_id "
