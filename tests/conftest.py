@@ -49,6 +49,9 @@ from toolkit.sandbox.legacy_schema import create_legacy_schema
 from toolkit.sandbox.scales import SCALES
 
 PREFIX = f"tk_{os.getpid()}_"
+# Ends of runs the database could not take are kept on the machine (engine/unrecorded.py):
+# the suite's go to a directory of its own, never the user's.
+os.environ.setdefault("TOOLKIT_STATE_DIR", tempfile.mkdtemp(prefix="tk-state-"))
 
 
 URL_ENV = "TOOLKIT_TEST_DATABASE_URL"

@@ -258,6 +258,7 @@ NOT_GITLAB_ARGS = {
     ("archive", "drop"): ["archive", "drop", "--yes"],
     ("report", "candidates"): ["report", "candidates", "--project", "1", "--model", "m", "--metric", "loss"],
     ("mlflow", "serve"): ["mlflow", "serve", "--port", "0"],
+    ("adopt",): ["adopt", "--yes"],
 }
 NO_DATABASE = {("sql",), ("demo",)}
 

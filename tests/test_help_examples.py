@@ -40,6 +40,8 @@ DATABASE_EXAMPLES: dict[str, tuple[tuple[str, ...], list[int]]] = {
     "toolkit verify milestone-1 --json": (M1, [0]),
     "toolkit rollback milestone-1": ((), [0]),
     "toolkit history --limit 5": ((), [0]),
+    # the ledger is in order here: nothing to adopt (test_toolkit_schema_lost.py adopts)
+    "toolkit adopt --yes": ((), [3]),
     # pricing-tuned-0 is a model of project 1 in the realistic small data (seed 1), with
     # candidates that log loss and accuracy; the report reads it after milestone 2.
     "toolkit report candidates --project 1 --model pricing-tuned-0 --metric accuracy":

@@ -29,6 +29,7 @@ from toolkit.errors import (
     DatabaseProblem,
     LockUnavailable,
     PreconditionRefused,
+    ResourceExhausted,
     SessionLost,
     ToolkitError,
     UsageProblem,
@@ -245,6 +246,62 @@ def session_lost(exc: BaseException, *, during_run: bool = False) -> str | None:
     return None
 
 
+# Class 53, insufficient resources: what ran out, and what the operator frees before running
+# the same command again. PostgreSQL rolled the failing transaction back; nothing else is lost.
+RESOURCE_STATES = {
+    "53000": ("the database server ran out of a resource",
+              "free what the server's message names"),
+    "53100": ("the database server's disk is full",
+              "free disk space on the database server where the message says (its data directory, "
+              "a tablespace, pg_wal, or the temporary files' directory)"),
+    "53200": ("the database server ran out of memory",
+              "free memory on the database server (fewer sessions, a lower work_mem), or a smaller "
+              "--batch-size"),
+    "53300": ("the database server has no connection left for the toolkit",
+              "free connections (pg_stat_activity shows who holds them; max_connections, and the "
+              "role's or the database's CONNECTION LIMIT, set how many there are)"),
+    "53400": ("the database server refused to go past one of its configured limits",
+              "free what the limit counts, or raise the limit the message names (temp_file_limit, "
+              "max_locks_per_transaction ...)"),
+}
+# A refused connection carries no SQLSTATE in the client: the server's words tell these.
+_OUT_OF_CONNECTIONS = ("too many clients already", "too many connections for",
+                       "remaining connection slots are reserved")
+# The server itself crashed (a PANIC restarts it: pg_wal full is the common cause) or is
+# recovering from one: the operator may have space to free before it comes back.
+CRASH_STATES = {"57P02", "57P03"}
+CRASH_NEXT = ("if the server's log says it ran out of space (PANIC … No space left on device, "
+              "often pg_wal), free disk space on the database server first; ")
+
+
+def resource_state(exc: BaseException) -> str | None:
+    """The class 53 SQLSTATE (insufficient resources) of a driver error, when it is one."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    code = getattr(exc.orig, "sqlstate", None) or ""
+    if code.startswith("53"):
+        return code
+    if not code and any(words in str(exc.orig) for words in _OUT_OF_CONNECTIONS):
+        return "53300"
+    return None
+
+
+def resource_exhausted(exc: DBAPIError, where: str,
+                       secrets: tuple[str, ...] = ()) -> ResourceExhausted | None:
+    """The one-line stop for a server out of disk, memory, connections or a configured
+    limit: what ran out, that everything committed is kept, what to free, and to run the
+    same command again. None for any other error."""
+    code = resource_state(exc)
+    if code is None:
+        return None
+    what, free = RESOURCE_STATES.get(code, RESOURCE_STATES["53000"])
+    return ResourceExhausted(
+        f"Stopped: {what} ({code}: {first_line(exc, secrets)}) on {where}",
+        f"everything committed before it is kept (the failing transaction was rolled back); "
+        f"{free}, then run the same command again",
+        details={"sqlstate": code})
+
+
 def first_line(exc: DBAPIError, secrets: tuple[str, ...] = ()) -> str:
     orig = exc.orig
     return redact(str(orig).strip().splitlines()[0] if str(orig).strip() else repr(orig), secrets)
@@ -252,11 +309,12 @@ def first_line(exc: DBAPIError, secrets: tuple[str, ...] = ()) -> str:
 
 def lost_session_error(exc: DBAPIError, why: str, where: str,
                        secrets: tuple[str, ...] = ()) -> SessionLost:
+    crashed = (getattr(exc.orig, "sqlstate", None) or "") in CRASH_STATES
     return SessionLost(
         f"Interrupted: {why} ({first_line(exc, secrets)}) on {where}",
         "everything committed before it is kept (a migrate or rollback keeps every batch up to "
-        "the last one committed); run the same command again to resume, or add --reconnect N "
-        "to let it resume by itself")
+        f"the last one committed); {CRASH_NEXT if crashed else ''}run the same command again to "
+        "resume, or add --reconnect N to let it resume by itself")
 
 
 def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> ToolkitError:
@@ -284,6 +342,15 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
             "the one pg_ident.conf maps to it)",
             "run the toolkit as that operating-system user (GitLab Omnibus: sudo -u git -H toolkit "
             "...), or connect as a role with a password (over TCP, or where pg_hba.conf asks for one)")
+    if (exhausted := resource_exhausted(exc, where, secrets)) is not None:
+        return exhausted  # before "cannot connect": out of connections is refused at connect
+    if sqlstate in ("42P01", "3F000") and ('"toolkit.' in first or 'schema "toolkit"' in first):
+        return PreconditionRefused(
+            f"The toolkit's own schema, or a table of it, is gone ({first}) on {where}: what the "
+            "batch under way did was rolled back, and the toolkit's record of what it changed "
+            "went with the schema",
+            "`toolkit status` says what GitLab's tables show in place; restore the toolkit schema "
+            "from a backup, or declare the state with `toolkit adopt --yes`")
     if sqlstate == "42501":
         return DatabaseProblem(
             f"Permission denied on {where}: {first}",

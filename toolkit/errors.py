@@ -36,9 +36,11 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
                         "health (replica lag, VACUUM, a long transaction, archiving, your throttle); "
                         "everything committed is kept: run the same command again to resume",
     ExitCode.INTERNAL: "an unexpected internal error (a bug: please report it with TOOLKIT_DEBUG=1 output)",
-    ExitCode.SESSION_LOST: "the database ended the session or the run lost its hold on the runner lock "
-                           "(restart, failover, terminated session, lost connection); everything "
-                           "committed is kept: run the same command again, or pass --reconnect N",
+    ExitCode.SESSION_LOST: "the database ended the session, ran out of a resource (disk, memory, "
+                           "connections, a configured limit) or the run lost its hold on the runner "
+                           "lock (restart, crash, failover, terminated session, lost connection); "
+                           "everything committed is kept: free what the message names, then run the "
+                           "same command again, or pass --reconnect N",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C or signal); progress up to the last batch is kept",
     ExitCode.PIPE_CLOSED: "the reader of the output went away (`| head`) before the command "
                           "finished writing; nothing more was said",
@@ -85,6 +87,16 @@ class DatabaseProblem(ToolkitError):
 class SessionLost(ToolkitError):
     """The database side went away (or took the runner's hold with it): not an error in the
     data, an interruption that the same command resumes from."""
+
+    exit_code = ExitCode.SESSION_LOST
+
+
+class ResourceExhausted(ToolkitError):
+    """The server ran out of something (disk, memory, connections, a configured limit):
+    nothing is wrong with the data and the failing transaction was rolled back, so it is a
+    stop the same command resumes from once the operator has freed what ran out. Not a
+    :class:`SessionLost`: ``--reconnect`` does not retry it, since trying again before anyone
+    freed anything would only fail again."""
 
     exit_code = ExitCode.SESSION_LOST
 

@@ -15,7 +15,7 @@ from toolkit.output import out
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.timestamps import shown
 from toolkit.verify import baselines
-from toolkit.verify.fingerprint import Fingerprint, compare, take
+from toolkit.verify.fingerprint import NATURAL_KEYS, Fingerprint, compare, take
 
 
 @click.command()
@@ -48,7 +48,10 @@ def fingerprint(out_file: Path | None, compared: params.FingerprintAt | None, ml
     runner = app().runner()
     with runner.read_only() as conn:
         runner.check_gitlab(conn)
-        now = take(conn, reference.watermarks if reference else None, reference=reference)
+        # rows a sequence numbered (models milestone 3 created) by natural key, unless the
+        # file compared with was taken before the toolkit did that (then as it was taken)
+        now = take(conn, reference.watermarks if reference else None, reference=reference,
+                   natural=reference is None or reference.natural is not None)
     if out_file:
         _write(out_file, now)
         out.say(f"Wrote the fingerprint to {out_file}.")
@@ -58,7 +61,8 @@ def fingerprint(out_file: Path | None, compared: params.FingerprintAt | None, ml
         return
     differences = compare(reference, now, tables=not mlflow_only)
     doc = {"fingerprint": now.as_dict(), "compared_with": str(compare_file),
-           "differences": [d.describe() for d in differences]}
+           "differences": [d.describe() for d in differences],
+           "natural_keys": _by_natural_key(reference, now)}
     if differences:
         for d in differences:
             out.say(f"  differs: {d.describe()}")
@@ -69,7 +73,16 @@ def fingerprint(out_file: Path | None, compared: params.FingerprintAt | None, ml
             details={"result": doc},
         )
     out.say(f"Equal to {compare_file} (rows added since it was taken are not counted).")
+    if natural := _by_natural_key(reference, now):
+        out.say("Compared by natural key, as sequence values may differ (a batch rolled back by a "
+                "crash, a full disk or a timeout had taken ids): " + "; ".join(natural))
     app().finish(doc)
+
+
+def _by_natural_key(reference: Fingerprint, now: Fingerprint) -> list[str]:
+    """The parts compared by natural key, each with its row count and how."""
+    return [f"tables.{table}: {(now.natural or {}).get(table, {}).get('rows', 0)} rows, "
+            f"{NATURAL_KEYS[table]}" for table in sorted(reference.natural or {}) if table in NATURAL_KEYS]
 
 
 def _refuse_combinations(out_file: Path | None, compared: params.FingerprintAt | None,
@@ -101,6 +114,8 @@ def _show(fp: Fingerprint) -> None:
             f"{fp.source or 'nothing (ml_experiments and its archive are gone)'}:")
     rows = [[f"table {t}", "absent", ""] if d is None else [f"table {t}", d["rows"], d["hash"][:16]]
             for t, d in fp.tables.items()]
+    rows += [[f"table {t} (by natural key: {NATURAL_KEYS[t]})", d["rows"], d["hash"][:16]]
+             for t, d in (fp.natural or {}).items()]
     rows += [[f"mlflow {p}", d["rows"], d["hash"][:16]] for p, d in fp.mlflow.items()]
     out.table(["part", "rows", "hash"], rows)
 

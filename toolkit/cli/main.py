@@ -203,11 +203,11 @@ def cli(ctx: click.Context, database_url: str | None, json_mode: bool, quiet: bo
 
 
 def _register() -> None:
-    from toolkit.cli import archive, demo, fingerprint, migrate, mlflow, report, sandbox, sql
+    from toolkit.cli import adopt, archive, demo, fingerprint, migrate, mlflow, report, sandbox, sql
 
     for command in (migrate.status, migrate.plan, migrate.migrate, migrate.verify, migrate.rollback,
                     sql.sql, migrate.history, fingerprint.fingerprint, archive.archive,
-                    report.report, sandbox.sandbox, demo.demo, mlflow.mlflow):
+                    report.report, sandbox.sandbox, demo.demo, mlflow.mlflow, adopt.adopt):
         cli.add_command(command)
 
 

@@ -223,9 +223,10 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
         app().finish({"dry_run": True, "milestones": [_plan_doc(result)]})
         return
     final, now = runner.final(chosen)
-    if final is not None and now == state.VERIFIED:
-        # Nothing to apply, nothing to confirm: say so and write nothing.
-        out.say(f"{chosen.name} is already verified, and final: {final.why}. Nothing to apply; "
+    if final is not None and now in (state.VERIFIED, state.APPLIED):
+        # Nothing to apply, nothing to confirm: say so and write nothing. (Applied and final:
+        # declared in place by `toolkit adopt` after the toolkit's schema was lost.)
+        out.say(f"{chosen.name} is already {now}, and final: {final.why}. Nothing to apply; "
                 f"`toolkit verify {chosen.name}` checks it again.")
         app().finish({"milestone": chosen.name, "state": now, "already": True, "final": final.as_dict()})
         return

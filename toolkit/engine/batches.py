@@ -95,6 +95,9 @@ class Budget:
     throttle: Any = None
     throttled_out: bool = False
     events: Events = LOGGED  # where the run's progress and warnings go
+    # Told (milestone, step, last key) after each batch commits: what the run remembers
+    # to tell, once resumed, whether committed batches went back in time (rewind.py).
+    on_commit: Any = None
 
     def exhausted_reason(self) -> str | None:
         if self.stop_requested:
@@ -179,6 +182,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 result.batch_seconds.append(took)
                 result.batch_sizes.append(scanned)
                 sizer.record(took, scanned)
+                if budget.on_commit is not None:
+                    budget.on_commit(milestone, kpass.name, hi)
                 lo = hi
                 result.rows += changed
                 result.batches += 1

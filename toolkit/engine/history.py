@@ -12,8 +12,8 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.cancel import StatementCancelled, stop_in_chain
 from toolkit.conninfo import render as render_url
-from toolkit.db import cannot_connect, first_line, lost_session_error, session_lost
-from toolkit.engine import state
+from toolkit.db import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
+from toolkit.engine import state, unrecorded
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.events import Events
 from toolkit.engine.lease import UNFENCED, Hold
@@ -76,8 +76,15 @@ class RunHistory:
             state.set_milestone_state(conn, milestone.name, state_during, run_id)
             while self._unrecorded:  # an earlier attempt's end, now that the database answers
                 state.finish_run(conn, *self._unrecorded.pop())
-            state.close_abandoned_runs(conn, run_id)
-            conn.commit()
+            # an earlier process's end, kept on this machine when the database could not take it
+            kept = unrecorded.take(self.engine.url)
+            try:
+                state.close_abandoned_runs(conn, run_id, kept)
+                conn.commit()
+            except BaseException:
+                for end in kept:
+                    unrecorded.keep(self.engine.url, end["run_id"], end["outcome"], end["rows"], end["error"])
+                raise
         result = ApplyResult(milestone, run_id, [])
         try:
             yield result
@@ -96,6 +103,12 @@ class RunHistory:
             raise
         except DBAPIError as exc:
             self._masked_stop(result, exc)
+            exhausted = resource_exhausted(exc, render_url(self.engine.url), self.events.secrets)
+            if exhausted is not None:
+                # the cause, in the line the operator saw, written from a connection of its
+                # own (the pool's pre-ping replaces the run's if the server dropped it)
+                self.finish(result, "interrupted", exhausted.one_line())
+                raise exhausted from exc
             why = session_lost(exc, during_run=True) or (
                 "the database cannot be reached" if cannot_connect(exc) else None)
             if why:
@@ -159,10 +172,15 @@ class RunHistory:
                 conn = conn.execution_options(**{UNFENCED: True})
                 state.finish_run(conn, run_id, outcome, rows, error, extra)
         except DBAPIError as exc:
-            # After a failover the old primary is gone and the new one may still be read-only:
-            # the next attempt (--reconnect) records it once it holds the lease.
+            # After a failover the old primary is gone and the new one may still be read-only;
+            # a crashed server, or one whose disk is full, takes nothing: the next attempt
+            # (--reconnect) records it once it holds the lease, and so does the next run from
+            # this machine, which finds it kept here.
             self._unrecorded.append((run_id, outcome, rows, error, extra))
+            kept = unrecorded.keep(self.engine.url, run_id, outcome, rows, error)
             self.events.warn(
                 f"could not record how run {run_id} ended ({first_line(exc, self.events.secrets)}); "
-                "`toolkit history` shows it as stopped unrecorded unless --reconnect records it"
+                + ("the next run on this database from this machine records it"
+                   if kept else "`toolkit history` shows it as stopped unrecorded unless --reconnect "
+                                "records it")
             )

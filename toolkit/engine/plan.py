@@ -44,6 +44,9 @@ class Milestone:
     updates: tuple[str, ...] = ()  # GitLab tables it UPDATEs (privileges checked first)
     drops: tuple[str, ...] = ()  # GitLab tables it drops (their fingerprint goes on purpose)
     drops_columns: tuple[str, ...] = ()  # "table.column" it drops
+    # "table.column" it adds to GitLab's tables: with what it drops, how GitLab's catalog
+    # shows the milestone in place when the toolkit's own schema is lost (engine/ledger.py)
+    adds_columns: tuple[str, ...] = ()
     # For a table it updates only in part: the condition (on columns it does not change)
     # on the rows it may change. Its verify proves every other row of the table unchanged.
     may_change: dict[str, str] = field(default_factory=dict, compare=False)
@@ -54,6 +57,10 @@ class Milestone:
     final: Callable[[Connection], Final | None] | None = field(default=None, compare=False)
 
     def final_now(self, conn: Connection) -> Final | None:
+        from toolkit.engine.ledger import adopted_final  # the ledger module reads plans
+
+        if (adopted := adopted_final(conn, self.name)) is not None:
+            return adopted
         return self.final(conn) if self.final is not None else None
 
     def plan(self, conn: Connection) -> list[StepPlan]:

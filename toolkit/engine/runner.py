@@ -6,6 +6,7 @@ The runner is the only place that decides *when* a step's passes execute; the st
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.health import Limits, Throttle, check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.lease import Hold, HoldLost
+from toolkit.engine.ledger import refuse_lost_ledger
 from toolkit.engine.listing import count_of
 from toolkit.engine.outcomes import ApplyResult, Gate, PlanResult, VerifyResult, timed
 from toolkit.engine.plan import Final, Milestone, MilestonePlan
@@ -40,16 +42,19 @@ from toolkit.engine.preflight import (
     check_writable,
 )
 from toolkit.engine.results import Check
+from toolkit.engine.rewind import Memory, said
 from toolkit.engine.signals import stop_on_signals
 from toolkit.errors import (
     DatabaseProblem,
     LockUnavailable,
     PreconditionRefused,
+    ResourceExhausted,
     SessionLost,
     ToolkitError,
 )
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.schema.migrations import ensure_own_tables
+from toolkit.schema.own import SCHEMA
 from toolkit.verify import baselines
 from toolkit.verify.digest import Memo
 from toolkit.verify.fingerprint import Scope, take
@@ -70,6 +75,16 @@ class Runner:
         self.command = command
         self.lock_wait_s = lock_wait_s
         self.history = RunHistory(engine, self.options, events, command)
+        self._ledger_checked = False
+        self.memory = Memory()  # the batches this process committed, across --reconnect attempts
+        self._memory_loaded = False
+
+    def _refuse_lost_ledger(self, conn: Connection) -> None:
+        """Once per runner, before its first read: a toolkit schema lost while GitLab's
+        tables show milestones in place is named, and every command refused (ledger.py)."""
+        if not self._ledger_checked:
+            refuse_lost_ledger(conn, self.milestones)
+            self._ledger_checked = True
 
     # -- read-only -------------------------------------------------------------------
     @contextmanager
@@ -79,6 +94,7 @@ class Runner:
             conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             with conn.begin() as transaction:
                 try:
+                    self._refuse_lost_ledger(conn)
                     yield conn
                 finally:
                     transaction.rollback()
@@ -204,6 +220,7 @@ class Runner:
         with self.engine.connect() as conn, conn.begin() as transaction:
             try:
                 conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+                self._refuse_lost_ledger(conn)
                 return milestone.final_now(conn), state.milestone_state(conn, milestone.name)["state"]
             finally:
                 transaction.rollback()
@@ -257,6 +274,7 @@ class Runner:
             # that build the archive cannot run again; what is left is to verify and say so.
             passes = [] if final else [p for step in milestone.steps for p in step.forward()]
             with self.history.recorded(hold, milestone, "migrate", state.IN_PROGRESS) as result:
+                self._went_back(result)
                 self._run_passes(hold, result, passes, before=self.take_baseline)
                 if result.complete:
                     self._set_state(milestone, state.APPLIED, result.run_id)
@@ -278,7 +296,8 @@ class Runner:
         except (ToolkitError, DBAPIError) as exc:
             problem = (exc if isinstance(exc, ToolkitError)
                        else classify(exc, render_url(self.engine.url), self.events.secrets))
-            kind = type(problem) if isinstance(problem, SessionLost | LockUnavailable) else DatabaseProblem
+            kind = (type(problem) if isinstance(problem, SessionLost | LockUnavailable | ResourceExhausted)
+                    else DatabaseProblem)
             raise kind(
                 f"{milestone.name} is applied, but its closing verify did not finish: {problem.problem}",
                 f"run `toolkit verify {milestone.name}` (--read-timeout raises the time a read may "
@@ -296,6 +315,7 @@ class Runner:
             passes = [p for step in reversed(milestone.steps) for p in step.backward()]
             checks: list[Check] = []
             with self.history.recorded(hold, milestone, "rollback", state.ROLLING_BACK) as result:
+                self._went_back(result)
                 self._run_passes(hold, result, passes)
                 if result.complete:
                     with timed(result, "checks"), self.read_only() as conn:
@@ -349,6 +369,8 @@ class Runner:
             except (SessionLost, DBAPIError) as exc:
                 why = self._why_retry(exc)
                 if why is None or tries >= self.options.reconnect:
+                    if why is not None:  # the next run from here checks what this one committed
+                        self.memory.save(self.engine.url)
                     raise
             tries += 1
             delay = min(self.options.reconnect_backoff_s * 2 ** (tries - 1), MAX_RECONNECT_DELAY_S)
@@ -370,7 +392,7 @@ class Runner:
     def _run_passes(self, hold: Hold, result: ApplyResult, passes: list[Action],
                     before: Callable[[Milestone, int], None] | None = None) -> None:
         milestone = result.milestone
-        budget = Budget(self.options, events=self.events)
+        budget = Budget(self.options, events=self.events, on_commit=self.memory.remember)
         budget.throttle = self._throttle(budget)
         with stop_on_signals(budget):
             if before is not None:
@@ -409,6 +431,25 @@ class Runner:
                 result.stopped = done.stopped
                 break
             after_action(len(result.passes))
+
+    def _went_back(self, result: ApplyResult) -> None:
+        """An attempt that resumes after a lost session: batches this process committed that
+        the database no longer has (a promoted replica had not replayed them) are said, and
+        recorded in the run's options (``went_back``), before they are done again."""
+        if not self._memory_loaded:  # what an earlier process (exit 75) committed
+            self.memory.load(self.engine.url)
+            self._memory_loaded = True
+        with self.engine.connect() as conn:
+            report = self.memory.check(conn, result.milestone.name)
+            self.memory.runs.add(result.run_id)
+            if report is not None:
+                conn.execute(sa.text(f"""
+                    UPDATE {SCHEMA}.runs SET options = options || jsonb_build_object(
+                        'went_back', CAST(:report AS jsonb)) WHERE id = :id"""),
+                    {"report": json.dumps(report), "id": result.run_id})
+            conn.commit()
+        if report is not None:
+            self.events.warn(said(result.milestone.name, report))
 
     def _set_state(self, milestone: Milestone, name: str, run_id: int) -> None:
         with self.engine.connect() as conn:

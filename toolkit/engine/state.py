@@ -74,10 +74,26 @@ def finish_run(conn: Connection, run_id: int, outcome: str, rows_by_step: dict[s
     conn.commit()
 
 
-def close_abandoned_runs(conn: Connection, current: int) -> None:
+def close_abandoned_runs(conn: Connection, current: int,
+                         kept: list[dict[str, Any]] | None = None) -> None:
     """Runs still marked running once a new run holds the lease cannot be going on: they
     were killed or lost their connection before they could say so. Record that, ending
-    them at their last commit (the rows they committed are already counted)."""
+    them at their last commit (the rows they committed are already counted).
+
+    ``kept``: ends that runs could not write at the time (the server was down or its disk
+    full) and kept on this machine (engine/unrecorded.py): written as they said, with a note
+    that this run wrote them, on those runs only that are still marked running."""
+    for end in kept or []:
+        conn.execute(sa.text(f"""
+            UPDATE {SCHEMA}.runs SET outcome = :outcome,
+                   finished_at = COALESCE(last_batch_at, started_at),
+                   rows_by_step = CAST(:rows AS jsonb) || rows_by_step,
+                   error = :error
+            WHERE id = :id AND outcome = 'running' AND id < :current
+        """), {"id": end["run_id"], "outcome": str(end.get("outcome") or "interrupted"),
+               "rows": json.dumps(end.get("rows") or {}), "current": current,
+               "error": (f"{end['error']} " if end.get("error") else "")
+                        + f"(recorded by run {current}: the database could not take it then)"})
     conn.execute(sa.text(f"""
         UPDATE {SCHEMA}.runs SET outcome = 'stopped unrecorded',
                finished_at = COALESCE(last_batch_at, started_at),

@@ -170,4 +170,5 @@ MILESTONE_2 = Milestone(
            BackfillModelId(), ValidateForeignKey()),
     reads=("ml_candidates", "ml_experiments", "ml_models"),
     updates=("ml_candidates",),
+    adds_columns=("ml_candidates.model_id",),
 )

@@ -502,4 +502,5 @@ MILESTONE_3 = Milestone(
     reads=("ml_experiments", "ml_experiment_metadata", "ml_models", "ml_model_metadata",
            "ml_candidates", "ml_model_versions"),
     updates=("ml_models", "ml_experiments", "ml_candidates", "ml_model_metadata"),
+    adds_columns=("ml_models.display_name",),
 )

@@ -187,6 +187,10 @@ class Fingerprint:
     # The snapshot it was taken in (pg_current_snapshot): the writes MLflow clients made
     # through the server since are those of transactions it does not see (app_writes.py).
     snapshot: str | None = None
+    # Rows made by the toolkit, or pointing at them, digested by natural key apart from
+    # their table's other rows (NATURAL_KEYS); None: not taken that way (a baseline, or a
+    # file written before this was), and compared as before.
+    natural: dict[str, dict[str, Any]] | None = None
 
     @property
     def scoped(self) -> Scope | None:
@@ -242,6 +246,46 @@ PART_MEANINGS = {
     "model_versions": "model versions changed",
     "model_version_tags": "model version tags changed",
 }
+
+
+# Rows whose ids come from sequences and may differ between two databases that hold the
+# same data: models milestone 3 created (and what refers to them) get other ids on a
+# database whose batch was rolled back after taking ids from the sequence (a crash, a full
+# disk, a lock timeout), since sequences do not roll back. `toolkit fingerprint` digests
+# these rows apart, by natural key (a model by project and name), and its --compare says
+# which parts it compared that way. Each: which rows, and how they are compared.
+NATURAL_KEYS: dict[str, str] = {
+    "ml_models": "models milestone-3 created, by project and name, not id",
+    "ml_model_metadata": "tags of the models milestone-3 created, by model (project and name) and "
+                         "tag, not id",
+    "ml_candidates": "runs in the models milestone-3 created, their model by project and name, "
+                     "not model_id",
+    "ml_experiments": "experiments of the models milestone-3 created, their model by project and "
+                      "name, not model_id",
+}
+_MODEL_KEY = "jsonb_build_object('model', jsonb_build_array(m.project_id, m.name))"
+
+
+def natural_rows(conn: Connection, table: str) -> tuple[str, str] | None:
+    """For a table of :data:`NATURAL_KEYS` once milestone 3 has created models: the
+    condition (on ``t``) picking the rows compared by natural key, and a query of their
+    text ``r``; None otherwise. The table's own digest leaves those rows out."""
+    if table not in NATURAL_KEYS or not relation_exists(conn, CREATED_MODELS) \
+            or not relation_exists(conn, table):
+        return None
+    created = f"(SELECT model_id FROM {CREATED_MODELS})"
+    if table == "ml_models":
+        condition = f"t.id IN {created}"
+        return condition, f"SELECT (to_jsonb(t) - 'id')::text AS r FROM ml_models AS t WHERE {condition}"
+    if not column_exists(conn, table, "model_id"):
+        return None
+    condition = f"t.model_id IN {created}"
+    # a model's tags have ids of their own from the sequence; runs and experiments keep theirs
+    # (bounded by the watermark as every other row)
+    own_id, bound = ("- 'id' ", "") if table == "ml_model_metadata" else ("", " AND t.id <= :w")
+    return condition, (f"SELECT (to_jsonb(t) {own_id}- 'model_id' || {_MODEL_KEY})::text AS r "
+                       f"FROM {table} AS t JOIN ml_models m ON m.id = t.model_id "
+                       f"WHERE {condition}{bound}")
 
 
 def mlflow_source(conn: Connection) -> str | None:
@@ -441,12 +485,13 @@ DERIVED_FROM = {
 
 def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
          memo: Memo | None = None, reference: Fingerprint | None = None,
-         scope: Scope | None = None) -> Fingerprint:
+         scope: Scope | None = None, natural: bool = False) -> Fingerprint:
     """Fingerprint the database as ``conn`` sees it (call it in one REPEATABLE READ
     transaction so both halves see the same instant). With ``reference`` (and its
     watermarks), digests are computed its way and parts :data:`DERIVED_FROM` an unchanged
     table are taken from it. With ``scope``, only the tables, rows and parts it names are
-    read."""
+    read. ``natural``: the rows of :data:`NATURAL_KEYS` are digested apart, by natural
+    key (``toolkit fingerprint``; a milestone's baseline compares ids, as it always did)."""
     # Sorting the latest metric per run happens in the server: give it room for that one
     # query instead of spilling 10M rows to disk (it is not the toolkit's memory).
     conn.execute(sa.text("SET LOCAL work_mem = '256MB'"))
@@ -471,7 +516,18 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
         digest = table_digest(conn, table, f"t.id <= :w{where}", {"w": bound(table)}, memo, method)
         return {"rows": digest.rows, "hash": digest.digest}
 
-    tables = {table: digest_of(table) for table in (scope.tables if scope else ML_TABLE_NAMES)}
+    tables: dict[str, dict[str, Any] | None] = {}
+    by_natural_key: dict[str, dict[str, Any]] = {}
+    for table in (scope.tables if scope else ML_TABLE_NAMES):
+        picked = natural_rows(conn, table) if natural else None
+        if picked is None:
+            tables[table] = digest_of(table)
+            continue
+        condition, sql = picked
+        tables[table] = digest_of(table, f" AND NOT COALESCE({condition}, false)")
+        rows, digest = query_digest(conn, sql, {"w": bound(table)}, memo, method)
+        if rows:  # none (a ledger emptied by a rollback): the table's digest holds every row
+            by_natural_key[table] = {"rows": rows, "hash": digest}
     kept = {table: digest_of(table, f" AND NOT ({rows})")
             for table, rows in (scope.kept if scope else {}).items()}
     source = mlflow_source(conn)
@@ -496,7 +552,8 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
     declared = declared_changes(conn, marks) if source is not None else {}
     snapshot = conn.execute(sa.text("SELECT pg_current_snapshot()::text")).scalar_one()
     return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
-                       tables, mlflow, scope.__dict__ if scope else None, kept, method, declared, snapshot)
+                       tables, mlflow, scope.__dict__ if scope else None, kept, method, declared, snapshot,
+                       natural=by_natural_key if natural else None)
 
 
 def _keyed_digest(conn: Connection, sql: str, params: dict[str, Any], part: str,
@@ -572,6 +629,13 @@ def compare(before: Fingerprint, after: Fingerprint, *, changes: tuple[str, ...]
             b, a = before.kept.get(table), after.kept.get(table)
             if not _same(b, a):
                 found.append(Difference(f"tables.{table} (rows it may not change)", b, a, False))
+        # rows made by the toolkit since ``before`` was taken are rows added since: only what
+        # it had is compared (and must still be there)
+        for table in sorted(before.natural or {}):
+            b, a = (before.natural or {}).get(table), (after.natural or {}).get(table)
+            if not _same(b, a):
+                found.append(Difference(f"tables.{table} ({NATURAL_KEYS.get(table, 'by natural key')})",
+                                        b, a, table in changes))
     if after.source is None and before.source is not None:
         found.append(Difference("mlflow", None, None, False, note=(
             "the MLflow view cannot be computed any more: ml_experiments and its archive are gone")))

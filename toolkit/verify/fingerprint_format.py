@@ -114,6 +114,9 @@ def check(data: object) -> None:
     for table, digest in _object(data.get("kept", {}), "kept", "table digests").items():
         if digest is not None:
             _digest(digest, f"kept.{table}")
+    if data.get("natural") is not None:
+        for table, digest in _object(data["natural"], "natural", "table digests").items():
+            _digest(digest, f"natural.{table}")
     for part, digest in _object(data.get("mlflow", {}), "mlflow", "MLflow part digests").items():
         _digest(digest, f"mlflow.{part}")
     for name, count in _object(data.get("declared", {}), "declared", "declared counts").items():
