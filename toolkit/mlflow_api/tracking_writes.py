@@ -315,15 +315,23 @@ def set_experiment_tag(conn: Connection, ctx: WriteContext, params: dict[str, An
         for table, row in stages.add_experiment_tag(conn, ctx.stage, experiment, key, value):
             _record(conn, ctx, table, [row], "insert", model_id=experiment.model_id)
         return {}
-    errors = _metadata_errors(conn, "ml_experiment_metadata", "experiment_id", experiment.id, key, value)
+    _add_metadata(conn, ctx, "ml_experiment_metadata", "experiment_id", experiment.id, key, value,
+                  model_id=experiment.model_id)
+    return {}
+
+
+def _add_metadata(conn: Connection, ctx: WriteContext, table: str, parent: str, parent_id: int,
+                  key: str | None, value: str | None, **record: int | None) -> None:
+    """``metadata.create!`` of an experiment or a run: GitLab's validations (a taken name is
+    ``RecordInvalid``), then the row, recorded."""
+    errors = _metadata_errors(conn, table, parent, parent_id, key, value)
     if errors:
         raise validation_failed(*errors)
-    row = conn.execute(sa.text("""
-        INSERT INTO ml_experiment_metadata (created_at, updated_at, experiment_id, name, value, project_id)
-        VALUES (now(), now(), :e, :k, :v, :p) RETURNING id"""),
-        {"e": experiment.id, "k": key, "v": value, "p": ctx.project_id}).scalar_one()
-    _record(conn, ctx, "ml_experiment_metadata", [row], "insert", model_id=experiment.model_id)
-    return {}
+    row = conn.execute(sa.text(f"""
+        INSERT INTO {table} (created_at, updated_at, {parent}, name, value, project_id)
+        VALUES (now(), now(), :parent, :k, :v, :p) RETURNING id"""),
+        {"parent": parent_id, "k": key, "v": value, "p": ctx.project_id}).scalar_one()
+    _record(conn, ctx, table, [row], "insert", **record)
 
 
 def _metadata_errors(conn: Connection, table: str, parent: str, parent_id: int, key: str | None,
@@ -579,14 +587,8 @@ def set_tag(conn: Connection, ctx: WriteContext, params: dict[str, Any]) -> dict
     candidate = find_candidate(conn, ctx, params, for_update=True)
     if key is not None and key.startswith(GITLAB_TAG_PREFIX) and value is not None:
         _set_ci_build(conn, ctx, candidate.id, [(key, value)])
-    errors = _metadata_errors(conn, "ml_candidate_metadata", "candidate_id", candidate.id, key, value)
-    if errors:
-        raise validation_failed(*errors)
-    row = conn.execute(sa.text("""
-        INSERT INTO ml_candidate_metadata (created_at, updated_at, candidate_id, name, value, project_id)
-        VALUES (now(), now(), :c, :k, :v, :p) RETURNING id"""),
-        {"c": candidate.id, "k": key, "v": value, "p": ctx.project_id}).scalar_one()
-    _record(conn, ctx, "ml_candidate_metadata", [row], "insert", candidate_id=candidate.id)
+    _add_metadata(conn, ctx, "ml_candidate_metadata", "candidate_id", candidate.id, key, value,
+                  candidate_id=candidate.id)
     return {}
 
 
