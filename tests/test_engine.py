@@ -187,6 +187,9 @@ def test_gate_refuses_a_milestone_until_the_previous_one_verifies(adversarial_db
     code, doc = toolkit_json(adversarial_db, "migrate", "milestone-2")
     assert code == ExitCode.REFUSED
     assert "milestone-1 does not verify" in doc["error"]["problem"]
+    # the check that failed is named, not only its detail ("3 have none" alone does not say of what)
+    first = doc["error"]["details"]["failures"][0]
+    assert f"does not verify ({first['name']}: {first['detail']})" in doc["error"]["problem"]
     assert "toolkit verify milestone-1" in doc["error"]["next_step"]
     dry = toolkit(adversarial_db, "migrate", "milestone-2", "--dry-run")
     assert dry.exit_code == ExitCode.REFUSED and "gate: CLOSED" in dry.output

@@ -28,6 +28,7 @@ from mlflow_serving import adversarial_database
 from toolkit.mlflow_api.errors import ApiError
 from toolkit.mlflow_api.registry_writes import WRITES
 from toolkit.mlflow_api.stages import Stage, WriteContext, stage_of
+from toolkit.names import TRANSITION_TRIGGERS
 
 BASE = "http://gitlab.test"
 NOT_FOUND = (404, {"error_code": "RESOURCE_DOES_NOT_EXIST"})
@@ -275,6 +276,39 @@ def test_stage_models_after_milestones_1_to_3(db, who):
                    "WHERE endpoint = 'model-versions/create'")
     assert {r.model_id for r in mine} == {model.id}
     assert ("ml_candidates", run.id) in {(r.table_name, r.row_id) for r in mine}
+
+
+def test_between_milestone_4_dropping_the_triggers_and_the_column_a_model_and_version_need_none(db, who):
+    """Milestone 4 drops milestone 2's and 3's transition triggers in a transaction of its own,
+    before ``ml_candidates.experiment_id`` and ``ml_experiments``: writes in between still meet
+    stage MODELS. A model made then gets its display_name, and a version's run its model_id,
+    from the write itself, or milestone 3 no longer verifies (a model without display_name)
+    and milestone 4's next run is refused."""
+    saved = db.rows("""
+        SELECT pg_get_functiondef(t.tgfoid) AS function, pg_get_triggerdef(t.oid) AS trigger
+        FROM pg_trigger t WHERE t.tgname IN ('trigger_ml_models_display_name_transition',
+                                             'trigger_ml_candidates_model_id_transition')""")
+    assert len(saved) == 2
+    with db.engine.begin() as conn:  # as drop-legacy's first statement does
+        for table, trigger in TRANSITION_TRIGGERS:
+            conn.execute(sa.text(f"DROP TRIGGER {trigger} ON {table}; DROP FUNCTION {trigger}()"))
+    try:
+        status, answer, stage = write(db, who, "registered-models/create", name="Between.Drops")
+        assert (status, stage) == (200, Stage.MODELS), answer
+        [model] = model_row(db, who, "Between.Drops")
+        assert model.display_name == "Between.Drops"
+        status, answer, _ = write(db, who, "model-versions/create", name="Between.Drops")
+        assert status == 200, answer
+        [run] = db.rows("SELECT c.* FROM ml_candidates c JOIN ml_model_versions v "
+                        "ON v.id = c.model_version_id WHERE v.model_id = :m", m=model.id)
+        assert run.model_id == model.id and run.experiment_id is not None
+    finally:
+        with db.engine.begin() as conn:
+            for row in saved:
+                conn.execute(sa.text(row.function))
+                conn.execute(sa.text(row.trigger))
+    verified = toolkit(db, "verify", "milestone-3")  # (with the triggers back)
+    assert verified.exit_code == 0, verified.output
 
 
 def test_stage_archive_after_milestone_4_makes_the_model_and_keeps_its_default_experiment_id(db, who):

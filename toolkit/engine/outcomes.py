@@ -27,7 +27,7 @@ class Gate:
                 f"{milestone.name} must wait: {first.name.removeprefix('precondition: ')}: {first.detail}",
                 first.remedy, details={"failures": [c.as_dict() for c in self.failures]})
         return PreconditionRefused(
-            f"{milestone.name} must wait: {self.previous} does not verify ({first.detail})",
+            f"{milestone.name} must wait: {self.previous} does not verify ({first.name}: {first.detail})",
             f"run `toolkit verify {self.previous}` to see what blocks it, then "
             f"`toolkit migrate {self.previous}`",
             details={"previous": self.previous, "failures": [c.as_dict() for c in self.failures]},

@@ -22,10 +22,12 @@ The endpoints and what they run (commits named in ``docs/mlflow.md``, section "W
   description; an unknown version is 400 ``UPDATE_FAILED``.
 
 The stages (:class:`toolkit.mlflow_api.stages.Stage`): before milestone 4 a model gets its
-default experiment as GitLab makes it (with milestone 3 running or applied, its
-transition trigger gives the model ``display_name``); once milestone 4 dropped
-``ml_experiments`` a model is made alone, with ``display_name`` set here (the trigger is
-gone), and a version's candidate gets ``model_id`` and no experiment. Every row inserted,
+default experiment as GitLab makes it; once milestone 4 dropped ``ml_experiments`` a
+model is made alone, and a version's candidate gets ``model_id`` and no experiment. The
+model's ``display_name`` (once milestone 3 added it) and the candidate's ``model_id``
+(once milestone 2 added it) are set here, never left to milestones 2's and 3's transition
+triggers: milestone 4 drops those before the experiments' tables, and writes in between
+still meet stage MODELS. Every row inserted,
 updated or deleted is recorded with :func:`toolkit.mlflow_api.stages.record_write`.
 
 Each function runs inside the caller's transaction and raises
@@ -57,7 +59,7 @@ from toolkit.mlflow_api.stages import (
 )
 from toolkit.mlflow_api.tracking_writes import random_candidate_name
 from toolkit.mlflow_api.views import View
-from toolkit.names import M3_COLUMN, M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_EXPERIMENT_IDS
+from toolkit.names import M2_COLUMN, M3_COLUMN, M4_ARCHIVE_EXPERIMENTS, M4_ARCHIVE_METADATA, M4_EXPERIMENT_IDS
 from toolkit.schema.gitlab import PACKAGE_TYPE_ML_MODEL, PENDING_DESTRUCTION
 
 Write = Callable[[Connection, WriteContext, dict], dict]
@@ -244,8 +246,12 @@ def _insert_model(conn: Connection, ctx: WriteContext, name: str, description: s
             VALUES (now(), now(), :iid, :p, :u, :n) RETURNING id"""),
             {"iid": iid, "p": ctx.project_id, "u": ctx.user_id, "n": EXPERIMENT_PREFIX + name}).scalar_one()
     columns = {"project_id": ctx.project_id, "name": name, "user_id": ctx.user_id, "description": description}
-    if not _has_experiments(ctx.stage) and column_exists(conn, *M3_COLUMN):
-        columns["display_name"] = name  # milestone 3's trigger is gone with milestone 4
+    if column_exists(conn, *M3_COLUMN):
+        # set here, not left to milestone 3's trigger: milestone 4 drops the trigger in a
+        # transaction of its own, and a write at stage MODELS can come after that (the
+        # column drop that follows can wait for locks for seconds); a model then without
+        # display_name would leave milestone 3 unverified and milestone 4's next run refused
+        columns["display_name"] = name
     model_id = conn.execute(sa.text(f"""
         INSERT INTO ml_models (created_at, updated_at, {", ".join(columns)})
         VALUES (now(), now(), {", ".join(f":{c}" for c in columns)}) RETURNING id"""), columns).scalar_one()
@@ -511,7 +517,9 @@ def _version_candidate(conn: Connection, ctx: WriteContext, model: sa.Row, versi
             # GitLab fails here with a 500 (a nil default_experiment); the toolkit says why
             raise service_error(f"Model {model.name!r} has no default experiment to hold the version's run")
         columns["experiment_id"] = experiment
-    else:
+    if column_exists(conn, *M2_COLUMN):
+        # set here, not left to milestone 2's trigger, which milestone 4 drops before the
+        # experiment column (writes in between are still at stage MODELS)
         columns["model_id"] = model.id
     candidate = conn.execute(sa.text(f"""
         INSERT INTO ml_candidates (created_at, updated_at, {", ".join(columns)})
