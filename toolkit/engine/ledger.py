@@ -24,7 +24,7 @@ from toolkit.catalog import column_exists, relation_exists
 from toolkit.engine import state
 from toolkit.engine.plan import Final, MilestonePlan
 from toolkit.errors import PreconditionRefused
-from toolkit.schema.migrations import VERSION_TABLE, own_schema_exists
+from toolkit.schema.migrations import VERSION_TABLE, applied_revisions, own_schema_exists
 from toolkit.schema.own import SCHEMA
 
 ADOPT = "toolkit adopt"
@@ -96,9 +96,18 @@ def ledger_lost(conn: Connection, plan: MilestonePlan) -> LedgerLost | None:
         first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
         return LedgerLost(f"the table {SCHEMA}.milestones cannot be read ({first})", found)
     if not any(recorded.get(name) in state.STARTED or recorded.get(name) == state.ROLLED_BACK
-               for name in found):
+               for name in found) and not _made_by_own_revisions(conn, found):
         return LedgerLost(f"the table {SCHEMA}.milestones records none of them", found)
     return None
+
+
+def _made_by_own_revisions(conn: Connection, found: dict[str, list[str]]) -> bool:
+    """Whether the toolkit's own version table records a schema change of one of those
+    milestones (``m2_…``, ``m3_…``): its migrations made them, as a run that was stopped
+    before it recorded its milestone does (or an operator applying one revision by hand),
+    and the ledger is whole."""
+    prefixes = tuple(f"m{name.rsplit('-', 1)[-1]}_" for name in found)
+    return any(revision.startswith(prefixes) for revision in applied_revisions(conn))
 
 
 def schema_exists(conn: Connection) -> bool:
