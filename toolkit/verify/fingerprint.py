@@ -249,7 +249,7 @@ PART_MEANINGS = {
 
 
 # Rows whose ids come from sequences and may differ between two databases that hold the
-# same data: models milestone 3 created (and what refers to them) get other ids on a
+# same data: models milestone 3's runs created (and what refers to them) get other ids on a
 # database whose batch was rolled back after taking ids from the sequence (a crash, a full
 # disk, a lock timeout), since sequences do not roll back. `toolkit fingerprint` digests
 # these rows apart, by natural key (a model by project and name), and its --compare says
@@ -273,7 +273,10 @@ def natural_rows(conn: Connection, table: str) -> tuple[str, str] | None:
     if table not in NATURAL_KEYS or not relation_exists(conn, CREATED_MODELS) \
             or not relation_exists(conn, table):
         return None
-    created = f"(SELECT model_id FROM {CREATED_MODELS})"
+    # only the migration's own models (a run made them): those MLflow clients made through
+    # `mlflow serve` (run_id NULL) took their ids as the application's rows do, compared
+    # by id up to the watermark like them
+    created = f"(SELECT model_id FROM {CREATED_MODELS} WHERE run_id IS NOT NULL)"
     if table == "ml_models":
         condition = f"t.id IN {created}"
         return condition, f"SELECT (to_jsonb(t) - 'id')::text AS r FROM ml_models AS t WHERE {condition}"
