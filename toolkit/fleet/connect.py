@@ -2,9 +2,9 @@
 
 Two forms of the same answer: a :class:`~toolkit.db.Target` for reads made in this
 process (``fleet plan``, several databases at once, so nothing here may go through the
-process's environment), and the environment and options of a ``toolkit`` child process
-(``fleet job``), which then resolves the database exactly as a single-database command
-does and says so in its first line.
+process's environment), and the environment and options of the ``toolkit`` command a job runs (``fleet job``),
+which then resolves the database exactly as a single-database command does and says so
+in its first line.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ def _url_from(database: Database, environ: object) -> str:
     return raw
 
 
-def child_environment(database: Database, environ: dict[str, str] | None = None
+def run_environment(database: Database, environ: dict[str, str] | None = None
                       ) -> tuple[dict[str, str], list[str]]:
-    """The environment and global options of a ``toolkit`` process run on ``database``.
+    """The environment and global options of a ``toolkit`` command run on ``database``.
 
-    Every other source the toolkit would read first is removed, so the child cannot reach
+    Every other source the toolkit would read first is removed, so the run cannot reach
     a database other than the one named (a job's environment may hold PGHOST for
     something else).
     """

@@ -1,33 +1,35 @@
 """``fleet job``: one database's milestone, as a CI job or a Kubernetes pod runs it.
 
-The milestone itself runs in a child ``toolkit --json migrate|rollback`` process, exactly
-the command an operator would type for that database (its exit code is the job's, so CI's
+The milestone itself runs as ``toolkit --json migrate|rollback``, exactly the command an
+operator would type for that database (its exit code is the job's, so CI's
 ``retry: exit_codes`` and Kubernetes' ``podFailurePolicy`` see the toolkit's own codes);
 around it the job reads the milestone's state before and after, and leaves ``job.json``,
-the child's ``report.json`` and log, and a JUnit file in ``OUT/<database>/``.
+the run's ``report.json`` (its --json document) and log, and a JUnit file in ``OUT/<database>/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import signal
-import subprocess
-import sys
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import click
+
 from toolkit import milestones
 from toolkit.db import create_engine
 from toolkit.engine.runner import Runner
-from toolkit.errors import ToolkitError
+from toolkit.errors import ExitCode, ToolkitError
 from toolkit.fleet import connect, record
 from toolkit.fleet.inventory import Database
+from toolkit.output import out
 
 
 def milestone_state(database: Database, milestone: str) -> str | None:
-    """The milestone's recorded state, or None when it cannot be read (the child's error
+    """The milestone's recorded state, or None when it cannot be read (the run's error
     says why)."""
     try:
         engine = create_engine(connect.target(database))
@@ -42,9 +44,10 @@ def milestone_state(database: Database, milestone: str) -> str | None:
 
 
 def command(database: Database, action: str, milestone: str,
-            extra: tuple[str, ...]) -> tuple[list[str], dict]:
-    env, global_args = connect.child_environment(database)
-    words = [sys.executable, "-m", "toolkit", *global_args, "--json", action, milestone]
+            extra: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """The toolkit's arguments and environment for ``action milestone`` on ``database``."""
+    env, global_args = connect.run_environment(database)
+    words = [*global_args, "--json", action, milestone]
     if action == "migrate" and milestones.get(milestone).confirm:
         words.append("--yes")  # the pipeline was generated, reviewed and started by a person
     return [*words, *extra], env
@@ -63,7 +66,7 @@ def run(database: Database, action: str, milestone: str, out_dir: Path,
     except ToolkitError as exc:
         code, document, log = int(exc.exit_code), None, exc.one_line()
     else:
-        code, document, log = _child(words, env, where)
+        code, document, log = _toolkit(words, env, where)
     seconds = time.monotonic() - started
     after = milestone_state(database, milestone)
     done = {
@@ -81,26 +84,34 @@ def run(database: Database, action: str, milestone: str, out_dir: Path,
     return done
 
 
-def _child(words: list[str], env: dict, where: Path) -> tuple[int, dict | None, str]:
-    """Run the toolkit; a SIGTERM to the job (Kubernetes stopping the pod, GitLab
-    cancelling) is passed on, so the run stops at its batch boundary and says so."""
-    with open(where / record.REPORT_FILE, "w") as report, open(where / record.LOG_FILE, "w") as log:
-        child = subprocess.Popen(words, env=env, stdout=report, stderr=log)
-        previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
-        try:
-            while True:
-                try:
-                    code = child.wait()
-                    break
-                except KeyboardInterrupt:  # Ctrl-C reached the child too (one process group)
-                    continue
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    text = (where / record.REPORT_FILE).read_text()
+def _toolkit(words: list[str], env: dict[str, str], where: Path) -> tuple[int, dict | None, str]:
+    """``toolkit WORDS`` in this process, its stdout (the --json document) and stderr in
+    ``where``: no second interpreter to start per database (seconds on a busy runner).
+    The environment is the database's for the run's duration, so the toolkit resolves it
+    as it would in a process of its own; a SIGTERM or Ctrl-C stops the run at its batch
+    boundary (exit 130), as it does any toolkit command."""
+    from toolkit.cli.main import cli
+
+    saved_env = dict(os.environ)
+    saved_output = (out.json_mode, out.quiet, out.secrets, out.warnings)
+    report_path, log_path = where / record.REPORT_FILE, where / record.LOG_FILE
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        with open(report_path, "w") as report, open(log_path, "w") as log, \
+                contextlib.redirect_stdout(report), contextlib.redirect_stderr(log):
+            code = cli.main(words, prog_name="toolkit", standalone_mode=False)
+    except click.exceptions.Abort:
+        code = int(ExitCode.INTERRUPTED)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        out.json_mode, out.quiet, out.secrets, out.warnings = saved_output
+        out.stdout = out.stderr = None
+    code = code if isinstance(code, int) else 0
+    text = report_path.read_text()
     try:
         document = json.loads(text) if text.strip() else None
     except ValueError:
         document = None
-    if code < 0:  # killed by a signal: the shell's convention, 128 + signal
-        code = 128 - code
-    return code, document, (where / record.LOG_FILE).read_text()
+    return code, document, log_path.read_text()
