@@ -130,3 +130,57 @@ databases:
     summary = (tmp_path / "r" / "summary.md").read_text()
     assert "1 of 3 databases succeeded" in summary and "- failed: not-gitlab" in summary
     assert "| good | canary | migrate milestone-1 | not started | verified |" in summary
+
+
+def _k8s_check(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet",
+                           str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_the_k8s_jobs_are_valid_indexed_jobs_one_per_wave_retrying_only_resumable_codes(tmp_path):
+    (tmp_path / "fleet.yml").write_text(INVENTORY)
+    out = tmp_path / "jobs.yml"
+    result = run("fleet", "k8s-job", "--inventory", str(tmp_path / "fleet.yml"), "milestone-1", "--image",
+                 "registry.example.com/toolkit:0.1.0", "--password-secret", "gitlab-postgresql-password:"
+                 "postgresql-password", "--out", str(out), "--", "--reconnect", "3")
+    assert result.exit_code == 0, result.output
+    checked = _k8s_check(out)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job", "Job", "Job"]
+    assert yaml.safe_load(docs[0]["data"]["fleet.yml"]) == yaml.safe_load(INVENTORY)
+    canary, wave1, wave2 = (d["spec"] for d in docs[1:])
+    assert [(s["completions"], s["parallelism"], s["maxFailedIndexes"]) for s in (canary, wave1, wave2)] == \
+        [(1, 1, 0), (3, 2, 3), (1, 1, 0)]
+    assert canary["completionMode"] == "Indexed" and canary["backoffLimitPerIndex"] == 2
+    rules = canary["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailIndex", "onExitCodes": {"containerName": "toolkit", "operator": "NotIn",
+                                                                "values": [0, 4, 6, 75]}}
+    assert rules[1]["action"] == "Count" and rules[1]["onExitCodes"]["values"] == [4, 6, 75]
+    pod = wave1["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    container = pod["containers"][0]
+    assert container["command"] == ["toolkit", "fleet", "job", "--inventory", "/etc/toolkit-fleet/fleet.yml",
+                                    "--wave", "wave-1", "--out", "/tmp/fleet-artifacts", "milestone-1", "--",
+                                    "--reconnect", "3"]
+    assert {"name": "PGPASSWORD", "valueFrom": {"secretKeyRef": {
+        "name": "gitlab-postgresql-password", "key": "postgresql-password"}}} in container["env"]
+    # the validation is not a formality: a misspelt field (onExitCode) is refused
+    rules[0]["onExitCode"] = rules[0].pop("onExitCodes")
+    out.write_text(yaml.safe_dump_all(docs))
+    assert _k8s_check(out).returncode != 0
+
+
+def test_a_pod_finds_its_database_by_the_index_kubernetes_gives_it(tmp_path, make_database):
+    """JOB_COMPLETION_INDEX, counted within the wave, picks the database at that position."""
+    db = make_database("realistic:small")
+    (tmp_path / "fleet.yml").write_text(
+        "waves: [canary, w1]\ndatabases:\n  - {name: c, url_env: NOPE, wave: canary}\n"
+        "  - {name: first, url_env: NOPE, wave: w1}\n  - {name: second, url_env: DB_URL, wave: w1}\n")
+    result = run("fleet", "job", "--inventory", str(tmp_path / "fleet.yml"), "--wave", "w1", "--out",
+                 str(tmp_path / "a"), "milestone-1", env={"JOB_COMPLETION_INDEX": "1", "DB_URL": db.url_text})
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a" / "second" / "job.json").read_text())["state_after"] == "verified"
+    past = run("fleet", "job", "--inventory", str(tmp_path / "fleet.yml"), "--wave", "w1", "--index", "2",
+               "milestone-1")
+    assert past.exit_code == 2 and "--index 2 is past the 2 databases of wave w1" in past.stderr

@@ -157,12 +157,15 @@ def pipeline_command(inventory_path: str, words: tuple[str, ...], out_path: str 
 @click.option("--database", "-d", "name", metavar="NAME", default=None,
               help="The database's name in the inventory.")
 @click.option("--index", type=params.Whole(0, 100_000, "an inventory that large"), default=None,
-              help="The database by its position in the inventory (a Kubernetes Indexed Job's "
-                   "JOB_COMPLETION_INDEX).")
+              envvar="JOB_COMPLETION_INDEX", show_envvar=True,
+              help="The database by its position in the inventory, or in --wave (a Kubernetes "
+                   "Indexed Job's pod has it in JOB_COMPLETION_INDEX).")
+@click.option("--wave", metavar="NAME", default=None,
+              help="Count --index among this wave's databases (one Kubernetes Job per wave).")
 @click.option("--out", "out_dir", metavar="DIR", default="fleet-artifacts", show_default=True,
               help="Where the job writes <database>/job.json, report.json, log.txt and junit.xml.")
 def job_command(inventory_path: str, words: tuple[str, ...], name: str | None, index: int | None,
-                out_dir: str) -> None:
+                wave: str | None, out_dir: str) -> None:
     """Run MILESTONE (or its rollback) on one database of the inventory, as a CI job does.
 
     The run is `toolkit --json migrate|rollback MILESTONE` on that database, and its exit
@@ -178,10 +181,17 @@ def job_command(inventory_path: str, words: tuple[str, ...], name: str | None, i
         raise UsageProblem("Give --database NAME or --index N (one of them)",
                            "see `toolkit fleet job --help`")
     if index is not None:
-        if index >= len(chosen.databases):
-            raise UsageProblem(f"--index {index} is past the inventory's {len(chosen.databases)} databases",
+        members = list(chosen.databases)
+        if wave is not None:
+            members = chosen.in_wave(wave)
+            if not members:
+                raise UsageProblem(f"{inventory_path} has no wave {wave!r}",
+                                   f"one of: {', '.join(w.name for w in chosen.waves)}")
+        if index >= len(members):
+            raise UsageProblem(f"--index {index} is past the {len(members)} databases of "
+                               f"{'wave ' + wave if wave else 'the inventory'}",
                                "generate the Job again from this inventory (`toolkit fleet k8s-job`)")
-        database = chosen.databases[index]
+        database = members[index]
     else:
         database = chosen.get(name or "")
     done = job.run(database, action, milestone, Path(out_dir), extra)
@@ -227,3 +237,59 @@ def report_command(directory: str, inventory_path: str | None, out_dir: str) -> 
         out.document(envelope(app().command, False, 1, result=result))
         click.get_current_context().exit(1)
     app().finish(result)
+
+
+@fleet.command("k8s-job", context_settings={"ignore_unknown_options": True})
+@INVENTORY
+@click.argument("words", nargs=-1, metavar="[rollback] MILESTONE [-- RUN OPTIONS]")
+@click.option("--image", required=True, help="An image with the toolkit installed (its `toolkit` on PATH).")
+@click.option("--name", default="toolkit-fleet", show_default=True,
+              help="Prefix of the Jobs' and ConfigMap's names.")
+@click.option("--namespace", default=None, help="The namespace (default: kubectl's).")
+@click.option("--urls-secret", default="toolkit-fleet-urls", show_default=True, metavar="SECRET",
+              help="A Secret whose keys are the inventory's url_env variables.")
+@click.option("--password-secret", default=None, metavar="SECRET:KEY",
+              help="PGPASSWORD from this Secret's key: GitLab's chart's global.psql.password.secret and "
+                   ".key, for URLs without a password.")
+@click.option("--backoff-limit-per-index", type=params.Whole(0, 10, "a database retried more is stuck"),
+              default=2, show_default=True, help="Retries of a database after a resumable exit code.")
+@click.option("--wave", "waves", multiple=True, metavar="NAME",
+              help="Only this wave's Job (repeat for more).")
+@click.option("--out", "-o", "out_path", metavar="FILE", default=None, help="Write here; default: stdout.")
+def k8s_job_command(inventory_path: str, words: tuple[str, ...], image: str, name: str,
+                    namespace: str | None, urls_secret: str, password_secret: str | None,
+                    backoff_limit_per_index: int, waves: tuple[str, ...], out_path: str | None) -> None:
+    """Write Kubernetes Indexed Jobs running MILESTONE (or its rollback): one Job per wave,
+    one index per database, parallelism the wave's max_parallel, backoffLimitPerIndex,
+    and a podFailurePolicy that retries the resumable exit codes (4, 6, 75) and fails the
+    index on any other. Apply the canary's Job first; `kubectl wait` for it, then the next.
+
+    Example: toolkit fleet k8s-job milestone-1 --image registry.example.com/toolkit:0.1.0 | kubectl apply -f -
+    """
+    from toolkit.fleet import k8s
+
+    action, milestone, extra = _action(words, "k8s-job")
+    chosen = _load(inventory_path)
+    unknown = [w for w in waves if w not in {x.name for x in chosen.waves}]
+    if unknown:
+        raise UsageProblem(f"--wave {unknown[0]}: no such wave in {inventory_path}",
+                           f"one of: {', '.join(w.name for w in chosen.waves)}")
+    secret_key = None
+    if password_secret is not None:
+        secret, _, key = password_secret.partition(":")
+        if not secret or not key:
+            raise UsageProblem(f"--password-secret {password_secret!r} is not SECRET:KEY",
+                               "e.g. --password-secret gitlab-postgresql-password:postgresql-password")
+        secret_key = (secret, key)
+    docs = k8s.manifests(chosen, Path(inventory_path).read_text(), action, milestone, image=image, name=name,
+                         namespace=namespace, urls_secret=urls_secret or None, password_secret=secret_key,
+                         backoff_limit_per_index=backoff_limit_per_index, extra=extra,
+                         waves=list(waves) or None)
+    text = k8s.render(docs, "Generated by `toolkit fleet k8s-job`; apply the Jobs in order, each after "
+                            "the one before completes.")
+    if out_path is None:
+        click.echo(text, nl=False)
+    else:
+        Path(out_path).write_text(text)
+        out.say(f"Wrote {out_path}: {len(docs) - 1} Jobs and the inventory's ConfigMap")
+    app().finish({"jobs": [d["metadata"]["name"] for d in docs if d["kind"] == "Job"], "path": out_path})
