@@ -68,6 +68,10 @@ def test_the_pipeline_is_valid_gitlab_ci_with_waves_caps_retries_and_a_stop_rule
     back = yaml.safe_load(rollback.stdout)
     assert "rollback milestone-2 c1" in back and "retry" not in back["rollback milestone-2 c1"]
     assert "--database c1 --out fleet-artifacts rollback milestone-2" in back["rollback milestone-2 c1"]["script"][0]
+    # --json: one document, the YAML in it
+    as_json = run("--json", "fleet", "pipeline", "--inventory", str(tmp_path / "fleet.yml"), "milestone-2")
+    listed = json.loads(as_json.stdout)["result"]
+    assert yaml.safe_load(listed["yaml"])["stages"] == doc["stages"] and "milestone-2 a3" in listed["jobs"]
     doc["milestone-2 c1"]["retry"]["max"] = 3
     out.write_text(yaml.safe_dump(doc))
     assert _schema_check(out).returncode != 0
