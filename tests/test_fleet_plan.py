@@ -138,3 +138,11 @@ databases:
     assert [line.split()[0] for line in lines] == list(rows)
     print(text.stdout)
     assert "4 of 7 databases planned; not planned: not-gitlab, down, unset" in text.stdout
+
+
+def test_the_global_database_options_are_refused_the_inventory_names_the_databases(tmp_path):
+    path = _fleet(tmp_path, GOOD)
+    for given in (["--database-url", "postgresql://u:hunter2@h/db"], ["--gitlab-config", "/etc/x.yml"]):
+        result = run(*given, "fleet", "plan", "--inventory", str(path))
+        assert result.exit_code == 2, result.output
+        assert "do not apply to `toolkit fleet`" in result.stderr and "hunter2" not in result.stderr

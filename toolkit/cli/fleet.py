@@ -40,6 +40,11 @@ def fleet() -> None:
 
     Example: toolkit fleet plan --inventory fleet.yml
     """
+    given = app()
+    if given.database_url is not None or given.gitlab_config is not None:
+        raise UsageProblem("--database-url and --gitlab-config do not apply to `toolkit fleet`: the "
+                           "inventory names each database and how to reach it",
+                           "leave them out, or name the database in fleet.yml (docs/fleet.md)")
 
 
 def _milestone_states(row: DatabasePlan) -> str:
@@ -267,7 +272,7 @@ def k8s_job_command(inventory_path: str, words: tuple[str, ...], image: str, nam
     and a podFailurePolicy that retries the resumable exit codes (4, 6, 75) and fails the
     index on any other. Apply the canary's Job first; `kubectl wait` for it, then the next.
 
-    Example: toolkit fleet k8s-job milestone-1 --image registry.example.com/toolkit:0.1.0 | kubectl apply -f -
+    Example: toolkit fleet k8s-job milestone-1 --image registry.example.com/toolkit:0.1.0 --out fleet-jobs.yml
     """
     from toolkit.fleet import k8s
 
