@@ -79,7 +79,8 @@ def test_the_pipeline_is_valid_gitlab_ci_with_waves_caps_retries_and_a_stop_rule
 
 def test_pipeline_refuses_an_unknown_milestone_and_a_missing_one(tmp_path):
     (tmp_path / "fleet.yml").write_text(INVENTORY)
-    for words in (["milestone-9"], [], ["rollback"]):
+    for words in (["milestone-9"], [], ["rollback"], ["milestone-1", "--", "--reconect", "3"],
+                  ["rollback", "milestone-1", "--", "--batch-size", "0"]):
         result = run("fleet", "pipeline", "--inventory", str(tmp_path / "fleet.yml"), *words)
         assert result.exit_code == 2, (words, result.output)
         assert len(result.stderr.strip().splitlines()) == 1

@@ -27,6 +27,17 @@ def report_files() -> str:
 def _load(path: str) -> inventory.Fleet:
     return inventory.load(path)
 
+
+def _finish(result: dict, code: int) -> None:
+    """The command's one JSON document, with its result even when it fails (a fleet's
+    partial answer is the answer), and its exit code."""
+    if not code:
+        app().finish(result)
+        return
+    out.document(envelope(app().command, False, code, result=result))
+    click.get_current_context().exit(code)
+
+
 CONCURRENCY = params.Whole(1, 256, "more connections than one machine should open")
 
 
@@ -88,14 +99,7 @@ def plan_command(inventory_path: str, concurrency: int) -> None:
             + (f"; not planned: {', '.join(r.database for r in failed)}" if failed else ""))
     result = {"inventory": inventory_path, "concurrency": concurrency,
               "databases": [r.as_dict() for r in rows]}
-    if not failed:
-        app().finish(result)
-        return
-    code = failed[0].exit_code
-    out.document(envelope(app().command, False, code, result=result))
-    click.get_current_context().exit(code)
-
-
+    _finish(result, failed[0].exit_code if failed else 0)
 
 
 def _action(words: tuple[str, ...], command: str) -> tuple[str, str, tuple[str, ...]]:
@@ -108,6 +112,12 @@ def _action(words: tuple[str, ...], command: str) -> tuple[str, str, tuple[str, 
         raise UsageProblem("Missing MILESTONE", f"e.g. `toolkit fleet {command} milestone-1` or "
                                                 f"`toolkit fleet {command} rollback milestone-1`")
     milestones.get(rest[0])  # an unknown milestone is refused here, before anything is written
+    # the run options are read as the command will read them: a typo is refused now, not in
+    # every job of the pipeline
+    from toolkit.cli import migrate as commands
+
+    run = commands.rollback if action == "rollback" else commands.migrate
+    run.make_context(f"toolkit {action}", [rest[0], *rest[1:]])
     return action, rest[0], rest[1:]
 
 
@@ -207,10 +217,7 @@ def job_command(inventory_path: str, words: tuple[str, ...], name: str | None, i
             f"{done['seconds']:.1f} s; {done['state_before'] or '?'} -> {done['state_after'] or '?'}"
             + (f"; {done['error']}" if done["error"] else ""))
     out.say(f"Artifacts: {Path(out_dir) / database.name}/")
-    if done["exit_code"]:
-        out.document(envelope(app().command, False, done["exit_code"], result=done))
-        click.get_current_context().exit(done["exit_code"])
-    app().finish(done)
+    _finish(done, done["exit_code"])
 
 
 @fleet.command("report")
@@ -241,10 +248,7 @@ def report_command(directory: str, inventory_path: str | None, out_dir: str) -> 
     out.say(f"Wrote {', '.join(written.values())}")
     totals = doc["totals"]
     result = {**doc, "written": written}
-    if totals["failed"] or totals["not_run"]:
-        out.document(envelope(app().command, False, 1, result=result))
-        click.get_current_context().exit(1)
-    app().finish(result)
+    _finish(result, 1 if totals["failed"] or totals["not_run"] else 0)
 
 
 @fleet.command("k8s-job", context_settings={"ignore_unknown_options": True})
