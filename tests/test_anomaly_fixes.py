@@ -57,6 +57,13 @@ def test_anomalies_fixed_as_told_after_a_refusal_end_verified(adversarial_db):
     checks = {c["name"]: c for c in doc["result"]["milestones"][0]["checks"]}
     named = checks["rows its blocking anomalies named changed only as their fix says"]
     assert named["ok"] and "pending destruction" in named["detail"] and "no longer linked" in named["detail"]
+    # GitLab then destroys the package marked pending destruction: that is the fix, too
+    twin = blocking["ml_model_collision"][0]["ml_model_package_ids"][0]
+    db.execute("DELETE FROM packages_packages WHERE id = :id", id=twin)
+    code, doc = toolkit_json(db, "verify", "milestone-1")
+    assert code == 0, doc
+    checks = {c["name"]: c for c in doc["result"]["milestones"][0]["checks"]}
+    assert f"package {twin} gone: GitLab destroys" in checks[named["name"]]["detail"]
     # and the round trip still holds: rollback gives back what the milestone converted
     back = toolkit(db, "rollback", "milestone-1")
     assert back.exit_code == 0, back.output

@@ -36,6 +36,8 @@ class Fix:
     table's id whose row for it the change alters (they leave the named rows out too, and
     the row's own comparison stands in for them). ``kind`` "" applies to every named row of
     the table: the milestone's own change to it (milestone 1 converts a package once fixed).
+    ``gone``: what it means when the row is gone since (the fix leads the application to
+    delete it: a package marked pending destruction is destroyed), "" when it must stay.
     """
 
     kind: str
@@ -44,6 +46,7 @@ class Fix:
     holds: str
     said: str
     parts: tuple[str, ...] = ()
+    gone: str = ""
 
 
 @dataclass
@@ -90,7 +93,11 @@ def compare(conn: Connection, named: Named, before: dict[str, dict[str, Any]],
             if was is None:
                 continue  # not there when the baseline was taken: nothing recorded to compare
             if row is None:
-                outcome.wrong.append(f"{noun} {key} ({', '.join(ids[key])}) is gone")
+                gone = [f.gone for f in rules if f.gone and f.kind in ids[key]]
+                if gone:
+                    outcome.fixed.append(f"{noun} {key} {gone[0]}")
+                else:
+                    outcome.wrong.append(f"{noun} {key} ({', '.join(ids[key])}) is gone")
                 continue
             now = json.loads(row[1])
             changed = sorted(c for c in set(was) | set(now) if was.get(c) != now.get(c))
