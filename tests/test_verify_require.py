@@ -42,6 +42,10 @@ def test_applied_with_checks_holding_is_not_verified_until_a_run_records_it(real
     assert code == ExitCode.VERIFY_FAILED
     assert "recorded applied" in doc["error"]["problem"]
     assert "`toolkit migrate milestone-1`" in doc["error"]["next_step"]
+    # status says so too, and what records it verified
+    said = toolkit(db, "status").output
+    assert "milestone-1 is applied but not recorded verified" in said
+    assert "`toolkit migrate milestone-1` verifies it again and records it verified" in said
     # the Next it gives works
     assert toolkit(db, "migrate", "milestone-1").exit_code == 0
     assert toolkit(db, "verify", "milestone-1", "--require", "verified").exit_code == 0

@@ -411,6 +411,12 @@ def status() -> None:
                 "record it verified again.")
             out.say(f"{entry['milestone']} is final: {entry['final']['why']}; it cannot be rolled "
                     f"back.{again}")
+        if entry["state"] == state.APPLIED and not entry["final"]:
+            name = entry["milestone"]
+            yes = " --yes" if registry.get(name).confirm else ""
+            out.say(f"{name} is applied but not recorded verified: `toolkit verify {name}` lists what "
+                    f"fails, if anything; `toolkit migrate {name}{yes}` verifies it again and records "
+                    "it verified.")
         if entry["left_to_undo"]:
             out.say(f"{entry['milestone']} is rolling back (interrupted?); left to undo: "
                     + "; ".join(entry["left_to_undo"])
