@@ -30,7 +30,8 @@ from toolkit.verify.fingerprint import NATURAL_KEYS, Difference, Fingerprint, co
                    "on purpose).")
 @click.option("--baseline", "baseline_of", metavar="MILESTONE",
               help="Re-take the fingerprint MILESTONE's verify compares with, accepting the "
-                   "database as it is now (after the application's own updates, say).")
+                   "database as it is now (after the application's own updates, say); what "
+                   "differs from the one it replaces is listed first.")
 def fingerprint(out_file: Path | None, compared: params.FingerprintAt | None, mlflow_only: bool,
                 baseline_of: str | None) -> None:
     """Row counts and content hashes of the ML tables and of the MLflow view. Read-only
