@@ -4,7 +4,8 @@ The milestone itself runs as ``toolkit --json migrate|rollback``, exactly the co
 operator would type for that database (its exit code is the job's, so CI's
 ``retry: exit_codes`` and Kubernetes' ``podFailurePolicy`` see the toolkit's own codes);
 around it the job reads the milestone's state before and after, and leaves ``job.json``,
-the run's ``report.json`` (its --json document) and log, and a JUnit file in ``OUT/<database>/``.
+the run's ``report.json`` (its --json document) and log, and a JUnit file in
+``OUT/<database>/``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from toolkit import milestones
 from toolkit.db import create_engine
@@ -37,7 +39,7 @@ def milestone_state(database: Database, milestone: str) -> str | None:
         return None
     try:
         return Runner(engine, plan=milestones.plan()).states().get(milestone)
-    except Exception:  # unreachable, not GitLab's: the run's own error is the one reported
+    except (ToolkitError, DBAPIError):  # not GitLab's, unreachable: the run's error says why
         return None
     finally:
         engine.dispose()
