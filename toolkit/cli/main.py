@@ -209,6 +209,9 @@ def _register() -> None:
                     sql.sql, migrate.history, fingerprint.fingerprint, archive.archive,
                     report.report, sandbox.sandbox, demo.demo, mlflow.mlflow, adopt.adopt):
         cli.add_command(command)
+    from toolkit.cli.fleet import fleet
+
+    cli.add_command(fleet)
 
 
 _register()
