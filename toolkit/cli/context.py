@@ -10,6 +10,7 @@ import click
 from sqlalchemy.engine import Engine
 
 from toolkit import milestones, output
+from toolkit.cli.observe import EventStream, Observed, Sink, new_run_id
 from toolkit.db import Target, create_engine, resolve_target
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
@@ -23,6 +24,8 @@ class AppContext:
     quiet: bool = False
     command: str = ""
     read_timeout_s: float | None = None
+    events_path: str | None = None  # --events FILE ('-': stderr)
+    _observed: Observed | None = field(default=None, repr=False)
     _target: Target | None = field(default=None, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
 
@@ -42,9 +45,32 @@ class AppContext:
     def runner(self, options: RunOptions | None = None, **kwargs: Any) -> Runner:
         """A runner over this command's database, handed the milestone plan, reporting to
         the terminal (the engine itself prints nothing)."""
-        return Runner(self.engine(), options, plan=milestones.plan(), events=output.out, **kwargs)
+        return Runner(self.engine(), options, plan=milestones.plan(), events=self.events(), **kwargs)
+
+    def events(self) -> output.Output | Observed:
+        """The terminal, or the terminal and the sinks --events asked for (cli/observe.py),
+        opened once, when the command first builds a
+        runner (its ``start`` line)."""
+        if self.events_path is None:
+            return output.out
+        if self._observed is None:
+            database = self.target().url.database
+            sinks: list[Sink] = []
+            if self.events_path is not None:
+                sinks.append(EventStream(self.events_path, new_run_id(), lambda: output.out.secrets))
+            self._observed = Observed(output.out, sinks)
+            self._observed.start(self.command, database)
+        return self._observed
+
+    def ended(self, exit_code: int, error: dict[str, Any] | None = None) -> None:
+        """Tell the sinks how the command ended (a no-op without them)."""
+        if self._observed is not None:
+            self._observed.end(exit_code, error)
 
     def close(self) -> None:
+        if self._observed is not None:
+            self._observed.close()
+            self._observed = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -54,6 +80,7 @@ class AppContext:
 
         A failing command raises instead; the error handler emits its document.
         """
+        self.ended(0)
         output.out.document(envelope(self.command, True, 0, result=result))
 
 

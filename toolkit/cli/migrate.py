@@ -112,6 +112,27 @@ def run_options(func: Callable) -> Callable:
     return func
 
 
+def _set_app(attribute: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, _: click.Parameter, value: Any) -> None:
+        if value is not None:
+            setattr(app(ctx), attribute, value)
+    return callback
+
+
+def observe_options(func: Callable) -> Callable:
+    """Where a run is told besides the terminal (cli/observe.py; docs/operations.md)."""
+    options = [
+        click.option("--events", type=params.EVENTS_FILE, default=None, metavar="FILE",
+                     expose_value=False, callback=_set_app("events_path"),
+                     help="Append one JSON object per line to FILE ('-': stderr) for the run's "
+                          "start, phases, batches, throttle waits, retries, schema changes and "
+                          "end, each flushed as it happens (fields: docs/operations.md)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _runner(opts: dict[str, Any] | None = None) -> Runner:
     opts = dict(opts or {})
     lock_wait = opts.pop("lock_wait", 10.0)
@@ -205,6 +226,7 @@ def plan(milestone: str | None, no_sql: bool) -> None:
 @click.option("--no-verify", is_flag=True, help="Do not verify after applying.")
 @click.option("--yes", is_flag=True, help="Confirm a destructive milestone (4) without the prompt.")
 @run_options
+@observe_options
 def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: Any) -> None:
     """Apply a milestone in short batches; resumable, one runner at a time.
 
@@ -369,6 +391,7 @@ def _required(milestone: Milestone, where: str, require: str) -> Check:
 @click.command()
 @MILESTONE
 @run_options
+@observe_options
 def rollback(milestone: str, **opts: Any) -> None:
     """Undo a milestone exactly, from its ledger; later milestones must be rolled back first.
 

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine import state
-from toolkit.engine.events import LOGGED, Events
+from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
     UNIQUE_VIOLATION,
@@ -98,6 +98,7 @@ class Budget:
     # Told (milestone, step, last key) after each batch commits: what the run remembers
     # to tell, once resumed, whether committed batches went back in time (rewind.py).
     on_commit: Any = None
+    retries: int = 0  # retries of the batch under way (told with the batch, in its event)
 
     def exhausted_reason(self) -> str | None:
         if self.stop_requested:
@@ -150,6 +151,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
             lo, upper = checkpoint.last_key or 0, checkpoint.upper_key
         total = conn.execute(sa.text(kpass.remaining_sql()), {"lo": lo, "upper": upper}).scalar_one()
         conn.commit()
+        emit(budget.events, "pass_start", milestone=milestone, pass_name=kpass.name, run_id=run_id,
+             key_from=lo, key_upper=upper, keys=total)
         catch_ups = 0
         sizer = BatchSizer(options.batch_size, options.target_batch_ms, options.min_batch_size,
                            options.max_batch_size)
@@ -164,6 +167,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                         result.stopped = reason
                         return result
                 began = time.perf_counter()
+                budget.retries = 0
+                key_from = lo
                 hi, changed, scanned = _one_batch(conn, milestone, kpass, lo, upper, run_id, options,
                                                   budget, sizer.size)
                 if hi is None:
@@ -189,6 +194,9 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 result.batches += 1
                 budget.batches += 1
                 bar.update(scanned)
+                emit(budget.events, "batch", milestone=milestone, pass_name=kpass.name, run_id=run_id,
+                     key_from=key_from, key_to=hi, keys=scanned, rows=changed,
+                     ms=round(took * 1000, 3), retries=budget.retries)
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
                     pause(options.pause_ms / 1000, budget)
@@ -223,6 +231,10 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
                 raise _gave_up(conn, kpass.name, kpass.locks, code, attempt + 1,
                                "the last batch was rolled back") from exc
             delay = options.backoff_s * 2 ** attempt
+            budget.retries += 1
+            emit(budget.events, "retry", milestone=milestone, pass_name=kpass.name, run_id=run_id,
+                 key_from=lo, attempt=attempt + 1, retries=options.retries, sqlstate=code,
+                 delay_s=delay)
             budget.events.warn(f"{kpass.name}: {TRANSIENT_STATES.get(code, 'unique violation')} on the batch "
                      f"after key {lo}; rolled back, retry {attempt + 1}/{options.retries} in {delay:.1f}s")
             pause(delay, budget)

@@ -26,7 +26,7 @@ from toolkit.engine.batches import (
     after_action,
     read_with_retries,
 )
-from toolkit.engine.events import LOGGED, Events
+from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.health import Limits, Throttle, check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.lease import Hold, HoldLost
@@ -280,6 +280,8 @@ class Runner:
                 if result.complete:
                     self._set_state(milestone, state.APPLIED, result.run_id)
                     if verify_after:
+                        emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
+                             phase="verify")
                         with timed(result, "verify"):
                             result.verify = self._closing_verify(milestone)
                         if result.verify.ok:
@@ -319,6 +321,8 @@ class Runner:
                 self._went_back(result)
                 self._run_passes(hold, result, passes)
                 if result.complete:
+                    emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
+                         phase="checks")
                     with timed(result, "checks"), self.read_only() as conn:
                         checks = [c for step in milestone.steps for c in step.rollback_checks(conn)]
                         back = baselines.checks_against_baseline(conn, milestone.name, rolled_back=True,
@@ -398,6 +402,8 @@ class Runner:
         budget.throttle = self._throttle(budget)
         with stop_on_signals(budget):
             if before is not None:
+                emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
+                     phase="fingerprint")
                 with timed(result, "fingerprint"):
                     before(milestone, result.run_id)
             try:
@@ -423,12 +429,17 @@ class Runner:
                      budget: Budget) -> None:
         run = ActionRun(self.engine, result.milestone.name, result.run_id, self.options, budget,
                         hold.check)
+        emit(self.events, "phase", run_id=result.run_id, milestone=result.milestone.name, phase="apply")
         for action in passes:
             began = time.perf_counter()
             done = action.execute(run)
             done.seconds = time.perf_counter() - began
             result.timings["apply"] = result.timings.get("apply", 0.0) + done.seconds
             result.passes.append(done)
+            emit(self.events, "pass_end", run_id=result.run_id, milestone=result.milestone.name,
+                 pass_name=done.name, rows=done.rows, batches=done.batches, complete=done.complete,
+                 stopped=done.stopped, schema_change=done.schema_change, changed=done.changed,
+                 seconds=round(done.seconds, 3))
             if not done.complete:
                 result.stopped = done.stopped
                 break
