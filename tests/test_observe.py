@@ -7,11 +7,16 @@ import itertools
 import json
 import re
 import signal
+import textwrap
+from pathlib import Path
 
+import yaml
 from helpers import toolkit, toolkit_json, toolkit_process
+from prometheus_client.parser import text_string_to_metric_families
 
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
 
+OPERATIONS = Path(__file__).parent.parent / "docs" / "operations.md"
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
@@ -124,3 +129,71 @@ def test_schema_changes_are_streamed_attempt_by_attempt(realistic_db, tmp_path):
     assert changed and [a["pass_name"] for a in attempts if a["result"] == "applied"] == changed
     assert sum(e["rows"] for e in lines if e["event"] == "batch") == doc["result"]["rows"]
 
+
+def metrics_of(path) -> dict[str, dict[tuple, float]]:
+    """Every sample of the textfile, read by Prometheus' own parser: {name: {labels: value}}."""
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "database"))
+            samples.setdefault(s.name, {})[labels] = s.value
+    return samples
+
+
+def test_the_metrics_textfile_counts_what_history_counts(realistic_db, tmp_path):
+    prom = tmp_path / "toolkit.prom"
+    code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "5",
+                             "--metrics-textfile", str(prom))
+    assert code == 0, doc
+    metrics = metrics_of(prom)
+    result = doc["result"]
+    updated = metrics["batched_migration_job_updated_tuples_total"]
+    assert {dict(k)["migration_identifier"] for k in updated} == {
+        f"milestone-1/{p['name']}" for p in result["passes"] if p["batches"]}
+    assert sum(updated.values()) == history_rows(realistic_db)[result["run_id"]] == result["rows"] > 0
+    assert sum(metrics["batched_migration_job_duration_seconds_count"].values()) == sum(
+        p["batches"] for p in result["passes"])
+    for key, keys in metrics["batched_migration_migrated_tuples_total"].items():
+        assert keys == metrics["batched_migration_total_tuple_count"][key]  # the pass is done
+        assert metrics["batched_migration_job_batch_size"][key] <= 5
+    assert metrics["toolkit_lease_held"][()] == 0 and metrics["toolkit_run_finished"][()] == 1
+    assert metrics["toolkit_run_exit_code"][()] == 0 and metrics["toolkit_run_failed"][()] == 0
+    assert [f.name for f in tmp_path.iterdir()] == ["toolkit.prom"]  # no temporary file left
+
+    # the alert rules of docs/operations.md parse, and name only metrics the file has
+    rules = yaml.safe_load(textwrap.dedent(OPERATIONS.read_text().split("## Alert rules", 1)[1]
+                                           .split("\n\n", 1)[1]))
+    alerts = rules["groups"][0]["rules"]
+    assert [a["alert"] for a in alerts] == ["ToolkitRunStalled", "ToolkitThrottledTooLong",
+                                           "ToolkitRunFailed"]
+    named = {m for a in alerts for m in re.findall(r"\b(?:batched_migration|toolkit)_\w+", a["expr"])}
+    families = {s.name for f in text_string_to_metric_families(prom.read_text()) for s in f.samples}
+    assert named and named <= families | {"toolkit_throttled_seconds_total"}  # that one: once throttled
+
+
+def test_the_metrics_textfile_is_whole_after_every_batch(realistic_db, tmp_path):
+    prom = tmp_path / "toolkit.prom"
+    died = toolkit_process(realistic_db, "migrate", "milestone-1", "--batch-size", "5",
+                           "--metrics-textfile", str(prom), env={FAULT_KILL_AFTER_BATCHES_ENV: "3"})
+    assert died.returncode == -signal.SIGKILL
+    metrics = metrics_of(prom)  # written after the third batch, before the kill
+    assert sum(metrics["batched_migration_job_duration_seconds_count"].values()) == 3
+    assert sum(metrics["batched_migration_job_updated_tuples_total"].values()) == realistic_db.scalar(
+        "SELECT sum(rows_done) FROM toolkit.checkpoints")
+    assert metrics["toolkit_lease_held"][()] == 1 and metrics["toolkit_run_finished"][()] == 0
+
+
+def test_the_metrics_textfile_tells_throttling_and_failure_apart(realistic_db, tmp_path):
+    flag, prom = tmp_path / "hold", tmp_path / "toolkit.prom"
+    flag.touch()
+    result = toolkit(realistic_db, "migrate", "milestone-1", "--throttle-flag-file", str(flag),
+                     "--max-throttle-s", "0.3", "--metrics-textfile", str(prom))
+    assert result.exit_code == 6, result.output
+    metrics = metrics_of(prom)
+    assert metrics["toolkit_throttled_seconds_total"][(("signal", "flag_file"),)] >= 0.3
+    assert metrics["toolkit_run_failed"][()] == 0  # a resumable stop, not a failure
+    flag.unlink()
+    result = toolkit(realistic_db, "migrate", "milestone-3", "--metrics-textfile", str(prom))
+    assert result.exit_code == 3, result.output
+    metrics = metrics_of(prom)
+    assert metrics["toolkit_run_failed"][()] == 1 and metrics["toolkit_run_exit_code"][()] == 3

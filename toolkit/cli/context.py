@@ -10,6 +10,7 @@ import click
 from sqlalchemy.engine import Engine
 
 from toolkit import milestones, output
+from toolkit.cli.metrics import MetricsTextfile
 from toolkit.cli.observe import EventStream, Observed, Sink, new_run_id
 from toolkit.db import Target, create_engine, resolve_target
 from toolkit.engine.batches import RunOptions
@@ -25,6 +26,7 @@ class AppContext:
     command: str = ""
     read_timeout_s: float | None = None
     events_path: str | None = None  # --events FILE ('-': stderr)
+    metrics_path: str | None = None  # --metrics-textfile PATH
     _observed: Observed | None = field(default=None, repr=False)
     _target: Target | None = field(default=None, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
@@ -48,16 +50,18 @@ class AppContext:
         return Runner(self.engine(), options, plan=milestones.plan(), events=self.events(), **kwargs)
 
     def events(self) -> output.Output | Observed:
-        """The terminal, or the terminal and the sinks --events asked for (cli/observe.py),
-        opened once, when the command first builds a
+        """The terminal, or the terminal and the sinks --events and --metrics-textfile asked
+        for (cli/observe.py, cli/metrics.py), opened once, when the command first builds a
         runner (its ``start`` line)."""
-        if self.events_path is None:
+        if self.events_path is None and self.metrics_path is None:
             return output.out
         if self._observed is None:
             database = self.target().url.database
             sinks: list[Sink] = []
             if self.events_path is not None:
                 sinks.append(EventStream(self.events_path, new_run_id(), lambda: output.out.secrets))
+            if self.metrics_path is not None:
+                sinks.append(MetricsTextfile(self.metrics_path, database))
             self._observed = Observed(output.out, sinks)
             self._observed.start(self.command, database)
         return self._observed

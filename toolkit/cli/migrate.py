@@ -127,6 +127,12 @@ def observe_options(func: Callable) -> Callable:
                      help="Append one JSON object per line to FILE ('-': stderr) for the run's "
                           "start, phases, batches, throttle waits, retries, schema changes and "
                           "end, each flushed as it happens (fields: docs/operations.md)."),
+        click.option("--metrics-textfile", type=params.METRICS_FILE, default=None, metavar="PATH",
+                     expose_value=False, callback=_set_app("metrics_path"),
+                     help="Rewrite PATH (atomically) after every batch with Prometheus metrics "
+                          "named as GitLab's batched migrations', for node_exporter's textfile "
+                          "collector: give it a name ending in .prom in the collector's "
+                          "directory (docs/operations.md)."),
     ]
     for option in reversed(options):
         func = option(func)

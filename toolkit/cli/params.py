@@ -262,5 +262,14 @@ class EventsFile(OutputFile):
 
 EVENTS_FILE = EventsFile()
 
+
+class MetricsFile(OutputFile):
+    """``--metrics-textfile``: a file proven writable now, as a path (it is replaced whole)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return str(super().convert(value, param, ctx))
+
+
+METRICS_FILE = MetricsFile()
 FINGERPRINT_FILE = FingerprintFile()
 
