@@ -58,6 +58,8 @@ def test_events_of_a_migrate_add_up_to_the_rows_it_applied(realistic_db, tmp_pat
         if one["pass_name"] == two["pass_name"]:
             assert two["key_from"] == one["key_to"]
     assert all(b["keys"] > 0 and b["ms"] >= 0 and b["retries"] == 0 for b in batches)
+    # every batch changed rows and its checkpoint: the primary wrote WAL for it
+    assert all(b["wal_bytes"] > 0 for b in batches), [b["wal_bytes"] for b in batches]
     run_end = next(e for e in lines if e["event"] == "run_end")
     assert run_end["run_id"] == result["run_id"] and run_end["outcome"] == "succeeded"
     assert run_end["rows"] == applied
@@ -142,10 +144,13 @@ def metrics_of(path) -> dict[str, dict[tuple, float]]:
 
 def test_the_metrics_textfile_counts_what_history_counts(realistic_db, tmp_path):
     prom = tmp_path / "toolkit.prom"
+    events = tmp_path / "events.jsonl"
     code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--batch-size", "5",
-                             "--metrics-textfile", str(prom))
+                             "--metrics-textfile", str(prom), "--events", str(events))
     assert code == 0, doc
     metrics = metrics_of(prom)
+    wal = [e["wal_bytes"] for e in lines_of(events) if e["event"] == "batch"]
+    assert sum(metrics["toolkit_wal_bytes_total"].values()) == sum(wal) > 0
     result = doc["result"]
     updated = metrics["batched_migration_job_updated_tuples_total"]
     assert {dict(k)["migration_identifier"] for k in updated} == {
@@ -158,7 +163,7 @@ def test_the_metrics_textfile_counts_what_history_counts(realistic_db, tmp_path)
         assert metrics["batched_migration_job_batch_size"][key] <= 5
     assert metrics["toolkit_lease_held"][()] == 0 and metrics["toolkit_run_finished"][()] == 1
     assert metrics["toolkit_run_exit_code"][()] == 0 and metrics["toolkit_run_failed"][()] == 0
-    assert [f.name for f in tmp_path.iterdir()] == ["toolkit.prom"]  # no temporary file left
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["events.jsonl", "toolkit.prom"]  # no temporary
 
     # the alert rules of docs/operations.md parse, and name only metrics the file has
     rules = yaml.safe_load(textwrap.dedent(OPERATIONS.read_text().split("## Alert rules", 1)[1]

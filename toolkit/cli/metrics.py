@@ -48,6 +48,7 @@ class MetricsTextfile:
         self.migrated: dict[str, int] = defaultdict(int)  # driving-table keys done
         self.total: dict[str, int] = {}
         self.last_update: dict[str, float] = {}
+        self.wal_bytes: dict[str, int] = defaultdict(int)
         self.throttled: dict[int | None, dict[str, float]] = {}  # by history run, by signal
         self.throttled_now = False
         self.lease_held = False
@@ -64,6 +65,8 @@ class MetricsTextfile:
             self.last_size[key] = fields["keys"]
             self.migrated[key] += fields["keys"]
             self.last_update[key] = time.time()
+            if fields.get("wal_bytes") is not None:
+                self.wal_bytes[key] += fields["wal_bytes"]
         elif name == "pass_start":
             key = f"{fields['milestone']}/{fields['pass_name']}"
             self.total[key] = self.migrated[key] + fields["keys"]
@@ -120,6 +123,10 @@ class MetricsTextfile:
                "Unix time of the pass's last committed batch (of its start, before one).",
                by_id({k: round(v, 3) for k, v in self.last_update.items()},
                      "batched_migration_last_update_time_seconds"))
+        family("toolkit_wal_bytes_total", "counter",
+               "WAL the primary wrote during the batches (pg_current_wal_insert_lsn() before and after "
+               "each; other sessions' writes meanwhile included), by milestone/pass.",
+               by_id(self.wal_bytes, "toolkit_wal_bytes_total"))
         signals: dict[str, float] = defaultdict(float)
         for by_signal in self.throttled.values():
             for signal, seconds in by_signal.items():

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine import state
-from toolkit.engine.events import LOGGED, Events, emit
+from toolkit.engine.events import LOGGED, Events, emit, subscribed
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
     UNIQUE_VIOLATION,
@@ -154,6 +154,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
         emit(budget.events, "pass_start", milestone=milestone, pass_name=kpass.name, run_id=run_id,
              key_from=lo, key_upper=upper, keys=total)
         catch_ups = 0
+        measure_wal = subscribed(budget.events)
         sizer = BatchSizer(options.batch_size, options.target_batch_ms, options.min_batch_size,
                            options.max_batch_size)
         with budget.events.progress(total, kpass.description) as bar:
@@ -166,6 +167,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                     if reason := budget.exhausted_reason():
                         result.stopped = reason
                         return result
+                wal_before = wal_position(conn) if measure_wal else None
                 began = time.perf_counter()
                 budget.retries = 0
                 key_from = lo
@@ -194,12 +196,27 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 result.batches += 1
                 budget.batches += 1
                 bar.update(scanned)
+                wal_after = wal_position(conn) if wal_before is not None else None
                 emit(budget.events, "batch", milestone=milestone, pass_name=kpass.name, run_id=run_id,
                      key_from=key_from, key_to=hi, keys=scanned, rows=changed,
-                     ms=round(took * 1000, 3), retries=budget.retries)
+                     ms=round(took * 1000, 3), retries=budget.retries,
+                     wal_bytes=None if wal_after is None or wal_before is None else wal_after - wal_before)
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
                     pause(options.pause_ms / 1000, budget)
+
+
+def wal_position(conn: Connection) -> int | None:
+    """The primary's WAL insert position in bytes (None on a standby, which writes none), read
+    in a transaction of its own. Its delta around a batch is the WAL that replicas, archiving
+    and DR pay for it: the server's, so it includes what other sessions wrote meanwhile.
+    The insert position, not ``pg_current_wal_lsn()``: that one (the write position) moves in
+    whole pages when the WAL writer gets round to it under ``synchronous_commit = off``, so a
+    batch would read 0 or 24 kB."""
+    position = conn.execute(sa.text("SELECT CASE WHEN NOT pg_is_in_recovery() "
+                                    "THEN pg_current_wal_insert_lsn() - '0/0' END")).scalar()
+    conn.commit()
+    return None if position is None else int(position)
 
 
 def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,

@@ -60,6 +60,12 @@ def emit(events: Events, name: str, /, **fields: Any) -> None:
         record(name, fields)
 
 
+def subscribed(events: Events) -> bool:
+    """Whether anybody takes structured events: what only they are told (the WAL a batch
+    wrote) is measured only then, so a run nobody subscribes to pays nothing for it."""
+    return getattr(events, "record", None) is not None
+
+
 class _LoggedProgress:
     def __init__(self, total: int | None, description: str) -> None:
         self.total, self.description, self.done = total, description, 0
