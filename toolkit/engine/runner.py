@@ -173,7 +173,10 @@ class Runner:
                     "updated_at": recorded.get("updated_at"),
                     "checkpoints": [cp.__dict__ for cp in state.checkpoints(conn, milestone.name)],
                     "remaining": {s.name: s.remaining(conn) for s in milestone.steps if s.unit == "rows"},
-                    "schema_changes_left": sum(s.schema_changes_left(conn) for s in milestone.steps),
+                    # What a migrate would still report as schema changes; none once final
+                    # (a migrate of a final milestone runs no passes, only its verify).
+                    "schema_changes_left": 0 if final else sum(s.schema_changes_left(conn)
+                                                               for s in milestone.steps),
                     # An interrupted rollback: what its checks still find not undone.
                     "left_to_undo": [
                         f"{c.name}: not yet" + (f" ({count_of(c.rows)} left)" if c.rows else "")

@@ -127,12 +127,21 @@ class Step:
         """Rows still to change; ``status`` calls this, so it should be cheaper than plan."""
         return self.plan(conn).rows
 
-    # Schema changes the step makes (tables, columns, indexes, constraints, triggers):
-    # status counts those still to make, and an interrupted rollback those still in place.
-    schema_changes: int = 0
+    def schema_change_actions(self) -> list[Action]:
+        """The forward actions a run reports as schema changes (tables, columns, indexes,
+        constraints, triggers): neither batched passes nor checks and records, which say
+        what they found instead. One definition, so that ``status`` counts what ``migrate``
+        reports ("N schema changes"), and an interrupted rollback what is still in place."""
+        return [a for a in self.forward()
+                if not a.in_batches and getattr(a, "outcome", None) is None]
+
+    @property
+    def schema_changes(self) -> int:
+        return len(self.schema_change_actions())
 
     def schema_changes_left(self, conn: Connection) -> int:
-        return 0
+        """Schema changes a migrate would still make: those not in place (read-only)."""
+        return sum(1 for a in self.schema_change_actions() if not a.is_done(conn))
 
     def rollback_checks(self, conn: Connection) -> list[Check]:
         """After the backward passes: is everything the step did undone?"""

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
+from toolkit.engine import state
 from toolkit.engine.catalog_checks import constraint_validated, remedy
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.listing import STREAMED, Listing, count_of, listed, read_to_the_end
@@ -433,6 +434,16 @@ class CreateModelsForExperiments(Step):
                       "`toolkit rollback milestone-3` again" if left else None, rows=left)]
 
 
+MILESTONE_2_SETS_FIRST = ("candidates of experiments that have a model: milestone 2 sets their "
+                         "model_id first (counted there, not here)")
+
+
+def milestone_2_backfilled(conn: Connection) -> bool:
+    """Whether milestone 2 has applied its backfill: until then the candidates of experiments
+    that already have a model are its rows, not this milestone's."""
+    return state.milestone_state(conn, "milestone-2")["state"] in (state.APPLIED, state.VERIFIED)
+
+
 class LinkCandidates(Step):
     """The candidates' ``model_id``, in batches over ``ml_candidates.id`` (table order),
     after every experiment has its model: milestone 2's backfill statement, run again.
@@ -465,17 +476,24 @@ class LinkCandidates(Step):
     def remaining(self, conn: Connection) -> int:
         if superseded_by_cleanup(conn):
             return 0
-        return sum(self._counts(conn))
+        new_model, differ = self._counts(conn)
+        return new_model + (differ if milestone_2_backfilled(conn) else 0)
 
     def plan(self, conn: Connection) -> StepPlan:
         if superseded_by_cleanup(conn):
             return StepPlan(step=self.name, description=self.description, rows=0, context={SUPERSEDED: 0},
                             sql=self.forward_sql())
         new_model, differ = self._counts(conn)
+        context = {}
+        if not milestone_2_backfilled(conn):
+            # Milestone 2's backfill sets these before this milestone may start: counted
+            # there, not twice in a plan of every milestone (its total would not add up).
+            context[MILESTONE_2_SETS_FIRST] = differ
+            differ = 0
         return StepPlan(step=self.name, description=self.description, rows=new_model + differ,
                         breakdown={"candidates of experiments that get a model": new_model,
                                    "candidates whose model_id differs from their experiment's": differ},
-                        sql=self.forward_sql())
+                        context=context, sql=self.forward_sql())
 
     def verify(self, conn: Connection) -> list[Check]:
         name = "every candidate's model_id is its experiment's model"

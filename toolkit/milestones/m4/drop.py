@@ -137,7 +137,6 @@ class DropLegacy(Step):
     description = ("drop the transition triggers, ml_candidates.experiment_id, ml_experiment_metadata "
                    "and ml_experiments")
     unit = "schema changes"
-    schema_changes = 3  # two tables and a column dropped
 
     def forward(self) -> list[Action]:
         names = tuple(trigger for _, trigger in TRANSITION_TRIGGERS)
@@ -215,10 +214,6 @@ class DropLegacy(Step):
 
     def remaining(self, conn: Connection) -> int:
         return self.schema_changes_left(conn)
-
-    def schema_changes_left(self, conn: Connection) -> int:
-        return (sum(int(catalog.relation_exists(conn, t)) for t in M4_DROPPED_TABLES)
-                + int(catalog.column_exists(conn, *M4_DROPPED_COLUMN)))
 
     def verify(self, conn: Connection) -> list[Check]:
         left = [t for t in M4_DROPPED_TABLES if catalog.relation_exists(conn, t)]
