@@ -62,3 +62,35 @@ def test_status_counts_the_schema_changes_migrate_reports(before_milestone):
     assert code == 0, doc
     assert left["milestone-4"] == _schema_changes(doc) > 3
     assert _status(db)["milestone-4"]["schema_changes_left"] == 0
+
+
+def test_plan_closes_with_a_summary_and_no_sql_leaves_out_only_the_sql(make_database):
+    db = make_database("adversarial:small")
+    code, doc = toolkit_json(db, "plan")
+    assert code == 0
+    summary = doc["result"]["summary"]
+    blocking = sum(a["count"] for m in doc["result"]["milestones"] for s in m["steps"]
+                   for a in s["anomalies"] if a["blocking"])
+    assert summary["blocking"] == blocking > 0
+    assert [m["rows"] for m in summary["milestones"]] == [m["rows"] for m in doc["result"]["milestones"]]
+    full, short = toolkit(db, "plan"), toolkit(db, "plan", "--no-sql")
+    assert full.exit_code == short.exit_code == 0
+    assert "UPDATE packages_packages" in full.output and "UPDATE packages_packages" not in short.output
+    tail = short.output[short.output.index("Summary ("):].splitlines()
+    assert tail[1].split() == ["milestone", "rows", "BLOCKING", "warnings", "gate"]
+    m1 = summary["milestones"][0]
+    assert tail[3].split()[:4] == ["milestone-1", str(m1["rows"]), str(m1["blocking"]), str(m1["warnings"])]
+    assert tail[-1].split()[:3] == ["total", str(summary["rows"]), str(blocking)]
+
+
+def test_fail_on_blocking_exits_1_when_a_blocking_anomaly_is_found(make_database):
+    blocked = make_database("adversarial:small")
+    result = toolkit(blocked, "plan", "milestone-1", "--no-sql", "--fail-on-blocking")
+    assert result.exit_code == 1, result.output
+    assert "Summary (" in result.output
+    assert "error: BLOCKING anomalies found (milestone-1 " in result.output
+    code, doc = toolkit_json(blocked, "plan", "--fail-on-blocking")
+    assert code == doc["exit_code"] == 1 and doc["error"]["details"]["result"]["summary"]["blocking"] > 0
+    clean = make_database("realistic:small")
+    code, doc = toolkit_json(clean, "plan", "--fail-on-blocking")
+    assert code == 0 and doc["result"]["summary"]["blocking"] == 0, doc["result"]["summary"]

@@ -181,14 +181,15 @@ def _plan_summary(results: list[PlanResult]) -> dict[str, Any]:
             "blocking": sum(r.blocking for r in results),
             "warnings": sum(r.warnings for r in results),
             "milestones": [{"milestone": r.milestone.name, "rows": r.rows, "blocking": r.blocking,
-                            "warnings": r.warnings, "gate_open": r.gate.ok} for r in results]}
+                            "warnings": r.warnings, "gate_open": r.gate.ok,
+                            "waits_for": None if r.gate.ok else r.gate.previous} for r in results]}
 
 
 def _say_summary(summary: dict[str, Any]) -> None:
-    out.say("Summary (rows each milestone would change, each counted once; BLOCKING: rows left "
-            "untouched until resolved):")
+    out.say("Summary (each row counted once, in the milestone that changes it):")
     rows = [[m["milestone"], m["rows"], m["blocking"], m["warnings"],
-             "open" if m["gate_open"] else "closed"] for m in summary["milestones"]]
+             "open" if m["gate_open"] else f"waits for {m['waits_for'] or 'its preconditions'}"]
+            for m in summary["milestones"]]
     if len(rows) > 1:
         rows.append(["total", summary["rows"], summary["blocking"], summary["warnings"], ""])
     out.table(["milestone", "rows", "BLOCKING", "warnings", "gate"], rows)
@@ -371,13 +372,24 @@ def verify(milestone: str | None) -> None:
 
 @click.command()
 @MILESTONE
+@click.option("--dry-run", is_flag=True,
+              help="Count what the rollback would restore and remove, pass by pass, from the "
+                   "ledgers and the archive; in one READ ONLY transaction, writing nothing. "
+                   "Refused (exit 3) where the rollback would be.")
 @run_options
-def rollback(milestone: str, **opts: Any) -> None:
+def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
     """Undo a milestone exactly, from its ledger; later milestones must be rolled back first.
 
-    Example: toolkit rollback milestone-1
+    Example: toolkit rollback milestone-1 --dry-run
     """
     chosen = registry.get(milestone)
+    if dry_run:
+        undo = _runner(opts).rollback_plan(chosen)
+        render.undo_plan(undo)
+        out.say(f"{chosen.name}: {_count(undo.rows, 'row')} and "
+                f"{_count(undo.schema_changes, 'schema change')} to undo. Dry run: nothing was written.")
+        app().finish({"dry_run": True, **undo.as_dict()})
+        return
     result, checks = _runner(opts).rollback(
         chosen, go_ahead=lambda: out.say(f"Rolling back {chosen.name}: {chosen.title}"))
     _report_apply(result, undoing=True)

@@ -60,6 +60,10 @@ class KeysetPass:
     # milestone 1 needs the tenth of candidates that have a package, and a batch of
     # 5000 keys of which 4500 need nothing costs a commit and a checkpoint for little.
     driving_filter: str | None = None
+    # For ``rollback --dry-run``: what the pass would change now, read-only, as labelled
+    # counts (the first is the rows the pass reports). Without it, the rows of the driving
+    # table it would walk (engine/undo_plan.py).
+    count: Callable[[Connection], dict[str, int]] | None = field(default=None, compare=False)
 
     def _where(self) -> str:
         extra = f" AND ({self.driving_filter})" if self.driving_filter else ""

@@ -171,6 +171,43 @@ WITH gone AS (DELETE FROM {CLASHES} WHERE experiment_id > :lo AND experiment_id 
 SELECT count(*) FROM gone"""
 
 
+# rollback --dry-run: what the three undo passes would change, counted read-only, each
+# as it will find the tables (the first removes the ledger rows of the models it deletes).
+REMOVABLE = f"""SELECT l.model_id FROM {CREATED} l
+WHERE NOT EXISTS (SELECT 1 FROM ml_model_versions v WHERE v.model_id = l.model_id)
+  AND NOT EXISTS (SELECT 1 FROM ml_model_metadata mm WHERE mm.model_id = l.model_id
+                  AND mm.id NOT IN (SELECT model_metadata_id FROM {COPIED}))"""
+REMOVE_MODELS_COUNT = f"""
+WITH removable AS ({REMOVABLE})
+SELECT (SELECT count(*) FROM removable),
+       (SELECT count(*) FROM {CREATED}) - (SELECT count(*) FROM removable),
+       (SELECT count(*) FROM ml_candidates WHERE model_id IN (SELECT model_id FROM removable)),
+       (SELECT count(*) FROM ml_experiments WHERE model_id IN (SELECT model_id FROM removable)),
+       (SELECT count(*) FROM ml_model_metadata WHERE model_id IN (SELECT model_id FROM removable))"""
+REMOVE_METADATA_COUNT = f"""
+SELECT count(*) FROM {COPIED} k JOIN ml_model_metadata mm ON mm.id = k.model_metadata_id
+WHERE k.model_id NOT IN ({REMOVABLE})"""
+
+
+def remove_models_count(conn: Connection) -> dict[str, int]:
+    removed, kept, candidates, experiments, metadata = conn.execute(sa.text(REMOVE_MODELS_COUNT)).one()
+    return {"created models removed": removed,
+            "created models kept (GitLab gave them versions or metadata since)": kept,
+            "candidates unlinked (model_id := NULL)": candidates,
+            "experiments unlinked (model_id := NULL)": experiments,
+            "their metadata rows deleted": metadata}
+
+
+def remove_metadata_count(conn: Connection) -> dict[str, int]:
+    return {"copied metadata rows removed from models kept": conn.execute(
+        sa.text(REMOVE_METADATA_COUNT)).scalar_one()}
+
+
+def forget_clashes_count(conn: Connection) -> dict[str, int]:
+    return {"recorded metadata clashes forgotten": conn.execute(
+        sa.text(f"SELECT count(*) FROM {CLASHES}")).scalar_one()}
+
+
 def remove_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
     rows = conn.execute(sa.text(UNDO_BATCH), {"lo": lo, "hi": hi}).all()
     models = [r.model_id for r in rows]
@@ -310,12 +347,12 @@ class CreateModelsForExperiments(Step):
             # before the rollback began commits its model after the pass took its bound
             KeysetPass(f"{self.name}:revert", "remove the models milestone 3 created", CREATED, undo,
                        key="model_id", locks=("ml_models", "ml_experiments", "ml_candidates"),
-                       catch_up=True, apply=remove_models_batch),
+                       catch_up=True, apply=remove_models_batch, count=remove_models_count),
             KeysetPass(f"{self.name}:revert-metadata", "remove metadata copied to existing models",
                        COPIED, REMOVE_COPIED_METADATA, key="model_metadata_id",
-                       locks=("ml_model_metadata",)),
+                       locks=("ml_model_metadata",), count=remove_metadata_count),
             KeysetPass(f"{self.name}:forget-clashes", "forget the recorded metadata clashes",
-                       CLASHES, FORGET_CLASHES, key="experiment_id"),
+                       CLASHES, FORGET_CLASHES, key="experiment_id", count=forget_clashes_count),
         ]
 
     def remaining(self, conn: Connection) -> int:
