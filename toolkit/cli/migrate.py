@@ -198,7 +198,8 @@ def _say_summary(summary: dict[str, Any]) -> None:
 @click.command()
 @click.argument("milestone", metavar="[MILESTONE]", required=False)
 @click.option("--no-sql", is_flag=True,
-              help="Leave out the SQL of each step (counts, anomalies and the summary stay).")
+              help="Leave out the SQL of each step (counts, anomalies and the summary stay; "
+                   "--json keeps it).")
 @click.option("--fail-on-blocking", is_flag=True,
               help="Exit 1 when a BLOCKING anomaly is found (for a CI gate); the plan is "
                    "printed (or the --json document given) all the same.")
@@ -381,6 +382,8 @@ def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
     """Undo a milestone exactly, from its ledger; later milestones must be rolled back first.
 
     Example: toolkit rollback milestone-1 --dry-run
+
+    Example: toolkit rollback milestone-1
     """
     chosen = registry.get(milestone)
     if dry_run:
