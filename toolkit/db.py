@@ -52,6 +52,11 @@ DEFAULT_READ_TIMEOUT_S = 600
 # A connection option carrying each of its transactions' (lock_timeout, statement_timeout)
 # in ms; None keeps the default for that one.
 TIMEOUTS_OPTION = "toolkit_timeouts"
+# A connection option: each of its transactions begins with SET TRANSACTION ISOLATION LEVEL
+# REPEATABLE READ, READ ONLY as its very first statement (before the timeouts), so the
+# server itself refuses any write. Unlike SQLAlchemy's postgresql_readonly, which sets a
+# characteristic of the pooled driver connection, it lives on this Connection object only.
+READ_ONLY_OPTION = "toolkit_read_only"
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,8 @@ def create_engine(target: Target | URL | str, *, read_timeout: int | None = None
         options = conn.get_execution_options()
         if options.get("isolation_level") == "AUTOCOMMIT":
             return  # no transaction to scope a setting to; see engine.ddl for CONCURRENTLY
+        if options.get(READ_ONLY_OPTION):
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         lock_ms, statement_ms = options.get(TIMEOUTS_OPTION, defaults)
         conn.exec_driver_sql(
             "SELECT set_config('lock_timeout', %(l)s, true), "

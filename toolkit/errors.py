@@ -27,7 +27,8 @@ class ExitCode(IntEnum):
 
 EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "success",
-    ExitCode.VERIFY_FAILED: "a verification failed (the database is not in the state checked for)",
+    ExitCode.VERIFY_FAILED: "a verification failed (the database is not in the state checked for), "
+                            "or `plan --fail-on-blocking` found a BLOCKING anomaly",
     ExitCode.USAGE: "usage error (unknown option, bad value)",
     ExitCode.REFUSED: "refused: a precondition does not hold; nothing was changed",
     ExitCode.LOCKED: "a lock could not be had or a statement timed out; the current batch was rolled back",

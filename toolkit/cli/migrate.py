@@ -201,16 +201,44 @@ def _apply_doc(result: ApplyResult) -> dict[str, Any]:
     return doc
 
 
+def _plan_summary(results: list[PlanResult]) -> dict[str, Any]:
+    """The plan's closing numbers. Each row is counted in the one milestone that changes it
+    (milestone 3 does not count again the candidates milestone 2 sets), so the total is
+    the sum of the milestones' rows."""
+    return {"rows": sum(r.rows for r in results),
+            "blocking": sum(r.blocking for r in results),
+            "warnings": sum(r.warnings for r in results),
+            "milestones": [{"milestone": r.milestone.name, "rows": r.rows, "blocking": r.blocking,
+                            "warnings": r.warnings, "gate_open": r.gate.ok,
+                            "waits_for": None if r.gate.ok else r.gate.previous} for r in results]}
+
+
+def _say_summary(summary: dict[str, Any]) -> None:
+    out.say("Summary (each row counted once, in the milestone that changes it):")
+    rows = [[m["milestone"], m["rows"], m["blocking"], m["warnings"],
+             "open" if m["gate_open"] else f"waits for {m['waits_for'] or 'its preconditions'}"]
+            for m in summary["milestones"]]
+    if len(rows) > 1:
+        rows.append(["total", summary["rows"], summary["blocking"], summary["warnings"], ""])
+    out.table(["milestone", "rows", "BLOCKING", "warnings", "gate"], rows)
+
+
 @click.command()
 @click.argument("milestone", metavar="[MILESTONE]", required=False)
-@click.option("--no-sql", is_flag=True, help="Leave out the SQL of each step.")
-def plan(milestone: str | None, no_sql: bool) -> None:
+@click.option("--no-sql", is_flag=True,
+              help="Leave out the SQL of each step (counts, anomalies and the summary stay; "
+                   "--json keeps it).")
+@click.option("--fail-on-blocking", is_flag=True,
+              help="Exit 1 when a BLOCKING anomaly is found (for a CI gate); the plan is "
+                   "printed (or the --json document given) all the same.")
+def plan(milestone: str | None, no_sql: bool, fail_on_blocking: bool) -> None:
     """Show what each milestone would change: exact counts, anomalies, SQL. Writes nothing.
 
     Runs in one READ ONLY, REPEATABLE READ transaction, so the counts are one consistent
     snapshot and nothing can be written, even on a database the toolkit never touched.
+    Ends with a summary: rows and BLOCKING anomalies per milestone.
 
-    Example: toolkit plan milestone-1
+    Example: toolkit plan milestone-1 --no-sql --fail-on-blocking
     """
     chosen = [registry.get(milestone)] if milestone else list(registry.MILESTONES.values())
     runner = _runner()
@@ -222,8 +250,18 @@ def plan(milestone: str | None, no_sql: bool) -> None:
     for reading in readings:
         state_word = "OVER" if reading.over else "ok" if reading.readable else "unreadable"
         out.say(f"  {reading.signal.replace('_', ' ')}: {state_word}: {reading.detail}")
-    app().finish({"dry_run": True, "milestones": [_plan_doc(r) for r in results],
-                  "health": [r.as_dict() for r in readings]})
+    summary = _plan_summary(results)
+    _say_summary(summary)
+    doc = {"dry_run": True, "milestones": [_plan_doc(r) for r in results],
+           "health": [r.as_dict() for r in readings], "summary": summary}
+    if fail_on_blocking and summary["blocking"]:
+        blocked = ", ".join(f"{m['milestone']} {m['blocking']}" for m in summary["milestones"]
+                            if m["blocking"])
+        raise VerificationFailed(
+            f"BLOCKING anomalies found ({blocked} rows); --fail-on-blocking fails the plan",
+            "resolve each as the plan's \"what to do\" says (docs/blueprint.md), then run the plan again",
+            details={"result": doc})
+    app().finish(doc)
 
 
 @click.command()
@@ -396,14 +434,27 @@ def _required(milestone: Milestone, where: str, require: str) -> Check:
 
 @click.command()
 @MILESTONE
+@click.option("--dry-run", is_flag=True,
+              help="Count what the rollback would restore and remove, pass by pass, from the "
+                   "ledgers and the archive; in one READ ONLY transaction, writing nothing. "
+                   "Refused (exit 3) where the rollback would be.")
 @run_options
 @observe_options
-def rollback(milestone: str, **opts: Any) -> None:
+def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
     """Undo a milestone exactly, from its ledger; later milestones must be rolled back first.
+
+    Example: toolkit rollback milestone-1 --dry-run
 
     Example: toolkit rollback milestone-1
     """
     chosen = registry.get(milestone)
+    if dry_run:
+        undo = _runner(opts).rollback_plan(chosen)
+        render.undo_plan(undo)
+        out.say(f"{chosen.name}: {_count(undo.rows, 'row')} and "
+                f"{_count(undo.schema_changes, 'schema change')} to undo. Dry run: nothing was written.")
+        app().finish({"dry_run": True, **undo.as_dict()})
+        return
     result, checks = _runner(opts).rollback(
         chosen, go_ahead=lambda: out.say(f"Rolling back {chosen.name}: {chosen.title}"))
     _report_apply(result, undoing=True)

@@ -7,6 +7,7 @@ from typing import Any
 from toolkit.engine.listing import count_of
 from toolkit.engine.outcomes import PlanResult
 from toolkit.engine.results import Anomaly, Check
+from toolkit.engine.undo_plan import CHECK, ROWS, UndoPlan
 from toolkit.output import out
 
 SHOWN_IDS = 12
@@ -80,3 +81,22 @@ def checks(items: list[Check]) -> None:
         if not c.ok and c.remedy:
             for remedy in c.remedy.split(" | "):
                 out.say(f"         what to do: {remedy}")
+
+
+def undo_plan(plan: UndoPlan) -> None:
+    """``rollback --dry-run``: each pass in the order the rollback runs it, with its counts."""
+    m = plan.milestone
+    out.say(f"Rolling back {m.name} would do ({m.name} is {plan.state.replace('_', ' ')}; "
+            "counted now, read-only):")
+    if not plan.passes:
+        out.say("  nothing: the toolkit has recorded nothing in this database")
+    for p in plan.passes:
+        if p.kind == ROWS:
+            out.say(f"  {p.name}: {p.description}")
+            for label, n in p.breakdown.items() or {"rows": 0}.items():
+                out.say(f"    {label}: {n}")
+        elif p.kind == CHECK:
+            out.say(f"  {p.name}: {'would run' if p.pending else 'done before'} — {p.description}")
+        else:
+            out.say(f"  {p.name}: {'schema change to undo' if p.pending else 'already undone'}"
+                    f" — {p.description}")

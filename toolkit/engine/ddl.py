@@ -360,13 +360,8 @@ class SchemaStep(Step):
             kind="schema",
         )
 
-    schema_changes = 1
-
     def remaining(self, conn: Connection) -> int:
         return 0 if is_applied(conn, self.revision) else 1
-
-    def schema_changes_left(self, conn: Connection) -> int:
-        return self.remaining(conn)
 
     def verify(self, conn: Connection) -> list[Check]:
         return []

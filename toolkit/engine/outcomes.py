@@ -48,6 +48,16 @@ class PlanResult:
     def rows(self) -> int:
         return sum(s.rows for s in self.steps)
 
+    @property
+    def blocking(self) -> int:
+        """Rows a BLOCKING anomaly keeps out of the milestone (the operator's to resolve)."""
+        return sum(a.count for s in self.steps for a in s.anomalies if a.blocking)
+
+    @property
+    def warnings(self) -> int:
+        """Rows of the anomalies that are changed all the same, with a warning."""
+        return sum(a.count for s in self.steps for a in s.anomalies if not a.blocking)
+
 
 @dataclass
 class VerifyResult:

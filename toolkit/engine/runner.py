@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.conninfo import render as render_url
-from toolkit.db import cannot_connect, classify, session_lost
+from toolkit.db import READ_ONLY_OPTION, cannot_connect, classify, session_lost
 from toolkit.engine import state
 from toolkit.engine.actions import Action, ActionRun
 from toolkit.engine.batches import (
@@ -44,6 +44,7 @@ from toolkit.engine.preflight import (
 from toolkit.engine.results import Check
 from toolkit.engine.rewind import Memory, said
 from toolkit.engine.signals import stop_on_signals
+from toolkit.engine.undo_plan import UndoPlan, undo_plan
 from toolkit.errors import (
     DatabaseProblem,
     LockUnavailable,
@@ -53,7 +54,7 @@ from toolkit.errors import (
     ToolkitError,
 )
 from toolkit.schema.gitlab import ML_TABLE_NAMES
-from toolkit.schema.migrations import ensure_own_tables
+from toolkit.schema.migrations import ensure_own_tables, own_schema_exists
 from toolkit.schema.own import SCHEMA
 from toolkit.verify import baselines
 from toolkit.verify.digest import Memo
@@ -174,7 +175,10 @@ class Runner:
                     "updated_at": recorded.get("updated_at"),
                     "checkpoints": [cp.__dict__ for cp in state.checkpoints(conn, milestone.name)],
                     "remaining": {s.name: s.remaining(conn) for s in milestone.steps if s.unit == "rows"},
-                    "schema_changes_left": sum(s.schema_changes_left(conn) for s in milestone.steps),
+                    # What a migrate would still report as schema changes; none once final
+                    # (a migrate of a final milestone runs no passes, only its verify).
+                    "schema_changes_left": 0 if final else sum(s.schema_changes_left(conn)
+                                                               for s in milestone.steps),
                     # An interrupted rollback: what its checks still find not undone.
                     "left_to_undo": [
                         f"{c.name}: not yet" + (f" ({count_of(c.rows)} left)" if c.rows else "")
@@ -231,31 +235,67 @@ class Runner:
         milestone 4 the tables the other checks read are gone). A milestone that is final (or
         a final one in the way) is refused too, naming why: its rollback could never succeed."""
         with self.read_only() as conn:
-            started = self._later_started(conn, milestone)
-            undoing = [name for name in started
-                       if state.milestone_state(conn, name)["state"] == state.ROLLING_BACK]
-            if verb == "migrate":
-                started = [name for name in started if self.milestones.get(name).drops]
-            in_the_way = [milestone] if verb == "rollback" else []
-            in_the_way += [self.milestones.get(name) for name in started]
-            final = next(((m, f) for m in in_the_way if (f := m.final_now(conn)) is not None), None)
+            refusal = self._out_of_order(conn, milestone, verb)
+        if refusal is not None:
+            raise refusal
+
+    def _out_of_order(self, conn: Connection, milestone: Milestone, verb: str) -> PreconditionRefused | None:
+        """The refusal :meth:`_refuse_out_of_order` raises, read in ``conn``; None when in order."""
+        started = self._later_started(conn, milestone)
+        undoing = [name for name in started
+                   if state.milestone_state(conn, name)["state"] == state.ROLLING_BACK]
+        if verb == "migrate":
+            started = [name for name in started if self.milestones.get(name).drops]
+        in_the_way = [milestone] if verb == "rollback" else []
+        in_the_way += [self.milestones.get(name) for name in started]
+        final = next(((m, f) for m in in_the_way if (f := m.final_now(conn)) is not None), None)
         if final is not None:
             what = "be rolled back" if verb == "rollback" else "be migrated again"
             final_one, why = final
             problem = (f"{milestone.name} cannot be rolled back: {why.why}" if final_one is milestone
                        else f"{milestone.name} cannot {what}: {final_one.name} is final, "
                             f"{why.why}, so it cannot be rolled back first")
-            raise PreconditionRefused(problem, why.instead, details={"final": final_one.name, **why.details})
+            return PreconditionRefused(problem, why.instead, details={"final": final_one.name, **why.details})
         if started:
             plural = "are" if len(started) > 1 else "is"
             where = "applied" if not set(undoing) & set(started) else (
                 "being rolled back" if set(started) <= set(undoing) else "applied or being rolled back")
             what = "be rolled back" if verb == "rollback" else "be migrated again"
-            raise PreconditionRefused(
+            return PreconditionRefused(
                 f"{milestone.name} cannot {what} while {_and(started)} {plural} {where}",
                 f"roll back in reverse order: `toolkit rollback {started[-1]}` first",
                 details={"applied": started},
             )
+        return None
+
+    @contextmanager
+    def server_read_only(self) -> Iterator[Connection]:
+        """One transaction whose first statement is ``SET TRANSACTION ISOLATION LEVEL
+        REPEATABLE READ, READ ONLY`` (db.READ_ONLY_OPTION): the server refuses any write in
+        it, whatever the pooled connection was used for before, and its counts are one
+        snapshot. Rolled back at the end."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(**{READ_ONLY_OPTION: True})
+            with conn.begin() as transaction:
+                try:
+                    self._refuse_lost_ledger(conn)
+                    yield conn
+                finally:
+                    transaction.rollback()
+
+    def rollback_plan(self, milestone: Milestone) -> UndoPlan:
+        """What ``rollback`` would restore and remove, counted from the ledgers and the archive
+        without writing anything (``rollback --dry-run``). Refused where the rollback itself
+        would be: a later milestone in the way, or this one final."""
+        with self.server_read_only() as conn:
+            if (refusal := self._out_of_order(conn, milestone, "rollback")) is not None:
+                raise refusal
+            self._check_reads(conn, milestone.reads)
+            now = state.milestone_state(conn, milestone.name)["state"]
+            if not own_schema_exists(conn):  # the toolkit never ran here: no ledger to undo
+                return UndoPlan(milestone, now, [])
+            actions = [a for step in reversed(milestone.steps) for a in step.backward()]
+            return undo_plan(conn, milestone, now, actions)
 
     def _migrate_once(self, milestone: Milestone, verify_after: bool,
                       go_ahead: Callable[[], None] | None) -> ApplyResult:

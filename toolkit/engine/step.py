@@ -60,6 +60,10 @@ class KeysetPass:
     # milestone 1 needs the tenth of candidates that have a package, and a batch of
     # 5000 keys of which 4500 need nothing costs a commit and a checkpoint for little.
     driving_filter: str | None = None
+    # For ``rollback --dry-run``: what the pass would change now, read-only, as labelled
+    # counts (the first is the rows the pass reports). Without it, the rows of the driving
+    # table it would walk (engine/undo_plan.py).
+    count: Callable[[Connection], dict[str, int]] | None = field(default=None, compare=False)
 
     def _where(self) -> str:
         extra = f" AND ({self.driving_filter})" if self.driving_filter else ""
@@ -127,12 +131,21 @@ class Step:
         """Rows still to change; ``status`` calls this, so it should be cheaper than plan."""
         return self.plan(conn).rows
 
-    # Schema changes the step makes (tables, columns, indexes, constraints, triggers):
-    # status counts those still to make, and an interrupted rollback those still in place.
-    schema_changes: int = 0
+    def schema_change_actions(self) -> list[Action]:
+        """The forward actions a run reports as schema changes (tables, columns, indexes,
+        constraints, triggers): neither batched passes nor checks and records, which say
+        what they found instead. One definition, so that ``status`` counts what ``migrate``
+        reports ("N schema changes"), and an interrupted rollback what is still in place."""
+        return [a for a in self.forward()
+                if not a.in_batches and getattr(a, "outcome", None) is None]
+
+    @property
+    def schema_changes(self) -> int:
+        return len(self.schema_change_actions())
 
     def schema_changes_left(self, conn: Connection) -> int:
-        return 0
+        """Schema changes a migrate would still make: those not in place (read-only)."""
+        return sum(1 for a in self.schema_change_actions() if not a.is_done(conn))
 
     def rollback_checks(self, conn: Connection) -> list[Check]:
         """After the backward passes: is everything the step did undone?"""

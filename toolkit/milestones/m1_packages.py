@@ -82,16 +82,17 @@ SELECT count(*) FROM converted"""
 
 # Undo exactly the ledger's rows. A row is skipped (and stays in the ledger) when a generic
 # package with the same key has appeared since, because restoring it would collide.
+RESTORE_COLLIDES = """(p.status <> 4 AND EXISTS (
+          SELECT 1 FROM packages_packages q
+          WHERE q.package_type = l.previous_package_type AND q.project_id = p.project_id
+            AND q.name = p.name AND q.version = p.version AND q.status <> 4 AND q.id <> p.id))"""
 RESTORE_BATCH = f"""
 WITH restored AS (
     UPDATE packages_packages p SET package_type = l.previous_package_type
     FROM {LEDGER} l
     WHERE l.package_id > :lo AND l.package_id <= :hi AND p.id = l.package_id
       AND p.package_type = 14
-      AND NOT (p.status <> 4 AND EXISTS (
-          SELECT 1 FROM packages_packages q
-          WHERE q.package_type = l.previous_package_type AND q.project_id = p.project_id
-            AND q.name = p.name AND q.version = p.version AND q.status <> 4 AND q.id <> p.id))
+      AND NOT {RESTORE_COLLIDES}
     RETURNING p.id
 ), forgotten AS (
     DELETE FROM {LEDGER} l
@@ -100,6 +101,21 @@ WITH restored AS (
            OR NOT EXISTS (SELECT 1 FROM packages_packages gone WHERE gone.id = l.package_id))
 )
 SELECT count(*) FROM restored"""
+
+# rollback --dry-run: what RESTORE_BATCH would do to each ledger row, counted read-only.
+RESTORE_COUNT = f"""
+SELECT count(*) FILTER (WHERE p.package_type = 14 AND NOT {RESTORE_COLLIDES}),
+       count(*) FILTER (WHERE p.package_type = 14 AND {RESTORE_COLLIDES}),
+       count(*) FILTER (WHERE p.id IS NULL)
+FROM {LEDGER} l LEFT JOIN packages_packages p ON p.id = l.package_id"""
+
+
+def restore_count(conn: Connection) -> dict[str, int]:
+    restored, kept, gone = conn.execute(sa.text(RESTORE_COUNT)).one()
+    return {"packages restored to generic (7)": restored,
+            "packages kept ml_model (a generic package with the same key exists now)": kept,
+            "ledger rows of packages deleted since (forgotten)": gone}
+
 
 URI_CHANGES = "runs whose MLflow artifact_uri changes (GitLab's rule; declared)"
 
@@ -259,7 +275,7 @@ class ConvertCandidatePackages(Step):
     def backward(self) -> list[KeysetPass]:
         return [KeysetPass(f"{self.name}:revert", "restore converted packages to generic (7)",
                            LEDGER, RESTORE_BATCH, key="package_id", locks=("packages_packages",),
-                           retry_unique_violation=True)]
+                           retry_unique_violation=True, count=restore_count)]
 
     def plan(self, conn: Connection) -> StepPlan:
         by_status = conn.execute(sa.text(f"""

@@ -108,9 +108,14 @@ class BackfillModelId(Step):
                            locks=("ml_candidates", "ml_experiments"), driving_filter=NEEDS_A_LOOK)]
 
     def _count_sql(self, conn: Connection) -> str:
-        candidate_model = "c.model_id" if catalog.column_exists(conn, *M2_COLUMN) else "NULL::bigint"
+        """The candidates this backfill has left to set: not those milestone 3 links (while
+        it runs, the candidates of the experiments it gave a model are its own to count;
+        ``status`` showed them as this milestone's rows left beside its state ``verified``)."""
+        if not catalog.column_exists(conn, *M2_COLUMN):
+            return ("FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id "
+                    "WHERE e.model_id IS NOT NULL")
         return (f"FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id "
-                f"WHERE {candidate_model} IS DISTINCT FROM e.model_id")
+                f"WHERE {MISMATCH} AND NOT {awaiting_milestone_3(conn)}")
 
     def plan(self, conn: Connection) -> StepPlan:
         if superseded_by_cleanup(conn):

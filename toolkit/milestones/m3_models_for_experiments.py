@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
+from toolkit.engine import state
 from toolkit.engine.catalog_checks import constraint_validated, remedy
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.listing import STREAMED, Listing, count_of, listed, read_to_the_end
@@ -168,6 +169,43 @@ SELECT count(*) FROM removed"""
 FORGET_CLASHES = f"""
 WITH gone AS (DELETE FROM {CLASHES} WHERE experiment_id > :lo AND experiment_id <= :hi RETURNING 1)
 SELECT count(*) FROM gone"""
+
+
+# rollback --dry-run: what the three undo passes would change, counted read-only, each
+# as it will find the tables (the first removes the ledger rows of the models it deletes).
+REMOVABLE = f"""SELECT l.model_id FROM {CREATED} l
+WHERE NOT EXISTS (SELECT 1 FROM ml_model_versions v WHERE v.model_id = l.model_id)
+  AND NOT EXISTS (SELECT 1 FROM ml_model_metadata mm WHERE mm.model_id = l.model_id
+                  AND mm.id NOT IN (SELECT model_metadata_id FROM {COPIED}))"""
+REMOVE_MODELS_COUNT = f"""
+WITH removable AS ({REMOVABLE})
+SELECT (SELECT count(*) FROM removable),
+       (SELECT count(*) FROM {CREATED}) - (SELECT count(*) FROM removable),
+       (SELECT count(*) FROM ml_candidates WHERE model_id IN (SELECT model_id FROM removable)),
+       (SELECT count(*) FROM ml_experiments WHERE model_id IN (SELECT model_id FROM removable)),
+       (SELECT count(*) FROM ml_model_metadata WHERE model_id IN (SELECT model_id FROM removable))"""
+REMOVE_METADATA_COUNT = f"""
+SELECT count(*) FROM {COPIED} k JOIN ml_model_metadata mm ON mm.id = k.model_metadata_id
+WHERE k.model_id NOT IN ({REMOVABLE})"""
+
+
+def remove_models_count(conn: Connection) -> dict[str, int]:
+    removed, kept, candidates, experiments, metadata = conn.execute(sa.text(REMOVE_MODELS_COUNT)).one()
+    return {"created models removed": removed,
+            "created models kept (GitLab gave them versions or metadata since)": kept,
+            "candidates unlinked (model_id := NULL)": candidates,
+            "experiments unlinked (model_id := NULL)": experiments,
+            "their metadata rows deleted": metadata}
+
+
+def remove_metadata_count(conn: Connection) -> dict[str, int]:
+    return {"copied metadata rows removed from models kept": conn.execute(
+        sa.text(REMOVE_METADATA_COUNT)).scalar_one()}
+
+
+def forget_clashes_count(conn: Connection) -> dict[str, int]:
+    return {"recorded metadata clashes forgotten": conn.execute(
+        sa.text(f"SELECT count(*) FROM {CLASHES}")).scalar_one()}
 
 
 def remove_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
@@ -309,12 +347,12 @@ class CreateModelsForExperiments(Step):
             # before the rollback began commits its model after the pass took its bound
             KeysetPass(f"{self.name}:revert", "remove the models milestone 3 created", CREATED, undo,
                        key="model_id", locks=("ml_models", "ml_experiments", "ml_candidates"),
-                       catch_up=True, apply=remove_models_batch),
+                       catch_up=True, apply=remove_models_batch, count=remove_models_count),
             KeysetPass(f"{self.name}:revert-metadata", "remove metadata copied to existing models",
                        COPIED, REMOVE_COPIED_METADATA, key="model_metadata_id",
-                       locks=("ml_model_metadata",)),
+                       locks=("ml_model_metadata",), count=remove_metadata_count),
             KeysetPass(f"{self.name}:forget-clashes", "forget the recorded metadata clashes",
-                       CLASHES, FORGET_CLASHES, key="experiment_id"),
+                       CLASHES, FORGET_CLASHES, key="experiment_id", count=forget_clashes_count),
         ]
 
     def remaining(self, conn: Connection) -> int:
@@ -433,6 +471,16 @@ class CreateModelsForExperiments(Step):
                       "`toolkit rollback milestone-3` again" if left else None, rows=left)]
 
 
+MILESTONE_2_SETS_FIRST = ("candidates of experiments that have a model: milestone 2 sets their "
+                         "model_id first (counted there, not here)")
+
+
+def milestone_2_backfilled(conn: Connection) -> bool:
+    """Whether milestone 2 has applied its backfill: until then the candidates of experiments
+    that already have a model are its rows, not this milestone's."""
+    return state.milestone_state(conn, "milestone-2")["state"] in (state.APPLIED, state.VERIFIED)
+
+
 class LinkCandidates(Step):
     """The candidates' ``model_id``, in batches over ``ml_candidates.id`` (table order),
     after every experiment has its model: milestone 2's backfill statement, run again.
@@ -465,17 +513,24 @@ class LinkCandidates(Step):
     def remaining(self, conn: Connection) -> int:
         if superseded_by_cleanup(conn):
             return 0
-        return sum(self._counts(conn))
+        new_model, differ = self._counts(conn)
+        return new_model + (differ if milestone_2_backfilled(conn) else 0)
 
     def plan(self, conn: Connection) -> StepPlan:
         if superseded_by_cleanup(conn):
             return StepPlan(step=self.name, description=self.description, rows=0, context={SUPERSEDED: 0},
                             sql=self.forward_sql())
         new_model, differ = self._counts(conn)
+        context = {}
+        if not milestone_2_backfilled(conn):
+            # Milestone 2's backfill sets these before this milestone may start: counted
+            # there, not twice in a plan of every milestone (its total would not add up).
+            context[MILESTONE_2_SETS_FIRST] = differ
+            differ = 0
         return StepPlan(step=self.name, description=self.description, rows=new_model + differ,
                         breakdown={"candidates of experiments that get a model": new_model,
                                    "candidates whose model_id differs from their experiment's": differ},
-                        sql=self.forward_sql())
+                        context=context, sql=self.forward_sql())
 
     def verify(self, conn: Connection) -> list[Check]:
         name = "every candidate's model_id is its experiment's model"

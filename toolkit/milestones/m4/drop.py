@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
@@ -26,6 +27,7 @@ from toolkit.milestones.m4.steps import EXPERIMENTS_GONE, schema_plan
 from toolkit.names import (
     M3_COPIED_METADATA,
     M3_CREATED_MODELS,
+    M4_ARCHIVE_CANDIDATES,
     M4_ARCHIVE_EXPERIMENTS,
     M4_ARCHIVE_METADATA,
     M4_ARCHIVES,
@@ -128,6 +130,30 @@ def _sequences_past_the_rows(conn: Connection) -> list[str]:
     return [_past(sequence, table) for table, sequence in _sequences_of(conn).items()]
 
 
+def _restore_count(archived: str, live: str, what: str) -> Callable[[Connection], dict[str, int]]:
+    """rollback --dry-run: the archived rows the restore would copy back (those the live
+    table, once rebuilt, does not hold yet)."""
+    def count(conn: Connection) -> dict[str, int]:
+        missing = (f" WHERE NOT EXISTS (SELECT 1 FROM {live} t WHERE t.id = a.id)"
+                   if catalog.relation_exists(conn, live) else "")
+        return {f"{what} restored from the archive": conn.execute(
+            sa.text(f"SELECT count(*) FROM {archived} a{missing}")).scalar_one()}
+    return count
+
+
+def _candidate_experiments_count(conn: Connection) -> dict[str, int]:
+    """rollback --dry-run: the candidates whose experiment_id the restore would set (all of
+    them while the column is dropped): from the archive, or (candidates GitLab wrote since
+    milestone 4) their model's default experiment."""
+    still_null = (" WHERE c.experiment_id IS NULL"
+                  if catalog.column_exists(conn, *M4_DROPPED_COLUMN) else "")
+    total, archived = conn.execute(sa.text(f"""
+        SELECT count(*), count(a.candidate_id) FROM ml_candidates c
+        LEFT JOIN {M4_ARCHIVE_CANDIDATES} a ON a.candidate_id = c.id{still_null}""")).one()
+    return {"candidates' experiment_id restored": total, "from the archive": archived,
+            "their model's default experiment (candidates written since milestone 4)": total - archived}
+
+
 _FOREIGN_KEYS_QUERY, _ = capture.statements("foreign_keys")
 _TRIGGERS_QUERY, _ = capture.statements("functions", "triggers")
 
@@ -137,7 +163,6 @@ class DropLegacy(Step):
     description = ("drop the transition triggers, ml_candidates.experiment_id, ml_experiment_metadata "
                    "and ml_experiments")
     unit = "schema changes"
-    schema_changes = 3  # two tables and a column dropped
 
     def forward(self) -> list[Action]:
         names = tuple(trigger for _, trigger in TRANSITION_TRIGGERS)
@@ -173,16 +198,20 @@ class DropLegacy(Step):
                     f"SELECT {restored}", "sequences", "tables", "owned_by", "primary_keys",
                     then=_experiments_made_since),
             KeysetPass("restore-ml-experiments", "restore ml_experiments rows", M4_ARCHIVE_EXPERIMENTS,
-                       archive.copy_sql(M4_ARCHIVE_EXPERIMENTS, "ml_experiments")),
+                       archive.copy_sql(M4_ARCHIVE_EXPERIMENTS, "ml_experiments"),
+                       count=_restore_count(M4_ARCHIVE_EXPERIMENTS, "ml_experiments", "ml_experiments rows")),
             KeysetPass("restore-ml-experiment-metadata", "restore ml_experiment_metadata rows",
-                       M4_ARCHIVE_METADATA, archive.copy_sql(M4_ARCHIVE_METADATA, "ml_experiment_metadata")),
+                       M4_ARCHIVE_METADATA, archive.copy_sql(M4_ARCHIVE_METADATA, "ml_experiment_metadata"),
+                       count=_restore_count(M4_ARCHIVE_METADATA, "ml_experiment_metadata",
+                                            "ml_experiment_metadata rows")),
             _stored("rebuild-constraints-and-indexes", "sequence positions, constraints, indexes",
                     catalog.relation_exists_sql("index_ml_experiments_on_project_id_and_iid"),
                     "setval", "constraints", "indexes", then=_sequences_past_the_rows),
             _stored("rebuild-candidates-experiment-id", "add ml_candidates.experiment_id back",
                     catalog.column_exists_sql(*M4_DROPPED_COLUMN), "candidate_column"),
             KeysetPass("restore-candidate-experiments", "restore each candidate's experiment_id",
-                       "ml_candidates", archive.RESTORE_CANDIDATE_EXPERIMENTS),
+                       "ml_candidates", archive.RESTORE_CANDIDATE_EXPERIMENTS,
+                       count=_candidate_experiments_count),
             Statements("experiment-id-check", "CHECK (experiment_id IS NOT NULL) NOT VALID",
                        f"SELECT ({EXPERIMENT_ID_NOT_NULL}) OR ({check_in_place})",
                        (f"ALTER TABLE ml_candidates ADD CONSTRAINT {M4_EXPERIMENT_ID_CHECK} "
@@ -215,10 +244,6 @@ class DropLegacy(Step):
 
     def remaining(self, conn: Connection) -> int:
         return self.schema_changes_left(conn)
-
-    def schema_changes_left(self, conn: Connection) -> int:
-        return (sum(int(catalog.relation_exists(conn, t)) for t in M4_DROPPED_TABLES)
-                + int(catalog.column_exists(conn, *M4_DROPPED_COLUMN)))
 
     def verify(self, conn: Connection) -> list[Check]:
         left = [t for t in M4_DROPPED_TABLES if catalog.relation_exists(conn, t)]

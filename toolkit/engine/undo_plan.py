@@ -1,0 +1,89 @@
+"""What a rollback would do, counted read-only (``rollback MILESTONE --dry-run``).
+
+The rollback's own actions are asked, in the order the rollback runs them: a batched pass
+counts the rows it would restore or remove (its ``count``, else the rows of the ledger or
+archive it walks), a schema change whether it is still to undo, a check or record that it
+would run. Everything is read in one transaction the server itself keeps read-only
+(engine/runner.py), so a dry run cannot write, not even the toolkit's own history.
+
+Counted before the rollback starts: a pass's count is what it finds now, which is what
+it will change when the passes before it change other tables (each pass's ledger or
+archive is its own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from toolkit import catalog
+from toolkit.engine.actions import Action
+from toolkit.engine.plan import Milestone
+from toolkit.engine.step import KeysetPass
+
+ROWS, SCHEMA, CHECK = "rows", "schema change", "check"
+
+
+@dataclass
+class UndoPass:
+    name: str
+    description: str
+    kind: str  # ROWS, SCHEMA or CHECK
+    rows: int = 0
+    breakdown: dict[str, int] = field(default_factory=dict)
+    pending: bool = True  # a schema change still to undo, a check still to run
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "kind": self.kind,
+                "rows": self.rows, "breakdown": self.breakdown, "pending": self.pending}
+
+
+@dataclass
+class UndoPlan:
+    milestone: Milestone
+    state: str
+    passes: list[UndoPass]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.passes if p.kind == ROWS)
+
+    @property
+    def schema_changes(self) -> int:
+        return sum(1 for p in self.passes if p.kind == SCHEMA and p.pending)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"milestone": self.milestone.name, "title": self.milestone.title, "state": self.state,
+                "rows": self.rows, "schema_changes": self.schema_changes,
+                "passes": [p.as_dict() for p in self.passes]}
+
+
+def count_pass(conn: Connection, kpass: KeysetPass) -> UndoPass:
+    """A batched pass: its own count, else the rows of the table it walks (none when that
+    table is gone or its ``skip_if_sql`` says there is nothing to walk)."""
+    found = UndoPass(kpass.name, kpass.description, ROWS)
+    if kpass.count is not None:
+        found.breakdown = dict(kpass.count(conn))
+        found.rows = next(iter(found.breakdown.values()), 0)
+        return found
+    if not catalog.relation_exists(conn, kpass.driving_table) or (
+            kpass.skip_if_sql and conn.execute(sa.text(kpass.skip_if_sql)).scalar()):
+        return found
+    found.rows = conn.execute(sa.text(kpass.remaining_sql()), {"lo": 0, "upper": 2**62}).scalar_one()
+    found.breakdown = {f"{kpass.driving_table} rows": found.rows}
+    return found
+
+
+def count_action(conn: Connection, action: Action) -> UndoPass:
+    if isinstance(action, KeysetPass):
+        return count_pass(conn, action)
+    kind = CHECK if getattr(action, "outcome", None) is not None else SCHEMA
+    return UndoPass(action.name, action.description, kind, pending=not action.is_done(conn))
+
+
+def undo_plan(conn: Connection, milestone: Milestone, state_now: str,
+              actions: list[Action]) -> UndoPlan:
+    return UndoPlan(milestone, state_now, [count_action(conn, a) for a in actions])
