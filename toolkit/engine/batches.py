@@ -215,7 +215,7 @@ def wal_position(conn: Connection) -> int | None:
     batch would read 0 or 24 kB."""
     position = conn.execute(sa.text("SELECT CASE WHEN NOT pg_is_in_recovery() "
                                     "THEN pg_current_wal_insert_lsn() - '0/0' END")).scalar()
-    conn.commit()
+    conn.rollback()  # a read: ended without a commit, which the lease would fence (a query more)
     return None if position is None else int(position)
 
 
