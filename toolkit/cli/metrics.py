@@ -13,7 +13,6 @@ queries apply; what GitLab has no name for is ``toolkit_*``. Documented in docs/
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import suppress
@@ -158,12 +157,15 @@ class MetricsTextfile:
     def write(self) -> None:
         """Atomically: node_exporter reads either the last file or this one, never a mix.
         Readable by others (0644): node_exporter seldom runs as the toolkit's user."""
-        directory = self.path.parent if str(self.path.parent) else Path(".")
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
+        # one name per process: two runs cannot write the same temporary file
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(self.render())
-            os.chmod(temporary, 0o644)
+            try:
+                os.fchmod(fd, 0o644)  # whatever the umask
+                os.write(fd, self.render().encode())
+            finally:
+                os.close(fd)
             os.replace(temporary, self.path)
         except BaseException:
             with suppress(OSError):

@@ -154,7 +154,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
         emit(budget.events, "pass_start", milestone=milestone, pass_name=kpass.name, run_id=run_id,
              key_from=lo, key_upper=upper, keys=total)
         catch_ups = 0
-        measure_wal = subscribed(budget.events)
+        # WAL position after the last commit (None: not measured); one read per batch, after it
+        wal_at = wal_position(conn) if subscribed(budget.events) else None
         sizer = BatchSizer(options.batch_size, options.target_batch_ms, options.min_batch_size,
                            options.max_batch_size)
         with budget.events.progress(total, kpass.description) as bar:
@@ -167,7 +168,6 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                     if reason := budget.exhausted_reason():
                         result.stopped = reason
                         return result
-                wal_before = wal_position(conn) if measure_wal else None
                 began = time.perf_counter()
                 budget.retries = 0
                 key_from = lo
@@ -196,11 +196,11 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 result.batches += 1
                 budget.batches += 1
                 bar.update(scanned)
-                wal_after = wal_position(conn) if wal_before is not None else None
+                wal_before, wal_at = wal_at, wal_position(conn) if wal_at is not None else None
                 emit(budget.events, "batch", milestone=milestone, pass_name=kpass.name, run_id=run_id,
                      key_from=key_from, key_to=hi, keys=scanned, rows=changed,
                      ms=round(took * 1000, 3), retries=budget.retries,
-                     wal_bytes=None if wal_after is None or wal_before is None else wal_after - wal_before)
+                     wal_bytes=None if wal_at is None or wal_before is None else wal_at - wal_before)
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
                     pause(options.pause_ms / 1000, budget)
@@ -208,8 +208,10 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
 
 def wal_position(conn: Connection) -> int | None:
     """The primary's WAL insert position in bytes (None on a standby, which writes none), read
-    in a transaction of its own. Its delta around a batch is the WAL that replicas, archiving
-    and DR pay for it: the server's, so it includes what other sessions wrote meanwhile.
+    in a transaction of its own. Read once after each batch's commit (and at the pass's start),
+    its delta is the WAL that replicas, archiving and DR pay for the batch: the server's, so
+    it includes what other sessions wrote meanwhile (and during a --pause-ms or a throttle
+    wait before the batch). One read, not one on each side: each costs three round trips.
     The insert position, not ``pg_current_wal_lsn()``: that one (the write position) moves in
     whole pages when the WAL writer gets round to it under ``synchronous_commit = off``, so a
     batch would read 0 or 24 kB."""
