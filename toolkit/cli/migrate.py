@@ -209,7 +209,8 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
     """Apply a milestone in short batches; resumable, one runner at a time.
 
     Refuses to start until the previous milestone verifies. Ctrl-C stops at the next
-    batch boundary; running the same command again resumes. Verifies at the end.
+    batch boundary; running the same command again resumes (it says where, and does not
+    walk the passes finished before). Verifies at the end.
 
     Example: toolkit migrate milestone-1 --dry-run
     """
