@@ -64,6 +64,8 @@ def prepare(conn: Connection, milestone: str, verb: str, actions: list[Action],
     completions of its passes' checkpoints, so that they are walked from the start (the
     caller commits) and a later resume finds only what this attempt finished; None."""
     batched = [a.name for a in actions if a.in_batches]
+    if not actions:  # a final milestone: nothing to run, nothing to say about where
+        return None
     if not resuming:
         state.forget_completed(conn, milestone, batched)
         return None
