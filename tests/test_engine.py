@@ -386,8 +386,10 @@ def test_off_a_terminal_a_long_pass_prints_a_progress_line_every_few_seconds(mak
     lines = [line for line in run.stderr.splitlines() if line.startswith("progress: ")]
     assert len(lines) >= 2, run.stderr
     total = db.scalar("SELECT count(*) FROM ml_candidates WHERE package_id IS NOT NULL")
-    done = [int(line.split(f" of {total} rows")[0].rsplit(" ", 1)[1].replace(",", "")) for line in lines]
+    done = [int(line.split(f" of {total} keys")[0].rsplit(" ", 1)[1].replace(",", "")) for line in lines]
     assert done == sorted(done) and 0 < done[0] < total
-    assert all(f" of {total} rows (" in line and " rows/s, about " in line and " s left" in line for line in lines)
+    assert all(f" of {total} keys scanned (" in line and " rows changed, " in line and " keys/s, " in line
+               and (line.endswith(" s left") or line.endswith("time left not yet estimated"))
+               for line in lines)
     silent = toolkit_process(quiet, "-q", "migrate", "milestone-1", "--batch-size", "2", "--pause-ms", "60", env=every)
     assert silent.returncode == 0 and "progress: " not in silent.stderr

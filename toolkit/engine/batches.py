@@ -125,6 +125,9 @@ class PassResult:
     changed: bool = True
     seconds: float = 0.0  # wall time of the whole pass or schema change, retries included
     outcome: str | None = None  # what a check or record action found or did
+    # A pass an earlier run of the same attempt finished, not walked again: the rows that
+    # attempt changed in it (this run's ``rows`` stay 0). None: walked (or begun) by this run.
+    finished_before: int | None = None
 
 
 def sqlstate(exc: DBAPIError) -> str | None:
@@ -153,7 +156,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
         catch_ups = 0
         sizer = BatchSizer(options.batch_size, options.target_batch_ms, options.min_batch_size,
                            options.max_batch_size)
-        with budget.events.progress(total, kpass.description) as bar:
+        with budget.events.progress(total, kpass.name) as bar:
             while True:
                 if reason := budget.exhausted_reason():
                     result.stopped = reason
@@ -188,7 +191,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 result.rows += changed
                 result.batches += 1
                 budget.batches += 1
-                bar.update(scanned)
+                bar.update(scanned, changed)
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
                     pause(options.pause_ms / 1000, budget)
