@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy as sa
@@ -95,3 +97,49 @@ def test_a_libpq_environment_does_not_send_sandbox_tests_elsewhere(libpq_elsewhe
     result = run("status")  # no database given, the sandbox not running: said as such
     assert result.exit_code == ExitCode.REFUSED, result.output
     assert "sandbox is not running" in result.output and "Using " not in result.output
+
+
+def _process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+def test_the_sandbox_own_psql_and_pg_dump_reach_its_database(sandbox_dir, tmp_path):
+    """A system pg_dump older than the sandbox's server (18) refuses it: `toolkit sandbox
+    pg_dump` is the server's own, connected to the sandbox's database."""
+    not_yet = _process("sandbox", "pg_dump")
+    assert not_yet.returncode == ExitCode.REFUSED and "toolkit sandbox start" in not_yet.stderr
+    assert run("sandbox", "seed").exit_code == 0
+    count = _process("sandbox", "psql", "-At", "-c", "SELECT count(*) FROM ml_experiments")
+    assert (count.returncode, count.stdout) == (0, "24\n"), count.stderr
+    # the arguments are pg_dump's: a plain dump of one table on stdout, every row in it
+    dumped = _process("sandbox", "pg_dump", "--data-only", "-t", "ml_experiments")
+    assert dumped.returncode == 0, dumped.stderr
+    copy = dumped.stdout.split("COPY public.ml_experiments ")[1].split("\n\\.\n")[0]
+    assert len(copy.splitlines()) - 1 == 24
+    # the runbook's custom-format backup, which the sandbox's own pg_restore lists
+    backup = tmp_path / "before-toolkit.dump"
+    assert _process("sandbox", "pg_dump", "-Fc", "-f", str(backup)).returncode == 0
+    from toolkit.sandbox.server import client_binary
+
+    listed = subprocess.run([str(client_binary("pg_restore")), "-l", str(backup)], capture_output=True,
+                            text=True, check=True).stdout
+    assert "TABLE DATA public ml_candidates " in listed and "TABLE public ml_experiments " in listed
+    # pg_dump's own failure is its exit code
+    missing = _process("sandbox", "pg_dump", "-t", "no_such_table")
+    assert missing.returncode == 1 and "no matching tables" in missing.stderr
+    assert _process("--json", "sandbox", "psql").returncode == ExitCode.USAGE
+
+
+def test_the_help_names_the_sandbox_directory_as_it_is_for_this_user(monkeypatch):
+    """As root the default is machine-wide, not "per user"."""
+    from toolkit.sandbox.server import MACHINE_WIDE_DIR, _default_without_env
+
+    monkeypatch.delenv("TOOLKIT_SANDBOX_DIR", raising=False)
+    shown = "".join(run("sandbox", "--help").output.split())  # as wrapped, without the wrapping
+    assert f"else{_default_without_env()}" in shown
+    assert "peruser" not in shown
+    if os.geteuid() == 0:
+        assert f"{MACHINE_WIDE_DIR},machine-wide" in shown
+    else:
+        assert "yoursalone" in shown
