@@ -59,6 +59,7 @@ SANDBOX_EXAMPLES: dict[str, list[int]] = {
     'psql "$(toolkit sandbox url)"': [0, 0],
     "toolkit sandbox psql -c 'SELECT count(*) FROM ml_experiments'": [0],
     "toolkit sandbox pg_dump -Fc -f before-toolkit.dump": [0],
+    "toolkit sandbox pg_restore --list before-toolkit.dump": [0],
     "toolkit demo": [0],
     "toolkit sandbox stop": [0],
 }

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -117,14 +118,14 @@ def test_the_sandbox_own_psql_and_pg_dump_reach_its_database(sandbox_dir, tmp_pa
     assert dumped.returncode == 0, dumped.stderr
     copy = dumped.stdout.split("COPY public.ml_experiments ")[1].split("\n\\.\n")[0]
     assert len(copy.splitlines()) - 1 == 24
-    # the runbook's custom-format backup, which the sandbox's own pg_restore lists
+    # the runbook's backup, tested as it says: restored into a scratch database of the sandbox
     backup = tmp_path / "before-toolkit.dump"
     assert _process("sandbox", "pg_dump", "-Fc", "-f", str(backup)).returncode == 0
-    from toolkit.sandbox.server import client_binary
-
-    listed = subprocess.run([str(client_binary("pg_restore")), "-l", str(backup)], capture_output=True,
-                            text=True, check=True).stdout
-    assert "TABLE DATA public ml_candidates " in listed and "TABLE public ml_experiments " in listed
+    assert _process("sandbox", "psql", "-c", "CREATE DATABASE scratch").returncode == 0
+    restored = _process("sandbox", "pg_restore", "-d", "scratch", str(backup))
+    assert restored.returncode == 0, restored.stderr
+    counted = _process("sandbox", "psql", "-d", "scratch", "-At", "-c", "SELECT count(*) FROM ml_candidates")
+    assert (counted.returncode, counted.stdout) == (0, "242\n"), counted.stderr
     # pg_dump's own failure is its exit code
     missing = _process("sandbox", "pg_dump", "-t", "no_such_table")
     assert missing.returncode == 1 and "no matching tables" in missing.stderr
@@ -143,3 +144,38 @@ def test_the_help_names_the_sandbox_directory_as_it_is_for_this_user(monkeypatch
         assert f"{MACHINE_WIDE_DIR},machine-wide" in shown
     else:
         assert "yoursalone" in shown
+
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _section(title: str) -> str:
+    return README.read_text().split(f"## {title}\n")[1].split("\n## ")[0]
+
+
+def test_the_readme_seed_times_are_the_benchmark_s():
+    """One figure per scale, the one docs/benchmarks/ measured, wherever the README says it."""
+    table = _section("The sandbox")
+    for scale in ("gitlab-com", "x25"):
+        bench = json.loads((README.parent / "docs" / "benchmarks" / f"{scale}.json").read_text())
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{scale}` |"))
+        assert row.split(" | ")[-1].startswith(f"{bench['seed_seconds']:.1f} s"), (scale, row)
+        if scale == "x25":
+            assert f"peak {bench['seed_peak_mb']:.1f} MB" in row
+            assert f"**x25 sandbox < 3 minutes**: {bench['seed_seconds']:.1f} s." in _section("Benchmark")
+
+
+def test_the_quick_start_says_where_the_sandbox_is_and_how_to_go_on():
+    from toolkit.sandbox.server import MACHINE_WIDE_DIR
+
+    quick = _section("Quick start")
+    commands = quick.split("```sh\n")[1].split("```")[0].strip().splitlines()
+    assert len(commands) == 2, commands
+    flat = " ".join(quick.split())
+    for said in ("~/.local/share/toolkit/sandbox", f"as root, in `{MACHINE_WIDE_DIR}`",
+                 "`TOOLKIT_SANDBOX_DIR=DIR`", "refuses (exit 3", "`.venv/bin/toolkit sandbox stop`",
+                 "`. .venv/bin/activate`", "about 15 minutes on 2 cores"):
+        assert said in flat, said
+    runbook = " ".join(_section("Runbook for production").split())
+    assert "toolkit sandbox pg_dump -Fc -f before-toolkit.dump" in runbook
+    assert "640 passed" not in _section("Running the tests")

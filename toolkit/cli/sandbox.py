@@ -205,7 +205,7 @@ def psql(args: tuple[str, ...]) -> None:
 @sandbox.command("pg_dump", **_PASSED_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def pg_dump(args: tuple[str, ...]) -> None:
-    """pg_dump of the sandbox's own PostgreSQL, dumping its database.
+    """pg_dump of the sandbox's own PostgreSQL, dumping its database (to stdout, or -f FILE).
 
     A system pg_dump older than the sandbox's server (PostgreSQL 18) refuses to dump it;
     this one is of the server's version. The arguments are pg_dump's.
@@ -213,3 +213,16 @@ def pg_dump(args: tuple[str, ...]) -> None:
     Example: toolkit sandbox pg_dump -Fc -f before-toolkit.dump
     """
     _run_client("pg_dump", args)
+
+
+@sandbox.command("pg_restore", **_PASSED_THROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def pg_restore(args: tuple[str, ...]) -> None:
+    """pg_restore of the sandbox's own PostgreSQL, connected to it (-d names the database).
+
+    For a dump `toolkit sandbox pg_dump` made: restore it into a scratch database of the
+    sandbox to test it. The arguments are pg_restore's.
+
+    Example: toolkit sandbox pg_restore --list before-toolkit.dump
+    """
+    _run_client("pg_restore", args)
