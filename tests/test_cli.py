@@ -151,3 +151,8 @@ def test_the_command_to_type_next_is_the_one_typed():
     assert typed_command("toolkit", which=lambda _: "/usr/local/bin/toolkit") == "toolkit"
     module = typed_command("/src/toolkit/__main__.py", which=lambda _: None)
     assert module == f"{sys.executable} -m toolkit"
+    from toolkit.cli.demo import _venv_of
+
+    assert _venv_of(".venv/bin/toolkit") == ".venv"
+    assert _venv_of("/srv/tk/.venv/bin/python -m toolkit") == "/srv/tk/.venv"
+    assert _venv_of("python3 -m toolkit") is None and _venv_of("toolkit") is None

@@ -155,8 +155,8 @@ def demo(seed_value: int, batch_size: int) -> None:
         engine.dispose()
     out.say(f"Every check held. Go on: `{toolkit} status`, `{toolkit} plan milestone-1`, "
             f"`{toolkit} history`.")
-    if toolkit != "toolkit":
-        out.say(f"(Or activate the venv, `. {_venv_of(toolkit)}/bin/activate`, and type plain `toolkit`, "
+    if venv := _venv_of(toolkit):
+        out.say(f"(Or activate the venv, `. {venv}/bin/activate`, and type plain `toolkit`, "
                 "as the README's examples do.)")
     out.say(f"The sandbox is still running ({'as before' if was_running else 'started by the demo'}, "
             f"pid {status.pid}, data in {status.data_dir}); stop it with `{toolkit} sandbox stop`.")
@@ -167,10 +167,13 @@ def demo(seed_value: int, batch_size: int) -> None:
 
 
 
-def _venv_of(command: str) -> str:
-    """``.venv`` for ``.venv/bin/toolkit``; the venv of ``python -m toolkit``'s python."""
+def _venv_of(command: str) -> str | None:
+    """``.venv`` for ``.venv/bin/toolkit``, or for ``.venv/bin/python -m toolkit``; None
+    when the command is not run by its path from a venv's ``bin``."""
+    if command == "toolkit":
+        return None
     program = Path(command.split(" -m ")[0])
-    return str(program.parent.parent) if program.parent.name == "bin" else ".venv"
+    return str(program.parent.parent) if program.parent.name == "bin" else None
 
 
 def _what_users_see_change(detail: str, milestone: str) -> str:
