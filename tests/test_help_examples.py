@@ -37,7 +37,7 @@ DATABASE_EXAMPLES: dict[str, tuple[tuple[str, ...], list[int]]] = {
     "toolkit migrate milestone-1 --dry-run": (FRESH, [0]),
     "toolkit sql milestone-1 --rollback": (FRESH, [0]),
     "toolkit fingerprint --out before.json; toolkit fingerprint --compare before.json": (FRESH, [0, 0]),
-    "toolkit verify milestone-1 --json": (M1, [0]),
+    "toolkit verify milestone-1 --require verified --json": (M1, [0]),
     "toolkit rollback milestone-1": ((), [0]),
     "toolkit history --limit 5": ((), [0]),
     # the ledger is in order here: nothing to adopt (test_toolkit_schema_lost.py adopts)
