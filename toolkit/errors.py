@@ -73,8 +73,18 @@ class PreconditionRefused(ToolkitError):
     exit_code = ExitCode.REFUSED
 
 
+class SandboxBusy(PreconditionRefused):
+    """Another toolkit run holds the sandbox (see :mod:`toolkit.sandbox.lock`): nothing was
+    changed; the same command succeeds once that run has ended."""
+
+
 class VerificationFailed(ToolkitError):
     exit_code = ExitCode.VERIFY_FAILED
+
+
+class SandboxReplaced(VerificationFailed):
+    """The sandbox database a demo checked was dropped and created again under it: what
+    it checked afterwards was another database, so none of its checks can be said to hold."""
 
 
 class LockUnavailable(ToolkitError):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -25,10 +27,14 @@ class AppContext:
     read_timeout_s: float | None = None
     _target: Target | None = field(default=None, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
+    _holds: ExitStack = field(default_factory=ExitStack, repr=False)
 
     def target(self) -> Target:
         if self._target is None:
-            self._target = resolve_target(self.database_url, self.gitlab_config)
+            target = resolve_target(self.database_url, self.gitlab_config)
+            if target.source == "sandbox":  # no database given: hold the sandbox for the run
+                self.hold_sandbox(exclusive=False)
+            self._target = target
             output.out.secrets = self._target.secrets
             output.out.say(self._target.announcement())  # which database, and from where
         return self._target
@@ -44,10 +50,20 @@ class AppContext:
         the terminal (the engine itself prints nothing)."""
         return Runner(self.engine(), options, plan=milestones.plan(), events=output.out, **kwargs)
 
+    def hold_sandbox(self, *, exclusive: bool, data_dir: Path | None = None) -> None:
+        """Hold the sandbox until the command ends (see :mod:`toolkit.sandbox.lock`):
+        exclusively for a command that replaces its database, shared for one that uses it."""
+        from toolkit.sandbox.lock import hold
+        from toolkit.sandbox.server import SandboxServer
+
+        self._holds.enter_context(hold(SandboxServer(data_dir).data_dir, f"toolkit {self.command}",
+                                       exclusive=exclusive))
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+        self._holds.close()
 
     def finish(self, result: dict[str, Any]) -> None:
         """Emit a successful command's one JSON document (no-op for a person).

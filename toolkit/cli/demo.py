@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import click
@@ -11,15 +12,16 @@ import sqlalchemy as sa
 from toolkit import milestones as registry
 from toolkit.cli import params
 from toolkit.cli.context import app
+from toolkit.cli.invoked import typed_command
 from toolkit.db import create_engine
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
-from toolkit.errors import VerificationFailed
+from toolkit.errors import SandboxReplaced, VerificationFailed
 from toolkit.inventory import table_counts
 from toolkit.mlflow_api.demo import ClientReadings
 from toolkit.output import out
 from toolkit.report import candidate_report
-from toolkit.sandbox.database import seed_sandbox
+from toolkit.sandbox.database import SameDatabase, seed_sandbox
 from toolkit.sandbox.server import SandboxServer
 from toolkit.sandbox.training_demo import TrainingDuringMigration
 from toolkit.verify.fingerprint import compare, take
@@ -42,16 +44,23 @@ def demo(seed_value: int, batch_size: int) -> None:
     project through `toolkit mlflow serve --allow-writes`, from before milestone 1 to after
     the last rollback; every write they were told succeeded must read back (a server that
     refuses writes is said, not a failure). Exit 0 only if every check held. Replaces the
-    sandbox database; never touches any other.
+    sandbox database ($TOOLKIT_SANDBOX_DIR, else the default `toolkit sandbox --help`
+    names); never touches any other. Refused (exit 3) while another toolkit run uses that
+    sandbox; fails (exit 1) if its database is replaced while the demo runs. Leaves the
+    sandbox running, for the commands it suggests; `toolkit sandbox stop` stops it.
 
     Example: toolkit demo
     """
     server = SandboxServer()
+    app().hold_sandbox(exclusive=True, data_dir=server.data_dir)  # refused while another run uses it
+    toolkit = typed_command()
     stages: list[dict[str, Any]] = []
     out.say("1. Sandbox: starting the embedded PostgreSQL and seeding a small GitLab data set...")
+    was_running = server.status().running
     status = server.start()
     report = seed_sandbox(status, "small", "realistic", seed_value)
     engine = create_engine(status.url())
+    same = SameDatabase(status, engine)
     stack = ExitStack()
     try:
         runner = Runner(engine, RunOptions(batch_size=batch_size), plan=registry.plan(),
@@ -99,7 +108,7 @@ def demo(seed_value: int, batch_size: int) -> None:
         for row in candidates["candidates"][:3]:
             out.say(f"   {model_name} #{row['iid']} {row['name'] or '(no name)'}: "
                     f"accuracy {row['metrics'].get('accuracy')}, params {row['params']}")
-        out.say(f"   ({len(candidates['candidates'])} candidates; full table: toolkit report candidates "
+        out.say(f"   ({len(candidates['candidates'])} candidates; full table: {toolkit} report candidates "
                 f"--project {project_id} --model {model_name})")
 
         out.say("5. Roll back all four milestones, newest first:")
@@ -132,14 +141,39 @@ def demo(seed_value: int, batch_size: int) -> None:
                 "the MLflow view (row counts and content hashes)")
         readings.again()
         out.say(f"7. {readings.summary()}")
+        same.check()
+    except Exception as failure:
+        try:
+            same.check()  # a database replaced under the demo is the failure to report
+        except SandboxReplaced as replaced:
+            raise replaced from failure
+        except Exception:
+            pass  # the server itself went away: the first failure says so
+        raise
     finally:
         stack.close()
         engine.dispose()
-    out.say("Every check held. Go on: `toolkit status`, `toolkit plan milestone-1`, `toolkit history`.")
-    app().finish({"sandbox": str(status.data_dir), "counts": counts, "stages": stages,
+    out.say(f"Every check held. Go on: `{toolkit} status`, `{toolkit} plan milestone-1`, "
+            f"`{toolkit} history`.")
+    if venv := _venv_of(toolkit):
+        out.say(f"(Or activate the venv, `. {venv}/bin/activate`, and type plain `toolkit`, "
+                "as the README's examples do.)")
+    out.say(f"The sandbox is still running ({'as before' if was_running else 'started by the demo'}, "
+            f"pid {status.pid}, data in {status.data_dir}); stop it with `{toolkit} sandbox stop`.")
+    app().finish({"sandbox": str(status.data_dir), "sandbox_running": True, "counts": counts,
+                  "stages": stages,
                   "round_trip_identical": True, "mlflow_client": readings.as_dict(),
                   "mlflow_writes": training.as_dict()})
 
+
+
+def _venv_of(command: str) -> str | None:
+    """``.venv`` for ``.venv/bin/toolkit``, or for ``.venv/bin/python -m toolkit``; None
+    when the command is not run by its path from a venv's ``bin``."""
+    if command == "toolkit":
+        return None
+    program = Path(command.split(" -m ")[0])
+    return str(program.parent.parent) if program.parent.name == "bin" else None
 
 
 def _what_users_see_change(detail: str, milestone: str) -> str:
