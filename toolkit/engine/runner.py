@@ -467,7 +467,8 @@ class Runner:
             ensure_own_tables(conn)  # a no-op inside a run; scripts/bench.py calls this alone
             if baselines.load(conn, milestone.name) is not None:
                 return
-        scope = None if run_id is None else Scope.of(milestone.changes, milestone.may_change, run_id)
+        scope = None if run_id is None else Scope.of(milestone.changes, milestone.may_change, run_id,
+                                                     milestone.may_change_parts)
         self.events.say(f"Taking the fingerprint of the ML data {milestone.name} can change ...")
         fingerprint = read_with_retries(self.engine, f"fingerprint before {milestone.name}",
                                         ML_TABLE_NAMES, self.options,
