@@ -62,6 +62,11 @@ def test_the_run_records_what_it_wrote_and_verify_reads_nothing_else(realistic_d
     baseline = db.scalar("SELECT body FROM toolkit.fingerprints WHERE milestone = 'milestone-1'")
     # the one MLflow part made from packages: GitLab's artifact_uri of each run
     assert set(baseline["tables"]) == {"packages_packages"} and set(baseline["mlflow"]) == {"run_artifact_uris"}
+    # and of that part only the runs with a package: the others' URIs come from tables it never writes
+    assert baseline["scope"]["part_rows"] == {"run_artifact_uris": "c.package_id IS NOT NULL"}
+    with_package = db.scalar("SELECT count(*) FROM ml_candidates WHERE package_id IS NOT NULL")
+    assert 0 < baseline["mlflow"]["run_artifact_uris"]["rows"] == with_package \
+        < db.scalar("SELECT count(*) FROM ml_candidates")
     code, checks = _checks(db)
     assert code == 0
     mlflow = checks["the MLflow view equals the fingerprint taken before milestone-1"]

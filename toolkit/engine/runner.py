@@ -548,7 +548,8 @@ class Runner:
                 return None
             named = milestone.named(conn) if milestone.named is not None else {}
             parts = {p: f.table for f in milestone.fixes for p in f.parts if f.table in named}
-            return Scope.of(milestone.changes, milestone.may_change, run_id, named, parts)
+            return Scope.of(milestone.changes, milestone.may_change, run_id, named, parts,
+                            milestone.may_change_parts)
 
         self.events.say(f"Taking the fingerprint of the ML data {milestone.name} can change ...")
         fingerprint = read_with_retries(self.engine, f"fingerprint before {milestone.name}",

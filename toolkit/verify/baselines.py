@@ -243,8 +243,10 @@ class _Proof:
         """Parts the baseline did not read that a stray write may have changed."""
         if not self.tracked:
             return self.stray
+        # a part read only in part (scope.part_rows) leaves rows unread as well
         touched = [p for p, feeding in PART_TABLES.items()
-                   if p not in self.scope.parts and set(feeding) & set(self.stray_tables)]
+                   if (p not in self.scope.parts or p in self.scope.part_rows)
+                   and set(feeding) & set(self.stray_tables)]
         return f"{', '.join(touched)}: {self.stray}" if touched else ""
 
     @property
