@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     LOCKED = 4
     DATABASE = 5
     THROTTLED = 6
+    BUSY = 7  # another toolkit run holds the runner: nothing was done, try again later
     INTERNAL = 70
     SESSION_LOST = 75  # sysexits' EX_TEMPFAIL: try again
     INTERRUPTED = 130
@@ -35,6 +36,9 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.THROTTLED: "stopped at a batch boundary after waiting --max-throttle-s for the database's "
                         "health (replica lag, VACUUM, a long transaction, archiving, your throttle); "
                         "everything committed is kept: run the same command again to resume",
+    ExitCode.BUSY: "busy: another toolkit run holds the runner lock on this database (or a "
+                   "session of an earlier run is still at work there); nothing was done: run the "
+                   "same command again when it has finished",
     ExitCode.INTERNAL: "an unexpected internal error (a bug: please report it with TOOLKIT_DEBUG=1 output)",
     ExitCode.SESSION_LOST: "the database ended the session, ran out of a resource (disk, memory, "
                            "connections, a configured limit) or the run lost its hold on the runner "
@@ -78,6 +82,13 @@ class VerificationFailed(ToolkitError):
 
 class LockUnavailable(ToolkitError):
     exit_code = ExitCode.LOCKED
+
+
+class RunnerBusy(LockUnavailable):
+    """Another toolkit run holds the runner: "busy, try again later", which CI must tell
+    apart from a batch's lock or statement timeout (exit 4). Nothing of this run started."""
+
+    exit_code = ExitCode.BUSY
 
 
 class DatabaseProblem(ToolkitError):

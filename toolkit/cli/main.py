@@ -119,6 +119,11 @@ class ToolkitGroup(click.Group):
         except NoArgsIsHelpError:
             raise  # `toolkit archive` alone: Click's help
         except click.UsageError as exc:  # a subcommand's options, read as it is invoked
+            if ctx.params.get("json_mode") and not app(ctx).json_mode:
+                # `toolkit --json bogus`: Click resolves the subcommand before the group's
+                # callback configures the output, so --json is taken from what was parsed.
+                app(ctx).json_mode = True
+                output.configure(json_mode=True, quiet=bool(ctx.params.get("quiet")))
             _report(ctx, usage_problem(exc))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -156,7 +161,7 @@ def _report(ctx: click.Context, exc: ToolkitError, code: ExitCode | None = None)
         traceback.print_exc()
     if state.json_mode:
         output.out.document(envelope(
-            state.command, False, int(code),
+            state.command, False, int(code), database=state.database(),
             error={"kind": type(exc).__name__, "problem": output.out._clean(exc.problem),
                    "next_step": exc.next_step, "details": exc.details},
         ))
@@ -167,14 +172,14 @@ def _report(ctx: click.Context, exc: ToolkitError, code: ExitCode | None = None)
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog=f"\b\nExit codes:\n{_exit_code_help()}")
 @click.option("--database-url", metavar="URL",
-              help=f"GitLab's PostgreSQL database (default: ${DATABASE_URL_ENV}, else libpq's PGHOST/"
-                   "PGDATABASE/PGSERVICE..., else --gitlab-config, else the running sandbox). The "
+              help=f"GitLab's PostgreSQL database (default: --gitlab-config, else ${DATABASE_URL_ENV}, "
+                   "else libpq's PGHOST/PGDATABASE/PGSERVICE..., else the running sandbox). The "
                    "password is never printed.")
 @click.option("--gitlab-config", metavar="PATH", expose_value=False,
               callback=lambda ctx, _, path: setattr(ctx.ensure_object(AppContext), "gitlab_config", path),
               help="GitLab's database.yml (Omnibus: /var/opt/gitlab/gitlab-rails/etc/database.yml): its "
-                   "production main database, when neither --database-url, $TOOLKIT_DATABASE_URL nor "
-                   "libpq's environment names one.")
+                   "production main database, unless --database-url is given; it wins over "
+                   "$TOOLKIT_DATABASE_URL and libpq's environment.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings; no progress bars.")
 @click.option("--read-timeout", type=params.READ_TIMEOUT_S, default=None, metavar="SECONDS",

@@ -1,0 +1,138 @@
+"""What a new operator meets at the command line: where each line goes (stdout keeps a
+command's output, stderr says which database), which source wins, the exit code of a
+second runner, usage errors in the toolkit's one-line form (and as JSON), help that shows
+what works, and the words and numbers of the messages.
+
+Every command runs against the real test server (or against nothing, where a usage error
+is refused before anything connects)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+from helpers import toolkit, toolkit_json
+
+from toolkit.cli.main import cli
+from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(*args: str, env: dict | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+# -- 7: `toolkit sql` writes SQL only on stdout, and reads every source of a database --------
+
+def test_sql_rollback_to_a_file_is_sql_only_and_the_database_is_said_on_stderr(realistic_db):
+    result = toolkit(realistic_db, "sql", "milestone-4", "--rollback")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("-- "), result.stdout[:200]
+    assert "Using " not in result.stdout
+    assert result.stderr.startswith("Using the database given by --database-url: "), result.stderr
+    assert "none recorded in this database yet" in result.stdout  # it read the database
+
+
+@pytest.mark.parametrize("source", ["TOOLKIT_DATABASE_URL", "PGDATABASE", "--gitlab-config"])
+def test_sql_rollback_reads_every_source_the_other_commands_read(realistic_db, sandbox_dir, tmp_path,
+                                                                source):
+    """Not only --database-url: TOOLKIT_DATABASE_URL, libpq's environment, database.yml."""
+    from toolkit.conninfo import hosts_and_ports
+
+    ((host, port),) = hosts_and_ports(realistic_db.url)
+    env: dict[str, str] = {}
+    args: list[str] = []
+    if source == "TOOLKIT_DATABASE_URL":
+        env[source] = realistic_db.url_text
+    elif source == "PGDATABASE":
+        env.update(PGHOST=host, PGPORT=port or "5432", PGDATABASE=realistic_db.name,
+                   PGUSER=realistic_db.url.username or "")
+    else:
+        config = tmp_path / "database.yml"
+        config.write_text(f"production:\n  main:\n    adapter: postgresql\n    host: {host}\n"
+                          f"    port: {port or 5432}\n    database: {realistic_db.name}\n"
+                          f"    username: {realistic_db.url.username}\n")
+        args = ["--gitlab-config", str(config)]
+    result = run(*args, "sql", "milestone-4", "--rollback", env=env)
+    assert result.exit_code == 0, result.output
+    assert "none recorded in this database yet" in result.stdout, result.stdout[-400:]
+    assert realistic_db.name in result.stderr and "Using " not in result.stdout
+
+
+def test_sql_rollback_without_any_database_shows_the_query(sandbox_dir):
+    result = run("sql", "milestone-4", "--rollback")
+    assert result.exit_code == 0, result.output
+    assert "read at run time" in result.stdout and "none recorded" not in result.stdout
+    assert result.stderr == ""
+
+
+# -- 25: the command line wins over the environment ----------------------------------------
+
+def test_an_explicit_gitlab_config_wins_over_a_stray_pghost(realistic_db, sandbox_dir, tmp_path):
+    from toolkit.conninfo import hosts_and_ports
+
+    ((host, port),) = hosts_and_ports(realistic_db.url)
+    config = tmp_path / "database.yml"
+    config.write_text(f"production:\n  main:\n    adapter: postgresql\n    host: {host}\n"
+                      f"    port: {port or 5432}\n    database: {realistic_db.name}\n"
+                      f"    username: {realistic_db.url.username}\n")
+    stray = {"PGHOST": "/nonexistent/socket/dir", "PGDATABASE": "tk_no_such_database"}
+    result = run("--gitlab-config", str(config), "status", env=stray)
+    assert result.exit_code == 0, result.output
+    (using,) = [line for line in result.stderr.splitlines() if line.startswith("Using ")]
+    assert str(config) in using and realistic_db.name in using, using
+    assert "PGHOST, PGDATABASE in the environment not used: --gitlab-config comes first" in using
+
+
+# -- 11 and 23: a second runner has its own exit code; docs/ci.md lists every code ---------
+
+RUNNER_LOCK = "SELECT pg_advisory_lock(1953196404, 1)"
+
+
+def test_a_second_runner_exits_busy_not_as_a_lock_timeout(realistic_db):
+    rival = realistic_db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    rival.execute(sa.text("SET application_name = 'toolkit migrate milestone-1'"))
+    rival.execute(sa.text(RUNNER_LOCK))
+    try:
+        code, doc = toolkit_json(realistic_db, "migrate", "milestone-1", "--lock-wait", "0")
+    finally:
+        rival.close()
+    assert code == ExitCode.BUSY == 7 and code != ExitCode.LOCKED, doc
+    assert doc["exit_code"] == 7 and doc["ok"] is False and doc["error"]["kind"] == "RunnerBusy", doc
+    assert "holds the runner lock" in doc["error"]["problem"]
+    assert "busy" in EXIT_CODE_MEANINGS[ExitCode.BUSY]
+
+
+def test_docs_ci_lists_every_exit_code():
+    ci = (ROOT / "docs" / "ci.md").read_text()
+    listed = re.findall(r"^\| (\d+) \|", ci, re.MULTILINE)
+    assert sorted(map(int, listed)) == sorted(map(int, ExitCode)), listed
+    assert "exit code 7" in ci
+
+
+# -- 16: every usage error is one line, and a JSON document with --json ---------------------
+
+USAGE_MISTAKES = (["migrate", "milestone-1", "--bogus"], ["bogus"], ["--bogus"], ["migrate"],
+                  ["status", "extra"], ["archive", "bogus"], ["migrate", "milestone-1", "--batch-size", "0"],
+                  ["report", "candidates", "--project", "x", "--model", "m"])
+
+
+@pytest.mark.parametrize("args", USAGE_MISTAKES, ids=" ".join)
+def test_a_usage_error_is_one_line_and_with_json_one_document(sandbox_dir, args):
+    text = run(*args)
+    assert text.exit_code == ExitCode.USAGE, text.output
+    assert text.stdout == "" and "Usage:" not in text.stderr and "Try " not in text.stderr, text.output
+    (line,) = text.stderr.splitlines()
+    assert line.startswith("error: ") and ". Next: " in line, line
+    for given in (["--json", *args], [*args, "--json"]):
+        result = run(*given)
+        assert result.exit_code == ExitCode.USAGE, result.output
+        doc = json.loads(result.stdout)
+        assert doc["ok"] is False and doc["exit_code"] == ExitCode.USAGE, doc
+        assert doc["error"]["kind"] == "UsageProblem" and doc["error"]["next_step"], doc
+        assert f"error: {doc['error']['problem'].rstrip('.')}. Next: " in result.stderr
