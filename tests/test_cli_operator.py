@@ -136,3 +136,31 @@ def test_a_usage_error_is_one_line_and_with_json_one_document(sandbox_dir, args)
         assert doc["ok"] is False and doc["exit_code"] == ExitCode.USAGE, doc
         assert doc["error"]["kind"] == "UsageProblem" and doc["error"]["next_step"], doc
         assert f"error: {doc['error']['problem'].rstrip('.')}. Next: " in result.stderr
+
+
+# -- 17: --json in a terminal: refused because --json cannot prompt -------------------------
+
+def test_milestone_4_with_json_in_a_terminal_says_json_cannot_prompt(before_milestone):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    db = before_milestone(4)
+    primary, secondary = pty.openpty()  # stdin is a real terminal
+    env = {**os.environ, "TOOLKIT_DATABASE_URL": db.url_text}
+    process = subprocess.Popen([sys.executable, "-m", "toolkit", "migrate", "milestone-4", "--json"],
+                               env=env, stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    os.close(secondary)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        os.close(primary)
+    assert process.returncode == ExitCode.REFUSED, stderr
+    doc = json.loads(stdout)
+    error = doc["error"]
+    assert "--json cannot ask for" in error["problem"], error
+    assert "in a terminal" not in error["next_step"] and "pass --yes with --json" in error["next_step"], error
+    assert error["details"]["confirmation"] == "--yes"
+    assert db.scalar("SELECT to_regclass('ml_experiments') IS NOT NULL")

@@ -249,8 +249,16 @@ def _confirm_destructive(chosen: Milestone) -> None:
     """Type the database's name, as GitHub asks for a repository's before deleting it."""
     database = app().target().url.database or ""
     next_step = f"pass --yes (for CI), or run it in a terminal and type {database!r}"
-    if not sys.stdin.isatty() or app().json_mode:
-        raise PreconditionRefused(f"{chosen.name} drops tables and needs confirmation", next_step)
+    if app().json_mode:  # a terminal or not: --json's stdout is one document, never a prompt
+        raise PreconditionRefused(
+            f"{chosen.name} drops tables and needs confirmation, which --json cannot ask for "
+            "(its output is one JSON document, never a prompt)",
+            f"pass --yes with --json, or run it without --json and type {database!r}",
+            details={"confirmation": "--yes", "why": "--json cannot prompt"})
+    if not sys.stdin.isatty():
+        raise PreconditionRefused(
+            f"{chosen.name} drops tables and needs confirmation, and its input is not a terminal "
+            "to type it in", next_step)
     out.say(f"{chosen.name} will archive these (in schema toolkit), check them row for row, then drop:")
     for step in _runner().plan(chosen).steps:
         for what, rows in step.breakdown.items():
