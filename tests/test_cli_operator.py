@@ -164,3 +164,37 @@ def test_milestone_4_with_json_in_a_terminal_says_json_cannot_prompt(before_mile
     assert "in a terminal" not in error["next_step"] and "pass --yes with --json" in error["next_step"], error
     assert error["details"]["confirmation"] == "--yes"
     assert db.scalar("SELECT to_regclass('ml_experiments') IS NOT NULL")
+
+
+# -- 18: history keeps the problem, never the driver's internals, whatever path stored it ---
+
+def test_history_never_keeps_sqlalchemy_internals_from_any_path(realistic_db):
+    from sqlalchemy.exc import DBAPIError, StatementError
+
+    from toolkit.engine.batches import RunOptions
+    from toolkit.engine.events import LOGGED
+    from toolkit.engine.history import RunHistory, error_text
+
+    db = realistic_db
+    try:  # not a driver error: SQLAlchemy's own, with its statement dump and link
+        with db.engine.connect() as conn:
+            conn.execute(sa.text("SELECT id FROM projects WHERE id = :missing"))
+    except StatementError as exc:
+        unbound = exc
+    assert not isinstance(unbound, DBAPIError)
+    said = error_text(unbound)
+    assert said == "StatementError: A value is required for bind parameter 'missing'", said
+    try:  # a driver error quoted inside a toolkit message (as a closing verify's is)
+        with db.engine.connect() as conn:
+            conn.execute(sa.text("SELECT * FROM no_such_table WHERE id = :i"), {"i": 7})
+    except DBAPIError as exc:
+        quoted = f"milestone-1 is applied, but its closing verify did not finish: {exc}. Next: run verify"
+    assert "[SQL: " in quoted and "Background on this error at" in quoted
+    assert toolkit(db, "migrate", "milestone-1").exit_code == 0
+    run_id = db.scalar("SELECT max(id) FROM toolkit.runs")
+    RunHistory(db.engine, RunOptions(), LOGGED).record_end(run_id, "failed", {}, quoted)
+    stored = db.scalar("SELECT error FROM toolkit.runs WHERE id = :i", i=run_id)
+    assert stored == ('milestone-1 is applied, but its closing verify did not finish: relation '
+                      '"no_such_table" does not exist. Next: run verify'), stored
+    code, doc = toolkit_json(db, "history")
+    assert code == 0 and "[SQL" not in json.dumps(doc) and "sqlalche.me" not in json.dumps(doc)

@@ -145,3 +145,24 @@ def without_database_urls(text: str) -> str:
     read by whoever can read the toolkit's schema and copied into reports, so they say
     "the database" instead."""
     return _DATABASE_URL.sub("the database", text)
+
+
+# SQLAlchemy appends "\n[SQL: stmt]\n[parameters: ...]\n(Background on this error at: url)";
+# each part ends where the next begins, at a line's end or at the end of the text.
+_END = r"(?=\s*(?:\[parameters: |\(Background on this error at: |\n|$|\.\s))"
+_DRIVER_DUMP = re.compile(rf"\s*(?:\[SQL: .*?\]{_END}|\[parameters: .*?\]{_END}"
+                          r"|\(Background on this error at: [^)\s]*\)"
+                          r"|\n\s*LINE \d+: [^\n]*\n\s*\^)", re.S)  # LINE: the server's pointer
+_DRIVER_PREFIX = re.compile(r"\((?:sqlalchemy|psycopg)[\w.]*\)\s*")
+
+
+def without_driver_internals(text: str) -> str:
+    """SQLAlchemy's text of an error as one line of what went wrong: without the statement
+    dump (``[SQL: ...]``), its parameters, the ``Background on this error at:`` link, the
+    server's ``LINE 1: ... ^`` pointer into the statement or the ``(sqlalchemy.exc.X)``
+    prefix. Whatever path stored it (a driver error, an error that wraps one, a message
+    quoting one), history keeps the problem, not the internals, which repeat the
+    statement's data and are no use to the operator who reads it."""
+    text = _DRIVER_DUMP.sub("", text)
+    text = _DRIVER_PREFIX.sub("", text)
+    return " ".join(text.split())

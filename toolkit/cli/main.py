@@ -21,7 +21,14 @@ from toolkit.cancel import stop_in_chain
 from toolkit.cli import params
 from toolkit.cli.context import AppContext, app, debug_enabled, envelope
 from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
-from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode, Interrupted, ToolkitError, UsageProblem
+from toolkit.errors import (
+    EXIT_CODE_MEANINGS,
+    ExitCode,
+    Interrupted,
+    ToolkitError,
+    UsageProblem,
+    without_driver_internals,
+)
 
 
 def _exit_code_help() -> str:
@@ -147,7 +154,8 @@ class ToolkitGroup(click.Group):
                 _report(ctx, Interrupted("Interrupted", "run the same command again to resume"))
             if debug_enabled():
                 raise
-            _report(ctx, ToolkitError(f"Unexpected error: {type(exc).__name__}: {exc}",
+            _report(ctx, ToolkitError(f"Unexpected error: {type(exc).__name__}: "
+                                      f"{without_driver_internals(str(exc))}",
                                       "run again with TOOLKIT_DEBUG=1 and report the traceback"),
                     code=ExitCode.INTERNAL)
         finally:

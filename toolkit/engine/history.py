@@ -26,6 +26,7 @@ from toolkit.errors import (
     ToolkitError,
     redact,
     without_database_urls,
+    without_driver_internals,
 )
 from toolkit.schema.migrations import ensure_own_tables
 
@@ -38,7 +39,7 @@ def error_text(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
         sqlstate = getattr(exc.orig, "sqlstate", None)
         kind = type(exc.orig).__name__ + (f" ({sqlstate})" if sqlstate else "")
         return f"{kind}: {first_line(exc, secrets)}"
-    return redact(f"{type(exc).__name__}: {exc}", secrets)
+    return redact(f"{type(exc).__name__}: {without_driver_internals(str(exc))}", secrets)
 
 
 class RunHistory:
@@ -166,7 +167,7 @@ class RunHistory:
         """The run's own history row, written even after the hold is lost (it says so) and
         given up on, with a warning, when the server cannot be reached to write it."""
         if error is not None:
-            error = without_database_urls(redact(error, self.events.secrets))
+            error = without_database_urls(redact(without_driver_internals(error), self.events.secrets))
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(**{UNFENCED: True})
