@@ -198,3 +198,24 @@ def test_history_never_keeps_sqlalchemy_internals_from_any_path(realistic_db):
                       '"no_such_table" does not exist. Next: run verify'), stored
     code, doc = toolkit_json(db, "history")
     assert code == 0 and "[SQL" not in json.dumps(doc) and "sqlalche.me" not in json.dumps(doc)
+
+
+# -- 21: a metric no candidate has is said, not silently ignored ------------------------------
+
+def test_report_candidates_warns_of_a_metric_no_candidate_has(before_milestone):
+    db = before_milestone(3, "realistic")  # milestone 2 applied: candidates have their model_id
+    project_id, name = db.rows("""
+        SELECT m.project_id, m.name FROM ml_models m
+        WHERE EXISTS (SELECT 1 FROM ml_candidates c JOIN ml_candidate_metrics x ON x.candidate_id = c.id
+                      WHERE c.model_id = m.id) ORDER BY m.id LIMIT 1""")[0]
+    args = ("report", "candidates", "--project", str(project_id), "--model", name)
+    result = toolkit(db, *args, "--metric", "nosuch")
+    assert result.exit_code == 0, result.output
+    (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert f"no candidate of model {name!r} has a metric 'nosuch'" in warning, warning
+    assert "its metrics: " in warning and "none" not in warning.split("its metrics: ")[1]
+    code, doc = toolkit_json(db, *args, "--metric", "nosuch")
+    assert code == 0 and any("'nosuch'" in w for w in doc["warnings"]), doc.get("warnings")
+    known = doc["result"]["metric_names"][0]
+    quiet = toolkit(db, *args, "--metric", known)
+    assert quiet.exit_code == 0 and "warning:" not in quiet.output
