@@ -8,6 +8,7 @@ from toolkit.cli import params
 from toolkit.cli.context import app
 from toolkit.output import out
 from toolkit.report import candidate_report
+from toolkit.words import counted
 
 
 @click.group()
@@ -38,7 +39,7 @@ def candidates(project_id: int, model_name: str, metric: str | None, order: str)
         out.warn(f"no candidate of model {doc['model']['name']!r} has a metric {metric!r}, so the "
                  f"candidates are not sorted by it (its metrics: {known})")
     out.say(f"Model {doc['model']['name']} (id {doc['model']['id']}) in project {project_id}: "
-            f"{len(doc['candidates'])} candidates")
+            f"{counted(len(doc['candidates']), 'candidate')}")
     out.table(
         ["iid", "eid", "name", "status", "params", *metrics],
         [[c["iid"], c["eid"], c["name"], c["status"],

@@ -29,6 +29,7 @@ from toolkit.errors import (
     without_driver_internals,
 )
 from toolkit.schema.migrations import ensure_own_tables
+from toolkit.words import counted
 
 
 def error_text(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
@@ -125,7 +126,7 @@ class RunHistory:
         if result.stopped == "interrupted":
             self.finish(result, "interrupted")
             raise Interrupted(
-                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows",
+                f"Stopped {milestone.name} at a batch boundary after {counted(result.rows, 'row')}",
                 "run the same command again to resume from where it stopped",
                 details={"passes": [p.__dict__ for p in result.passes]},
             )
@@ -134,7 +135,8 @@ class RunHistory:
             waited = ", ".join(f"{signal.replace('_', ' ')} {seconds:.1f} s"
                                for signal, seconds in result.throttled_seconds.items())
             raise Throttled(
-                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows: the database "
+                f"Stopped {milestone.name} at a batch boundary after {counted(result.rows, 'row')}: the "
+                "database "
                 f"stayed unhealthy for --max-throttle-s {self.options.max_throttle_s:g} s of waiting "
                 f"({waited}); nothing is half-done",
                 "run the same command again to resume once the database is healthy (see the health "
