@@ -219,3 +219,127 @@ def test_report_candidates_warns_of_a_metric_no_candidate_has(before_milestone):
     known = doc["result"]["metric_names"][0]
     quiet = toolkit(db, *args, "--metric", known)
     assert quiet.exit_code == 0 and "warning:" not in quiet.output
+
+
+# -- 24: words: one is singular, no jargon, the demo's steps keep their indentation ----------
+
+def test_a_count_of_one_is_singular():
+    from toolkit.words import counted
+
+    assert [counted(1, "part"), counted(2, "part"), counted(0, "row")] == ["1 part", "2 parts", "0 rows"]
+    assert [counted(1, "batch"), counted(3, "batch"), counted(2, "schema change")] == [
+        "1 batch", "3 batches", "2 schema changes"]
+    assert counted(1, "experiment") == "1 experiment" and counted(2, "entry") == "2 entries"
+
+
+def test_verify_says_its_parts_in_words_without_jargon(realistic_db):
+    db = realistic_db
+    assert toolkit(db, "migrate", "milestone-1").exit_code in (0, 1)
+    _, doc = toolkit_json(db, "verify", "milestone-1")
+    (mlflow,) = [c for m in (doc.get("result") or doc["error"]["details"]["result"])["milestones"]
+                 for c in m["checks"] if c["name"].startswith("the MLflow view")]
+    assert "untouched by its runs" not in mlflow["detail"] and "unwritten by" not in mlflow["detail"]
+    assert re.match(r"\d+ parts? equal \(", mlflow["detail"]), mlflow["detail"]
+    assert not re.search(r"\b1 (parts|rows|candidates|experiments|models|packages)\b", json.dumps(doc))
+
+
+def test_what_the_engine_says_in_the_demo_is_indented_under_its_step(realistic_db, capsys):
+    """`Taking the fingerprint ...` comes from the runner, in the middle of the demo's step 3."""
+    from toolkit import milestones, output
+    from toolkit.cli.demo import STEP_INDENT, Indented
+    from toolkit.engine.batches import RunOptions
+    from toolkit.engine.runner import Runner
+
+    output.configure()
+    runner = Runner(realistic_db.engine, RunOptions(batch_size=500), plan=milestones.plan(),
+                    command="toolkit demo", events=Indented(output.out))
+    runner.migrate(milestones.get("milestone-1"))
+    said = capsys.readouterr().out.splitlines()
+    taking = [line for line in said if "Taking the fingerprint" in line]
+    assert taking and all(line.startswith(STEP_INDENT + "Taking the fingerprint") for line in taking), said
+
+
+# -- 19: a subcommand's help shows the global options, and what MILESTONE may be -------------
+
+def _leaves(command, path=()):
+    import click
+
+    if path:
+        yield path, command
+    if isinstance(command, click.Group):
+        ctx = click.Context(command, info_name=path[-1] if path else "toolkit")
+        for name in command.list_commands(ctx):
+            yield from _leaves(command.get_command(ctx, name), (*path, name))
+
+
+def test_every_subcommand_help_shows_the_global_options_and_the_milestones(sandbox_dir):
+    import click
+
+    ctx = click.Context(cli, info_name="toolkit")
+    globals_ = [p for p in cli.get_params(ctx) if isinstance(p, click.Option) and not p.is_eager]
+    with_milestone = set()
+    for path, _command in _leaves(cli):
+        shown = run(*path, "--help")
+        assert shown.exit_code == 0, (path, shown.output)
+        section = shown.stdout.split("Global options (before or after the subcommand):")
+        assert len(section) == 2, (path, shown.stdout)
+        for option in globals_:
+            assert option.opts[-1] in section[1], (path, option.opts)
+        if "MILESTONE" in shown.stdout.split("\n\n")[0] or "--baseline MILESTONE" in shown.stdout:
+            with_milestone.add(path)
+            assert "Milestones (MILESTONE):" in shown.stdout, path
+            for n in range(1, 5):
+                assert f"milestone-{n}, {n} " in shown.stdout, (path, n)
+    assert {("migrate",), ("rollback",), ("verify",), ("plan",), ("sql",), ("fingerprint",)} <= with_milestone
+    # what the help says works: the alias, the global option after the subcommand
+    assert run("sql", "1", "--json").exit_code == 0
+    assert json.loads(run("sql", "1", "--json").stdout)["result"]["milestone"] == "milestone-1"
+
+
+# -- 23: JSON for CI: a stable id per check, ISO 8601 moments, the database named -----------
+
+def test_json_checks_carry_stable_ids_and_moments_are_iso_8601(before_milestone):
+    db = before_milestone(3, "realistic")  # milestones 1 and 2 applied
+    ids = {}
+    for milestone in PINNED_CHECK_IDS:
+        code, doc = toolkit_json(db, "verify", milestone)
+        assert code == 0, doc
+        (checked,) = doc["result"]["milestones"]
+        ids[milestone] = [c["id"] for c in checked["checks"]]
+        for check in checked["checks"]:
+            assert check["name"] and check["id"] != check["name"]  # the prose, kept beside it
+    assert ids == PINNED_CHECK_IDS  # a check reworded passes its old id=, never a new one
+    # the database, masked; never a password
+    assert doc["database"].startswith("postgresql://") and f"/{db.name}" in doc["database"]
+    code, history = toolkit_json(db, "history", "--limit", "3")
+    assert code == 0
+    for run in history["result"]["runs"]:
+        for key in ("started_at", "finished_at"):
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00", run[key]), run[key]
+
+
+def test_a_check_id_is_the_name_in_stable_words():
+    from toolkit.engine.results import Check
+
+    assert Check(name="every candidate's model_id is its experiment's model", ok=True, detail="").id == \
+        "every-candidates-model_id-is-its-experiments-model"
+    assert Check(name="reworded prose", ok=True, detail="", id="the-old-id").id == "the-old-id"
+
+
+def test_the_json_database_never_shows_a_password(realistic_db):
+    url = realistic_db.url.set(password="s3cr3t-pw").render_as_string(hide_password=False)
+    result = run("--json", "--database-url", url.replace("postgresql+psycopg", "postgresql"), "status")
+    doc = json.loads(result.stdout)
+    assert "s3cr3t-pw" not in result.output and ":***@" in doc["database"], doc["database"]
+
+
+PINNED_CHECK_IDS: dict[str, list[str]] = {
+    "milestone-1": ["no-candidate-linked-generic-packages", "converted-packages-are-still-ml_model",
+                    "the-mlflow-view-equals-the-fingerprint-taken-before-milestone-1"],
+    "milestone-2": ["ml_candidates-model_id-exists", "index_ml_candidates_on_model_id-is-valid",
+                    "trigger_ml_candidates_model_id_transition-is-in-place",
+                    "every-candidates-model_id-is-its-experiments-model",
+                    "fk_ml_candidates_model_id-is-validated",
+                    "the-mlflow-view-equals-the-fingerprint-taken-before-milestone-2",
+                    "every-other-ml-table-is-unchanged"],
+}

@@ -14,6 +14,8 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -102,7 +104,7 @@ class Output:
         if self.json_mode:
             if self.warnings and "warnings" not in doc:
                 doc = {**doc, "warnings": self.warnings}
-            text = json.dumps(doc, indent=2, sort_keys=True, default=str)
+            text = json.dumps(doc, indent=2, sort_keys=True, default=json_value)
             self._print(self._clean(text), self._out())
 
     def progress(self, total: int | None, description: str, unit: str = "rows") -> tqdm | ProgressLines:
@@ -159,6 +161,17 @@ class ProgressLines:
         eta = f"about {left / rate:,.0f} s left" if rate > 0 else "time left unknown"
         return (f"progress: {self.description}: {self.done:,} of {self.total:,} {self.unit} "
                 f"({100 * self.done / self.total:.0f}%), {rate:,.0f} {self.unit}/s, {eta}")
+
+
+def json_value(value: object) -> object:
+    """What JSON cannot hold, as text: a moment in ISO 8601 (``2026-12-02T06:57:06+00:00``,
+    in UTC when it has a zone), which every JSON reader parses (``str()`` of a datetime puts
+    a space where ISO 8601 has ``T``); anything else (Decimal, UUID, Path) as ``str()``."""
+    if isinstance(value, datetime):
+        return (value.astimezone(UTC) if value.tzinfo is not None else value).isoformat()
+    if isinstance(value, date | dt_time):
+        return value.isoformat()
+    return str(value)
 
 
 def discard(stream: TextIO) -> None:

@@ -215,12 +215,44 @@ def cli(ctx: click.Context, database_url: str | None, json_mode: bool, quiet: bo
     output.configure(json_mode=json_mode, quiet=quiet)
 
 
+class SubcommandHelp:
+    """What every subcommand's ``--help`` adds to Click's: the milestones its MILESTONE
+    takes (with their short aliases, ``1`` for ``milestone-1``), and the global options,
+    which work after the subcommand too (``toolkit status --json``) but which Click would
+    show only in ``toolkit --help``. Mixed into each subcommand's class when it is
+    registered, so no command module has to remember it."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_options(ctx, formatter)  # type: ignore[misc]
+        if any(getattr(p, "metavar", None) and "MILESTONE" in str(p.metavar)
+               for p in self.get_params(ctx)):  # type: ignore[attr-defined]
+            from toolkit import milestones
+
+            with formatter.section("Milestones (MILESTONE)"):
+                formatter.write_dl([(f"{m.name}, {m.number}", m.title)
+                                    for m in milestones.MILESTONES.values()])
+        root = ctx.find_root()
+        records = [record for p in root.command.get_params(root) if not p.is_eager
+                   and (record := p.get_help_record(root)) is not None]
+        with formatter.section("Global options (before or after the subcommand)"):
+            formatter.write_dl(records)
+
+
+def _with_subcommand_help(command: click.Command) -> None:
+    if not isinstance(command, SubcommandHelp):
+        command.__class__ = type(command.__class__.__name__, (SubcommandHelp, command.__class__), {})
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _with_subcommand_help(sub)
+
+
 def _register() -> None:
     from toolkit.cli import adopt, archive, demo, fingerprint, migrate, mlflow, report, sandbox, sql
 
     for command in (migrate.status, migrate.plan, migrate.migrate, migrate.verify, migrate.rollback,
                     sql.sql, migrate.history, fingerprint.fingerprint, archive.archive,
                     report.report, sandbox.sandbox, demo.demo, mlflow.mlflow, adopt.adopt):
+        _with_subcommand_help(command)
         cli.add_command(command)
 
 
