@@ -68,7 +68,8 @@ def run_options(func: Callable) -> Callable:
         click.option("--ddl-retries", type=params.TRIES, default=20, show_default=True,
                      help="Retries of a schema change after a lock timeout (backoff up to 5 s)."),
         click.option("--lock-wait", type=params.SECONDS, default=10.0, show_default=True,
-                     metavar="SECONDS", help="How long to poll for the one-runner lock."),
+                     metavar="SECONDS", help="How long to poll for the one-runner lock; then exit 7 "
+                                             "(busy) if another run still holds it."),
         click.option("--reconnect", type=params.TRIES, default=0, show_default=True, metavar="N",
                      help="When the database ends the session (restart, failover, a terminated "
                           "session, idle_session_timeout), resume by itself up to N times, "
