@@ -87,6 +87,14 @@ def test_an_explicit_gitlab_config_wins_over_a_stray_pghost(realistic_db, sandbo
     (using,) = [line for line in result.stderr.splitlines() if line.startswith("Using ")]
     assert str(config) in using and realistic_db.name in using, using
     assert "PGHOST, PGDATABASE in the environment not used: --gitlab-config comes first" in using
+    assert "still reads" not in using
+    # a file that leaves the host out: libpq fills it from PGHOST when it connects, and says so
+    config.write_text(config.read_text().replace(f"    host: {host}\n", ""))
+    result = run("--gitlab-config", str(config), "status", env={**stray, "PGHOST": host})
+    assert result.exit_code == 0, result.output
+    (using,) = [line for line in result.stderr.splitlines() if line.startswith("Using ")]
+    assert "PGDATABASE in the environment not used" in using, using
+    assert "libpq still reads PGHOST for what the file leaves out (host)" in using, using
 
 
 # -- 11 and 23: a second runner has its own exit code; docs/ci.md lists every code ---------

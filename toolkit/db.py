@@ -112,7 +112,7 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
     given but overridden is named in the target's note, so the line every command says
     tells the operator.
     """
-    from toolkit.conninfo import LIBPQ_LOCATION_VARIABLES, from_libpq_environment
+    from toolkit.conninfo import from_libpq_environment
 
     ignored = f"--gitlab-config {gitlab_config} not read" if gitlab_config else ""
     # An option given empty (`--database-url "$UNSET"`) is refused as empty, never skipped
@@ -124,10 +124,7 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
         from toolkit import gitlab_config as gitlab
 
         found = gitlab.read(gitlab_config)
-        overridden = [name for name in (DATABASE_URL_ENV, *LIBPQ_LOCATION_VARIABLES) if os.environ.get(name)]
-        note = (f"{', '.join(overridden)} in the environment not used: --gitlab-config comes first"
-                if overridden else "")
-        return Target(found.url, "gitlab-config", found.origin(), note=note)
+        return Target(found.url, "gitlab-config", found.origin(), note=_environment_not_used(found.url))
     if raw := os.environ.get(DATABASE_URL_ENV):
         return Target(parse_url(raw), "environment")
     if libpq := from_libpq_environment():
@@ -146,6 +143,31 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
             "or run `toolkit sandbox start`",
         )
     return Target(parse_url(status.url()), "sandbox")
+
+
+# libpq's location variables and the parameter each one gives.
+_LOCATION_PARAMETERS = {"PGHOST": "host", "PGHOSTADDR": "hostaddr", "PGPORT": "port",
+                        "PGDATABASE": "dbname", "PGUSER": "user", "PGSERVICE": "service"}
+
+
+def _environment_not_used(url: URL) -> str:
+    """What a ``--gitlab-config`` says of the environment it wins over, truthfully: the
+    variables whose parameter database.yml sets are not used; one whose parameter it
+    leaves out libpq still reads when it connects (a file without ``host``: PGHOST)."""
+    given = {"host": bool(url.host or url.query.get("host")), "port": bool(url.port or url.query.get("port")),
+             "dbname": bool(url.database), "user": bool(url.username),
+             "hostaddr": "hostaddr" in url.query, "service": "service" in url.query}
+    set_ = [name for name in _LOCATION_PARAMETERS if os.environ.get(name)]
+    unused = ([DATABASE_URL_ENV] if os.environ.get(DATABASE_URL_ENV) else []) + [
+        name for name in set_ if given[_LOCATION_PARAMETERS[name]]]
+    still = [name for name in set_ if not given[_LOCATION_PARAMETERS[name]]]
+    said = []
+    if unused:
+        said.append(f"{', '.join(unused)} in the environment not used: --gitlab-config comes first")
+    if still:
+        said.append(f"libpq still reads {', '.join(still)} for what the file leaves out "
+                    f"({', '.join(_LOCATION_PARAMETERS[name] for name in still)})")
+    return "; ".join(said)
 
 
 MAX_TIMEOUT_MS = 2**31 - 1  # PostgreSQL's integer settings (statement_timeout) stop here
