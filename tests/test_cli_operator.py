@@ -351,3 +351,29 @@ PINNED_CHECK_IDS: dict[str, list[str]] = {
                     "the-mlflow-view-equals-the-fingerprint-taken-before-milestone-2",
                     "every-other-ml-table-is-unchanged"],
 }
+
+
+def test_leaving_the_confirmation_prompt_is_a_refusal_not_clicks_aborted(before_milestone):
+    """Ctrl-D at milestone 4's prompt: one `error: … Next: …` line and exit 3 (nothing was
+    changed), not Click's "Aborted!" with exit 1, which the table says is a failed verify."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    db = before_milestone(4)
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "TOOLKIT_DATABASE_URL": db.url_text}
+    process = subprocess.Popen([sys.executable, "-m", "toolkit", "migrate", "milestone-4"], env=env,
+                               stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(secondary)
+    try:
+        os.write(primary, b"\x04")  # Ctrl-D: end of input at the prompt
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        os.close(primary)
+    assert process.returncode == ExitCode.REFUSED, (stdout, stderr)
+    assert "Aborted!" not in stdout + stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert "Not confirmed" in line and ". Next: " in line, line
+    assert db.scalar("SELECT to_regclass('ml_experiments') IS NOT NULL")

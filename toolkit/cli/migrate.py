@@ -264,8 +264,12 @@ def _confirm_destructive(chosen: Milestone) -> None:
     for step in _runner().plan(chosen).steps:
         for what, rows in step.breakdown.items():
             out.say(f"  {what.replace(' to archive', '')}: {rows}")
-    typed = click.prompt(f"{chosen.name} archives and then DROPS tables in {database!r}. "
-                         "Type the database name to go on", default="", show_default=False)
+    try:
+        typed = click.prompt(f"{chosen.name} archives and then DROPS tables in {database!r}. "
+                             "Type the database name to go on", default="", show_default=False)
+    except click.Abort:  # Ctrl-C or Ctrl-D at the prompt: Click's "Aborted!" and exit 1 otherwise
+        raise PreconditionRefused("Not confirmed: the prompt was left without the database's name",
+                                  next_step) from None
     if typed.strip() != database:
         raise PreconditionRefused("Not confirmed: the name typed is not the database's", next_step)
 
