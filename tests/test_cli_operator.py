@@ -377,3 +377,11 @@ def test_leaving_the_confirmation_prompt_is_a_refusal_not_clicks_aborted(before_
     (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert "Not confirmed" in line and ". Next: " in line, line
     assert db.scalar("SELECT to_regclass('ml_experiments') IS NOT NULL")
+
+
+def test_sql_of_a_rollback_that_reads_nothing_connects_to_nothing(empty_db):
+    """Only milestone 4's rebuild is read from the database: milestone 1's rollback script is
+    the same everywhere, so even a database that is not GitLab's does not matter."""
+    result = run("sql", "milestone-1", "--rollback", env={"TOOLKIT_DATABASE_URL": empty_db.url_text})
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and result.stdout.startswith("-- ")
