@@ -3,9 +3,8 @@
 Order of precedence: the command line first (``--database-url``, then ``--gitlab-config``,
 GitLab's database.yml), then the environment (``TOOLKIT_DATABASE_URL``, then libpq's own:
 PGHOST, PGDATABASE, PGSERVICE, ...: what psql would use), then the running sandbox; every
-command says
-in one line which one it used (:meth:`Target.announcement`), so nobody mistakes the sandbox
-for production. The password never leaves this module unmasked: :func:`describe` is what
+command says in one line which one it used (:meth:`Target.announcement`), so nobody
+mistakes the sandbox for production. The password never leaves this module unmasked: :func:`describe` is what
 every message uses.
 """
 
