@@ -231,11 +231,12 @@ class SubcommandHelp:
             with formatter.section("Milestones (MILESTONE)"):
                 formatter.write_dl([(f"{m.name}, {m.number}", m.title)
                                     for m in milestones.MILESTONES.values()])
-        root = ctx.find_root()
-        records = [record for p in root.command.get_params(root) if not p.is_eager
+        root = click.Context(cli, info_name="toolkit")  # the root's, even for a help built alone
+        records = [record for p in cli.get_params(root) if not p.is_eager
                    and (record := p.get_help_record(root)) is not None]
-        with formatter.section("Global options (before or after the subcommand)"):
-            formatter.write_dl(records)
+        if records:
+            with formatter.section("Global options (before or after the subcommand)"):
+                formatter.write_dl(records)
 
 
 def _with_subcommand_help(command: click.Command) -> None:
