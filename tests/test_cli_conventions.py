@@ -263,6 +263,9 @@ NOT_GITLAB_ARGS = {
     ("adopt",): ["adopt", "--yes"],
 }
 NO_DATABASE = {("sql",), ("demo",)}
+# `toolkit fleet` reads the inventory's databases, never --database-url (a database that is
+# not GitLab's is a row or a job with exit 3: tests/test_fleet_plan.py, test_fleet_pipeline.py)
+NO_DATABASE |= {("fleet", name) for name in ("plan", "pipeline", "job", "report", "k8s-job")}
 
 
 def test_every_command_refuses_a_database_that_is_not_gitlabs(empty_db):

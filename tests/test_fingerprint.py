@@ -69,9 +69,19 @@ def test_verify_catches_a_change_to_rows_the_milestone_may_not_change(realistic_
     # something renames a package no candidate links to, in the table milestone 1 writes
     result = _rename_an_unlinked_package_and_verify(realistic_db)
     assert "toolkit fingerprint --baseline milestone-1" in result.output
-    # the operator accepts it (the application did it), and verify holds again
-    assert toolkit(realistic_db, "fingerprint", "--baseline", "milestone-1").exit_code == 0
+    # the operator accepts it (the application did it), seeing first what it replaces, and
+    # verify holds again
+    code, doc = toolkit_json(realistic_db, "fingerprint", "--baseline", "milestone-1")
+    assert code == 0
+    kept = "tables.packages_packages (rows it may not change)"
+    assert any(d.startswith(kept) for d in doc["result"]["replaced"]["differences"])
     assert toolkit(realistic_db, "verify", "milestone-1").exit_code == 0
+    # in text too, as --compare says it; and once accepted, nothing differs any more
+    _rename_an_unlinked_package_and_verify(realistic_db)
+    text = toolkit(realistic_db, "fingerprint", "--baseline", "milestone-1").output
+    assert f"  differs: {kept}: " in text and "part(s) differed from the one replaced" in text
+    again = toolkit_json(realistic_db, "fingerprint", "--baseline", "milestone-1")[1]
+    assert again["result"]["replaced"]["differences"] == []
     # A table milestone 1 never wrote is not read again by its verify (its runs' own counts
     # prove it untouched by them); what the application changes there, a whole fingerprint
     # taken before still shows.

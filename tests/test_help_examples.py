@@ -37,7 +37,7 @@ DATABASE_EXAMPLES: dict[str, tuple[tuple[str, ...], list[int]]] = {
     "toolkit migrate milestone-1 --dry-run": (FRESH, [0]),
     "toolkit sql milestone-1 --rollback": (FRESH, [0]),
     "toolkit fingerprint --out before.json; toolkit fingerprint --compare before.json": (FRESH, [0, 0]),
-    "toolkit verify milestone-1 --json": (M1, [0]),
+    "toolkit verify milestone-1 --require verified --json": (M1, [0]),
     "toolkit rollback milestone-1": ((), [0]),
     "toolkit history --limit 5": ((), [0]),
     # the ledger is in order here: nothing to adopt (test_toolkit_schema_lost.py adopts)
@@ -59,6 +59,16 @@ SANDBOX_EXAMPLES: dict[str, list[int]] = {
     'psql "$(toolkit sandbox url)"': [0, 0],
     "toolkit demo": [0],
     "toolkit sandbox stop": [0],
+}
+# `toolkit fleet` examples run in this order, in a directory holding a fleet.yml of one
+# database (cell-1, the realistic database, through FLEET_CELL_1_URL).
+FLEET_EXAMPLES: dict[str, list[int]] = {
+    "toolkit fleet plan --inventory fleet.yml": [0],
+    "toolkit fleet plan --inventory fleet.yml --concurrency 8 --json": [0],
+    "toolkit fleet pipeline milestone-1 --inventory fleet.yml --out fleet-pipeline.yml": [0],
+    "toolkit fleet job --database cell-1 milestone-1 -- --reconnect 3": [0],
+    "toolkit fleet report fleet-artifacts --inventory fleet.yml": [0],
+    "toolkit fleet k8s-job milestone-1 --image registry.example.com/toolkit:0.1.0 --out fleet-jobs.yml": [0],
 }
 # Examples that serve until stopped: run as a process against the realistic database, asked
 # one question through the address they print, then stopped with SIGTERM (exit 0).
@@ -138,7 +148,7 @@ def _check(line: str, ran: list[Ran], expected: list[int]) -> None:
 
 def test_every_example_in_the_help_is_listed_here():
     found = set(help_examples())
-    listed = set(DATABASE_EXAMPLES) | set(SANDBOX_EXAMPLES) | set(SERVING_EXAMPLES)
+    listed = set(DATABASE_EXAMPLES) | set(SANDBOX_EXAMPLES) | set(SERVING_EXAMPLES) | set(FLEET_EXAMPLES)
     assert found == listed, {"in the help, not here": found - listed, "here, not in the help": listed - found}
 
 
@@ -152,6 +162,14 @@ def test_the_database_examples_run(realistic_db, tmp_path, monkeypatch):
             assert applied.exit_code == 0, (milestone, applied.output)
         _check(line, run_example(line, env, tmp_path), expected)
     assert realistic_db.scalar("SELECT to_regclass('toolkit.m4_archive_ml_experiments')") is None
+
+
+def test_the_fleet_examples_run(realistic_db, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fleet.yml").write_text("databases:\n  - {name: cell-1, url_env: FLEET_CELL_1_URL}\n")
+    for line, expected in FLEET_EXAMPLES.items():
+        _check(line, run_example(line, {"FLEET_CELL_1_URL": realistic_db.url_text}, tmp_path), expected)
+    assert realistic_db.scalar("SELECT state FROM toolkit.milestones WHERE milestone = 'milestone-1'") == "verified"
 
 
 def test_the_sandbox_examples_run(sandbox_dir, tmp_path):

@@ -9,13 +9,14 @@ import click
 from toolkit import milestones as registry
 from toolkit.cli import params
 from toolkit.cli.context import app
+from toolkit.engine import state
 from toolkit.engine.plan import Milestone
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
 from toolkit.output import out
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.timestamps import shown
 from toolkit.verify import baselines
-from toolkit.verify.fingerprint import NATURAL_KEYS, Fingerprint, compare, take
+from toolkit.verify.fingerprint import NATURAL_KEYS, Difference, Fingerprint, compare, take
 
 
 @click.command()
@@ -29,7 +30,8 @@ from toolkit.verify.fingerprint import NATURAL_KEYS, Fingerprint, compare, take
                    "on purpose).")
 @click.option("--baseline", "baseline_of", metavar="MILESTONE",
               help="Re-take the fingerprint MILESTONE's verify compares with, accepting the "
-                   "database as it is now (after the application's own updates, say).")
+                   "database as it is now (after the application's own updates, say); what "
+                   "differs from the one it replaces is listed first.")
 def fingerprint(out_file: Path | None, compared: params.FingerprintAt | None, mlflow_only: bool,
                 baseline_of: str | None) -> None:
     """Row counts and content hashes of the ML tables and of the MLflow view. Read-only
@@ -134,7 +136,53 @@ def _rebaseline(milestone: Milestone) -> None:
         with runner.read_only() as conn:
             runner.check_gitlab(conn)
             now = take(conn, scope=old.scoped)  # what the old one read, read again
+            where = state.milestone_state(conn, milestone.name)["state"]
+        # what it replaces, shown first (as --compare shows it): what the operator accepts
+        differences = [_said(d, milestone) for d in compare(old, now, changes=milestone.changes)]
+        differences += _named_differences(old, now)
+        for line in differences:
+            out.say(f"  differs: {line}")
         with engine.connect() as conn:
             baselines.save(conn, milestone.name, now, old.scoped.first_run if old.scoped else None)
-    out.say(f"Re-took the fingerprint {milestone.name}'s verify compares with ({shown(now.taken_at)}).")
-    app().finish({"milestone": milestone.name, "fingerprint": now.as_dict()})
+    replaced = (f"{len(differences)} part(s) differed from the one replaced, taken {shown(old.taken_at)}"
+                if differences else f"equal to the one replaced, taken {shown(old.taken_at)}")
+    out.say(f"Re-took the fingerprint {milestone.name}'s verify compares with ({shown(now.taken_at)}; "
+            f"{replaced}).")
+    next_step = _after_rebaseline(milestone, where)
+    if next_step:
+        out.say(next_step)
+    app().finish({"milestone": milestone.name, "fingerprint": now.as_dict(),
+                  "replaced": {"taken_at": old.taken_at, "differences": differences},
+                  "next_step": next_step})
+
+
+def _said(difference: Difference, milestone: Milestone) -> str:
+    own = f" (changed on purpose by {milestone.name})" if difference.expected else ""
+    return difference.describe() + own
+
+
+def _named_differences(old: Fingerprint, now: Fingerprint) -> list[str]:
+    """The rows the milestone's blocking anomalies named whose recorded copy changes."""
+    found = []
+    for table, rows in sorted((old.named_rows or {}).items()):
+        noun = baselines.NAMED_NOUNS.get(table, table)
+        for key, was in sorted(rows.items(), key=lambda item: int(item[0])):
+            row = (now.named_rows or {}).get(table, {}).get(key)
+            if row is None:
+                found.append(f"named row {noun} {key}: gone")
+            elif row != was:
+                changed = sorted(c for c in set(was) | set(row) if was.get(c) != row.get(c))
+                found.append(f"named row {noun} {key}: {', '.join(changed)}")
+    return found
+
+
+def _after_rebaseline(milestone: Milestone, where: str) -> str:
+    """The command that records the milestone as it now is (verify itself writes nothing)."""
+    if where in (state.APPLIED, state.VERIFIED, state.IN_PROGRESS):
+        yes = " --yes" if milestone.confirm else ""
+        return (f"Next: `toolkit migrate {milestone.name}{yes}` verifies it against this fingerprint "
+                "and records it verified (it changes only rows still to do); `toolkit verify "
+                f"{milestone.name}` checks without recording.")
+    if where == state.ROLLED_BACK:
+        return f"Next: `toolkit rollback {milestone.name}` checks the rollback against this fingerprint."
+    return ""

@@ -255,6 +255,9 @@ def _register() -> None:
                     report.report, sandbox.sandbox, demo.demo, mlflow.mlflow, adopt.adopt):
         _with_subcommand_help(command)
         cli.add_command(command)
+    from toolkit.cli.fleet import fleet
+
+    cli.add_command(fleet)
 
 
 _register()

@@ -14,8 +14,9 @@ from toolkit.cli.context import app
 from toolkit.engine import health, state
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.locks import runner_lock_holders
-from toolkit.engine.outcomes import ApplyResult, PlanResult
+from toolkit.engine.outcomes import ApplyResult, PlanResult, VerifyResult
 from toolkit.engine.plan import Milestone
+from toolkit.engine.results import Check
 from toolkit.engine.runner import Runner
 from toolkit.errors import PreconditionRefused, VerificationFailed
 from toolkit.output import out
@@ -310,22 +311,35 @@ def _report_apply(result: ApplyResult, *, undoing: bool = False) -> None:
 
 @click.command()
 @click.argument("milestone", metavar="[MILESTONE]", required=False)
-def verify(milestone: str | None) -> None:
+@click.option("--require", type=click.Choice(["applied", "verified"]),
+              help="For a CI gate: also fail (exit 1) unless the milestone is applied (its run "
+                   "finished: applied or verified), or recorded verified by migrate; without "
+                   "MILESTONE, every milestone must be. Bare verify passes where nothing was applied.")
+def verify(milestone: str | None, require: str | None) -> None:
     """Check a milestone's post-conditions; exit 1 when one fails. Read-only.
 
     Without MILESTONE, every milestone that has been applied (or is under way) is checked;
-    one never started, or rolled back, is listed as such and not checked.
+    one never started, or rolled back, is listed as such and not checked (with --require,
+    it fails the requirement instead).
 
-    Example: toolkit verify milestone-1 --json
+    Example: toolkit verify milestone-1 --require verified --json
     """
     runner = _runner()
+    states = runner.states() if require or not milestone else {}
     if milestone:
         chosen, skipped = [registry.get(milestone)], {}
     else:
-        states = runner.states()
         chosen = [m for m in registry.MILESTONES.values() if states[m.name] in state.STARTED]
         skipped = {name: where for name, where in states.items() if where not in state.STARTED}
     results = runner.verify_many(chosen)
+    if require:
+        # every milestone is then held to the requirement: one never started fails it too
+        results += [VerifyResult(registry.get(name), []) for name in skipped]
+        skipped = {}
+        order = list(registry.MILESTONES)
+        results.sort(key=lambda r: order.index(r.milestone.name))
+        for result in results:
+            result.checks.insert(0, _required(result.milestone, states[result.milestone.name], require))
     by_name = {r.milestone.name: r for r in results}
     for name in registry.MILESTONES if not milestone else [chosen[0].name]:
         if name in skipped:
@@ -344,6 +358,25 @@ def verify(milestone: str | None) -> None:
         failure.details = {"result": {"milestones": docs}}
         raise failure
     app().finish({"milestones": docs})
+
+
+def _required(milestone: Milestone, where: str, require: str) -> Check:
+    """``verify --require``: the milestone's recorded state, and the command that moves it on."""
+    ok = where == state.VERIFIED if require == "verified" else where in (state.APPLIED, state.VERIFIED)
+    migrate = f"`toolkit migrate {milestone.name}{' --yes' if milestone.confirm else ''}`"
+    remedy = None if ok else {
+        state.NOT_STARTED: f"{migrate} applies it" + (" (the milestones before it first, in order)"
+                                                       if milestone.number > 1 else ""),
+        state.ROLLED_BACK: f"{migrate} applies it again",
+        state.IN_PROGRESS: f"{migrate} finishes the run that stopped (`toolkit status` shows where)",
+        state.ROLLING_BACK: f"`toolkit rollback {milestone.name}` finishes the rollback that stopped, "
+                            f"then {migrate} applies it again",
+        state.APPLIED: f"{migrate} verifies it again and records it verified (`toolkit verify "
+                       f"{milestone.name}` lists what fails, if anything)",
+    }.get(where, migrate)
+    return Check(name=f"{milestone.name} is {require} (--require {require})", ok=ok,
+                 detail=f"recorded {where.replace('_', ' ')}" if where != state.NOT_STARTED else where,
+                 remedy=remedy, next_step=remedy)
 
 
 @click.command()
@@ -391,6 +424,12 @@ def status() -> None:
                 "record it verified again.")
             out.say(f"{entry['milestone']} is final: {entry['final']['why']}; it cannot be rolled "
                     f"back.{again}")
+        if entry["state"] == state.APPLIED and not entry["final"]:
+            name = entry["milestone"]
+            yes = " --yes" if registry.get(name).confirm else ""
+            out.say(f"{name} is applied but not recorded verified: `toolkit verify {name}` lists what "
+                    f"fails, if anything; `toolkit migrate {name}{yes}` verifies it again and records "
+                    "it verified.")
         if entry["left_to_undo"]:
             out.say(f"{entry['milestone']} is rolling back (interrupted?); left to undo: "
                     + "; ".join(entry["left_to_undo"])

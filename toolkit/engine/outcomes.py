@@ -60,10 +60,14 @@ class VerifyResult:
 
     def failure(self) -> VerificationFailed:
         failed = [c for c in self.checks if not c.ok]
+        own = list(dict.fromkeys(c.next_step for c in failed if c.next_step))
+        generic = (f"resolve each kind as `toolkit verify {self.milestone.name}` lists it, "
+                   f"then run `toolkit migrate {self.milestone.name}` again")
+        if any(not c.next_step for c in failed):
+            own.insert(0, generic)
         return VerificationFailed(
             f"{self.milestone.name} does not verify: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
-            f"resolve each kind as `toolkit verify {self.milestone.name}` lists it, "
-            f"then run `toolkit migrate {self.milestone.name}` again",
+            "; ".join(own),
             details={"checks": [c.as_dict() for c in self.checks]},
         )
 

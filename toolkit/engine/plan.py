@@ -18,6 +18,7 @@ from toolkit.engine import state
 from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.step import Step
 from toolkit.errors import UsageProblem
+from toolkit.verify.named import Fix, Named
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class Milestone:
     confirm: bool = False  # destructive: needs --yes or the database name typed
     # When it has become final (cannot be rolled back any more): why, else None.
     final: Callable[[Connection], Final | None] | None = field(default=None, compare=False)
+    # The rows its blocking anomalies name (table -> id -> kinds), recorded with its baseline,
+    # and how the operator's fix of each may change them (verify/named.py).
+    named: Callable[[Connection], Named] | None = field(default=None, compare=False)
+    fixes: tuple[Fix, ...] = field(default=(), compare=False)
 
     def final_now(self, conn: Connection) -> Final | None:
         from toolkit.engine.ledger import adopted_final  # the ledger module reads plans

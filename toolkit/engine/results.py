@@ -62,9 +62,13 @@ class Check:
     detail: str
     remedy: str | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # The whole next step when this check fails, where "resolve what verify lists, then run
+    # the milestone again" would not help (a difference from the baseline: running it again
+    # compares with the same baseline and fails the same way).
+    next_step: str | None = field(default=None, compare=False)
     # A stable identifier for CI to match on (``name`` is prose, for a person). Derived from
     # the name when not given; a check whose wording changes passes its old id here, so
-    # the id never changes (tests/test_cli_operator.py pins the ids of every milestone).
+    # the id never changes (tests/test_cli_operator.py pins those of verify's checks).
     id: str = ""
 
     def __post_init__(self) -> None:

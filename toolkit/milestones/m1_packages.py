@@ -36,6 +36,7 @@ from toolkit.mlflow_api.artifact_uri import package_name_sql, path_sql
 from toolkit.names import M1_LEDGER as LEDGER
 from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES, PACKAGE_TYPE_ML_MODEL
 from toolkit.verify.fingerprint import FROM_EXPERIMENTS, experiment_relations, mlflow_source
+from toolkit.verify.named import Fix, Named
 from toolkit.words import counted
 
 # GitLab's Gitlab::Regex.semver_regex (anchored), in PostgreSQL's ARE syntax.
@@ -192,6 +193,61 @@ def find_anomalies(conn: Connection) -> list[Anomaly]:
             for kind, title, blocking, rows in found]
 
 
+# The rows each blocking anomaly names, as the plan lists them: the operator is told to
+# change them by hand, so the baseline the first run takes records them (verify/named.py).
+NAMED_SQL = f"""
+SELECT 'packages_packages' AS t, p.id, 'cross_project_package' AS kind FROM packages_packages p
+WHERE p.package_type = 7 AND {CROSS_PROJECT}
+UNION ALL
+SELECT 'ml_candidates', c.id, 'cross_project_package' FROM ml_candidates c
+JOIN packages_packages p ON p.id = c.package_id
+WHERE p.package_type = 7 AND c.project_id IS DISTINCT FROM p.project_id
+UNION ALL
+SELECT 'packages_packages', p.id, 'ml_model_collision' FROM packages_packages p
+WHERE p.package_type = 7 AND {CANDIDATE_LINKED} AND {COLLIDES}
+UNION ALL
+SELECT 'packages_packages', q.id, 'ml_model_collision' FROM packages_packages p
+JOIN packages_packages q ON q.package_type = 14 AND q.project_id = p.project_id AND q.name = p.name
+ AND q.version = p.version AND q.status <> 4 AND q.id <> p.id
+WHERE p.package_type = 7 AND p.status <> 4 AND {CANDIDATE_LINKED}
+UNION ALL
+SELECT 'packages_packages', p.id, 'status_message_too_long' FROM packages_packages p
+WHERE p.package_type = 7 AND {CANDIDATE_LINKED} AND {LONG_STATUS_MESSAGE}"""
+
+
+def named_rows(conn: Connection) -> Named:
+    """Every row a blocking anomaly names (table -> id -> kinds), none left out."""
+    named: Named = {}
+    for table, key, kind in conn.execute(sa.text(NAMED_SQL)):
+        kinds = named.setdefault(table, {}).setdefault(str(key), [])
+        if kind not in kinds:
+            kinds.append(kind)
+    return named
+
+
+# How each fix RESOLUTIONS prescribes may change the rows its anomaly names. updated_at may
+# change with it: GitLab sets it when it saves the row. A cross-project package itself stays
+# as it was (only its candidates' link goes), so no fix names it and it must be unchanged.
+FIXES = (
+    Fix(kind="cross_project_package", table="ml_candidates", columns=("package_id", "updated_at"),
+        holds="t.package_id IS NULL OR EXISTS (SELECT 1 FROM packages_packages k "
+              "WHERE k.id = t.package_id AND k.project_id = t.project_id)",
+        said="no longer linked to the other project's package",
+        parts=("runs", "run_artifact_uris")),
+    Fix(kind="ml_model_collision", table="packages_packages", columns=("status", "updated_at"),
+        holds="t.status = 4", said="marked pending destruction (status 4)",
+        gone="gone: GitLab destroys a package marked pending destruction"),
+    Fix(kind="status_message_too_long", table="packages_packages",
+        columns=("status_message", "updated_at"),
+        holds="COALESCE(char_length(t.status_message), 0) <= 255",
+        said="status_message shortened to at most 255 characters"),
+    # once fixed, the milestone converts the package itself (and its ledger says so)
+    Fix(kind="", table="packages_packages", columns=("package_type",),
+        holds=f"t.package_type = 14 AND t.id IN (SELECT package_id FROM {LEDGER})",
+        said="converted to ml_model by this milestone"),
+)
+
+
 class ConvertCandidatePackages(Step):
     name = "convert-candidate-packages"
     description = "candidate packages: generic (7) -> ml_model (14)"
@@ -302,4 +358,6 @@ MILESTONE_1 = Milestone(
     # only packages a candidate links to; every other package must stay as it was
     may_change={"packages_packages": "t.id IN (SELECT c.package_id FROM ml_candidates c "
                                      "WHERE c.package_id IS NOT NULL)"},
+    named=named_rows,
+    fixes=FIXES,
 )

@@ -15,7 +15,7 @@ from toolkit.engine import writes
 from toolkit.engine.results import Check
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
-from toolkit.verify import app_writes
+from toolkit.verify import app_writes, named
 from toolkit.verify.digest import Memo
 from toolkit.verify.fingerprint import (
     NOT_COMPARABLE,
@@ -26,6 +26,7 @@ from toolkit.verify.fingerprint import (
     compare,
     take,
 )
+from toolkit.verify.named import Fix
 from toolkit.words import counted
 
 TABLE = f"{SCHEMA}.fingerprints"
@@ -63,15 +64,27 @@ def _summary(differences: list[Difference]) -> str:
     return "; ".join(d.describe() for d in differences)
 
 
+def accept_remedy(milestone: str, rolled_back: bool = False) -> str:
+    """What to do about a difference from the baseline: find its cause; if it is wanted,
+    accept it, and the command that then records the milestone as it is (never a loop)."""
+    then = (f"`toolkit rollback {milestone}` checks it again" if rolled_back
+            else f"`toolkit migrate {milestone}` verifies it again and records it verified")
+    return (f"find out what changed them (`toolkit history` lists the toolkit's runs); if the change "
+            f"is wanted (GitLab itself, e.g. a run finished), accept the database as it is with "
+            f"`toolkit fingerprint --baseline {milestone}`, then {then}")
+
+
 def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[str, ...] = (),
                             compare_tables: bool = True, rolled_back: bool = False,
-                            memo: Memo | None = None) -> list[Check]:
+                            memo: Memo | None = None, fixes: tuple[Fix, ...] = ()) -> list[Check]:
     """Compare the database with the fingerprint taken before ``milestone``.
 
     ``changes``: tables the milestone changes on purpose (after a rollback: none).
     ``compare_tables=False`` once a later milestone has started changing tables: the
     MLflow view must still be equal, the tables are that later milestone's business.
     ``rolled_back``: after a rollback everything must be as it was.
+    ``fixes``: how the operator's fix of a blocking anomaly may change the rows it named
+    (verify/named.py); those rows are compared one by one, the rest by digest.
 
     A baseline a run took reads only the milestone's scope; what lies outside is proven
     untouched from the rows the milestone's runs wrote (:func:`_scoped_checks`).
@@ -83,8 +96,8 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     now = take(conn, baseline.watermarks, memo, reference=baseline,
                scope=_to_read_again(scope, changes, compare_tables))
     differences = compare(baseline, now, changes=changes, tables=compare_tables)
-    hint = (" (if the application itself updated these rows since, e.g. a run finished, "
-            f"accept its change with `toolkit fingerprint --baseline {milestone}`)")
+    remedy = accept_remedy(milestone, rolled_back)
+    hint = f" (if the change is wanted, accept it with `toolkit fingerprint --baseline {milestone}`)"
     verb = "is back to" if rolled_back else "equals"
     name = f"the MLflow view {verb} the fingerprint taken before {milestone}"
     mlflow = [d for d in differences if d.part.startswith("mlflow")]
@@ -124,7 +137,8 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
                          "(the experiments' own tags went with it; the models' metadata is served)")
         if proof is not None:
             computed += f"; {proof.parts_not_read}"
-        checks = [Check(name=name, ok=not mlflow, detail=_summary(mlflow) + hint if mlflow else computed)]
+        checks = [Check(name=name, ok=not mlflow, detail=_summary(mlflow) + hint if mlflow else computed,
+                        remedy=remedy if mlflow else None, next_step=remedy if mlflow else None)]
     if compare_tables:
         problems = _summary(unexpected) + hint if unexpected else ""
         if proof is not None and proof.stray:
@@ -142,9 +156,34 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
             else "every other ML table is unchanged",
             ok=not problems,
             detail=problems or ("equal" + on_purpose + (f"; {proof.tables_not_read}" if proof else "")),
-            remedy=proof.remedy if proof and proof.stray else None,
+            remedy=proof.remedy if proof and proof.stray else (remedy if problems else None),
+            next_step=None if not problems or (proof and proof.stray) else remedy,
         ))
+        if scope is not None and scope.named and baseline.named_rows is not None:
+            checks.append(_named_check(conn, scope, baseline.named_rows, fixes, remedy))
     return checks
+
+
+NAMED_CHECK = "rows its blocking anomalies named changed only as their fix says"
+
+
+def _named_check(conn: Connection, scope: Scope, before: dict[str, dict[str, object]],
+                 fixes: tuple[Fix, ...], remedy: str) -> Check:
+    """The rows the blocking anomalies named when the milestone started, each compared with
+    the row recorded then: unchanged, or changed only as its anomaly's fix prescribes."""
+    found = named.compare(conn, scope.named, before, fixes, NAMED_NOUNS)
+
+    def listed(items: list[str]) -> str:
+        more = f" and {len(items) - 10} more" if len(items) > 10 else ""
+        return "; ".join(items[:10]) + more
+
+    if found.wrong:
+        return Check(name=NAMED_CHECK, ok=False, detail=listed(found.wrong), remedy=remedy, next_step=remedy)
+    fixed = f"{len(found.fixed)} changed as told: {listed(found.fixed)}; " if found.fixed else ""
+    return Check(name=NAMED_CHECK, ok=True, detail=f"{fixed}{found.unchanged} unchanged")
+
+
+NAMED_NOUNS = {"packages_packages": "package", "ml_candidates": "candidate"}
 
 
 def _at(differences: list[Difference]) -> str:

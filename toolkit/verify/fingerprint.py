@@ -74,6 +74,7 @@ from toolkit.verify.digest import (
     row_text,
     table_digest,
 )
+from toolkit.verify.named import excluded, recorded
 
 FORMAT = METHOD  # the format is the digest method (verify/digest.py); 1 is still read
 
@@ -156,17 +157,25 @@ class Scope:
     may change (the other rows are hashed and must not change); ``parts``: the MLflow parts
     made from a table it changes; ``first_run``: its run that took the baseline. Every
     other table and part is proven untouched from the rows its runs wrote (engine/writes.py).
+    ``named``: rows the milestone's blocking anomalies named when it started, left out of
+    every digest and compared one by one (verify/named.py); ``named_parts``: the MLflow
+    parts, each with the table whose named ids (its keys) it leaves out.
     """
 
     tables: tuple[str, ...]
     kept: dict[str, str]
     parts: tuple[str, ...]
     first_run: int
+    named: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    named_parts: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, changes: tuple[str, ...], may_change: dict[str, str], first_run: int) -> Scope:
+    def of(cls, changes: tuple[str, ...], may_change: dict[str, str], first_run: int,
+           named: dict[str, dict[str, list[str]]] | None = None,
+           named_parts: dict[str, str] | None = None) -> Scope:
         parts = tuple(p for p, feeding in PART_TABLES.items() if set(feeding) & set(changes))
-        return cls(tables=tuple(changes), kept=dict(may_change), parts=parts, first_run=first_run)
+        return cls(tables=tuple(changes), kept=dict(may_change), parts=parts, first_run=first_run,
+                   named=dict(named or {}), named_parts=dict(named_parts or {}))
 
 
 @dataclass
@@ -191,6 +200,8 @@ class Fingerprint:
     # their table's other rows (NATURAL_KEYS); None: not taken that way (a baseline, or a
     # file written before this was), and compared as before.
     natural: dict[str, dict[str, Any]] | None = None
+    # The rows its scope names (Scope.named) as they were: table -> id -> row (verify/named.py).
+    named_rows: dict[str, dict[str, Any]] | None = None
 
     @property
     def scoped(self) -> Scope | None:
@@ -519,19 +530,20 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
         digest = table_digest(conn, table, f"t.id <= :w{where}", {"w": bound(table)}, memo, method)
         return {"rows": digest.rows, "hash": digest.digest}
 
+    named = scope.named if scope else {}
     tables: dict[str, dict[str, Any] | None] = {}
     by_natural_key: dict[str, dict[str, Any]] = {}
     for table in (scope.tables if scope else ML_TABLE_NAMES):
         picked = natural_rows(conn, table) if natural else None
         if picked is None:
-            tables[table] = digest_of(table)
+            tables[table] = digest_of(table, excluded(named.get(table)))
             continue
         condition, sql = picked
         tables[table] = digest_of(table, f" AND NOT COALESCE({condition}, false)")
         rows, digest = query_digest(conn, sql, {"w": bound(table)}, memo, method)
         if rows:  # none (a ledger emptied by a rollback): the table's digest holds every row
             by_natural_key[table] = {"rows": rows, "hash": digest}
-    kept = {table: digest_of(table, f" AND NOT ({rows})")
+    kept = {table: digest_of(table, f" AND NOT ({rows}){excluded(named.get(table))}")
             for table, rows in (scope.kept if scope else {}).items()}
     source = mlflow_source(conn)
     mlflow: dict[str, dict[str, Any]] = {}
@@ -546,6 +558,8 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
                     and _same(reference.tables.get(table), tables[table]) and part in reference.mlflow):
                 mlflow[part] = reference.mlflow[part]
                 continue
+            if named_keys := named.get((scope.named_parts if scope else {}).get(part, "")):
+                sql = f"SELECT q.r, q.k FROM ({sql}) AS q WHERE true{excluded(named_keys, 'q.k')}"
             if part in KEYED:
                 mlflow[part] = _keyed_digest(conn, sql, params, part, marks, reference, method, memo)
                 continue
@@ -556,7 +570,8 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
     snapshot = conn.execute(sa.text("SELECT pg_current_snapshot()::text")).scalar_one()
     return Fingerprint(datetime.now(UTC).isoformat(timespec="seconds"), database, source, marks,
                        tables, mlflow, scope.__dict__ if scope else None, kept, method, declared, snapshot,
-                       natural=by_natural_key if natural else None)
+                       natural=by_natural_key if natural else None,
+                       named_rows=recorded(conn, named) if named else None)
 
 
 def _keyed_digest(conn: Connection, sql: str, params: dict[str, Any], part: str,
