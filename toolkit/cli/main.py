@@ -257,6 +257,7 @@ def _register() -> None:
         cli.add_command(command)
     from toolkit.cli.fleet import fleet
 
+    _with_subcommand_help(fleet)
     cli.add_command(fleet)
 
 
