@@ -80,7 +80,7 @@ def test_a_wrong_step_in_a_table_the_milestone_never_writes_is_caught(realistic_
     _milestone_1_with(monkeypatch, WRONG_WRITES[kind])
     result = toolkit(db, "migrate", "milestone-1")
     assert result.exit_code == ExitCode.VERIFY_FAILED, result.output
-    stray = f"wrote to tables it must not change: {WRONG_TABLE[kind]} (1 rows)"
+    stray = f"wrote to tables it must not change: {WRONG_TABLE[kind]} (1 row)"
     assert stray in result.output
     code, checks = _checks(db)
     assert code == ExitCode.VERIFY_FAILED
@@ -107,7 +107,7 @@ def test_a_rollback_proves_untouched_tables_the_same_way(realistic_db):
     assert code == 0, doc
     back = {c["name"]: c for c in doc["result"]["checks"]}
     assert back["every ML table is as it was"]["ok"]
-    assert "proven unwritten" in back["every ML table is as it was"]["detail"]
+    assert "not read again: no run of milestone-1 wrote to them" in back["every ML table is as it was"]["detail"]
     undo = db.rows("""SELECT w.table_name, w.updated FROM toolkit.run_writes w
                       JOIN toolkit.runs r ON r.id = w.run_id WHERE r.command LIKE '%rollback%'""")
     assert [r.table_name for r in undo] == ["packages_packages"] and undo[0].updated > 0

@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from typing import Any, TextIO
 
 from toolkit.engine.events import progress_every_s
@@ -100,7 +102,7 @@ class Output:
         if self.json_mode:
             if self.warnings and "warnings" not in doc:
                 doc = {**doc, "warnings": self.warnings}
-            text = json.dumps(doc, indent=2, sort_keys=True, default=str)
+            text = json.dumps(doc, indent=2, sort_keys=True, default=json_value)
             self._print(self._clean(text), self._out())
 
     def progress(self, total: int | None, name: str) -> PassBar | ProgressLines:
@@ -113,6 +115,17 @@ class Output:
             return ProgressLines(lambda line: self._print(self._clean(line), self._err()), name, total,
                                  progress_every_s())
         return PassBar(stream, name, total, disable=self.json_mode or self.quiet)
+
+
+def json_value(value: object) -> object:
+    """What JSON cannot hold, as text: a moment in ISO 8601 (``2026-12-02T06:57:06+00:00``,
+    in UTC when it has a zone), which every JSON reader parses (``str()`` of a datetime puts
+    a space where ISO 8601 has ``T``); anything else (Decimal, UUID, Path) as ``str()``."""
+    if isinstance(value, datetime):
+        return (value.astimezone(UTC) if value.tzinfo is not None else value).isoformat()
+    if isinstance(value, date | dt_time):
+        return value.isoformat()
+    return str(value)
 
 
 def discard(stream: TextIO) -> None:

@@ -36,7 +36,11 @@ class AppContext:
                 self.hold_sandbox(exclusive=False)
             self._target = target
             output.out.secrets = self._target.secrets
-            output.out.say(self._target.announcement())  # which database, and from where
+            # Which database, and from where: on stderr, so what a command prints on stdout
+            # (`toolkit sql ... > rebuild.sql`) is its output alone. With --json the
+            # document's "database" says it instead.
+            if not self.json_mode:
+                output.out.note(self._target.announcement())
         return self._target
 
     def engine(self) -> Engine:
@@ -70,12 +74,20 @@ class AppContext:
 
         A failing command raises instead; the error handler emits its document.
         """
-        output.out.document(envelope(self.command, True, 0, result=result))
+        output.out.document(envelope(self.command, True, 0, database=self.database(), result=result))
+
+    def database(self) -> str | None:
+        """The database this command used, as every message shows it (password masked), or
+        None when it connected to none."""
+        return self._target.describe() if self._target is not None else None
 
 
-def envelope(command: str, ok: bool, exit_code: int, **parts: Any) -> dict[str, Any]:
-    """The stable shape of every --json document (documented in the README)."""
-    return {"command": command, "ok": ok, "exit_code": exit_code, **parts}
+def envelope(command: str, ok: bool, exit_code: int, *, database: str | None = None,
+             **parts: Any) -> dict[str, Any]:
+    """The stable shape of every --json document (documented in the README): ``database``
+    names the database the command used (masked; null when it used none), so a CI log
+    shows which one a result is about."""
+    return {"command": command, "ok": ok, "exit_code": exit_code, "database": database, **parts}
 
 
 def app(ctx: click.Context | None = None) -> AppContext:

@@ -19,12 +19,15 @@ from toolkit.engine.runner import Runner
 from toolkit.errors import SandboxReplaced, VerificationFailed
 from toolkit.inventory import table_counts
 from toolkit.mlflow_api.demo import ClientReadings
-from toolkit.output import out
+from toolkit.output import Output, out
 from toolkit.report import candidate_report
 from toolkit.sandbox.database import SameDatabase, seed_sandbox
 from toolkit.sandbox.server import SandboxServer
 from toolkit.sandbox.training_demo import TrainingDuringMigration
 from toolkit.verify.fingerprint import compare, take
+from toolkit.words import counted
+
+STEP_INDENT = "   "  # the demo's lines under each numbered step
 
 
 @click.command()
@@ -64,12 +67,14 @@ def demo(seed_value: int, batch_size: int) -> None:
     stack = ExitStack()
     try:
         runner = Runner(engine, RunOptions(batch_size=batch_size), plan=registry.plan(),
-                        command="toolkit demo", events=out)
+                        command="toolkit demo", events=Indented(out))
         with runner.read_only() as conn:
             counts = table_counts(conn)
             before = take(conn)
-        out.say(f"   {counts['ml_experiments']} experiments, {counts['ml_candidates']} candidates, "
-                f"{counts['ml_candidate_metrics']} metrics, {counts['packages_packages']} packages "
+        out.say(f"   {counted(counts['ml_experiments'], 'experiment')}, "
+                f"{counted(counts['ml_candidates'], 'candidate')}, "
+                f"{counted(counts['ml_candidate_metrics'], 'metric')}, "
+                f"{counted(counts['packages_packages'], 'package')} "
                 f"(seeded in {report.seconds:.1f}s, data in {status.data_dir})")
         readings = stack.enter_context(ClientReadings(status.url()))
         with runner.read_only() as conn:  # the training clients' project, left out of the readings
@@ -93,7 +98,8 @@ def demo(seed_value: int, batch_size: int) -> None:
                 raise (result.verify.failure() if result.verify else
                        VerificationFailed(f"{milestone.name} did not complete", "see `toolkit status`"))
             mlflow = next(c for c in result.verify.checks if c.name.startswith("the MLflow view"))
-            out.say(f"   {milestone.name}: {result.rows} rows, {len(result.verify.checks)} checks hold; "
+            out.say(f"   {milestone.name}: {counted(result.rows, 'row')}, "
+                    f"{counted(len(result.verify.checks), 'check')} hold; "
                     f"MLflow view unchanged ({mlflow.detail.split(' (')[0]}){readings.again()}")
             if said := _what_users_see_change(mlflow.detail, milestone.name):
                 out.say(f"     {said}")
@@ -108,8 +114,8 @@ def demo(seed_value: int, batch_size: int) -> None:
         for row in candidates["candidates"][:3]:
             out.say(f"   {model_name} #{row['iid']} {row['name'] or '(no name)'}: "
                     f"accuracy {row['metrics'].get('accuracy')}, params {row['params']}")
-        out.say(f"   ({len(candidates['candidates'])} candidates; full table: {toolkit} report candidates "
-                f"--project {project_id} --model {model_name})")
+        out.say(f"   ({counted(len(candidates['candidates']), 'candidate')}; full table: "
+                f"{toolkit} report candidates --project {project_id} --model {model_name})")
 
         out.say("5. Roll back all four milestones, newest first:")
         for milestone in reversed(list(registry.MILESTONES.values())):
@@ -121,10 +127,11 @@ def demo(seed_value: int, batch_size: int) -> None:
             undone = sum(1 for p in result.passes if p.schema_change and p.changed)
             written = next(s["rows"] for s in stages if s["stage"] == f"migrate {milestone.name}")
             if result.rows or not written:
-                said = f"{result.rows} rows restored or removed in batches, {undone} schema changes undone"
+                said = (f"{counted(result.rows, 'row')} restored or removed in batches, "
+                        f"{counted(undone, 'schema change')} undone")
             else:  # milestone 2: dropping its column takes the values it backfilled with it
-                said = (f"{undone} schema changes undone, which took the {written} values it had "
-                        "written with them")
+                said = (f"{counted(undone, 'schema change')} undone, which took the "
+                        f"{counted(written, 'value')} it had written with them")
             out.say(f"   {milestone.name}: rolled back: {said}")
             stages.append({"stage": f"rollback {milestone.name}", "rows": result.rows, "ok": True})
         out.say(f"   {training.finish()}")
@@ -137,7 +144,8 @@ def demo(seed_value: int, batch_size: int) -> None:
                 "The fingerprint differs after the round trip: "
                 + "; ".join(d.describe() for d in differences),
                 "report this with `toolkit history` output")
-        out.say(f"   identical: all {len(before.tables)} ML tables and all {len(before.mlflow)} parts of "
+        out.say(f"   identical: all {counted(len(before.tables), 'ML table')} and all "
+                f"{counted(len(before.mlflow), 'part')} of "
                 "the MLflow view (row counts and content hashes)")
         readings.again()
         out.say(f"7. {readings.summary()}")
@@ -165,6 +173,29 @@ def demo(seed_value: int, batch_size: int) -> None:
                   "round_trip_identical": True, "mlflow_client": readings.as_dict(),
                   "mlflow_writes": training.as_dict()})
 
+class Indented:
+    """The demo's runner events: what the engine narrates (``Taking the fingerprint ...``)
+    is indented under the demo's current numbered step, not a line of its own between
+    them; warnings, notes and progress go on as the terminal shows them."""
+
+    def __init__(self, events: Output) -> None:
+        self.events = events
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return self.events.secrets
+
+    def say(self, message: str = "") -> None:
+        self.events.say(f"{STEP_INDENT}{message}" if message else message)
+
+    def warn(self, message: str) -> None:
+        self.events.warn(message)
+
+    def note(self, message: str) -> None:
+        self.events.note(message)
+
+    def progress(self, total: int | None, name: str) -> Any:
+        return self.events.progress(total, name)
 
 
 def _venv_of(command: str) -> str | None:

@@ -69,7 +69,8 @@ def run_options(func: Callable) -> Callable:
         click.option("--ddl-retries", type=params.TRIES, default=20, show_default=True,
                      help="Retries of a schema change after a lock timeout (backoff up to 5 s)."),
         click.option("--lock-wait", type=params.SECONDS, default=10.0, show_default=True,
-                     metavar="SECONDS", help="How long to poll for the one-runner lock."),
+                     metavar="SECONDS", help="How long to poll for the one-runner lock; then exit 7 "
+                                             "(busy) if another run still holds it."),
         click.option("--reconnect", type=params.TRIES, default=0, show_default=True, metavar="N",
                      help="When the database ends the session (restart, failover, a terminated "
                           "session, idle_session_timeout), resume by itself up to N times, "
@@ -290,14 +291,26 @@ def _confirm_destructive(chosen: Milestone) -> None:
     """Type the database's name, as GitHub asks for a repository's before deleting it."""
     database = app().target().url.database or ""
     next_step = f"pass --yes (for CI), or run it in a terminal and type {database!r}"
-    if not sys.stdin.isatty() or app().json_mode:
-        raise PreconditionRefused(f"{chosen.name} drops tables and needs confirmation", next_step)
+    if app().json_mode:  # a terminal or not: --json's stdout is one document, never a prompt
+        raise PreconditionRefused(
+            f"{chosen.name} drops tables and needs confirmation, which --json cannot ask for "
+            "(its output is one JSON document, never a prompt)",
+            f"pass --yes with --json, or run it without --json and type {database!r}",
+            details={"confirmation": "--yes", "why": "--json cannot prompt"})
+    if not sys.stdin.isatty():
+        raise PreconditionRefused(
+            f"{chosen.name} drops tables and needs confirmation, and its input is not a terminal "
+            "to type it in", next_step)
     out.say(f"{chosen.name} will archive these (in schema toolkit), check them row for row, then drop:")
     for step in _runner().plan(chosen).steps:
         for what, rows in step.breakdown.items():
             out.say(f"  {what.replace(' to archive', '')}: {rows}")
-    typed = click.prompt(f"{chosen.name} archives and then DROPS tables in {database!r}. "
-                         "Type the database name to go on", default="", show_default=False)
+    try:
+        typed = click.prompt(f"{chosen.name} archives and then DROPS tables in {database!r}. "
+                             "Type the database name to go on", default="", show_default=False)
+    except click.Abort:  # Ctrl-C or Ctrl-D at the prompt: Click's "Aborted!" and exit 1 otherwise
+        raise PreconditionRefused("Not confirmed: the prompt was left without the database's name",
+                                  next_step) from None
     if typed.strip() != database:
         raise PreconditionRefused("Not confirmed: the name typed is not the database's", next_step)
 
