@@ -61,18 +61,18 @@ def test_two_demos_on_one_sandbox(sandbox_dir):
         holder = f"`toolkit demo` (pid {first.process.pid}, since "
 
         second = _toolkit("demo")
-        assert second.returncode == ExitCode.REFUSED, (second.stdout, second.stderr)
+        assert second.returncode == ExitCode.BUSY, (second.stdout, second.stderr)
         assert second.stdout == "" and second.stderr.count("\n") == 1, second.stderr
         assert second.stderr.startswith(f"error: The sandbox in {sandbox_dir} is in use by {holder}")
         assert "TOOLKIT_SANDBOX_DIR=DIR toolkit demo" in second.stderr
 
         seed = _toolkit("sandbox", "seed")
-        assert seed.returncode == ExitCode.REFUSED and holder in seed.stderr, seed.stderr
+        assert seed.returncode == ExitCode.BUSY and holder in seed.stderr, seed.stderr
         assert seed.stderr.count("\n") == 1
 
         # a command whose database is the sandbox (none given) waits its turn too
         status = _toolkit("status")
-        assert status.returncode == ExitCode.REFUSED and holder in status.stderr, status.stderr
+        assert status.returncode == ExitCode.BUSY and holder in status.stderr, status.stderr
 
         # The database replaced under the demo by something that does not take the lock (by
         # hand, an older toolkit): the demo must fail, not report that every check held.
@@ -102,7 +102,7 @@ def test_runs_that_only_use_the_sandbox_share_it_and_block_a_seed(tmp_path):
             pass
         problem = refused.value.problem
         assert "`toolkit mlflow serve` (pid " in problem and "`toolkit status` (pid " in problem
-        assert refused.value.exit_code == ExitCode.REFUSED
+        assert refused.value.exit_code == ExitCode.BUSY
     assert holders(tmp_path) == []
     with hold(tmp_path, "toolkit sandbox seed", exclusive=True), \
             pytest.raises(SandboxBusy, match=r"held by `toolkit sandbox seed` \(pid \d+"), \

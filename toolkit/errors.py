@@ -77,9 +77,12 @@ class PreconditionRefused(ToolkitError):
     exit_code = ExitCode.REFUSED
 
 
-class SandboxBusy(PreconditionRefused):
+class SandboxBusy(ToolkitError):
     """Another toolkit run holds the sandbox (see :mod:`toolkit.sandbox.lock`): nothing was
-    changed; the same command succeeds once that run has ended."""
+    changed; the same command succeeds once that run has ended. "Busy", as a second runner
+    on a database is (exit 7), so a script retries both the same way."""
+
+    exit_code = ExitCode.BUSY
 
 
 class VerificationFailed(ToolkitError):
