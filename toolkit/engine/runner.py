@@ -94,9 +94,12 @@ class Runner:
     # -- read-only -------------------------------------------------------------------
     @contextmanager
     def read_only(self) -> Iterator[Connection]:
-        """One REPEATABLE READ, READ ONLY transaction: consistent counts, and no way to write."""
+        """One transaction whose first statement is ``SET TRANSACTION ISOLATION LEVEL
+        REPEATABLE READ, READ ONLY`` (db.READ_ONLY_OPTION): consistent counts, and the server
+        refuses any write in it, whatever the pooled connection was used for before. Rolled
+        back at the end."""
         with self.engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            conn = conn.execution_options(**{READ_ONLY_OPTION: True})
             with conn.begin() as transaction:
                 try:
                     self._refuse_lost_ledger(conn)
@@ -273,26 +276,11 @@ class Runner:
             )
         return None
 
-    @contextmanager
-    def server_read_only(self) -> Iterator[Connection]:
-        """One transaction whose first statement is ``SET TRANSACTION ISOLATION LEVEL
-        REPEATABLE READ, READ ONLY`` (db.READ_ONLY_OPTION): the server refuses any write in
-        it, whatever the pooled connection was used for before, and its counts are one
-        snapshot. Rolled back at the end."""
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(**{READ_ONLY_OPTION: True})
-            with conn.begin() as transaction:
-                try:
-                    self._refuse_lost_ledger(conn)
-                    yield conn
-                finally:
-                    transaction.rollback()
-
     def rollback_plan(self, milestone: Milestone) -> UndoPlan:
         """What ``rollback`` would restore and remove, counted from the ledgers and the archive
         without writing anything (``rollback --dry-run``). Refused where the rollback itself
         would be: a later milestone in the way, or this one final."""
-        with self.server_read_only() as conn:
+        with self.read_only() as conn:
             if (refusal := self._out_of_order(conn, milestone, "rollback")) is not None:
                 raise refusal
             self._check_reads(conn, milestone.reads)
