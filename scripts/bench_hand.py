@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg.errors import DeadlockDetected, LockNotAvailable
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
@@ -228,11 +229,13 @@ def _m4(form: str) -> list[Statement]:
                 *M4_DROPS]
     guards = [*M4_GUARDS, M4_KEEP_IDS] if form != "online" else []
     return [*guards, *M4_ARCHIVE,
-            f"ALTER TABLE ml_candidates ADD CONSTRAINT {M4_MODEL_ID_CHECK} CHECK (model_id IS NOT NULL) NOT VALID",
+            f"ALTER TABLE ml_candidates ADD CONSTRAINT {M4_MODEL_ID_CHECK} "
+            "CHECK (model_id IS NOT NULL) NOT VALID",
             f"ALTER TABLE ml_candidates VALIDATE CONSTRAINT {M4_MODEL_ID_CHECK}",
             "ALTER TABLE ml_candidates ALTER COLUMN model_id SET NOT NULL",
             f"ALTER TABLE ml_candidates DROP CONSTRAINT {M4_MODEL_ID_CHECK}",
-            f"CREATE UNIQUE INDEX CONCURRENTLY {M4_UNIQUE_INDEX} ON ml_candidates USING btree (model_id, eid)",
+            f"CREATE UNIQUE INDEX CONCURRENTLY {M4_UNIQUE_INDEX} "
+            "ON ml_candidates USING btree (model_id, eid)",
             *M4_DROPS]
 
 
@@ -274,7 +277,7 @@ def run(url: sa.URL | str, milestone: str, form: str) -> dict[str, Any]:
             # a DBA's psql session: no statement or lock timeout of the toolkit's
             conn.execute(sa.text("SET statement_timeout = 0; SET lock_timeout = 0"))
             params: dict[str, Any] = {}
-            each, rows = [], 0
+            each, rows, retried = [], 0, 0
             started = time.perf_counter()
             for statement in statements(milestone, form):
                 began = time.perf_counter()
@@ -283,14 +286,31 @@ def run(url: sa.URL | str, milestone: str, form: str) -> dict[str, Any]:
                     with engine.connect() as reading:
                         params.update(statement(reading))
                 else:
-                    result = conn.execute(sa.text(statement), {k: v for k, v in params.items()
-                                                               if f":{k}" in statement})
+                    bound = {k: v for k, v in params.items() if f":{k}" in statement}
+                    result, tries = _execute(conn, statement, bound)
+                    retried += tries
                     rows += max(result.rowcount, 0) if not result.returns_rows else 0
                 each.append(round(time.perf_counter() - began, 4))
             seconds = time.perf_counter() - started
     finally:
         engine.dispose()
-    return {"seconds": round(seconds, 3), "rows": rows, "statements": each}
+    return {"seconds": round(seconds, 3), "rows": rows, "statements": each, "retried": retried}
+
+
+RETRIES = 20
+
+
+def _execute(conn: Connection, statement: str, params: dict[str, Any]) -> tuple[sa.CursorResult, int]:
+    """One statement, typed again after a deadlock with the application's writes (milestone
+    4's DROP COLUMN against a run being logged), as a DBA would: (its result, the retries)."""
+    for tried in range(RETRIES + 1):
+        try:
+            return conn.execute(sa.text(statement), params), tried
+        except sa.exc.OperationalError as error:
+            if tried == RETRIES or not isinstance(error.orig, (DeadlockDetected, LockNotAvailable)):
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 # -- the same change? -------------------------------------------------------------------
