@@ -819,7 +819,8 @@ def markdown(results: dict[str, Any]) -> str:
         "copies; the median run of each is shown, with the fastest and slowest in brackets.",
         "",
         *_safeguard_lines(results),
-        "| milestone | rows | whole `migrate` s | its preflight/fingerprint/apply/verify/process s | set-based s "
+        "| milestone | rows | whole `migrate` s | its preflight/fingerprint/apply/verify/process s "
+        "| set-based s "
         "| ratio apply | ratio whole | batches (keys each) | batch p50/p99/max ms "
         "| writer p99 ms batched | writer p99 ms set-based | plan s | verify s "
         "| MB apply/verify |",

@@ -12,6 +12,7 @@ totals only) and the wall time of the run itself; everything else the process sp
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -40,14 +41,18 @@ def run(out: str, argv: list[str]) -> None:
     Runner.migrate = _keeping  # type: ignore[method-assign]
     sys.argv = ["toolkit", *argv]
     code: int | str | None = 0
+    # what the command says on stderr (with the writer running, the closing verify finds
+    # the newest runs not yet migrated and says so): kept for the result, not the console
+    said, sys.stderr = sys.stderr, io.StringIO()
     began = time.perf_counter()
     try:
         main()
     except SystemExit as exit_:  # click ends the process this way, whatever the outcome
         code = exit_.code
     ended = time.perf_counter()
+    said, sys.stderr = sys.stderr, said
     result = _kept.get("result")
-    doc: dict[str, Any] = {"exit_code": code}
+    doc: dict[str, Any] = {"exit_code": code, "stderr": said.getvalue()[-2000:]}
     if result is not None:
         timings = {name: round(took, 3) for name, took in result.timings.items()}
         runner = _kept["runner_seconds"]
