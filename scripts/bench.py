@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -262,12 +263,15 @@ def compare(admin: sa.Engine, url: sa.URL, milestone: str, repeat: int,
         marks = bench_hand.watermarks(conn)
     engine.dispose()
     digests: dict[str, dict[str, str]] = {}
+    copy_seconds = 0.0
     for i in range(repeat):
         order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
         for kind in order if i % 2 == 0 else order[::-1]:
             print(f"{milestone}: {kind.replace('_', '-')} run {i + 1} of {repeat} ...", flush=True)
             database = "bench_batched" if kind == "batched" else f"bench_{kind}"
+            copying = time.perf_counter()
             copy = _fresh_copy(admin, url, database)
+            copy_seconds += time.perf_counter() - copying
             if kind in ("set_based", "batched"):
                 runs[kind].append(_timed_migrate(copy, milestone, options[kind], whole=kind == "batched",
                                                  mlflow_clients=mlflow_clients))
@@ -289,6 +293,8 @@ def compare(admin: sa.Engine, url: sa.URL, milestone: str, repeat: int,
         print(f"{milestone}: the catch-up run was refused: {refused}", flush=True)
     engine.dispose()
     medians = {kind: _median(each) for kind, each in runs.items()}
+    print(f"{milestone}: {len(kinds) * repeat} copies took {copy_seconds:.0f} s", flush=True)
+    medians["batched"]["copies_seconds"] = round(copy_seconds, 1)
     for kind in kinds[2:]:
         toolkit_rows = digests["batched"]
         differ = sorted(part for part in toolkit_rows if digests[kind].get(part) != toolkit_rows[part])
@@ -582,6 +588,8 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     args.data_dir.parent.mkdir(parents=True, exist_ok=True)
+    bench_started = time.perf_counter()
+    load_before = os.getloadavg()[1]
 
     server = SandboxServer(args.data_dir.resolve())
     status = server.start()
@@ -660,6 +668,10 @@ def main() -> None:
     commands += [m["batched"]["peak_mb"] for m in results["milestones"].values()]
     commands.append(results["plan_all"]["peak_mb"])
     results["command_peak_mb"] = max(commands, default=None)
+    results["bench_seconds"] = round(time.perf_counter() - bench_started)
+    # how busy the machine was (5-minute load average, start and end): a shared machine's
+    # other work lands in every run, unevenly
+    results["load_average"] = [round(load_before, 1), round(os.getloadavg()[1], 1), os.cpu_count()]
     (args.out / f"{args.scale}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{args.scale}.md").write_text(markdown(results))
     print(markdown(results))
@@ -816,7 +828,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['plan_all']['seconds']} s. Peak memory of the toolkit (each plan, batched "
         f"apply and verify its own process): {results.get('command_peak_mb')} MB. "
         f"Batched and set-based each ran {results.get('repeat', 1)} times, alternating, on fresh "
-        "copies; the median run of each is shown, with the fastest and slowest in brackets.",
+        "copies; the median run of each is shown, with the fastest and slowest in brackets."
+        + (f" The benchmark ran {results['bench_seconds'] / 60:.0f} minutes in all."
+           if results.get("bench_seconds") else "")
+        + (" Load average (5 min) {} at the start, {} at the end, on {} cores.".format(
+            *results["load_average"]) if results.get("load_average") else ""),
         "",
         *_safeguard_lines(results),
         "| milestone | rows | whole `migrate` s | its preflight/fingerprint/apply/verify/process s "
