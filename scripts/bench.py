@@ -1,7 +1,8 @@
-"""Benchmark: each milestone batched vs. the same change as one set-based statement.
+"""Benchmark: each milestone's whole command vs. the same change as one set-based statement
+and vs. the change written by hand.
 
-    python scripts/bench.py --scale gitlab-com   # about a minute and a half
-    python scripts/bench.py --scale x25          # about 25 minutes
+    python scripts/bench.py --scale gitlab-com   # about five minutes on a quiet machine
+    python scripts/bench.py --scale x25          # see the README's "Benchmark"
     python scripts/bench.py --replica-lag        # each milestone's replica lag, throttled or not
     python scripts/bench.py --mlflow-clients 4   # and training clients write through the server
 
@@ -13,19 +14,24 @@ for each milestone in order:
 
 * the **baseline**: a copy of the database (CREATE DATABASE … TEMPLATE) gets the same
   change with every pass done as one batch, i.e. one set-based statement per pass;
-* the **batched** apply, as an operator runs it, on another copy made the same way, which
-  then replaces the original;
-* each of the two ``--repeat`` times (default 3), alternating, each on a fresh copy; the
+* the **batched** apply, as an operator runs it: the whole ``toolkit --json migrate
+  MILESTONE --yes`` command (scripts/bench_command.py), timed from process start to exit,
+  on another copy made the same way, which then replaces the original;
+* the change **written by hand** (scripts/bench_hand.py: bare, online, guarded, guarded
+  with the undo ledger), each on a copy made the same way, checked to leave the rows the
+  toolkit leaves; each milestone's whole command is then split into parts, each one
+  measured variant less the one before (:func:`breakdown`);
+* each kind ``--repeat`` times (default 3), in an order that rotates, each on a fresh copy; the
   median run of each counts and the table shows the spread: on a 2-core virtual machine
   one run varies by a tenth, as much as the margin the ratio target leaves;
-* before both, ``VACUUM (ANALYZE)`` and a ``CHECKPOINT``, untimed: a GitLab database is
+* before them all, ``VACUUM (ANALYZE)`` and a ``CHECKPOINT``, untimed: a GitLab database is
   vacuumed routinely, and autovacuum catching up on freshly loaded or updated tables, or
   the checkpointer writing what the other run dirtied, would otherwise land in whichever
   run comes second;
-* during both, the application-like writer of ``toolkit/sandbox/app_writer.py`` (the one
+* during each, the application-like writer of ``toolkit/sandbox/app_writer.py`` (the one
   the tests run) logs a run every 20 ms, with an experiment while GitLab still creates
   them; its latencies give the p99 GitLab's traffic would see;
-* with ``--mlflow-clients N``, during both as well: ``N`` processes of the training workload
+* with ``--mlflow-clients N``, during each as well: ``N`` processes of the training workload
   (``toolkit/sandbox/training.py``, the real MLflow client) write through ``toolkit mlflow
   serve --allow-writes`` on the copy being migrated, each call timed in the client; the
   write p50/p99 during the migrate, the 503s the clients retried, and whether every
