@@ -1,7 +1,8 @@
-"""Benchmark: each milestone batched vs. the same change as one set-based statement.
+"""Benchmark: each milestone's whole command vs. the same change as one set-based statement
+and vs. the change written by hand.
 
-    python scripts/bench.py --scale gitlab-com   # about a minute and a half
-    python scripts/bench.py --scale x25          # about 25 minutes
+    python scripts/bench.py --scale gitlab-com   # about five minutes on a quiet machine
+    python scripts/bench.py --scale x25          # see the README's "Benchmark"
     python scripts/bench.py --replica-lag        # each milestone's replica lag, throttled or not
     python scripts/bench.py --mlflow-clients 4   # and training clients write through the server
 
@@ -13,19 +14,24 @@ for each milestone in order:
 
 * the **baseline**: a copy of the database (CREATE DATABASE … TEMPLATE) gets the same
   change with every pass done as one batch, i.e. one set-based statement per pass;
-* the **batched** apply, as an operator runs it, on another copy made the same way, which
-  then replaces the original;
-* each of the two ``--repeat`` times (default 3), alternating, each on a fresh copy; the
+* the **batched** apply, as an operator runs it: the whole ``toolkit --json migrate
+  MILESTONE --yes`` command (scripts/bench_command.py), timed from process start to exit,
+  on another copy made the same way, which then replaces the original;
+* the change **written by hand** (scripts/bench_hand.py: bare, online, guarded, guarded
+  with the undo ledger), each on a copy made the same way, checked to leave the rows the
+  toolkit leaves; each milestone's whole command is then split into parts, each one
+  measured variant less the one before (:func:`breakdown`);
+* each kind ``--repeat`` times (default 3), in an order that rotates, each on a fresh copy; the
   median run of each counts and the table shows the spread: on a 2-core virtual machine
   one run varies by a tenth, as much as the margin the ratio target leaves;
-* before both, ``VACUUM (ANALYZE)`` and a ``CHECKPOINT``, untimed: a GitLab database is
+* before them all, ``VACUUM (ANALYZE)`` and a ``CHECKPOINT``, untimed: a GitLab database is
   vacuumed routinely, and autovacuum catching up on freshly loaded or updated tables, or
   the checkpointer writing what the other run dirtied, would otherwise land in whichever
   run comes second;
-* during both, the application-like writer of ``toolkit/sandbox/app_writer.py`` (the one
+* during each, the application-like writer of ``toolkit/sandbox/app_writer.py`` (the one
   the tests run) logs a run every 20 ms, with an experiment while GitLab still creates
   them; its latencies give the p99 GitLab's traffic would see;
-* with ``--mlflow-clients N``, during both as well: ``N`` processes of the training workload
+* with ``--mlflow-clients N``, during each as well: ``N`` processes of the training workload
   (``toolkit/sandbox/training.py``, the real MLflow client) write through ``toolkit mlflow
   serve --allow-writes`` on the copy being migrated, each call timed in the client; the
   write p50/p99 during the migrate, the 503s the clients retried, and whether every
@@ -47,6 +53,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -61,6 +68,10 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, however it is run
+
+import bench_hand
 
 from toolkit import milestones as registry
 from toolkit.cli.migrate import batch_target
@@ -144,22 +155,63 @@ def _training(url: sa.URL, clients: int) -> Iterator[dict[str, Any] | None]:
                    "read_back": report.summary()})
 
 
-def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions, whole: bool,
-                   mlflow_clients: int = 0) -> dict[str, Any]:
+BENCH_COMMAND = str(Path(__file__).with_name("bench_command.py"))
+
+
+def _cli_options(options: RunOptions) -> list[str]:
+    """``options`` as the command line's flags: the whole command is run as typed."""
+    flags = ["--batch-size", str(options.batch_size),
+             "--statement-timeout-ms", str(options.statement_timeout_ms)]
+    if options.target_batch_ms is not None:
+        flags += ["--target-batch-ms", str(options.target_batch_ms)]
+    return flags
+
+
+def _with_writer(url: sa.URL, milestone: str, mlflow_clients: int, body: Any) -> tuple[Any, dict, Any]:
+    """``body()`` while GitLab as deployed for the milestone logs a run (and an experiment)
+    every 20 ms, and the training clients write if asked; (its result, the writer's
+    latencies, the clients')."""
     with _training(url, mlflow_clients) as mlflow:
-        # GitLab as deployed for the milestone, a run (and an experiment) every 20 ms
         writer = AppWriter.during(url, milestone, interval_s=0.02, experiment_every=1)
         writer.start()
         try:
-            with tempfile.NamedTemporaryFile("r") as out:
-                worker = _measured([__file__, "--migrate-worker", _text(url), milestone,
-                                    json.dumps(options.as_dict()), out.name, "whole" if whole else "apply"])
-                run = json.loads(out.read())
+            result = body()
         finally:
             traffic = writer.finish()
+    return result, traffic, mlflow
+
+
+def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions, whole: bool,
+                   mlflow_clients: int = 0) -> dict[str, Any]:
+    """``whole``: the command ``toolkit --json migrate MILESTONE --yes`` as an operator types
+    it (scripts/bench_command.py), timed from the parent: process start to exit; its parts
+    from the run's own timings, and ``process`` the rest (interpreter, imports, connecting,
+    the --json document, exit). Otherwise the set-based baseline: the run in a worker
+    process, its apply timed."""
+    def body() -> tuple[Command, dict[str, Any]]:
+        with tempfile.NamedTemporaryFile("r") as out:
+            if whole:
+                argv = [BENCH_COMMAND, out.name, "--database-url", _text(url), "--json", "migrate",
+                        milestone, "--yes", *_cli_options(options)]
+            else:
+                argv = [__file__, "--migrate-worker", _text(url), milestone,
+                        json.dumps(options.as_dict()), out.name, "apply"]
+            worker = _measured(argv)
+            return worker, json.loads(out.read())
+
+    (worker, run), traffic, mlflow = _with_writer(url, milestone, mlflow_clients, body)
+    if "timeline" not in run:
+        raise SystemExit(f"toolkit migrate {milestone} did not run (exit {run.get('exit_code')})")
     timeline, phases = run["timeline"], run["phases"]
-    # the whole command, or (set-based) the bare change: its apply alone
-    seconds = run["seconds"] if whole else phases.get("apply", run["seconds"])
+    if whole:
+        seconds = worker.seconds
+        # the command's own checks before the run (its state, connecting) count as preflight;
+        # the rest of the process around the run (interpreter, imports, the report, exit) not
+        phases["preflight"] = round(phases["preflight"] + run["cli_before_run"], 3)
+        phases["process"] = round(worker.seconds - run["runner_seconds"] - run["cli_before_run"], 3)
+        phases["cli_before_run"], phases["cli_after_run"] = run["cli_before_run"], run["cli_after_run"]
+    else:  # the bare change: its apply alone
+        seconds = phases.get("apply", run["seconds"])
     batches = [s for _, s, _ in timeline]
     sizes = [n for _, _, n in timeline]
     return {"seconds": round(seconds, 3), "apply_seconds": phases.get("apply"), "phases": phases,
@@ -172,26 +224,72 @@ def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions, whole: bool
             "timeline": timeline, "writer": traffic, "mlflow": mlflow}
 
 
+def _timed_hand(url: sa.URL, milestone: str, form: str, mlflow_clients: int = 0) -> dict[str, Any]:
+    """One hand-written form (scripts/bench_hand.py), its statements in one psql-like
+    session of this process, the writer running as for the toolkit's runs."""
+    done, traffic, mlflow = _with_writer(url, milestone, mlflow_clients,
+                                         lambda: bench_hand.run(url, milestone, form))
+    return {**done, "writer": traffic, "mlflow": mlflow}
+
+
+def _median(each: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(each, key=lambda run: run["seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "seconds_each": [run["seconds"] for run in each]}
+
+
+def hand_forms(milestone: str, chosen: tuple[str, ...]) -> tuple[str, ...]:
+    """The hand forms run for ``milestone``: those of ``chosen`` that differ from another
+    (milestone 1's bare form is its online form; 2 and 4 have no ledger of rows)."""
+    skip = {"milestone-1": {"bare"}, "milestone-2": {"ledgered"}, "milestone-4": {"ledgered"}}
+    return tuple(form for form in chosen if form not in skip.get(milestone, set()))
+
+
 def compare(admin: sa.Engine, url: sa.URL, milestone: str, repeat: int,
-            options: dict[str, RunOptions], mlflow_clients: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The set-based baseline and the batched apply, each ``repeat`` times; the median run of
-    each (by seconds), with every run's seconds in ``seconds_each``.
+            options: dict[str, RunOptions], mlflow_clients: int = 0,
+            forms: tuple[str, ...] = bench_hand.FORMS) -> dict[str, dict[str, Any]]:
+    """The set-based baseline, the whole command and each hand-written form, ``repeat``
+    times each; the median run of each (by seconds), with every run's seconds in
+    ``seconds_each``.
 
     Every run gets a fresh copy of the same settled database, made the same way just
     before: a copy starts with its pages in shared buffers, so a run on the original would
-    meet a colder cache than one on a copy. The order alternates (S B, B S, S B ...) so that
-    neither kind always follows the other. One run of a 2-core virtual machine's disk varies
-    by a tenth either way; a single pair cannot tell 0.8 from 0.9. The last batched copy,
-    ``bench_batched``, is left for the next milestone to start from.
+    meet a colder cache than one on a copy. The order rotates and reverses from one round
+    to the next, so that no kind always follows the same other. One run of a 2-core virtual
+    machine's disk varies by a tenth either way; a single pair cannot tell 0.8 from 0.9. The
+    last batched copy, ``bench_batched``, is left for the next milestone to start from.
+
+    In the first round, each hand form's copy is then compared with the toolkit's on the
+    rows the milestone changes among those that existed before (bench_hand.changed_rows):
+    ``same_rows`` says whether the hand-written change was the toolkit's.
     """
-    runs: dict[str, list[dict[str, Any]]] = {"set_based": [], "batched": []}
+    kinds = ["set_based", "batched", *hand_forms(milestone, forms)]
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        marks = bench_hand.watermarks(conn)
+    engine.dispose()
+    digests: dict[str, dict[str, str]] = {}
+    copy_seconds = 0.0
     for i in range(repeat):
-        for kind in ("set_based", "batched") if i % 2 == 0 else ("batched", "set_based"):
+        order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
+        for kind in order if i % 2 == 0 else order[::-1]:
             print(f"{milestone}: {kind.replace('_', '-')} run {i + 1} of {repeat} ...", flush=True)
-            copy = _fresh_copy(admin, url, f"bench_{kind}")
-            runs[kind].append(_timed_migrate(copy, milestone, options[kind], whole=kind == "batched",
-                                             mlflow_clients=mlflow_clients))
-    _drop(admin, "bench_set_based")
+            database = "bench_batched" if kind == "batched" else f"bench_{kind}"
+            copying = time.perf_counter()
+            copy = _fresh_copy(admin, url, database)
+            copy_seconds += time.perf_counter() - copying
+            if kind in ("set_based", "batched"):
+                runs[kind].append(_timed_migrate(copy, milestone, options[kind], whole=kind == "batched",
+                                                 mlflow_clients=mlflow_clients))
+            else:
+                runs[kind].append(_timed_hand(copy, milestone, kind, mlflow_clients))
+            if i == 0 and kind != "set_based":
+                engine = create_engine(copy)
+                with engine.connect() as conn:
+                    digests[kind] = bench_hand.changed_rows(conn, milestone, marks)
+                engine.dispose()
+            if kind != "batched":
+                _drop(admin, database)
     # What the writer added at the very end is taken by a second run, as an operator would
     # (not timed): the next milestone's gate needs this one to verify.
     engine = create_engine(url.set(database="bench_batched"))
@@ -200,12 +298,19 @@ def compare(admin: sa.Engine, url: sa.URL, milestone: str, repeat: int,
     except PreconditionRefused as refused:  # said, and the table says the milestone did not verify
         print(f"{milestone}: the catch-up run was refused: {refused}", flush=True)
     engine.dispose()
-    medians = []
-    for kind in ("set_based", "batched"):
-        ordered = sorted(runs[kind], key=lambda run: run["seconds"])
-        medians.append({**ordered[(len(ordered) - 1) // 2],
-                        "seconds_each": [run["seconds"] for run in runs[kind]]})
-    return medians[0], medians[1]
+    medians = {kind: _median(each) for kind, each in runs.items()}
+    print(f"{milestone}: {len(kinds) * repeat} copies took {copy_seconds:.0f} s", flush=True)
+    medians["batched"]["copies_seconds"] = round(copy_seconds, 1)
+    for kind in kinds[2:]:
+        toolkit_rows = digests["batched"]
+        differ = sorted(part for part in toolkit_rows if digests[kind].get(part) != toolkit_rows[part])
+        medians[kind]["same_rows"] = not differ
+        medians[kind]["differing"] = differ
+        if differ:
+            print(f"{milestone}: the {kind} form left other rows than the toolkit: {differ}", flush=True)
+    if "online" in medians and "bare" in forms and "bare" not in medians:
+        medians["bare"] = {**medians["online"], "same_statement_as": "online"}
+    return medians
 
 
 METRIC_TEMPLATES = {10: "bench_metrics_10", 1: "bench_metrics_1"}
@@ -344,6 +449,68 @@ def _drop(admin: sa.Engine, database: str) -> None:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
 
 
+def process_start(times: int = 5) -> float:
+    """``toolkit --version`` through the same launcher as the whole command, median of
+    ``times``: the interpreter starting, importing the command line, exiting. Shown beside
+    the whole command's ``process`` part (which adds connecting and the --json document)."""
+    return sorted(_measured(["--version"]).seconds for _ in range(times))[times // 2]
+
+
+# The parts of the gap between the change typed bare and the whole command, in the order
+# they add up: each is one measured variant minus the one before, so they sum to the
+# whole command's median run exactly (a part can come out below zero by noise).
+BREAKDOWN = (
+    ("bare", "by hand, bare"),
+    ("online_ddl", "online DDL"),
+    ("guards", "anomaly guards"),
+    ("ledger", "undo ledger"),
+    ("passes", "toolkit passes, one batch each"),
+    ("batching", "batching"),
+    ("proof", "proof (preflight, fingerprint, verify)"),
+    ("process", "process start and exit"),
+)
+
+
+def breakdown(batched: dict[str, Any], baseline: dict[str, Any], hand: dict[str, Any],
+              process_reference: float) -> dict[str, Any]:
+    """Where the whole command's time goes, from the medians of this milestone's variants:
+
+    * bare: the change typed on a quiet database;
+    * online DDL: the online form less the bare one (CONCURRENTLY, NOT VALID + VALIDATE, the
+      transition triggers, milestone 4's archive copy);
+    * anomaly guards: the guarded form less the online one;
+    * undo ledger: the guarded form writing the toolkit's ledgers, less the guarded form;
+    * toolkit passes: the set-based baseline's apply (the toolkit's own passes and schema
+      steps, each one batch: Alembic revisions, lock_timeout retries, lease fence,
+      checkpoint, write record) less the ledgered form;
+    * batching: the batched apply less the set-based one (per-batch round trips,
+      checkpoints, fences, write records, the keyset walk);
+    * proof: the run's preflight, fingerprint and closing verify;
+    * process: the command's wall time less its run (interpreter, imports, connecting, the
+      --json document, exit); ``toolkit --version`` alone is ``process_start_reference``.
+    """
+    if not all(form in hand for form in ("bare", "online", "guarded")):
+        return {}
+    phases = batched["phases"]
+    ledgered = hand.get("ledgered", hand["guarded"])["seconds"]
+    apply = phases.get("apply") or 0.0
+    parts = {
+        "bare": hand["bare"]["seconds"],
+        "online_ddl": hand["online"]["seconds"] - hand["bare"]["seconds"],
+        "guards": hand["guarded"]["seconds"] - hand["online"]["seconds"],
+        "ledger": ledgered - hand["guarded"]["seconds"],
+        "passes": baseline["seconds"] - ledgered,
+        "batching": apply - baseline["seconds"],
+        "proof": sum(phases.get(p) or 0.0 for p in ("preflight", "fingerprint", "verify")),
+        "process": phases.get("process") or 0.0,
+    }
+    found: dict[str, Any] = {name: round(value, 3) for name, value in parts.items()}
+    found["whole"] = batched["seconds"]
+    found["process_start_reference"] = process_reference
+    found["ledger_measured"] = "ledgered" in hand
+    return found
+
+
 SAFEGUARD_TRANSACTIONS = 2000
 
 
@@ -400,6 +567,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="timed runs of each kind per milestone; the median counts (default 3)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--hand-forms", nargs="*", default=list(bench_hand.FORMS), choices=bench_hand.FORMS,
+                        metavar="FORM", help="the hand-written forms to time against the whole command "
+                        f"(default: all of {', '.join(bench_hand.FORMS)}; none: only the set-based baseline)")
     parser.add_argument("--data-dir", type=Path, default=Path("bench-results/sandbox"))
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--chart", type=Path, metavar="RESULT_JSON",
@@ -424,6 +594,8 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     args.data_dir.parent.mkdir(parents=True, exist_ok=True)
+    bench_started = time.perf_counter()
+    load_before = os.getloadavg()[1]
 
     server = SandboxServer(args.data_dir.resolve())
     status = server.start()
@@ -446,6 +618,7 @@ def main() -> None:
     _fresh_copy(admin, url, METRIC_TEMPLATES[10])  # the pristine seed, for the metrics variant
     results["safeguards_per_transaction"] = safeguard_cost(url)
     print(json.dumps({"safeguards_per_transaction": results["safeguards_per_transaction"]}), flush=True)
+    results["process_start_seconds"] = process_start()
     # The operator's first command: every milestone's plan on the untouched database.
     first_plan = _toolkit("--database-url", _text(url), "plan", "--no-sql")
     results["plan_all"] = {"seconds": first_plan.seconds, "peak_mb": first_plan.peak_mb}
@@ -457,9 +630,11 @@ def main() -> None:
             # a part of the whole command.
 
             _settle(url)
-            baseline, batched = compare(admin, url, milestone, args.repeat, {
+            medians = compare(admin, url, milestone, args.repeat, {
                 "set_based": RunOptions(batch_size=10**12, statement_timeout_ms=3_600_000),
-                "batched": batched_options}, args.mlflow_clients)
+                "batched": batched_options}, args.mlflow_clients, tuple(args.hand_forms))
+            baseline, batched = medians["set_based"], medians["batched"]
+            hand = {form: medians[form] for form in bench_hand.FORMS if form in medians}
             _drop(admin, url.database)
             with admin.connect() as conn:
                 conn.execute(sa.text(f'ALTER DATABASE "bench_batched" RENAME TO "{url.database}"'))
@@ -472,15 +647,19 @@ def main() -> None:
                 "verify_seconds": verified.seconds, "verify_peak_mb": verified.peak_mb,
                 "fingerprint_seconds": batched["phases"].get("fingerprint"),
                 "verified": verified.exit_code == ExitCode.OK,
-                "batched": batched, "set_based": baseline,
+                "batched": batched, "set_based": baseline, "hand": hand,
                 # the batched apply alone, and the whole command, against the bare change
                 "throughput_ratio": (round(baseline["seconds"] / batched["apply_seconds"], 3)
                                      if batched["apply_seconds"] else None),
                 "whole_command_ratio": (round(baseline["seconds"] / batched["seconds"], 3)
                                         if batched["seconds"] else None),
+                # the whole command against the change typed by hand (hand seconds / whole)
+                **{f"ratio_{form}": round(run["seconds"] / batched["seconds"], 3)
+                   for form, run in hand.items()},
+                "breakdown": breakdown(batched, baseline, hand, results["process_start_seconds"]),
             }
             shown = {k: v for k, v in results["milestones"][milestone].items()
-                     if k not in ("batched", "set_based")}
+                     if k not in ("batched", "set_based", "hand")}
             if batched.get("mlflow"):
                 shown["mlflow_batched"] = {k: v for k, v in batched["mlflow"].items() if k != "read_back"}
             print(json.dumps(shown), flush=True)
@@ -495,6 +674,10 @@ def main() -> None:
     commands += [m["batched"]["peak_mb"] for m in results["milestones"].values()]
     commands.append(results["plan_all"]["peak_mb"])
     results["command_peak_mb"] = max(commands, default=None)
+    results["bench_seconds"] = round(time.perf_counter() - bench_started)
+    # how busy the machine was (5-minute load average, start and end): a shared machine's
+    # other work lands in every run, unevenly
+    results["load_average"] = [round(load_before, 1), round(os.getloadavg()[1], 1), os.cpu_count()]
     (args.out / f"{args.scale}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{args.scale}.md").write_text(markdown(results))
     print(markdown(results))
@@ -512,8 +695,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
         print("no chart: install the bench extra (pip install -e '.[bench]') for matplotlib")
         return
     milestones = results["milestones"]
-    figure, axes = plt.subplots(len(milestones), 1, figsize=(10, 2.6 * len(milestones)), squeeze=False)
-    for ax, (name, m) in zip(axes[:, 0], milestones.items(), strict=True):
+    broken = {name: m["breakdown"] for name, m in milestones.items() if m.get("breakdown")}
+    panels = len(milestones) + (1 if broken else 0)
+    figure, axes = plt.subplots(panels, 1, figsize=(10, 2.6 * panels), squeeze=False)
+    if broken:
+        _breakdown_panel(axes[-1, 0], broken)
+    for ax, (name, m) in zip(axes[:, 0], milestones.items(), strict=False):
         elapsed, by_pass = 0.0, {}
         for pass_name, seconds, _keys in m["batched"]["timeline"]:
             elapsed += seconds
@@ -528,11 +715,27 @@ def chart(results: dict[str, Any], path: Path) -> None:
                      fontsize=9)
         ax.set_ylabel("batch ms")
         ax.legend(fontsize=7, loc="upper right")
-    axes[-1, 0].set_xlabel("seconds of batches")
+    axes[len(milestones) - 1, 0].set_xlabel("seconds of batches")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     print(f"chart: {path}")
+
+
+def _breakdown_panel(ax: Any, broken: dict[str, dict[str, Any]]) -> None:
+    """One stacked bar per milestone: where the whole command's time goes (parts below zero,
+    noise, are drawn as nothing), the whole command marked above it."""
+    names = list(broken)
+    bottoms = [0.0] * len(names)
+    for key, label in BREAKDOWN:
+        values = [max(broken[n].get(key) or 0.0, 0.0) for n in names]
+        ax.bar(names, values, bottom=bottoms, label=label)
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    ax.scatter(names, [broken[n]["whole"] for n in names], marker="_", s=400, color="black",
+               label="whole command (median)", zorder=3)
+    ax.set_ylabel("seconds")
+    ax.set_title("where the whole command's time goes", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left", ncol=2)
 
 
 def _spread(run: dict[str, Any]) -> str:
@@ -547,6 +750,52 @@ def _safeguard_lines(results: dict[str, Any]) -> list[str]:
     return [f"Each transaction's own timeouts and lease check (median of {SAFEGUARD_TRANSACTIONS} "
             f"empty transactions each): {cost['plain_ms']} ms bare, {cost['timeouts_ms']} ms with its "
             f"timeouts, {cost['fenced_ms']} ms fenced too: {cost['overhead_ms']} ms a commit.", ""]
+
+
+def _hand_lines(results: dict[str, Any]) -> list[str]:
+    """The whole command against the change typed by hand, and where its time goes."""
+    with_hand = {name: m for name, m in results["milestones"].items() if m.get("hand")}
+    if not with_hand:
+        return []
+    lines = ["", "Against the change written by hand (scripts/bench_hand.py), each form run as often as "
+             "the whole command, alternating, on fresh copies, the writer running; the whole command is "
+             "`toolkit --json migrate MILESTONE --yes` from process start to exit. Ratio = hand-written "
+             "seconds / whole-command seconds (1.0: as fast as typing it by hand). Same rows: after the "
+             "form, the rows the milestone changes (of those there before) are the toolkit's.", "",
+             "| milestone | by hand, bare s | by hand, online s | by hand, guarded s | guarded + ledger s "
+             "| whole command s | ratio online | ratio guarded | writer p99 ms whole/online | same rows |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in with_hand.items():
+        h = m["hand"]
+
+        def shown(form: str, h: dict[str, Any] = h) -> str:
+            if form not in h:
+                return "-"
+            same_as = h[form].get("same_statement_as")
+            return _spread(h[form]) + (f" (= {same_as})" if same_as else "")
+
+        same = all(run.get("same_rows", True) for run in h.values())
+        differing = sorted({part for run in h.values() for part in run.get("differing", [])})
+        online_p99 = h.get("online", {}).get("writer", {}).get("p99_ms")
+        forms = " | ".join(shown(form) for form in ("bare", "online", "guarded", "ledgered"))
+        lines.append(f"| {name} | {forms} "
+                     f"| {_spread(m['batched'])} | {m.get('ratio_online', '-')} "
+                     f"| {m.get('ratio_guarded', '-')} "
+                     f"| {m['batched']['writer']['p99_ms']}/{online_p99} "
+                     f"| {'yes' if same else 'NO: ' + ', '.join(differing)} |")
+    lines += ["", "Where the whole command's time goes (seconds, from the medians above; each part is one "
+              "measured variant less the one before, so they add up to the whole command; below zero is "
+              "noise). `toolkit --version` alone: "
+              f"{results.get('process_start_seconds')} s.", "",
+              "| milestone | " + " | ".join(label for _, label in BREAKDOWN) + " | whole |",
+              "|---|" + "---|" * (len(BREAKDOWN) + 1)]
+    for name, m in with_hand.items():
+        b = m.get("breakdown") or {}
+        if b:
+            ledger = "" if b.get("ledger_measured") else " (none)"
+            cells = [f"{b[key]}{ledger if key == 'ledger' else ''}" for key, _ in BREAKDOWN]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {b['whole']} |")
+    return lines
 
 
 def _mlflow_lines(results: dict[str, Any]) -> list[str]:
@@ -585,10 +834,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['plan_all']['seconds']} s. Peak memory of the toolkit (each plan, batched "
         f"apply and verify its own process): {results.get('command_peak_mb')} MB. "
         f"Batched and set-based each ran {results.get('repeat', 1)} times, alternating, on fresh "
-        "copies; the median run of each is shown, with the fastest and slowest in brackets.",
+        "copies; the median run of each is shown, with the fastest and slowest in brackets."
+        + (f" The benchmark ran {results['bench_seconds'] / 60:.0f} minutes in all."
+           if results.get("bench_seconds") else "")
+        + (" Load average (5 min) {} at the start, {} at the end, on {} cores.".format(
+            *results["load_average"]) if results.get("load_average") else ""),
         "",
         *_safeguard_lines(results),
-        "| milestone | rows | whole `migrate` s | its preflight/fingerprint/apply/verify s | set-based s "
+        "| milestone | rows | whole `migrate` s | its preflight/fingerprint/apply/verify/process s "
+        "| set-based s "
         "| ratio apply | ratio whole | batches (keys each) | batch p50/p99/max ms "
         "| writer p99 ms batched | writer p99 ms set-based | plan s | verify s "
         "| MB apply/verify |",
@@ -597,7 +851,7 @@ def markdown(results: dict[str, Any]) -> str:
     for name, m in results["milestones"].items():
         b, s = m["batched"], m["set_based"]
         parts = "/".join(str(b["phases"].get(part, "-"))
-                         for part in ("preflight", "fingerprint", "apply", "verify"))
+                         for part in ("preflight", "fingerprint", "apply", "verify", "process"))
         lines.append(
             f"| {name} | {b['rows']} | {_spread(b)} | {parts} | {_spread(s)} | {m['throughput_ratio']} | "
             f"{m['whole_command_ratio']} | "
@@ -606,6 +860,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{b['writer']['p99_ms']} | {s['writer']['p99_ms']} | {m['plan_seconds']} | "
             f"{m['verify_seconds']}{'' if m['verified'] else ' (FAILED)'} | "
             f"{b.get('peak_mb')}/{m['verify_peak_mb']} |")
+    lines += _hand_lines(results)
     lines += _mlflow_lines(results)
     variant = results.get("metrics_variant")
     if variant:

@@ -298,7 +298,8 @@ def _words(bad: Case, tmp_path: Path, good: dict[str, Any]) -> list[str]:
 
 
 def _refused(result: Result, bad: Case) -> None:
-    lines = result.stderr.splitlines()
+    # which database (stderr, said by every command that resolved one), then the one error line
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("Using ")]
     assert result.exit_code == ExitCode.USAGE, (bad.args, result.output)
     assert len(lines) == 1 and lines[0].startswith("error: "), (bad.args, result.stderr)
     for words in (bad.said,) if isinstance(bad.said, str) else bad.said:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from click.testing import CliRunner
 
@@ -14,9 +15,19 @@ def run(*args: str, env: dict | None = None):
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
-def test_demo_runs_the_whole_blueprint_and_comes_back_identical(sandbox_dir):
+def test_demo_runs_the_whole_blueprint_and_comes_back_identical(sandbox_dir, monkeypatch):
+    # run as the Quick start runs it, by a path, the venv not activated
+    monkeypatch.setattr(sys, "argv", ["/nowhere/venv/bin/toolkit", "demo"])
     result = run("demo")
     assert result.exit_code == 0, result.output
+    # what to type next is said as it can be typed, and the sandbox is said to be left running
+    last = result.output.splitlines()[-3:]
+    assert last[0] == ("Every check held. Go on: `/nowhere/venv/bin/toolkit status`, "
+                       "`/nowhere/venv/bin/toolkit plan milestone-1`, `/nowhere/venv/bin/toolkit history`.")
+    assert "`. /nowhere/venv/bin/activate`" in last[1]
+    assert last[2].startswith("The sandbox is still running (started by the demo, pid ")
+    assert last[2].endswith(f"data in {sandbox_dir}); stop it with `/nowhere/venv/bin/toolkit sandbox stop`.")
+    assert "full table: /nowhere/venv/bin/toolkit report candidates --project " in result.output
     for milestone in ("milestone-1", "milestone-2", "milestone-3", "milestone-4"):
         assert f"   {milestone}: " in result.output
     assert "checks hold" in result.output and "rolled back" in result.output
@@ -127,3 +138,21 @@ def test_every_command_has_help_with_an_example():
         assert result.exit_code == 0
         assert "Example:" in result.output, path
 
+
+
+def test_the_command_to_type_next_is_the_one_typed():
+    """After `.venv/bin/toolkit demo` a bare `toolkit` is not found: say what was typed."""
+    from toolkit.cli.invoked import typed_command
+
+    assert typed_command(".venv/bin/toolkit", which=lambda _: None) == ".venv/bin/toolkit"
+    assert typed_command("/usr/local/bin/toolkit", which=lambda _: "/usr/local/bin/toolkit") == "toolkit"
+    assert typed_command("/opt/tk/bin/toolkit", which=lambda _: "/usr/local/bin/toolkit") == \
+        "/opt/tk/bin/toolkit"
+    assert typed_command("toolkit", which=lambda _: "/usr/local/bin/toolkit") == "toolkit"
+    module = typed_command("/src/toolkit/__main__.py", which=lambda _: None)
+    assert module == f"{sys.executable} -m toolkit"
+    from toolkit.cli.demo import _venv_of
+
+    assert _venv_of(".venv/bin/toolkit") == ".venv"
+    assert _venv_of("/srv/tk/.venv/bin/python -m toolkit") == "/srv/tk/.venv"
+    assert _venv_of("python3 -m toolkit") is None and _venv_of("toolkit") is None

@@ -1,9 +1,9 @@
 """Where the database comes from, in order, as psql would find it, and what is said about it.
 
-``--database-url``, then ``TOOLKIT_DATABASE_URL``, then libpq's own environment (PGHOST,
-PGHOSTADDR, PGPORT, PGDATABASE, PGUSER, PGSERVICE, with PGSERVICEFILE, PGPASSWORD and
-PGPASSFILE/~/.pgpass honoured as libpq honours them), then ``--gitlab-config`` (GitLab's
-database.yml), then the sandbox. Every command names its source in one line, never with
+``--database-url``, then ``--gitlab-config`` (GitLab's database.yml): the command line
+first; then ``TOOLKIT_DATABASE_URL``, then libpq's own environment (PGHOST, PGHOSTADDR,
+PGPORT, PGDATABASE, PGUSER, PGSERVICE, with PGSERVICEFILE, PGPASSWORD and
+PGPASSFILE/~/.pgpass honoured as libpq honours them), then the sandbox. Every command names its source in one line, never with
 a password. Connection-parameter mistakes are usage errors (exit 2) naming the parameter;
 a server that asks for a password nobody gave says so, and how to give one.
 
@@ -307,12 +307,14 @@ def test_gitlab_config_with_a_password_never_shows_it(realistic_db, clean, passw
     assert f"{password_role}:***@" in _using(result)
 
 
-def test_libpq_environment_comes_before_gitlab_config_and_says_so(realistic_db, clean):
-    config = _gitlab_config(realistic_db, clean / "database.yml", database="tk_no_such_database")
-    result = run("--gitlab-config", str(config), "status", env=_libpq_env(realistic_db))
+def test_gitlab_config_comes_before_libpq_environment_and_says_so(realistic_db, clean):
+    """An option on the command line wins over the environment (a stray PGHOST)."""
+    config = _gitlab_config(realistic_db, clean / "database.yml")
+    env = {**_libpq_env(realistic_db), "PGDATABASE": "tk_no_such_database"}
+    result = run("--gitlab-config", str(config), "status", env=env)
     assert result.exit_code == 0, result.output
     line = _using(result)
-    assert "libpq's environment" in line and str(config) in line and "not read" in line, line
+    assert str(config) in line and "in the environment not used: --gitlab-config comes first" in line, line
 
 
 @pytest.mark.parametrize("text, says", [

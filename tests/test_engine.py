@@ -173,13 +173,13 @@ def test_a_second_runner_is_refused_and_told_who_holds_the_lock(realistic_db):
         rolled = toolkit(realistic_db, "rollback", "milestone-1", "--lock-wait", "0")
     finally:
         rival.close()
-    assert result.exit_code == ExitCode.LOCKED
+    assert result.exit_code == ExitCode.BUSY  # not a batch's lock timeout (4): busy, try later
     lines = [line for line in result.output.splitlines() if not line.startswith("Using ")]
     assert lines[0].startswith("warning: the runner lock is held by toolkit migrate milestone-1, connected as")
     assert "waiting up to 0.3 s" in lines[0]  # said before the wait, not after it
     assert f"(its server pid {rival_pid})" in lines[-1]
     assert f"pg_terminate_backend({rival_pid})" in lines[-1] and "never run two at once" in lines[-1]
-    assert rolled.exit_code == ExitCode.LOCKED
+    assert rolled.exit_code == ExitCode.BUSY
     assert not own_schema_exists(realistic_db)  # refused before anything was written
 
 
@@ -246,7 +246,8 @@ def test_max_batches_does_part_of_the_work_and_status_shows_the_checkpoint(reali
 def test_json_documents_have_the_documented_shape(adversarial_db):
     code, plan = toolkit_json(adversarial_db, "plan", "milestone-1")
     assert code == 0
-    assert set(plan) == {"command", "ok", "exit_code", "result"}
+    assert set(plan) == {"command", "ok", "exit_code", "database", "result"}
+    assert plan["database"].startswith("postgresql://") and f"/{adversarial_db.name}?" in plan["database"]
     milestone = plan["result"]["milestones"][0]
     assert set(milestone) == {"milestone", "title", "rows", "gate", "steps"}
     step = milestone["steps"][0]
@@ -255,7 +256,7 @@ def test_json_documents_have_the_documented_shape(adversarial_db):
 
     code, applied = toolkit_json(adversarial_db, "migrate", "milestone-1")
     assert code == ExitCode.VERIFY_FAILED and applied["ok"] is False
-    assert set(applied) == {"command", "ok", "exit_code", "error"}
+    assert set(applied) == {"command", "ok", "exit_code", "database", "error"}
     assert set(applied["error"]) == {"kind", "problem", "next_step", "details"}
     assert applied["error"]["kind"] == "VerificationFailed"
 
@@ -386,8 +387,10 @@ def test_off_a_terminal_a_long_pass_prints_a_progress_line_every_few_seconds(mak
     lines = [line for line in run.stderr.splitlines() if line.startswith("progress: ")]
     assert len(lines) >= 2, run.stderr
     total = db.scalar("SELECT count(*) FROM ml_candidates WHERE package_id IS NOT NULL")
-    done = [int(line.split(f" of {total} rows")[0].rsplit(" ", 1)[1].replace(",", "")) for line in lines]
+    done = [int(line.split(f" of {total} keys")[0].rsplit(" ", 1)[1].replace(",", "")) for line in lines]
     assert done == sorted(done) and 0 < done[0] < total
-    assert all(f" of {total} rows (" in line and " rows/s, about " in line and " s left" in line for line in lines)
+    assert all(f" of {total} keys scanned (" in line and " rows changed, " in line and " keys/s, " in line
+               and (line.endswith(" s left") or line.endswith("time left not yet estimated"))
+               for line in lines)
     silent = toolkit_process(quiet, "-q", "migrate", "milestone-1", "--batch-size", "2", "--pause-ms", "60", env=every)
     assert silent.returncode == 0 and "progress: " not in silent.stderr

@@ -53,7 +53,7 @@ def test_the_pipeline_is_valid_gitlab_ci_with_waves_caps_retries_and_a_stop_rule
     for name in ("c1", "a1", "a2", "a3", "b1"):
         job = jobs[f"milestone-2 {name}"]
         assert job["resource_group"] == f"toolkit-fleet-{name}"  # one job at a time per database
-        assert job["retry"] == {"max": 2, "exit_codes": [4, 6, 75]}  # resumable codes only
+        assert job["retry"] == {"max": 2, "exit_codes": [4, 6, 7, 75]}  # resumable codes only
         assert job["script"] == [f"toolkit fleet job --inventory {tmp_path}/fleet.yml --database {name} "
                                  "--out fleet-artifacts milestone-2 -- --reconnect 3"]
         assert job["artifacts"]["when"] == "always"
@@ -160,8 +160,8 @@ def test_the_k8s_jobs_are_valid_indexed_jobs_one_per_wave_retrying_only_resumabl
     assert canary["completionMode"] == "Indexed" and canary["backoffLimitPerIndex"] == 2
     rules = canary["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "FailIndex", "onExitCodes": {"containerName": "toolkit", "operator": "NotIn",
-                                                                "values": [0, 4, 6, 75]}}
-    assert rules[1]["action"] == "Count" and rules[1]["onExitCodes"]["values"] == [4, 6, 75]
+                                                                "values": [0, 4, 6, 7, 75]}}
+    assert rules[1]["action"] == "Count" and rules[1]["onExitCodes"]["values"] == [4, 6, 7, 75]
     pod = wave1["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     container = pod["containers"][0]

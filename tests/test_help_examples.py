@@ -58,6 +58,9 @@ SANDBOX_EXAMPLES: dict[str, list[int]] = {
     "toolkit sandbox start && toolkit sandbox seed --scale gitlab-com": [0, 0],
     "toolkit sandbox seed --scale gitlab-com --profile adversarial --seed 7": [0],
     'psql "$(toolkit sandbox url)"': [0, 0],
+    "toolkit sandbox psql -c 'SELECT count(*) FROM ml_experiments'": [0],
+    "toolkit sandbox pg_dump -Fc -f before-toolkit.dump": [0],
+    "toolkit sandbox pg_restore --list before-toolkit.dump": [0],
     "toolkit demo": [0],
     "toolkit sandbox stop": [0],
 }
@@ -173,7 +176,8 @@ def test_the_fleet_examples_run(realistic_db, tmp_path, monkeypatch):
     assert realistic_db.scalar("SELECT state FROM toolkit.milestones WHERE milestone = 'milestone-1'") == "verified"
 
 
-def test_the_sandbox_examples_run(sandbox_dir, tmp_path):
+def test_the_sandbox_examples_run(sandbox_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # sandbox pg_dump -f before-toolkit.dump writes here
     for line, expected in SANDBOX_EXAMPLES.items():
         _check(line, run_example(line, {}, tmp_path), expected)
 

@@ -52,7 +52,7 @@ def test_rollback_keeps_a_model_gitlab_has_used_since(before_milestone):
                   SELECT now(), now(), project_id, id, '1.0.0' FROM ml_models WHERE id = :m""", m=used)
     result = toolkit(db, "rollback", "milestone-3")
     assert result.exit_code == ExitCode.VERIFY_FAILED
-    assert "1 models kept" in result.output
+    assert "1 model kept" in result.output  # singular: one model
     assert db.scalar("SELECT count(*) FROM ml_models WHERE id = :m", m=used) == 1
     assert db.scalar("SELECT model_id FROM ml_experiments WHERE model_id = :m", m=used) == used
     assert db.rows("SELECT model_id FROM toolkit.m3_created_models") == [(used,)]

@@ -103,7 +103,7 @@ def test_the_dry_runs_transaction_is_read_only_on_the_server(realistic_db):
         for _ in range(2):
             with engine.begin() as conn:  # the same pooled connection, read-write
                 conn.execute(sa.text("SELECT 1"))
-            with runner.server_read_only() as conn:
+            with runner.read_only() as conn:
                 assert conn.execute(sa.text("SHOW transaction_read_only")).scalar() == "on"
                 assert conn.execute(sa.text("SHOW transaction_isolation")).scalar() == "repeatable read"
                 with pytest.raises(DBAPIError) as refused:

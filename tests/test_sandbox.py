@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -95,3 +98,84 @@ def test_a_libpq_environment_does_not_send_sandbox_tests_elsewhere(libpq_elsewhe
     result = run("status")  # no database given, the sandbox not running: said as such
     assert result.exit_code == ExitCode.REFUSED, result.output
     assert "sandbox is not running" in result.output and "Using " not in result.output
+
+
+def _process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+def test_the_sandbox_own_psql_and_pg_dump_reach_its_database(sandbox_dir, tmp_path):
+    """A system pg_dump older than the sandbox's server (18) refuses it: `toolkit sandbox
+    pg_dump` is the server's own, connected to the sandbox's database."""
+    not_yet = _process("sandbox", "pg_dump")
+    assert not_yet.returncode == ExitCode.REFUSED and "toolkit sandbox start" in not_yet.stderr
+    assert run("sandbox", "seed").exit_code == 0
+    count = _process("sandbox", "psql", "-At", "-c", "SELECT count(*) FROM ml_experiments")
+    assert (count.returncode, count.stdout) == (0, "24\n"), count.stderr
+    # the arguments are pg_dump's: a plain dump of one table on stdout, every row in it
+    dumped = _process("sandbox", "pg_dump", "--data-only", "-t", "ml_experiments")
+    assert dumped.returncode == 0, dumped.stderr
+    copy = dumped.stdout.split("COPY public.ml_experiments ")[1].split("\n\\.\n")[0]
+    assert len(copy.splitlines()) - 1 == 24
+    # the runbook's backup, tested as it says: restored into a scratch database of the sandbox
+    backup = tmp_path / "before-toolkit.dump"
+    assert _process("sandbox", "pg_dump", "-Fc", "-f", str(backup)).returncode == 0
+    assert _process("sandbox", "psql", "-c", "CREATE DATABASE scratch").returncode == 0
+    restored = _process("sandbox", "pg_restore", "-d", "scratch", str(backup))
+    assert restored.returncode == 0, restored.stderr
+    counted = _process("sandbox", "psql", "-d", "scratch", "-At", "-c", "SELECT count(*) FROM ml_candidates")
+    assert (counted.returncode, counted.stdout) == (0, "242\n"), counted.stderr
+    # pg_dump's own failure is its exit code
+    missing = _process("sandbox", "pg_dump", "-t", "no_such_table")
+    assert missing.returncode == 1 and "no matching tables" in missing.stderr
+    assert _process("--json", "sandbox", "psql").returncode == ExitCode.USAGE
+
+
+def test_the_help_names_the_sandbox_directory_as_it_is_for_this_user(monkeypatch):
+    """As root the default is machine-wide, not "per user"."""
+    from toolkit.sandbox.server import MACHINE_WIDE_DIR, _default_without_env
+
+    monkeypatch.delenv("TOOLKIT_SANDBOX_DIR", raising=False)
+    shown = "".join(run("sandbox", "--help").output.split())  # as wrapped, without the wrapping
+    assert f"else{_default_without_env()}" in shown
+    assert "peruser" not in shown
+    if os.geteuid() == 0:
+        assert f"{MACHINE_WIDE_DIR},machine-wide" in shown
+    else:
+        assert "yoursalone" in shown
+
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _section(title: str) -> str:
+    return README.read_text().split(f"## {title}\n")[1].split("\n## ")[0]
+
+
+def test_the_readme_seed_times_are_the_benchmark_s():
+    """One figure per scale, the one docs/benchmarks/ measured, wherever the README says it."""
+    table = _section("The sandbox")
+    for scale in ("gitlab-com", "x25"):
+        bench = json.loads((README.parent / "docs" / "benchmarks" / f"{scale}.json").read_text())
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{scale}` |"))
+        assert row.split(" | ")[-1].startswith(f"{bench['seed_seconds']:.1f} s"), (scale, row)
+        if scale == "x25":
+            assert f"peak {bench['seed_peak_mb']:.1f} MB" in row
+            assert f"**x25 sandbox < 3 minutes**: {bench['seed_seconds']:.1f} s." in _section("Benchmark")
+
+
+def test_the_quick_start_says_where_the_sandbox_is_and_how_to_go_on():
+    from toolkit.sandbox.server import MACHINE_WIDE_DIR
+
+    quick = _section("Quick start")
+    commands = quick.split("```sh\n")[1].split("```")[0].strip().splitlines()
+    assert len(commands) == 2, commands
+    flat = " ".join(quick.split())
+    for said in ("~/.local/share/toolkit/sandbox", f"as root, in `{MACHINE_WIDE_DIR}`",
+                 "`TOOLKIT_SANDBOX_DIR=DIR`", "refuses (exit 3", "`.venv/bin/toolkit sandbox stop`",
+                 "`. .venv/bin/activate`", "about 15 minutes on 2 cores"):
+        assert said in flat, said
+    runbook = " ".join(_section("Runbook for production").split())
+    assert "toolkit sandbox pg_dump -Fc -f before-toolkit.dump" in runbook
+    assert "640 passed" not in _section("Running the tests")

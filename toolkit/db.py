@@ -1,10 +1,10 @@
 """Which database a command talks to, and how: URL resolution, masking, engine, errors.
 
-Order of precedence: ``--database-url``, then ``TOOLKIT_DATABASE_URL``, then libpq's own
-environment (PGHOST, PGDATABASE, PGSERVICE, ...: what psql would use), then
-``--gitlab-config`` (GitLab's database.yml), then the running sandbox; every command says
-in one line which one it used (:meth:`Target.announcement`), so nobody mistakes the sandbox
-for production. The password never leaves this module unmasked: :func:`describe` is what
+Order of precedence: the command line first (``--database-url``, then ``--gitlab-config``,
+GitLab's database.yml), then the environment (``TOOLKIT_DATABASE_URL``, then libpq's own:
+PGHOST, PGDATABASE, PGSERVICE, ...: what psql would use), then the running sandbox; every
+command says in one line which one it used (:meth:`Target.announcement`), so nobody
+mistakes the sandbox for production. The password never leaves this module unmasked: :func:`describe` is what
 every message uses.
 """
 
@@ -85,7 +85,7 @@ class Target:
             "libpq": f"Using the database from {self.origin}: {self.describe()}",
             "gitlab-config": f"Using GitLab's database from {self.origin}: {self.describe()}",
         }.get(self.source, f"Using the sandbox database {self.describe()} (no --database-url, "
-                           f"{DATABASE_URL_ENV}, PGHOST/PGDATABASE/PGSERVICE or --gitlab-config given)")
+                           f"--gitlab-config, {DATABASE_URL_ENV} or PGHOST/PGDATABASE/PGSERVICE given)")
         return f"{said} ({self.note})" if self.note else said
 
 
@@ -100,14 +100,21 @@ def parse_url(raw: str) -> URL:
     return conninfo_to_url(raw)
 
 
+class NoDatabaseGiven(PreconditionRefused):
+    """No source names a database and the sandbox is not running. ``toolkit sql`` can do
+    without one (it shows the query instead), so it is told apart from other refusals."""
+
+
 def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> Target:
     """The database, from the first source given, in this order:
 
-    ``--database-url``, ``TOOLKIT_DATABASE_URL``, libpq's own environment (when one of
-    PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, PGUSER, PGSERVICE is set: what psql would use,
-    service file and password file included), ``--gitlab-config`` (GitLab's database.yml),
-    then the running sandbox. A ``--gitlab-config`` that a source before it overrides is
-    named in the target's note, so the line every command says tells the operator.
+    ``--database-url``, ``--gitlab-config`` (GitLab's database.yml), ``TOOLKIT_DATABASE_URL``,
+    libpq's own environment (when one of PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, PGUSER,
+    PGSERVICE is set: what psql would use, service file and password file included), then
+    the running sandbox. What is given on the command line wins over the environment: a
+    stray PGHOST left in a shell must not redirect an explicit ``--gitlab-config``. A source
+    given but overridden is named in the target's note, so the line every command says
+    tells the operator.
     """
     from toolkit.conninfo import from_libpq_environment
 
@@ -117,18 +124,15 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
     if url_option is not None:
         return Target(parse_url(url_option), "option",
                       note=ignored and f"{ignored}: --database-url comes first")
-    if raw := os.environ.get(DATABASE_URL_ENV):
-        return Target(parse_url(raw), "environment",
-                      note=ignored and f"{ignored}: {DATABASE_URL_ENV} comes first")
-    if libpq := from_libpq_environment():
-        return Target(libpq.url, "libpq", libpq.origin(),
-                      note=ignored and f"{ignored}: libpq's environment ({', '.join(libpq.variables)}) "
-                                       "comes first; unset it to use the file")
     if gitlab_config is not None:
         from toolkit import gitlab_config as gitlab
 
         found = gitlab.read(gitlab_config)
-        return Target(found.url, "gitlab-config", found.origin())
+        return Target(found.url, "gitlab-config", found.origin(), note=_environment_not_used(found.url))
+    if raw := os.environ.get(DATABASE_URL_ENV):
+        return Target(parse_url(raw), "environment")
+    if libpq := from_libpq_environment():
+        return Target(libpq.url, "libpq", libpq.origin())
     from toolkit.gitlab_config import OMNIBUS_PATH
     from toolkit.sandbox.server import SandboxServer
 
@@ -136,13 +140,38 @@ def resolve_target(url_option: str | None, gitlab_config: str | None = None) -> 
     if not status.running:
         omnibus = (f" (this machine has {OMNIBUS_PATH}: --gitlab-config {OMNIBUS_PATH})"
                    if os.path.exists(OMNIBUS_PATH) else "")
-        raise PreconditionRefused(
+        raise NoDatabaseGiven(
             "No database given and the sandbox is not running",
-            f"pass --database-url, set {DATABASE_URL_ENV}, set libpq's PGHOST/PGDATABASE/PGUSER or "
-            f"PGSERVICE, pass --gitlab-config PATH to GitLab's database.yml{omnibus}, "
+            f"pass --database-url, pass --gitlab-config PATH to GitLab's database.yml{omnibus}, "
+            f"set {DATABASE_URL_ENV}, set libpq's PGHOST/PGDATABASE/PGUSER or PGSERVICE, "
             "or run `toolkit sandbox start`",
         )
     return Target(parse_url(status.url()), "sandbox")
+
+
+# libpq's location variables and the parameter each one gives.
+_LOCATION_PARAMETERS = {"PGHOST": "host", "PGHOSTADDR": "hostaddr", "PGPORT": "port",
+                        "PGDATABASE": "dbname", "PGUSER": "user", "PGSERVICE": "service"}
+
+
+def _environment_not_used(url: URL) -> str:
+    """What a ``--gitlab-config`` says of the environment it wins over, truthfully: the
+    variables whose parameter database.yml sets are not used; one whose parameter it
+    leaves out libpq still reads when it connects (a file without ``host``: PGHOST)."""
+    given = {"host": bool(url.host or url.query.get("host")), "port": bool(url.port or url.query.get("port")),
+             "dbname": bool(url.database), "user": bool(url.username),
+             "hostaddr": "hostaddr" in url.query, "service": "service" in url.query}
+    set_ = [name for name in _LOCATION_PARAMETERS if os.environ.get(name)]
+    unused = ([DATABASE_URL_ENV] if os.environ.get(DATABASE_URL_ENV) else []) + [
+        name for name in set_ if given[_LOCATION_PARAMETERS[name]]]
+    still = [name for name in set_ if not given[_LOCATION_PARAMETERS[name]]]
+    said = []
+    if unused:
+        said.append(f"{', '.join(unused)} in the environment not used: --gitlab-config comes first")
+    if still:
+        said.append(f"libpq still reads {', '.join(still)} for what the file leaves out "
+                    f"({', '.join(_LOCATION_PARAMETERS[name] for name in still)})")
+    return "; ".join(said)
 
 
 MAX_TIMEOUT_MS = 2**31 - 1  # PostgreSQL's integer settings (statement_timeout) stop here

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     LOCKED = 4
     DATABASE = 5
     THROTTLED = 6
+    BUSY = 7  # another toolkit run holds the runner: nothing was done, try again later
     INTERNAL = 70
     SESSION_LOST = 75  # sysexits' EX_TEMPFAIL: try again
     INTERRUPTED = 130
@@ -36,6 +37,9 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.THROTTLED: "stopped at a batch boundary after waiting --max-throttle-s for the database's "
                         "health (replica lag, VACUUM, a long transaction, archiving, your throttle); "
                         "everything committed is kept: run the same command again to resume",
+    ExitCode.BUSY: "busy: another toolkit run holds the runner lock on this database (or a "
+                   "session of an earlier run is still at work there); nothing was done: run the "
+                   "same command again when it has finished",
     ExitCode.INTERNAL: "an unexpected internal error (a bug: please report it with TOOLKIT_DEBUG=1 output)",
     ExitCode.SESSION_LOST: "the database ended the session, ran out of a resource (disk, memory, "
                            "connections, a configured limit) or the run lost its hold on the runner "
@@ -73,12 +77,32 @@ class PreconditionRefused(ToolkitError):
     exit_code = ExitCode.REFUSED
 
 
+class SandboxBusy(ToolkitError):
+    """Another toolkit run holds the sandbox (see :mod:`toolkit.sandbox.lock`): nothing was
+    changed; the same command succeeds once that run has ended. "Busy", as a second runner
+    on a database is (exit 7), so a script retries both the same way."""
+
+    exit_code = ExitCode.BUSY
+
+
 class VerificationFailed(ToolkitError):
     exit_code = ExitCode.VERIFY_FAILED
 
 
+class SandboxReplaced(VerificationFailed):
+    """The sandbox database a demo checked was dropped and created again under it: what
+    it checked afterwards was another database, so none of its checks can be said to hold."""
+
+
 class LockUnavailable(ToolkitError):
     exit_code = ExitCode.LOCKED
+
+
+class RunnerBusy(LockUnavailable):
+    """Another toolkit run holds the runner: "busy, try again later", which CI must tell
+    apart from a batch's lock or statement timeout (exit 4). Nothing of this run started."""
+
+    exit_code = ExitCode.BUSY
 
 
 class DatabaseProblem(ToolkitError):
@@ -135,3 +159,24 @@ def without_database_urls(text: str) -> str:
     read by whoever can read the toolkit's schema and copied into reports, so they say
     "the database" instead."""
     return _DATABASE_URL.sub("the database", text)
+
+
+# SQLAlchemy appends "\n[SQL: stmt]\n[parameters: ...]\n(Background on this error at: url)";
+# each part ends where the next begins, at a line's end or at the end of the text.
+_END = r"(?=\s*(?:\[parameters: |\(Background on this error at: |\n|$|\.\s))"
+_DRIVER_DUMP = re.compile(rf"\s*(?:\[SQL: .*?\]{_END}|\[parameters: .*?\]{_END}"
+                          r"|\(Background on this error at: [^)\s]*\)"
+                          r"|\n\s*LINE \d+: [^\n]*\n\s*\^)", re.S)  # LINE: the server's pointer
+_DRIVER_PREFIX = re.compile(r"\((?:sqlalchemy|psycopg)[\w.]*\)\s*")
+
+
+def without_driver_internals(text: str) -> str:
+    """SQLAlchemy's text of an error as one line of what went wrong: without the statement
+    dump (``[SQL: ...]``), its parameters, the ``Background on this error at:`` link, the
+    server's ``LINE 1: ... ^`` pointer into the statement or the ``(sqlalchemy.exc.X)``
+    prefix. Whatever path stored it (a driver error, an error that wraps one, a message
+    quoting one), history keeps the problem, not the internals, which repeat the
+    statement's data and are no use to the operator who reads it."""
+    text = _DRIVER_DUMP.sub("", text)
+    text = _DRIVER_PREFIX.sub("", text)
+    return " ".join(text.split())

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from typing import Any, TextIO
-
-from tqdm import tqdm
 
 from toolkit.engine.events import progress_every_s
 from toolkit.errors import redact
+from toolkit.progress import PassBar, ProgressLines
 
 
 @dataclass
@@ -102,63 +102,30 @@ class Output:
         if self.json_mode:
             if self.warnings and "warnings" not in doc:
                 doc = {**doc, "warnings": self.warnings}
-            text = json.dumps(doc, indent=2, sort_keys=True, default=str)
+            text = json.dumps(doc, indent=2, sort_keys=True, default=json_value)
             self._print(self._clean(text), self._out())
 
-    def progress(self, total: int | None, description: str, unit: str = "rows") -> tqdm | ProgressLines:
-        """A progress bar with rate and ETA on a terminal. Off a terminal (a CI log, a file)
-        a bar would be noise, and silence for a 30-minute pass looks like a hang: a plain
-        line every few seconds instead, on stderr, with --json too (stdout keeps its one
-        document). Nothing with --quiet."""
+    def progress(self, total: int | None, name: str) -> PassBar | ProgressLines:
+        """A pass's progress (toolkit/progress.py): a bar with rate and time left on a
+        terminal. Off a terminal (a CI log, a file) a bar would be noise, and silence for a
+        30-minute pass looks like a hang: a plain line every few seconds instead, on stderr,
+        with --json too (stdout keeps its one document). Nothing with --quiet."""
         stream = self._err()
         if not self.quiet and not getattr(stream, "isatty", lambda: False)():
-            return ProgressLines(self, total, description, unit, progress_every_s())
-        return tqdm(
-            total=total,
-            desc=description,
-            unit=f" {unit}",
-            unit_scale=True,
-            file=stream,
-            disable=self.json_mode or self.quiet,
-            leave=False,
-            dynamic_ncols=True,
-        )
+            return ProgressLines(lambda line: self._print(self._clean(line), self._err()), name, total,
+                                 progress_every_s())
+        return PassBar(stream, name, total, disable=self.json_mode or self.quiet)
 
 
-@dataclass
-class ProgressLines:
-    """``pass: 12,000 of 45,000 rows (27%), 3,400 rows/s, about 10 s left``, every few seconds."""
-
-    output: Output
-    total: int | None
-    description: str
-    unit: str
-    every_s: float
-    done: int = 0
-    started: float = field(default_factory=time.monotonic)
-    last: float = field(default_factory=time.monotonic)
-
-    def __enter__(self) -> ProgressLines:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.output._print(self.output._clean(self.line(now)), self.output._err())
-
-    def line(self, now: float) -> str:
-        rate = self.done / max(now - self.started, 1e-9)
-        if not self.total:
-            return f"progress: {self.description}: {self.done:,} {self.unit}, {rate:,.0f} {self.unit}/s"
-        left = max(self.total - self.done, 0)
-        eta = f"about {left / rate:,.0f} s left" if rate > 0 else "time left unknown"
-        return (f"progress: {self.description}: {self.done:,} of {self.total:,} {self.unit} "
-                f"({100 * self.done / self.total:.0f}%), {rate:,.0f} {self.unit}/s, {eta}")
+def json_value(value: object) -> object:
+    """What JSON cannot hold, as text: a moment in ISO 8601 (``2026-12-02T06:57:06+00:00``,
+    in UTC when it has a zone), which every JSON reader parses (``str()`` of a datetime puts
+    a space where ISO 8601 has ``T``); anything else (Decimal, UUID, Path) as ``str()``."""
+    if isinstance(value, datetime):
+        return (value.astimezone(UTC) if value.tzinfo is not None else value).isoformat()
+    if isinstance(value, date | dt_time):
+        return value.isoformat()
+    return str(value)
 
 
 def discard(stream: TextIO) -> None:

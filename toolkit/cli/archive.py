@@ -14,6 +14,7 @@ from toolkit.milestones.m4 import archive as m4_archive
 from toolkit.milestones.m4.final import DROP_COMMAND, archive_dropped
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS
 from toolkit.output import out
+from toolkit.words import counted
 
 
 @click.group()
@@ -107,5 +108,5 @@ def drop(yes: bool) -> None:
             counts = _counts(conn)
             m4_archive.drop_everything(conn)
             conn.commit()
-    out.say("Dropped the archive: " + ", ".join(f"{t} ({n} rows)" for t, n in counts.items() if n))
+    out.say("Dropped the archive: " + ", ".join(f"{t} ({counted(n, 'row')})" for t, n in counts.items() if n))
     app().finish({"dropped": counts})

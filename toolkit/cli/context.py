@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -30,12 +32,20 @@ class AppContext:
     _observed: Observed | None = field(default=None, repr=False)
     _target: Target | None = field(default=None, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
+    _holds: ExitStack = field(default_factory=ExitStack, repr=False)
 
     def target(self) -> Target:
         if self._target is None:
-            self._target = resolve_target(self.database_url, self.gitlab_config)
+            target = resolve_target(self.database_url, self.gitlab_config)
+            if target.source == "sandbox":  # no database given: hold the sandbox for the run
+                self.hold_sandbox(exclusive=False)
+            self._target = target
             output.out.secrets = self._target.secrets
-            output.out.say(self._target.announcement())  # which database, and from where
+            # Which database, and from where: on stderr, so what a command prints on stdout
+            # (`toolkit sql ... > rebuild.sql`) is its output alone. With --json the
+            # document's "database" says it instead.
+            if not self.json_mode:
+                output.out.note(self._target.announcement())
         return self._target
 
     def engine(self) -> Engine:
@@ -71,6 +81,15 @@ class AppContext:
         if self._observed is not None:
             self._observed.end(exit_code, error)
 
+    def hold_sandbox(self, *, exclusive: bool, data_dir: Path | None = None) -> None:
+        """Hold the sandbox until the command ends (see :mod:`toolkit.sandbox.lock`):
+        exclusively for a command that replaces its database, shared for one that uses it."""
+        from toolkit.sandbox.lock import hold
+        from toolkit.sandbox.server import SandboxServer
+
+        self._holds.enter_context(hold(SandboxServer(data_dir).data_dir, f"toolkit {self.command}",
+                                       exclusive=exclusive))
+
     def close(self) -> None:
         if self._observed is not None:
             self._observed.close()
@@ -78,6 +97,7 @@ class AppContext:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+        self._holds.close()
 
     def finish(self, result: dict[str, Any]) -> None:
         """Emit a successful command's one JSON document (no-op for a person).
@@ -85,12 +105,20 @@ class AppContext:
         A failing command raises instead; the error handler emits its document.
         """
         self.ended(0)
-        output.out.document(envelope(self.command, True, 0, result=result))
+        output.out.document(envelope(self.command, True, 0, database=self.database(), result=result))
+
+    def database(self) -> str | None:
+        """The database this command used, as every message shows it (password masked), or
+        None when it connected to none."""
+        return self._target.describe() if self._target is not None else None
 
 
-def envelope(command: str, ok: bool, exit_code: int, **parts: Any) -> dict[str, Any]:
-    """The stable shape of every --json document (documented in the README)."""
-    return {"command": command, "ok": ok, "exit_code": exit_code, **parts}
+def envelope(command: str, ok: bool, exit_code: int, *, database: str | None = None,
+             **parts: Any) -> dict[str, Any]:
+    """The stable shape of every --json document (documented in the README): ``database``
+    names the database the command used (masked; null when it used none), so a CI log
+    shows which one a result is about."""
+    return {"command": command, "ok": ok, "exit_code": exit_code, "database": database, **parts}
 
 
 def app(ctx: click.Context | None = None) -> AppContext:

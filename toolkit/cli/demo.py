@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import click
@@ -11,18 +12,22 @@ import sqlalchemy as sa
 from toolkit import milestones as registry
 from toolkit.cli import params
 from toolkit.cli.context import app
+from toolkit.cli.invoked import typed_command
 from toolkit.db import create_engine
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
-from toolkit.errors import VerificationFailed
+from toolkit.errors import SandboxReplaced, VerificationFailed
 from toolkit.inventory import table_counts
 from toolkit.mlflow_api.demo import ClientReadings
-from toolkit.output import out
+from toolkit.output import Output, out
 from toolkit.report import candidate_report
-from toolkit.sandbox.database import seed_sandbox
+from toolkit.sandbox.database import SameDatabase, seed_sandbox
 from toolkit.sandbox.server import SandboxServer
 from toolkit.sandbox.training_demo import TrainingDuringMigration
 from toolkit.verify.fingerprint import compare, take
+from toolkit.words import counted
+
+STEP_INDENT = "   "  # the demo's lines under each numbered step
 
 
 @click.command()
@@ -42,25 +47,34 @@ def demo(seed_value: int, batch_size: int) -> None:
     project through `toolkit mlflow serve --allow-writes`, from before milestone 1 to after
     the last rollback; every write they were told succeeded must read back (a server that
     refuses writes is said, not a failure). Exit 0 only if every check held. Replaces the
-    sandbox database; never touches any other.
+    sandbox database ($TOOLKIT_SANDBOX_DIR, else the default `toolkit sandbox --help`
+    names); never touches any other. Refused (exit 3) while another toolkit run uses that
+    sandbox; fails (exit 1) if its database is replaced while the demo runs. Leaves the
+    sandbox running, for the commands it suggests; `toolkit sandbox stop` stops it.
 
     Example: toolkit demo
     """
     server = SandboxServer()
+    app().hold_sandbox(exclusive=True, data_dir=server.data_dir)  # refused while another run uses it
+    toolkit = typed_command()
     stages: list[dict[str, Any]] = []
     out.say("1. Sandbox: starting the embedded PostgreSQL and seeding a small GitLab data set...")
+    was_running = server.status().running
     status = server.start()
     report = seed_sandbox(status, "small", "realistic", seed_value)
     engine = create_engine(status.url())
+    same = SameDatabase(status, engine)
     stack = ExitStack()
     try:
         runner = Runner(engine, RunOptions(batch_size=batch_size), plan=registry.plan(),
-                        command="toolkit demo", events=out)
+                        command="toolkit demo", events=Indented(out))
         with runner.read_only() as conn:
             counts = table_counts(conn)
             before = take(conn)
-        out.say(f"   {counts['ml_experiments']} experiments, {counts['ml_candidates']} candidates, "
-                f"{counts['ml_candidate_metrics']} metrics, {counts['packages_packages']} packages "
+        out.say(f"   {counted(counts['ml_experiments'], 'experiment')}, "
+                f"{counted(counts['ml_candidates'], 'candidate')}, "
+                f"{counted(counts['ml_candidate_metrics'], 'metric')}, "
+                f"{counted(counts['packages_packages'], 'package')} "
                 f"(seeded in {report.seconds:.1f}s, data in {status.data_dir})")
         readings = stack.enter_context(ClientReadings(status.url()))
         with runner.read_only() as conn:  # the training clients' project, left out of the readings
@@ -84,7 +98,8 @@ def demo(seed_value: int, batch_size: int) -> None:
                 raise (result.verify.failure() if result.verify else
                        VerificationFailed(f"{milestone.name} did not complete", "see `toolkit status`"))
             mlflow = next(c for c in result.verify.checks if c.name.startswith("the MLflow view"))
-            out.say(f"   {milestone.name}: {result.rows} rows, {len(result.verify.checks)} checks hold; "
+            out.say(f"   {milestone.name}: {counted(result.rows, 'row')}, "
+                    f"{counted(len(result.verify.checks), 'check')} hold; "
                     f"MLflow view unchanged ({mlflow.detail.split(' (')[0]}){readings.again()}")
             if said := _what_users_see_change(mlflow.detail, milestone.name):
                 out.say(f"     {said}")
@@ -99,8 +114,8 @@ def demo(seed_value: int, batch_size: int) -> None:
         for row in candidates["candidates"][:3]:
             out.say(f"   {model_name} #{row['iid']} {row['name'] or '(no name)'}: "
                     f"accuracy {row['metrics'].get('accuracy')}, params {row['params']}")
-        out.say(f"   ({len(candidates['candidates'])} candidates; full table: toolkit report candidates "
-                f"--project {project_id} --model {model_name})")
+        out.say(f"   ({counted(len(candidates['candidates']), 'candidate')}; full table: "
+                f"{toolkit} report candidates --project {project_id} --model {model_name})")
 
         out.say("5. Roll back all four milestones, newest first:")
         for milestone in reversed(list(registry.MILESTONES.values())):
@@ -112,10 +127,11 @@ def demo(seed_value: int, batch_size: int) -> None:
             undone = sum(1 for p in result.passes if p.schema_change and p.changed)
             written = next(s["rows"] for s in stages if s["stage"] == f"migrate {milestone.name}")
             if result.rows or not written:
-                said = f"{result.rows} rows restored or removed in batches, {undone} schema changes undone"
+                said = (f"{counted(result.rows, 'row')} restored or removed in batches, "
+                        f"{counted(undone, 'schema change')} undone")
             else:  # milestone 2: dropping its column takes the values it backfilled with it
-                said = (f"{undone} schema changes undone, which took the {written} values it had "
-                        "written with them")
+                said = (f"{counted(undone, 'schema change')} undone, which took the "
+                        f"{counted(written, 'value')} it had written with them")
             out.say(f"   {milestone.name}: rolled back: {said}")
             stages.append({"stage": f"rollback {milestone.name}", "rows": result.rows, "ok": True})
         out.say(f"   {training.finish()}")
@@ -128,18 +144,67 @@ def demo(seed_value: int, batch_size: int) -> None:
                 "The fingerprint differs after the round trip: "
                 + "; ".join(d.describe() for d in differences),
                 "report this with `toolkit history` output")
-        out.say(f"   identical: all {len(before.tables)} ML tables and all {len(before.mlflow)} parts of "
+        out.say(f"   identical: all {counted(len(before.tables), 'ML table')} and all "
+                f"{counted(len(before.mlflow), 'part')} of "
                 "the MLflow view (row counts and content hashes)")
         readings.again()
         out.say(f"7. {readings.summary()}")
+        same.check()
+    except Exception as failure:
+        try:
+            same.check()  # a database replaced under the demo is the failure to report
+        except SandboxReplaced as replaced:
+            raise replaced from failure
+        except Exception:
+            pass  # the server itself went away: the first failure says so
+        raise
     finally:
         stack.close()
         engine.dispose()
-    out.say("Every check held. Go on: `toolkit status`, `toolkit plan milestone-1`, `toolkit history`.")
-    app().finish({"sandbox": str(status.data_dir), "counts": counts, "stages": stages,
+    out.say(f"Every check held. Go on: `{toolkit} status`, `{toolkit} plan milestone-1`, "
+            f"`{toolkit} history`.")
+    if venv := _venv_of(toolkit):
+        out.say(f"(Or activate the venv, `. {venv}/bin/activate`, and type plain `toolkit`, "
+                "as the README's examples do.)")
+    out.say(f"The sandbox is still running ({'as before' if was_running else 'started by the demo'}, "
+            f"pid {status.pid}, data in {status.data_dir}); stop it with `{toolkit} sandbox stop`.")
+    app().finish({"sandbox": str(status.data_dir), "sandbox_running": True, "counts": counts,
+                  "stages": stages,
                   "round_trip_identical": True, "mlflow_client": readings.as_dict(),
                   "mlflow_writes": training.as_dict()})
 
+class Indented:
+    """The demo's runner events: what the engine narrates (``Taking the fingerprint ...``)
+    is indented under the demo's current numbered step, not a line of its own between
+    them; warnings, notes and progress go on as the terminal shows them."""
+
+    def __init__(self, events: Output) -> None:
+        self.events = events
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return self.events.secrets
+
+    def say(self, message: str = "") -> None:
+        self.events.say(f"{STEP_INDENT}{message}" if message else message)
+
+    def warn(self, message: str) -> None:
+        self.events.warn(message)
+
+    def note(self, message: str) -> None:
+        self.events.note(message)
+
+    def progress(self, total: int | None, name: str) -> Any:
+        return self.events.progress(total, name)
+
+
+def _venv_of(command: str) -> str | None:
+    """``.venv`` for ``.venv/bin/toolkit``, or for ``.venv/bin/python -m toolkit``; None
+    when the command is not run by its path from a venv's ``bin``."""
+    if command == "toolkit":
+        return None
+    program = Path(command.split(" -m ")[0])
+    return str(program.parent.parent) if program.parent.name == "bin" else None
 
 
 def _what_users_see_change(detail: str, milestone: str) -> str:

@@ -130,7 +130,7 @@ def _action(words: tuple[str, ...], command: str) -> tuple[str, str, tuple[str, 
               help="How the jobs run the toolkit (e.g. a venv's bin/toolkit).")
 @click.option("--retries", type=params.Whole(0, 2, "GitLab retries a job at most twice"), default=2,
               show_default=True, help="Retries of a job that stopped with a resumable exit code "
-                                      "(4, 6, 75); 0 for none.")
+                                      "(4, 6, 7, 75); 0 for none.")
 @click.option("--image", default=None, help="The jobs' image (default: the runner's).")
 @click.option("--tag", "tags", multiple=True, help="A runner tag for every job (repeat for more).")
 def pipeline_command(inventory_path: str, words: tuple[str, ...], out_path: str | None,
@@ -273,7 +273,7 @@ def k8s_job_command(inventory_path: str, words: tuple[str, ...], image: str, nam
                     backoff_limit_per_index: int, waves: tuple[str, ...], out_path: str | None) -> None:
     """Write Kubernetes Indexed Jobs running MILESTONE (or its rollback): one Job per wave,
     one index per database, parallelism the wave's max_parallel, backoffLimitPerIndex,
-    and a podFailurePolicy that retries the resumable exit codes (4, 6, 75) and fails the
+    and a podFailurePolicy that retries the resumable exit codes (4, 6, 7, 75) and fails the
     index on any other. Apply the canary's Job first; `kubectl wait` for it, then the next.
 
     Example: toolkit fleet k8s-job milestone-1 --image registry.example.com/toolkit:0.1.0 --out fleet-jobs.yml

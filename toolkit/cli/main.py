@@ -21,7 +21,14 @@ from toolkit.cancel import stop_in_chain
 from toolkit.cli import params
 from toolkit.cli.context import AppContext, app, debug_enabled, envelope
 from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
-from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode, Interrupted, ToolkitError, UsageProblem
+from toolkit.errors import (
+    EXIT_CODE_MEANINGS,
+    ExitCode,
+    Interrupted,
+    ToolkitError,
+    UsageProblem,
+    without_driver_internals,
+)
 
 
 def _exit_code_help() -> str:
@@ -119,6 +126,11 @@ class ToolkitGroup(click.Group):
         except NoArgsIsHelpError:
             raise  # `toolkit archive` alone: Click's help
         except click.UsageError as exc:  # a subcommand's options, read as it is invoked
+            if ctx.params.get("json_mode") and not app(ctx).json_mode:
+                # `toolkit --json bogus`: Click resolves the subcommand before the group's
+                # callback configures the output, so --json is taken from what was parsed.
+                app(ctx).json_mode = True
+                output.configure(json_mode=True, quiet=bool(ctx.params.get("quiet")))
             _report(ctx, usage_problem(exc))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -142,7 +154,8 @@ class ToolkitGroup(click.Group):
                 _report(ctx, Interrupted("Interrupted", "run the same command again to resume"))
             if debug_enabled():
                 raise
-            _report(ctx, ToolkitError(f"Unexpected error: {type(exc).__name__}: {exc}",
+            _report(ctx, ToolkitError(f"Unexpected error: {type(exc).__name__}: "
+                                      f"{without_driver_internals(str(exc))}",
                                       "run again with TOOLKIT_DEBUG=1 and report the traceback"),
                     code=ExitCode.INTERNAL)
         finally:
@@ -158,7 +171,7 @@ def _report(ctx: click.Context, exc: ToolkitError, code: ExitCode | None = None)
                             "next_step": exc.next_step})
     if state.json_mode:
         output.out.document(envelope(
-            state.command, False, int(code),
+            state.command, False, int(code), database=state.database(),
             error={"kind": type(exc).__name__, "problem": output.out._clean(exc.problem),
                    "next_step": exc.next_step, "details": exc.details},
         ))
@@ -169,14 +182,14 @@ def _report(ctx: click.Context, exc: ToolkitError, code: ExitCode | None = None)
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog=f"\b\nExit codes:\n{_exit_code_help()}")
 @click.option("--database-url", metavar="URL",
-              help=f"GitLab's PostgreSQL database (default: ${DATABASE_URL_ENV}, else libpq's PGHOST/"
-                   "PGDATABASE/PGSERVICE..., else --gitlab-config, else the running sandbox). The "
+              help=f"GitLab's PostgreSQL database (default: --gitlab-config, else ${DATABASE_URL_ENV}, "
+                   "else libpq's PGHOST/PGDATABASE/PGSERVICE..., else the running sandbox). The "
                    "password is never printed.")
 @click.option("--gitlab-config", metavar="PATH", expose_value=False,
               callback=lambda ctx, _, path: setattr(ctx.ensure_object(AppContext), "gitlab_config", path),
               help="GitLab's database.yml (Omnibus: /var/opt/gitlab/gitlab-rails/etc/database.yml): its "
-                   "production main database, when neither --database-url, $TOOLKIT_DATABASE_URL nor "
-                   "libpq's environment names one.")
+                   "production main database, unless --database-url is given; it wins over "
+                   "$TOOLKIT_DATABASE_URL and libpq's environment.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings; no progress bars.")
 @click.option("--read-timeout", type=params.READ_TIMEOUT_S, default=None, metavar="SECONDS",
@@ -204,15 +217,49 @@ def cli(ctx: click.Context, database_url: str | None, json_mode: bool, quiet: bo
     output.configure(json_mode=json_mode, quiet=quiet)
 
 
+class SubcommandHelp:
+    """What every subcommand's ``--help`` adds to Click's: the milestones its MILESTONE
+    takes (with their short aliases, ``1`` for ``milestone-1``), and the global options,
+    which work after the subcommand too (``toolkit status --json``) but which Click would
+    show only in ``toolkit --help``. Mixed into each subcommand's class when it is
+    registered, so no command module has to remember it."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_options(ctx, formatter)  # type: ignore[misc]
+        if any(getattr(p, "metavar", None) and "MILESTONE" in str(p.metavar)
+               for p in self.get_params(ctx)):  # type: ignore[attr-defined]
+            from toolkit import milestones
+
+            with formatter.section("Milestones (MILESTONE)"):
+                formatter.write_dl([(f"{m.name}, {m.number}", m.title)
+                                    for m in milestones.MILESTONES.values()])
+        root = click.Context(cli, info_name="toolkit")  # the root's, even for a help built alone
+        records = [record for p in cli.get_params(root) if not p.is_eager
+                   and (record := p.get_help_record(root)) is not None]
+        if records:
+            with formatter.section("Global options (before or after the subcommand)"):
+                formatter.write_dl(records)
+
+
+def _with_subcommand_help(command: click.Command) -> None:
+    if not isinstance(command, SubcommandHelp):
+        command.__class__ = type(command.__class__.__name__, (SubcommandHelp, command.__class__), {})
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _with_subcommand_help(sub)
+
+
 def _register() -> None:
     from toolkit.cli import adopt, archive, demo, fingerprint, migrate, mlflow, report, sandbox, sql
 
     for command in (migrate.status, migrate.plan, migrate.migrate, migrate.verify, migrate.rollback,
                     sql.sql, migrate.history, fingerprint.fingerprint, archive.archive,
                     report.report, sandbox.sandbox, demo.demo, mlflow.mlflow, adopt.adopt):
+        _with_subcommand_help(command)
         cli.add_command(command)
     from toolkit.cli.fleet import fleet
 
+    _with_subcommand_help(fleet)
     cli.add_command(fleet)
 
 

@@ -12,7 +12,7 @@ from toolkit import milestones as registry
 from toolkit.cli import params, render
 from toolkit.cli.context import app
 from toolkit.engine import health, state
-from toolkit.engine.batches import RunOptions
+from toolkit.engine.batches import PassResult, RunOptions
 from toolkit.engine.locks import runner_lock_holders
 from toolkit.engine.outcomes import ApplyResult, PlanResult, VerifyResult
 from toolkit.engine.plan import Milestone
@@ -69,7 +69,8 @@ def run_options(func: Callable) -> Callable:
         click.option("--ddl-retries", type=params.TRIES, default=20, show_default=True,
                      help="Retries of a schema change after a lock timeout (backoff up to 5 s)."),
         click.option("--lock-wait", type=params.SECONDS, default=10.0, show_default=True,
-                     metavar="SECONDS", help="How long to poll for the one-runner lock."),
+                     metavar="SECONDS", help="How long to poll for the one-runner lock; then exit 7 "
+                                             "(busy) if another run still holds it."),
         click.option("--reconnect", type=params.TRIES, default=0, show_default=True, metavar="N",
                      help="When the database ends the session (restart, failover, a terminated "
                           "session, idle_session_timeout), resume by itself up to N times, "
@@ -193,6 +194,7 @@ def _apply_doc(result: ApplyResult) -> dict[str, Any]:
         "throttled_seconds": result.throttled_seconds,
         "passes": [{"name": p.name, "rows": p.rows, "batches": p.batches, "complete": p.complete,
                     "schema_change": p.schema_change, "changed": p.changed,
+                    "finished_before": p.finished_before is not None,
                     "seconds": round(p.seconds, 3), "batch_sizes": _size_range(p.batch_sizes)}
                    for p in result.passes],
     }
@@ -275,7 +277,8 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
     """Apply a milestone in short batches; resumable, one runner at a time.
 
     Refuses to start until the previous milestone verifies. Ctrl-C stops at the next
-    batch boundary; running the same command again resumes. Verifies at the end.
+    batch boundary; running the same command again resumes (it says where, and does not
+    walk the passes finished before). Verifies at the end.
 
     Example: toolkit migrate milestone-1 --dry-run
     """
@@ -303,7 +306,7 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
             _confirm_destructive(chosen)
         out.say(f"Applying {chosen.name}: {chosen.title}")
 
-    result = runner.migrate(chosen, verify_after=not no_verify, go_ahead=go_ahead)
+    result = runner.migrate(chosen, verify_after=not no_verify, go_ahead=go_ahead, on_pass=_say_pass)
     _report_apply(result)
     if result.verify is not None and not result.verify.ok:
         failure = result.verify.failure()
@@ -316,37 +319,57 @@ def _confirm_destructive(chosen: Milestone) -> None:
     """Type the database's name, as GitHub asks for a repository's before deleting it."""
     database = app().target().url.database or ""
     next_step = f"pass --yes (for CI), or run it in a terminal and type {database!r}"
-    if not sys.stdin.isatty() or app().json_mode:
-        raise PreconditionRefused(f"{chosen.name} drops tables and needs confirmation", next_step)
+    if app().json_mode:  # a terminal or not: --json's stdout is one document, never a prompt
+        raise PreconditionRefused(
+            f"{chosen.name} drops tables and needs confirmation, which --json cannot ask for "
+            "(its output is one JSON document, never a prompt)",
+            f"pass --yes with --json, or run it without --json and type {database!r}",
+            details={"confirmation": "--yes", "why": "--json cannot prompt"})
+    if not sys.stdin.isatty():
+        raise PreconditionRefused(
+            f"{chosen.name} drops tables and needs confirmation, and its input is not a terminal "
+            "to type it in", next_step)
     out.say(f"{chosen.name} will archive these (in schema toolkit), check them row for row, then drop:")
     for step in _runner().plan(chosen).steps:
         for what, rows in step.breakdown.items():
             out.say(f"  {what.replace(' to archive', '')}: {rows}")
-    typed = click.prompt(f"{chosen.name} archives and then DROPS tables in {database!r}. "
-                         "Type the database name to go on", default="", show_default=False)
+    try:
+        typed = click.prompt(f"{chosen.name} archives and then DROPS tables in {database!r}. "
+                             "Type the database name to go on", default="", show_default=False)
+    except click.Abort:  # Ctrl-C or Ctrl-D at the prompt: Click's "Aborted!" and exit 1 otherwise
+        raise PreconditionRefused("Not confirmed: the prompt was left without the database's name",
+                                  next_step) from None
     if typed.strip() != database:
         raise PreconditionRefused("Not confirmed: the name typed is not the database's", next_step)
 
 
-def _report_apply(result: ApplyResult, *, undoing: bool = False) -> None:
+def _say_pass(p: PassResult, *, undoing: bool = False) -> None:
+    """One line for a pass or schema change, said as soon as it ends (the runner's
+    ``on_pass``): a run stopped later has shown what it finished."""
     done, nothing_to_do = ("schema change undone", "already undone") if undoing else \
         ("schema changed", "already in place")
-    for p in result.passes:
-        took = f" ({_seconds(p.seconds)})"
-        if p.outcome is not None:
-            out.say(f"  {p.name}: {p.outcome if p.changed else 'done before'}{took}")
-        elif not p.complete:
-            out.say(f"  {p.name}: stopped ({p.stopped}) after {_count(p.rows, 'row')} in "
-                    f"{_count(p.batches, 'batch')}{took}")
-        elif p.schema_change:
-            out.say(f"  {p.name}: {done if p.changed else nothing_to_do}{took}")
-        else:
-            sizes = _size_range(p.batch_sizes)
-            spread = (f" of {sizes['smallest']} to {sizes['largest']} keys"
-                      if sizes and sizes["smallest"] != sizes["largest"] else "")
-            verb = "restored" if undoing else "changed"
-            out.say(f"  {p.name}: {_count(p.rows, 'row')} {verb} in {_count(p.batches, 'batch')}"
-                    f"{spread}{took}")
+    verb = "restored" if undoing else "changed"
+    took = f" ({_seconds(p.seconds)})"
+    if p.finished_before is not None:
+        out.say(f"  {p.name}: finished before ({_count(p.finished_before, 'row')} {verb}); "
+                "not walked again")
+    elif p.outcome is not None:
+        out.say(f"  {p.name}: {p.outcome if p.changed else 'done before'}{took}")
+    elif not p.complete:
+        out.say(f"  {p.name}: stopped ({p.stopped}) after {_count(p.rows, 'row')} in "
+                f"{_count(p.batches, 'batch')}{took}")
+    elif p.schema_change:
+        out.say(f"  {p.name}: {done if p.changed else nothing_to_do}{took}")
+    else:
+        sizes = _size_range(p.batch_sizes)
+        spread = (f" of {sizes['smallest']} to {sizes['largest']} keys"
+                  if sizes and sizes["smallest"] != sizes["largest"] else "")
+        out.say(f"  {p.name}: {_count(p.rows, 'row')} {verb} in {_count(p.batches, 'batch')}"
+                f"{spread}{took}")
+
+
+def _report_apply(result: ApplyResult) -> None:
+    """The run's closing lines (each pass has had its own as it ended: ``_say_pass``)."""
     if not result.complete:
         out.say(f"Stopped early ({result.stopped}); run the same command again to continue.")
     if result.throttled_seconds:
@@ -456,8 +479,9 @@ def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
         app().finish({"dry_run": True, **undo.as_dict()})
         return
     result, checks = _runner(opts).rollback(
-        chosen, go_ahead=lambda: out.say(f"Rolling back {chosen.name}: {chosen.title}"))
-    _report_apply(result, undoing=True)
+        chosen, go_ahead=lambda: out.say(f"Rolling back {chosen.name}: {chosen.title}"),
+        on_pass=lambda p: _say_pass(p, undoing=True))
+    _report_apply(result)
     render.checks(checks)
     doc = {**_apply_doc(result), "checks": [c.as_dict() for c in checks]}
     failed = [c for c in checks if not c.ok]

@@ -22,6 +22,7 @@ from toolkit.mlflow_api.server import MIB, TRACKING_PATH, Api, Limits, MlflowSer
 from toolkit.mlflow_api.views import MAX_PAGE
 from toolkit.output import out
 from toolkit.verify.fingerprint import experiments_view, mlflow_source
+from toolkit.words import counted
 
 SHOWN_PROJECTS = 20
 
@@ -184,7 +185,7 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
         if auth is not None:
             auth.gitlab_url = address
         out.say(f"Tracking URI of project P: {address}{TRACKING_PATH.format(project='P')}")
-        shown = ", ".join(f"{p.project_id} ({p.n} experiments)" for p in projects[:SHOWN_PROJECTS])
+        shown = ", ".join(f"{p.project_id} ({counted(p.n, 'experiment')})" for p in projects[:SHOWN_PROJECTS])
         more = f", and {len(projects) - SHOWN_PROJECTS} more" if len(projects) > SHOWN_PROJECTS else ""
         out.say(f"Projects: {shown or 'none yet'}{more}")
         first = projects[0].project_id if projects else 1

@@ -86,8 +86,8 @@ class Observed:
     def note(self, message: str) -> None:
         self.out.note(message)
 
-    def progress(self, total: int | None, description: str, unit: str = "rows") -> Any:
-        return self.out.progress(total, description, unit)
+    def progress(self, total: int | None, name: str) -> Any:
+        return self.out.progress(total, name)
 
     def record(self, name: str, fields: dict[str, Any]) -> None:
         for sink in self.sinks:

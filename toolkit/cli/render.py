@@ -9,6 +9,7 @@ from toolkit.engine.outcomes import PlanResult
 from toolkit.engine.results import Anomaly, Check
 from toolkit.engine.undo_plan import CHECK, ROWS, UndoPlan
 from toolkit.output import out
+from toolkit.words import counted
 
 SHOWN_IDS = 12
 
@@ -51,7 +52,7 @@ def plan(result: PlanResult, *, show_sql: bool = True) -> None:
             out.say(f"    schema change: {'already applied' if applied else 'pending'}")
         else:
             parts = ", ".join(f"{k} {v}" for k, v in step.breakdown.items())
-            out.say(f"    would change {step.rows} rows" + (f" ({parts})" if parts else ""))
+            out.say(f"    would change {counted(step.rows, 'row')}" + (f" ({parts})" if parts else ""))
             for label, count in step.context.items():
                 out.say(f"    {label}: {count}")
         for a in step.anomalies:

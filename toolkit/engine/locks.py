@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import SESSION_NAME_KEY
 from toolkit.engine.events import LOGGED, Events
-from toolkit.errors import LockUnavailable
+from toolkit.errors import RunnerBusy
 from toolkit.timestamps import shown
 
 # pg_try_advisory_lock(int4, int4): 'tkit' and 1. Shows in pg_locks as classid/objid, objsubid 2.
@@ -152,7 +152,7 @@ class RunnerLock:
             who = "; ".join(describe_runner(h) for h in holders) or "a session that just ended"
             if time.monotonic() >= deadline:
                 conn.close()
-                raise LockUnavailable(f"Another toolkit run holds the runner lock: {who}",
+                raise RunnerBusy(f"Another toolkit run holds the runner lock: {who}",
                                       stop_hint(holders), details={"holders": holders})
             if not waited:
                 self.events.warn(f"the runner lock is held by {who}; waiting up to {self.wait_s:g} s "

@@ -51,6 +51,10 @@ class Milestone:
     # For a table it updates only in part: the condition (on columns it does not change)
     # on the rows it may change. Its verify proves every other row of the table unchanged.
     may_change: dict[str, str] = field(default_factory=dict, compare=False)
+    # For an MLflow part only some of whose rows it can change (fingerprint.PART_TABLES):
+    # the condition on those rows. Its baseline and verify hash only them; the others are
+    # made from tables its runs do not write, proven untouched like the parts it never reads.
+    may_change_parts: dict[str, str] = field(default_factory=dict, compare=False)
     # Preconditions beyond "the previous milestone verifies" (milestone 4 has several).
     preconditions: Callable[[Connection], list[Check]] | None = field(default=None, compare=False)
     confirm: bool = False  # destructive: needs --yes or the database name typed

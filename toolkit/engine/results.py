@@ -5,6 +5,7 @@ has eight fields, and ``StepPlan(name, text, 0, {}, {...}, [], sql)`` said none 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +66,22 @@ class Check:
     # the milestone again" would not help (a difference from the baseline: running it again
     # compares with the same baseline and fails the same way).
     next_step: str | None = field(default=None, compare=False)
+    # A stable identifier for CI to match on (``name`` is prose, for a person). Derived from
+    # the name when not given; a check whose wording changes passes its old id here, so
+    # the id never changes (tests/test_cli_operator.py pins those of verify's checks).
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        self.id = self.id or check_id(self.name)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail, "remedy": self.remedy,
-                "count": count_of(self.rows), "rows": self.rows}
+        return {"id": self.id, "name": self.name, "ok": self.ok, "detail": self.detail,
+                "remedy": self.remedy, "count": count_of(self.rows), "rows": self.rows}
+
+
+def check_id(name: str) -> str:
+    """``every candidate's model_id is its experiment's model`` ->
+    ``every-candidates-model_id-is-its-experiments-model``: lower case, the words joined
+    by ``-``, identifiers (``model_id``) kept whole."""
+    words = re.sub(r"'s\b", "s", name.lower())
+    return re.sub(r"[^a-z0-9_]+", "-", words).strip("-")

@@ -18,10 +18,11 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.conninfo import render as render_url
 from toolkit.db import READ_ONLY_OPTION, cannot_connect, classify, session_lost
-from toolkit.engine import state
+from toolkit.engine import resume, state
 from toolkit.engine.actions import Action, ActionRun
 from toolkit.engine.batches import (
     Budget,
+    PassResult,
     RunOptions,
     after_action,
     read_with_retries,
@@ -62,6 +63,9 @@ from toolkit.verify.fingerprint import Scope, take
 
 T = TypeVar("T")
 MAX_RECONNECT_DELAY_S = 30.0
+# Told each action's result as soon as it is over (a pass finished, stopped, or finished
+# before), so a person sees it then, and sees it even when the run is stopped later.
+OnPass = Callable[[PassResult], None]
 
 
 class Runner:
@@ -90,9 +94,12 @@ class Runner:
     # -- read-only -------------------------------------------------------------------
     @contextmanager
     def read_only(self) -> Iterator[Connection]:
-        """One REPEATABLE READ, READ ONLY transaction: consistent counts, and no way to write."""
+        """One transaction whose first statement is ``SET TRANSACTION ISOLATION LEVEL
+        REPEATABLE READ, READ ONLY`` (db.READ_ONLY_OPTION): consistent counts, and the server
+        refuses any write in it, whatever the pooled connection was used for before. Rolled
+        back at the end."""
         with self.engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            conn = conn.execution_options(**{READ_ONLY_OPTION: True})
             with conn.begin() as transaction:
                 try:
                     self._refuse_lost_ledger(conn)
@@ -203,17 +210,18 @@ class Runner:
             check_throttle_query(self.engine, self.options.throttle_query)
 
     def migrate(self, milestone: Milestone, *, verify_after: bool = True,
-                go_ahead: Callable[[], None] | None = None) -> ApplyResult:
+                go_ahead: Callable[[], None] | None = None, on_pass: OnPass | None = None) -> ApplyResult:
         """Apply ``milestone``. ``go_ahead`` runs once the gate and the preconditions hold and
         before anything is written (it raises to refuse), so an operator is never asked to
-        confirm a run that would be refused anyway; a reconnected attempt does not ask again."""
+        confirm a run that would be refused anyway; a reconnected attempt does not ask again.
+        ``on_pass`` is told each pass's and schema change's result as it ends."""
         return self._reconnecting(
-            lambda first: self._migrate_once(milestone, verify_after, go_ahead if first else None))
+            lambda first: self._migrate_once(milestone, verify_after, go_ahead if first else None, on_pass))
 
-    def rollback(self, milestone: Milestone, *,
-                 go_ahead: Callable[[], None] | None = None) -> tuple[ApplyResult, list[Check]]:
+    def rollback(self, milestone: Milestone, *, go_ahead: Callable[[], None] | None = None,
+                 on_pass: OnPass | None = None) -> tuple[ApplyResult, list[Check]]:
         return self._reconnecting(
-            lambda first: self._rollback_once(milestone, go_ahead if first else None))
+            lambda first: self._rollback_once(milestone, go_ahead if first else None, on_pass))
 
     def final(self, milestone: Milestone) -> tuple[Final | None, str]:
         """Whether ``milestone`` can no longer be rolled back (and why), and its state.
@@ -268,26 +276,11 @@ class Runner:
             )
         return None
 
-    @contextmanager
-    def server_read_only(self) -> Iterator[Connection]:
-        """One transaction whose first statement is ``SET TRANSACTION ISOLATION LEVEL
-        REPEATABLE READ, READ ONLY`` (db.READ_ONLY_OPTION): the server refuses any write in
-        it, whatever the pooled connection was used for before, and its counts are one
-        snapshot. Rolled back at the end."""
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(**{READ_ONLY_OPTION: True})
-            with conn.begin() as transaction:
-                try:
-                    self._refuse_lost_ledger(conn)
-                    yield conn
-                finally:
-                    transaction.rollback()
-
     def rollback_plan(self, milestone: Milestone) -> UndoPlan:
         """What ``rollback`` would restore and remove, counted from the ledgers and the archive
         without writing anything (``rollback --dry-run``). Refused where the rollback itself
         would be: a later milestone in the way, or this one final."""
-        with self.server_read_only() as conn:
+        with self.read_only() as conn:
             if (refusal := self._out_of_order(conn, milestone, "rollback")) is not None:
                 raise refusal
             self._check_reads(conn, milestone.reads)
@@ -298,7 +291,7 @@ class Runner:
             return undo_plan(conn, milestone, now, actions)
 
     def _migrate_once(self, milestone: Milestone, verify_after: bool,
-                      go_ahead: Callable[[], None] | None) -> ApplyResult:
+                      go_ahead: Callable[[], None] | None, on_pass: OnPass | None) -> ApplyResult:
         refuse_transaction_pooling(self.engine)  # first: statement pooling refuses a transaction
         self._refuse_out_of_order(milestone, "migrate")
         self._prepare_write(milestone)
@@ -311,12 +304,15 @@ class Runner:
                 go_ahead()
             with self.read_only() as conn:
                 final = milestone.final_now(conn)
+                left_as = state.milestone_state(conn, milestone.name)["state"]
             # Final (milestone 4 after its archive drop): everything is applied and the passes
             # that build the archive cannot run again; what is left is to verify and say so.
             passes = [] if final else [p for step in milestone.steps for p in step.forward()]
             with self.history.recorded(hold, milestone, "migrate", state.IN_PROGRESS) as result:
                 self._went_back(result)
-                self._run_passes(hold, result, passes, before=self.take_baseline)
+                finished = self._take_up(milestone, "migrate", passes, left_as)
+                self._run_passes(hold, result, passes, before=self.take_baseline, finished=finished,
+                                 on_pass=on_pass)
                 if result.complete:
                     self._set_state(milestone, state.APPLIED, result.run_id)
                     if verify_after:
@@ -346,8 +342,8 @@ class Runner:
                 f"run `toolkit verify {milestone.name}` (--read-timeout raises the time a read may "
                 "take); nothing needs applying again") from exc
 
-    def _rollback_once(self, milestone: Milestone,
-                       go_ahead: Callable[[], None] | None) -> tuple[ApplyResult, list[Check]]:
+    def _rollback_once(self, milestone: Milestone, go_ahead: Callable[[], None] | None,
+                       on_pass: OnPass | None) -> tuple[ApplyResult, list[Check]]:
         refuse_transaction_pooling(self.engine)
         self._refuse_out_of_order(milestone, "rollback")
         self._prepare_write(milestone)
@@ -356,10 +352,13 @@ class Runner:
             if go_ahead is not None:
                 go_ahead()
             passes = [p for step in reversed(milestone.steps) for p in step.backward()]
+            with self.read_only() as conn:
+                left_as = state.milestone_state(conn, milestone.name)["state"]
             checks: list[Check] = []
             with self.history.recorded(hold, milestone, "rollback", state.ROLLING_BACK) as result:
                 self._went_back(result)
-                self._run_passes(hold, result, passes)
+                finished = self._take_up(milestone, "rollback", passes, left_as)
+                self._run_passes(hold, result, passes, finished=finished, on_pass=on_pass)
                 if result.complete:
                     emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
                          phase="checks")
@@ -435,8 +434,23 @@ class Runner:
             return "the database cannot be reached"
         return session_lost(exc, during_run=True)
 
+    def _take_up(self, milestone: Milestone, verb: str, passes: list[Action],
+                 left_as: str) -> dict[str, state.Checkpoint]:
+        """A run that resumes says where, and returns the passes an earlier run of this
+        attempt finished (not walked again); one that does not resume starts every pass
+        afresh (engine/resume.py)."""
+        with self.engine.connect() as conn:
+            found = resume.prepare(conn, milestone.name, verb, passes, resume.resumes(left_as, verb))
+            conn.commit()
+        if found is None:
+            return {}
+        self.events.say(found.line())
+        return found.finished
+
     def _run_passes(self, hold: Hold, result: ApplyResult, passes: list[Action],
-                    before: Callable[[Milestone, int], None] | None = None) -> None:
+                    before: Callable[[Milestone, int], None] | None = None,
+                    finished: dict[str, state.Checkpoint] | None = None,
+                    on_pass: OnPass | None = None) -> None:
         milestone = result.milestone
         budget = Budget(self.options, events=self.events, on_commit=self.memory.remember)
         budget.throttle = self._throttle(budget)
@@ -447,7 +461,7 @@ class Runner:
                 with timed(result, "fingerprint"):
                     before(milestone, result.run_id)
             try:
-                self._run_actions(hold, result, passes, budget)
+                self._run_actions(hold, result, passes, budget, finished or {}, on_pass)
             finally:
                 if budget.throttle is not None:
                     result.throttled_seconds = budget.throttle.totals()
@@ -465,14 +479,18 @@ class Runner:
         throttle.start()
         return throttle
 
-    def _run_actions(self, hold: Hold, result: ApplyResult, passes: list[Action],
-                     budget: Budget) -> None:
+    def _run_actions(self, hold: Hold, result: ApplyResult, passes: list[Action], budget: Budget,
+                     finished: dict[str, state.Checkpoint], on_pass: OnPass | None) -> None:
         run = ActionRun(self.engine, result.milestone.name, result.run_id, self.options, budget,
                         hold.check)
         emit(self.events, "phase", run_id=result.run_id, milestone=result.milestone.name, phase="apply")
         for action in passes:
             began = time.perf_counter()
-            done = action.execute(run)
+            if action.name in finished:  # by an earlier run of this attempt: not walked again
+                done = PassResult(action.name, complete=True, changed=False,
+                                  finished_before=finished[action.name].rows_done)
+            else:
+                done = action.execute(run)
             done.seconds = time.perf_counter() - began
             result.timings["apply"] = result.timings.get("apply", 0.0) + done.seconds
             result.passes.append(done)
@@ -480,6 +498,8 @@ class Runner:
                  pass_name=done.name, rows=done.rows, batches=done.batches, complete=done.complete,
                  stopped=done.stopped, schema_change=done.schema_change, changed=done.changed,
                  seconds=round(done.seconds, 3))
+            if on_pass is not None:
+                on_pass(done)
             if not done.complete:
                 result.stopped = done.stopped
                 break
@@ -527,7 +547,8 @@ class Runner:
                 return None
             named = milestone.named(conn) if milestone.named is not None else {}
             parts = {p: f.table for f in milestone.fixes for p in f.parts if f.table in named}
-            return Scope.of(milestone.changes, milestone.may_change, run_id, named, parts)
+            return Scope.of(milestone.changes, milestone.may_change, run_id, named, parts,
+                            milestone.may_change_parts)
 
         self.events.say(f"Taking the fingerprint of the ML data {milestone.name} can change ...")
         fingerprint = read_with_retries(self.engine, f"fingerprint before {milestone.name}",

@@ -40,6 +40,7 @@ class Checkpoint:
     rows_done: int
     batches_done: int
     completed_at: datetime | None
+    run_id: int | None = None  # the run that wrote it last
 
 
 # -- runs ------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def read_checkpoint(conn: Connection, milestone: str, step: str) -> Checkpoint |
     if not own_schema_exists(conn):
         return None
     row = conn.execute(sa.text(f"""
-        SELECT milestone, step, last_key, upper_key, rows_done, batches_done, completed_at
+        SELECT milestone, step, last_key, upper_key, rows_done, batches_done, completed_at, run_id
         FROM {SCHEMA}.checkpoints WHERE milestone = :m AND step = :s
     """), {"m": milestone, "s": step}).one_or_none()
     return Checkpoint(*row) if row else None
@@ -177,6 +178,16 @@ def complete_checkpoint(conn: Connection, milestone: str, step: str, run_id: int
     """), {"m": milestone, "s": step, "run": run_id})
 
 
+def forget_completed(conn: Connection, milestone: str, steps: list[str]) -> None:
+    """The completed checkpoints of ``steps`` are forgotten: a run that does not resume
+    walks those passes from the start, and only what it finishes counts as finished should
+    it be resumed (engine/resume.py). A checkpoint of a pass begun is kept."""
+    conn.execute(sa.text(f"""
+        DELETE FROM {SCHEMA}.checkpoints
+        WHERE milestone = :m AND step = ANY(:steps) AND completed_at IS NOT NULL
+    """), {"m": milestone, "steps": steps})
+
+
 def clear_checkpoints(conn: Connection, milestone: str, prefix: str = "") -> None:
     conn.execute(sa.text(f"DELETE FROM {SCHEMA}.checkpoints WHERE milestone = :m AND step LIKE :p"),
                  {"m": milestone, "p": f"{prefix}%"})
@@ -186,7 +197,7 @@ def checkpoints(conn: Connection, milestone: str) -> list[Checkpoint]:
     if not own_schema_exists(conn):
         return []
     rows = conn.execute(sa.text(f"""
-        SELECT milestone, step, last_key, upper_key, rows_done, batches_done, completed_at
+        SELECT milestone, step, last_key, upper_key, rows_done, batches_done, completed_at, run_id
         FROM {SCHEMA}.checkpoints WHERE milestone = :m ORDER BY step
     """), {"m": milestone})
     return [Checkpoint(*r) for r in rows]

@@ -2,7 +2,7 @@
 
 For Cloud Native GitLab, beside the chart's own migrations Job. Kubernetes decides what
 is retried from the exit code: ``podFailurePolicy`` counts the toolkit's resumable codes
-(4, 6, 75) against ``backoffLimitPerIndex`` (the index runs again and resumes) and fails
+(4, 6, 7, 75) against ``backoffLimitPerIndex`` (the index runs again and resumes) and fails
 the index outright on any other (``FailIndex``: a refusal, a failed verify, a bug is not
 cured by running again); a pod evicted or preempted (``DisruptionTarget``) is not
 counted. An Indexed Job has no waves, so each wave is its own Job: the canary's first,

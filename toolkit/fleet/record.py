@@ -14,9 +14,10 @@ from xml.etree import ElementTree as ET
 from toolkit.errors import EXIT_CODE_MEANINGS, ExitCode
 
 # The exit codes after which the same command resumes where the last one stopped: a lock
-# or statement timeout (the batch rolled back), throttled, the session ended or a resource
-# ran out. CI retries these and only these; every other failure needs a person.
-RESUMABLE = (int(ExitCode.LOCKED), int(ExitCode.THROTTLED), int(ExitCode.SESSION_LOST))
+# or statement timeout (the batch rolled back), throttled, busy (another run held the
+# runner; nothing was done), the session ended or a resource ran out. CI retries these and
+# only these; every other failure needs a person.
+RESUMABLE = (int(ExitCode.LOCKED), int(ExitCode.THROTTLED), int(ExitCode.BUSY), int(ExitCode.SESSION_LOST))
 JOB_FILE = "job.json"
 REPORT_FILE = "report.json"
 LOG_FILE = "log.txt"

@@ -30,6 +30,7 @@ from toolkit.names import M2_COLUMN, M3_CREATED_MODELS
 from toolkit.names import M2_FOREIGN_KEY as FK
 from toolkit.names import M2_INDEX as INDEX
 from toolkit.names import M2_TRIGGER as TRIGGER
+from toolkit.words import counted
 
 # One definition of "this candidate's model_id is not what its experiment says".
 MISMATCH = "c.model_id IS DISTINCT FROM e.model_id"
@@ -148,7 +149,8 @@ class BackfillModelId(Step):
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
             WHERE {MISMATCH} AND NOT {awaiting_milestone_3(conn)} ORDER BY c.id""")
         return [Check(name="every candidate's model_id is its experiment's model", ok=not wrong,
-                      detail="all match" if not wrong else f"{count_of(wrong)} candidates differ",
+                      detail="all match" if not wrong
+                      else f"{counted(count_of(wrong), 'candidate')} not matching",
                       remedy=remedy(not wrong, "milestone-2", "it backfills again"),
                       rows=wrong)]
 

@@ -59,6 +59,7 @@ from toolkit.names import M3_COPIED_METADATA as COPIED
 from toolkit.names import M3_CREATED_MODELS as CREATED
 from toolkit.names import M3_METADATA_CLASHES as CLASHES
 from toolkit.names import M3_TRIGGER as DISPLAY_TRIGGER
+from toolkit.words import counted
 
 BACKFILL_DISPLAY_NAME = """
 WITH changed AS (
@@ -432,7 +433,8 @@ class CreateModelsForExperiments(Step):
         orphans = listed(conn, "SELECT id AS experiment_id, name FROM ml_experiments "
                               "WHERE model_id IS NULL ORDER BY id")
         checks = [Check(name="every experiment has a model", ok=not orphans,
-                        detail="all do" if not orphans else f"{count_of(orphans)} experiments have none",
+                        detail="all do" if not orphans
+                        else f"{counted(count_of(orphans), 'experiment')} without one",
                         remedy=remedy(not orphans, "milestone-3", "it catches up"),
                         rows=orphans)]
         if catalog.column_exists(conn, *M3_COLUMN) and catalog.relation_exists(conn, CREATED):
@@ -466,7 +468,7 @@ class CreateModelsForExperiments(Step):
             if catalog.relation_exists(conn, CREATED) else []
         return [Check(name="every created model removed", ok=not left,
                       detail="none left" if not left else
-                      f"{count_of(left)} models kept: GitLab gave them versions or metadata since",
+                      f"{counted(count_of(left), 'model')} kept: GitLab gave them versions or metadata since",
                       remedy="decide about each model (delete it in GitLab, or keep it), then run "
                       "`toolkit rollback milestone-3` again" if left else None, rows=left)]
 

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from toolkit.errors import VerificationFailed
 from toolkit.mlflow_api.server import Api, MlflowServer, serve_in_thread
 from toolkit.mlflow_api.walk import client_version
+from toolkit.words import counted
 
 
 class ClientReadings:
@@ -84,7 +85,8 @@ class ClientReadings:
 
     def _counts(self) -> str:
         b = self.baseline or {}
-        return f"{b['experiments']} experiments, {b['runs']} runs, {b['metric_points']} metric points"
+        return (f"{counted(b['experiments'], 'experiment')}, {counted(b['runs'], 'run')}, "
+                f"{counted(b['metric_points'], 'metric point')}")
 
     def summary(self) -> str:
         if self.baseline is None:

@@ -11,8 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from toolkit.db import create_engine
+from toolkit.errors import SandboxReplaced
 from toolkit.sandbox.generator import SeedReport, seed_database
 from toolkit.sandbox.package_files import write_package_files
 from toolkit.sandbox.scales import SCALES
@@ -67,3 +70,52 @@ def write_sandbox_package_files(status: ServerStatus, packages_dir: Path) -> int
             return write_package_files(conn, packages_dir)
     finally:
         engine.dispose()
+
+
+_OID = "SELECT oid FROM pg_database WHERE datname = %s"
+
+
+class SameDatabase:
+    """Tells when the sandbox database was replaced (dropped and created again, by a run
+    that did not hold the sandbox, or by hand) under a run that is using it.
+
+    A replaced database has a new oid. The engine's pool reconnects silently to the new
+    one (``pool_pre_ping``), so every new connection is checked; :meth:`check` asks the
+    server afresh, for the end of a run and for a failure that may have been the cause.
+    """
+
+    def __init__(self, status: ServerStatus, engine: Engine, name: str = SANDBOX_DATABASE):
+        self.status = status
+        self.name = name
+        self.oid = self._current()
+        event.listen(engine, "connect", self._on_connect)
+
+    def _current(self) -> int | None:
+        admin = create_engine(self.status.url("postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                return conn.exec_driver_sql(_OID, (self.name,)).scalar()
+        finally:
+            admin.dispose()
+
+    def _on_connect(self, dbapi_connection, _record) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT oid FROM pg_database WHERE datname = current_database()")
+            oid = cursor.fetchone()[0]
+        dbapi_connection.rollback()
+        if oid != self.oid:
+            raise self._replaced(oid)
+
+    def check(self) -> None:
+        """Raise :class:`SandboxReplaced` when the database is no longer the one we began with."""
+        if (oid := self._current()) != self.oid:
+            raise self._replaced(oid)
+
+    def _replaced(self, oid: int | None) -> SandboxReplaced:
+        now = "is gone" if oid is None else f"is another one (oid {self.oid}, now {oid})"
+        return SandboxReplaced(
+            f"The sandbox database {self.name} was replaced while this run used it: it {now}, so "
+            "what was checked after that was not the database this run began with",
+            "run it again with nothing else using the sandbox (`toolkit sandbox seed` and "
+            "`toolkit demo` refuse while a run holds it; a database dropped by hand or by an "
+            "older toolkit is not seen)")

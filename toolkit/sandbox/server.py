@@ -45,12 +45,34 @@ DEFAULT_SETTINGS: dict[str, str] = {
 }
 
 
+MACHINE_WIDE_DIR = Path("/var/lib/toolkit/sandbox")
+
+
 def default_data_dir() -> Path:
     if env := os.environ.get(DATA_DIR_ENV):
         return Path(env).expanduser()
+    return _default_without_env()
+
+
+def _default_without_env() -> Path:
     if os.name != "nt" and os.geteuid() == 0:
-        return Path("/var/lib/toolkit/sandbox")
+        return MACHINE_WIDE_DIR
     return platformdirs.user_data_path("toolkit") / "sandbox"
+
+
+def describe_default_data_dir() -> str:
+    """Where the sandbox lives when nobody says, for this user, and whose it is: as root
+    it is one directory for the whole machine, which every root session shares."""
+    path = _default_without_env()
+    if path == MACHINE_WIDE_DIR:
+        return f"{path}, machine-wide: shared by every root session"
+    return f"{path}, yours alone"
+
+
+def client_binary(name: str) -> Path:
+    """A client program (psql, pg_dump, pg_restore) of the sandbox's own PostgreSQL major
+    version: a system one older than the server refuses it (pg_dump) or lacks its features."""
+    return _bin(name)
 
 
 def _wheel():

@@ -27,6 +27,7 @@ from toolkit.verify.fingerprint import (
     take,
 )
 from toolkit.verify.named import Fix
+from toolkit.words import counted
 
 TABLE = f"{SCHEMA}.fingerprints"
 
@@ -121,8 +122,9 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     elif proof is not None and proof.unproven_parts:
         checks = [Check(name=name, ok=False, detail=proof.unproven_parts, remedy=proof.remedy)]
     else:
-        untouched = f", {proof.parts_untouched} untouched by its runs" if proof is not None else ""
-        computed = (f"{len(now.mlflow) - len(theirs)} parts equal{untouched} (computed from {now.source}; "
+        # The parts equal because the milestone's runs never wrote their tables are named below
+        # (parts_not_read), in words: not as "untouched by its runs".
+        computed = (f"{counted(len(now.mlflow) - len(theirs), 'part')} equal (computed from {now.source}; "
                     f"baseline {shown(baseline.taken_at)})")
         if theirs:
             computed += (f"; {app_writes.said(written, baseline.watermarks)}: "
@@ -235,7 +237,7 @@ class _Proof:
                     "did not count the rows it wrote")
         if not self.stray_tables:
             return ""
-        listed = ", ".join(f"{t} ({n} rows)" for t, n in sorted(self.stray_tables.items()))
+        listed = ", ".join(f"{t} ({counted(n, 'row')})" for t, n in sorted(self.stray_tables.items()))
         return f"runs of {self.milestone} wrote to tables it must not change: {listed}"
 
     @property
@@ -243,20 +245,20 @@ class _Proof:
         """Parts the baseline did not read that a stray write may have changed."""
         if not self.tracked:
             return self.stray
+        # a part read only in part (scope.part_rows) leaves rows unread as well
         touched = [p for p, feeding in PART_TABLES.items()
-                   if p not in self.scope.parts and set(feeding) & set(self.stray_tables)]
+                   if (p not in self.scope.parts or p in self.scope.part_rows)
+                   and set(feeding) & set(self.stray_tables)]
         return f"{', '.join(touched)}: {self.stray}" if touched else ""
-
-    @property
-    def parts_untouched(self) -> int:
-        return sum(1 for p in PART_TABLES if p not in self.scope.parts)
 
     @property
     def parts_not_read(self) -> str:
         skipped = [p for p in PART_TABLES if p not in self.scope.parts]
-        return (f"{len(skipped)} not read again, as no run of {self.milestone} wrote their tables "
+        return (f"{counted(len(skipped), 'part')} not read again, as no run of {self.milestone} wrote "
+                "to their tables "
                 f"(pg_stat_xact_user_tables): {', '.join(skipped)}") if skipped else "every part read"
 
     @property
     def tables_not_read(self) -> str:
-        return "the others proven unwritten by its runs (pg_stat_xact_user_tables)"
+        return (f"the other tables not read again: no run of {self.milestone} wrote to them "
+                "(PostgreSQL's own counts, pg_stat_xact_user_tables)")

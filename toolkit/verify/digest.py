@@ -72,7 +72,9 @@ def bucketed_digest(conn: Connection, row_sql: str, params: dict[str, Any], size
     if memo is not None and key in memo:
         return memo[key]  # type: ignore[return-value]
     found = conn.execute(sa.text(
-        f"SELECT s.b, count(*), COALESCE(sum(s.h), 0) FROM (SELECT div(q.k, :bucket_size) AS b, "
+        # integer division, not div(): div() takes numeric, and casting every key of a 1M-row
+        # part to numeric cost a tenth of the digest; the buckets are the same (keys are ids)
+        f"SELECT s.b, count(*), COALESCE(sum(s.h), 0) FROM (SELECT q.k / CAST(:bucket_size AS bigint) AS b, "
         f"hashtextextended(q.r, 0) AS h FROM ({row_sql}) AS q) AS s GROUP BY s.b"),
         {**params, "bucket_size": size}).all()
     rows, total = sum(n for _, n, _ in found), sum(int(h) for _, _, h in found)

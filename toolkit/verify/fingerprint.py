@@ -168,14 +168,21 @@ class Scope:
     first_run: int
     named: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     named_parts: dict[str, str] = field(default_factory=dict)
+    # For a part only some of whose rows the milestone can change: the condition (on the
+    # part query's own aliases) on those rows. The others are made only from tables its
+    # runs do not write, so they are proven untouched as the parts outside the scope are
+    # (engine/writes.py), and hashing them would cost what the part costs whole.
+    part_rows: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, changes: tuple[str, ...], may_change: dict[str, str], first_run: int,
            named: dict[str, dict[str, list[str]]] | None = None,
-           named_parts: dict[str, str] | None = None) -> Scope:
+           named_parts: dict[str, str] | None = None,
+           part_rows: dict[str, str] | None = None) -> Scope:
         parts = tuple(p for p, feeding in PART_TABLES.items() if set(feeding) & set(changes))
+        rows = {p: where for p, where in (part_rows or {}).items() if p in parts}
         return cls(tables=tuple(changes), kept=dict(may_change), parts=parts, first_run=first_run,
-                   named=dict(named or {}), named_parts=dict(named_parts or {}))
+                   named=dict(named or {}), named_parts=dict(named_parts or {}), part_rows=rows)
 
 
 @dataclass
@@ -553,6 +560,10 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
         for part, sql in _mlflow_parts(conn, source).items():
             if scope is not None and part not in scope.parts:
                 continue
+            if scope is not None and part in scope.part_rows:
+                # the part's query ends with its WHERE clause (run_artifact_uris does)
+                assert "WHERE" in sql.rstrip().rsplit("\n", 1)[-1], part
+                sql = f"{sql} AND ({scope.part_rows[part]})"
             table = DERIVED_FROM.get(part)
             if (comparable and table and tables.get(table) is not None
                     and _same(reference.tables.get(table), tables[table]) and part in reference.mlflow):

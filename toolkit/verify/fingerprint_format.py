@@ -23,6 +23,7 @@ FIELDS = {f.name for f in fields(Fingerprint)}
 REQUIRED = tuple(f.name for f in fields(Fingerprint)
                  if f.default is MISSING and f.default_factory is MISSING)
 SCOPE_FIELDS = {"tables", "kept", "parts", "first_run"}
+SCOPE_OPTIONAL = {"part_rows", "named", "named_parts"}  # absent from baselines taken before them
 
 
 class FormatProblem(ValueError):
@@ -124,10 +125,13 @@ def check(data: object) -> None:
     scope = data.get("scope")
     if scope is not None:
         scope = _object(scope, "scope", "what a baseline read")
-        if set(scope) != SCOPE_FIELDS:
-            raise FormatProblem(f"scope has the fields {sorted(scope)}, not {sorted(SCOPE_FIELDS)}")
+        if not SCOPE_FIELDS <= set(scope) <= SCOPE_FIELDS | SCOPE_OPTIONAL:
+            raise FormatProblem(f"scope has the fields {sorted(scope)}, not {sorted(SCOPE_FIELDS)}"
+                                f" (and optionally {sorted(SCOPE_OPTIONAL)})")
         _names(scope["tables"], "scope.tables")
         _names(scope["parts"], "scope.parts")
         for table, rows in _object(scope["kept"], "scope.kept", "row conditions").items():
             _text(rows, f"scope.kept.{table}")
         _count(scope["first_run"], "scope.first_run", low=1)
+        for part, rows in _object(scope.get("part_rows", {}), "scope.part_rows", "row conditions").items():
+            _text(rows, f"scope.part_rows.{part}")

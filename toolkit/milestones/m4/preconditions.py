@@ -13,6 +13,7 @@ from toolkit.milestones.base import cleanup_started
 from toolkit.milestones.m1_packages import MILESTONE_1
 from toolkit.milestones.m2_model_parent import MILESTONE_2, BackfillModelId
 from toolkit.names import M3_METADATA_CLASHES as CLASHES
+from toolkit.words import counted
 
 MILESTONES_BEFORE = {m.name: m for m in (MILESTONE_1, MILESTONE_2)}
 
@@ -44,7 +45,7 @@ def preconditions(conn: Connection) -> list[Check]:
             Check(
                 name="precondition: every candidate has a model_id",
                 ok=not orphans,
-                detail=f"{count_of(orphans)} candidates have none" if orphans else "all do",
+                detail=f"{counted(count_of(orphans), 'candidate')} without one" if orphans else "all do",
                 remedy="run `toolkit migrate milestone-3` again" if orphans else None,
                 rows=orphans,
             )
