@@ -12,6 +12,8 @@ import click
 from sqlalchemy.engine import Engine
 
 from toolkit import milestones, output
+from toolkit.cli.metrics import MetricsTextfile
+from toolkit.cli.observe import EventStream, Observed, Sink, new_run_id
 from toolkit.db import Target, create_engine, resolve_target
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
@@ -25,6 +27,9 @@ class AppContext:
     quiet: bool = False
     command: str = ""
     read_timeout_s: float | None = None
+    events_path: str | None = None  # --events FILE ('-': stderr)
+    metrics_path: str | None = None  # --metrics-textfile PATH
+    _observed: Observed | None = field(default=None, repr=False)
     _target: Target | None = field(default=None, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
     _holds: ExitStack = field(default_factory=ExitStack, repr=False)
@@ -52,7 +57,29 @@ class AppContext:
     def runner(self, options: RunOptions | None = None, **kwargs: Any) -> Runner:
         """A runner over this command's database, handed the milestone plan, reporting to
         the terminal (the engine itself prints nothing)."""
-        return Runner(self.engine(), options, plan=milestones.plan(), events=output.out, **kwargs)
+        return Runner(self.engine(), options, plan=milestones.plan(), events=self.events(), **kwargs)
+
+    def events(self) -> output.Output | Observed:
+        """The terminal, or the terminal and the sinks --events and --metrics-textfile asked
+        for (cli/observe.py, cli/metrics.py), opened once, when the command first builds a
+        runner (its ``start`` line)."""
+        if self.events_path is None and self.metrics_path is None:
+            return output.out
+        if self._observed is None:
+            database = self.target().url.database
+            sinks: list[Sink] = []
+            if self.events_path is not None:
+                sinks.append(EventStream(self.events_path, new_run_id(), lambda: output.out.secrets))
+            if self.metrics_path is not None:
+                sinks.append(MetricsTextfile(self.metrics_path, database))
+            self._observed = Observed(output.out, sinks)
+            self._observed.start(self.command, database)
+        return self._observed
+
+    def ended(self, exit_code: int, error: dict[str, Any] | None = None) -> None:
+        """Tell the sinks how the command ended (a no-op without them)."""
+        if self._observed is not None:
+            self._observed.end(exit_code, error)
 
     def hold_sandbox(self, *, exclusive: bool, data_dir: Path | None = None) -> None:
         """Hold the sandbox until the command ends (see :mod:`toolkit.sandbox.lock`):
@@ -64,6 +91,9 @@ class AppContext:
                                        exclusive=exclusive))
 
     def close(self) -> None:
+        if self._observed is not None:
+            self._observed.close()
+            self._observed = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -74,6 +104,7 @@ class AppContext:
 
         A failing command raises instead; the error handler emits its document.
         """
+        self.ended(0)
         output.out.document(envelope(self.command, True, 0, database=self.database(), result=result))
 
     def database(self) -> str | None:

@@ -167,6 +167,8 @@ def _report(ctx: click.Context, exc: ToolkitError, code: ExitCode | None = None)
     state = app(ctx)
     if debug_enabled():
         traceback.print_exc()
+    state.ended(int(code), {"kind": type(exc).__name__, "problem": output.out._clean(exc.problem),
+                            "next_step": exc.next_step})
     if state.json_mode:
         output.out.document(envelope(
             state.command, False, int(code), database=state.database(),

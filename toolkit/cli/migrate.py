@@ -113,6 +113,33 @@ def run_options(func: Callable) -> Callable:
     return func
 
 
+def _set_app(attribute: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, _: click.Parameter, value: Any) -> None:
+        if value is not None:
+            setattr(app(ctx), attribute, value)
+    return callback
+
+
+def observe_options(func: Callable) -> Callable:
+    """Where a run is told besides the terminal (cli/observe.py; docs/operations.md)."""
+    options = [
+        click.option("--events", type=params.EVENTS_FILE, default=None, metavar="FILE",
+                     expose_value=False, callback=_set_app("events_path"),
+                     help="Append one JSON object per line to FILE ('-': stderr) for the run's "
+                          "start, phases, batches, throttle waits, retries, schema changes and "
+                          "end, each flushed as it happens (fields: docs/operations.md)."),
+        click.option("--metrics-textfile", type=params.METRICS_FILE, default=None, metavar="PATH",
+                     expose_value=False, callback=_set_app("metrics_path"),
+                     help="Rewrite PATH (atomically) after every batch with Prometheus metrics "
+                          "named as GitLab's batched migrations', for node_exporter's textfile "
+                          "collector: give it a name ending in .prom in the collector's "
+                          "directory (docs/operations.md)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _runner(opts: dict[str, Any] | None = None) -> Runner:
     opts = dict(opts or {})
     lock_wait = opts.pop("lock_wait", 10.0)
@@ -245,6 +272,7 @@ def plan(milestone: str | None, no_sql: bool, fail_on_blocking: bool) -> None:
 @click.option("--no-verify", is_flag=True, help="Do not verify after applying.")
 @click.option("--yes", is_flag=True, help="Confirm a destructive milestone (4) without the prompt.")
 @run_options
+@observe_options
 def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: Any) -> None:
     """Apply a milestone in short batches; resumable, one runner at a time.
 
@@ -434,6 +462,7 @@ def _required(milestone: Milestone, where: str, require: str) -> Check:
                    "ledgers and the archive; in one READ ONLY transaction, writing nothing. "
                    "Refused (exit 3) where the rollback would be.")
 @run_options
+@observe_options
 def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
     """Undo a milestone exactly, from its ledger; later milestones must be rolled back first.
 

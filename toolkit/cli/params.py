@@ -249,5 +249,27 @@ READ_TIMEOUT_S = Seconds(PG_INT_MAX / 1000, "PostgreSQL's largest statement_time
 SQL_QUERY = Text("a query that returns true or false")
 FLAG_FILE = FlagFile()
 OUTPUT_FILE = OutputFile()
+
+
+class EventsFile(OutputFile):
+    """``--events``: a file proven writable now (as :class:`OutputFile`), or ``-`` for stderr."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if str(value) == "-":
+            return "-"
+        return str(super().convert(value, param, ctx))
+
+
+EVENTS_FILE = EventsFile()
+
+
+class MetricsFile(OutputFile):
+    """``--metrics-textfile``: a file proven writable now, as a path (it is replaced whole)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return str(super().convert(value, param, ctx))
+
+
+METRICS_FILE = MetricsFile()
 FINGERPRINT_FILE = FingerprintFile()
 

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine import state
-from toolkit.engine.events import LOGGED, Events
+from toolkit.engine.events import LOGGED, Events, emit, subscribed
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
     UNIQUE_VIOLATION,
@@ -98,6 +98,7 @@ class Budget:
     # Told (milestone, step, last key) after each batch commits: what the run remembers
     # to tell, once resumed, whether committed batches went back in time (rewind.py).
     on_commit: Any = None
+    retries: int = 0  # retries of the batch under way (told with the batch, in its event)
 
     def exhausted_reason(self) -> str | None:
         if self.stop_requested:
@@ -153,7 +154,11 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
             lo, upper = checkpoint.last_key or 0, checkpoint.upper_key
         total = conn.execute(sa.text(kpass.remaining_sql()), {"lo": lo, "upper": upper}).scalar_one()
         conn.commit()
+        emit(budget.events, "pass_start", milestone=milestone, pass_name=kpass.name, run_id=run_id,
+             key_from=lo, key_upper=upper, keys=total)
         catch_ups = 0
+        # WAL position after the last commit (None: not measured); one read per batch, after it
+        wal_at = wal_position(conn) if subscribed(budget.events) else None
         sizer = BatchSizer(options.batch_size, options.target_batch_ms, options.min_batch_size,
                            options.max_batch_size)
         with budget.events.progress(total, kpass.name) as bar:
@@ -167,6 +172,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                         result.stopped = reason
                         return result
                 began = time.perf_counter()
+                budget.retries = 0
+                key_from = lo
                 hi, changed, scanned = _one_batch(conn, milestone, kpass, lo, upper, run_id, options,
                                                   budget, sizer.size)
                 if hi is None:
@@ -192,9 +199,29 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 result.batches += 1
                 budget.batches += 1
                 bar.update(scanned, changed)
+                wal_before, wal_at = wal_at, wal_position(conn) if wal_at is not None else None
+                emit(budget.events, "batch", milestone=milestone, pass_name=kpass.name, run_id=run_id,
+                     key_from=key_from, key_to=hi, keys=scanned, rows=changed,
+                     ms=round(took * 1000, 3), retries=budget.retries,
+                     wal_bytes=None if wal_at is None or wal_before is None else wal_at - wal_before)
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
                     pause(options.pause_ms / 1000, budget)
+
+
+def wal_position(conn: Connection) -> int | None:
+    """The primary's WAL insert position in bytes (None on a standby, which writes none), read
+    in a transaction of its own. Read once after each batch's commit (and at the pass's start),
+    its delta is the WAL that replicas, archiving and DR pay for the batch: the server's, so
+    it includes what other sessions wrote meanwhile (and during a --pause-ms or a throttle
+    wait before the batch). One read, not one on each side: each costs three round trips.
+    The insert position, not ``pg_current_wal_lsn()``: that one (the write position) moves in
+    whole pages when the WAL writer gets round to it under ``synchronous_commit = off``, so a
+    batch would read 0 or 24 kB."""
+    position = conn.execute(sa.text("SELECT CASE WHEN NOT pg_is_in_recovery() "
+                                    "THEN pg_current_wal_insert_lsn() - '0/0' END")).scalar()
+    conn.rollback()  # a read: ended without a commit, which the lease would fence (a query more)
+    return None if position is None else int(position)
 
 
 def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,
@@ -226,6 +253,10 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
                 raise _gave_up(conn, kpass.name, kpass.locks, code, attempt + 1,
                                "the last batch was rolled back") from exc
             delay = options.backoff_s * 2 ** attempt
+            budget.retries += 1
+            emit(budget.events, "retry", milestone=milestone, pass_name=kpass.name, run_id=run_id,
+                 key_from=lo, attempt=attempt + 1, retries=options.retries, sqlstate=code,
+                 delay_s=delay)
             budget.events.warn(f"{kpass.name}: {TRANSIENT_STATES.get(code, 'unique violation')} on the batch "
                      f"after key {lo}; rolled back, retry {attempt + 1}/{options.retries} in {delay:.1f}s")
             pause(delay, budget)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine.actions import Action, ActionRun
 from toolkit.engine.batches import Budget, PassResult, RunOptions, pause, sqlstate
+from toolkit.engine.events import emit
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
     describe_holder,
@@ -245,6 +247,11 @@ def run_ddl(engine: Engine, action: SchemaChange, options: RunOptions,
     A stop while the change waits on the server cancels it there (engine/signals.py).
     """
     timeouts = (options.ddl_lock_timeout_ms, options.statement_timeout_ms)
+
+    def attempted(attempt: int, began: float, result: str, **more: object) -> None:
+        emit(budget.events, "schema_change", pass_name=action.name, attempt=attempt + 1,
+             result=result, ms=round((time.perf_counter() - began) * 1000, 3), **more)
+
     for attempt in range(options.ddl_retries + 1):
         if budget.stop_requested:
             return None
@@ -253,6 +260,7 @@ def run_ddl(engine: Engine, action: SchemaChange, options: RunOptions,
             if action.is_done(conn):
                 return False
             conn.rollback()
+            began = time.perf_counter()
             try:
                 if check_hold is not None:
                     check_hold(conn)
@@ -260,10 +268,13 @@ def run_ddl(engine: Engine, action: SchemaChange, options: RunOptions,
                 with session_timeouts(conn, *timeouts):
                     action.apply(conn)
                     conn.commit()
+                attempted(attempt, began, "applied")
                 return True
             except DBAPIError as exc:
                 conn.rollback()
                 code = sqlstate(exc)
+                attempted(attempt, began, "retry" if code in TRANSIENT_STATES else "failed",
+                          sqlstate=code)
                 if code not in TRANSIENT_STATES:
                     raise
                 if budget.stop_requested:

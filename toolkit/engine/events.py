@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 PROGRESS_EVERY_ENV = "TOOLKIT_PROGRESS_EVERY_S"
 log = logging.getLogger("toolkit.engine")
@@ -47,6 +47,25 @@ class Events(Protocol):
 
     def progress(self, total: int | None, name: str) -> Progress:
         """The progress of the pass ``name`` over ``total`` keys of its driving table."""
+
+
+def emit(events: Events, name: str, /, **fields: Any) -> None:
+    """Tell a subscriber that takes structured events what just happened (a batch, a
+    throttle wait, a retry ...): ``events.record(name, fields)`` when it has ``record``.
+
+    Optional, so every :class:`Events` (the terminal, :class:`Logged`, a test's) keeps
+    working unchanged; the CLI's ``--events`` and ``--metrics-textfile`` sinks
+    (``toolkit/cli/observe.py``) are such subscribers, and the names and fields are
+    documented in ``docs/operations.md``."""
+    record = getattr(events, "record", None)
+    if record is not None:
+        record(name, fields)
+
+
+def subscribed(events: Events) -> bool:
+    """Whether anybody takes structured events: what only they are told (the WAL a batch
+    wrote) is measured only then, so a run nobody subscribes to pays nothing for it."""
+    return getattr(events, "record", None) is not None
 
 
 class _LoggedProgress:

@@ -39,7 +39,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine.batches import _sleep
-from toolkit.engine.events import progress_every_s
+from toolkit.engine.events import emit, progress_every_s
 from toolkit.errors import UsageProblem
 
 DEFAULT_MAX_REPLICA_LAG_MS = 1500  # gh-ost's --max-lag-millis
@@ -71,6 +71,10 @@ class Reading:
     over: bool
     detail: str
     readable: bool = True
+    # The number compared with the limit, where the signal has one (for the event stream):
+    # replica lag in ms, a transaction's age in s, WAL segments behind.
+    value: float | None = None
+    limit: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"signal": self.signal, "over": self.over, "detail": self.detail,
@@ -163,7 +167,8 @@ def _replica_lag(conn: Connection, limits: Limits, base: Baseline) -> Reading:
         if ms > limits.max_replica_lag_ms or nbytes > limits.max_replica_lag_bytes:
             lagging.append(f"{who} is {ms / 1000:.1f} s / {size(nbytes)} behind ({limit})")
     if lagging:
-        return Reading("replica_lag", True, "; ".join(lagging))
+        return Reading("replica_lag", True, "; ".join(lagging), value=worst[0],
+                       limit=limits.max_replica_lag_ms)
     return Reading("replica_lag", False, f"{len(rows)} replica(s), at most {worst[0] / 1000:.1f} s / "
                                          f"{size(worst[1])} behind ({limit})")
 
@@ -203,7 +208,8 @@ def _long_transaction(conn: Connection, limits: Limits) -> Reading:
     if over:
         return Reading("long_transaction", True, "; ".join(
             f"a transaction of pid {r.pid} ({r.usename}, {r.application_name or 'no application_name'}, "
-            f"{r.state}) has been open {r.age:.1f} s ({limit})" for r in over))
+            f"{r.state}) has been open {r.age:.1f} s ({limit})" for r in over),
+            value=round(float(max(r.age for r in over)), 3), limit=limits.max_transaction_age_s)
     oldest = f"the oldest open for {rows[0].age:.1f} s" if rows else "none open"
     return Reading("long_transaction", False, f"other transactions: {oldest} ({limit})")
 
@@ -227,7 +233,8 @@ def _archiving(conn: Connection, base: Baseline, limits: Limits) -> Reading:
         if behind > limits.max_archive_backlog:
             return Reading("archiving", True, f"WAL archiving is falling behind: {backlog} segments "
                                               f"wait to be archived, {behind} more than when the run "
-                                              f"started (limit {limits.max_archive_backlog})")
+                                              f"started (limit {limits.max_archive_backlog})",
+                           value=behind, limit=limits.max_archive_backlog)
     waiting = "" if backlog is None else f", {backlog} segments waiting"
     return Reading("archiving", False, f"archiving works ({row.failed_count} failures in all, "
                                        f"{row.failed_count - since} since the start{waiting})")
@@ -346,6 +353,9 @@ class Throttle:
         if not current:
             return
         began = last_note = time.monotonic()
+        emit(self.budget.events, "throttle", before=what, state="waiting",
+             signals=[{"signal": r.signal, "value": r.value, "limit": r.limit, "detail": r.detail}
+                      for r in current])
         self.budget.events.warn(f"waiting before {what}: {_said(current)}")
         every = progress_every_s()
         while current:
@@ -371,6 +381,8 @@ class Throttle:
                 self.budget.events.note(
                     f"still waiting before {what} ({now - began:.0f} s so far): {_said(current)}"
                 )
+        emit(self.budget.events, "throttle", before=what, state="resumed",
+             seconds=round(time.monotonic() - began, 3), throttled_seconds=self.totals())
         self.budget.events.note(f"resuming {what} after waiting {time.monotonic() - began:.1f} s")
 
     def totals(self) -> dict[str, float]:

@@ -15,7 +15,7 @@ from toolkit.conninfo import render as render_url
 from toolkit.db import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
 from toolkit.engine import state, unrecorded
 from toolkit.engine.batches import RunOptions
-from toolkit.engine.events import Events
+from toolkit.engine.events import Events, emit
 from toolkit.engine.lease import UNFENCED, Hold
 from toolkit.engine.outcomes import ApplyResult
 from toolkit.engine.plan import Milestone
@@ -88,6 +88,8 @@ class RunHistory:
                     unrecorded.keep(self.engine.url, end["run_id"], end["outcome"], end["rows"], end["error"])
                 raise
         result = ApplyResult(milestone, run_id, [])
+        emit(self.events, "run_start", run_id=run_id, milestone=milestone.name, verb=verb,
+             command=self.recorded_command(verb, milestone))
         try:
             yield result
         except KeyboardInterrupt:
@@ -170,6 +172,8 @@ class RunHistory:
         given up on, with a warning, when the server cannot be reached to write it."""
         if error is not None:
             error = without_database_urls(redact(without_driver_internals(error), self.events.secrets))
+        emit(self.events, "run_end", run_id=run_id, outcome=outcome, rows=sum(rows.values()),
+             rows_by_step=rows, error=error, **(extra or {}))
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(**{UNFENCED: True})

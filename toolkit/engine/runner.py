@@ -27,7 +27,7 @@ from toolkit.engine.batches import (
     after_action,
     read_with_retries,
 )
-from toolkit.engine.events import LOGGED, Events
+from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.health import Limits, Throttle, check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.lease import Hold, HoldLost
@@ -316,6 +316,8 @@ class Runner:
                 if result.complete:
                     self._set_state(milestone, state.APPLIED, result.run_id)
                     if verify_after:
+                        emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
+                             phase="verify")
                         with timed(result, "verify"):
                             result.verify = self._closing_verify(milestone)
                         if result.verify.ok:
@@ -358,6 +360,8 @@ class Runner:
                 finished = self._take_up(milestone, "rollback", passes, left_as)
                 self._run_passes(hold, result, passes, finished=finished, on_pass=on_pass)
                 if result.complete:
+                    emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
+                         phase="checks")
                     with timed(result, "checks"), self.read_only() as conn:
                         checks = [c for step in milestone.steps for c in step.rollback_checks(conn)]
                         back = baselines.checks_against_baseline(conn, milestone.name, rolled_back=True,
@@ -452,6 +456,8 @@ class Runner:
         budget.throttle = self._throttle(budget)
         with stop_on_signals(budget):
             if before is not None:
+                emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
+                     phase="fingerprint")
                 with timed(result, "fingerprint"):
                     before(milestone, result.run_id)
             try:
@@ -477,6 +483,7 @@ class Runner:
                      finished: dict[str, state.Checkpoint], on_pass: OnPass | None) -> None:
         run = ActionRun(self.engine, result.milestone.name, result.run_id, self.options, budget,
                         hold.check)
+        emit(self.events, "phase", run_id=result.run_id, milestone=result.milestone.name, phase="apply")
         for action in passes:
             began = time.perf_counter()
             if action.name in finished:  # by an earlier run of this attempt: not walked again
@@ -487,6 +494,10 @@ class Runner:
             done.seconds = time.perf_counter() - began
             result.timings["apply"] = result.timings.get("apply", 0.0) + done.seconds
             result.passes.append(done)
+            emit(self.events, "pass_end", run_id=result.run_id, milestone=result.milestone.name,
+                 pass_name=done.name, rows=done.rows, batches=done.batches, complete=done.complete,
+                 stopped=done.stopped, schema_change=done.schema_change, changed=done.changed,
+                 seconds=round(done.seconds, 3))
             if on_pass is not None:
                 on_pass(done)
             if not done.complete:
