@@ -109,6 +109,9 @@ databases:
     report = json.loads((artifacts / "good" / "report.json").read_text())
     assert report["command"] == "migrate" and report["ok"] is True
     assert good.url_text not in (artifacts / "good" / "log.txt").read_text()
+    events = [json.loads(line) for line in (artifacts / "good" / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end", events
+    assert sum(e["rows"] for e in events if e["event"] == "batch") == record["rows"]
 
     bad = run("fleet", "job", "--inventory", inventory, "--index", "1", "--out", str(artifacts),
               "milestone-1", env=env)

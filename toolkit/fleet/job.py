@@ -4,7 +4,8 @@ The milestone itself runs as ``toolkit --json migrate|rollback``, exactly the co
 operator would type for that database (its exit code is the job's, so CI's
 ``retry: exit_codes`` and Kubernetes' ``podFailurePolicy`` see the toolkit's own codes);
 around it the job reads the milestone's state before and after, and leaves ``job.json``,
-the run's ``report.json`` (its --json document) and log, and a JUnit file in
+the run's ``report.json`` (its --json document), log and ``events.jsonl`` (its --events
+stream), and a JUnit file in
 ``OUT/<database>/``.
 """
 
@@ -45,11 +46,14 @@ def milestone_state(database: Database, milestone: str) -> str | None:
         engine.dispose()
 
 
-def command(database: Database, action: str, milestone: str,
-            extra: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-    """The toolkit's arguments and environment for ``action milestone`` on ``database``."""
+def command(database: Database, action: str, milestone: str, extra: tuple[str, ...],
+            events: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """The toolkit's arguments and environment for ``action milestone`` on ``database``;
+    with ``events``, the run's JSON-lines stream goes there (docs/operations.md)."""
     env, global_args = connect.run_environment(database)
     words = [*global_args, "--json", action, milestone]
+    if events is not None:
+        words += ["--events", str(events)]
     if action == "migrate" and milestones.get(milestone).confirm:
         words.append("--yes")  # the pipeline was generated, reviewed and started by a person
     return [*words, *extra], env
@@ -64,7 +68,7 @@ def run(database: Database, action: str, milestone: str, out_dir: Path,
     started = time.monotonic()
     before = milestone_state(database, milestone)
     try:
-        words, env = command(database, action, milestone, extra)
+        words, env = command(database, action, milestone, extra, where / record.EVENTS_FILE)
     except ToolkitError as exc:
         code, document, log = int(exc.exit_code), None, exc.one_line()
     else:

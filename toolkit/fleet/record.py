@@ -21,6 +21,7 @@ RESUMABLE = (int(ExitCode.LOCKED), int(ExitCode.THROTTLED), int(ExitCode.BUSY), 
 JOB_FILE = "job.json"
 REPORT_FILE = "report.json"
 LOG_FILE = "log.txt"
+EVENTS_FILE = "events.jsonl"  # the run's --events stream, one JSON object a line
 JUNIT_FILE = "junit.xml"
 
 
