@@ -107,6 +107,10 @@ def run_options(func: Callable) -> Callable:
                      help="Wait at most this long in all on the database's health, then stop at "
                           "the batch boundary with exit code 6; the same command resumes.  "
                           "[default: no limit]"),
+        click.option("--resume-with-this-version", is_flag=True, default=False,
+                     help="Resume an unfinished milestone even though another toolkit version "
+                          "(or other options that change what is written) started it; without "
+                          "it such a resume is refused with exit code 3."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -78,6 +78,9 @@ class RunOptions:
     throttle_flag_file: str | None = None
     no_throttle: bool = False
     max_throttle_s: float | None = None
+    # Resume an unfinished milestone another toolkit version (or other write options) left
+    # (writer.py); without it such a resume is refused.
+    resume_with_this_version: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
