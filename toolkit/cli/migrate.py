@@ -95,6 +95,12 @@ def run_options(func: Callable) -> Callable:
                      default=health.DEFAULT_MAX_ARCHIVE_BACKLOG, show_default=True,
                      help="Wait while more WAL segments wait to be archived than when the run "
                           "started, by more than this (the archiver falling behind)."),
+        click.option("--max-wal-rate", "max_wal_rate_mb_s", type=params.WAL_RATE, metavar="MB/S",
+                     default=None,
+                     help="Wait while the primary writes WAL faster than this many MB/s over the "
+                          "last 5 s (pg_current_wal_insert_lsn; every session's WAL counts, as "
+                          "it does for replicas, archiving and DR). 1 MB = 1048576 bytes.  "
+                          "[default: no limit]"),
         click.option("--throttle-query", type=params.SQL_QUERY, metavar="SQL", default=None,
                      help="Your own check, run before each batch: wait while it returns true.  "
                           "[default: none]"),

@@ -74,6 +74,7 @@ class RunOptions:
     max_replica_lag_bytes: int = 16 * 1024 * 1024
     max_transaction_age_s: float = 60.0
     max_archive_backlog: int = 16  # WAL segments waiting to be archived, beyond those at the start
+    max_wal_rate_mb_s: float | None = None  # WAL MB/s over a few seconds (walrate.py); None: off
     throttle_query: str | None = None
     throttle_flag_file: str | None = None
     no_throttle: bool = False

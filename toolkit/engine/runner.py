@@ -487,7 +487,8 @@ class Runner:
             return None
         throttle = Throttle(self.engine, Limits(o.max_replica_lag_ms, o.max_replica_lag_bytes,
                                                 o.max_transaction_age_s, o.throttle_query,
-                                                o.throttle_flag_file, o.max_archive_backlog),
+                                                o.throttle_flag_file, o.max_archive_backlog,
+                                                o.max_wal_rate_mb_s),
                             budget, o.max_throttle_s)
         throttle.start()
         return throttle
