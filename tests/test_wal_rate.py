@@ -67,3 +67,17 @@ def test_a_bad_wal_rate_is_a_usage_error(value: str, said: str):
 def test_the_wal_rate_bounds_are_accepted():
     assert params.WAL_RATE.convert("0.001", None, None) == 0.001
     assert params.WAL_RATE.convert("1048576", None, None) == 1024 * 1024
+
+
+def test_a_wal_rate_wait_ends_by_itself_once_the_window_is_quiet(milestone_states, make_database, tmp_path):
+    """Nothing else writes: the wait ends once the batches' WAL is older than the window,
+    and the run goes on (``--max-throttle-s`` only a bound against a hang)."""
+    db = make_database(like=milestone_states.before("adversarial", 3))
+    events = tmp_path / "events.jsonl"
+    ran = toolkit(db, "migrate", "milestone-3", "--batch-size", str(KILL_BATCH_SIZE), "--max-batches", "2",
+                  "--max-wal-rate", "0.01", "--max-throttle-s", "120", "--events", str(events))
+    assert ran.exit_code == 0 and "stopped (max-batches)" in ran.output, ran.output
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    resumed = [e for e in lines if e["event"] == "throttle" and e["state"] == "resumed"]
+    assert resumed and resumed[-1]["throttled_seconds"]["wal_rate"] > 0, lines
+    assert sum(1 for e in lines if e["event"] == "batch") == 2
