@@ -28,6 +28,7 @@ TYPES: dict[str, click.ParamType] = {
     "max-transaction-age-s": params.SECONDS,
     "max-archive-backlog": params.SEGMENTS,
     "max-throttle-s": params.SECONDS,
+    "max-wal-rate": params.WAL_RATE,
 }
 assert set(TYPES) == set(steering.SETTABLE)
 
@@ -107,7 +108,8 @@ def set_(setting: str, reason: str | None) -> None:
     """Change an option of the running run, within the option's own bounds.
 
     KEY is one of: batch-size, target-batch-ms, pause-ms, max-replica-lag-ms,
-    max-replica-lag-bytes, max-transaction-age-s, max-archive-backlog, max-throttle-s.
+    max-replica-lag-bytes, max-transaction-age-s, max-archive-backlog, max-throttle-s,
+    max-wal-rate (MB/s).
 
     Example: toolkit control set target-batch-ms=200
     """

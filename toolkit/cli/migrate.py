@@ -96,6 +96,12 @@ def run_options(func: Callable) -> Callable:
                      default=health.DEFAULT_MAX_ARCHIVE_BACKLOG, show_default=True,
                      help="Wait while more WAL segments wait to be archived than when the run "
                           "started, by more than this (the archiver falling behind)."),
+        click.option("--max-wal-rate", "max_wal_rate_mb_s", type=params.WAL_RATE, metavar="MB/S",
+                     default=None,
+                     help="Wait while the primary writes WAL faster than this many MB/s over the "
+                          "last 5 s (pg_current_wal_insert_lsn; every session's WAL counts, as "
+                          "it does for replicas, archiving and DR). 1 MB = 1048576 bytes.  "
+                          "[default: no limit]"),
         click.option("--throttle-query", type=params.SQL_QUERY, metavar="SQL", default=None,
                      help="Your own check, run before each batch: wait while it returns true.  "
                           "[default: none]"),
@@ -108,6 +114,10 @@ def run_options(func: Callable) -> Callable:
                      help="Wait at most this long in all on the database's health, then stop at "
                           "the batch boundary with exit code 6; the same command resumes.  "
                           "[default: no limit]"),
+        click.option("--resume-with-this-version", is_flag=True, default=False,
+                     help="Resume an unfinished milestone even though another toolkit version "
+                          "(or other options that change what is written) started it; without "
+                          "it such a resume is refused with exit code 3."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -90,23 +90,28 @@ class Seconds(click.types.FloatParamType):
     refused."""
 
     name = "seconds"
+    noun = "number of seconds"
+
+    def shown_bound(self, bound: float) -> str:
+        return _seconds(bound)
 
     def __init__(self, high: float, why: str, *, low: float = 0.0, whole_ms: bool = False):
         self.low, self.high, self.why, self.whole_ms = low, high, why, whole_ms
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, bool):
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+            self.fail(f"{value!r} is not a {self.noun}", param, ctx)
         try:
             number = float(value)
         except (TypeError, ValueError):
-            self.fail(f"{_shown(value)} is not a number of seconds", param, ctx)
+            self.fail(f"{_shown(value)} is not a {self.noun}", param, ctx)
         if not math.isfinite(number):
-            self.fail(f"{_shown(value)} is not a finite number of seconds", param, ctx)
+            self.fail(f"{_shown(value)} is not a finite {self.noun}", param, ctx)
         if number < self.low:
-            self.fail(f"{_shown(value)} is less than {_seconds(self.low)}", param, ctx)
+            self.fail(f"{_shown(value)} is less than {self.shown_bound(self.low)}", param, ctx)
         if number > self.high:
-            self.fail(f"{_shown(value)} is more than {_seconds(self.high)} ({self.why})", param, ctx)
+            self.fail(f"{_shown(value)} is more than {self.shown_bound(self.high)} ({self.why})",
+                      param, ctx)
         if self.whole_ms and 0 < number < 0.001:
             self.fail(f"{_shown(value)} is less than a millisecond, which PostgreSQL would take as "
                       "no timeout at all (0 for none)", param, ctx)
@@ -114,6 +119,20 @@ class Seconds(click.types.FloatParamType):
 
     def __repr__(self) -> str:
         return f"Seconds({self.low}, {self.high})"
+
+
+class Rate(Seconds):
+    """A finite rate in MB/s from ``low`` to ``high``, checked as seconds are. ``low`` is
+    above 0: a limit of 0 would wait for ever on the WAL any session writes."""
+
+    name = "MB/s"
+    noun = "number of MB/s"
+
+    def shown_bound(self, bound: float) -> str:
+        return f"{bound:,.3f}".rstrip("0").rstrip(".") + " MB/s"
+
+    def __repr__(self) -> str:
+        return f"Rate({self.low}, {self.high})"
 
 
 class Text(click.ParamType):
@@ -245,6 +264,8 @@ ID = Whole(1, BIGINT_MAX, "GitLab's ids are bigint")
 SEED = Whole(BIGINT_MIN, BIGINT_MAX, "the generator's seed is a bigint")
 PER_CANDIDATE = Whole(1, 10_000, "ten thousand metric rows per candidate is already billions at x25")
 SECONDS = Seconds(MAX_SECONDS, "a year")
+# 0.001 MB/s (about 1 kB/s) to 1 TB/s: below, a checkpoint alone would hold a run
+WAL_RATE = Rate(1024 * 1024, "no server writes WAL a terabyte a second", low=0.001)
 READ_TIMEOUT_S = Seconds(PG_INT_MAX / 1000, "PostgreSQL's largest statement_timeout", whole_ms=True)
 SQL_QUERY = Text("a query that returns true or false")
 FLAG_FILE = FlagFile()

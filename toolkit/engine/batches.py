@@ -74,10 +74,14 @@ class RunOptions:
     max_replica_lag_bytes: int = 16 * 1024 * 1024
     max_transaction_age_s: float = 60.0
     max_archive_backlog: int = 16  # WAL segments waiting to be archived, beyond those at the start
+    max_wal_rate_mb_s: float | None = None  # WAL MB/s over a few seconds (walrate.py); None: off
     throttle_query: str | None = None
     throttle_flag_file: str | None = None
     no_throttle: bool = False
     max_throttle_s: float | None = None
+    # Resume an unfinished milestone another toolkit version (or other write options) left
+    # (writer.py); without it such a resume is refused.
+    resume_with_this_version: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

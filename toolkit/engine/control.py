@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from toolkit.engine.events import emit
+from toolkit.engine.walrate import WalRate
 from toolkit.schema.own import SCHEMA
 
 TABLE = f"{SCHEMA}.run_controls"
@@ -42,6 +43,7 @@ SETTABLE: dict[str, tuple[str, str | None, type]] = {
     "max-transaction-age-s": ("max_transaction_age_s", "max_transaction_age_s", float),
     "max-archive-backlog": ("max_archive_backlog", "max_archive_backlog", int),
     "max-throttle-s": ("max_throttle_s", None, float),
+    "max-wal-rate": ("max_wal_rate_mb_s", "max_wal_rate_mb_s", float),
 }
 SIZING = {"batch-size", "target-batch-ms"}
 
@@ -176,6 +178,11 @@ class Steering:
                         setattr(throttle.limits, limit_attr, new)
                     if attr == "max_throttle_s":
                         throttle.max_throttle_s = new
+                    if attr == "max_wal_rate_mb_s":  # a new meter measures from its first read
+                        if throttle.wal is None:
+                            throttle.wal = WalRate(new)
+                        else:
+                            throttle.wal.limit_mb_s = new
                 if key in SIZING:
                     self.resized = True
                 fields["before"] = before

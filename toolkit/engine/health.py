@@ -18,6 +18,8 @@ its limit, re-reading every half second:
 - ``archiving``: WAL archiving failed since the run started and has not succeeded since
   (``pg_stat_archiver``), or falls behind: more WAL segments wait to be archived than when
   the run started, by more than ``--max-archive-backlog`` (``pg_ls_archive_statusdir()``).
+- ``wal_rate``: the primary writes WAL faster than ``--max-wal-rate`` MB/s over the last
+  few seconds (walrate.py; off unless given).
 - ``throttle_query``: the operator's own query returned true.
 - ``flag_file``: the operator's flag file exists.
 
@@ -40,6 +42,8 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine.batches import _sleep
 from toolkit.engine.events import emit, progress_every_s
+from toolkit.engine.walrate import SIGNAL as WAL_RATE
+from toolkit.engine.walrate import WalRate
 from toolkit.errors import UsageProblem
 
 DEFAULT_MAX_REPLICA_LAG_MS = 1500  # gh-ost's --max-lag-millis
@@ -52,7 +56,8 @@ POLL_S = 0.5
 # A health read waits briefly for anything: it must never become what slows the database.
 READ_TIMEOUTS = (1000, 5000)
 
-SIGNALS = ("replica_lag", "vacuum", "long_transaction", "archiving", "throttle_query", "flag_file")
+SIGNALS = ("replica_lag", "vacuum", "long_transaction", "archiving", WAL_RATE, "throttle_query",
+           "flag_file")
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Limits:
     throttle_query: str | None = None
     throttle_flag_file: str | None = None
     max_archive_backlog: int = DEFAULT_MAX_ARCHIVE_BACKLOG
+    max_wal_rate_mb_s: float | None = None  # None: the WAL rate is not a signal
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Reading:
     detail: str
     readable: bool = True
     # The number compared with the limit, where the signal has one (for the event stream):
-    # replica lag in ms, a transaction's age in s, WAL segments behind.
+    # replica lag in ms, a transaction's age in s, WAL segments behind, WAL MB/s.
     value: float | None = None
     limit: float | None = None
 
@@ -240,6 +246,19 @@ def _archiving(conn: Connection, base: Baseline, limits: Limits) -> Reading:
                                        f"{row.failed_count - since} since the start{waiting})")
 
 
+def _wal_rate(conn: Connection, meter: WalRate | None) -> Reading | None:
+    if meter is None:
+        return None
+    if not meter.sample(conn):
+        return Reading(WAL_RATE, False, "not read: this server is a replica", readable=False)
+    rate, limit = meter.rate_mb_s(), f"limit {meter.limit_mb_s:g} MB/s"
+    if rate is None:
+        return Reading(WAL_RATE, False, f"not measured yet ({limit})")
+    return Reading(WAL_RATE, rate > meter.limit_mb_s,
+                   f"the primary wrote {rate:.3f} MB/s of WAL over the last {meter.span_s():.1f} s "
+                   f"({limit})", value=round(rate, 6), limit=meter.limit_mb_s)
+
+
 def _throttle_query(conn: Connection, limits: Limits) -> Reading | None:
     if not limits.throttle_query:
         return None
@@ -277,13 +296,16 @@ def _flag_file(limits: Limits) -> Reading | None:
                                         f"{'exists (remove it to go on)' if exists else 'is absent'}")
 
 
-def read(conn: Connection, tables: tuple[str, ...], limits: Limits, base: Baseline) -> list[Reading]:
-    """Every signal's reading now, over its limit or not."""
+def read(conn: Connection, tables: tuple[str, ...], limits: Limits, base: Baseline,
+         wal: WalRate | None = None) -> list[Reading]:
+    """Every signal's reading now, over its limit or not. The WAL rate needs samples over
+    time, so only a run's throttle (which keeps ``wal``) reads it."""
     readings = [_replica_lag(conn, limits, base), _vacuum(conn, tables),
                 _long_transaction(conn, limits)]
     if not base.in_recovery:
         readings.append(_archiving(conn, base, limits))
-    readings += [r for r in (_throttle_query(conn, limits), _flag_file(limits)) if r is not None]
+    readings += [r for r in (_wal_rate(conn, wal), _throttle_query(conn, limits), _flag_file(limits))
+                 if r is not None]
     return readings
 
 
@@ -332,12 +354,16 @@ class Throttle:
     base: Baseline = field(default_factory=Baseline)
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     waited: float = 0.0
+    wal: WalRate | None = None  # with --max-wal-rate: the run's samples of the WAL position
 
     def start(self) -> None:
         """Note the archiver's failures so far; warn once about signals the role cannot read;
         refuse a --throttle-query that does not run."""
         with _reading(self.engine) as conn:
             self.base = baseline(conn)
+            if self.limits.max_wal_rate_mb_s is not None:
+                self.wal = WalRate(self.limits.max_wal_rate_mb_s)
+                self.wal.sample(conn)  # the first sample: the rate is measured from the start
             for warning in unreadable(conn, self.base):
                 self.budget.events.warn(f"throttling: {warning}")
         if self.limits.throttle_query:
@@ -345,7 +371,7 @@ class Throttle:
 
     def over(self, tables: tuple[str, ...]) -> list[Reading]:
         with _reading(self.engine) as conn:
-            return [r for r in read(conn, tables, self.limits, self.base) if r.over]
+            return [r for r in read(conn, tables, self.limits, self.base, self.wal) if r.over]
 
     def wait(self, tables: tuple[str, ...], what: str) -> None:
         """Return once every signal is within its limit (or the run is to stop)."""

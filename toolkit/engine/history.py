@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.cancel import StatementCancelled, stop_in_chain
 from toolkit.conninfo import render as render_url
 from toolkit.db import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
-from toolkit.engine import state, unrecorded
+from toolkit.engine import state, unrecorded, writer
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.events import Events, emit
 from toolkit.engine.lease import UNFENCED, Hold
@@ -73,8 +73,9 @@ class RunHistory:
         with self.engine.connect() as conn:
             ensure_own_tables(conn)
             hold.claim(conn)
+            options = self.options.as_dict()
             run_id = state.start_run(conn, self.recorded_command(verb, milestone), milestone.name,
-                                     self.options.as_dict())
+                                     {**options, **writer.stamp(options)})
             hold.record_run(conn, run_id)
             state.set_milestone_state(conn, milestone.name, state_during, run_id)
             while self._unrecorded:  # an earlier attempt's end, now that the database answers

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.conninfo import render as render_url
 from toolkit.db import READ_ONLY_OPTION, cannot_connect, classify, session_lost
-from toolkit.engine import resume, state
+from toolkit.engine import resume, state, writer
 from toolkit.engine.actions import Action, ActionRun
 from toolkit.engine.batches import (
     Budget,
@@ -306,6 +306,8 @@ class Runner:
             with self.read_only() as conn:
                 final = milestone.final_now(conn)
                 left_as = state.milestone_state(conn, milestone.name)["state"]
+                if not final:
+                    self._check_writer(conn, milestone, "migrate", left_as)
             # Final (milestone 4 after its archive drop): everything is applied and the passes
             # that build the archive cannot run again; what is left is to verify and say so.
             passes = [] if final else [p for step in milestone.steps for p in step.forward()]
@@ -355,6 +357,8 @@ class Runner:
             passes = [p for step in reversed(milestone.steps) for p in step.backward()]
             with self.read_only() as conn:
                 left_as = state.milestone_state(conn, milestone.name)["state"]
+                if passes:
+                    self._check_writer(conn, milestone, "rollback", left_as)
             checks: list[Check] = []
             with self.history.recorded(hold, milestone, "rollback", state.ROLLING_BACK) as result:
                 self._went_back(result)
@@ -435,6 +439,15 @@ class Runner:
             return "the database cannot be reached"
         return session_lost(exc, during_run=True)
 
+    def _check_writer(self, conn: Connection, milestone: Milestone, verb: str, left_as: str) -> None:
+        """Before the run records itself: refuse to resume what another toolkit version (or
+        other write options) left unfinished (writer.py). Checked against the run that left
+        the milestone so, which a refused run therefore does not replace."""
+        if resume.resumes(left_as, verb):
+            left_by = state.milestone_state(conn, milestone.name).get("last_run_id")
+            writer.check(conn, milestone.name, verb, left_by, self.options.as_dict(),
+                         self.options.resume_with_this_version)
+
     def _take_up(self, milestone: Milestone, verb: str, passes: list[Action],
                  left_as: str) -> dict[str, state.Checkpoint]:
         """A run that resumes says where, and returns the passes an earlier run of this
@@ -478,7 +491,8 @@ class Runner:
             return None
         throttle = Throttle(self.engine, Limits(o.max_replica_lag_ms, o.max_replica_lag_bytes,
                                                 o.max_transaction_age_s, o.throttle_query,
-                                                o.throttle_flag_file, o.max_archive_backlog),
+                                                o.throttle_flag_file, o.max_archive_backlog,
+                                                o.max_wal_rate_mb_s),
                             budget, o.max_throttle_s)
         throttle.start()
         return throttle
