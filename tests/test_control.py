@@ -16,13 +16,32 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from faults import Running, start_toolkit
+import pytest
+from faults import Running
+from faults import start_toolkit as _start_toolkit
 from helpers import differences, end_state, toolkit
 
 from toolkit.errors import ExitCode
 
 SLOW = ("--batch-size", "5", "--pause-ms", "200")
-_twin: dict[str, tuple] = {}
+_started: list[Running] = []
+
+
+def start_toolkit(*args, **kwargs) -> Running:
+    run = _start_toolkit(*args, **kwargs)
+    _started.append(run)
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _end_runs_left():
+    """A failing test leaves no run of its own going (a paused or waiting one would not end)."""
+    yield
+    while _started:
+        run = _started.pop()
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
 
 
 def lines_of(path: Path) -> list[dict]:
@@ -139,3 +158,18 @@ def test_with_no_run_going_the_request_is_refused_and_never_taken_later(realisti
     assert len(kept) == 1 and kept[0][0] == "abort" and kept[0][2] is None
     assert kept[0][1] is not None and kept[0][3] == "no run was going"
     assert toolkit(realistic_db, "migrate", "milestone-1").exit_code == 0  # not aborted
+
+
+def test_set_a_throttle_limit_reaches_a_run_that_waits_on_the_database(realistic_db, tmp_path):
+    flag, events = tmp_path / "hold", tmp_path / "waiting.jsonl"
+    flag.touch()  # the run waits on it, with no --max-throttle-s: for ever, but for the set
+    run = start_toolkit(realistic_db, ("migrate", "milestone-1", "--throttle-flag-file", str(flag),
+                                       "--events", str(events)), tmp_path, "waiting")
+    wait_until(run, lambda: any(e["event"] == "throttle" for e in lines_of(events)))
+    asked = toolkit(realistic_db, "control", "set", "max-throttle-s=0.5")
+    assert asked.exit_code == 0, asked.output
+    code, _, err = run.wait()
+    assert code == ExitCode.THROTTLED, err
+    taken = control_event(events, "set")
+    assert taken["key"] == "max-throttle-s" and taken["before"] is None
+    assert not batches(lines_of(events))
