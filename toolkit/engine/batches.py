@@ -187,6 +187,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                     return result
                 if budget.throttle is not None:
                     budget.throttle.wait(kpass.tables, kpass.name)
+                    if budget.control is not None and budget.control.paused is not None:
+                        budget.steer()  # paused during the wait: no batch before the resume
                     if reason := budget.exhausted_reason():
                         result.stopped = reason
                         return result
