@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from faults import Running
 from faults import start_toolkit as _start_toolkit
-from helpers import differences, end_state, toolkit
+from helpers import differences, end_state, toolkit, toolkit_json
 
 from toolkit.errors import ExitCode
 
@@ -89,6 +89,9 @@ def test_pause_stops_batches_and_resume_ends_as_an_uninterrupted_twin(realistic_
     assert took["reason"] == "vacuum first" and took["db_user"] and took["host"]
     shown = toolkit(realistic_db, "status")
     assert shown.exit_code == 0 and "paused by" in shown.output and "vacuum first" in shown.output
+    code, doc = toolkit_json(realistic_db, "status")
+    assert code == 0 and doc["result"]["paused"]["reason"] == "vacuum first"
+    assert doc["result"]["paused"]["applied_by"] == took["run_id"]
 
     assert toolkit(realistic_db, "control", "resume").exit_code == 0
     code, _, err = run.wait()
@@ -106,6 +109,7 @@ def test_pause_stops_batches_and_resume_ends_as_an_uninterrupted_twin(realistic_
     recorded = realistic_db.scalar("SELECT options->'controls' FROM toolkit.runs WHERE id = :id",
                                    id=taken[0][1])
     assert [c["action"] for c in recorded] == ["pause", "resume"]
+    assert toolkit_json(realistic_db, "status")[1]["result"]["paused"] is None
 
 
 def test_set_batch_size_changes_the_batches_that_follow(realistic_db, tmp_path):

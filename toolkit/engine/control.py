@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from toolkit.engine.events import emit
+from toolkit.engine.locks import runner_lock_holders
 from toolkit.engine.walrate import WalRate
 from toolkit.schema.own import SCHEMA
 
@@ -77,8 +78,9 @@ def last_id(conn: Connection) -> int:
 
 
 def paused_now(conn: Connection) -> dict[str, Any] | None:
-    """The pause that holds a run now (who, when, why), if the last pause or resume a running
-    run took was a pause: what ``toolkit status`` shows."""
+    """The pause that holds a run now (who, when, why), if the last pause, resume or abort a
+    running run took was a pause and a run holds the runner lock: what ``toolkit status``
+    shows."""
     if not conn.execute(sa.text(f"SELECT to_regclass('{TABLE}') IS NOT NULL")).scalar_one():
         return None
     row = conn.execute(sa.text(f"""
@@ -87,7 +89,9 @@ def paused_now(conn: Connection) -> dict[str, Any] | None:
         FROM {TABLE} c JOIN {SCHEMA}.runs r ON r.id = c.applied_by
         WHERE c.action IN ('pause', 'resume', 'abort') AND r.outcome = 'running'
         ORDER BY c.id DESC LIMIT 1""")).one_or_none()
-    return dict(row._mapping) if row is not None and row.action == "pause" else None
+    if row is None or row.action != "pause" or not runner_lock_holders(conn):
+        return None  # a run killed while paused is still marked running, but holds nothing
+    return dict(row._mapping)
 
 
 def taken_by(conn: Connection, run_id: int) -> list[dict[str, Any]]:
