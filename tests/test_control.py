@@ -139,6 +139,9 @@ def test_abort_exits_resumable_and_a_rerun_finishes(realistic_db, tmp_path):
     assert code == ExitCode.THROTTLED == 6, err
     assert "control abort" in err and "window over" in err and "run the same command again" in err
     assert realistic_db.scalar("SELECT outcome FROM toolkit.runs ORDER BY id DESC LIMIT 1") == "aborted"
+    listed = toolkit(realistic_db, "history")
+    assert "aborted" in listed.output and "was steered: abort by " in listed.output
+    assert "window over" in listed.output
     assert lines_of(events)[-1]["exit_code"] == 6
     again = toolkit(realistic_db, "migrate", "milestone-1")
     assert again.exit_code == 0, again.output

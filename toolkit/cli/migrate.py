@@ -587,6 +587,11 @@ def history(limit: int) -> None:
     for r in runs:
         if r["error"]:
             out.say(f"run {r['id']}: {r['error']}")
+        if controls := (r.get("options") or {}).get("controls"):  # `toolkit control` it took
+            out.say(f"run {r['id']} was steered: " + "; ".join(
+                f"{c['action']}{' ' + c['key'] + '=' + c['value'] if c.get('key') else ''} by "
+                f"{c['db_user']} ({c['os_user']}@{c['host']})"
+                + (f": {c['reason']}" if c.get("reason") else "") for c in controls))
     if not runs:
         out.say("No runs recorded yet.")
     app().finish({"runs": runs})
