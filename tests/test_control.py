@@ -12,6 +12,7 @@ its --events file (the order of its lines), never from the clock.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -180,3 +181,15 @@ def test_set_a_throttle_limit_reaches_a_run_that_waits_on_the_database(realistic
     taken = control_event(events, "set")
     assert taken["key"] == "max-throttle-s" and taken["before"] is None
     assert not batches(lines_of(events))
+
+
+def test_a_paused_run_keeps_the_runner_lock_and_ctrl_c_still_stops_it(realistic_db, tmp_path):
+    run, events = start(realistic_db, tmp_path, "held")
+    assert toolkit(realistic_db, "control", "pause").exit_code == 0
+    wait_until(run, lambda: control_event(events, "pause"))
+    second = toolkit(realistic_db, "migrate", "milestone-1")
+    assert second.exit_code == ExitCode.BUSY, second.output
+    run.process.send_signal(signal.SIGINT)
+    code, _, err = run.wait()
+    assert code == ExitCode.INTERRUPTED, err
+    assert realistic_db.scalar("SELECT outcome FROM toolkit.runs ORDER BY id DESC LIMIT 1") == "interrupted"
