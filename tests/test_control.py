@@ -193,3 +193,17 @@ def test_a_paused_run_keeps_the_runner_lock_and_ctrl_c_still_stops_it(realistic_
     code, _, err = run.wait()
     assert code == ExitCode.INTERRUPTED, err
     assert realistic_db.scalar("SELECT outcome FROM toolkit.runs ORDER BY id DESC LIMIT 1") == "interrupted"
+
+
+def test_a_run_takes_requests_made_after_it_started_only(realistic_db):
+    """One left untaken before the run (a run killed first) is not its; one made after its
+    history row (here: dated so, as one made while it took the lock and fingerprinted) is."""
+    assert toolkit(realistic_db, "control", "pause").exit_code == 3  # creates the table
+    realistic_db.execute("""
+        INSERT INTO toolkit.run_controls (action, reason, requested_at)
+        VALUES ('pause', 'left by a killed run', clock_timestamp() - interval '1 hour'),
+               ('abort', 'made as the run started', clock_timestamp() + interval '1 hour')""")
+    result = toolkit(realistic_db, "migrate", "milestone-1")
+    assert result.exit_code == ExitCode.THROTTLED and "made as the run started" in result.output
+    untaken = realistic_db.rows("SELECT reason FROM toolkit.run_controls WHERE applied_at IS NULL")
+    assert [r[0] for r in untaken] == ["left by a killed run"]

@@ -72,9 +72,14 @@ def request(conn: Connection, action: str, key: str | None = None, value: str | 
     return dict(row._mapping)
 
 
-def last_id(conn: Connection) -> int:
-    """The newest request now: a run starting reads only what comes after it."""
-    return conn.execute(sa.text(f"SELECT coalesce(max(id), 0) FROM {TABLE}")).scalar_one()
+def last_id(conn: Connection, run_id: int) -> int:
+    """The newest request made before the run's history row: a run reads only what comes
+    after it (one made while it took the lock and fingerprinted is its own), never what an
+    earlier run left untaken."""
+    return conn.execute(sa.text(f"""
+        SELECT coalesce(max(id), 0) FROM {TABLE}
+        WHERE requested_at < (SELECT started_at FROM {SCHEMA}.runs WHERE id = :run)"""),
+        {"run": run_id}).scalar_one()
 
 
 def paused_now(conn: Connection) -> dict[str, Any] | None:
@@ -125,7 +130,7 @@ class Steering:
 
     def start(self) -> None:
         with self.engine.connect() as conn:
-            self.seen = last_id(conn)
+            self.seen = last_id(conn, self.run_id)
             conn.rollback()
 
     def poll(self) -> None:
