@@ -261,6 +261,10 @@ NOT_GITLAB_ARGS = {
     ("report", "candidates"): ["report", "candidates", "--project", "1", "--model", "m", "--metric", "loss"],
     ("mlflow", "serve"): ["mlflow", "serve", "--port", "0"],
     ("adopt",): ["adopt", "--yes"],
+    ("control", "pause"): ["control", "pause"],
+    ("control", "resume"): ["control", "resume"],
+    ("control", "abort"): ["control", "abort"],
+    ("control", "set"): ["control", "set", "batch-size=10"],
 }
 NO_DATABASE = {("sql",), ("demo",)}
 # `toolkit fleet` reads the inventory's databases, never --database-url (a database that is

@@ -43,6 +43,12 @@ DATABASE_EXAMPLES: dict[str, tuple[tuple[str, ...], list[int]]] = {
     "toolkit history --limit 5": ((), [0]),
     # the ledger is in order here: nothing to adopt (test_toolkit_schema_lost.py adopts)
     "toolkit adopt --yes": ((), [3]),
+    # no run is going while the examples run: each request is recorded and refused (3)
+    'toolkit control pause --reason "vacuum of ci_builds first"': ((), [3]),
+    'toolkit control pause --reason "replica rebuild"': ((), [3]),
+    "toolkit control resume": ((), [3]),
+    'toolkit control abort --reason "change window over"': ((), [3]),
+    "toolkit control set target-batch-ms=200": ((), [3]),
     # pricing-tuned-0 is a model of project 1 in the realistic small data (seed 1), with
     # candidates that log loss and accuracy; the report reads it after milestone 2.
     "toolkit report candidates --project 1 --model pricing-tuned-0 --metric accuracy":

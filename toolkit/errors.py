@@ -35,8 +35,9 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.LOCKED: "a lock could not be had or a statement timed out; the current batch was rolled back",
     ExitCode.DATABASE: "the database could not be reached or used (connection, authentication, privileges)",
     ExitCode.THROTTLED: "stopped at a batch boundary after waiting --max-throttle-s for the database's "
-                        "health (replica lag, VACUUM, a long transaction, archiving, your throttle); "
-                        "everything committed is kept: run the same command again to resume",
+                        "health (replica lag, VACUUM, a long transaction, archiving, your throttle), "
+                        "or on `toolkit control abort`; everything committed is kept: run the same "
+                        "command again to resume",
     ExitCode.BUSY: "busy: another toolkit run holds the runner lock on this database (or a "
                    "session of an earlier run is still at work there); nothing was done: run the "
                    "same command again when it has finished",
@@ -129,6 +130,13 @@ class ResourceExhausted(ToolkitError):
 class Throttled(ToolkitError):
     """The run waited its maximum (--max-throttle-s) for the database's health and stopped
     at a batch boundary: nothing is half-done, the same command resumes."""
+
+    exit_code = ExitCode.THROTTLED
+
+
+class Aborted(ToolkitError):
+    """``toolkit control abort`` stopped the run at a batch boundary: nothing is half-done,
+    the same command resumes. The throttled run's code, which says exactly that."""
 
     exit_code = ExitCode.THROTTLED
 

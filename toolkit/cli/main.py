@@ -250,11 +250,23 @@ def _with_subcommand_help(command: click.Command) -> None:
 
 
 def _register() -> None:
-    from toolkit.cli import adopt, archive, demo, fingerprint, migrate, mlflow, report, sandbox, sql
+    from toolkit.cli import (
+        adopt,
+        archive,
+        control,
+        demo,
+        fingerprint,
+        migrate,
+        mlflow,
+        report,
+        sandbox,
+        sql,
+    )
 
     for command in (migrate.status, migrate.plan, migrate.migrate, migrate.verify, migrate.rollback,
                     sql.sql, migrate.history, fingerprint.fingerprint, archive.archive,
-                    report.report, sandbox.sandbox, demo.demo, mlflow.mlflow, adopt.adopt):
+                    report.report, sandbox.sandbox, demo.demo, mlflow.mlflow, adopt.adopt,
+                    control.control):
         _with_subcommand_help(command)
         cli.add_command(command)
     from toolkit.cli.fleet import fleet

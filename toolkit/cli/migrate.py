@@ -11,6 +11,7 @@ import click
 from toolkit import milestones as registry
 from toolkit.cli import params, render
 from toolkit.cli.context import app
+from toolkit.engine import control as steering
 from toolkit.engine import health, state
 from toolkit.engine.batches import PassResult, RunOptions
 from toolkit.engine.locks import runner_lock_holders
@@ -507,7 +508,10 @@ def status() -> None:
 
     Example: toolkit status
     """
-    report = _runner().status()
+    runner = _runner()
+    report = runner.status()
+    with runner.read_only() as conn:
+        paused = steering.paused_now(conn)
     rows = []
     for entry in report:
         left = sum(entry["remaining"].values())
@@ -535,7 +539,14 @@ def status() -> None:
             out.say(f"{entry['milestone']} is rolling back (interrupted?); left to undo: "
                     + "; ".join(entry["left_to_undo"])
                     + f". Run `toolkit rollback {entry['milestone']}` to finish it.")
-    app().finish({"milestones": report})
+    if paused is not None:
+        why = f": {paused['reason']}" if paused["reason"] else ""
+        out.say(f"run {paused['applied_by']} is paused by {steering.who(paused)} since "
+                f"{paused['applied_at'].isoformat(timespec='seconds')}{why}; "
+                "`toolkit control resume` goes on")
+    app().finish({"milestones": report, "paused": paused and {
+        **paused, "requested_at": paused["requested_at"].isoformat(),
+        "applied_at": paused["applied_at"].isoformat()}})
 
 
 def _took(run: dict) -> str:
@@ -576,6 +587,11 @@ def history(limit: int) -> None:
     for r in runs:
         if r["error"]:
             out.say(f"run {r['id']}: {r['error']}")
+        if controls := (r.get("options") or {}).get("controls"):  # `toolkit control` it took
+            out.say(f"run {r['id']} was steered: " + "; ".join(
+                f"{c['action']}{' ' + c['key'] + '=' + c['value'] if c.get('key') else ''} by "
+                f"{c['db_user']} ({c['os_user']}@{c['host']})"
+                + (f": {c['reason']}" if c.get("reason") else "") for c in controls))
     if not runs:
         out.say("No runs recorded yet.")
     app().finish({"runs": runs})

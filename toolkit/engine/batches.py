@@ -103,12 +103,22 @@ class Budget:
     # to tell, once resumed, whether committed batches went back in time (rewind.py).
     on_commit: Any = None
     retries: int = 0  # retries of the batch under way (told with the batch, in its event)
+    # The run's control.Steering (None: not steered): `toolkit control` requests, read at
+    # every batch boundary and during every wait.
+    control: Any = None
+
+    def steer(self) -> None:
+        """At a batch boundary: take `toolkit control` requests; wait here while paused."""
+        if self.control is not None and not self.stop_requested:
+            self.control.boundary()
 
     def exhausted_reason(self) -> str | None:
         if self.stop_requested:
             return "interrupted"
         if self.throttled_out:
             return "throttled"
+        if self.control is not None and self.control.aborted is not None:
+            return "aborted"
         if self.options.max_batches is not None and self.batches >= self.options.max_batches:
             return "max-batches"
         if (self.options.max_runtime_s is not None
@@ -167,11 +177,18 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                            options.max_batch_size)
         with budget.events.progress(total, kpass.name) as bar:
             while True:
+                budget.steer()
+                if budget.control is not None and budget.control.resized:
+                    budget.control.resized = False
+                    sizer = BatchSizer(options.batch_size, options.target_batch_ms,
+                                       options.min_batch_size, options.max_batch_size)
                 if reason := budget.exhausted_reason():
                     result.stopped = reason
                     return result
                 if budget.throttle is not None:
                     budget.throttle.wait(kpass.tables, kpass.name)
+                    if budget.control is not None and budget.control.paused is not None:
+                        budget.steer()  # paused during the wait: no batch before the resume
                     if reason := budget.exhausted_reason():
                         result.stopped = reason
                         return result
@@ -210,7 +227,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                      wal_bytes=None if wal_at is None or wal_before is None else wal_at - wal_before)
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
-                    pause(options.pause_ms / 1000, budget)
+                    _pause_between(options.pause_ms / 1000, budget)
 
 
 def wal_position(conn: Connection) -> int | None:
@@ -312,6 +329,23 @@ def pause(seconds: float, budget: Budget) -> None:
     deadline = time.monotonic() + seconds
     while not budget.stop_requested and time.monotonic() < deadline:
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
+def _pause_between(seconds: float, budget: Budget) -> None:
+    """``--pause-ms`` between batches: a wait during which `toolkit control` requests are
+    still read (a long pause ends at once on an abort, or on a new pause-ms)."""
+    control = budget.control
+    if control is None:
+        pause(seconds, budget)
+        return
+    began = time.monotonic()
+    while not budget.stop_requested and control.aborted is None and control.paused is None:
+        left = budget.options.pause_ms / 1000 - (time.monotonic() - began)
+        if left <= 0:
+            return
+        pause(min(left, 0.5), budget)
+        if control.due():
+            control.poll()
 
 
 def _maybe_inject_fault(done: int, variable: str = FAULT_KILL_AFTER_BATCHES_ENV) -> None:

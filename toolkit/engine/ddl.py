@@ -81,6 +81,7 @@ class SchemaChange:
 
     def execute(self, run: ActionRun) -> PassResult:
         budget = run.budget
+        budget.steer()
         if budget.throttle is not None and not budget.exhausted_reason():
             budget.throttle.wait(self.tables, self.name)
         if reason := budget.exhausted_reason():

@@ -387,6 +387,12 @@ class Throttle:
         while current:
             if self.budget.stop_requested:
                 return
+            control = getattr(self.budget, "control", None)
+            if control is not None:  # a request during the wait: an abort ends it
+                if control.due():
+                    control.poll()
+                if control.aborted is not None:
+                    return
             if self.max_throttle_s is not None and self.waited >= self.max_throttle_s:
                 self.budget.throttled_out = True
                 return

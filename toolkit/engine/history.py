@@ -20,6 +20,7 @@ from toolkit.engine.lease import UNFENCED, Hold
 from toolkit.engine.outcomes import ApplyResult
 from toolkit.engine.plan import Milestone
 from toolkit.errors import (
+    Aborted,
     Interrupted,
     SessionLost,
     Throttled,
@@ -133,6 +134,17 @@ class RunHistory:
                 "run the same command again to resume from where it stopped",
                 details={"passes": [p.__dict__ for p in result.passes]},
             )
+        if result.stopped == "aborted":
+            self.finish(result, "aborted")
+            asked = result.controls[-1] if result.controls else {}
+            by = f"{asked.get('db_user')} ({asked.get('os_user')}@{asked.get('host')})"
+            why = f": {asked['reason']}" if asked.get("reason") else ""
+            raise Aborted(
+                f"Stopped {milestone.name} at a batch boundary after {counted(result.rows, 'row')}: "
+                f"`toolkit control abort` by {by}{why}; nothing is half-done",
+                "run the same command again to resume from where it stopped",
+                details={"passes": [p.__dict__ for p in result.passes], "controls": result.controls},
+            )
         if result.stopped == "throttled":
             self.finish(result, "throttled")
             waited = ", ".join(f"{signal.replace('_', ' ')} {seconds:.1f} s"
@@ -164,8 +176,10 @@ class RunHistory:
             self._stopped(result, said, f"Aborted: {result.milestone.name} {said}", cause=stop)
 
     def finish(self, result: ApplyResult, outcome: str, error: str | None = None) -> None:
-        self.record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error,
-                         {"throttled_seconds": result.throttled_seconds})
+        extra: dict[str, Any] = {"throttled_seconds": result.throttled_seconds}
+        if result.controls:  # each `toolkit control` request the run took, in its history row
+            extra["controls"] = result.controls
+        self.record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error, extra)
 
     def record_end(self, run_id: int, outcome: str, rows: dict[str, int], error: str | None,
                     extra: dict[str, Any] | None = None) -> None:

@@ -94,6 +94,8 @@ class ApplyResult:
     timings: dict[str, float] = field(default_factory=dict)
     # Seconds spent waiting on the database's health, by signal (health.py).
     throttled_seconds: dict[str, float] = field(default_factory=dict)
+    # The `toolkit control` requests the run took (control.py), as their events said them.
+    controls: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:

@@ -27,6 +27,7 @@ from toolkit.engine.batches import (
     after_action,
     read_with_retries,
 )
+from toolkit.engine.control import Steering
 from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.health import Limits, Throttle, check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
@@ -467,6 +468,8 @@ class Runner:
         milestone = result.milestone
         budget = Budget(self.options, events=self.events, on_commit=self.memory.remember)
         budget.throttle = self._throttle(budget)
+        budget.control = Steering(self.engine, result.run_id, self.options, budget)
+        budget.control.start()
         with stop_on_signals(budget):
             if before is not None:
                 emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
@@ -476,6 +479,7 @@ class Runner:
             try:
                 self._run_actions(hold, result, passes, budget, finished or {}, on_pass)
             finally:
+                result.controls = budget.control.taken
                 if budget.throttle is not None:
                     result.throttled_seconds = budget.throttle.totals()
 

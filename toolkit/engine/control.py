@@ -1,0 +1,226 @@
+"""Steering a running run from any host: pause, resume, abort, and set an option.
+
+gh-ost takes interactive commands (``throttle``, ``chunk-size=``, ``panic``) on a socket of
+the runner's host; GitLab pauses a batched background migration through the API. The one
+thing every operator of a toolkit run can reach is the database, so a request is a row in
+``toolkit.run_controls`` (revision 0010) and the running run reads it: at every batch
+boundary and, while paused or waiting on the database's health, every half second. One
+indexed read of the unapplied rows newer than the last it saw, in a short transaction of
+its own; each request taken is marked with the moment and the run that took it, so the
+table is also the run's control history.
+
+The engine validates nothing a person typed: the CLI converts ``set KEY=VALUE`` with the
+same parameter types as the options (``toolkit/cli/params.py``) before it stores it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from toolkit.engine.events import emit
+from toolkit.engine.locks import runner_lock_holders
+from toolkit.engine.walrate import WalRate
+from toolkit.schema.own import SCHEMA
+
+TABLE = f"{SCHEMA}.run_controls"
+ACTIONS = ("pause", "resume", "abort", "set")
+POLL_S = 0.5
+SAY_EVERY_S = 60.0  # a paused run says so this often
+
+# set KEY: (the RunOptions field, the throttle Limits field or None, int or float)
+SETTABLE: dict[str, tuple[str, str | None, type]] = {
+    "batch-size": ("batch_size", None, int),
+    "target-batch-ms": ("target_batch_ms", None, int),
+    "pause-ms": ("pause_ms", None, int),
+    "max-replica-lag-ms": ("max_replica_lag_ms", "max_replica_lag_ms", int),
+    "max-replica-lag-bytes": ("max_replica_lag_bytes", "max_replica_lag_bytes", int),
+    "max-transaction-age-s": ("max_transaction_age_s", "max_transaction_age_s", float),
+    "max-archive-backlog": ("max_archive_backlog", "max_archive_backlog", int),
+    "max-throttle-s": ("max_throttle_s", None, float),
+    "max-wal-rate": ("max_wal_rate_mb_s", "max_wal_rate_mb_s", float),
+}
+SIZING = {"batch-size", "target-batch-ms"}
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def request(conn: Connection, action: str, key: str | None = None, value: str | None = None,
+            reason: str | None = None, *, run_going: bool = True) -> dict[str, Any]:
+    """Store one request; ``run_going`` False stores it already closed (nobody took it), so
+    a later run never acts on a request made while it was not running."""
+    row = conn.execute(sa.text(f"""
+        INSERT INTO {TABLE} (action, key, value, reason, os_user, host, applied_at, note)
+        VALUES (:action, :key, :value, :reason, :os_user, :host,
+                CASE WHEN :going THEN NULL ELSE clock_timestamp() END,
+                CASE WHEN :going THEN NULL ELSE 'no run was going' END)
+        RETURNING id, database, db_user, requested_at"""),
+        {"action": action, "key": key, "value": value, "reason": reason, "os_user": _os_user(),
+         "host": socket.gethostname(), "going": run_going}).one()
+    conn.commit()
+    return dict(row._mapping)
+
+
+def last_id(conn: Connection, run_id: int) -> int:
+    """The newest request made before the run's history row: a run reads only what comes
+    after it (one made while it took the lock and fingerprinted is its own), never what an
+    earlier run left untaken."""
+    return conn.execute(sa.text(f"""
+        SELECT coalesce(max(id), 0) FROM {TABLE}
+        WHERE requested_at < (SELECT started_at FROM {SCHEMA}.runs WHERE id = :run)"""),
+        {"run": run_id}).scalar_one()
+
+
+def paused_now(conn: Connection) -> dict[str, Any] | None:
+    """The pause that holds a run now (who, when, why), if the last pause, resume or abort a
+    running run took was a pause and a run holds the runner lock: what ``toolkit status``
+    shows."""
+    if not conn.execute(sa.text(f"SELECT to_regclass('{TABLE}') IS NOT NULL")).scalar_one():
+        return None
+    row = conn.execute(sa.text(f"""
+        SELECT c.id, c.db_user, c.os_user, c.host, c.requested_at, c.applied_at, c.applied_by,
+               c.reason, c.action
+        FROM {TABLE} c JOIN {SCHEMA}.runs r ON r.id = c.applied_by
+        WHERE c.action IN ('pause', 'resume', 'abort') AND r.outcome = 'running'
+        ORDER BY c.id DESC LIMIT 1""")).one_or_none()
+    if row is None or row.action != "pause" or not runner_lock_holders(conn):
+        return None  # a run killed while paused is still marked running, but holds nothing
+    return dict(row._mapping)
+
+
+def taken_by(conn: Connection, run_id: int) -> list[dict[str, Any]]:
+    """The requests a run took, oldest first: its control history."""
+    return [dict(r._mapping) for r in conn.execute(sa.text(f"""
+        SELECT id, action, key, value, reason, db_user, os_user, host, requested_at, applied_at
+        FROM {TABLE} WHERE applied_by = :run ORDER BY id"""), {"run": run_id})]
+
+
+def who(row: dict[str, Any]) -> str:
+    return f"{row['db_user']} ({row['os_user']}@{row['host']})"
+
+
+@dataclass
+class Steering:
+    """A run's side: reads the requests it has not taken and acts on them.
+
+    ``options`` is the run's RunOptions (changed in place by ``set``, so every later batch
+    and pass uses the new value); ``budget`` the run's Budget (its events, its throttle)."""
+
+    engine: Engine
+    run_id: int
+    options: Any
+    budget: Any
+    seen: int = 0
+    paused: dict[str, Any] | None = None
+    aborted: dict[str, Any] | None = None
+    resized: bool = False  # a set changed the batch sizing: the pass makes a new sizer
+    taken: list[dict[str, Any]] = field(default_factory=list)
+    _last_read: float = 0.0
+
+    def start(self) -> None:
+        with self.engine.connect() as conn:
+            self.seen = last_id(conn, self.run_id)
+            conn.rollback()
+
+    def poll(self) -> None:
+        """Take the requests newer than the last seen: one indexed read (and, only when
+        there are some, one update marking them taken)."""
+        self._last_read = time.monotonic()
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text(f"""
+                SELECT id, action, key, value, reason, db_user, os_user, host, requested_at
+                FROM {TABLE} WHERE applied_at IS NULL AND id > :seen ORDER BY id"""),
+                {"seen": self.seen}).all()
+            if not rows:
+                conn.rollback()  # a read: no commit, which the lease would fence
+                return
+            conn.execute(sa.text(f"""
+                UPDATE {TABLE} SET applied_at = clock_timestamp(), applied_by = :run
+                WHERE id = ANY(:ids) AND applied_at IS NULL"""),
+                {"run": self.run_id, "ids": [r.id for r in rows]})
+            conn.commit()
+        for r in rows:
+            self.seen = max(self.seen, r.id)
+            self._act(dict(r._mapping))
+
+    def _act(self, row: dict[str, Any]) -> None:
+        events = self.budget.events
+        action = row["action"]
+        by = who(row) + (f": {row['reason']}" if row["reason"] else "")
+        fields = {"run_id": self.run_id, "action": action, "key": row["key"], "value": row["value"],
+                  "reason": row["reason"], "db_user": row["db_user"], "os_user": row["os_user"],
+                  "host": row["host"], "request_id": row["id"]}
+        if action == "pause":
+            self.paused = row
+            events.warn(f"paused by {by}; holding the runner lock until `toolkit control resume`")
+        elif action == "resume":
+            if self.paused is not None:
+                events.say(f"resumed by {by}")
+            self.paused = None
+        elif action == "abort":
+            self.aborted = row
+            events.warn(f"abort requested by {by}; stopping at this batch boundary")
+        elif action == "set":
+            key, value = row["key"], row["value"]
+            if key not in SETTABLE:  # stored by a newer CLI: said, not acted on
+                events.warn(f"control set {key}={value} by {by}: not an option this run can change")
+                fields["ignored"] = True
+            else:
+                attr, limit_attr, kind = SETTABLE[key]
+                before = getattr(self.options, attr)
+                new = kind(value)
+                setattr(self.options, attr, new)
+                throttle = self.budget.throttle
+                if throttle is not None:
+                    if limit_attr is not None:
+                        setattr(throttle.limits, limit_attr, new)
+                    if attr == "max_throttle_s":
+                        throttle.max_throttle_s = new
+                    if attr == "max_wal_rate_mb_s":  # a new meter measures from its first read
+                        if throttle.wal is None:
+                            throttle.wal = WalRate(new)
+                        else:
+                            throttle.wal.limit_mb_s = new
+                if key in SIZING:
+                    self.resized = True
+                fields["before"] = before
+                events.say(f"{key} set to {value} (was {before}) by {by}")
+        self.taken.append(fields)
+        emit(events, "control", **fields)
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_read >= POLL_S
+
+    def boundary(self) -> None:
+        """At a batch boundary: take new requests, then wait while paused (holding the
+        lease, which a pause never lets go), saying so every minute, until a resume, an
+        abort, or a stop (Ctrl-C)."""
+        self.poll()
+        if self.paused is None:
+            return
+        began = last_said = time.monotonic()
+        while self.paused is not None and self.aborted is None and not self.budget.stop_requested:
+            _sleep(POLL_S, self.budget)
+            self.poll()
+            now = time.monotonic()
+            if self.paused is not None and now - last_said >= SAY_EVERY_S:
+                last_said = now
+                self.budget.events.note(f"still paused by {who(self.paused)} "
+                                        f"({now - began:.0f} s so far); `toolkit control resume` "
+                                        "goes on")
+
+
+def _sleep(seconds: float, budget: Any) -> None:
+    from toolkit.engine.batches import pause  # batches imports this module
+    pause(seconds, budget)
