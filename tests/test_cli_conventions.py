@@ -264,6 +264,7 @@ NOT_GITLAB_ARGS = {
     ("control", "pause"): ["control", "pause"],
     ("control", "resume"): ["control", "resume"],
     ("control", "abort"): ["control", "abort"],
+    ("control", "unpostpone"): ["control", "unpostpone"],
     ("control", "set"): ["control", "set", "batch-size=10"],
 }
 NO_DATABASE = {("sql",), ("demo",)}

@@ -38,7 +38,7 @@ REASON = click.option("--reason", type=params.Text("--reason"), default=None, me
 
 @click.group("control")
 def control() -> None:
-    """Steer the run going on this database, from any host: pause, resume, abort, set.
+    """Steer the run going on this database, from any host: pause, resume, abort, set, unpostpone.
 
     The request is stored in the toolkit schema (who: database user, OS user, host; when;
     why) and the run takes it at its next batch boundary. With no run going, the request is
@@ -99,6 +99,16 @@ def abort(reason: str | None) -> None:
     Example: toolkit control abort --reason "change window over"
     """
     _send("abort", reason)
+
+
+@control.command()
+@REASON
+def unpostpone(reason: str | None) -> None:
+    """Let a run held before milestone 4's drops (`migrate --hold-before-drop`) drop.
+
+    Example: toolkit control unpostpone --reason "backup verified"
+    """
+    _send("unpostpone", reason)
 
 
 @control.command("set")

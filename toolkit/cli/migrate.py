@@ -19,7 +19,7 @@ from toolkit.engine.outcomes import ApplyResult, PlanResult, VerifyResult
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Check
 from toolkit.engine.runner import Runner
-from toolkit.errors import PreconditionRefused, VerificationFailed
+from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
 from toolkit.output import out
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.timestamps import shown
@@ -282,6 +282,11 @@ def plan(milestone: str | None, no_sql: bool, fail_on_blocking: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Show what would happen (as `plan`) and write nothing.")
 @click.option("--no-verify", is_flag=True, help="Do not verify after applying.")
 @click.option("--yes", is_flag=True, help="Confirm a destructive milestone (4) without the prompt.")
+@click.option("--hold-before-drop", is_flag=True, default=False,
+              help="milestone-4: archive and check row for row, then wait before the first drop "
+                   "(holding only the runner lock) until `toolkit control unpostpone`.")
+@click.option("--hold-flag-file", type=params.FLAG_FILE, metavar="PATH", default=None,
+              help="milestone-4: as --hold-before-drop, and also go on once PATH does not exist.")
 @run_options
 @observe_options
 def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: Any) -> None:
@@ -291,9 +296,16 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
     batch boundary; running the same command again resumes (it says where, and does not
     walk the passes finished before). Verifies at the end.
 
+    With --hold-before-drop (or --hold-flag-file PATH), milestone 4 stops after its row-for-row
+    check, before anything is dropped, until `toolkit control unpostpone` (or PATH is gone).
+
     Example: toolkit migrate milestone-1 --dry-run
     """
     chosen = registry.get(milestone)
+    if (opts["hold_before_drop"] or opts["hold_flag_file"]) and chosen.hold_point is None:
+        raise UsageProblem(f"{chosen.name} drops nothing: --hold-before-drop and --hold-flag-file "
+                           "hold before milestone-4's drops only",
+                           f"run `toolkit migrate {chosen.name}` without them")
     runner = _runner(opts)
     if dry_run:
         result = runner.plan(chosen)
@@ -512,6 +524,7 @@ def status() -> None:
     report = runner.status()
     with runner.read_only() as conn:
         paused = steering.paused_now(conn)
+        held = steering.held_now(conn)
     rows = []
     for entry in report:
         left = sum(entry["remaining"].values())
@@ -539,6 +552,9 @@ def status() -> None:
             out.say(f"{entry['milestone']} is rolling back (interrupted?); left to undo: "
                     + "; ".join(entry["left_to_undo"])
                     + f". Run `toolkit rollback {entry['milestone']}` to finish it.")
+    if held is not None:
+        out.say(f"held before drop since {held['applied_at'].isoformat(timespec='seconds')} "
+                f"(run {held['applied_by']}); `toolkit control unpostpone` goes on")
     if paused is not None:
         why = f": {paused['reason']}" if paused["reason"] else ""
         out.say(f"run {paused['applied_by']} is paused by {steering.who(paused)} since "
@@ -546,7 +562,8 @@ def status() -> None:
                 "`toolkit control resume` goes on")
     app().finish({"milestones": report, "paused": paused and {
         **paused, "requested_at": paused["requested_at"].isoformat(),
-        "applied_at": paused["applied_at"].isoformat()}})
+        "applied_at": paused["applied_at"].isoformat()},
+        "held": held and {**held, "applied_at": held["applied_at"].isoformat()}})
 
 
 def _took(run: dict) -> str:

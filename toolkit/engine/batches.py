@@ -77,6 +77,10 @@ class RunOptions:
     max_wal_rate_mb_s: float | None = None  # WAL MB/s over a few seconds (walrate.py); None: off
     throttle_query: str | None = None
     throttle_flag_file: str | None = None
+    # Wait before the milestone's first drop (Milestone.hold_point) until `toolkit control
+    # unpostpone`, or, with the flag file, until it is gone (control.hold).
+    hold_before_drop: bool = False
+    hold_flag_file: str | None = None
     no_throttle: bool = False
     max_throttle_s: float | None = None
     # Resume an unfinished milestone another toolkit version (or other write options) left

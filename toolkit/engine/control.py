@@ -16,6 +16,7 @@ same parameter types as the options (``toolkit/cli/params.py``) before it stores
 from __future__ import annotations
 
 import getpass
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from toolkit.engine.walrate import WalRate
 from toolkit.schema.own import SCHEMA
 
 TABLE = f"{SCHEMA}.run_controls"
-ACTIONS = ("pause", "resume", "abort", "set")
+ACTIONS = ("pause", "resume", "abort", "set", "unpostpone")
 POLL_S = 0.5
 SAY_EVERY_S = 60.0  # a paused run says so this often
 
@@ -124,6 +125,7 @@ class Steering:
     seen: int = 0
     paused: dict[str, Any] | None = None
     aborted: dict[str, Any] | None = None
+    unpostponed: dict[str, Any] | None = None  # the unpostpone that ended a hold before drop
     resized: bool = False  # a set changed the batch sizing: the pass makes a new sizer
     taken: list[dict[str, Any]] = field(default_factory=list)
     _last_read: float = 0.0
@@ -171,6 +173,9 @@ class Steering:
         elif action == "abort":
             self.aborted = row
             events.warn(f"abort requested by {by}; stopping at this batch boundary")
+        elif action == "unpostpone":
+            self.unpostponed = row
+            events.say(f"unpostponed by {by}")
         elif action == "set":
             key, value = row["key"], row["value"]
             if key not in SETTABLE:  # stored by a newer CLI: said, not acted on
@@ -219,6 +224,75 @@ class Steering:
                 self.budget.events.note(f"still paused by {who(self.paused)} "
                                         f"({now - began:.0f} s so far); `toolkit control resume` "
                                         "goes on")
+
+
+HOLD_NOTE = "held before drop"
+
+
+def held_now(conn: Connection) -> dict[str, Any] | None:
+    """The hold before milestone 4's drops a running run is in now (since when, which run),
+    if the last hold, unpostpone or abort it took was its own hold and a run holds the
+    runner lock: what ``toolkit status`` shows."""
+    if not conn.execute(sa.text(f"SELECT to_regclass('{TABLE}') IS NOT NULL")).scalar_one():
+        return None
+    row = conn.execute(sa.text(f"""
+        SELECT c.action, c.applied_at, c.applied_by, c.reason
+        FROM {TABLE} c JOIN {SCHEMA}.runs r ON r.id = c.applied_by
+        WHERE c.action IN ('hold', 'unpostpone', 'abort') AND r.outcome = 'running'
+        ORDER BY c.id DESC LIMIT 1""")).one_or_none()
+    if row is None or row.action != "hold" or not runner_lock_holders(conn):
+        return None
+    return dict(row._mapping)
+
+
+def hold(control: Steering, flag_file: str | None) -> bool:
+    """Wait before the first drop until ``toolkit control unpostpone`` (or, with a flag
+    file, until the file is gone): True to go on, False on an abort or a stop.
+
+    Nothing GitLab needs is held meanwhile: each read is a short transaction of its own,
+    closed at once; only the runner lease stays, as during a pause. The hold is recorded
+    as a ``hold`` row of the control table (taken by this run) so ``toolkit status`` can
+    say since when the run waits."""
+    budget = control.budget
+    events = budget.events
+    control.poll()
+
+    def waiting() -> bool:
+        if flag_file is not None:
+            return os.path.exists(flag_file) and control.unpostponed is None
+        return control.unpostponed is None
+
+    if control.aborted is not None or budget.stop_requested:
+        return False
+    if not waiting():
+        return True
+    with control.engine.connect() as conn:
+        conn.execute(sa.text(f"""
+            INSERT INTO {TABLE} (action, reason, os_user, host, applied_at, applied_by, note)
+            VALUES ('hold', :reason, :os_user, :host, clock_timestamp(), :run, :note)"""),
+            {"reason": f"flag file {flag_file}" if flag_file else "--hold-before-drop",
+             "os_user": _os_user(), "host": socket.gethostname(), "run": control.run_id,
+             "note": HOLD_NOTE})
+        conn.commit()
+    until = (f"{flag_file} is removed or `toolkit control unpostpone`" if flag_file
+             else "`toolkit control unpostpone`")
+    events.warn(f"held before drop: archived and checked row for row, nothing dropped; holding "
+                f"the runner lock only (no transaction, no lock on GitLab's tables) until {until}")
+    emit(events, "held", run_id=control.run_id, before="drop", flag_file=flag_file)
+    began = last_said = time.monotonic()
+    while waiting() and control.aborted is None and not budget.stop_requested:
+        _sleep(POLL_S, budget)
+        control.poll()
+        now = time.monotonic()
+        if waiting() and now - last_said >= SAY_EVERY_S:
+            last_said = now
+            events.note(f"still held before drop ({now - began:.0f} s so far); nothing dropped; "
+                        f"{until} goes on")
+    if control.aborted is not None or budget.stop_requested:
+        return False
+    if control.unpostponed is None:
+        events.say(f"flag file {flag_file} removed: going on with the drops")
+    return True
 
 
 def _sleep(seconds: float, budget: Any) -> None:

@@ -64,6 +64,8 @@ class Milestone:
     # and how the operator's fix of each may change them (verify/named.py).
     named: Callable[[Connection], Named] | None = field(default=None, compare=False)
     fixes: tuple[Fix, ...] = field(default=(), compare=False)
+    # The action before which `migrate --hold-before-drop` waits (its first drop); None: no hold.
+    hold_point: str | None = None
 
     def final_now(self, conn: Connection) -> Final | None:
         from toolkit.engine.ledger import adopted_final  # the ledger module reads plans

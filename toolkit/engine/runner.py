@@ -28,6 +28,7 @@ from toolkit.engine.batches import (
     read_with_retries,
 )
 from toolkit.engine.control import Steering
+from toolkit.engine.control import hold as hold_before
 from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.health import Limits, Throttle, check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
@@ -508,6 +509,9 @@ class Runner:
                 done = PassResult(action.name, complete=True, changed=False,
                                   finished_before=finished[action.name].rows_done)
             else:
+                if action.name == result.milestone.hold_point and not self._held(action, budget):
+                    result.stopped = budget.exhausted_reason() or "interrupted"
+                    break
                 done = action.execute(run)
             done.seconds = time.perf_counter() - began
             result.timings["apply"] = result.timings.get("apply", 0.0) + done.seconds
@@ -522,6 +526,17 @@ class Runner:
                 result.stopped = done.stopped
                 break
             after_action(len(result.passes))
+
+    def _held(self, action: Action, budget: Budget) -> bool:
+        """With --hold-before-drop or --hold-flag-file, wait before the milestone's first
+        drop (unless it is done already): True to go on, False when aborted or stopped."""
+        o = self.options
+        if not (o.hold_before_drop or o.hold_flag_file):
+            return True
+        with self.engine.connect() as conn:
+            done = action.is_done(conn)
+            conn.rollback()
+        return done or hold_before(budget.control, o.hold_flag_file)
 
     def _went_back(self, result: ApplyResult) -> None:
         """An attempt that resumes after a lost session: batches this process committed that

@@ -37,4 +37,5 @@ MILESTONE_4 = Milestone(
     preconditions=preconditions,
     confirm=True,
     final=archive_dropped,  # once `toolkit archive drop` has run: no rollback can rebuild
+    hold_point="drop-transition-triggers",  # after the row-for-row check, before any drop
 )
