@@ -49,6 +49,7 @@ DATABASE_EXAMPLES: dict[str, tuple[tuple[str, ...], list[int]]] = {
     "toolkit control resume": ((), [3]),
     'toolkit control abort --reason "change window over"': ((), [3]),
     "toolkit control set target-batch-ms=200": ((), [3]),
+    'toolkit control unpostpone --reason "backup verified"': ((), [3]),
     # pricing-tuned-0 is a model of project 1 in the realistic small data (seed 1), with
     # candidates that log loss and accuracy; the report reads it after milestone 2.
     "toolkit report candidates --project 1 --model pricing-tuned-0 --metric accuracy":
