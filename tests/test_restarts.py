@@ -180,7 +180,7 @@ def _one_line_session_lost(code: int, stdout: str, stderr: str) -> str:
     # Besides that line, only the warning that the run's end could not be recorded (the
     # server was down at that moment), which says how history will show it.
     others = [line for line in stderr.splitlines()
-              if line.strip() and not line.startswith(("error:", "progress: "))]
+              if line.strip() and not line.startswith(("error:", "progress: ", "Using the database"))]
     assert len(others) <= 1 and all(o.startswith("warning: could not record how run") for o in others), stderr
     return line
 
