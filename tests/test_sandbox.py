@@ -174,7 +174,7 @@ def test_the_quick_start_says_where_the_sandbox_is_and_how_to_go_on():
     flat = " ".join(quick.split())
     for said in ("~/.local/share/toolkit/sandbox", f"as root, in `{MACHINE_WIDE_DIR}`",
                  "`TOOLKIT_SANDBOX_DIR=DIR`", "refuses (exit 7", "`.venv/bin/toolkit sandbox stop`",
-                 "`. .venv/bin/activate`", "about 15 minutes on 2 cores"):
+                 "`. .venv/bin/activate`", "about 20 minutes on 2 cores"):
         assert said in flat, said
     runbook = " ".join(_section("Runbook for production").split())
     assert "toolkit sandbox pg_dump -Fc -f before-toolkit.dump" in runbook
