@@ -139,20 +139,30 @@ class FaultServer:
                                connect_args={"application_name": TEST_APPLICATION})
         try:
             with engine.connect() as conn:
-                deadline = time.monotonic() + timeout_s
+                started = time.monotonic()
                 while True:
-                    idle_too = time.monotonic() >= deadline
+                    waited = time.monotonic() - started
+                    # first a session holding a transaction id (a batch that has written: the
+                    # fault is certain to cost it its commit), then any busy one but the
+                    # pool's ping (a ping that fails only makes the pool connect again), then
+                    # an idle one; found and terminated in one statement, so the session has
+                    # no time to commit in between
                     found = conn.execute(sa.text("""
-                        SELECT pid, state FROM pg_stat_activity
-                        WHERE datname = :d AND application_name ~ '^toolkit( run [0-9]+)? token [0-9]+$'
-                          AND (state <> 'idle' OR :idle_too)
-                        ORDER BY state <> 'idle' DESC, backend_xid IS NOT NULL DESC,
-                                 state_change DESC NULLS LAST
-                        LIMIT 1"""), {"d": database, "idle_too": idle_too}).one_or_none()
-                    if found is not None and conn.execute(
-                            sa.text("SELECT pg_terminate_backend(:p)"), {"p": found.pid}).scalar():
+                        SELECT pid, state, pg_terminate_backend(pid) AS ended FROM (
+                            SELECT pid, state FROM pg_stat_activity
+                            WHERE datname = :d
+                              AND application_name ~ '^toolkit( run [0-9]+)? token [0-9]+$'
+                              AND CASE WHEN :stage = 0 THEN backend_xid IS NOT NULL
+                                       WHEN :stage = 1 THEN state <> 'idle' AND query <> 'SELECT 1'
+                                       ELSE true END
+                            ORDER BY state <> 'idle' DESC, backend_xid IS NOT NULL DESC,
+                                     state_change DESC NULLS LAST
+                            LIMIT 1) AS target"""),
+                        {"d": database, "stage": 0 if waited < timeout_s / 2 else
+                         1 if waited < timeout_s else 2}).one_or_none()
+                    if found is not None and found.ended:
                         return found.pid, found.state
-                    if idle_too:
+                    if waited >= timeout_s:
                         raise AssertionError(f"no toolkit session to terminate in {database}")
                     time.sleep(0.002)
         finally:

@@ -65,9 +65,10 @@ class ToolkitError(Exception):
         self.details = details
 
     def one_line(self) -> str:
-        if self.next_step:
-            return f"{self.problem.rstrip('.')}. Next: {self.next_step}"
-        return self.problem
+        """One line, its whitespace collapsed as history stores it (a server's message can
+        carry two spaces or a newline), so what the operator read is what history says."""
+        text = f"{self.problem.rstrip('.')}. Next: {self.next_step}" if self.next_step else self.problem
+        return " ".join(text.split())
 
 
 class UsageProblem(ToolkitError):
