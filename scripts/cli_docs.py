@@ -36,6 +36,9 @@ def _fixed_environment() -> None:
         del os.environ[name]
     from toolkit.sandbox import server
 
+    if not hasattr(server, "_default_without_env"):  # renamed: the help would show this machine's
+        raise SystemExit("scripts/cli_docs.py: toolkit.sandbox.server._default_without_env is gone; "
+                         "fix _fixed_environment()")
     server._default_without_env = lambda: Path("~/.local/share/toolkit/sandbox")
 
 
