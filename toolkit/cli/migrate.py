@@ -466,7 +466,7 @@ def verify(milestone: str | None, require: str | None) -> None:
     app().finish({"milestones": docs})
 
 
-def _required(milestone: Milestone, where: str, require: str) -> Check:
+def _required(milestone: Milestone, where: MilestoneState, require: str) -> Check:
     """``verify --require``: the milestone's recorded state, and the command that moves it on."""
     ok = (where == MilestoneState.VERIFIED if require == "verified"
           else where in (MilestoneState.APPLIED, MilestoneState.VERIFIED))

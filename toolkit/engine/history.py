@@ -3,7 +3,7 @@ ended, whatever ended it (a batch boundary, Ctrl-C, a lost session, a failure)."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -146,13 +146,15 @@ class RunHistory:
     def _ended(self, result: ApplyResult) -> None:
         """The run's body returned: recorded with its outcome. One stopped at a batch boundary
         (Ctrl-C, `toolkit control abort`, the health throttle) is raised as what stopped it."""
-        stops = {Outcome.INTERRUPTED: self._interrupted, Outcome.ABORTED: self._aborted,
-                 Outcome.THROTTLED: self._throttled}
-        stop = stops.get(result.stopped) if result.stopped else None  # else partial, or whole
-        if stop is None:
+        stops: dict[str, Callable[[ApplyResult], ToolkitError]] = {
+            Outcome.INTERRUPTED: self._interrupted, Outcome.ABORTED: self._aborted,
+            Outcome.THROTTLED: self._throttled}
+        stopped = result.stopped  # None: whole; max-batches, max-runtime: partial
+        stop = stops.get(stopped) if stopped is not None else None
+        if stopped is None or stop is None:
             self.finish(result, result.outcome)
             return
-        self.finish(result, Outcome(result.stopped))
+        self.finish(result, Outcome(stopped))
         raise stop(result)
 
     def _interrupted(self, result: ApplyResult) -> ToolkitError:
