@@ -22,8 +22,8 @@ from toolkit.engine.ledger import refuse_lost_ledger
 from toolkit.engine.listing import count_of
 from toolkit.engine.plan import Final, Milestone, MilestonePlan
 from toolkit.engine.preflight import check_gitlab_database, check_gitlab_schema
-from toolkit.engine.results import STARTED, Check, Gate, MilestoneState, PlanResult, VerifyResult
-from toolkit.engine.undo_plan import UndoPlan, undo_plan
+from toolkit.engine.results import STARTED, Check, Gate, MilestoneState, PlanResult, UndoPlan, VerifyResult
+from toolkit.engine.undo_plan import undo_plan
 from toolkit.errors import PreconditionRefused
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.verify import baselines

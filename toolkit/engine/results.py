@@ -251,6 +251,48 @@ def timed(result: ApplyResult, phase: str) -> Iterator[None]:
         result.timings[phase] = result.timings.get(phase, 0.0) + time.perf_counter() - began
 
 
+# What an action of a rollback is: a batched pass, a schema change, a check or record.
+ROWS, SCHEMA, CHECK = "rows", "schema change", "check"
+
+
+@dataclass
+class UndoPass:
+    """One action of a rollback, counted before it runs (``rollback --dry-run``)."""
+
+    name: str
+    description: str
+    kind: str  # ROWS, SCHEMA or CHECK
+    rows: int = 0
+    breakdown: dict[str, int] = field(default_factory=dict)
+    pending: bool = True  # a schema change still to undo, a check still to run
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "kind": self.kind,
+                "rows": self.rows, "breakdown": self.breakdown, "pending": self.pending}
+
+
+@dataclass
+class UndoPlan:
+    """What ``rollback --dry-run`` says a rollback would restore, remove and undo."""
+
+    milestone: Milestone
+    state: MilestoneState
+    passes: list[UndoPass]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.passes if p.kind == ROWS)
+
+    @property
+    def schema_changes(self) -> int:
+        return sum(1 for p in self.passes if p.kind == SCHEMA and p.pending)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"milestone": self.milestone.name, "title": self.milestone.title, "state": self.state,
+                "rows": self.rows, "schema_changes": self.schema_changes,
+                "passes": [p.as_dict() for p in self.passes]}
+
+
 def check_id(name: str) -> str:
     """``every candidate's model_id is its experiment's model`` ->
     ``every-candidates-model_id-is-its-experiments-model``: lower case, the words joined
