@@ -8,7 +8,8 @@ import sqlalchemy as sa
 from toolkit import catalog
 from toolkit.cli.context import app
 from toolkit.engine import state
-from toolkit.engine.runner import Runner
+from toolkit.engine.inspection import Inspector
+from toolkit.engine.results import MilestoneState
 from toolkit.errors import PreconditionRefused
 from toolkit.milestones.m4 import archive as m4_archive
 from toolkit.milestones.m4.final import DROP_COMMAND, archive_dropped
@@ -40,9 +41,9 @@ def status() -> None:
 
     Example: toolkit archive status --json
     """
-    runner = app().runner()
-    with runner.read_only() as conn:
-        runner.check_gitlab(conn, columns=False)
+    inspector = app().inspector()
+    with inspector.read_only() as conn:
+        inspector.check_gitlab(conn, columns=False)
         counts = _counts(conn)
         milestone = state.milestone_state(conn, "milestone-4")["state"]
         mapping = []
@@ -63,11 +64,11 @@ def status() -> None:
     app().finish({"milestone_4": milestone, "tables": counts, "mapping_sample": mapping})
 
 
-def _refuse_unless_verified(runner: Runner) -> None:
-    with runner.read_only() as conn:
-        runner.check_gitlab(conn, columns=False)
+def _refuse_unless_verified(inspector: Inspector) -> None:
+    with inspector.read_only() as conn:
+        inspector.check_gitlab(conn, columns=False)
         milestone = state.milestone_state(conn, "milestone-4")["state"]
-    if milestone != state.VERIFIED:
+    if milestone != MilestoneState.VERIFIED:
         raise PreconditionRefused(
             f"milestone-4 is {milestone.replace('_', ' ')}, not verified: the archive is still needed",
             "run `toolkit verify milestone-4` (or finish or roll back milestone 4) first")
@@ -92,18 +93,18 @@ def drop(yes: bool) -> None:
                                   "pass --yes when you are sure (export the mapping first if needed)")
     engine = app().engine()
     runner = app().runner()
-    with runner.read_only() as conn:
-        runner.check_gitlab(conn, columns=False)
+    with runner.inspector.read_only() as conn:
+        runner.inspector.check_gitlab(conn, columns=False)
         gone = archive_dropped(conn)
     if gone is not None:
         out.say(f"Nothing to drop: milestone-4 {gone.why}.")
         app().finish({"dropped": {}, "already": gone.as_dict()})
         return
-    _refuse_unless_verified(runner)  # before anything is written
+    _refuse_unless_verified(runner.inspector)  # before anything is written
     # Under the runner lock and the fenced lease: a rollback of milestone 4 rebuilds from this
     # very archive, so the two must never overlap; the state is read again under the lock.
     with runner.exclusive(DROP_COMMAND, "milestone-4"):
-        _refuse_unless_verified(runner)
+        _refuse_unless_verified(runner.inspector)
         with engine.connect() as conn:
             counts = _counts(conn)
             m4_archive.drop_everything(conn)

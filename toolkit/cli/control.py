@@ -49,9 +49,9 @@ def control() -> None:
 
 
 def _send(action: str, reason: str | None, key: str | None = None, value: str | None = None) -> None:
-    runner = app().runner()
-    with runner.engine.connect() as conn:
-        runner.check_gitlab(conn, columns=False)  # never a toolkit schema in another database
+    inspector = app().inspector()
+    with inspector.engine.connect() as conn:
+        inspector.check_gitlab(conn, columns=False)  # never a toolkit schema in another database
         ensure_own_tables(conn)
         holders = runner_lock_holders(conn)
         conn.rollback()

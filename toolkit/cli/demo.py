@@ -68,7 +68,8 @@ def demo(seed_value: int, batch_size: int) -> None:
     try:
         runner = Runner(engine, RunOptions(batch_size=batch_size), plan=registry.plan(),
                         command="toolkit demo", events=Indented(out))
-        with runner.read_only() as conn:
+        inspector = runner.inspector
+        with inspector.read_only() as conn:
             counts = table_counts(conn)
             before = take(conn)
         out.say(f"   {counted(counts['ml_experiments'] or 0, 'experiment')}, "
@@ -77,7 +78,7 @@ def demo(seed_value: int, batch_size: int) -> None:
                 f"{counted(counts['packages_packages'] or 0, 'package')} "
                 f"(seeded in {report.seconds:.1f}s, data in {status.data_dir})")
         readings = stack.enter_context(ClientReadings(status.url()))
-        with runner.read_only() as conn:  # the training clients' project, left out of the readings
+        with inspector.read_only() as conn:  # the training clients' project, left out of the readings
             training_project = conn.execute(sa.text("SELECT max(id) FROM projects")).scalar_one()
         if hasattr(readings, "projects"):
             readings.projects = [p for p in readings.projects if p != str(training_project)]
@@ -88,7 +89,7 @@ def demo(seed_value: int, batch_size: int) -> None:
 
         out.say("2. Plan (read-only, one snapshot):")
         for milestone in registry.MILESTONES.values():
-            plan = runner.plan(milestone)
+            plan = inspector.plan(milestone)
             rows = ", ".join(f"{s.step} {s.rows}" for s in plan.steps if s.kind == "data")
             out.say(f"   {milestone.name}: {rows}")
         out.say("3. Apply each milestone, verifying after each:")
@@ -106,7 +107,7 @@ def demo(seed_value: int, batch_size: int) -> None:
             stages.append({"stage": f"migrate {milestone.name}", "rows": result.rows, "ok": True})
 
         out.say("4. Candidate report of one model, through ml_candidates.model_id:")
-        with runner.read_only() as conn:
+        with inspector.read_only() as conn:
             project_id, model_name = conn.execute(sa.text(
                 "SELECT m.project_id, m.name FROM ml_models m JOIN ml_candidates c ON c.model_id = m.id "
                 "GROUP BY m.id ORDER BY count(*) DESC, m.id LIMIT 1")).one()
@@ -137,7 +138,7 @@ def demo(seed_value: int, batch_size: int) -> None:
         out.say(f"   {training.finish()}")
 
         out.say("6. Compare the fingerprint with the one taken before step 3:")
-        with runner.read_only() as conn:
+        with inspector.read_only() as conn:
             after = take(conn, before.watermarks)
         if differences := compare(before, after):
             raise VerificationFailed(

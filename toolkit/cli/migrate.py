@@ -13,11 +13,18 @@ from toolkit.cli import params, render
 from toolkit.cli.context import app
 from toolkit.engine import control as steering
 from toolkit.engine import health, state
-from toolkit.engine.batches import PassResult, RunOptions
+from toolkit.engine.batches import RunOptions
 from toolkit.engine.locks import runner_lock_holders
-from toolkit.engine.outcomes import ApplyResult, PlanResult, VerifyResult
 from toolkit.engine.plan import Milestone
-from toolkit.engine.results import Check
+from toolkit.engine.results import (
+    STARTED,
+    ApplyResult,
+    Check,
+    MilestoneState,
+    PassResult,
+    PlanResult,
+    VerifyResult,
+)
 from toolkit.engine.runner import Runner
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
 from toolkit.output import out
@@ -254,11 +261,11 @@ def plan(milestone: str | None, no_sql: bool, fail_on_blocking: bool) -> None:
     Example: toolkit plan milestone-1 --no-sql --fail-on-blocking
     """
     chosen = [registry.get(milestone)] if milestone else list(registry.MILESTONES.values())
-    runner = _runner()
-    results = [runner.plan(m) for m in chosen]
+    inspector = app().inspector()
+    results = [inspector.plan(m) for m in chosen]
     for result in results:
         render.plan(result, show_sql=not no_sql)
-    readings = health.readings_now(runner.engine, ML_TABLE_NAMES)
+    readings = health.readings_now(inspector.engine, ML_TABLE_NAMES)
     out.say("Database health now (a run waits while one is over its limit; default limits):")
     for reading in readings:
         state_word = "OVER" if reading.over else "ok" if reading.readable else "unreadable"
@@ -308,15 +315,15 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
                            f"run `toolkit migrate {chosen.name}` without them")
     runner = _runner(opts)
     if dry_run:
-        result = runner.plan(chosen)
+        result = runner.inspector.plan(chosen)
         render.plan(result)
         if not result.gate.ok:
             raise result.gate.refusal(chosen)
         out.say("Dry run: nothing was written.")
         app().finish({"dry_run": True, "milestones": [_plan_doc(result)]})
         return
-    final, now = runner.final(chosen)
-    if final is not None and now in (state.VERIFIED, state.APPLIED):
+    final, now = runner.inspector.final(chosen)
+    if final is not None and now in (MilestoneState.VERIFIED, MilestoneState.APPLIED):
         # Nothing to apply, nothing to confirm: say so and write nothing. (Applied and final:
         # declared in place by `toolkit adopt` after the toolkit's schema was lost.)
         out.say(f"{chosen.name} is already {now}, and final: {final.why}. Nothing to apply; "
@@ -353,7 +360,7 @@ def _confirm_destructive(chosen: Milestone) -> None:
             f"{chosen.name} drops tables and needs confirmation, and its input is not a terminal "
             "to type it in", next_step)
     out.say(f"{chosen.name} will archive these (in schema toolkit), check them row for row, then drop:")
-    for step in _runner().plan(chosen).steps:
+    for step in app().inspector().plan(chosen).steps:
         for what, rows in step.breakdown.items():
             out.say(f"  {what.replace(' to archive', '')}: {rows}")
     try:
@@ -423,14 +430,14 @@ def verify(milestone: str | None, require: str | None) -> None:
 
     Example: toolkit verify milestone-1 --require verified --json
     """
-    runner = _runner()
-    states = runner.states() if require or not milestone else {}
+    inspector = app().inspector()
+    states = inspector.states() if require or not milestone else {}
     if milestone:
         chosen, skipped = [registry.get(milestone)], {}
     else:
-        chosen = [m for m in registry.MILESTONES.values() if states[m.name] in state.STARTED]
-        skipped = {name: where for name, where in states.items() if where not in state.STARTED}
-    results = runner.verify_many(chosen)
+        chosen = [m for m in registry.MILESTONES.values() if states[m.name] in STARTED]
+        skipped = {name: where for name, where in states.items() if where not in STARTED}
+    results = inspector.verify_many(chosen)
     if require:
         # every milestone is then held to the requirement: one never started fails it too
         results += [VerifyResult(registry.get(name), []) for name in skipped]
@@ -459,22 +466,23 @@ def verify(milestone: str | None, require: str | None) -> None:
     app().finish({"milestones": docs})
 
 
-def _required(milestone: Milestone, where: str, require: str) -> Check:
+def _required(milestone: Milestone, where: MilestoneState, require: str) -> Check:
     """``verify --require``: the milestone's recorded state, and the command that moves it on."""
-    ok = where == state.VERIFIED if require == "verified" else where in (state.APPLIED, state.VERIFIED)
+    ok = (where == MilestoneState.VERIFIED if require == "verified"
+          else where in (MilestoneState.APPLIED, MilestoneState.VERIFIED))
     migrate = f"`toolkit migrate {milestone.name}{' --yes' if milestone.confirm else ''}`"
     remedy = None if ok else {
-        state.NOT_STARTED: f"{migrate} applies it" + (" (the milestones before it first, in order)"
-                                                       if milestone.number > 1 else ""),
-        state.ROLLED_BACK: f"{migrate} applies it again",
-        state.IN_PROGRESS: f"{migrate} finishes the run that stopped (`toolkit status` shows where)",
-        state.ROLLING_BACK: f"`toolkit rollback {milestone.name}` finishes the rollback that stopped, "
-                            f"then {migrate} applies it again",
-        state.APPLIED: f"{migrate} verifies it again and records it verified (`toolkit verify "
-                       f"{milestone.name}` lists what fails, if anything)",
+        MilestoneState.NOT_STARTED: f"{migrate} applies it" + (
+            " (the milestones before it first, in order)" if milestone.number > 1 else ""),
+        MilestoneState.ROLLED_BACK: f"{migrate} applies it again",
+        MilestoneState.IN_PROGRESS: f"{migrate} finishes the run that stopped (`toolkit status` shows where)",
+        MilestoneState.ROLLING_BACK: f"`toolkit rollback {milestone.name}` finishes the rollback that "
+                                     f"stopped, then {migrate} applies it again",
+        MilestoneState.APPLIED: f"{migrate} verifies it again and records it verified (`toolkit verify "
+                                f"{milestone.name}` lists what fails, if anything)",
     }.get(where, migrate)
-    return Check(name=f"{milestone.name} is {require} (--require {require})", ok=ok,
-                 detail=f"recorded {where.replace('_', ' ')}" if where != state.NOT_STARTED else where,
+    recorded = f"recorded {where.replace('_', ' ')}" if where != MilestoneState.NOT_STARTED else where
+    return Check(name=f"{milestone.name} is {require} (--require {require})", ok=ok, detail=recorded,
                  remedy=remedy, next_step=remedy)
 
 
@@ -495,7 +503,7 @@ def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
     """
     chosen = registry.get(milestone)
     if dry_run:
-        undo = _runner(opts).rollback_plan(chosen)
+        undo = app().inspector().rollback_plan(chosen)
         render.undo_plan(undo)
         out.say(f"{chosen.name}: {_count(undo.rows, 'row')} and "
                 f"{_count(undo.schema_changes, 'schema change')} to undo. Dry run: nothing was written.")
@@ -520,9 +528,9 @@ def status() -> None:
 
     Example: toolkit status
     """
-    runner = _runner()
-    report = runner.status()
-    with runner.read_only() as conn:
+    inspector = app().inspector()
+    report = inspector.status()
+    with inspector.read_only() as conn:
         paused = steering.paused_now(conn)
         held = steering.held_now(conn)
     rows = []
@@ -536,13 +544,13 @@ def status() -> None:
     out.table(["milestone", "state", "rows left", "schema changes left", "checkpoint"], rows)
     for entry in report:
         if entry["final"]:
-            again = "" if entry["state"] == state.VERIFIED else (
+            again = "" if entry["state"] == MilestoneState.VERIFIED else (
                 f" Run `toolkit migrate {entry['milestone']}"
                 f"{' --yes' if registry.get(entry['milestone']).confirm else ''}` to verify it and "
                 "record it verified again.")
             out.say(f"{entry['milestone']} is final: {entry['final']['why']}; it cannot be rolled "
                     f"back.{again}")
-        if entry["state"] == state.APPLIED and not entry["final"]:
+        if entry["state"] == MilestoneState.APPLIED and not entry["final"]:
             name = entry["milestone"]
             yes = " --yes" if registry.get(name).confirm else ""
             out.say(f"{name} is applied but not recorded verified: `toolkit verify {name}` lists what "
@@ -579,9 +587,9 @@ def history(limit: int) -> None:
 
     Example: toolkit history --limit 5
     """
-    runner = app().runner()
-    with runner.engine.connect() as conn:
-        runner.check_gitlab(conn, columns=False)
+    inspector = app().inspector()
+    with inspector.engine.connect() as conn:
+        inspector.check_gitlab(conn, columns=False)
         runs = state.history(conn, limit)
         somebody_running = bool(runner_lock_holders(conn))
     # A run killed outright (kill -9, a lost host) never recorded how it ended. Only the

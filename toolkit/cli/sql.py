@@ -40,9 +40,9 @@ def sql(milestone: str, backward: bool) -> None:
     chosen = registry.get(milestone)
     context = app()
     if backward and _reads_at_run_time(chosen) and _database_given():
-        runner = context.runner()
-        with runner.read_only() as conn:
-            runner.check_gitlab(conn, columns=False)
+        inspector = context.inspector()
+        with inspector.read_only() as conn:
+            inspector.check_gitlab(conn, columns=False)
             statements = _sql_statements(chosen, backward, conn)
     else:
         statements = _sql_statements(chosen, backward)

@@ -30,8 +30,9 @@ from typing import Protocol
 
 from sqlalchemy.engine import Connection, Engine
 
-from toolkit.engine.batches import Budget, PassResult, RunOptions
+from toolkit.engine.batches import Budget, RunOptions
 from toolkit.engine.events import Events
+from toolkit.engine.results import PassResult
 
 
 @dataclass(frozen=True)

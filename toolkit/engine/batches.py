@@ -30,6 +30,7 @@ from toolkit.engine.locks import (
     describe_holder,
     table_lock_holders,
 )
+from toolkit.engine.results import PassResult
 from toolkit.engine.sizing import BatchSizer
 from toolkit.errors import LockUnavailable
 
@@ -129,24 +130,6 @@ class Budget:
                 and time.monotonic() - self.started >= self.options.max_runtime_s):
             return "max-runtime"
         return None
-
-
-@dataclass
-class PassResult:
-    name: str
-    rows: int = 0
-    batches: int = 0
-    complete: bool = False
-    stopped: str | None = None
-    batch_seconds: list[float] = field(default_factory=list)
-    batch_sizes: list[int] = field(default_factory=list)  # keys each batch took
-    schema_change: bool = False  # a DDL action rather than a data pass
-    changed: bool = True
-    seconds: float = 0.0  # wall time of the whole pass or schema change, retries included
-    outcome: str | None = None  # what a check or record action found or did
-    # A pass an earlier run of the same attempt finished, not walked again: the rows that
-    # attempt changed in it (this run's ``rows`` stay 0). None: walked (or begun) by this run.
-    finished_before: int | None = None
 
 
 def sqlstate(exc: DBAPIError) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import Connection
 
 from toolkit.engine import state
-from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.results import STARTED, Check, StepPlan
 from toolkit.engine.step import Step
 from toolkit.errors import UsageProblem
 from toolkit.verify.named import Fix, Named
@@ -124,6 +124,6 @@ class MilestonePlan:
         """Tables and columns a milestone that has started may have dropped already."""
         gone: set[str] = set()
         for milestone in self.milestones:
-            if milestone.removes and state.milestone_state(conn, milestone.name)["state"] in state.STARTED:
+            if milestone.removes and state.milestone_state(conn, milestone.name)["state"] in STARTED:
                 gone |= milestone.removes
         return frozenset(gone)

@@ -9,12 +9,12 @@ from sqlalchemy.engine import Connection
 from toolkit.engine import state
 from toolkit.engine.catalog_checks import trigger_in_place
 from toolkit.engine.ddl import SchemaStep
-from toolkit.engine.results import Check
+from toolkit.engine.results import STARTED, Check
 
 
 def cleanup_started(conn: Connection) -> bool:
     """Milestone 4 has begun (or finished): what it removes may legitimately be gone."""
-    return state.milestone_state(conn, "milestone-4")["state"] in state.STARTED
+    return state.milestone_state(conn, "milestone-4")["state"] in STARTED
 
 
 def superseded_by_cleanup(conn: Connection) -> bool:

@@ -44,7 +44,7 @@ from toolkit.engine.catalog_checks import constraint_validated, remedy
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.listing import STREAMED, Listing, count_of, listed, read_to_the_end
 from toolkit.engine.plan import Milestone
-from toolkit.engine.results import Anomaly, Check, StepPlan
+from toolkit.engine.results import Anomaly, Check, MilestoneState, StepPlan
 from toolkit.engine.step import KeysetPass, Step
 from toolkit.milestones import slug
 from toolkit.milestones.base import (
@@ -480,7 +480,8 @@ MILESTONE_2_SETS_FIRST = ("candidates of experiments that have a model: mileston
 def milestone_2_backfilled(conn: Connection) -> bool:
     """Whether milestone 2 has applied its backfill: until then the candidates of experiments
     that already have a model are its rows, not this milestone's."""
-    return state.milestone_state(conn, "milestone-2")["state"] in (state.APPLIED, state.VERIFIED)
+    return state.milestone_state(conn, "milestone-2")["state"] in (MilestoneState.APPLIED,
+                                                                   MilestoneState.VERIFIED)
 
 
 class LinkCandidates(Step):

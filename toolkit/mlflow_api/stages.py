@@ -29,7 +29,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.catalog import column_exists, relation_exists
-from toolkit.engine.state import ROLLING_BACK, STARTED, milestone_state
+from toolkit.engine.results import STARTED, MilestoneState
+from toolkit.engine.state import milestone_state
 from toolkit.milestones import slug
 from toolkit.milestones.m3_models_for_experiments import create_models_batch
 from toolkit.names import (
@@ -74,7 +75,7 @@ class WritesPaused(StageChanged):
 
 def stage_of(conn: Connection) -> Stage:
     """The stage a write in this transaction meets; :class:`WritesPaused` when none."""
-    if milestone_state(conn, "milestone-4")["state"] == ROLLING_BACK:
+    if milestone_state(conn, "milestone-4")["state"] == MilestoneState.ROLLING_BACK:
         raise WritesPaused("milestone 4 is being rolled back (its tables rebuilt and checked against "
                            "its archive)")
     source = mlflow_source(conn)
@@ -87,7 +88,7 @@ def stage_of(conn: Connection) -> Stage:
         return Stage.KEPT_IDS
     if source == FROM_MODELS:
         state = milestone_state(conn, "milestone-3")["state"]
-        if state in STARTED and state != ROLLING_BACK:
+        if state in STARTED and state != MilestoneState.ROLLING_BACK:
             return Stage.MODELS
     assert source in (FROM_EXPERIMENTS, FROM_MODELS, None)
     return Stage.EXPERIMENTS
