@@ -465,7 +465,7 @@ def _required(milestone: Milestone, where: str, require: str) -> Check:
     migrate = f"`toolkit migrate {milestone.name}{' --yes' if milestone.confirm else ''}`"
     remedy = None if ok else {
         state.NOT_STARTED: f"{migrate} applies it" + (" (the milestones before it first, in order)"
-                                                       if milestone.number > 1 else ""),
+                                                       if registry.previous(milestone) else ""),
         state.ROLLED_BACK: f"{migrate} applies it again",
         state.IN_PROGRESS: f"{migrate} finishes the run that stopped (`toolkit status` shows where)",
         state.ROLLING_BACK: f"`toolkit rollback {milestone.name}` finishes the rollback that stopped, "
