@@ -20,6 +20,7 @@ from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Check
 from toolkit.engine.runner import Runner
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
+from toolkit.milestones.m4 import NAME as M4
 from toolkit.output import out
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.timestamps import shown
@@ -283,10 +284,10 @@ def plan(milestone: str | None, no_sql: bool, fail_on_blocking: bool) -> None:
 @click.option("--no-verify", is_flag=True, help="Do not verify after applying.")
 @click.option("--yes", is_flag=True, help="Confirm a destructive milestone (4) without the prompt.")
 @click.option("--hold-before-drop", is_flag=True, default=False,
-              help="milestone-4: archive and check row for row, then wait before the first drop "
+              help=f"{M4}: archive and check row for row, then wait before the first drop "
                    "(holding only the runner lock) until `toolkit control unpostpone`.")
 @click.option("--hold-flag-file", type=params.FLAG_FILE, metavar="PATH", default=None,
-              help="milestone-4: as --hold-before-drop, and also go on once PATH does not exist.")
+              help=f"{M4}: as --hold-before-drop, and also go on once PATH does not exist.")
 @run_options
 @observe_options
 def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: Any) -> None:
@@ -303,8 +304,9 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
     """
     chosen = registry.get(milestone)
     if (opts["hold_before_drop"] or opts["hold_flag_file"]) and chosen.hold_point is None:
+        holding = " and ".join(f"{m.name}'s" for m in registry.REGISTRY if m.hold_point is not None)
         raise UsageProblem(f"{chosen.name} drops nothing: --hold-before-drop and --hold-flag-file "
-                           "hold before milestone-4's drops only",
+                           f"hold before {holding} drops only",
                            f"run `toolkit migrate {chosen.name}` without them")
     runner = _runner(opts)
     if dry_run:

@@ -38,8 +38,8 @@ class Registry:
             unknown = [m for m in milestone.supersedes.milestones if m not in self.milestones]
             if unknown:
                 raise RegistrationError(
-                    f"milestone {milestone.name!r} supersedes {', '.join(map(repr, unknown))}, "
-                    "which is not registered before it")
+                    f"milestone {milestone.name!r} supersedes {', '.join(map(repr, unknown))}: "
+                    "what it supersedes must be registered before it")
         self.milestones[milestone.name] = milestone
         return milestone
 
