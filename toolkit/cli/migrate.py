@@ -26,6 +26,8 @@ from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.timestamps import shown
 
 MILESTONE = click.argument("milestone", metavar="MILESTONE")
+# The short aliases of the milestones that ask for --yes (the registry's order): "4".
+DESTRUCTIVE = ", ".join(str(n) for n, m in enumerate(registry.REGISTRY, start=1) if m.confirm)
 # A second: a batch's row locks keep GitLab's updates of those rows waiting at most that
 # long (inserts never wait), and a batch's fixed cost stays a few percent. Half a second
 # cost milestone 3 a quarter of its throughput at x25: each batch of experiments rewrites
@@ -282,7 +284,8 @@ def plan(milestone: str | None, no_sql: bool, fail_on_blocking: bool) -> None:
 @MILESTONE
 @click.option("--dry-run", is_flag=True, help="Show what would happen (as `plan`) and write nothing.")
 @click.option("--no-verify", is_flag=True, help="Do not verify after applying.")
-@click.option("--yes", is_flag=True, help="Confirm a destructive milestone (4) without the prompt.")
+@click.option("--yes", is_flag=True,
+              help=f"Confirm a destructive milestone ({DESTRUCTIVE}) without the prompt.")
 @click.option("--hold-before-drop", is_flag=True, default=False,
               help=f"{M4}: archive and check row for row, then wait before the first drop "
                    "(holding only the runner lock) until `toolkit control unpostpone`.")
