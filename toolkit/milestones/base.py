@@ -64,9 +64,9 @@ class TransitionTriggerStep(Supersedable, SchemaStep):
     trigger: str = ""
     table: str = ""
 
-    @property
-    def superseded_checks(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (f"{self.trigger} is in place",)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.superseded_checks = (f"{cls.trigger} is in place",)  # its one check, by its trigger
 
     def verify(self, conn: Connection) -> list[Check]:
         return [trigger_in_place(conn, self.table, self.trigger, self.milestone)]
