@@ -36,14 +36,14 @@ class WritesDuringPlan(Step):
 @pytest.fixture
 def with_test_milestone_2(monkeypatch):
     touch_nothing = OnePassStep("touch-nothing", "ml_candidates", "SELECT 0")
-    m2 = Milestone(name="milestone-2", number=2, title="test-only milestone", steps=(touch_nothing,), reads=("ml_candidates",))
+    m2 = Milestone(name="milestone-2", title="test-only milestone", steps=(touch_nothing,), reads=("ml_candidates",))
     monkeypatch.setitem(registry.MILESTONES, "milestone-2", m2)
     return m2
 
 
 def test_dry_run_is_read_only_even_when_a_step_tries_to_write(realistic_db):
     before = snapshot(realistic_db)
-    faulty = Milestone(name="milestone-1", number=1, title="faulty", steps=(WritesDuringPlan(),), reads=("packages_packages",))
+    faulty = Milestone(name="milestone-1", title="faulty", steps=(WritesDuringPlan(),), reads=("packages_packages",))
     with pytest.raises(sa.exc.DBAPIError, match="read-only transaction"):
         Inspector(realistic_db.engine, registry.plan()).plan(faulty)
     assert snapshot(realistic_db) == before

@@ -18,6 +18,7 @@ from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
 from toolkit.errors import SandboxReplaced, VerificationFailed
 from toolkit.inventory import table_counts
+from toolkit.milestones.m1_packages import NAME as M1
 from toolkit.mlflow_api.demo import ClientReadings
 from toolkit.output import Output, out
 from toolkit.report import candidate_report
@@ -162,7 +163,7 @@ def demo(seed_value: int, batch_size: int) -> None:
     finally:
         stack.close()
         engine.dispose()
-    out.say(f"Every check held. Go on: `{toolkit} status`, `{toolkit} plan milestone-1`, "
+    out.say(f"Every check held. Go on: `{toolkit} status`, `{toolkit} plan {M1}`, "
             f"`{toolkit} history`.")
     if venv := _venv_of(toolkit):
         out.say(f"(Or activate the venv, `. {venv}/bin/activate`, and type plain `toolkit`, "
@@ -216,7 +217,7 @@ def _what_users_see_change(detail: str, milestone: str) -> str:
     mine = [d.strip() for d in declared.split(",") if milestone in d]
     if not mine:
         return ""
-    if milestone == "milestone-1":
+    if milestone == M1:
         return (f"GitLab's artifact_uri changes, as on GitLab: {', '.join(mine)} "
                 "(…/packages/generic/… becomes …/packages/ml_models/…/files/); every other field equal")
     return (f"registry users see {', '.join(mine)} (get_registered_model: one model per experiment "

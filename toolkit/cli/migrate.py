@@ -27,11 +27,14 @@ from toolkit.engine.results import (
 )
 from toolkit.engine.runner import Runner
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
+from toolkit.milestones.m4 import NAME as M4
 from toolkit.output import out
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.timestamps import shown
 
 MILESTONE = click.argument("milestone", metavar="MILESTONE")
+# The short aliases of the milestones that ask for --yes (the registry's order): "4".
+DESTRUCTIVE = ", ".join(str(n) for n, m in enumerate(registry.REGISTRY, start=1) if m.confirm)
 # A second: a batch's row locks keep GitLab's updates of those rows waiting at most that
 # long (inserts never wait), and a batch's fixed cost stays a few percent. Half a second
 # cost milestone 3 a quarter of its throughput at x25: each batch of experiments rewrites
@@ -288,12 +291,13 @@ def plan(milestone: str | None, no_sql: bool, fail_on_blocking: bool) -> None:
 @MILESTONE
 @click.option("--dry-run", is_flag=True, help="Show what would happen (as `plan`) and write nothing.")
 @click.option("--no-verify", is_flag=True, help="Do not verify after applying.")
-@click.option("--yes", is_flag=True, help="Confirm a destructive milestone (4) without the prompt.")
+@click.option("--yes", is_flag=True,
+              help=f"Confirm a destructive milestone ({DESTRUCTIVE}) without the prompt.")
 @click.option("--hold-before-drop", is_flag=True, default=False,
-              help="milestone-4: archive and check row for row, then wait before the first drop "
+              help=f"{M4}: archive and check row for row, then wait before the first drop "
                    "(holding only the runner lock) until `toolkit control unpostpone`.")
 @click.option("--hold-flag-file", type=params.FLAG_FILE, metavar="PATH", default=None,
-              help="milestone-4: as --hold-before-drop, and also go on once PATH does not exist.")
+              help=f"{M4}: as --hold-before-drop, and also go on once PATH does not exist.")
 @run_options
 @observe_options
 def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: Any) -> None:
@@ -310,8 +314,9 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
     """
     chosen = registry.get(milestone)
     if (opts["hold_before_drop"] or opts["hold_flag_file"]) and chosen.hold_point is None:
+        holding = " and ".join(f"{m.name}'s" for m in registry.REGISTRY if m.hold_point is not None)
         raise UsageProblem(f"{chosen.name} drops nothing: --hold-before-drop and --hold-flag-file "
-                           "hold before milestone-4's drops only",
+                           f"hold before {holding} drops only",
                            f"run `toolkit migrate {chosen.name}` without them")
     runner = _runner(opts)
     if dry_run:
@@ -473,7 +478,7 @@ def _required(milestone: Milestone, where: MilestoneState, require: str) -> Chec
     migrate = f"`toolkit migrate {milestone.name}{' --yes' if milestone.confirm else ''}`"
     remedy = None if ok else {
         MilestoneState.NOT_STARTED: f"{migrate} applies it" + (
-            " (the milestones before it first, in order)" if milestone.number > 1 else ""),
+            " (the milestones before it first, in order)" if registry.previous(milestone) else ""),
         MilestoneState.ROLLED_BACK: f"{migrate} applies it again",
         MilestoneState.IN_PROGRESS: f"{migrate} finishes the run that stopped (`toolkit status` shows where)",
         MilestoneState.ROLLING_BACK: f"`toolkit rollback {milestone.name}` finishes the rollback that "

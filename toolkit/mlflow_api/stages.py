@@ -32,7 +32,9 @@ from toolkit.catalog import column_exists, relation_exists
 from toolkit.engine.results import STARTED, MilestoneState
 from toolkit.engine.state import milestone_state
 from toolkit.milestones import slug
-from toolkit.milestones.m3_models_for_experiments import create_models_batch
+from toolkit.milestones.m3_create import create_models_batch
+from toolkit.milestones.m3_models_for_experiments import NAME as M3
+from toolkit.milestones.m4 import NAME as M4
 from toolkit.names import (
     M3_COPIED_METADATA,
     M3_CREATED_MODELS,
@@ -75,7 +77,7 @@ class WritesPaused(StageChanged):
 
 def stage_of(conn: Connection) -> Stage:
     """The stage a write in this transaction meets; :class:`WritesPaused` when none."""
-    if milestone_state(conn, "milestone-4")["state"] == MilestoneState.ROLLING_BACK:
+    if milestone_state(conn, M4)["state"] == MilestoneState.ROLLING_BACK:
         raise WritesPaused("milestone 4 is being rolled back (its tables rebuilt and checked against "
                            "its archive)")
     source = mlflow_source(conn)
@@ -87,7 +89,7 @@ def stage_of(conn: Connection) -> Stage:
     if source == FROM_MODELS_AND_IDS:
         return Stage.KEPT_IDS
     if source == FROM_MODELS:
-        state = milestone_state(conn, "milestone-3")["state"]
+        state = milestone_state(conn, M3)["state"]
         if state in STARTED and state != MilestoneState.ROLLING_BACK:
             return Stage.MODELS
     assert source in (FROM_EXPERIMENTS, FROM_MODELS, None)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection
 from toolkit.catalog import relation_exists
 from toolkit.engine.results import MilestoneState
 from toolkit.engine.state import milestone_state
+from toolkit.milestones.m4 import NAME as M4
 from toolkit.mlflow_api import rails
 from toolkit.mlflow_api.artifact_uri import artifact_path_sql, artifact_uri
 from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, resource_not_found
@@ -299,7 +300,7 @@ def reading_source(conn: Connection) -> str | None:
     batches (a fingerprint is never taken in between; a client may read then)."""
     source = mlflow_source(conn)
     if (source == FROM_MODELS and relation_exists(conn, M4_ARCHIVE_EXPERIMENTS)
-            and milestone_state(conn, "milestone-4")["state"] == MilestoneState.ROLLING_BACK):
+            and milestone_state(conn, M4)["state"] == MilestoneState.ROLLING_BACK):
         return FROM_MODELS_AND_ARCHIVE
     return source
 
