@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from toolkit.sandbox.generator import GENERIC, ML_MODEL, Builder, Entities
+from toolkit.sandbox.realistic import Entities
+from toolkit.sandbox.rows import GENERIC, ML_MODEL, Builder
 from toolkit.schema.gitlab import CANDIDATE_STATUSES, PACKAGE_STATUSES, PACKAGE_TYPES
 
 SQL_LOOKING = "Robert'); DROP TABLE ml_experiments; --"
