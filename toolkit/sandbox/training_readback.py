@@ -162,70 +162,52 @@ def _read_experiments(entries, client, report: Report, error) -> None:
     report.experiments_created = len(created)
 
 
+@dataclass
+class _WrittenRuns:
+    """What the journals say was written to runs, acknowledged: the runs made, their
+    params and tags, each metric's points in order, and how each ended."""
+
+    runs: dict[str, dict[str, Any]]
+    params: dict[str, dict[str, str]] = field(default_factory=dict)
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)
+    history: dict[tuple[str, str], list[tuple[float, int, int]]] = field(default_factory=dict)
+    ended: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, entries: list[dict[str, Any]]) -> _WrittenRuns:
+        written = cls({e["run_id"]: e for e in entries if e.get("op") == "run"},
+                      ended={e["run_id"]: e for e in entries if e.get("op") == "ended"})
+        for e in entries:
+            if not e.get("ok") or "run_id" not in e:
+                continue
+            if e["op"] in ("log_params", "log_batch"):
+                written.params.setdefault(e["run_id"], {}).update(e["params"])
+            if e["op"] in ("set_tags", "log_batch"):
+                written.tags.setdefault(e["run_id"], {}).update(e["tags"])
+            if e["op"] == "log_metric":
+                written.history.setdefault((e["run_id"], e["key"]), []).append(
+                    (e["value"], e["step"], e["timestamp"]))
+            if e["op"] == "log_batch":
+                for key, value, timestamp, step in e["metrics"]:
+                    written.history.setdefault((e["run_id"], key), []).append((value, step, timestamp))
+        return written
+
+
 def _read_runs(entries, client, report: Report, error) -> None:
-    runs = {e["run_id"]: e for e in entries if e.get("op") == "run"}
-    params: dict[str, dict[str, str]] = {}
-    tags: dict[str, dict[str, str]] = {}
-    history: dict[tuple[str, str], list[tuple[float, int, int]]] = {}
-    ended = {e["run_id"]: e for e in entries if e.get("op") == "ended"}
-    for e in entries:
-        if not e.get("ok") or "run_id" not in e:
-            continue
-        if e["op"] in ("log_params", "log_batch"):
-            params.setdefault(e["run_id"], {}).update(e["params"])
-        if e["op"] in ("set_tags", "log_batch"):
-            tags.setdefault(e["run_id"], {}).update(e["tags"])
-        if e["op"] == "log_metric":
-            history.setdefault((e["run_id"], e["key"]), []).append((e["value"], e["step"], e["timestamp"]))
-        if e["op"] == "log_batch":
-            for key, value, timestamp, step in e["metrics"]:
-                history.setdefault((e["run_id"], key), []).append((value, step, timestamp))
-    report.runs = len(runs)
-    report.params = sum(len(p) for p in params.values())
-    report.tags = sum(len(t) for t in tags.values())
-    report.metrics = sum(len(h) for h in history.values())
+    written = _WrittenRuns.of(entries)
+    report.runs = len(written.runs)
+    report.params = sum(len(p) for p in written.params.values())
+    report.tags = sum(len(t) for t in written.tags.values())
+    report.metrics = sum(len(h) for h in written.history.values())
     marks: dict[tuple[int, str], Counter] = {}
-    for run_id, made in sorted(runs.items()):
+    for run_id, made in sorted(written.runs.items()):
         project = made["project"]
         try:
             run = client(project).get_run(run_id)
         except error as exc:
             report.lost.append(f"run {run_id} ({made['mark']}): {exc.error_code}")
             continue
-        said = f"run {run_id} ({made['mark']})"
-        if run.info.experiment_id != made["experiment_id"]:
-            report.lost.append(f"{said}: experiment {run.info.experiment_id}, "
-                               f"written {made['experiment_id']}")
-        if made["run_name"] is not None and run.info.run_name != made["run_name"]:
-            report.lost.append(f"{said}: run_name {run.info.run_name!r}, written {made['run_name']!r}")
-        if run.data.tags.get("training.run") != made["mark"]:
-            report.lost.append(f"{said}: tag training.run {run.data.tags.get('training.run')!r}")
-        if run.data.params != params.get(run_id, {}):
-            report.lost.append(f"{said}: params {run.data.params}, written {params.get(run_id, {})}")
-        for key, value in tags.get(run_id, {}).items():
-            if run.data.tags.get(key) != value:
-                report.lost.append(f"{said}: tag {key} {run.data.tags.get(key)!r}, written {value!r}")
-        for (rid, key), points in history.items():
-            if rid != run_id:
-                continue
-            latest = run.data.metrics.get(key)
-            if latest != points[-1][0]:  # logged in step and time order: the last is the latest
-                report.lost.append(f"{said}: latest {key} {latest}, written {points[-1][0]}")
-            read = Counter((m.value, m.step, m.timestamp)
-                           for m in client(project).get_metric_history(run_id, key))
-            wrote = Counter(points)
-            if read - wrote:
-                report.duplicated.append(f"{said}: {key} points {sorted(read - wrote)} beyond those written")
-            if wrote - read:
-                report.lost.append(f"{said}: {key} points {sorted(wrote - read)} not read back")
-        end = ended.get(run_id)
-        if end is not None:
-            if run.info.status != end["status"]:
-                report.lost.append(f"{said}: status {run.info.status}, written {end['status']}")
-            end_time = run.info.end_time
-            if end_time is None or not end["after_ms"] - 1000 <= end_time <= end["before_ms"]:
-                report.lost.append(f"{said}: end_time {end_time}, written between "
-                                   f"{end['after_ms']} and {end['before_ms']}")
+        _check_run(client(project), run, made, written, report)
         marks.setdefault((project, made["experiment_id"]), Counter())
     # a run made twice where the client made it once: the same training.run mark twice
     for (project, experiment_id), _ in sorted(marks.items()):
@@ -237,6 +219,45 @@ def _read_runs(entries, client, report: Report, error) -> None:
             if n > 1:
                 report.duplicated.append(f"run {mark} of experiment {experiment_id} (project {project}): "
                                          f"{n} runs")
+
+
+def _check_run(client, run, made: dict[str, Any], written: _WrittenRuns, report: Report) -> None:
+    """One run read back against what was written to it: what differs is lost, a metric
+    point read more often than written duplicated."""
+    run_id = made["run_id"]
+    said = f"run {run_id} ({made['mark']})"
+    if run.info.experiment_id != made["experiment_id"]:
+        report.lost.append(f"{said}: experiment {run.info.experiment_id}, "
+                           f"written {made['experiment_id']}")
+    if made["run_name"] is not None and run.info.run_name != made["run_name"]:
+        report.lost.append(f"{said}: run_name {run.info.run_name!r}, written {made['run_name']!r}")
+    if run.data.tags.get("training.run") != made["mark"]:
+        report.lost.append(f"{said}: tag training.run {run.data.tags.get('training.run')!r}")
+    if run.data.params != written.params.get(run_id, {}):
+        report.lost.append(f"{said}: params {run.data.params}, written {written.params.get(run_id, {})}")
+    for key, value in written.tags.get(run_id, {}).items():
+        if run.data.tags.get(key) != value:
+            report.lost.append(f"{said}: tag {key} {run.data.tags.get(key)!r}, written {value!r}")
+    for (rid, key), points in written.history.items():
+        if rid != run_id:
+            continue
+        latest = run.data.metrics.get(key)
+        if latest != points[-1][0]:  # logged in step and time order: the last is the latest
+            report.lost.append(f"{said}: latest {key} {latest}, written {points[-1][0]}")
+        read = Counter((m.value, m.step, m.timestamp) for m in client.get_metric_history(run_id, key))
+        wrote = Counter(points)
+        if read - wrote:
+            report.duplicated.append(f"{said}: {key} points {sorted(read - wrote)} beyond those written")
+        if wrote - read:
+            report.lost.append(f"{said}: {key} points {sorted(wrote - read)} not read back")
+    end = written.ended.get(run_id)
+    if end is not None:
+        if run.info.status != end["status"]:
+            report.lost.append(f"{said}: status {run.info.status}, written {end['status']}")
+        end_time = run.info.end_time
+        if end_time is None or not end["after_ms"] - 1000 <= end_time <= end["before_ms"]:
+            report.lost.append(f"{said}: end_time {end_time}, written between "
+                               f"{end['after_ms']} and {end['before_ms']}")
 
 
 def _all_runs(client, experiment_id: str) -> Iterator[Any]:
