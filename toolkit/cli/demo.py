@@ -24,7 +24,8 @@ from toolkit.report import candidate_report
 from toolkit.sandbox.database import SameDatabase, seed_sandbox
 from toolkit.sandbox.server import SandboxServer
 from toolkit.sandbox.training_demo import TrainingDuringMigration
-from toolkit.verify.fingerprint import compare, take
+from toolkit.verify.differences import compare
+from toolkit.verify.fingerprint import take
 from toolkit.words import counted
 
 STEP_INDENT = "   "  # the demo's lines under each numbered step

@@ -21,7 +21,7 @@ from toolkit.mlflow_api.auth import Authenticator, DatabaseTokens, FileTokens, T
 from toolkit.mlflow_api.server import MIB, TRACKING_PATH, Api, Limits, MlflowServer
 from toolkit.mlflow_api.views import MAX_PAGE
 from toolkit.output import out
-from toolkit.verify.fingerprint import experiments_view, mlflow_source
+from toolkit.verify.mlflow_view import experiments_view, mlflow_source
 from toolkit.words import counted
 
 SHOWN_PROJECTS = 20

@@ -26,7 +26,7 @@ from toolkit.names import (
     M4_ARCHIVE_METADATA,
     M4_EXPERIMENT_IDS,
 )
-from toolkit.verify.fingerprint import (
+from toolkit.verify.mlflow_view import (
     FROM_MODELS,
     experiments_view,
     mlflow_source,

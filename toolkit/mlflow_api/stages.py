@@ -19,7 +19,7 @@ milestone 4) is :mod:`toolkit.mlflow_api.stage_experiments`; this module is the 
 the lock a write takes before it trusts it, where an experiment is found and a run's
 parent columns.
 
-The stage is the fingerprint's MLflow source (:func:`toolkit.verify.fingerprint.mlflow_source`)
+The stage is the fingerprint's MLflow source (:func:`toolkit.verify.mlflow_view.mlflow_source`)
 refined by milestone 3's state, so what the server writes is where ``verify`` and the
 reads look.
 """
@@ -40,7 +40,7 @@ from toolkit.names import (
     M4_ARCHIVE_METADATA,
     M4_EXPERIMENT_IDS,
 )
-from toolkit.verify.fingerprint import (
+from toolkit.verify.mlflow_view import (
     FROM_EXPERIMENTS,
     FROM_MODELS,
     FROM_MODELS_AND_ARCHIVE,
@@ -129,7 +129,7 @@ def _where_experiments_live(stage: Stage) -> str:
 def find_experiment(conn: Connection, stage: Stage, project_id: int, iid: int) -> ExperimentRef | None:
     """The experiment ``iid`` of the project, FOR SHARE where it is a row (a run inserted
     under it cannot lose it to a concurrent delete). After milestone 4 the row is the
-    archive's or the kept ids' (:func:`toolkit.verify.fingerprint.experiment_relations`),
+    archive's or the kept ids' (:func:`toolkit.verify.mlflow_view.experiment_relations`),
     its name the MLflow view's (a created model's display name)."""
     table = _where_experiments_live(stage)
     if stage in (Stage.EXPERIMENTS, Stage.MODELS):

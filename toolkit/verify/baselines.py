@@ -16,16 +16,10 @@ from toolkit.engine.results import Check
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
 from toolkit.verify import app_writes, named
+from toolkit.verify.differences import Difference, compare
 from toolkit.verify.digest import Memo
-from toolkit.verify.fingerprint import (
-    NOT_COMPARABLE,
-    PART_TABLES,
-    Difference,
-    Fingerprint,
-    Scope,
-    compare,
-    take,
-)
+from toolkit.verify.fingerprint import Fingerprint, Scope, take
+from toolkit.verify.mlflow_parts import NOT_COMPARABLE, PART_TABLES
 from toolkit.verify.named import Fix
 from toolkit.words import counted
 
