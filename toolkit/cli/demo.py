@@ -97,15 +97,15 @@ def demo(seed_value: int, batch_size: int) -> None:
                   "mlflow_writes": training.as_dict()})
 
 
-def _seeded(runner: Runner, seconds: float, data_dir: Path) -> tuple[dict[str, int], Fingerprint]:
+def _seeded(runner: Runner, seconds: float, data_dir: Path) -> tuple[dict[str, int | None], Fingerprint]:
     """Step 1, the data: its counts said, and the fingerprint step 6 compares with."""
     with runner.read_only() as conn:
         counts = table_counts(conn)
         before = take(conn)
-    out.say(f"   {counted(counts['ml_experiments'], 'experiment')}, "
-            f"{counted(counts['ml_candidates'], 'candidate')}, "
-            f"{counted(counts['ml_candidate_metrics'], 'metric')}, "
-            f"{counted(counts['packages_packages'], 'package')} "
+    out.say(f"   {counted(counts['ml_experiments'] or 0, 'experiment')}, "
+            f"{counted(counts['ml_candidates'] or 0, 'candidate')}, "
+            f"{counted(counts['ml_candidate_metrics'] or 0, 'metric')}, "
+            f"{counted(counts['packages_packages'] or 0, 'package')} "
             f"(seeded in {seconds:.1f}s, data in {data_dir})")
     return counts, before
 

@@ -12,7 +12,9 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
+import psycopg
 from sqlalchemy.engine import Connection
 
 from toolkit.schema.gitlab import CANDIDATE_STATUSES, PACKAGE_TYPES
@@ -62,7 +64,7 @@ class CopySink:
     """Buffers rows per table and writes them with COPY when a buffer fills up."""
 
     def __init__(self, conn: Connection, flush_rows: int = 25_000):
-        self._dbapi = conn.connection.driver_connection
+        self._dbapi = cast(psycopg.Connection, conn.connection.driver_connection)
         self._flush_rows = flush_rows
         self._buffers: dict[str, list[tuple]] = defaultdict(list)
         self.counts: dict[str, int] = defaultdict(int)

@@ -55,7 +55,7 @@ class Workload:
     projects: list[int]
     clients: int = 2
     seed: int = 1
-    folder: Path | None = None
+    folder: Path = None  # type: ignore[assignment]  # a temporary folder when not given
     token: str | None = None
     pause_s: float = 0.05
     iterations: int | None = None

@@ -72,7 +72,7 @@ def _watch_retries(journal: Journal) -> None:
                        "error": None if error is None else type(error).__name__})
         return original(self, method, url, response, error, _pool, _stacktrace)
 
-    Retry.increment = increment
+    Retry.increment = increment  # type: ignore[method-assign]
 
 
 def worker_main(config: dict[str, Any]) -> int:
@@ -118,7 +118,7 @@ def worker_main(config: dict[str, Any]) -> int:
             _paused(pause, stop, journal, base)
             continue
         name, kind = experiment_name(worker, k, rng, made, existing, config.get("label", ""))
-        ok, experiment = call("set_experiment", lambda name=name: _set_experiment(mlflow, name),
+        ok, experiment = call("set_experiment", lambda name=name: _set_experiment(mlflow, name),  # type: ignore[misc]
                               name=name, kind=kind)
         if ok:
             journal.write({**base, "op": "experiment", "name": name, "id": experiment.experiment_id})
@@ -180,10 +180,10 @@ def _one_run(call, client, mlflow, rng: random.Random, mark: str, experiment_id:
     call("log_batch", lambda: client.log_batch(run_id, metrics=_metrics(metrics),
                                                params=_params(batch_params), tags=_tags(batch_tags)),
          run_id=run_id, metrics=metrics, params=batch_params, tags=batch_tags)
-    tags = {"team": f"team-{rng.randint(1, 9)}", "note": "δοκιμή ✓"}
-    for key, value in tags.items():
-        call("set_tags", lambda key=key, value=value: client.set_tag(run_id, key, value),
-             run_id=run_id, tags={key: value})
+    tags: dict[str, str] = {"team": f"team-{rng.randint(1, 9)}", "note": "δοκιμή ✓"}
+    for key, text in tags.items():
+        call("set_tags", lambda key=key, text=text: client.set_tag(run_id, key, text),
+             run_id=run_id, tags={key: text})
     status = rng.choice(STATUSES)
     before = int(time.time() * 1000)
     ok, _ = call("end_run", lambda: mlflow.end_run(status=status), run_id=run_id, status=status)

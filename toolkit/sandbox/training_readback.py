@@ -211,7 +211,7 @@ def _read_runs(entries, client, report: Report, error) -> None:
         marks.setdefault((project, made["experiment_id"]), Counter())
     # a run made twice where the client made it once: the same training.run mark twice
     for (project, experiment_id), _ in sorted(marks.items()):
-        found = Counter()
+        found: Counter[str] = Counter()
         for run in _all_runs(client(project), experiment_id):
             if mark := run.data.tags.get("training.run"):
                 found[mark] += 1

@@ -279,8 +279,8 @@ class _Digests:
             rows, digest, buckets = bucketed_digest(conn, sql, {"w": self.bound(table)}, size, method,
                                                     self.memo)
             return {"rows": rows, "hash": digest, "bucket_size": size, "buckets": buckets}
-        digest = table_digest(conn, table, f"t.id <= :w{where}", {"w": self.bound(table)}, self.memo, method)
-        return {"rows": digest.rows, "hash": digest.digest}
+        whole = table_digest(conn, table, f"t.id <= :w{where}", {"w": self.bound(table)}, self.memo, method)
+        return {"rows": whole.rows, "hash": whole.digest}
 
 
 def _table_digests(digests: _Digests, scope: Scope | None, natural: bool
@@ -321,9 +321,11 @@ def _mlflow_digests(digests: _Digests, source: str, tables: dict[str, dict[str, 
             # the part's query ends with its WHERE clause (run_artifact_uris does)
             assert "WHERE" in sql.rstrip().rsplit("\n", 1)[-1], part
             sql = f"{sql} AND ({scope.part_rows[part]})"
-        table = DERIVED_FROM.get(part)
-        if (comparable and table and tables.get(table) is not None
-                and same_digest(reference.tables.get(table), tables[table]) and part in reference.mlflow):
+        derived_from = DERIVED_FROM.get(part)
+        if (reference is not None and comparable and derived_from
+                and tables.get(derived_from) is not None
+                and same_digest(reference.tables.get(derived_from), tables[derived_from])
+                and part in reference.mlflow):
             mlflow[part] = reference.mlflow[part]
             continue
         if named_keys := named.get((scope.named_parts if scope else {}).get(part, "")):
