@@ -82,7 +82,9 @@ from toolkit.errors import ExitCode, PreconditionRefused
 from toolkit.sandbox.app_writer import AppWriter, as_ms, percentile
 from toolkit.sandbox.scales import SCALES
 from toolkit.sandbox.server import SUPERUSER, SandboxServer, _bin
-from toolkit.sandbox.training import Workload, first_runs, read_back, read_journals, write_latencies
+from toolkit.sandbox.training import Workload, first_runs
+from toolkit.sandbox.training_journal import read_journals, write_latencies
+from toolkit.sandbox.training_readback import read_back
 from toolkit.sandbox.writing_server import writing_server
 
 

@@ -17,7 +17,9 @@ from toolkit.output import out
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.timestamps import shown
 from toolkit.verify import baselines
-from toolkit.verify.fingerprint import NATURAL_KEYS, Difference, Fingerprint, compare, take
+from toolkit.verify.differences import Difference, compare
+from toolkit.verify.fingerprint import Fingerprint, take
+from toolkit.verify.natural_keys import NATURAL_KEYS
 
 
 @click.command()

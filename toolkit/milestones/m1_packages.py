@@ -35,7 +35,7 @@ from toolkit.engine.step import KeysetPass, Step
 from toolkit.mlflow_api.artifact_uri import package_name_sql, path_sql
 from toolkit.names import M1_LEDGER as LEDGER
 from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES, PACKAGE_TYPE_ML_MODEL
-from toolkit.verify.fingerprint import FROM_EXPERIMENTS, experiment_relations, mlflow_source
+from toolkit.verify.mlflow_view import FROM_EXPERIMENTS, experiment_relations, mlflow_source
 from toolkit.verify.named import Fix, Named
 from toolkit.words import counted
 

@@ -9,7 +9,7 @@ Grape and Rails read them (:mod:`toolkit.mlflow_api.rails`), the project as
 ``find_project!`` finds it (:mod:`toolkit.mlflow_api.projects`), rows in GitLab's order
 (:mod:`toolkit.mlflow_api.ordering`). Which tables hold experiments and how a run reaches
 its experiment depend on the stage; that knowledge lives in one place, the fingerprint's
-MLflow view (:func:`toolkit.verify.fingerprint.experiments_view`, ``run_parent``,
+MLflow view (:func:`toolkit.verify.mlflow_view.experiments_view`, ``run_parent``,
 ``runs_of_experiment``), so what the server answers is what ``verify`` proves unchanged.
 
 Pages are keyset pages (GitLab's ``keyset_paginate``): the token carries the last row's
@@ -43,7 +43,7 @@ from toolkit.mlflow_api.ordering import (
 from toolkit.mlflow_api.projects import resolve_project
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS
 from toolkit.schema.gitlab import CANDIDATE_STATUSES
-from toolkit.verify.fingerprint import (
+from toolkit.verify.mlflow_view import (
     FROM_MODELS,
     FROM_MODELS_AND_ARCHIVE,
     experiment_relations,
