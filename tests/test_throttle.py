@@ -23,7 +23,8 @@ from replication import Replication
 
 from toolkit.db import create_engine, parse_url
 from toolkit.engine import health
-from toolkit.engine.batches import Budget, RunOptions
+from toolkit.engine.budget import Budget
+from toolkit.engine.settings import RunOptions
 from toolkit.errors import ExitCode
 from toolkit.output import configure
 from toolkit.sandbox.server import SANDBOX_DATABASE

@@ -13,12 +13,12 @@ from toolkit.cli import params, render
 from toolkit.cli.context import app
 from toolkit.engine import control as steering
 from toolkit.engine import health, state
-from toolkit.engine.batches import PassResult, RunOptions
 from toolkit.engine.locks import runner_lock_holders
 from toolkit.engine.outcomes import ApplyResult, PlanResult, VerifyResult
 from toolkit.engine.plan import Milestone
-from toolkit.engine.results import Check
+from toolkit.engine.results import Check, PassResult
 from toolkit.engine.runner import Runner
+from toolkit.engine.settings import RunOptions
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
 from toolkit.output import out
 from toolkit.schema.gitlab import ML_TABLE_NAMES

@@ -8,9 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolkit.engine.batches import PassResult
 from toolkit.engine.plan import Milestone
-from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.results import Check, PassResult, StepPlan
 from toolkit.errors import PreconditionRefused, VerificationFailed
 
 

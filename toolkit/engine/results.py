@@ -1,4 +1,4 @@
-"""What a step reports: a plan, a post-condition, an anomaly. A leaf module (it imports
+"""What a step reports: a plan, a post-condition, an anomaly, what a pass did. A leaf module (it imports
 nothing of the toolkit's but the row-listing helper), so milestones, the engine, the CLI and
 the fingerprint can all speak of these without importing each other. Keyword-only: a plan
 has eight fields, and ``StepPlan(name, text, 0, {}, {...}, [], sql)`` said none of them."""
@@ -85,3 +85,23 @@ def check_id(name: str) -> str:
     by ``-``, identifiers (``model_id``) kept whole."""
     words = re.sub(r"'s\b", "s", name.lower())
     return re.sub(r"[^a-z0-9_]+", "-", words).strip("-")
+
+
+@dataclass
+class PassResult:
+    """What one pass or schema change did in this run: rows, batches, and why it stopped."""
+
+    name: str
+    rows: int = 0
+    batches: int = 0
+    complete: bool = False
+    stopped: str | None = None
+    batch_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)  # keys each batch took
+    schema_change: bool = False  # a DDL action rather than a data pass
+    changed: bool = True
+    seconds: float = 0.0  # wall time of the whole pass or schema change, retries included
+    outcome: str | None = None  # what a check or record action found or did
+    # A pass an earlier run of the same attempt finished, not walked again: the rows that
+    # attempt changed in it (this run's ``rows`` stay 0). None: walked (or begun) by this run.
+    finished_before: int | None = None
