@@ -20,17 +20,12 @@ from toolkit.conninfo import render as render_url
 from toolkit.db import READ_ONLY_OPTION, cannot_connect, classify, session_lost
 from toolkit.engine import resume, state, writer
 from toolkit.engine.actions import Action, ActionRun
-from toolkit.engine.batches import (
-    Budget,
-    PassResult,
-    RunOptions,
-    after_action,
-    read_with_retries,
-)
+from toolkit.engine.batches import after_action, read_with_retries
+from toolkit.engine.budget import Budget
 from toolkit.engine.control import Steering
 from toolkit.engine.control import hold as hold_before
 from toolkit.engine.events import LOGGED, Events, emit
-from toolkit.engine.health import Limits, Throttle, check_throttle_query
+from toolkit.engine.health import check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.lease import Hold, HoldLost
 from toolkit.engine.ledger import refuse_lost_ledger
@@ -44,9 +39,11 @@ from toolkit.engine.preflight import (
     check_privileges,
     check_writable,
 )
-from toolkit.engine.results import Check
+from toolkit.engine.results import Check, PassResult
 from toolkit.engine.rewind import Memory, said
+from toolkit.engine.settings import MAX_RECONNECT_DELAY_S, LockWait, RunOptions
 from toolkit.engine.signals import stop_on_signals
+from toolkit.engine.throttle import Throttle
 from toolkit.engine.undo_plan import UndoPlan, undo_plan
 from toolkit.errors import (
     DatabaseProblem,
@@ -64,7 +61,6 @@ from toolkit.verify.digest import Memo
 from toolkit.verify.fingerprint import Scope, take
 
 T = TypeVar("T")
-MAX_RECONNECT_DELAY_S = 30.0
 # Told each action's result as soon as it is over (a pass finished, stopped, or finished
 # before), so a person sees it then, and sees it even when the run is stopped later.
 OnPass = Callable[[PassResult], None]
@@ -74,7 +70,7 @@ class Runner:
     """Runs the milestones of the plan it is given, and tells what it does to ``events``."""
 
     def __init__(self, engine: Engine, options: RunOptions | None = None, *, plan: MilestonePlan,
-                 command: str = "", lock_wait_s: float = 10.0, events: Events = LOGGED):
+                 command: str = "", lock_wait_s: float = LockWait.lock_wait_s, events: Events = LOGGED):
         self.engine = engine
         self.milestones = plan
         self.events = events
@@ -487,14 +483,9 @@ class Runner:
     def _throttle(self, budget: Budget) -> Throttle | None:
         """The run's health throttle (health.py), started: it warns now about the signals
         this role cannot read. None with --no-throttle."""
-        o = self.options
-        if o.no_throttle:
+        if self.options.no_throttle:
             return None
-        throttle = Throttle(self.engine, Limits(o.max_replica_lag_ms, o.max_replica_lag_bytes,
-                                                o.max_transaction_age_s, o.throttle_query,
-                                                o.throttle_flag_file, o.max_archive_backlog,
-                                                o.max_wal_rate_mb_s),
-                            budget, o.max_throttle_s)
+        throttle = Throttle(self.engine, self.options, budget)  # the options are its limits
         throttle.start()
         return throttle
 
