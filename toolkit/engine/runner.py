@@ -481,7 +481,7 @@ class Runner:
                     result.throttled_seconds = budget.throttle.totals()
 
     def _throttle(self, budget: Budget) -> Throttle | None:
-        """The run's health throttle (health.py), started: it warns now about the signals
+        """The run's health throttle (throttle.py), started: it warns now about the signals
         this role cannot read. None with --no-throttle."""
         if self.options.no_throttle:
             return None

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 class Throttle:
     """Waits between batches while the database is unhealthy; counts the time per signal.
 
-    ``budget`` is the run's :class:`~toolkit.engine.batches.Budget`: Ctrl-C ends a wait at
+    ``budget`` is the run's :class:`~toolkit.engine.budget.Budget`: Ctrl-C ends a wait at
     once, and after ``max_throttle_s`` of waiting in all it is marked throttled out, so the
     run stops at this batch boundary."""
 
