@@ -527,6 +527,7 @@ class Runner:
         with self.engine.connect() as conn:
             done = action.is_done(conn)
             conn.rollback()
+        assert budget.control is not None, "a run is steered from its start (_run_passes)"
         return done or hold_before(budget.control, o.hold_flag_file)
 
     def _went_back(self, result: ApplyResult) -> None:
