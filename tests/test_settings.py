@@ -106,3 +106,25 @@ class CliRunnerHelp:
         result = CliRunner().invoke(cli, [command, "--help"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         return result.output
+
+
+def test_a_limit_set_while_running_is_the_throttles_at_once():
+    """The throttle's limits are the run's options, the same object: `control set` changes
+    the value both read, with nothing copied between them."""
+    from toolkit.engine.budget import Budget
+    from toolkit.engine.control import Steering
+    from toolkit.engine.settings import RunOptions
+    from toolkit.engine.throttle import Throttle
+
+    options = RunOptions()
+    budget = Budget(options)
+    budget.throttle = Throttle(None, options, budget)  # no engine: nothing is read here
+    steering = Steering(None, 1, options, budget)
+    who = {"reason": None, "db_user": "dba", "os_user": "alice", "host": "ops-1"}
+    for n, (key, value) in enumerate([("max-replica-lag-ms", "200"), ("max-throttle-s", "0.5"),
+                                      ("max-wal-rate", "2.5")], start=1):
+        steering._act({"id": n, "action": "set", "key": key, "value": value, **who})
+    assert budget.throttle.limits.max_replica_lag_ms == 200 == options.max_replica_lag_ms
+    assert budget.throttle.limits.max_throttle_s == 0.5
+    assert budget.throttle.wal is not None and budget.throttle.wal.limit_mb_s == 2.5
+    assert [t["before"] for t in steering.taken] == [1500, None, None]

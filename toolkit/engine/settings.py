@@ -1,8 +1,8 @@
 """A run's settings, as one typed tree: each default and each bound written once, here.
 
 The tree has a section per concern: :class:`Batching`, :class:`Stopping`, :class:`Timeouts`,
-:class:`Reconnect`, the health throttle's :class:`Limits`, :class:`Hold` (before milestone
-4's drops) and :class:`Resume`. :class:`RunOptions` is every section at once (it inherits
+:class:`LockWait`, :class:`Reconnect`, the health throttle's :class:`Limits`, :class:`Hold`
+(before milestone 4's drops) and :class:`Resume`. :class:`RunOptions` is every section at once (it inherits
 them), so the batch loop reads ``options.batch_size`` and the throttle is handed the run's
 options as its :class:`Limits`, the same object: ``toolkit control set`` changes the value
 both read, and nothing is copied field by field.
@@ -226,8 +226,8 @@ def batch_target(batch_size: int | None, target_batch_ms: int | None) -> int | N
 
 def from_operator(given: dict[str, Any]) -> tuple[RunOptions, float]:
     """The run's options and its lock wait, from the values the operator gave (by field name;
-    a setting left out, or given as None where its default is not, takes its default). The
-    one place that says what naming a batch size, or not, means."""
+    a setting left out takes its default). The one place that says what naming a batch
+    size, or not, means: a batch size not given (None) starts at the tree's and adapts."""
     values = dict(given)
     lock_wait = values.pop("lock_wait_s", None)
     if "batch_size" in values:
