@@ -74,10 +74,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules,
 import bench_hand
 
 from toolkit import milestones as registry
-from toolkit.cli.migrate import batch_target
 from toolkit.db import create_engine
-from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
+from toolkit.engine.settings import RunOptions, batch_target
 from toolkit.errors import ExitCode, PreconditionRefused
 from toolkit.sandbox.app_writer import AppWriter, as_ms, percentile
 from toolkit.sandbox.scales import SCALES

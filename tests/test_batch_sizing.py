@@ -6,8 +6,8 @@ import pytest
 from helpers import OnePassStep, toolkit_json
 
 from toolkit import milestones as registry
-from toolkit.cli.migrate import DEFAULT_TARGET_BATCH_MS
 from toolkit.engine.plan import Milestone
+from toolkit.engine.settings import DEFAULT_TARGET_BATCH_MS
 from toolkit.engine.sizing import BatchSizer
 
 MS_PER_KEY = 2

@@ -15,9 +15,9 @@ from toolkit import milestones, output
 from toolkit.cli.metrics import MetricsTextfile
 from toolkit.cli.observe import EventStream, Observed, Sink, new_run_id
 from toolkit.db import Target, create_engine, resolve_target
-from toolkit.engine.batches import RunOptions
 from toolkit.engine.inspection import Inspector
 from toolkit.engine.runner import Runner
+from toolkit.engine.settings import RunOptions
 
 
 @dataclass

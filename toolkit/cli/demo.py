@@ -14,8 +14,8 @@ from toolkit.cli import params
 from toolkit.cli.context import app
 from toolkit.cli.invoked import typed_command
 from toolkit.db import create_engine
-from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
+from toolkit.engine.settings import RunOptions
 from toolkit.errors import SandboxReplaced, VerificationFailed
 from toolkit.inventory import table_counts
 from toolkit.milestones.m1_packages import NAME as M1

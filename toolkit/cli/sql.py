@@ -16,9 +16,9 @@ from toolkit import milestones as registry
 from toolkit.cli.context import app
 from toolkit.cli.migrate import MILESTONE
 from toolkit.db import NoDatabaseGiven
-from toolkit.engine.batches import RunOptions
 from toolkit.engine.ddl import StoredStatements
 from toolkit.engine.plan import Milestone
+from toolkit.engine.settings import RunOptions
 
 
 @click.command()

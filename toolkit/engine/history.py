@@ -14,11 +14,11 @@ from toolkit.cancel import StatementCancelled, stop_in_chain
 from toolkit.conninfo import render as render_url
 from toolkit.db import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
 from toolkit.engine import state, unrecorded, writer
-from toolkit.engine.batches import RunOptions
 from toolkit.engine.events import Events, emit
 from toolkit.engine.lease import UNFENCED, Hold
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import ApplyResult, MilestoneState, Outcome
+from toolkit.engine.settings import RunOptions
 from toolkit.errors import (
     Aborted,
     Interrupted,

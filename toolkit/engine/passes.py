@@ -14,15 +14,17 @@ from sqlalchemy.engine import Engine
 
 from toolkit.engine import state
 from toolkit.engine.actions import Action, ActionRun
-from toolkit.engine.batches import Budget, RunOptions, after_action
+from toolkit.engine.batches import after_action
+from toolkit.engine.budget import Budget
 from toolkit.engine.control import Steering
 from toolkit.engine.control import hold as hold_before
 from toolkit.engine.events import Events, emit
-from toolkit.engine.health import Limits, Throttle
 from toolkit.engine.lease import Hold
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import ApplyResult, PassResult, timed
+from toolkit.engine.settings import RunOptions
 from toolkit.engine.signals import stop_on_signals
+from toolkit.engine.throttle import Throttle
 
 # Told each action's result as soon as it is over (a pass finished, stopped, or finished
 # before), so a person sees it then, and sees it even when the run is stopped later.
@@ -64,16 +66,11 @@ class PassRunner:
                     result.throttled_seconds = budget.throttle.totals()
 
     def _throttle(self, budget: Budget) -> Throttle | None:
-        """The run's health throttle (health.py), started: it warns now about the signals
+        """The run's health throttle (throttle.py), started: it warns now about the signals
         this role cannot read. None with --no-throttle."""
-        o = self.options
-        if o.no_throttle:
+        if self.options.no_throttle:
             return None
-        throttle = Throttle(self.engine, Limits(o.max_replica_lag_ms, o.max_replica_lag_bytes,
-                                                o.max_transaction_age_s, o.throttle_query,
-                                                o.throttle_flag_file, o.max_archive_backlog,
-                                                o.max_wal_rate_mb_s),
-                            budget, o.max_throttle_s)
+        throttle = Throttle(self.engine, self.options, budget)  # the options are its limits
         throttle.start()
         return throttle
 
@@ -119,4 +116,5 @@ class PassRunner:
         with self.engine.connect() as conn:
             done = action.is_done(conn)
             conn.rollback()
+        assert budget.control is not None, "a run is steered from its start (run_passes)"
         return done or hold_before(budget.control, o.hold_flag_file)

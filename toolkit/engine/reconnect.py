@@ -12,14 +12,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import cannot_connect, session_lost
-from toolkit.engine.batches import RunOptions
 from toolkit.engine.events import Events
 from toolkit.engine.lease import HoldLost
 from toolkit.engine.rewind import Memory
+from toolkit.engine.settings import MAX_RECONNECT_DELAY_S, RunOptions
 from toolkit.errors import SessionLost
 
 T = TypeVar("T")
-MAX_RECONNECT_DELAY_S = 30.0
 
 
 def reconnecting(engine: Engine, options: RunOptions, events: Events, memory: Memory,

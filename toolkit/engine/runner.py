@@ -21,7 +21,7 @@ from toolkit.conninfo import render as render_url
 from toolkit.db import classify
 from toolkit.engine import resume, state, writer
 from toolkit.engine.actions import Action
-from toolkit.engine.batches import RunOptions, read_with_retries
+from toolkit.engine.batches import read_with_retries
 from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.health import check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
@@ -34,6 +34,7 @@ from toolkit.engine.preflight import check_privileges, check_writable
 from toolkit.engine.reconnect import reconnecting
 from toolkit.engine.results import ApplyResult, Check, MilestoneState, Outcome, VerifyResult, timed
 from toolkit.engine.rewind import Memory, said
+from toolkit.engine.settings import LockWait, RunOptions
 from toolkit.errors import (
     DatabaseProblem,
     LockUnavailable,
@@ -55,7 +56,7 @@ class Runner:
     to ``events``. What it reads, it reads through :attr:`inspector`."""
 
     def __init__(self, engine: Engine, options: RunOptions | None = None, *, plan: MilestonePlan,
-                 command: str = "", lock_wait_s: float = 10.0, events: Events = LOGGED):
+                 command: str = "", lock_wait_s: float = LockWait.lock_wait_s, events: Events = LOGGED):
         self.engine = engine
         self.milestones = plan
         self.events = events
