@@ -69,7 +69,7 @@ WITH copied AS (
 INSERT INTO {COPIED} (model_metadata_id, model_id, run_id) SELECT id, model_id, :run_id FROM copied"""
 
 
-def create_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
+def create_models_batch(conn: Connection, lo: int, hi: int, run_id: int | None) -> int:
     """The batch body: the statements of :data:`CREATE_MODELS` and friends, slugs bound."""
     bounds = {"lo": lo, "hi": hi, "run_id": run_id}
     experiments = conn.execute(sa.text(LOCK_EXPERIMENTS), bounds).all()

@@ -252,7 +252,7 @@ class CreateModelsForExperiments(Supersedable):
             FROM ml_experiments e JOIN ml_experiment_metadata em ON em.experiment_id = e.id
             JOIN ml_model_metadata mm ON mm.model_id = e.model_id AND mm.name = em.name
             WHERE mm.value <> em.value ORDER BY e.id, em.name""")
-        context = dict(conn.execute(sa.text("""
+        context: dict[str, int] = dict(conn.execute(sa.text("""
             SELECT 'experiment metadata rows to copy', count(*) FROM ml_experiment_metadata em
             JOIN ml_experiments e ON e.id = em.experiment_id
             WHERE NOT EXISTS (SELECT 1 FROM ml_model_metadata mm
