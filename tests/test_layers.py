@@ -33,8 +33,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("milestones",),
     ("engine",),
     ("verify",),
-    ("db", "gitlab_config"),
-    ("schema", "conninfo", "cancel", "catalog", "inventory", "names", "words", "timestamps",
+    ("db", "db_errors", "gitlab_config"),
+    ("schema", "conninfo", "pooling", "cancel", "catalog", "inventory", "names", "words", "timestamps",
      "progress"),
     ("errors", "toolkit"),
 )
@@ -54,10 +54,11 @@ FLOORS: tuple[tuple[str, ...], ...] = (
   for any milestone: it is handed the milestones and never imports them.
 * ``verify``: the fingerprint and the digests the engine records and compares; pure
   reads of GitLab's tables that know nothing of runs.
-* ``db``: the connection layer (URL, engine, timeouts, errors); ``gitlab_config`` reads
-  GitLab's database.yml into a URL for it. Nothing here knows about runs or the sandbox.
-* ``schema`` (GitLab's table declarations and the toolkit's own schema) and the small
-  shared helpers; ``errors`` and the package root (its version) at the very bottom.
+* ``db``: the connection layer (URL, engine, timeouts); ``db_errors`` says what the
+  server's errors mean; ``gitlab_config`` reads GitLab's database.yml into a URL. Nothing
+  here knows about runs or the sandbox (the fallback to it is the CLI's decision).
+* ``schema`` (GitLab's table declarations and the toolkit's own schema), ``pooling`` (the
+  pooler's refusal, which the error layer names), and the small shared helpers; ``errors`` and the package root (its version) at the very bottom.
 """
 
 

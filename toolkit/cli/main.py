@@ -20,7 +20,8 @@ from toolkit import __version__, output
 from toolkit.cancel import stop_in_chain
 from toolkit.cli import params
 from toolkit.cli.context import AppContext, app, debug_enabled, envelope
-from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
+from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV
+from toolkit.db_errors import classify
 from toolkit.errors import (
     EXIT_CODE_MEANINGS,
     ExitCode,

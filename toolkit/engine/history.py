@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.cancel import StatementCancelled, stop_in_chain
 from toolkit.conninfo import render as render_url
-from toolkit.db import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
+from toolkit.db_errors import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
 from toolkit.engine import state, unrecorded, writer
 from toolkit.engine.batches import RunOptions
 from toolkit.engine.events import Events, emit

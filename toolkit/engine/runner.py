@@ -17,7 +17,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.conninfo import render as render_url
-from toolkit.db import READ_ONLY_OPTION, cannot_connect, classify, session_lost
+from toolkit.db import READ_ONLY_OPTION
+from toolkit.db_errors import cannot_connect, classify, session_lost
 from toolkit.engine import resume, state, writer
 from toolkit.engine.actions import Action, ActionRun
 from toolkit.engine.batches import (
@@ -37,7 +38,6 @@ from toolkit.engine.ledger import refuse_lost_ledger
 from toolkit.engine.listing import count_of
 from toolkit.engine.outcomes import ApplyResult, Gate, PlanResult, VerifyResult, timed
 from toolkit.engine.plan import Final, Milestone, MilestonePlan
-from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import (
     check_gitlab_database,
     check_gitlab_schema,
@@ -56,6 +56,7 @@ from toolkit.errors import (
     SessionLost,
     ToolkitError,
 )
+from toolkit.pooling import refuse_transaction_pooling
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.schema.migrations import ensure_own_tables, own_schema_exists
 from toolkit.schema.own import SCHEMA
