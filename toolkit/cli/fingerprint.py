@@ -9,13 +9,12 @@ import click
 from toolkit import milestones as registry
 from toolkit.cli import params
 from toolkit.cli.context import app
-from toolkit.engine import state
+from toolkit.engine import baselines, state
 from toolkit.engine.plan import Milestone
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
 from toolkit.output import out
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.timestamps import shown
-from toolkit.verify import baselines
 from toolkit.verify.fingerprint import NATURAL_KEYS, Difference, Fingerprint, compare, take
 
 

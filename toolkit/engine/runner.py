@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.conninfo import render as render_url
 from toolkit.db import READ_ONLY_OPTION
 from toolkit.db_errors import cannot_connect, classify, session_lost
-from toolkit.engine import resume, state, writer
+from toolkit.engine import baselines, resume, state, writer
 from toolkit.engine.actions import Action, ActionRun
 from toolkit.engine.batches import (
     Budget,
@@ -60,7 +60,6 @@ from toolkit.pooling import refuse_transaction_pooling
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.schema.migrations import ensure_own_tables, own_schema_exists
 from toolkit.schema.own import SCHEMA
-from toolkit.verify import baselines
 from toolkit.verify.digest import Memo
 from toolkit.verify.fingerprint import Scope, take
 

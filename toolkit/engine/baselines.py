@@ -2,6 +2,9 @@
 
 It is taken once, when a milestone first starts (a resumed run keeps the original), and
 forgotten when the milestone is rolled back, so the next attempt starts from a fresh one.
+Keeping it is the engine's business (its run writes the row and counts it as the run's
+write); taking and comparing fingerprints is ``toolkit.verify``'s, which knows nothing of
+runs and sits below the engine.
 """
 
 from __future__ import annotations
