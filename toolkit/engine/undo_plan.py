@@ -21,8 +21,8 @@ from sqlalchemy.engine import Connection
 
 from toolkit import catalog
 from toolkit.engine.actions import Action
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.plan import Milestone
-from toolkit.engine.step import KeysetPass
 
 ROWS, SCHEMA, CHECK = "rows", "schema change", "check"
 

@@ -15,12 +15,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.catalog_checks import constraint_validated, index_valid, remedy
 from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.listing import count_of, listed
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Check, StepPlan
-from toolkit.engine.step import KeysetPass, Step
+from toolkit.engine.step import Step
 from toolkit.milestones.base import (
     SUPERSEDED,
     TransitionTriggerStep,

@@ -40,12 +40,13 @@ from sqlalchemy.engine import Connection
 
 from toolkit import catalog
 from toolkit.engine import state
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.catalog_checks import constraint_validated, remedy
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.listing import STREAMED, Listing, count_of, listed, read_to_the_end
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Anomaly, Check, StepPlan
-from toolkit.engine.step import KeysetPass, Step
+from toolkit.engine.step import Step
 from toolkit.milestones import slug
 from toolkit.milestones.base import (
     SUPERSEDED,
