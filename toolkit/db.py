@@ -48,6 +48,10 @@ TIMEOUTS_OPTION = "toolkit_timeouts"
 # server itself refuses any write. Unlike SQLAlchemy's postgresql_readonly, which sets a
 # characteristic of the pooled driver connection, it lives on this Connection object only.
 READ_ONLY_OPTION = "toolkit_read_only"
+# A key of a pooled connection's info, set while a transaction begins that sets its own
+# timeouts as its first statement (a fenced batch, engine/fenced.py): the begin hook leaves
+# them to it.
+OWN_TIMEOUTS = "toolkit_own_timeouts"
 
 
 @dataclass(frozen=True)
@@ -197,11 +201,21 @@ def create_engine(target: Target | URL | str, *, read_timeout: int | None = None
             return  # no transaction to scope a setting to; see engine.ddl for CONCURRENTLY
         if options.get(READ_ONLY_OPTION):
             conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        lock_ms, statement_ms = options.get(TIMEOUTS_OPTION, defaults)
-        conn.exec_driver_sql(
-            "SELECT set_config('lock_timeout', %(l)s, true), "
-            "set_config('statement_timeout', %(s)s, true)",
-            {"l": f"{defaults[0] if lock_ms is None else lock_ms}ms",
-             "s": f"{defaults[1] if statement_ms is None else statement_ms}ms"})
+        if conn.info.get(OWN_TIMEOUTS):
+            return
+        lock_ms, statement_ms = options.get(TIMEOUTS_OPTION, (None, None))
+        set_timeouts(conn, defaults[0] if lock_ms is None else lock_ms,
+                     defaults[1] if statement_ms is None else statement_ms)
 
     return engine
+
+
+def set_timeouts(conn: Connection, lock_ms: int | None, statement_ms: int | None) -> None:
+    """This transaction's own ``lock_timeout`` and ``statement_timeout``, in one statement
+    (``set_config(..., true)``: they end with it, so a pooled session keeps its defaults).
+    None leaves that one as the transaction began with it."""
+    settings = {"lock_timeout": lock_ms, "statement_timeout": statement_ms}
+    given = {name: f"{ms}ms" for name, ms in settings.items() if ms is not None}
+    if given:
+        conn.exec_driver_sql("SELECT " + ", ".join(f"set_config('{name}', %({name})s, true)"
+                                                    for name in given), given)

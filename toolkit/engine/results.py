@@ -85,3 +85,17 @@ def check_id(name: str) -> str:
     by ``-``, identifiers (``model_id``) kept whole."""
     words = re.sub(r"'s\b", "s", name.lower())
     return re.sub(r"[^a-z0-9_]+", "-", words).strip("-")
+
+
+@dataclass(frozen=True)
+class Final:
+    """Why a milestone can no longer be undone (milestone 4 once its archive is dropped):
+    the runner refuses up front what would need undoing it, and ``status`` says so instead
+    of advising a command that cannot succeed."""
+
+    why: str  # "its archive was dropped by run 12 at ...": follows "<milestone> cannot be rolled back: "
+    instead: str  # what to do instead (the error's "Next")
+    details: dict[str, object] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"why": self.why, "instead": self.instead, **self.details}

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.conninfo import render as render_url
 from toolkit.db import READ_ONLY_OPTION
 from toolkit.db_errors import cannot_connect, classify, session_lost
-from toolkit.engine import baselines, resume, state, writer
+from toolkit.engine import baselines, fenced, resume, state, writer
 from toolkit.engine.actions import Action, ActionRun
 from toolkit.engine.batches import (
     Budget,
@@ -37,14 +37,14 @@ from toolkit.engine.lease import Hold, HoldLost
 from toolkit.engine.ledger import refuse_lost_ledger
 from toolkit.engine.listing import count_of
 from toolkit.engine.outcomes import ApplyResult, Gate, PlanResult, VerifyResult, timed
-from toolkit.engine.plan import Final, Milestone, MilestonePlan
+from toolkit.engine.plan import Milestone, MilestonePlan
 from toolkit.engine.preflight import (
     check_gitlab_database,
     check_gitlab_schema,
     check_privileges,
     check_writable,
 )
-from toolkit.engine.results import Check
+from toolkit.engine.results import Check, Final
 from toolkit.engine.rewind import Memory, said
 from toolkit.engine.signals import stop_on_signals
 from toolkit.engine.undo_plan import UndoPlan, undo_plan
@@ -377,7 +377,7 @@ class Runner:
                         if all(c.ok for c in back):  # kept otherwise: the next attempt compares with it
                             baselines.forget(conn, milestone.name)
                         state.clear_checkpoints(conn, milestone.name)
-                        conn.commit()
+                        fenced.commit(conn)
                     self._set_state(milestone, state.ROLLED_BACK, result.run_id)
                 result.outcome = "partial" if not result.complete else (
                     "succeeded" if all(c.ok for c in checks) else "verification_failed")
@@ -395,7 +395,7 @@ class Runner:
                 hold.claim(conn)
                 run_id = state.start_run(conn, command, milestone, {})
                 hold.record_run(conn, run_id)  # its writes are counted like a run's
-                conn.commit()
+                fenced.commit(conn)
             outcome, error = "failed", None
             try:
                 yield run_id
@@ -456,7 +456,7 @@ class Runner:
         afresh (engine/resume.py)."""
         with self.engine.connect() as conn:
             found = resume.prepare(conn, milestone.name, verb, passes, resume.resumes(left_as, verb))
-            conn.commit()
+            fenced.commit(conn)
         if found is None:
             return {}
         self.events.say(found.line())
@@ -553,7 +553,7 @@ class Runner:
                     UPDATE {SCHEMA}.runs SET options = options || jsonb_build_object(
                         'went_back', CAST(:report AS jsonb)) WHERE id = :id"""),
                     {"report": json.dumps(report), "id": result.run_id})
-            conn.commit()
+            fenced.commit(conn)
         if report is not None:
             self.events.warn(said(result.milestone.name, report))
 
