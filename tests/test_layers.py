@@ -34,8 +34,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("engine",),
     ("verify",),
     ("db", "db_errors", "gitlab_config"),
-    ("schema", "conninfo", "pooling", "cancel", "catalog", "inventory", "names", "words", "timestamps",
-     "progress"),
+    ("schema", "artifact_uri", "conninfo", "pooling", "cancel", "catalog", "inventory", "names",
+     "words", "timestamps", "progress"),
     ("errors", "toolkit"),
 )
 """The floors, top first. Why this order (each floor uses only those below it):
@@ -57,8 +57,10 @@ FLOORS: tuple[tuple[str, ...], ...] = (
 * ``db``: the connection layer (URL, engine, timeouts); ``db_errors`` says what the
   server's errors mean; ``gitlab_config`` reads GitLab's database.yml into a URL. Nothing
   here knows about runs or the sandbox (the fallback to it is the CLI's decision).
-* ``schema`` (GitLab's table declarations and the toolkit's own schema), ``pooling`` (the
-  pooler's refusal, which the error layer names), and the small shared helpers; ``errors`` and the package root (its version) at the very bottom.
+* ``schema`` (GitLab's table declarations and the toolkit's own schema), ``artifact_uri``
+  (GitLab's rule, read by the milestones, the fingerprint and the MLflow API alike),
+  ``pooling`` (the pooler's refusal, which the error layer names), and the small shared
+  helpers; ``errors`` and the package root (its version) at the very bottom.
 """
 
 

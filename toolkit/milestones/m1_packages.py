@@ -28,12 +28,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
+from toolkit.artifact_uri import package_name_sql, path_sql
 from toolkit.engine.batches import KeysetPass
 from toolkit.engine.listing import count_of, listed
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Anomaly, Check, StepPlan
 from toolkit.engine.step import Step
-from toolkit.mlflow_api.artifact_uri import package_name_sql, path_sql
 from toolkit.names import M1_LEDGER as LEDGER
 from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES, PACKAGE_TYPE_ML_MODEL
 from toolkit.verify.fingerprint import FROM_EXPERIMENTS, experiment_relations, mlflow_source

@@ -25,10 +25,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.artifact_uri import artifact_path_sql, artifact_uri
 from toolkit.catalog import relation_exists
 from toolkit.engine.state import ROLLING_BACK, milestone_state
 from toolkit.mlflow_api import rails
-from toolkit.mlflow_api.artifact_uri import artifact_path_sql, artifact_uri
 from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, resource_not_found
 from toolkit.mlflow_api.ordering import (
     EXPERIMENT_LIST,

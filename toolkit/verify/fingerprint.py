@@ -53,8 +53,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.artifact_uri import artifact_path_sql
 from toolkit.catalog import column_exists, relation_exists
-from toolkit.mlflow_api.artifact_uri import artifact_path_sql
 from toolkit.names import (
     M1_LEDGER,
     M4_ARCHIVE_EXPERIMENTS,
