@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit import milestones
 from toolkit.engine.preflight import check_gitlab_schema
 from toolkit.errors import PreconditionRefused
 from toolkit.schema.gitlab import CANDIDATE_STATUSES
@@ -22,8 +23,6 @@ READS = ("ml_candidates", "ml_models", "ml_candidate_params", "ml_candidate_metr
 
 def candidate_report(conn: Connection, project_id: int, model_name: str, metric: str | None = None,
                      order: str = "desc") -> dict[str, Any]:
-    from toolkit import milestones
-
     check_gitlab_schema(conn, READS, may_be_gone=milestones.plan().may_be_gone(conn))
     has_model_id = conn.execute(sa.text(
         "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ml_candidates'::regclass "

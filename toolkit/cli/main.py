@@ -16,7 +16,7 @@ import click
 from click.exceptions import NoArgsIsHelpError
 from sqlalchemy.exc import DBAPIError
 
-from toolkit import __version__, output
+from toolkit import __version__, milestones, output
 from toolkit.cancel import stop_in_chain
 from toolkit.cli import params
 from toolkit.cli.context import AppContext, app, debug_enabled, envelope
@@ -229,8 +229,6 @@ class SubcommandHelp:
         super().format_options(ctx, formatter)  # type: ignore[misc]
         if any(getattr(p, "metavar", None) and "MILESTONE" in str(p.metavar)
                for p in self.get_params(ctx)):  # type: ignore[attr-defined]
-            from toolkit import milestones
-
             with formatter.section("Milestones (MILESTONE)"):
                 formatter.write_dl([(f"{m.name}, {m.number}", m.title)
                                     for m in milestones.MILESTONES.values()])
