@@ -13,6 +13,7 @@ question the commands ask, so ``plan``, ``sql``, ``migrate``, ``verify`` and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Connection
@@ -33,10 +34,10 @@ class Step:
     def plan(self, conn: Connection) -> StepPlan:
         raise NotImplementedError
 
-    def forward(self) -> list[Action]:
+    def forward(self) -> Sequence[Action]:
         return []
 
-    def backward(self) -> list[Action]:
+    def backward(self) -> Sequence[Action]:
         return []
 
     def verify(self, conn: Connection) -> list[Check]:
