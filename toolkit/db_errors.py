@@ -147,8 +147,8 @@ def classify(exc: DBAPIError, where: str, secrets: tuple[str, ...] = ()) -> Tool
         )
     if (why := session_lost(exc)) and not cannot_connect(exc):
         return lost_session_error(exc, why, where, secrets)
-    if (refused := _statement_refused(sqlstate, first, where)) is not None:
-        return refused
+    if (statement := _statement_refused(sqlstate, first, where)) is not None:
+        return statement
     if "password authentication failed" in first or sqlstate == "28P01":
         return DatabaseProblem(
             f"Authentication failed for {where}",

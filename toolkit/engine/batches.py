@@ -282,8 +282,8 @@ class _Walk:
 
     def keys_left(self) -> int:
         """Count what is left, commit the checkpoint, and say the pass starts."""
-        total = self.conn.execute(sa.text(self.kpass.remaining_sql()),
-                                  {"lo": self.lo, "upper": self.upper}).scalar_one()
+        total = int(self.conn.execute(sa.text(self.kpass.remaining_sql()),
+                                      {"lo": self.lo, "upper": self.upper}).scalar_one())
         fenced.commit(self.conn)
         emit(self.budget.events, "pass_start", milestone=self.milestone, pass_name=self.kpass.name,
              run_id=self.run_id, key_from=self.lo, key_upper=self.upper, keys=total)

@@ -44,10 +44,17 @@ class Api(Protocol):
     """What the application asks of the API it serves (``server.Api``, which builds this
     application, so it is described here rather than imported)."""
 
-    secrets: tuple[str, ...]
-    allow_writes: bool
-    reads: Mapping[str, Any]
-    writes: Mapping[str, Any]
+    @property
+    def secrets(self) -> tuple[str, ...]: ...
+
+    @property
+    def allow_writes(self) -> bool: ...
+
+    @property
+    def reads(self) -> Mapping[str, Any]: ...
+
+    @property
+    def writes(self) -> Mapping[str, Any]: ...
 
     def authenticate(self, method: str, headers: Any, params: dict[str, Any], project: str,
                      endpoint: str) -> User | None: ...
