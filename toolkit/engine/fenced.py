@@ -31,7 +31,7 @@ end row (``UNFENCED``, written even after the hold is lost) and read-only transa
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Protocol
 from weakref import WeakKeyDictionary
 
@@ -83,8 +83,20 @@ def _fence_of(conn: Connection) -> Fence | None:
 
 
 def _seal(conn: Connection) -> None:
+    """Seal the transaction under way; when the seal refuses, it is rolled back first."""
     if (by := _fence_of(conn)) is not None:
-        by.seal(conn)
+        try:
+            by.seal(conn)
+        except BaseException:
+            _roll_back(conn)
+            raise
+
+
+def _roll_back(conn: Connection) -> None:
+    """Roll back on the driver's connection: inside a commit hook SQLAlchemy has already
+    let go of the transaction, which the server still holds open (with its writes)."""
+    with suppress(Exception):  # a session that is gone took its transaction with it
+        conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
 
 
 def commit(conn: Connection) -> None:
@@ -135,15 +147,16 @@ def each_commit(conn: Connection) -> Iterator[Connection]:
 def guard(conn: Connection) -> None:
     """The safety net (an engine ``commit`` hook). A commit that was not sealed here and
     wrote something is still fenced (a run that lost its hold commits nothing, however the
-    write got there), and then refused, loudly: raising here stops the commit, and the
-    caller's block rolls the transaction back."""
-    if conn.info.get(_SEALED) or (by := _fence_of(conn)) is None:
+    write got there), and then refused, loudly; either way the transaction is rolled back
+    here, and raising stops the commit."""
+    if conn.info.get(_SEALED) or _fence_of(conn) is None:
         return
     if conn.info.get(_EACH_COMMIT):
-        by.seal(conn)
+        _seal(conn)
         return
     if conn.exec_driver_sql("SELECT txid_current_if_assigned() IS NOT NULL").scalar():
-        by.seal(conn)  # HoldLost first: the lease is never bypassed
+        _seal(conn)  # HoldLost first: the lease is never bypassed
+        _roll_back(conn)
         raise UnfencedCommit(
             "a transaction that wrote was committed around the fenced commit (engine/fenced.py) "
             "while a run holds the lease; it was rolled back. This is a bug in the toolkit: "
