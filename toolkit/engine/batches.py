@@ -30,6 +30,7 @@ from toolkit.engine.locks import (
     describe_holder,
     table_lock_holders,
 )
+from toolkit.engine.pausing import pause
 from toolkit.engine.sizing import BatchSizer
 from toolkit.errors import LockUnavailable
 
@@ -449,13 +450,6 @@ def _gave_up(conn: Connection, name: str, tables: tuple[str, ...], code: str | N
     )
 
 
-def pause(seconds: float, budget: Budget) -> None:
-    """Sleep in small steps so Ctrl-C during a pause stops promptly."""
-    deadline = time.monotonic() + seconds
-    while not budget.stop_requested and time.monotonic() < deadline:
-        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-
-
 def _pause_between(seconds: float, budget: Budget) -> None:
     """``--pause-ms`` between batches: a wait during which `toolkit control` requests are
     still read (a long pause ends at once on an abort, or on a new pause-ms)."""
@@ -482,5 +476,3 @@ def _maybe_inject_fault(done: int, variable: str = FAULT_KILL_AFTER_BATCHES_ENV)
 def after_action(actions_done: int) -> None:
     _maybe_inject_fault(actions_done, FAULT_KILL_AFTER_ACTIONS_ENV)
 
-
-_sleep = pause  # the name health.py imports

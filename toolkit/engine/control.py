@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from toolkit.engine import fenced
 from toolkit.engine.events import emit
 from toolkit.engine.locks import runner_lock_holders
+from toolkit.engine.pausing import pause as _sleep
 from toolkit.engine.walrate import WalRate
 from toolkit.schema.own import SCHEMA
 
@@ -294,8 +295,3 @@ def hold(control: Steering, flag_file: str | None) -> bool:
     if control.unpostponed is None:
         events.say(f"flag file {flag_file} removed: going on with the drops")
     return True
-
-
-def _sleep(seconds: float, budget: Any) -> None:
-    from toolkit.engine.batches import pause  # batches imports this module
-    pause(seconds, budget)

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine import fenced
 from toolkit.engine.actions import Action, ActionRun
-from toolkit.engine.batches import Budget, PassResult, RunOptions, pause, sqlstate
+from toolkit.engine.batches import Budget, PassResult, RunOptions, sqlstate
 from toolkit.engine.events import emit
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
@@ -36,6 +36,7 @@ from toolkit.engine.locks import (
     snapshot_holders,
     table_lock_holders,
 )
+from toolkit.engine.pausing import pause
 from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.step import Step
 from toolkit.errors import LockUnavailable

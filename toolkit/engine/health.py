@@ -40,8 +40,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
-from toolkit.engine.batches import _sleep
 from toolkit.engine.events import emit, progress_every_s
+from toolkit.engine.pausing import pause as _sleep
 from toolkit.engine.walrate import SIGNAL as WAL_RATE
 from toolkit.engine.walrate import WalRate
 from toolkit.errors import UsageProblem
