@@ -49,9 +49,8 @@ TIMEOUTS_OPTION = "toolkit_timeouts"
 # server itself refuses any write. Unlike SQLAlchemy's postgresql_readonly, which sets a
 # characteristic of the pooled driver connection, it lives on this Connection object only.
 READ_ONLY_OPTION = "toolkit_read_only"
-# A key of a pooled connection's info, set while a transaction begins that sets its own
-# timeouts as its first statement (a fenced batch, engine/fenced.py): the begin hook leaves
-# them to it.
+# A connection option, set while a transaction begins that sets its own timeouts as its
+# first statement (a fenced batch, engine/fenced.py): the begin hook leaves them to it.
 OWN_TIMEOUTS = "toolkit_own_timeouts"
 
 
@@ -202,7 +201,7 @@ def create_engine(target: Target | URL | str, *, read_timeout: int | None = None
             return  # no transaction to scope a setting to; see engine.ddl for CONCURRENTLY
         if options.get(READ_ONLY_OPTION):
             conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        if conn.info.get(OWN_TIMEOUTS):
+        if options.get(OWN_TIMEOUTS):
             return
         lock_ms, statement_ms = options.get(TIMEOUTS_OPTION, (None, None))
         set_timeouts(conn, defaults[0] if lock_ms is None else lock_ms,

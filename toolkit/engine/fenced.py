@@ -43,10 +43,19 @@ from toolkit.db import OWN_TIMEOUTS, set_timeouts
 # A connection option: this commit writes only the run's own history row, which must be
 # recorded even after the hold is lost (it says how the run ended).
 UNFENCED = "toolkit_unfenced"
-# Keys of a pooled connection's info: the transaction about to commit was sealed here;
-# every commit in the block is to be sealed (each_commit).
+# Connection options (on the Connection, never its driver connection, which an error may
+# have invalidated): the transaction about to commit was sealed here; every commit in the
+# block is to be sealed (each_commit).
 _SEALED = "toolkit_sealed"
 _EACH_COMMIT = "toolkit_seal_each_commit"
+
+
+def _flag(conn: Connection, name: str, value: bool) -> None:
+    conn.execution_options(**{name: value})
+
+
+def _flagged(conn: Connection, name: str) -> bool:
+    return bool(conn.get_execution_options().get(name))
 
 
 class Fence(Protocol):
@@ -95,7 +104,9 @@ def _seal(conn: Connection) -> None:
 def _roll_back(conn: Connection) -> None:
     """Roll back on the driver's connection: inside a commit hook SQLAlchemy has already
     let go of the transaction, which the server still holds open (with its writes)."""
-    with suppress(Exception):  # a session that is gone took its transaction with it
+    if conn.invalidated or conn.closed:
+        return  # a session that is gone took its transaction with it
+    with suppress(Exception):
         conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
 
 
@@ -103,11 +114,11 @@ def commit(conn: Connection) -> None:
     """Seal the transaction under way (the lease checked, its writes recorded), then commit.
     Without a lease on the engine (no run holds it: a read, a dry run), a plain commit."""
     _seal(conn)
-    conn.info[_SEALED] = True
+    _flag(conn, _SEALED, True)
     try:
         conn.commit()
     finally:
-        conn.info.pop(_SEALED, None)
+        _flag(conn, _SEALED, False)
 
 
 @contextmanager
@@ -115,33 +126,31 @@ def batch(conn: Connection, timeouts: tuple[int, int]) -> Iterator[Connection]:
     """One fenced batch: BEGIN and this transaction's own ``lock_timeout`` and
     ``statement_timeout`` (ms), the body (the change and its checkpoint), then the seal and
     COMMIT. An error anywhere rolls it all back."""
-    conn.info[OWN_TIMEOUTS] = True  # db.py's begin hook leaves them to this transaction
+    _flag(conn, OWN_TIMEOUTS, True)  # db.py's begin hook leaves them to this transaction
     try:
         transaction = conn.begin()
     finally:
-        conn.info.pop(OWN_TIMEOUTS, None)
+        _flag(conn, OWN_TIMEOUTS, False)
     try:
-        set_timeouts(conn, *timeouts)
-        yield conn
-        _seal(conn)
-        conn.info[_SEALED] = True
-        transaction.commit()
-    except BaseException:
-        if transaction.is_active:
-            transaction.rollback()
-        raise
+        # The transaction's own block: an error rolls it back, a connection the error
+        # invalidated included (SQLAlchemy's rule for a transaction that is no longer valid).
+        with transaction:
+            set_timeouts(conn, *timeouts)
+            yield conn
+            _seal(conn)
+            _flag(conn, _SEALED, True)
     finally:
-        conn.info.pop(_SEALED, None)
+        _flag(conn, _SEALED, False)
 
 
 @contextmanager
 def each_commit(conn: Connection) -> Iterator[Connection]:
     """For code that commits by itself (Alembic): every commit in the block is sealed."""
-    conn.info[_EACH_COMMIT] = True
+    _flag(conn, _EACH_COMMIT, True)
     try:
         yield conn
     finally:
-        conn.info.pop(_EACH_COMMIT, None)
+        _flag(conn, _EACH_COMMIT, False)
 
 
 def guard(conn: Connection) -> None:
@@ -149,9 +158,9 @@ def guard(conn: Connection) -> None:
     wrote something is still fenced (a run that lost its hold commits nothing, however the
     write got there), and then refused, loudly; either way the transaction is rolled back
     here, and raising stops the commit."""
-    if conn.info.get(_SEALED) or _fence_of(conn) is None:
+    if _flagged(conn, _SEALED) or _fence_of(conn) is None:
         return
-    if conn.info.get(_EACH_COMMIT):
+    if _flagged(conn, _EACH_COMMIT):
         _seal(conn)
         return
     if conn.exec_driver_sql("SELECT txid_current_if_assigned() IS NOT NULL").scalar():
