@@ -15,8 +15,9 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from toolkit.cli.main import cli
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.results import StepPlan
-from toolkit.engine.step import KeysetPass, Step
+from toolkit.engine.step import Step
 from toolkit.verify.digest import digests
 from toolkit.verify.fingerprint import take
 

@@ -149,7 +149,7 @@ def test_a_baseline_of_format_1_is_still_compared_its_way(realistic_db):
     format 1 (count, sum and XOR): verify computes the same digests its way, not the new."""
     from dataclasses import replace
 
-    from toolkit.verify import baselines
+    from toolkit.engine import baselines
     from toolkit.verify.differences import compare
     from toolkit.verify.fingerprint import take
 

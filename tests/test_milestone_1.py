@@ -13,6 +13,7 @@ from helpers import snapshot, toolkit, toolkit_json, toolkit_process
 
 from toolkit import milestones as registry
 from toolkit.cli.sql import positional
+from toolkit.db import create_engine
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
 from toolkit.engine.runner import Runner
 from toolkit.engine.settings import RunOptions
@@ -150,7 +151,9 @@ def test_a_colliding_insert_by_another_session_never_aborts_the_run(realistic_db
     victim = db.rows("""SELECT p.id, p.project_id, p.name, p.version FROM packages_packages p
                         JOIN ml_candidates c ON c.package_id = p.id
                         WHERE p.package_type = 7 AND p.status = 0 ORDER BY c.id DESC LIMIT 1""")[0]
-    app_session = db.engine.connect()
+    # the application is another client: its writes are no run's, so not on the run's engine
+    app_engine = create_engine(db.url)
+    app_session = app_engine.connect()
     app_session.execute(sa.text("""
         INSERT INTO packages_packages (project_id, created_at, updated_at, name, version, package_type)
         VALUES (:p, now(), now(), :n, :v, 14)"""), {"p": victim.project_id, "n": victim.name, "v": victim.version})
@@ -169,6 +172,7 @@ def test_a_colliding_insert_by_another_session_never_aborts_the_run(realistic_db
     time.sleep(1.0)  # the run reaches the victim's batch and waits on the uncommitted twin
     app_session.commit()
     app_session.close()
+    app_engine.dispose()
     thread.join(60)
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]

@@ -21,8 +21,8 @@ import pytest
 from helpers import own_schema_exists, resolve_m1_anomalies, snapshot, toolkit
 from pgbouncer import pgbouncer_fixture  # noqa: F401  (the fixture `pgbouncer`)
 
-from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.errors import ExitCode, PreconditionRefused
+from toolkit.pooling import refuse_transaction_pooling
 from toolkit.verify.fingerprint import take
 
 MILESTONES = ("milestone-1", "milestone-2", "milestone-3", "milestone-4")

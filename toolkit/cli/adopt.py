@@ -11,8 +11,9 @@ import click
 import sqlalchemy as sa
 
 from toolkit.cli.context import app
-from toolkit.engine import state
-from toolkit.engine.ledger import ADOPT, joined, ledger_lost, schema_exists
+from toolkit.engine import fenced, state
+from toolkit.engine.adopted import ADOPT
+from toolkit.engine.ledger import joined, ledger_lost, schema_exists
 from toolkit.engine.results import MilestoneState
 from toolkit.errors import PreconditionRefused
 from toolkit.output import out
@@ -61,7 +62,7 @@ def adopt(yes: bool) -> None:
         conn.execute(sa.text(f"""
             UPDATE {SCHEMA}.runs SET options = CAST(:options AS jsonb) WHERE id = :id"""),
             {"id": run_id, "options": json.dumps({"adopted": lost.in_place, "ledger": lost.what})})
-        conn.commit()
+        fenced.commit(conn)
         for name in names:
             state.set_milestone_state(conn, name, MilestoneState.APPLIED, run_id)
     out.say(f"Recorded {joined(names)} as applied (run {run_id}); they can no longer be rolled back. "

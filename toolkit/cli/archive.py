@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from toolkit import catalog
 from toolkit.cli.context import app
-from toolkit.engine import state
+from toolkit.engine import fenced, state
 from toolkit.engine.inspection import Inspector
 from toolkit.engine.results import MilestoneState
 from toolkit.errors import PreconditionRefused
@@ -109,6 +109,6 @@ def drop(yes: bool) -> None:
         with engine.connect() as conn:
             counts = _counts(conn)
             m4_archive.drop_everything(conn)
-            conn.commit()
+            fenced.commit(conn)
     out.say("Dropped the archive: " + ", ".join(f"{t} ({counted(n, 'row')})" for t, n in counts.items() if n))
     app().finish({"dropped": counts})

@@ -14,10 +14,35 @@ from sqlalchemy.engine import Engine
 from toolkit import milestones, output
 from toolkit.cli.metrics import MetricsTextfile
 from toolkit.cli.observe import EventStream, Observed, Sink, new_run_id
-from toolkit.db import Target, create_engine, resolve_target
+from toolkit.db import DATABASE_URL_ENV, Target, create_engine, parse_url, resolve_target
 from toolkit.engine.inspection import Inspector
 from toolkit.engine.runner import Runner
 from toolkit.engine.settings import RunOptions
+from toolkit.errors import PreconditionRefused
+from toolkit.gitlab_config import OMNIBUS_PATH
+from toolkit.sandbox.lock import hold
+from toolkit.sandbox.server import SandboxServer
+
+
+class NoDatabaseGiven(PreconditionRefused):
+    """No source names a database and the sandbox is not running. ``toolkit sql`` can do
+    without one (it shows the query instead), so it is told apart from other refusals."""
+
+
+def sandbox_target() -> Target:
+    """The running sandbox, when no source names a database: the command line's fallback
+    (the connection layer, db.py, knows only the sources an operator gives)."""
+    status = SandboxServer().status()
+    if not status.running:
+        omnibus = (f" (this machine has {OMNIBUS_PATH}: --gitlab-config {OMNIBUS_PATH})"
+                   if os.path.exists(OMNIBUS_PATH) else "")
+        raise NoDatabaseGiven(
+            "No database given and the sandbox is not running",
+            f"pass --database-url, pass --gitlab-config PATH to GitLab's database.yml{omnibus}, "
+            f"set {DATABASE_URL_ENV}, set libpq's PGHOST/PGDATABASE/PGUSER or PGSERVICE, "
+            "or run `toolkit sandbox start`",
+        )
+    return Target(parse_url(status.url()), "sandbox")
 
 
 @dataclass
@@ -37,7 +62,7 @@ class AppContext:
 
     def target(self) -> Target:
         if self._target is None:
-            target = resolve_target(self.database_url, self.gitlab_config)
+            target = resolve_target(self.database_url, self.gitlab_config) or sandbox_target()
             if target.source == "sandbox":  # no database given: hold the sandbox for the run
                 self.hold_sandbox(exclusive=False)
             self._target = target
@@ -90,9 +115,6 @@ class AppContext:
     def hold_sandbox(self, *, exclusive: bool, data_dir: Path | None = None) -> None:
         """Hold the sandbox until the command ends (see :mod:`toolkit.sandbox.lock`):
         exclusively for a command that replaces its database, shared for one that uses it."""
-        from toolkit.sandbox.lock import hold
-        from toolkit.sandbox.server import SandboxServer
-
         self._holds.enter_context(hold(SandboxServer(data_dir).data_dir, f"toolkit {self.command}",
                                        exclusive=exclusive))
 

@@ -9,14 +9,13 @@ import click
 from toolkit import milestones as registry
 from toolkit.cli import params
 from toolkit.cli.context import app
-from toolkit.engine import state
+from toolkit.engine import baselines, state
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import MilestoneState
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
 from toolkit.output import out
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.timestamps import shown
-from toolkit.verify import baselines
 from toolkit.verify.differences import Difference, compare
 from toolkit.verify.fingerprint import Fingerprint, take
 from toolkit.verify.natural_keys import NATURAL_KEYS

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
+from toolkit import milestones
 from toolkit.cli import params
 from toolkit.cli.context import app, envelope
 from toolkit.errors import UsageProblem
-from toolkit.fleet import inventory
+from toolkit.fleet import inventory, job, k8s, pipeline, report
 from toolkit.fleet.plan import DatabasePlan, plan_fleet
 from toolkit.output import out
 
@@ -19,8 +20,6 @@ INVENTORY = click.option("--inventory", "-i", "inventory_path", metavar="PATH",
 
 
 def report_files() -> str:
-    from toolkit.fleet import report
-
     return f"{report.JSON_FILE}, {report.JUNIT_FILE} and {report.MARKDOWN_FILE}"
 
 
@@ -104,8 +103,6 @@ def plan_command(inventory_path: str, concurrency: int) -> None:
 
 def _action(words: tuple[str, ...], command: str) -> tuple[str, str, tuple[str, ...]]:
     """``[rollback] MILESTONE [-- RUN OPTIONS...]`` as (action, milestone, run options)."""
-    from toolkit import milestones
-
     action = "rollback" if words[:1] == ("rollback",) else "migrate"
     rest = words[1:] if action == "rollback" else words
     if not rest:
@@ -146,8 +143,6 @@ def pipeline_command(inventory_path: str, words: tuple[str, ...], out_path: str 
 
     Example: toolkit fleet pipeline milestone-1 --inventory fleet.yml --out fleet-pipeline.yml
     """
-    from toolkit.fleet import pipeline
-
     action, milestone, extra = _action(words, "pipeline")
     chosen = _load(inventory_path)
     doc = pipeline.generate(chosen, action, milestone, toolkit=toolkit_command, inventory_path=inventory_path,
@@ -192,8 +187,6 @@ def job_command(inventory_path: str, words: tuple[str, ...], name: str | None, i
 
     Example: toolkit fleet job --database cell-1 milestone-1 -- --reconnect 3
     """
-    from toolkit.fleet import job
-
     action, milestone, extra = _action(words, "job")
     chosen = _load(inventory_path)
     if (name is None) == (index is None):
@@ -213,7 +206,8 @@ def job_command(inventory_path: str, words: tuple[str, ...], name: str | None, i
         database = members[index]
     else:
         database = chosen.get(name or "")
-    done = job.run(database, action, milestone, Path(out_dir), extra)
+    done = job.run(database, action, milestone, Path(out_dir), extra,
+                   toolkit=click.get_current_context().find_root().command)
     out.say(f"{database.name}: {action} {milestone}: {done['status']} (exit {done['exit_code']}) in "
             f"{done['seconds']:.1f} s; {done['state_before'] or '?'} -> {done['state_after'] or '?'}"
             + (f"; {done['error']}" if done["error"] else ""))
@@ -236,8 +230,6 @@ def report_command(directory: str, inventory_path: str | None, out_dir: str) -> 
 
     Example: toolkit fleet report fleet-artifacts --inventory fleet.yml
     """
-    from toolkit.fleet import report
-
     chosen = _load(inventory_path) if inventory_path else None
     records = report.gather(Path(directory), chosen)
     if not records:
@@ -279,8 +271,6 @@ def k8s_job_command(inventory_path: str, words: tuple[str, ...], image: str, nam
 
     Example: toolkit fleet k8s-job milestone-1 --image registry.example.com/toolkit:0.1.0 --out fleet-jobs.yml
     """
-    from toolkit.fleet import k8s
-
     action, milestone, extra = _action(words, "k8s-job")
     chosen = _load(inventory_path)
     unknown = [w for w in waves if w not in {x.name for x in chosen.waves}]

@@ -16,11 +16,12 @@ import click
 from click.exceptions import NoArgsIsHelpError
 from sqlalchemy.exc import DBAPIError
 
-from toolkit import __version__, output
+from toolkit import __version__, milestones, output
 from toolkit.cancel import stop_in_chain
 from toolkit.cli import params
 from toolkit.cli.context import AppContext, app, debug_enabled, envelope
-from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV, classify
+from toolkit.db import DATABASE_URL_ENV, DEFAULT_READ_TIMEOUT_S, READ_TIMEOUT_ENV
+from toolkit.db_errors import classify
 from toolkit.errors import (
     EXIT_CODE_MEANINGS,
     ExitCode,
@@ -229,8 +230,6 @@ class SubcommandHelp:
         super().format_options(ctx, formatter)  # type: ignore[misc]
         if any(getattr(p, "metavar", None) and "MILESTONE" in str(p.metavar)
                for p in self.get_params(ctx)):  # type: ignore[attr-defined]
-            from toolkit import milestones
-
             with formatter.section("Milestones (MILESTONE)"):
                 formatter.write_dl([(f"{m.name}, {number}", m.title)
                                     for number, m in enumerate(milestones.REGISTRY, start=1)])

@@ -19,8 +19,9 @@ from toolkit.engine.preflight import check_gitlab_database
 from toolkit.errors import PreconditionRefused, UsageProblem
 from toolkit.mlflow_api.artifacts import OMNIBUS_PACKAGES_DIR
 from toolkit.mlflow_api.auth import Authenticator, DatabaseTokens, FileTokens, TokenSource, missing_users
-from toolkit.mlflow_api.server import MIB, TRACKING_PATH, Api, Limits, MlflowServer
+from toolkit.mlflow_api.server import MIB, Api, Limits, MlflowServer
 from toolkit.mlflow_api.views import MAX_PAGE
+from toolkit.mlflow_api.wsgi import TRACKING_PATH
 from toolkit.output import out
 from toolkit.verify.mlflow_view import experiments_view, mlflow_source
 from toolkit.words import counted

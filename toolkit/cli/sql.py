@@ -13,9 +13,8 @@ import click
 from sqlalchemy.engine import Connection
 
 from toolkit import milestones as registry
-from toolkit.cli.context import app
+from toolkit.cli.context import NoDatabaseGiven, app
 from toolkit.cli.migrate import MILESTONE
-from toolkit.db import NoDatabaseGiven
 from toolkit.engine.ddl import StoredStatements
 from toolkit.engine.plan import Milestone
 from toolkit.engine.settings import RunOptions

@@ -18,7 +18,7 @@ holds:
   connection, statements read from the database are shown as they will run),
   :meth:`how_it_runs` (a comment for the reviewer), :meth:`execute`.
 
-Implementations: :class:`toolkit.engine.step.KeysetPass` and the schema changes in
+Implementations: :class:`toolkit.engine.batches.KeysetPass` and the schema changes in
 :mod:`toolkit.engine.ddl`.
 """
 

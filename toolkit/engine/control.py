@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from toolkit.engine import fenced
 from toolkit.engine.events import emit
 from toolkit.engine.locks import runner_lock_holders
+from toolkit.engine.pausing import pause as _sleep
 from toolkit.engine.settings import SETTABLE, SIZING, RunOptions
 from toolkit.engine.walrate import WalRate
 from toolkit.schema.own import SCHEMA
@@ -61,7 +63,7 @@ def request(conn: Connection, action: str, key: str | None = None, value: str | 
         RETURNING id, database, db_user, requested_at"""),
         {"action": action, "key": key, "value": value, "reason": reason, "os_user": _os_user(),
          "host": socket.gethostname(), "going": run_going}).one()
-    conn.commit()
+    fenced.commit(conn)
     return dict(row._mapping)
 
 
@@ -144,7 +146,7 @@ class Steering:
                 UPDATE {TABLE} SET applied_at = clock_timestamp(), applied_by = :run
                 WHERE id = ANY(:ids) AND applied_at IS NULL"""),
                 {"run": self.run_id, "ids": [r.id for r in rows]})
-            conn.commit()
+            fenced.commit(conn)
         for r in rows:
             self.seen = max(self.seen, r.id)
             self._act(dict(r._mapping))
@@ -262,7 +264,7 @@ def hold(control: Steering, flag_file: str | None) -> bool:
             {"reason": f"flag file {flag_file}" if flag_file else "--hold-before-drop",
              "os_user": _os_user(), "host": socket.gethostname(), "run": control.run_id,
              "note": HOLD_NOTE})
-        conn.commit()
+        fenced.commit(conn)
     until = (f"{flag_file} is removed or `toolkit control unpostpone`" if flag_file
              else "`toolkit control unpostpone`")
     events.warn(f"held before drop: archived and checked row for row, nothing dropped; holding "
@@ -282,8 +284,3 @@ def hold(control: Steering, flag_file: str | None) -> bool:
     if control.unpostponed is None:
         events.say(f"flag file {flag_file} removed: going on with the drops")
     return True
-
-
-def _sleep(seconds: float, budget: Budget) -> None:
-    from toolkit.engine.batches import pause  # batches imports this module
-    pause(seconds, budget)

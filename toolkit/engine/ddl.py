@@ -25,8 +25,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
+from toolkit.engine import fenced
 from toolkit.engine.actions import Action, ActionRun
-from toolkit.engine.batches import pause, sqlstate
+from toolkit.engine.batches import sqlstate
 from toolkit.engine.budget import Budget
 from toolkit.engine.events import emit
 from toolkit.engine.locks import (
@@ -36,6 +37,7 @@ from toolkit.engine.locks import (
     snapshot_holders,
     table_lock_holders,
 )
+from toolkit.engine.pausing import pause
 from toolkit.engine.results import Check, PassResult, StepPlan
 from toolkit.engine.settings import RunOptions
 from toolkit.engine.step import Step
@@ -138,9 +140,9 @@ def _run_statements(conn: Connection, statements: list[str], transactional: bool
     if transactional:
         for statement in statements:
             conn.execute(sa.text(statement))
-        conn.commit()
+        fenced.commit(conn)
         return
-    conn.commit()
+    fenced.commit(conn)
     autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
     for statement in statements:
         autocommit.exec_driver_sql(statement)
@@ -228,7 +230,7 @@ class PythonBody(SchemaChange):
 
     def apply(self, conn: Connection) -> None:
         self.body(conn)
-        conn.commit()
+        fenced.commit(conn)
 
 
 def is_applied(conn: Connection, revision: str) -> bool:
@@ -246,7 +248,7 @@ def run_ddl(engine: Engine, action: SchemaChange, options: RunOptions,
     (Ctrl-C, SIGTERM) came first: the change is not in place, and nothing of it is kept.
 
     ``check_hold`` (the run's lease) is called right before the change: its transactional
-    statements are fenced at commit anyway, but CREATE INDEX CONCURRENTLY commits by itself
+    statements commit fenced (engine/fenced.py), but CREATE INDEX CONCURRENTLY commits by itself
     (and the next run terminates it if this process dies while it waits: lease.py).
     A stop while the change waits on the server cancels it there (engine/signals.py).
     """
@@ -268,10 +270,11 @@ def run_ddl(engine: Engine, action: SchemaChange, options: RunOptions,
             try:
                 if check_hold is not None:
                     check_hold(conn)
-                    conn.commit()
+                    fenced.commit(conn)
                 with session_timeouts(conn, *timeouts):
-                    action.apply(conn)
-                    conn.commit()
+                    with fenced.each_commit(conn):  # Alembic commits by itself (CONCURRENTLY)
+                        action.apply(conn)
+                    fenced.commit(conn)
                 attempted(attempt, began, "applied")
                 return True
             except DBAPIError as exc:
@@ -322,7 +325,7 @@ def session_timeouts(conn: Connection, lock_ms: int, statement_ms: int) -> Itera
     conn.execute(sa.text("SELECT set_config('lock_timeout', :l, false), "
                          "set_config('statement_timeout', :s, false)"),
                  {"l": f"{lock_ms}ms", "s": f"{statement_ms}ms"})
-    conn.commit()
+    fenced.commit(conn)
     try:
         yield
     finally:

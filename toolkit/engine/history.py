@@ -12,10 +12,11 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.cancel import StatementCancelled, stop_in_chain
 from toolkit.conninfo import render as render_url
-from toolkit.db import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
-from toolkit.engine import state, unrecorded, writer
+from toolkit.db_errors import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
+from toolkit.engine import fenced, state, unrecorded, writer
 from toolkit.engine.events import Events, emit
-from toolkit.engine.lease import UNFENCED, Hold
+from toolkit.engine.fenced import UNFENCED
+from toolkit.engine.lease import Hold
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import ApplyResult, MilestoneState, Outcome
 from toolkit.engine.settings import RunOptions
@@ -98,7 +99,7 @@ class RunHistory:
             kept = unrecorded.take(self.engine.url)
             try:
                 state.close_abandoned_runs(conn, run_id, kept)
-                conn.commit()
+                fenced.commit(conn)
             except BaseException:
                 for end in kept:
                     unrecorded.keep(self.engine.url, end["run_id"], end["outcome"], end["rows"], end["error"])

@@ -16,17 +16,25 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from toolkit.db import READ_ONLY_OPTION
-from toolkit.engine import state
+from toolkit.engine import baselines, state
 from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.ledger import refuse_lost_ledger
 from toolkit.engine.listing import count_of
-from toolkit.engine.plan import Final, Milestone, MilestonePlan
+from toolkit.engine.plan import Milestone, MilestonePlan
 from toolkit.engine.preflight import check_gitlab_database, check_gitlab_schema
-from toolkit.engine.results import STARTED, Check, Gate, MilestoneState, PlanResult, UndoPlan, VerifyResult
+from toolkit.engine.results import (
+    STARTED,
+    Check,
+    Final,
+    Gate,
+    MilestoneState,
+    PlanResult,
+    UndoPlan,
+    VerifyResult,
+)
 from toolkit.engine.undo_plan import undo_plan
 from toolkit.errors import PreconditionRefused
 from toolkit.schema.migrations import own_schema_exists
-from toolkit.verify import baselines
 from toolkit.verify.digest import Memo
 
 

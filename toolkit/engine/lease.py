@@ -5,9 +5,10 @@ session that a DBA may terminate, ``idle_session_timeout`` may reap, or a restar
 and nothing tells the run. A second run could then take the lock while the first goes
 on writing. So a run that holds the advisory lock also *claims the lease*: it bumps the
 fencing token in ``toolkit.runner_lease`` and records which backend holds the lock. From
-then on every commit on the run's engine first reads that row ``FOR SHARE`` and refuses
-(:class:`HoldLost`, rolling the transaction back) unless the token is still the run's own
-and that backend still holds the advisory lock.
+then on every writing transaction of the run commits through the fenced commit
+(engine/fenced.py), which first reads that row ``FOR SHARE`` (:meth:`Hold.seal`) and
+refuses (:class:`HoldLost`, rolling the transaction back) unless the token is still the
+run's own and that backend still holds the advisory lock.
 
 Why that is airtight: the check holds a share lock on the lease row until the commit
 completes, and a new run must *update* that row to claim the lease, so it cannot claim
@@ -38,15 +39,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import APPLICATION_NAME, SESSION_NAME_KEY
-from toolkit.engine import writes
+from toolkit.engine import fenced, writes
 from toolkit.engine.events import LOGGED, Events
 from toolkit.engine.locks import RunnerLock
 from toolkit.errors import RunnerBusy, SessionLost
 from toolkit.schema.own import SCHEMA
-
-# A connection option: this commit writes only the run's own history row, which must be
-# recorded even after the hold is lost (it says how the run ended).
-UNFENCED = "toolkit_unfenced"
 
 # The lock's session holds the lock for as long as it lives (a run never unlocks it early),
 # so "held" is "that backend, started then, is still there": one targeted look-up of one
@@ -141,7 +138,7 @@ class Hold:
 
     def __exit__(self, *exc: object) -> None:
         if self.token is not None:
-            event.remove(self.engine, "commit", self._fence)
+            fenced.unfence(self.engine)
             self.token = None
         name_sessions(self.engine, None)
         if self._lock is not None:
@@ -157,8 +154,8 @@ class Hold:
                    run_id = :run, acquired_at = clock_timestamp()
             WHERE id = 1 RETURNING token
         """), {"pid": self.lock_pid, "who": describe_self(self.label), "run": run_id}).scalar_one()
-        conn.commit()  # not yet fenced: the listener comes next
-        event.listen(self.engine, "commit", self._fence)
+        conn.commit()  # not yet fenced: the fence comes next
+        fenced.fence(self.engine, self)
         self._name_sessions(run_id)
         self.end_orphans(conn)
         return self.token
@@ -239,12 +236,9 @@ class Hold:
                 "everything committed before is kept; run the same command again to resume, or "
                 "add --reconnect N to let it resume by itself")
 
-    def _fence(self, conn: Connection) -> None:
-        options: dict[str, Any] = conn.get_execution_options()
-        if options.get(UNFENCED) or options.get("postgresql_readonly"):
-            return
-        # Raising here stops the commit: SQLAlchemy leaves the transaction to be rolled
-        # back, which the caller's ``with`` block (or returning the connection) does.
+    def seal(self, conn: Connection) -> None:
+        """What every writing transaction of the run does just before its commit
+        (engine/fenced.py): check the lease, then record the rows it wrote."""
         self.check(conn)
         if self.run_id is not None:
             writes.record(conn, self.run_id)

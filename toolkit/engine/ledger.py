@@ -21,13 +21,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.catalog import column_exists, relation_exists
-from toolkit.engine.plan import Final, MilestonePlan
+from toolkit.engine.adopted import ADOPT
+from toolkit.engine.plan import MilestonePlan
 from toolkit.engine.results import STARTED, MilestoneState
 from toolkit.errors import PreconditionRefused
 from toolkit.schema.migrations import applied_revisions, own_schema_exists
 from toolkit.schema.own import SCHEMA, VERSION_TABLE
-
-ADOPT = "toolkit adopt"
 
 
 def traces(conn: Connection, plan: MilestonePlan) -> dict[str, list[str]]:
@@ -117,32 +116,6 @@ def schema_exists(conn: Connection) -> bool:
 def refuse_lost_ledger(conn: Connection, plan: MilestonePlan) -> None:
     if (lost := ledger_lost(conn, plan)) is not None:
         raise lost.refusal()
-
-
-def adopted_by(conn: Connection, milestone: str) -> dict[str, Any] | None:
-    """The ``toolkit adopt`` run that declared ``milestone`` in place, if one did."""
-    if not relation_exists(conn, f"{SCHEMA}.runs"):
-        return None
-    row = conn.execute(sa.text(f"""
-        SELECT id, started_at FROM {SCHEMA}.runs
-        WHERE command = :adopt AND outcome = 'succeeded' AND options -> 'adopted' ? :m
-        ORDER BY id DESC LIMIT 1"""), {"adopt": ADOPT, "m": milestone}).one_or_none()
-    return dict(row._mapping) if row else None
-
-
-def adopted_final(conn: Connection, milestone: str) -> Final | None:
-    """A milestone declared in place by ``toolkit adopt`` is final: its ledger was lost, so
-    what it changed is not known and no rollback can undo it."""
-    adopted = adopted_by(conn, milestone)
-    if adopted is None:
-        return None
-    return Final(
-        f"its ledger was lost and run {adopted['id']} (`{ADOPT}`, "
-        f"{adopted['started_at']:%Y-%m-%d %H:%M:%S %Z}) declared it in place: what it changed "
-        "is no longer recorded",
-        "only the toolkit schema restored from a backup taken before it was lost brings its "
-        "rollback back",
-        details={"adopted_by_run": adopted["id"]})
 
 
 def joined(names: list[str]) -> str:

@@ -16,24 +16,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.engine import state
-from toolkit.engine.results import STARTED, Check, StepPlan
+from toolkit.engine.adopted import adopted_final
+from toolkit.engine.results import STARTED, Check, Final, StepPlan
 from toolkit.engine.step import Step
 from toolkit.errors import UsageProblem
 from toolkit.verify.named import Fix, Named
-
-
-@dataclass(frozen=True)
-class Final:
-    """Why a milestone can no longer be undone (milestone 4 once its archive is dropped):
-    the runner refuses up front what would need undoing it, and ``status`` says so instead
-    of advising a command that cannot succeed."""
-
-    why: str  # "its archive was dropped by run 12 at ...": follows "<milestone> cannot be rolled back: "
-    instead: str  # what to do instead (the error's "Next")
-    details: dict[str, object] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, object]:
-        return {"why": self.why, "instead": self.instead, **self.details}
 
 
 @dataclass(frozen=True)
@@ -83,8 +70,6 @@ class Milestone:
     supersedes: Supersedes | None = None
 
     def final_now(self, conn: Connection) -> Final | None:
-        from toolkit.engine.ledger import adopted_final  # the ledger module reads plans
-
         if (adopted := adopted_final(conn, self.name)) is not None:
             return adopted
         return self.final(conn) if self.final is not None else None

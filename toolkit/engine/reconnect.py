@@ -11,7 +11,7 @@ from typing import TypeVar
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-from toolkit.db import cannot_connect, session_lost
+from toolkit.db_errors import cannot_connect, session_lost
 from toolkit.engine.events import Events
 from toolkit.engine.lease import HoldLost
 from toolkit.engine.rewind import Memory

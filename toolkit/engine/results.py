@@ -319,3 +319,17 @@ class PassResult:
     # A pass an earlier run of the same attempt finished, not walked again: the rows that
     # attempt changed in it (this run's ``rows`` stay 0). None: walked (or begun) by this run.
     finished_before: int | None = None
+
+
+@dataclass(frozen=True)
+class Final:
+    """Why a milestone can no longer be undone (milestone 4 once its archive is dropped):
+    the runner refuses up front what would need undoing it, and ``status`` says so instead
+    of advising a command that cannot succeed."""
+
+    why: str  # "its archive was dropped by run 12 at ...": follows "<milestone> cannot be rolled back: "
+    instead: str  # what to do instead (the error's "Next")
+    details: dict[str, object] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"why": self.why, "instead": self.instead, **self.details}

@@ -18,8 +18,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.conninfo import render as render_url
-from toolkit.db import classify
-from toolkit.engine import resume, state, writer
+from toolkit.db_errors import classify
+from toolkit.engine import baselines, fenced, resume, state, writer
 from toolkit.engine.actions import Action
 from toolkit.engine.batches import read_with_retries
 from toolkit.engine.events import LOGGED, Events, emit
@@ -29,7 +29,6 @@ from toolkit.engine.inspection import Inspector
 from toolkit.engine.lease import Hold
 from toolkit.engine.passes import OnPass, PassRunner
 from toolkit.engine.plan import Milestone, MilestonePlan
-from toolkit.engine.pooling import refuse_transaction_pooling
 from toolkit.engine.preflight import check_privileges, check_writable
 from toolkit.engine.reconnect import reconnecting
 from toolkit.engine.results import ApplyResult, Check, MilestoneState, Outcome, VerifyResult, timed
@@ -42,10 +41,10 @@ from toolkit.errors import (
     SessionLost,
     ToolkitError,
 )
+from toolkit.pooling import refuse_transaction_pooling
 from toolkit.schema.gitlab import ML_TABLE_NAMES
 from toolkit.schema.migrations import ensure_own_tables
 from toolkit.schema.own import SCHEMA
-from toolkit.verify import baselines
 from toolkit.verify.fingerprint import Scope, take
 
 GoAhead = Callable[[], None]
@@ -205,7 +204,7 @@ class Runner:
             if all(c.ok for c in back):  # kept otherwise: the next attempt compares with it
                 baselines.forget(conn, milestone.name)
             state.clear_checkpoints(conn, milestone.name)
-            conn.commit()
+            fenced.commit(conn)
         self._set_state(milestone, MilestoneState.ROLLED_BACK, result.run_id)
         return checks
 
@@ -222,7 +221,7 @@ class Runner:
                 hold.claim(conn)
                 run_id = state.start_run(conn, command, milestone, {})
                 hold.record_run(conn, run_id)  # its writes are counted like a run's
-                conn.commit()
+                fenced.commit(conn)
             outcome, error = Outcome.FAILED, None
             try:
                 yield run_id
@@ -244,7 +243,7 @@ class Runner:
         afresh (engine/resume.py)."""
         with self.engine.connect() as conn:
             found = resume.prepare(conn, milestone.name, verb, passes, resume.resumes(left_as, verb))
-            conn.commit()
+            fenced.commit(conn)
         if found is None:
             return {}
         self.events.say(found.line())
@@ -265,7 +264,7 @@ class Runner:
                     UPDATE {SCHEMA}.runs SET options = options || jsonb_build_object(
                         'went_back', CAST(:report AS jsonb)) WHERE id = :id"""),
                     {"report": json.dumps(report), "id": result.run_id})
-            conn.commit()
+            fenced.commit(conn)
         if report is not None:
             self.events.warn(said(result.milestone.name, report))
 

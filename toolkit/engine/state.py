@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import __version__
+from toolkit.engine import fenced
 from toolkit.engine.results import MilestoneState, Outcome
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.schema.own import SCHEMA
@@ -49,7 +50,7 @@ def start_run(conn: Connection, command: str, milestone: str | None, options: di
         RETURNING id
     """), {"command": command, "milestone": milestone, "options": json.dumps(options, default=str),
            "os_user": os_user, "host": socket.gethostname(), "version": __version__}).scalar_one()
-    conn.commit()
+    fenced.commit(conn)
     return int(run_id)
 
 
@@ -65,7 +66,7 @@ def finish_run(conn: Connection, run_id: int, outcome: Outcome, rows_by_step: di
         WHERE id = :id
     """), {"id": run_id, "outcome": outcome, "rows": json.dumps(rows_by_step), "error": error,
            "extra": json.dumps(extra or {})})
-    conn.commit()
+    fenced.commit(conn)
 
 
 def close_abandoned_runs(conn: Connection, current: int,
@@ -224,5 +225,5 @@ def set_milestone_state(conn: Connection, milestone: str, state: MilestoneState,
         ON CONFLICT (milestone) DO UPDATE SET state = :s, last_run_id = COALESCE(:run,
             {SCHEMA}.milestones.last_run_id), updated_at = clock_timestamp(){extra}
     """), {"m": milestone, "s": state, "run": run_id})
-    conn.commit()
+    fenced.commit(conn)
 

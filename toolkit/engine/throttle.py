@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
-from toolkit.engine.batches import _sleep
 from toolkit.engine.events import emit, progress_every_s
 from toolkit.engine.health import (
     POLL_S,
@@ -26,6 +25,7 @@ from toolkit.engine.health import (
     short_read,
     unreadable,
 )
+from toolkit.engine.pausing import pause as _sleep
 from toolkit.engine.settings import Limits
 from toolkit.engine.walrate import WalRate
 

@@ -18,9 +18,9 @@ from sqlalchemy.engine import Connection
 
 from toolkit import catalog
 from toolkit.engine.actions import Action
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import CHECK, ROWS, SCHEMA, MilestoneState, UndoPass, UndoPlan
-from toolkit.engine.step import KeysetPass
 
 
 def count_pass(conn: Connection, kpass: KeysetPass) -> UndoPass:

@@ -6,7 +6,7 @@ inserted, updated and deleted in each table, rows written by triggers it fired i
 They are added up per run in ``toolkit.run_writes``, in the same transaction as the
 writes, so they commit together or not at all. A table that no run of a milestone wrote
 is untouched by that milestone, however large it is: verify need not read it again
-(verify/baselines.py).
+(engine/baselines.py).
 
 The counters a backend reads are those it has not yet sent to the statistics system: this
 transaction's, plus any of its earlier ones not flushed yet (PostgreSQL flushes at most

@@ -60,8 +60,9 @@ def command(database: Database, action: str, milestone: str, extra: tuple[str, .
 
 
 def run(database: Database, action: str, milestone: str, out_dir: Path,
-        extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run the milestone on ``database``; the record it leaves (``exit_code`` is the job's)."""
+        extra: tuple[str, ...] = (), *, toolkit: click.Command) -> dict[str, Any]:
+    """Run the milestone on ``database`` with ``toolkit`` (the command line's root command,
+    handed down by the CLI that runs this); the record it leaves (``exit_code`` is the job's)."""
     where = out_dir / database.name
     where.mkdir(parents=True, exist_ok=True)
     started_at = datetime.now(UTC)
@@ -72,7 +73,7 @@ def run(database: Database, action: str, milestone: str, out_dir: Path,
     except ToolkitError as exc:
         code, document, log = int(exc.exit_code), None, exc.one_line()
     else:
-        code, document, log = _toolkit(words, env, where)
+        code, document, log = _toolkit(toolkit, words, env, where)
     seconds = time.monotonic() - started
     after = milestone_state(database, milestone)
     done = {
@@ -90,14 +91,13 @@ def run(database: Database, action: str, milestone: str, out_dir: Path,
     return done
 
 
-def _toolkit(words: list[str], env: dict[str, str], where: Path) -> tuple[int, dict | None, str]:
+def _toolkit(cli: click.Command, words: list[str], env: dict[str, str],
+             where: Path) -> tuple[int, dict | None, str]:
     """``toolkit WORDS`` in this process, its stdout (the --json document) and stderr in
     ``where``: no second interpreter to start per database (seconds on a busy runner).
     The environment is the database's for the run's duration, so the toolkit resolves it
     as it would in a process of its own; a SIGTERM or Ctrl-C stops the run at its batch
     boundary (exit 130), as it does any toolkit command."""
-    from toolkit.cli.main import cli
-
     saved_env = dict(os.environ)
     saved_output = (out.json_mode, out.quiet, out.secrets, out.warnings)
     report_path, log_path = where / record.REPORT_FILE, where / record.LOG_FILE

@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 from toolkit import milestones
-from toolkit.db import classify, create_engine
+from toolkit.db import create_engine
+from toolkit.db_errors import classify
 from toolkit.engine import state
 from toolkit.engine.inspection import Inspector
 from toolkit.engine.results import MilestoneState

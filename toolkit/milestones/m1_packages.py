@@ -28,11 +28,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
+from toolkit.artifact_uri import package_name_sql, path_sql
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.listing import count_of, listed
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Anomaly, Check, StepPlan
-from toolkit.engine.step import KeysetPass, Step
-from toolkit.mlflow_api.artifact_uri import package_name_sql, path_sql
+from toolkit.engine.step import Step
 from toolkit.names import M1_LEDGER as LEDGER
 from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES, PACKAGE_TYPE_ML_MODEL
 from toolkit.verify.mlflow_view import FROM_EXPERIMENTS, experiment_relations, mlflow_source
@@ -126,7 +127,7 @@ URI_CHANGES = "runs whose MLflow artifact_uri changes (GitLab's rule; declared)"
 def artifact_uri_changes_sql(conn: Connection) -> str:
     """Runs whose ``artifact_uri`` GitLab answers differently once the eligible packages are
     ``ml_model``: the URI by GitLab's rule now against the same rule with the conversion
-    applied (:mod:`toolkit.mlflow_api.artifact_uri`). Each one milestone 1 converts goes from
+    applied (:mod:`toolkit.artifact_uri`). Each one milestone 1 converts goes from
     ``…/packages/generic/…`` to ``…/packages/ml_models/…/files/``."""
     experiments, _ = experiment_relations(mlflow_source(conn) or FROM_EXPERIMENTS)
     name = package_name_sql(conn, experiments, canonical=False)

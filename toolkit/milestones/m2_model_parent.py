@@ -15,12 +15,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.catalog_checks import constraint_validated, index_valid, remedy
 from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.listing import count_of, listed
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Check, StepPlan
-from toolkit.engine.step import KeysetPass
 from toolkit.milestones.base import Supersedable, TransitionTriggerStep
 from toolkit.names import M2_COLUMN, M3_CREATED_MODELS
 from toolkit.names import M2_FOREIGN_KEY as FK

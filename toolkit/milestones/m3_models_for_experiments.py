@@ -37,12 +37,13 @@ from sqlalchemy.engine import Connection
 
 from toolkit import catalog
 from toolkit.engine import state
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.catalog_checks import constraint_validated, remedy
 from toolkit.engine.ddl import SchemaStep
 from toolkit.engine.listing import Listing, count_of, listed
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Anomaly, Check, MilestoneState, StepPlan
-from toolkit.engine.step import KeysetPass, Step
+from toolkit.engine.step import Step
 from toolkit.milestones import slug
 from toolkit.milestones.base import Supersedable, TransitionTriggerStep
 from toolkit.milestones.m2_model_parent import BACKFILL_BATCH, MISMATCH
@@ -91,7 +92,7 @@ SELECT count(*) FROM changed"""
 def registry_additions_check(conn: Connection) -> Check:
     """What milestone 3 added to the registry is exactly its ledgers: every created model is
     there, its tags are the metadata it copied (no other), and every copied tag is there. The
-    fingerprint's registry parts prove the rest of the registry unchanged (verify/baselines.py)."""
+    fingerprint's registry parts prove the rest of the registry unchanged (engine/baselines.py)."""
     odd = listed(conn, f"""
         SELECT l.model_id, NULL::text AS tag, 'created model missing' AS problem FROM {CREATED} l
         WHERE NOT EXISTS (SELECT 1 FROM ml_models m WHERE m.id = l.model_id)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -64,12 +63,6 @@ from toolkit.mlflow_api.views import MAX_PAGE, ApiError, View
 from toolkit.mlflow_api.writing import WriteFunction, Writer
 from toolkit.mlflow_api.wsgi import USER_KEY, MlflowApp, StreamCut
 from toolkit.output import out
-
-TRACKING_PATH = "/api/v4/projects/{project}/ml/mlflow"
-ROUTE = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/ml/mlflow/api/2\.0/(?:preview/)?mlflow/"
-                   r"(?P<endpoint>[a-z0-9/_-]+)$")
-# POSTs that only read (GitLab routes them without its write checks)
-READ_ONLY_POSTS = frozenset({"experiments/search", "runs/search", "registered-models/get-latest-versions"})
 
 
 def _contributed_writes() -> dict[str, WriteFunction]:

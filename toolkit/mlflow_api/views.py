@@ -25,12 +25,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from toolkit.artifact_uri import artifact_path_sql, artifact_uri
 from toolkit.catalog import relation_exists
 from toolkit.engine.results import MilestoneState
 from toolkit.engine.state import milestone_state
 from toolkit.milestones.m4 import NAME as M4
 from toolkit.mlflow_api import rails
-from toolkit.mlflow_api.artifact_uri import artifact_path_sql, artifact_uri
 from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, resource_not_found
 from toolkit.mlflow_api.ordering import (
     EXPERIMENT_LIST,

@@ -21,18 +21,56 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 from toolkit.errors import redact
 from toolkit.mlflow_api import inputs
+from toolkit.mlflow_api.artifacts import ARTIFACTS_ROUTE, Download
+from toolkit.mlflow_api.auth import User
 from toolkit.mlflow_api.views import ApiError
 from toolkit.output import out
 
-if TYPE_CHECKING:
-    from toolkit.mlflow_api.server import Api
+TRACKING_PATH = "/api/v4/projects/{project}/ml/mlflow"
+ROUTE = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/ml/mlflow/api/2\.0/(?:preview/)?mlflow/"
+                   r"(?P<endpoint>[a-z0-9/_-]+)$")
+# POSTs that only read (GitLab routes them without its write checks)
+READ_ONLY_POSTS = frozenset({"experiments/search", "runs/search", "registered-models/get-latest-versions"})
+
+
+class Api(Protocol):
+    """What the application asks of the API it serves (``server.Api``, which builds this
+    application, so it is described here rather than imported)."""
+
+    @property
+    def secrets(self) -> tuple[str, ...]: ...
+
+    @property
+    def allow_writes(self) -> bool: ...
+
+    @property
+    def reads(self) -> Mapping[str, Any]: ...
+
+    @property
+    def writes(self) -> Mapping[str, Any]: ...
+
+    def authenticate(self, method: str, headers: Any, params: dict[str, Any], project: str,
+                     endpoint: str) -> User | None: ...
+
+    def write(self, endpoint: str, project: str, base_url: str, params: dict[str, Any],
+              user_id: int | None) -> dict[str, Any]: ...
+
+    def answer(self, endpoint: str, project: str, base_url: str,
+               params: dict[str, Any]) -> dict[str, Any]: ...
+
+    def artifact_list(self, project: str, base_url: str, params: dict[str, Any]) -> dict[str, Any]: ...
+
+    def artifact_file(self, project: str, base_url: str, version: str, file_path: str) -> Download: ...
+
+    def list_pages(self, project: str, base_url: str) -> Iterator[list[dict[str, Any]]]: ...
+
 
 USER_KEY = "toolkit.user"
 USER_ID_KEY = "toolkit.user_id"
@@ -60,10 +98,6 @@ class MlflowApp:
     """One instance serves every request; it keeps no state between them."""
 
     def __init__(self, api: Api, external_url: str, *, access_log: bool = True):
-        # server.py imports this module
-        from toolkit.mlflow_api.artifacts import ARTIFACTS_ROUTE
-        from toolkit.mlflow_api.server import READ_ONLY_POSTS, ROUTE, TRACKING_PATH
-
         self.route, self.artifacts_route, self.tracking_path = ROUTE, ARTIFACTS_ROUTE, TRACKING_PATH
         self.read_only_posts = READ_ONLY_POSTS
         self.api = api

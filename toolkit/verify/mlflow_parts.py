@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Connection
 
+from toolkit.artifact_uri import artifact_path_sql
 from toolkit.catalog import relation_exists
-from toolkit.mlflow_api.artifact_uri import artifact_path_sql
 from toolkit.names import M3_COPIED_METADATA as COPIED_METADATA
 from toolkit.names import M3_CREATED_MODELS as CREATED_MODELS
 from toolkit.verify.mlflow_view import FROM_MODELS_AND_IDS, experiment_relations, experiments_view, run_parent

@@ -18,10 +18,11 @@ from sqlalchemy.engine import Connection
 from toolkit import catalog
 from toolkit.catalog import literal
 from toolkit.engine.actions import Action
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.catalog_checks import remedy
 from toolkit.engine.ddl import Statements, StoredStatements
 from toolkit.engine.results import Check, StepPlan
-from toolkit.engine.step import KeysetPass, Step
+from toolkit.engine.step import Step
 from toolkit.milestones.m4 import NAME, archive, capture
 from toolkit.milestones.m4.steps import EXPERIMENTS_GONE, schema_plan
 from toolkit.names import (

@@ -12,10 +12,11 @@ from sqlalchemy.engine import Connection
 
 from toolkit import catalog
 from toolkit.engine.actions import Action
+from toolkit.engine.batches import KeysetPass
 from toolkit.engine.catalog_checks import index_valid, remedy
 from toolkit.engine.ddl import PythonBody, Statements
 from toolkit.engine.results import Check, StepPlan
-from toolkit.engine.step import KeysetPass, Step
+from toolkit.engine.step import Step
 from toolkit.milestones.m4 import NAME, archive, capture
 from toolkit.names import (
     M4_ARCHIVE_EXPERIMENTS,

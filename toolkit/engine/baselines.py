@@ -2,6 +2,9 @@
 
 It is taken once, when a milestone first starts (a resumed run keeps the original), and
 forgotten when the milestone is rolled back, so the next attempt starts from a fresh one.
+Keeping it is the engine's business (its run writes the row and counts it as the run's
+write); taking and comparing fingerprints is ``toolkit.verify``'s, which knows nothing of
+runs and sits below the engine.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass, replace
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from toolkit.engine import writes
+from toolkit.engine import fenced, writes
 from toolkit.engine.results import Check
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
@@ -45,13 +48,13 @@ def save(conn: Connection, milestone: str, fingerprint: Fingerprint, run_id: int
         ON CONFLICT (milestone) DO UPDATE SET body = EXCLUDED.body, run_id = EXCLUDED.run_id,
                                               taken_at = now()
     """), {"m": milestone, "r": run_id, "b": fingerprint.dumps()})
-    conn.commit()
+    fenced.commit(conn)
 
 
 def forget(conn: Connection, milestone: str) -> None:
     if _table_exists(conn):
         conn.execute(sa.text(f"DELETE FROM {TABLE} WHERE milestone = :m"), {"m": milestone})
-        conn.commit()
+        fenced.commit(conn)
 
 
 def _summary(differences: list[Difference]) -> str:

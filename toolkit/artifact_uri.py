@@ -1,5 +1,6 @@
 """A run's ``artifact_uri`` by GitLab's rule, written once: as SQL for the fingerprint and
-``plan``, composed with the server's external URL for the answers.
+``plan``, composed with the server's external URL for the answers. Below the milestones,
+the fingerprint and the MLflow API alike, since all three read it.
 
 GitLab's rule (``lib/api/entities/ml/mlflow/run_info.rb`` @de09f039, ``RunInfo#artifact_uri``;
 ``app/models/ml/candidate.rb`` @15cc871f, ``app/models/ml/experiment.rb`` @0b12b085):
