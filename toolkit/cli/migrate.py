@@ -212,7 +212,8 @@ def verify(milestone: str | None, require: str | None) -> None:
         order = list(registry.MILESTONES)
         results.sort(key=lambda r: order.index(r.milestone.name))
         for result in results:
-            result.checks.insert(0, _required(result.milestone, states[result.milestone.name], require))
+            name = result.milestone.name
+            result.checks.insert(0, _required(registry.get(name), states[name], require))
     by_name = {r.milestone.name: r for r in results}
     for name in registry.MILESTONES if not milestone else [chosen[0].name]:
         if name in skipped:

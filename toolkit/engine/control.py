@@ -21,21 +21,37 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from toolkit.engine import fenced
-from toolkit.engine.events import emit
+from toolkit.engine.events import Events, emit
 from toolkit.engine.locks import runner_lock_holders
 from toolkit.engine.pausing import pause as _sleep
 from toolkit.engine.settings import SETTABLE, SIZING, RunOptions
 from toolkit.engine.walrate import WalRate
 from toolkit.schema.own import SCHEMA
 
-if TYPE_CHECKING:
-    from toolkit.engine.budget import Budget
+
+class _Metered(Protocol):
+    wal: WalRate | None  # the throttle's WAL-rate meter (None: no --max-wal-rate)
+
+
+class SteeredBudget(Protocol):
+    """What steering reads of the run's budget (engine/budget.py, which imports this module
+    to type its own ``control``): whether a stop is asked, where to say things, and the
+    throttle whose limits ``set`` changes."""
+
+    @property
+    def stop_requested(self) -> bool: ...
+
+    @property
+    def events(self) -> Events: ...
+
+    @property
+    def throttle(self) -> _Metered | None: ...
 
 TABLE = f"{SCHEMA}.run_controls"
 ACTIONS = ("pause", "resume", "abort", "set", "unpostpone")
@@ -116,7 +132,7 @@ class Steering:
     engine: Engine
     run_id: int
     options: RunOptions
-    budget: Budget
+    budget: SteeredBudget
     seen: int = 0
     paused: dict[str, Any] | None = None
     aborted: dict[str, Any] | None = None

@@ -41,13 +41,12 @@ class PassRunner:
     events: Events
     on_commit: Callable[..., None] | None = None
 
-    def run(self, hold: Hold, result: ApplyResult, passes: list[Action],
+    def run(self, hold: Hold, milestone: Milestone, result: ApplyResult, passes: list[Action],
             before: Callable[[Milestone, int], None] | None = None,
             finished: dict[str, state.Checkpoint] | None = None,
             on_pass: OnPass | None = None) -> None:
         """``before`` (the baseline fingerprint) runs first, timed as its own phase; then the
         passes, in order, until one does not complete."""
-        milestone = result.milestone
         budget = Budget(self.options, events=self.events, on_commit=self.on_commit)
         budget.throttle = self._throttle(budget)
         budget.control = Steering(self.engine, result.run_id, self.options, budget)
@@ -59,7 +58,8 @@ class PassRunner:
                 with timed(result, "fingerprint"):
                     before(milestone, result.run_id)
             try:
-                self._run_actions(hold, result, passes, budget, finished or {}, on_pass)
+                self._run_actions(hold, milestone.hold_point, result, passes, budget, finished or {},
+                                  on_pass)
             finally:
                 result.controls = budget.control.taken
                 if budget.throttle is not None:
@@ -74,8 +74,9 @@ class PassRunner:
         throttle.start()
         return throttle
 
-    def _run_actions(self, hold: Hold, result: ApplyResult, passes: list[Action], budget: Budget,
-                     finished: dict[str, state.Checkpoint], on_pass: OnPass | None) -> None:
+    def _run_actions(self, hold: Hold, hold_point: str | None, result: ApplyResult,
+                     passes: list[Action], budget: Budget, finished: dict[str, state.Checkpoint],
+                     on_pass: OnPass | None) -> None:
         run = ActionRun(self.engine, result.milestone.name, result.run_id, self.options, budget,
                         hold.check)
         emit(self.events, "phase", run_id=result.run_id, milestone=result.milestone.name, phase="apply")
@@ -85,7 +86,7 @@ class PassRunner:
                 done = PassResult(action.name, complete=True, changed=False,
                                   finished_before=finished[action.name].rows_done)
             else:
-                if action.name == result.milestone.hold_point and not self._held(action, budget):
+                if action.name == hold_point and not self._held(action, budget):
                     result.stopped = budget.exhausted_reason() or "interrupted"
                     break
                 done = action.execute(run)

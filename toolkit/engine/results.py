@@ -15,13 +15,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from toolkit.engine.listing import count_of
 from toolkit.errors import PreconditionRefused, VerificationFailed
 
-if TYPE_CHECKING:  # the milestone a result is about; plan.py imports this module
-    from toolkit.engine.plan import Milestone
+
+class Milestone(Protocol):
+    """The milestone a result is about, as a result speaks of it (engine/plan.py's
+    Milestone is one; plan.py imports this module, so it is described, not imported)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def title(self) -> str: ...
 
 
 @dataclass(kw_only=True)

@@ -127,8 +127,8 @@ class Runner:
             with self.history.recorded(hold, milestone, "migrate", MilestoneState.IN_PROGRESS) as result:
                 self._went_back(result)
                 finished = self._take_up(milestone, "migrate", passes, left_as)
-                self.passes.run(hold, result, passes, before=self.take_baseline, finished=finished,
-                                on_pass=on_pass)
+                self.passes.run(hold, milestone, result, passes, before=self.take_baseline,
+                                finished=finished, on_pass=on_pass)
                 if result.complete:
                     self._applied(result, verify_after)
                 result.outcome = (
@@ -139,7 +139,7 @@ class Runner:
 
     def _applied(self, result: ApplyResult, verify_after: bool) -> None:
         """Every pass of a migrate completed: recorded applied, then verified if it verifies."""
-        milestone = result.milestone
+        milestone = self.milestones.get(result.milestone.name)
         self._set_state(milestone, MilestoneState.APPLIED, result.run_id)
         if not verify_after:
             return
@@ -183,7 +183,7 @@ class Runner:
             with self.history.recorded(hold, milestone, "rollback", MilestoneState.ROLLING_BACK) as result:
                 self._went_back(result)
                 finished = self._take_up(milestone, "rollback", passes, left_as)
-                self.passes.run(hold, result, passes, finished=finished, on_pass=on_pass)
+                self.passes.run(hold, milestone, result, passes, finished=finished, on_pass=on_pass)
                 if result.complete:
                     checks = self._rolled_back(result)
                 result.outcome = Outcome.PARTIAL if not result.complete else (
@@ -193,7 +193,7 @@ class Runner:
     def _rolled_back(self, result: ApplyResult) -> list[Check]:
         """Every pass of a rollback completed: its checks, and the comparison with the baseline
         (forgotten once the data is back as it was), then recorded rolled back."""
-        milestone = result.milestone
+        milestone = self.milestones.get(result.milestone.name)
         emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name, phase="checks")
         with timed(result, "checks"), self.inspector.read_only() as conn:
             checks = [c for step in milestone.steps for c in step.rollback_checks(conn)]

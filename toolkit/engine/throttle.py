@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlalchemy.engine import Engine
 
-from toolkit.engine.events import emit, progress_every_s
+from toolkit.engine.control import Steering
+from toolkit.engine.events import Events, emit, progress_every_s
 from toolkit.engine.health import (
     POLL_S,
     Baseline,
@@ -29,8 +30,17 @@ from toolkit.engine.pausing import pause as _sleep
 from toolkit.engine.settings import Limits
 from toolkit.engine.walrate import WalRate
 
-if TYPE_CHECKING:
-    from toolkit.engine.budget import Budget
+
+class ThrottledBudget(Protocol):
+    """What the throttle reads and sets of the run's budget (engine/budget.py, which imports
+    this module to type its own ``throttle``)."""
+
+    stop_requested: bool
+    throttled_out: bool
+    control: Steering | None
+
+    @property
+    def events(self) -> Events: ...
 
 
 @dataclass
@@ -43,7 +53,7 @@ class Throttle:
 
     engine: Engine
     limits: Limits  # the run's options: a `toolkit control set` of a limit is seen at once
-    budget: Budget
+    budget: ThrottledBudget
     poll_s: float = POLL_S
     base: Baseline = field(default_factory=Baseline)
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))

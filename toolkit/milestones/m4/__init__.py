@@ -18,17 +18,15 @@ remaining and backward):
 
 from __future__ import annotations
 
-# This milestone's id, declared before its parts are imported: they name it in their messages.
-NAME = "milestone-4"
-
-from toolkit.engine.plan import Milestone, Supersedes  # noqa: E402
-from toolkit.milestones.m2_model_parent import NAME as M2  # noqa: E402
-from toolkit.milestones.m3_models_for_experiments import NAME as M3  # noqa: E402
-from toolkit.milestones.m4.drop import DropLegacy  # noqa: E402
-from toolkit.milestones.m4.final import archive_dropped  # noqa: E402
-from toolkit.milestones.m4.preconditions import preconditions  # noqa: E402
-from toolkit.milestones.m4.steps import ArchiveRows, CaptureDdl, CheckArchive, ModelIdNotNull  # noqa: E402
-from toolkit.names import M4_DROPPED_COLUMN, M4_DROPPED_TABLES  # noqa: E402
+from toolkit.engine.plan import Milestone, Supersedes
+from toolkit.milestones.m2_model_parent import NAME as M2
+from toolkit.milestones.m3_models_for_experiments import NAME as M3
+from toolkit.milestones.m4.drop import DropLegacy
+from toolkit.milestones.m4.final import archive_dropped
+from toolkit.milestones.m4.identity import NAME
+from toolkit.milestones.m4.preconditions import preconditions
+from toolkit.milestones.m4.steps import ArchiveRows, CaptureDdl, CheckArchive, ModelIdNotNull
+from toolkit.names import M4_DROPPED_COLUMN, M4_DROPPED_TABLES
 
 SUPERSEDED = "superseded: milestone 4 archived the experiments (toolkit.m4_archive_*)"
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from toolkit import catalog
 from toolkit.errors import VerificationFailed
 from toolkit.milestones.m3_models_for_experiments import NAME as M3
-from toolkit.milestones.m4 import NAME
+from toolkit.milestones.m4.identity import NAME
 from toolkit.names import (
     M4_ARCHIVE_CANDIDATES,
     M4_ARCHIVE_EXPERIMENTS,

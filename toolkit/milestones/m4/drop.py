@@ -23,7 +23,8 @@ from toolkit.engine.catalog_checks import remedy
 from toolkit.engine.ddl import Statements, StoredStatements
 from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.step import Step
-from toolkit.milestones.m4 import NAME, archive, capture
+from toolkit.milestones.m4 import archive, capture
+from toolkit.milestones.m4.identity import NAME
 from toolkit.milestones.m4.steps import EXPERIMENTS_GONE, schema_plan
 from toolkit.names import (
     M3_COPIED_METADATA,

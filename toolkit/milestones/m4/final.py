@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from toolkit import catalog
 from toolkit.engine import state
 from toolkit.engine.results import Final, MilestoneState
-from toolkit.milestones.m4 import NAME
+from toolkit.milestones.m4.identity import NAME
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS, OWN_SCHEMA
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.timestamps import shown

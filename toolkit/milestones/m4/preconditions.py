@@ -13,7 +13,7 @@ from toolkit.engine.results import STARTED, Check
 from toolkit.milestones.m1_packages import MILESTONE_1
 from toolkit.milestones.m2_model_parent import MILESTONE_2, BackfillModelId
 from toolkit.milestones.m3_models_for_experiments import NAME as M3
-from toolkit.milestones.m4 import NAME
+from toolkit.milestones.m4.identity import NAME
 from toolkit.names import M3_METADATA_CLASHES as CLASHES
 from toolkit.words import counted
 

@@ -17,7 +17,8 @@ from toolkit.engine.catalog_checks import index_valid, remedy
 from toolkit.engine.ddl import PythonBody, Statements
 from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.step import Step
-from toolkit.milestones.m4 import NAME, archive, capture
+from toolkit.milestones.m4 import archive, capture
+from toolkit.milestones.m4.identity import NAME
 from toolkit.names import (
     M4_ARCHIVE_EXPERIMENTS,
     M4_ARCHIVE_METADATA,
