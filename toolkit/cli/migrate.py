@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from toolkit import milestones as registry
-from toolkit.cli import params, render
+from toolkit.cli import hooks, metrics_http, params, render
 from toolkit.cli.context import app
 from toolkit.engine import control as steering
 from toolkit.engine import health, state
@@ -131,6 +131,12 @@ def _set_app(attribute: str) -> Callable[[click.Context, click.Parameter, Any], 
     return callback
 
 
+def _set_app_to(attribute: str, make: Callable[[click.Context, click.Parameter, Any], Any]
+                ) -> Callable[[click.Context, click.Parameter, Any], None]:
+    """As :func:`_set_app`, with what ``make`` makes of the value (``--metrics-port``: its server)."""
+    return lambda ctx, param, value: _set_app(attribute)(ctx, param, make(ctx, param, value))
+
+
 def observe_options(func: Callable) -> Callable:
     """Where a run is told besides the terminal (cli/observe.py; docs/operations.md)."""
     options = [
@@ -145,6 +151,25 @@ def observe_options(func: Callable) -> Callable:
                           "named as GitLab's batched migrations', for node_exporter's textfile "
                           "collector: give it a name ending in .prom in the collector's "
                           "directory (docs/operations.md)."),
+        click.option("--metrics-port", type=metrics_http.PORT, default=None, metavar="PORT",
+                     expose_value=False, callback=_set_app_to("metrics_server", metrics_http.serve),
+                     help="Serve the --metrics-textfile metrics on http://127.0.0.1:PORT/metrics "
+                          "while the command runs (127.0.0.1 only); a port in use is a usage error."),
+        click.option("--hooks-dir", type=hooks.HOOKS_DIR, default=None, metavar="DIR",
+                     expose_value=False, callback=_set_app("hooks_dir"),
+                     help="Run DIR's executables named for events (on-start, on-phase, on-status, "
+                          "on-throttled, on-held, on-before-drop, on-control, on-success, "
+                          "on-failure); a failing on-start or on-before-drop stops the run, "
+                          "resumable, exit 6 (docs/operations.md, \"Hooks\")."),
+        click.option("--hooks-timeout", type=hooks.TIMEOUT, default=hooks.DEFAULT_TIMEOUT_S,
+                     show_default=True, metavar="SECONDS", expose_value=False,
+                     callback=_set_app("hooks_timeout_s"),
+                     help="Kill a hook still running after this long; it counts as failed (a veto "
+                          "for on-start and on-before-drop)."),
+        click.option("--hooks-status-every", type=hooks.EVERY, default=hooks.DEFAULT_STATUS_EVERY_MIN,
+                     show_default=True, metavar="MINUTES", expose_value=False,
+                     callback=_set_app("hooks_status_every_min"),
+                     help="How often on-status runs while the run goes."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -327,6 +352,7 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
     def go_ahead() -> None:
         if chosen.confirm and not yes:
             _confirm_destructive(chosen)
+        app().go_ahead(chosen.name, "migrate")
         out.say(f"Applying {chosen.name}: {chosen.title}")
 
     result = runner.migrate(chosen, verify_after=not no_verify, go_ahead=go_ahead, on_pass=_say_pass)
@@ -501,9 +527,12 @@ def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
                 f"{_count(undo.schema_changes, 'schema change')} to undo. Dry run: nothing was written.")
         app().finish({"dry_run": True, **undo.as_dict()})
         return
-    result, checks = _runner(opts).rollback(
-        chosen, go_ahead=lambda: out.say(f"Rolling back {chosen.name}: {chosen.title}"),
-        on_pass=lambda p: _say_pass(p, undoing=True))
+    def go_ahead() -> None:
+        app().go_ahead(chosen.name, "rollback")
+        out.say(f"Rolling back {chosen.name}: {chosen.title}")
+
+    result, checks = _runner(opts).rollback(chosen, go_ahead=go_ahead,
+                                            on_pass=lambda p: _say_pass(p, undoing=True))
     _report_apply(result)
     render.checks(checks)
     doc = {**_apply_doc(result), "checks": [c.as_dict() for c in checks]}

@@ -21,6 +21,7 @@ from toolkit.engine.outcomes import ApplyResult
 from toolkit.engine.plan import Milestone
 from toolkit.errors import (
     Aborted,
+    HookVetoed,
     Interrupted,
     SessionLost,
     Throttled,
@@ -94,6 +95,9 @@ class RunHistory:
              command=self.recorded_command(verb, milestone))
         try:
             yield result
+        except HookVetoed as exc:  # at a pass boundary: nothing half-done, resumable
+            self.finish(result, "vetoed", exc.one_line())
+            raise
         except KeyboardInterrupt:
             self._stopped(result, "aborted during a batch; that batch was rolled back",
                           f"Aborted: {milestone.name} stopped during a batch, which was rolled back")

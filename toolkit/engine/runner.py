@@ -29,7 +29,7 @@ from toolkit.engine.batches import (
 )
 from toolkit.engine.control import Steering
 from toolkit.engine.control import hold as hold_before
-from toolkit.engine.events import LOGGED, Events, emit
+from toolkit.engine.events import LOGGED, Events, emit, subscribed
 from toolkit.engine.health import Limits, Throttle, check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.lease import Hold, HoldLost
@@ -509,7 +509,7 @@ class Runner:
                 done = PassResult(action.name, complete=True, changed=False,
                                   finished_before=finished[action.name].rows_done)
             else:
-                if action.name == result.milestone.hold_point and not self._held(action, budget):
+                if action.name == result.milestone.hold_point and not self._held(action, budget, result):
                     result.stopped = budget.exhausted_reason() or "interrupted"
                     break
                 done = action.execute(run)
@@ -527,16 +527,25 @@ class Runner:
                 break
             after_action(len(result.passes))
 
-    def _held(self, action: Action, budget: Budget) -> bool:
-        """With --hold-before-drop or --hold-flag-file, wait before the milestone's first
-        drop (unless it is done already): True to go on, False when aborted or stopped."""
+    def _held(self, action: Action, budget: Budget, result: ApplyResult) -> bool:
+        """Before the milestone's first drop (unless it is done already): with
+        --hold-before-drop or --hold-flag-file, wait; then tell the events ``before_drop``
+        (``--hooks-dir``'s on-before-drop may veto it by raising). True to go on, False
+        when aborted or stopped."""
         o = self.options
-        if not (o.hold_before_drop or o.hold_flag_file):
+        holding = o.hold_before_drop or o.hold_flag_file
+        if not (holding or subscribed(self.events)):
             return True
         with self.engine.connect() as conn:
             done = action.is_done(conn)
             conn.rollback()
-        return done or hold_before(budget.control, o.hold_flag_file)
+        if done:
+            return True
+        if holding and not hold_before(budget.control, o.hold_flag_file):
+            return False
+        emit(self.events, "before_drop", run_id=result.run_id, milestone=result.milestone.name,
+             pass_name=action.name)
+        return True
 
     def _went_back(self, result: ApplyResult) -> None:
         """An attempt that resumes after a lost session: batches this process committed that
