@@ -18,6 +18,7 @@ from helpers import differences, end_state, snapshot, toolkit, toolkit_process
 
 from toolkit.errors import ExitCode
 
+OPERATIONS = Path(__file__).parent.parent / "docs" / "operations.md"
 ML_TABLES = ("ml_experiments", "ml_experiment_metadata", "ml_candidates")
 DUMP = 'env > "$HOOK_OUT/$TOOLKIT_HOOK_EVENT.env"\n'
 PHASE_DUMP = 'env > "$HOOK_OUT/$TOOLKIT_HOOK_EVENT-$TOOLKIT_HOOK_PHASE.env"\n'
@@ -138,6 +139,9 @@ def test_a_hook_sees_the_runs_numbers_and_never_the_password(realistic_db, tmp_p
     assert done["TOOLKIT_HOOK_KEYS_DONE"] == done["TOOLKIT_HOOK_KEYS_TOTAL"]
     assert done["TOOLKIT_HOOK_PROGRESS"] == "100.0" and done["TOOLKIT_HOOK_ETA_SECONDS"] == "0"
     assert float(done["TOOLKIT_HOOK_RATE"]) > 0 and done["TOOLKIT_HOOK_THROTTLED_SECONDS"] == "0.0"
+    documented = OPERATIONS.read_text().split("# Hooks", 1)[1].split("\n# ", 1)[0]
+    for name in {k for env in said.values() for k in env if k.startswith("TOOLKIT_HOOK_")}:
+        assert f"`{name}`" in documented, name
 
 
 def test_on_status_and_on_throttled_tell_a_run_that_waits(realistic_db, tmp_path):

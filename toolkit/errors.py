@@ -37,8 +37,7 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.THROTTLED: "stopped at a batch boundary after waiting --max-throttle-s for the database's "
                         "health (replica lag, VACUUM, a long transaction, archiving, your throttle), "
                         "or on `toolkit control abort`, or a hook vetoed it (on-start, on-before-drop); "
-                        "everything committed is kept: run the same "
-                        "command again to resume",
+                        "everything committed is kept: run the same command again to resume",
     ExitCode.BUSY: "busy: another toolkit run holds the runner lock on this database (or a "
                    "session of an earlier run is still at work there); nothing was done: run the "
                    "same command again when it has finished",
