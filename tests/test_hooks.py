@@ -1,6 +1,8 @@
 """``--hooks-dir``: executables called at a run's milestones, on a real database. A failing
 on-start stops the run before it writes anything; a failing on-before-drop stops milestone
-4 with nothing dropped, and the rerun ends as a run never stopped; a hook sees the run's
+4 with nothing dropped, and the rerun (held, let go by its own on-held hook through
+``toolkit control unpostpone``, told on-control, then on-before-drop) ends as a run never
+stopped; on-status and on-throttled tell a run that waits; a hook sees the run's
 numbers and never the password; a hook past --hooks-timeout is killed; a hooks directory
 that is not usable is a usage error before anything connects.
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +30,7 @@ PHASE_DUMP = 'env > "$HOOK_OUT/$TOOLKIT_HOOK_EVENT-$TOOLKIT_HOOK_PHASE.env"\n'
 def hooks_dir(tmp_path: Path, **scripts: str) -> Path:
     """A directory of hooks, each ``name=body`` a shell script (``on_start`` is on-start)."""
     directory = tmp_path / "hooks"
-    directory.mkdir(exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     for name, body in scripts.items():
         hook = directory / name.replace("_", "-")
         hook.write_text("#!/bin/sh\n" + body)
@@ -90,13 +93,17 @@ def test_a_failing_on_before_drop_drops_nothing_and_the_rerun_ends_as_a_twin(bef
     assert db.scalar("SELECT outcome FROM toolkit.runs ORDER BY id DESC LIMIT 1") == "vetoed"
     assert db.scalar("SELECT state FROM toolkit.milestones WHERE milestone = 'milestone-4'") == "in_progress"
 
-    allowing = tmp_path / "allowing"
-    allowing.mkdir()
-    (allowing / "on-before-drop").write_text('#!/bin/sh\ntouch "$0.ran"\n')
-    (allowing / "on-before-drop").chmod(0o755)
-    again = toolkit(db, "migrate", "milestone-4", "--yes", "--hooks-dir", str(allowing))
+    # the rerun holds again; its on-held hook lets it go on with `toolkit control unpostpone`
+    log = tmp_path / "hooks.log"
+    said = 'echo "$TOOLKIT_HOOK_EVENT $TOOLKIT_HOOK_CONTROL_ACTION $TOOLKIT_HOOK_CONTROL_REASON" >> "$LOG"\n'
+    allowing = hooks_dir(tmp_path / "allowing", on_before_drop=said, on_control=said, on_held=said
+                         + '"$PYTHON" -m toolkit --database-url "$HOOK_DB" control unpostpone '
+                           '--reason "hook said so"\n')
+    again = toolkit(db, "migrate", "milestone-4", "--yes", "--hold-before-drop", "--hooks-dir",
+                    str(allowing), env={"LOG": str(log), "PYTHON": sys.executable, "HOOK_DB": db.url_text})
     assert again.exit_code == 0, again.output
-    assert (allowing / "on-before-drop.ran").exists()
+    assert log.read_text().splitlines() == ["on-held  ", "on-control unpostpone hook said so",
+                                            "on-before-drop  "]
     assert db.scalar("SELECT state FROM toolkit.milestones WHERE milestone = 'milestone-4'") == "verified"
     assert differences(end_state(db), end_state(twin)) == []
 
