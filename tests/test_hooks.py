@@ -52,7 +52,7 @@ def error_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("error: ")]
 
 
-def test_a_failing_on_start_stops_the_run_before_it_writes_anything(realistic_db, tmp_path):
+def test_a_failing_on_start_stops_the_run_before_it_writes_anything(realistic_db, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     hooks = hooks_dir(tmp_path, on_start=DUMP + 'echo "outside the change window" >&2\nexit 3\n',
@@ -73,9 +73,13 @@ def test_a_failing_on_start_stops_the_run_before_it_writes_anything(realistic_db
     assert "on-start vetoed" in failed["TOOLKIT_HOOK_ERROR"]
 
     (hooks / "on-start").unlink()  # the veto lifted: the same command runs
-    again = toolkit(realistic_db, "migrate", "milestone-1", "--hooks-dir", str(hooks),
+    (hooks / "on-success").write_text("#!/bin/sh\n" + DUMP)
+    (hooks / "on-success").chmod(0o755)
+    monkeypatch.chdir(tmp_path)  # given relative to where the command runs (a hook runs in DIR)
+    again = toolkit(realistic_db, "migrate", "milestone-1", "--hooks-dir", "hooks",
                     env={"HOOK_OUT": str(out)})
     assert again.exit_code == 0, again.output
+    assert env_of(out / "on-success.env")["TOOLKIT_HOOK_EXIT_CODE"] == "0"
 
 
 def test_a_failing_on_before_drop_drops_nothing_and_the_rerun_ends_as_a_twin(before_milestone, tmp_path):

@@ -81,7 +81,7 @@ class HooksDir(click.ParamType):
             if not entry.is_file() or not os.access(entry, os.X_OK):
                 raise BadValue(f"{entry} is not an executable file", f"chmod +x {entry}",
                                param=param, ctx=ctx)
-        return path
+        return path.resolve()  # a hook runs in DIR: a relative DIR would be looked for in itself
 
 
 class Minutes(Seconds):
