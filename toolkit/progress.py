@@ -1,6 +1,6 @@
 """How a pass's progress looks: a bar on a terminal, a line every few seconds elsewhere.
 
-Both say the same things, named the way ``plan``, the pass's closing line and the README
+Both say the same things, named the way ``plan``, the pass's closing line and the runbook
 name them: the pass (its short name, never its long description, which left an
 80-column bar no room for its numbers), the keys of the driving table scanned out of
 those the pass covers (what the percentage is of), the rows changed so far (what
