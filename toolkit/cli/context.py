@@ -12,13 +12,14 @@ import click
 from sqlalchemy.engine import Engine
 
 from toolkit import milestones, output
-from toolkit.cli.hooks import DEFAULT_STATUS_EVERY_MIN, DEFAULT_TIMEOUT_S, Hooks
+from toolkit.cli.hooks import Hooks
 from toolkit.cli.metrics import MetricsTextfile
 from toolkit.cli.metrics_http import MetricsServer, ServedMetrics
 from toolkit.cli.observe import EventStream, Observed, Sink, new_run_id
 from toolkit.db import Target, create_engine, resolve_target
-from toolkit.engine.batches import RunOptions
+from toolkit.engine.inspection import Inspector
 from toolkit.engine.runner import Runner
+from toolkit.engine.settings import HookTimes, RunOptions
 
 
 @dataclass
@@ -33,8 +34,7 @@ class AppContext:
     metrics_path: str | None = None  # --metrics-textfile PATH
     metrics_server: MetricsServer | None = None  # --metrics-port PORT, bound as it was read
     hooks_dir: Path | None = None  # --hooks-dir DIR (cli/hooks.py)
-    hooks_timeout_s: float = DEFAULT_TIMEOUT_S
-    hooks_status_every_min: float = DEFAULT_STATUS_EVERY_MIN
+    hook_times: HookTimes = field(default_factory=HookTimes)  # the run's --hooks-timeout, ...
     _observed: Observed | None = field(default=None, repr=False)
     _target: Target | None = field(default=None, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
@@ -62,8 +62,16 @@ class AppContext:
 
     def runner(self, options: RunOptions | None = None, **kwargs: Any) -> Runner:
         """A runner over this command's database, handed the milestone plan, reporting to
-        the terminal (the engine itself prints nothing)."""
+        the terminal (the engine itself prints nothing): for a command that writes. Its
+        options' --hooks-timeout and --hooks-status-every are the hooks' (settings.HookTimes)."""
+        if options is not None:
+            self.hook_times = options
         return Runner(self.engine(), options, plan=milestones.plan(), events=self.events(), **kwargs)
+
+    def inspector(self) -> Inspector:
+        """What a command that only reads uses (``plan``, ``verify``, ``status``, ...): the
+        milestones read in snapshots the server keeps read-only."""
+        return Inspector(self.engine(), milestones.plan(), events=self.events())
 
     def events(self) -> output.Output | Observed:
         """The terminal, or the terminal and the sinks --events and --metrics-textfile asked
@@ -85,8 +93,8 @@ class AppContext:
             self._observed = Observed(output.out, sinks)
             if self.hooks_dir is not None:  # last: a veto raises once the others were told
                 sinks.append(Hooks(self.hooks_dir, database=database, run=run,
-                                   timeout_s=self.hooks_timeout_s,
-                                   status_every_s=self.hooks_status_every_min * 60,
+                                   timeout_s=self.hook_times.hooks_timeout_s,
+                                   status_every_s=self.hook_times.hooks_status_every_min * 60,
                                    secrets=lambda: output.out.secrets, warn=self._observed.warn))
             self._observed.start(self.command, database)
         return self._observed

@@ -41,7 +41,7 @@ import click
 
 from toolkit import __version__
 from toolkit.cli.metrics import RESUMABLE
-from toolkit.cli.params import MAX_SECONDS, BadValue, Seconds
+from toolkit.cli.params import BadValue
 from toolkit.db import DATABASE_URL_ENV
 from toolkit.errors import HookVetoed, redact
 
@@ -51,8 +51,6 @@ VETOING = ("on-start", "on-before-drop")
 # What a hook must not inherit: the URL and libpq's password (the values of any other
 # variable that holds a secret of the run are removed too: Hooks._environment).
 NOT_INHERITED = (DATABASE_URL_ENV, "PGPASSWORD")
-DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_STATUS_EVERY_MIN = 5.0
 SAID_CHARS = 200  # of a failing hook's last line of output, in the message
 
 
@@ -84,20 +82,7 @@ class HooksDir(click.ParamType):
         return path.resolve()  # a hook runs in DIR: a relative DIR would be looked for in itself
 
 
-class Minutes(Seconds):
-    """``--hooks-status-every``: finite minutes above 0 (0 would run on-status without end)."""
-
-    name = "minutes"
-    noun = "number of minutes"
-
-    def shown_bound(self, bound: float) -> str:
-        return f"{bound:,g} minutes"
-
-
 HOOKS_DIR = HooksDir()
-# above 0: a hook given no time at all would be killed at once, and a veto would stop every run
-TIMEOUT = Seconds(MAX_SECONDS, "a year", low=0.001)
-EVERY = Minutes(MAX_SECONDS / 60, "a year", low=0.001)
 
 
 class Hooks:
