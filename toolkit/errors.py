@@ -36,8 +36,8 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.DATABASE: "the database could not be reached or used (connection, authentication, privileges)",
     ExitCode.THROTTLED: "stopped at a batch boundary after waiting --max-throttle-s for the database's "
                         "health (replica lag, VACUUM, a long transaction, archiving, your throttle), "
-                        "or on `toolkit control abort`; everything committed is kept: run the same "
-                        "command again to resume",
+                        "or on `toolkit control abort`, or a hook vetoed it (on-start, on-before-drop); "
+                        "everything committed is kept: run the same command again to resume",
     ExitCode.BUSY: "busy: another toolkit run holds the runner lock on this database (or a "
                    "session of an earlier run is still at work there); nothing was done: run the "
                    "same command again when it has finished",
@@ -140,6 +140,22 @@ class Aborted(ToolkitError):
     the same command resumes. The throttled run's code, which says exactly that."""
 
     exit_code = ExitCode.THROTTLED
+
+
+class HookVetoed(ToolkitError):
+    """A ``--hooks-dir`` hook that may veto (``on-start``, ``on-before-drop``) failed or ran
+    past ``--hooks-timeout``: the run stopped where nothing is half-done and nothing was
+    written after it, so it is the resumable stop of exit code 6, as an abort is."""
+
+    exit_code = ExitCode.THROTTLED
+
+    def __init__(self, hook: str, failure: str, milestone: str):
+        where = ("nothing was written" if hook == "on-start"
+                 else f"{milestone} is archived and checked, nothing dropped")
+        super().__init__(f"hook {hook} vetoed the run ({failure}); {where}",
+                         "run the same command again to go on once the hook allows it",
+                         details={"hook": hook, "failure": failure})
+        self.hook = hook
 
 
 class Interrupted(ToolkitError):

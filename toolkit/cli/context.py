@@ -12,12 +12,14 @@ import click
 from sqlalchemy.engine import Engine
 
 from toolkit import milestones, output
+from toolkit.cli.hooks import Hooks
 from toolkit.cli.metrics import MetricsTextfile
+from toolkit.cli.metrics_http import MetricsServer, ServedMetrics
 from toolkit.cli.observe import EventStream, Observed, Sink, new_run_id
 from toolkit.db import DATABASE_URL_ENV, Target, create_engine, parse_url, resolve_target
 from toolkit.engine.inspection import Inspector
 from toolkit.engine.runner import Runner
-from toolkit.engine.settings import RunOptions
+from toolkit.engine.settings import HookTimes, RunOptions
 from toolkit.errors import PreconditionRefused
 from toolkit.gitlab_config import OMNIBUS_PATH
 from toolkit.sandbox.lock import hold
@@ -55,6 +57,9 @@ class AppContext:
     read_timeout_s: float | None = None
     events_path: str | None = None  # --events FILE ('-': stderr)
     metrics_path: str | None = None  # --metrics-textfile PATH
+    metrics_server: MetricsServer | None = None  # --metrics-port PORT, bound as it was read
+    hooks_dir: Path | None = None  # --hooks-dir DIR (cli/hooks.py)
+    hook_times: HookTimes = field(default_factory=HookTimes)  # the run's --hooks-timeout, ...
     _observed: Observed | None = field(default=None, repr=False)
     _target: Target | None = field(default=None, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
@@ -82,7 +87,10 @@ class AppContext:
 
     def runner(self, options: RunOptions | None = None, **kwargs: Any) -> Runner:
         """A runner over this command's database, handed the milestone plan, reporting to
-        the terminal (the engine itself prints nothing): for a command that writes."""
+        the terminal (the engine itself prints nothing): for a command that writes. Its
+        options' --hooks-timeout and --hooks-status-every are the hooks' (settings.HookTimes)."""
+        if options is not None:
+            self.hook_times = options
         return Runner(self.engine(), options, plan=milestones.plan(), events=self.events(), **kwargs)
 
     def inspector(self) -> Inspector:
@@ -94,18 +102,33 @@ class AppContext:
         """The terminal, or the terminal and the sinks --events and --metrics-textfile asked
         for (cli/observe.py, cli/metrics.py), opened once, when the command first builds a
         runner (its ``start`` line)."""
-        if self.events_path is None and self.metrics_path is None:
+        if (self.events_path is None and self.metrics_path is None and self.hooks_dir is None
+                and self.metrics_server is None):
             return output.out
         if self._observed is None:
             database = self.target().url.database
+            run = new_run_id()
             sinks: list[Sink] = []
             if self.events_path is not None:
-                sinks.append(EventStream(self.events_path, new_run_id(), lambda: output.out.secrets))
-            if self.metrics_path is not None:
-                sinks.append(MetricsTextfile(self.metrics_path, database))
+                sinks.append(EventStream(self.events_path, run, lambda: output.out.secrets))
+            if self.metrics_path is not None or self.metrics_server is not None:
+                metrics = MetricsTextfile(self.metrics_path, database)
+                sinks.append(metrics if self.metrics_server is None
+                             else ServedMetrics(metrics, self.metrics_server))
             self._observed = Observed(output.out, sinks)
+            if self.hooks_dir is not None:  # last: a veto raises once the others were told
+                sinks.append(Hooks(self.hooks_dir, database=database, run=run,
+                                   timeout_s=self.hook_times.hooks_timeout_s,
+                                   status_every_s=self.hook_times.hooks_status_every_min * 60,
+                                   secrets=lambda: output.out.secrets, warn=self._observed.warn))
             self._observed.start(self.command, database)
         return self._observed
+
+    def go_ahead(self, milestone: str, verb: str) -> None:
+        """A run's gate and preconditions hold and it holds the runner lock; nothing is
+        written yet: the ``go_ahead`` event (where ``--hooks-dir``'s on-start may veto)."""
+        if self._observed is not None:
+            self._observed.record("go_ahead", {"milestone": milestone, "verb": verb})
 
     def ended(self, exit_code: int, error: dict[str, Any] | None = None) -> None:
         """Tell the sinks how the command ended (a no-op without them)."""
@@ -122,6 +145,9 @@ class AppContext:
         if self._observed is not None:
             self._observed.close()
             self._observed = None
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None

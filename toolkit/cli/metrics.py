@@ -37,8 +37,8 @@ def _labels(**labels: str) -> str:
 class MetricsTextfile:
     """A sink of :class:`toolkit.cli.observe.Observed`: keeps the numbers, writes the file."""
 
-    def __init__(self, path: str, database: str | None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | None, database: str | None) -> None:
+        self.path = None if path is None else Path(path)  # None: served only (--metrics-port)
         self.database = database or ""
         self.updated: dict[str, int] = defaultdict(int)  # rows changed, by milestone/pass
         self.batches: dict[str, int] = defaultdict(int)
@@ -153,6 +153,8 @@ class MetricsTextfile:
     def write(self) -> None:
         """Atomically: node_exporter reads either the last file or this one, never a mix.
         Readable by others (0644): node_exporter seldom runs as the toolkit's user."""
+        if self.path is None:
+            return
         # one name per process: two runs cannot write the same temporary file
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

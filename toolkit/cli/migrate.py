@@ -142,6 +142,7 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
     def go_ahead() -> None:
         if chosen.confirm and not yes:
             _confirm_destructive(chosen)
+        app().go_ahead(chosen.name, "migrate")
         out.say(f"Applying {chosen.name}: {chosen.title}")
 
     applied = runner.migrate(chosen, verify_after=not no_verify, go_ahead=go_ahead,
@@ -278,9 +279,13 @@ def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
                 "Dry run: nothing was written.")
         app().finish({"dry_run": True, **undo.as_dict()})
         return
+
+    def go_ahead() -> None:
+        app().go_ahead(chosen.name, "rollback")
+        out.say(f"Rolling back {chosen.name}: {chosen.title}")
+
     result, checks = runner_for(opts).rollback(
-        chosen, go_ahead=lambda: out.say(f"Rolling back {chosen.name}: {chosen.title}"),
-        on_pass=lambda p: run_report.say_pass(p, undoing=True))
+        chosen, go_ahead=go_ahead, on_pass=lambda p: run_report.say_pass(p, undoing=True))
     run_report.report_apply(result)
     render.checks(checks)
     doc = {**run_report.apply_doc(result), "checks": [c.as_dict() for c in checks]}

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from toolkit.cli import params
+from toolkit.cli import hooks, metrics_http, params
 from toolkit.cli.context import app
 from toolkit.engine.runner import Runner
 from toolkit.engine.settings import (
@@ -82,6 +82,9 @@ HELP: dict[str, tuple[str, str | None]] = {
     "no-throttle": ("Do not read the database's health nor wait on it.", None),
     "max-throttle-s": ("Wait at most this long in all on the database's health, then stop at the "
                        "batch boundary with exit code 6; the same command resumes.", "SECONDS"),
+    "hooks-timeout": ("Kill a --hooks-dir hook still running after this long: it has failed, "
+                      "which for on-start and on-before-drop is a veto.", "SECONDS"),
+    "hooks-status-every": ("How often --hooks-dir's on-status runs while the run goes.", "MINUTES"),
     "resume-with-this-version": ("Resume an unfinished milestone even though another toolkit "
                                  "version (or other options that change what is written) started "
                                  "it; without it such a resume is refused with exit code 3.", None),
@@ -127,6 +130,12 @@ def _set_app(attribute: str) -> Callable[[click.Context, click.Parameter, Any], 
     return callback
 
 
+def _set_app_to(attribute: str, make: Callable[[click.Context, click.Parameter, Any], Any]
+                ) -> Callable[[click.Context, click.Parameter, Any], None]:
+    """As :func:`_set_app`, with what ``make`` makes of the value (``--metrics-port``: its server)."""
+    return lambda ctx, param, value: _set_app(attribute)(ctx, param, make(ctx, param, value))
+
+
 def observe_options(func: Callable) -> Callable:
     """Where a run is told besides the terminal (cli/observe.py; docs/operations.md)."""
     options = [
@@ -141,6 +150,16 @@ def observe_options(func: Callable) -> Callable:
                           "named as GitLab's batched migrations', for node_exporter's textfile "
                           "collector: give it a name ending in .prom in the collector's "
                           "directory (docs/operations.md)."),
+        click.option("--metrics-port", type=metrics_http.PORT, default=None, metavar="PORT",
+                     expose_value=False, callback=_set_app_to("metrics_server", metrics_http.serve),
+                     help="Serve the --metrics-textfile metrics on http://127.0.0.1:PORT/metrics "
+                          "while the command runs (127.0.0.1 only); a port in use is a usage error."),
+        click.option("--hooks-dir", type=hooks.HOOKS_DIR, default=None, metavar="DIR",
+                     expose_value=False, callback=_set_app("hooks_dir"),
+                     help="Run DIR's executables named for events (on-start, on-phase, on-status, "
+                          "on-throttled, on-held, on-before-drop, on-control, on-success, "
+                          "on-failure); a failing on-start or on-before-drop stops the run, "
+                          "resumable, exit 6 (docs/operations.md, \"Hooks\")."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -133,6 +133,19 @@ class Rate(Seconds):
         return f"Rate({self.low}, {self.high})"
 
 
+class Minutes(Seconds):
+    """Finite minutes from ``low`` to ``high`` (``--hooks-status-every``), checked as seconds are."""
+
+    name = "minutes"
+    noun = "number of minutes"
+
+    def shown_bound(self, bound: float) -> str:
+        return f"{bound:,g} minutes"
+
+    def __repr__(self) -> str:
+        return f"Minutes({self.low}, {self.high})"
+
+
 class Text(click.ParamType):
     """A string that is not empty (an empty ``--throttle-query`` would be silently off)."""
 
@@ -259,6 +272,7 @@ def of(bound: Bound) -> click.ParamType:
         _OF_BOUND[bound] = (
             Whole(int(bound.low), int(bound.high), bound.why, bound.unit) if kind == "whole" else
             Seconds(bound.high, bound.why, low=bound.low, whole_ms=bound.whole_ms) if kind == "seconds"
+            else Minutes(bound.high, bound.why, low=bound.low) if kind == "minutes"
             else Rate(bound.high, bound.why, low=bound.low) if kind == "rate" else
             Text(bound.why) if kind == "text" else FlagFile() if kind == "path" else click.BOOL)
     return _OF_BOUND[bound]

@@ -22,6 +22,7 @@ from toolkit.engine.results import ApplyResult, MilestoneState, Outcome
 from toolkit.engine.settings import RunOptions
 from toolkit.errors import (
     Aborted,
+    HookVetoed,
     Interrupted,
     SessionLost,
     Throttled,
@@ -110,6 +111,9 @@ class RunHistory:
         """A run an exception ended: recorded as it really ended. Raises what the operator is
         to see instead of ``exc`` (a stop, a resource run out, a lost session), if anything."""
         name = result.milestone.name
+        if isinstance(exc, HookVetoed):  # at a pass boundary: nothing half-done, resumable
+            self.finish(result, Outcome.VETOED, exc.one_line())
+            return
         if isinstance(exc, KeyboardInterrupt):
             self._stopped(result, "aborted during a batch; that batch was rolled back",
                           f"Aborted: {name} stopped during a batch, which was rolled back")

@@ -1,5 +1,6 @@
 """How a run walks its passes: the budget, the health throttle and `toolkit control`
-around them, each pass timed and told as it ends, a milestone's hold before its first drop.
+around them, each pass timed and told as it ends, a milestone's hold before its first drop
+(and the ``before_drop`` event there, which a hook may veto).
 
 The runner (runner.py) decides *when* passes run and records the run; this walks them.
 """
@@ -18,7 +19,7 @@ from toolkit.engine.batches import after_action
 from toolkit.engine.budget import Budget
 from toolkit.engine.control import Steering
 from toolkit.engine.control import hold as hold_before
-from toolkit.engine.events import Events, emit
+from toolkit.engine.events import Events, emit, subscribed
 from toolkit.engine.lease import Hold
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import ApplyResult, PassResult, timed
@@ -86,7 +87,7 @@ class PassRunner:
                 done = PassResult(action.name, complete=True, changed=False,
                                   finished_before=finished[action.name].rows_done)
             else:
-                if action.name == hold_point and not self._held(action, budget):
+                if action.name == hold_point and not self._held(action, budget, result):
                     result.stopped = budget.exhausted_reason() or "interrupted"
                     break
                 done = action.execute(run)
@@ -108,14 +109,23 @@ class PassRunner:
         if on_pass is not None:
             on_pass(done)
 
-    def _held(self, action: Action, budget: Budget) -> bool:
-        """With --hold-before-drop or --hold-flag-file, wait before the milestone's first
-        drop (unless it is done already): True to go on, False when aborted or stopped."""
+    def _held(self, action: Action, budget: Budget, result: ApplyResult) -> bool:
+        """Before the milestone's first drop (unless it is done already): with
+        --hold-before-drop or --hold-flag-file, wait; then tell the events ``before_drop``
+        (``--hooks-dir``'s on-before-drop may veto it by raising). True to go on, False
+        when aborted or stopped."""
         o = self.options
-        if not (o.hold_before_drop or o.hold_flag_file):
+        holding = bool(o.hold_before_drop or o.hold_flag_file)
+        if not (holding or subscribed(self.events)):
             return True
         with self.engine.connect() as conn:
             done = action.is_done(conn)
             conn.rollback()
+        if done:
+            return True
         assert budget.control is not None, "a run is steered from its start (run_passes)"
-        return done or hold_before(budget.control, o.hold_flag_file)
+        if holding and not hold_before(budget.control, o.hold_flag_file):
+            return False
+        emit(self.events, "before_drop", run_id=result.run_id, milestone=result.milestone.name,
+             pass_name=action.name)
+        return True

@@ -137,6 +137,7 @@ class Outcome(StrEnum):
     INTERRUPTED = "interrupted"
     ABORTED = "aborted"
     THROTTLED = "throttled"
+    VETOED = "vetoed"  # a --hooks-dir hook (on-start, on-before-drop) refused to go on
     STOPPED_UNRECORDED = "stopped unrecorded"
 
     @classmethod

@@ -2,10 +2,11 @@
 
 The tree has a section per concern: :class:`Batching`, :class:`Stopping`, :class:`Timeouts`,
 :class:`LockWait`, :class:`Reconnect`, the health throttle's :class:`Limits`, :class:`Hold`
-(before milestone 4's drops) and :class:`Resume`. :class:`RunOptions` is every section at once (it inherits
-them), so the batch loop reads ``options.batch_size`` and the throttle is handed the run's
-options as its :class:`Limits`, the same object: ``toolkit control set`` changes the value
-both read, and nothing is copied field by field.
+(before milestone 4's drops), :class:`Resume` and :class:`HookTimes` (``--hooks-dir``'s).
+:class:`RunOptions` is every section at once (it inherits them), so the batch loop reads
+``options.batch_size`` and the throttle is handed the run's options as its :class:`Limits`,
+the same object: ``toolkit control set`` changes the value both read, and nothing is copied
+field by field.
 
 Each field that the operator sets carries a :class:`Spec` (its public name, which is both
 the option ``--name`` and the key of ``toolkit control set name=``; its :class:`Bound`; and
@@ -37,8 +38,8 @@ SPEC = "toolkit.setting"  # the dataclass field metadata key of a field's Spec
 
 @dataclass(frozen=True)
 class Bound:
-    """The values a setting takes. ``kind``: ``whole`` (an integer), ``seconds`` or ``rate``
-    (a finite float, MB/s for a rate), ``text`` (not empty), ``path`` (a flag file that can
+    """The values a setting takes. ``kind``: ``whole`` (an integer), ``seconds``, ``minutes``
+    or ``rate`` (a finite float, MB/s for a rate), ``text`` (not empty), ``path`` (a flag file that can
     exist), ``flag`` (on or off). ``why`` says where the upper bound comes from (or, for
     text, what to give); ``whole_ms``: seconds that become a PostgreSQL timeout in ms."""
 
@@ -51,8 +52,8 @@ class Bound:
 
     def parse(self, text: str) -> Any:
         """A value as stored (``control set``'s, already checked by the CLI) back to its type."""
-        return int(text) if self.kind == "whole" else float(text) if self.kind in ("seconds", "rate") \
-            else text
+        numbers = ("seconds", "minutes", "rate")
+        return int(text) if self.kind == "whole" else float(text) if self.kind in numbers else text
 
 
 # One per kind of number; the CLI's parameter types are built from these (cli/params.py).
@@ -70,6 +71,10 @@ SECONDS = Bound("seconds", 0, MAX_SECONDS, "a year")
 WAL_RATE = Bound("rate", 0.001, 1024 * 1024, "no server writes WAL a terabyte a second")
 SQL_QUERY = Bound("text", why="a query that returns true or false")
 FLAG_FILE = Bound("path")
+# Above 0: a hook given no time at all would be killed at once (a veto stopping every run),
+# and on-status every 0 minutes would run without end.
+HOOK_SECONDS = Bound("seconds", 0.001, MAX_SECONDS, "a year")
+HOOK_MINUTES = Bound("minutes", 0.001, MAX_SECONDS / 60, "a year")
 FLAG = Bound("flag")
 
 
@@ -182,13 +187,24 @@ class Resume:
     resume_with_this_version: bool = setting(False, "resume-with-this-version", FLAG)
 
 
+@dataclass
+class HookTimes:
+    """``--hooks-dir``'s hooks (cli/hooks.py): how long one may run before it is killed (it
+    then counts as failed: a veto for on-start and on-before-drop), and how often on-status
+    runs while the run goes."""
+
+    hooks_timeout_s: float = setting(30.0, "hooks-timeout", HOOK_SECONDS)
+    hooks_status_every_min: float = setting(5.0, "hooks-status-every", HOOK_MINUTES)
+
+
 # The tree, in the order its options are listed. RunOptions holds all of it but LockWait
 # (which the runner takes apart: it is how long to wait for a run, not part of one).
-SECTIONS: tuple[type, ...] = (Hold, Batching, Stopping, Timeouts, LockWait, Reconnect, Limits, Resume)
+SECTIONS: tuple[type, ...] = (Hold, Batching, Stopping, Timeouts, LockWait, Reconnect, Limits, Resume,
+                              HookTimes)
 
 
 @dataclass
-class RunOptions(Resume, Hold, Limits, Reconnect, Timeouts, Stopping, Batching):
+class RunOptions(HookTimes, Resume, Hold, Limits, Reconnect, Timeouts, Stopping, Batching):
     """A run's settings: every section of the tree (but LockWait) in one object."""
 
     def as_dict(self) -> dict[str, Any]:
