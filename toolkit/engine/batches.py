@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine import state
-from toolkit.engine.events import LOGGED, Events, emit, subscribed
+from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
     UNIQUE_VIOLATION,
@@ -147,6 +147,7 @@ class PassResult:
     # A pass an earlier run of the same attempt finished, not walked again: the rows that
     # attempt changed in it (this run's ``rows`` stay 0). None: walked (or begun) by this run.
     finished_before: int | None = None
+    wal_bytes: int = 0  # WAL the primary wrote during this run's batches of the pass
 
 
 def sqlstate(exc: DBAPIError) -> str | None:
@@ -175,8 +176,6 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
         emit(budget.events, "pass_start", milestone=milestone, pass_name=kpass.name, run_id=run_id,
              key_from=lo, key_upper=upper, keys=total)
         catch_ups = 0
-        # WAL position after the last commit (None: not measured); one read per batch, after it
-        wal_at = wal_position(conn) if subscribed(budget.events) else None
         sizer = BatchSizer(options.batch_size, options.target_batch_ms, options.min_batch_size,
                            options.max_batch_size)
         with budget.events.progress(total, kpass.name) as bar:
@@ -199,8 +198,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 began = time.perf_counter()
                 budget.retries = 0
                 key_from = lo
-                hi, changed, scanned = _one_batch(conn, milestone, kpass, lo, upper, run_id, options,
-                                                  budget, sizer.size)
+                hi, changed, scanned, wal = _one_batch(conn, milestone, kpass, lo, upper, run_id,
+                                                       options, budget, sizer.size)
                 if hi is None:
                     new_upper = conn.execute(sa.text(kpass.upper_key_sql())).scalar_one()
                     if kpass.catch_up and new_upper > upper and catch_ups < MAX_CATCH_UP_ROUNDS:
@@ -224,33 +223,21 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 result.batches += 1
                 budget.batches += 1
                 bar.update(scanned, changed)
-                wal_before, wal_at = wal_at, wal_position(conn) if wal_at is not None else None
+                result.wal_bytes += wal or 0
                 emit(budget.events, "batch", milestone=milestone, pass_name=kpass.name, run_id=run_id,
                      key_from=key_from, key_to=hi, keys=scanned, rows=changed,
                      ms=round(took * 1000, 3), retries=budget.retries,
-                     wal_bytes=None if wal_at is None or wal_before is None else wal_at - wal_before)
+                     wal_bytes=wal)
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
                     _pause_between(options.pause_ms / 1000, budget)
 
 
-def wal_position(conn: Connection) -> int | None:
-    """The primary's WAL insert position in bytes (None on a standby, which writes none), read
-    in a transaction of its own. Read once after each batch's commit (and at the pass's start),
-    its delta is the WAL that replicas, archiving and DR pay for the batch: the server's, so
-    it includes what other sessions wrote meanwhile (and during a --pause-ms or a throttle
-    wait before the batch). One read, not one on each side: each costs three round trips.
-    The insert position, not ``pg_current_wal_lsn()``: that one (the write position) moves in
-    whole pages when the WAL writer gets round to it under ``synchronous_commit = off``, so a
-    batch would read 0 or 24 kB."""
-    position = conn.execute(sa.text("SELECT CASE WHEN NOT pg_is_in_recovery() "
-                                    "THEN pg_current_wal_insert_lsn() - '0/0' END")).scalar()
-    conn.rollback()  # a read: ended without a commit, which the lease would fence (a query more)
-    return None if position is None else int(position)
-
-
 def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,
-               run_id: int, options: RunOptions, budget: Budget, size: int) -> tuple[int | None, int, int]:
+               run_id: int, options: RunOptions, budget: Budget,
+               size: int) -> tuple[int | None, int, int, int | None]:
+    """One batch in its own transaction: (its last key, rows changed, keys taken, WAL bytes
+    since the last checkpoint, read at its own: state.save_checkpoint); None: none left."""
     for attempt in range(options.retries + 1):
         try:
             with conn.begin():
@@ -258,14 +245,14 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
                     sa.text(kpass.next_key_sql()), {"lo": lo, "upper": upper, "size": size},
                 ).one()
                 if hi is None:
-                    return None, 0, 0
+                    return None, 0, 0, None
                 if kpass.apply is not None:
                     changed = kpass.apply(conn, lo, hi, run_id)
                 else:
                     changed = conn.execute(sa.text(kpass.change_sql),
                                            {"lo": lo, "hi": hi, "run_id": run_id}).scalar_one()
-                state.save_checkpoint(conn, milestone, kpass.name, hi, changed, run_id)
-            return hi, changed, scanned
+                wal = state.save_checkpoint(conn, milestone, kpass.name, hi, changed, run_id, scanned)
+            return hi, changed, scanned, wal
         except DBAPIError as exc:
             code = sqlstate(exc)
             retryable = code in TRANSIENT_STATES or (

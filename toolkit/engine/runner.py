@@ -35,6 +35,7 @@ from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.lease import Hold, HoldLost
 from toolkit.engine.ledger import refuse_lost_ledger
 from toolkit.engine.listing import count_of
+from toolkit.engine.live import Recorded
 from toolkit.engine.outcomes import ApplyResult, Gate, PlanResult, VerifyResult, timed
 from toolkit.engine.plan import Final, Milestone, MilestonePlan
 from toolkit.engine.pooling import refuse_transaction_pooling
@@ -77,6 +78,7 @@ class Runner:
                  command: str = "", lock_wait_s: float = 10.0, events: Events = LOGGED):
         self.engine = engine
         self.milestones = plan
+        events = Recorded(events, engine)  # what `toolkit status` shows, kept in the database
         self.events = events
         self.options = options or RunOptions()
         self.command = command
@@ -519,7 +521,7 @@ class Runner:
             emit(self.events, "pass_end", run_id=result.run_id, milestone=result.milestone.name,
                  pass_name=done.name, rows=done.rows, batches=done.batches, complete=done.complete,
                  stopped=done.stopped, schema_change=done.schema_change, changed=done.changed,
-                 seconds=round(done.seconds, 3))
+                 seconds=round(done.seconds, 3), wal_bytes=done.wal_bytes)
             if on_pass is not None:
                 on_pass(done)
             if not done.complete:
