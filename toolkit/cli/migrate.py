@@ -9,9 +9,8 @@ from typing import Any
 import click
 
 from toolkit import milestones as registry
-from toolkit.cli import params, render
+from toolkit.cli import params, render, status_live
 from toolkit.cli.context import app
-from toolkit.engine import control as steering
 from toolkit.engine import health, state
 from toolkit.engine.batches import PassResult, RunOptions
 from toolkit.engine.locks import runner_lock_holders
@@ -515,16 +514,25 @@ def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
 
 
 @click.command()
-def status() -> None:
-    """Where each milestone stands, and what is left to do, in rows. Read-only.
+@click.option("--watch", "watch_s", type=status_live.WATCH_S, is_flag=False,
+              flag_value=status_live.DEFAULT_WATCH_S, default=None, metavar="[SECONDS]",
+              help="Then show the running run again every SECONDS (default "
+                   f"{status_live.DEFAULT_WATCH_S:g}) until it ends, or Ctrl-C; with no run going, "
+                   "say so and stop. With --json: one document a line, a line each time.")
+@click.option("--count", "frames", type=status_live.FRAMES, default=None, metavar="N",
+              help="With --watch: stop after N showings (the first included).")
+def status(watch_s: float | None, frames: int | None) -> None:
+    """Where each milestone stands, and what is left to do, in rows; and the run going now,
+    from any host: its pass, keys done of total, rate, time left, waits, last batch, who
+    steered it. Read-only.
 
     Example: toolkit status
+
+    Example: toolkit status --watch 5
     """
     runner = _runner()
     report = runner.status()
-    with runner.read_only() as conn:
-        paused = steering.paused_now(conn)
-        held = steering.held_now(conn)
+    now = status_live.read_now(runner)
     rows = []
     for entry in report:
         left = sum(entry["remaining"].values())
@@ -552,18 +560,15 @@ def status() -> None:
             out.say(f"{entry['milestone']} is rolling back (interrupted?); left to undo: "
                     + "; ".join(entry["left_to_undo"])
                     + f". Run `toolkit rollback {entry['milestone']}` to finish it.")
-    if held is not None:
-        out.say(f"held before drop since {held['applied_at'].isoformat(timespec='seconds')} "
-                f"(run {held['applied_by']}); `toolkit control unpostpone` goes on")
-    if paused is not None:
-        why = f": {paused['reason']}" if paused["reason"] else ""
-        out.say(f"run {paused['applied_by']} is paused by {steering.who(paused)} since "
-                f"{paused['applied_at'].isoformat(timespec='seconds')}{why}; "
-                "`toolkit control resume` goes on")
-    app().finish({"milestones": report, "paused": paused and {
-        **paused, "requested_at": paused["requested_at"].isoformat(),
-        "applied_at": paused["applied_at"].isoformat()},
-        "held": held and {**held, "applied_at": held["applied_at"].isoformat()}})
+    status_live.say_run(now["run"])
+    status_live.say_pause_and_hold(now)
+    result = {"milestones": report, **status_live.as_json(now)}
+    if watch_s is None:
+        app().finish(result)
+        return
+    if app().json_mode:  # a stream of one-line documents, the first of them this one
+        status_live.json_first(result)
+    status_live.watch(runner, watch_s, frames, now)
 
 
 def _took(run: dict) -> str:
@@ -595,15 +600,22 @@ def history(limit: int) -> None:
             when = f"; its last commit was at {shown(last)}" if last else ""
             r["error"] = r["error"] or (f"ended without recording how (killed, or its connection "
                                         f"lost){when}; run the same command again")
+    for r in runs:  # WAL its batches wrote (runs.wal_bytes_by_step; absent before revision 0011)
+        r["wal_bytes"] = sum((r.get("wal_bytes_by_step") or {}).values())
     out.table(
-        ["id", "started", "took", "command", "user", "outcome", "rows"],
+        ["id", "started", "took", "command", "user", "outcome", "rows", "WAL"],
         [[r["id"], shown(r["started_at"]), _took(r), r["command"],
           f"{r['os_user']}@{r['host']} as {r['database_user']}", r["outcome"],
-          sum((r["rows_by_step"] or {}).values())] for r in runs],
+          sum((r["rows_by_step"] or {}).values()),
+          status_live.size_text(r["wal_bytes"]) if r["wal_bytes"] else "-"] for r in runs],
     )
     for r in runs:
         if r["error"]:
             out.say(f"run {r['id']}: {r['error']}")
+        if len(r.get("wal_bytes_by_step") or {}) > 1:  # by pass, with the rows it changed
+            out.say(f"run {r['id']} WAL by pass: " + "; ".join(
+                f"{step} {status_live.size_text(wal)}" + status_live.per_row(wal, r["rows_by_step"].get(step))
+                for step, wal in r["wal_bytes_by_step"].items()))
         if controls := (r.get("options") or {}).get("controls"):  # `toolkit control` it took
             out.say(f"run {r['id']} was steered: " + "; ".join(
                 f"{c['action']}{' ' + c['key'] + '=' + c['value'] if c.get('key') else ''} by "

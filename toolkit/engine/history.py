@@ -139,10 +139,15 @@ class RunHistory:
             asked = result.controls[-1] if result.controls else {}
             by = f"{asked.get('db_user')} ({asked.get('os_user')}@{asked.get('host')})"
             why = f": {asked['reason']}" if asked.get("reason") else ""
+            # aborted during the closing verify (runner._steered_verify): every pass is done
+            verifying = "verify" in result.timings and result.verify is None
+            where = ("during its closing verify: it is applied, not verified" if verifying
+                     else f"at a batch boundary after {counted(result.rows, 'row')}")
             raise Aborted(
-                f"Stopped {milestone.name} at a batch boundary after {counted(result.rows, 'row')}: "
+                f"Stopped {milestone.name} {where}: "
                 f"`toolkit control abort` by {by}{why}; nothing is half-done",
-                "run the same command again to resume from where it stopped",
+                "run the same command again to " + ("verify it (nothing is applied again)" if verifying
+                                                    else "resume from where it stopped"),
                 details={"passes": [p.__dict__ for p in result.passes], "controls": result.controls},
             )
         if result.stopped == "throttled":

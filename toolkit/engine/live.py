@@ -167,6 +167,21 @@ class LiveRun:
         return doc
 
 
+def paused_seconds(controls: list[dict[str, Any]], start: datetime, end: datetime) -> float:
+    """Seconds between ``start`` and ``end`` the run spent paused by `toolkit control pause`
+    (from the pause it took to the resume or abort that ended it)."""
+    total, since = 0.0, None
+    for c in controls:
+        if c["action"] == "pause" and since is None:
+            since = c["applied_at"]
+        elif c["action"] in ("resume", "abort") and since is not None:
+            total += max((min(c["applied_at"], end) - max(since, start)).total_seconds(), 0.0)
+            since = None
+    if since is not None:
+        total += max((end - max(since, start)).total_seconds(), 0.0)
+    return total
+
+
 def _has(conn: Connection, name: str) -> bool:
     return conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}).scalar_one()
 
@@ -213,10 +228,12 @@ def read(conn: Connection, run_id: int) -> LiveRun | None:
     live.wal_bytes = sum(live.wal_bytes_by_step.values())
     live.throttled_seconds = dict(p["throttled_seconds"] or {})
     live.throttled_since, live.throttled_by = p["throttled_since"], list(p["throttled_by"] or [])
-    # The rate over this run's part of the pass, up to its last batch: pauses between batches
-    # and waits count (they are part of how fast it goes), a pause since the last batch not.
+    # The rate over this run's part of the pass, up to its last batch: --pause-ms and waits
+    # on the database's health count (they are part of how fast it goes and will recur); a
+    # `toolkit control pause` does not, nor any time since the last batch.
     if p["pass_started_at"] and live.last_batch_at and live.keys_done:
-        spent = (live.last_batch_at - p["pass_started_at"]).total_seconds()
+        spent = (live.last_batch_at - p["pass_started_at"]).total_seconds() - paused_seconds(
+            live.controls, p["pass_started_at"], live.last_batch_at)
         if spent > 0:
             live.rate_keys_s = live.keys_done / spent
             live.rate_rows_s = live.pass_rows / spent

@@ -86,6 +86,7 @@ class Runner:
         self.history = RunHistory(engine, self.options, events, command)
         self._ledger_checked = False
         self.memory = Memory()  # the batches this process committed, across --reconnect attempts
+        self.steering: Steering | None = None  # the run's `toolkit control` reader, once it runs
         self._memory_loaded = False
 
     def _refuse_lost_ledger(self, conn: Connection) -> None:
@@ -127,24 +128,31 @@ class Runner:
             gate = self._gate(conn, milestone)
         return PlanResult(milestone, steps, gate)
 
-    def verify(self, milestone: Milestone) -> VerifyResult:
-        return self.verify_many([milestone])[0]
+    def verify(self, milestone: Milestone, between: Callable[[], None] | None = None) -> VerifyResult:
+        return self.verify_many([milestone], between)[0]
 
-    def verify_many(self, chosen: list[Milestone]) -> list[VerifyResult]:
+    def verify_many(self, chosen: list[Milestone],
+                    between: Callable[[], None] | None = None) -> list[VerifyResult]:
         """Each milestone's checks, then the comparison with the fingerprint taken before it,
         all in one snapshot (digests the fingerprints share are computed once).
         Gates run the checks only: the comparison reads every ML row and belongs to the
-        milestone's own verification, not to the next one's plan."""
+        milestone's own verification, not to the next one's plan. ``between`` is called
+        before each step's checks, before the comparison and after it (a run's closing
+        verify: :meth:`_steered_verify`)."""
         results = []
         memo: Memo = {}
         with self.read_only() as conn:
             for milestone in chosen:
                 self._check_reads(conn, milestone.reads)
-                checks = milestone.verify(conn)
+                checks = milestone.verify(conn, between)
+                if between is not None:
+                    between()
                 checks += baselines.checks_against_baseline(
                     conn, milestone.name, changes=milestone.changes,
                     compare_tables=not self._later_started(conn, milestone), memo=memo,
                     fixes=milestone.fixes)
+                if between is not None:
+                    between()
                 results.append(VerifyResult(milestone, checks))
         return results
 
@@ -325,19 +333,46 @@ class Runner:
                         emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
                              phase="verify")
                         with timed(result, "verify"):
-                            result.verify = self._closing_verify(milestone)
-                        if result.verify.ok:
+                            result.verify = self._steered_verify(milestone)
+                        if result.verify is None:  # aborted: applied, not verified
+                            result.stopped = budget_stop(self.steering)
+                        elif result.verify.ok:
                             self._set_state(milestone, state.VERIFIED, result.run_id)
                 result.outcome = (
                     "partial" if not result.complete else
                     "verification_failed" if result.verify and not result.verify.ok else "succeeded")
         return result
 
-    def _closing_verify(self, milestone: Milestone) -> VerifyResult:
+    def _steered_verify(self, milestone: Milestone) -> VerifyResult | None:
+        """The closing verify, steered as the batches are: `toolkit control` requests are
+        read before each step's checks, before the comparison with the fingerprint and after
+        it (before the milestone is recorded verified). A pause lets go of the verify's
+        snapshot (holding one open would hold back vacuum on every table), waits as a pause
+        between batches does, and the verify starts again after the resume; an abort
+        returns None: the milestone stays applied, the next run verifies it."""
+        control = self.steering
+        if control is None:
+            return self._closing_verify(milestone)
+
+        def between() -> None:
+            control.poll()
+            if control.paused is not None or control.aborted is not None:
+                raise _Steered
+
+        while True:
+            try:
+                return self._closing_verify(milestone, between)
+            except _Steered:
+                control.boundary()  # waits while paused, until a resume, an abort or a stop
+                if control.aborted is not None or control.budget.stop_requested:
+                    return None
+
+    def _closing_verify(self, milestone: Milestone,
+                        between: Callable[[], None] | None = None) -> VerifyResult:
         """The verify a migrate ends with. If it cannot finish, the milestone stays recorded
         as applied (true: every batch committed) and the message says only verify is left."""
         try:
-            return self.verify(milestone)
+            return self.verify(milestone, between)
         except (ToolkitError, DBAPIError) as exc:
             problem = (exc if isinstance(exc, ToolkitError)
                        else classify(exc, render_url(self.engine.url), self.events.secrets))
@@ -473,6 +508,7 @@ class Runner:
         budget.throttle = self._throttle(budget)
         budget.control = Steering(self.engine, result.run_id, self.options, budget)
         budget.control.start()
+        self.steering = budget.control  # the closing verify reads requests too
         with stop_on_signals(budget):
             if before is not None:
                 emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
@@ -591,6 +627,15 @@ class Runner:
                                         lambda conn: take(conn, scope=scope(conn)), self.events)
         with self.engine.connect() as conn:
             baselines.save(conn, milestone.name, fingerprint, run_id)
+
+class _Steered(Exception):
+    """A pause or an abort read during the closing verify: its snapshot is let go."""
+
+
+def budget_stop(control: Steering | None) -> str:
+    """Why a steered verify stopped: ``aborted``, or ``interrupted`` (Ctrl-C while paused)."""
+    return "aborted" if control is not None and control.aborted is not None else "interrupted"
+
 
 def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
