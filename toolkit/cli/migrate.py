@@ -205,7 +205,8 @@ def _apply_doc(result: ApplyResult) -> dict[str, Any]:
         "passes": [{"name": p.name, "rows": p.rows, "batches": p.batches, "complete": p.complete,
                     "schema_change": p.schema_change, "changed": p.changed,
                     "finished_before": p.finished_before is not None,
-                    "seconds": round(p.seconds, 3), "batch_sizes": _size_range(p.batch_sizes)}
+                    "seconds": round(p.seconds, 3), "batch_sizes": _size_range(p.batch_sizes),
+                    "wal_bytes": p.wal_bytes}
                    for p in result.passes],
     }
     if result.verify is not None:

@@ -87,8 +87,8 @@ def say_run(live: progress.LiveRun | None) -> None:
     out.say(f"run {live.run_id} is going{phase}: {live.command}, by {live.who}, started "
             f"{_duration(elapsed)} ago")
     if not live.tracked:
-        out.say("  (started by a toolkit that keeps no progress in the database: see its terminal "
-                "or --events)")
+        out.say("  (it keeps no progress in the database: a command that runs no batches, or a "
+                "toolkit from before revision 0011; see its terminal or --events)")
         return
     if live.pass_name is not None:
         total = live.keys_total or 0
