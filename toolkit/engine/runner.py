@@ -335,7 +335,7 @@ class Runner:
                         with timed(result, "verify"):
                             result.verify = self._steered_verify(milestone)
                         if result.verify is None:  # aborted: applied, not verified
-                            result.stopped = budget_stop(self.steering)
+                            result.stopped = _why_verify_stopped(self.steering)
                         elif result.verify.ok:
                             self._set_state(milestone, state.VERIFIED, result.run_id)
                 result.outcome = (
@@ -632,7 +632,7 @@ class _Steered(Exception):
     """A pause or an abort read during the closing verify: its snapshot is let go."""
 
 
-def budget_stop(control: Steering | None) -> str:
+def _why_verify_stopped(control: Steering | None) -> str:
     """Why a steered verify stopped: ``aborted``, or ``interrupted`` (Ctrl-C while paused)."""
     return "aborted" if control is not None and control.aborted is not None else "interrupted"
 
