@@ -2,7 +2,7 @@
 and vs. the change written by hand.
 
     python scripts/bench.py --scale gitlab-com   # about five minutes on a quiet machine
-    python scripts/bench.py --scale x25          # see the README's "Benchmark"
+    python scripts/bench.py --scale x25          # see docs/benchmarks/README.md
     python scripts/bench.py --replica-lag        # each milestone's replica lag, throttled or not
     python scripts/bench.py --mlflow-clients 4   # and training clients write through the server
 

@@ -102,9 +102,8 @@ def test_each_global_option_is_moved_ahead_whatever_it_is(tmp_path):
             assert ctx.params[option.name] == expected, option.name
 
 
-def test_the_readme_says_global_options_go_before_or_after_the_subcommand():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Output and exit codes")[1].split("\n## ")[0]
+def test_the_docs_say_global_options_go_before_or_after_the_subcommand():
+    section = (Path(__file__).parents[1] / "docs" / "output.md").read_text()
     assert "before or after the subcommand" in section
     for option in _global_options():
         assert any(f"`{name}`" in section for name in option.opts), option.opts
@@ -195,9 +194,9 @@ def test_a_closed_pipe_ends_quietly(realistic_db):
         assert code == exit_code, (args, code)
 
 
-def test_every_exit_code_is_in_the_one_table_the_help_and_the_readme_show():
+def test_every_exit_code_is_in_the_one_table_the_help_and_the_docs_show():
     """141 (a closed pipe) included: the codes are ExitCode's, each with its meaning, and
-    `toolkit --help` and the README's table list exactly those."""
+    `toolkit --help` and docs/output.md's table list exactly those."""
     assert ExitCode.PIPE_CLOSED == 141
     assert set(EXIT_CODE_MEANINGS) == set(ExitCode)
     shown = run("--help").output
@@ -205,10 +204,9 @@ def test_every_exit_code_is_in_the_one_table_the_help_and_the_readme_show():
         assert f"{int(code):>3}  {meaning}" in shown, code
     listed = re.findall(r"^  +(\d+)  ", shown.split("Exit codes:")[1], re.MULTILINE)
     assert sorted(map(int, listed)) == sorted(map(int, ExitCode))
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme.split("## Output and exit codes")[1].split("\n## ")[0]
-    in_readme = re.findall(r"^\| (\d+) \|", table, re.MULTILINE)
-    assert sorted(map(int, in_readme)) == sorted(map(int, ExitCode))
+    table = (Path(__file__).parents[1] / "docs" / "output.md").read_text()
+    in_docs = re.findall(r"^\| (\d+) \|", table, re.MULTILINE)
+    assert sorted(map(int, in_docs)) == sorted(map(int, ExitCode))
 
 
 def test_a_closed_pipe_does_not_hide_errors(empty_db):

@@ -238,15 +238,16 @@ def test_several_images_run_each_test_once_on_each_and_the_summary_counts_them()
                      f"({conftest.REQUIRE_ENV}=1)"], result.stdout
 
 
-def test_the_readme_says_how_the_tests_choose_their_server():
-    """Every variable the provider reads, with its default, in "Running the tests"; the
-    image in the configuration table too."""
-    readme = (TESTS.parent / "README.md").read_text()
-    section = readme.split("## Running the tests")[1].split("\n## ")[0]
+def test_the_docs_say_how_the_tests_choose_their_server():
+    """Every variable the provider reads, with its default, in CONTRIBUTING.md's "Running
+    the tests"; the image in docs/configuration.md's configuration table too."""
+    contributing = (TESTS.parent / "CONTRIBUTING.md").read_text()
+    section = contributing.split("## Running the tests")[1].split("\n## ")[0]
     for said in ("TOOLKIT_TEST_DATABASE_URL", "TOOLKIT_TEST_NO_DOCKER=1",
                  f"{conftest.IMAGE_ENV}", f"`{conftest.DEFAULT_IMAGE}`",
                  f"{conftest.READY_ENV}", f"{conftest.DEFAULT_READY_S:g}", "falls back",
                  f"{conftest.REQUIRE_ENV}=1", conftest.NETWORK_ENV, "-m versions", ".ci/images/build"):
         assert said in section, said
-    configuration = readme.split("## Configuration")[1].split("\n## ")[0]
+    configuration_doc = (TESTS.parent / "docs" / "configuration.md").read_text()
+    configuration = configuration_doc.split("## Configuration")[1].split("\n## ")[0]
     assert conftest.IMAGE_ENV in configuration

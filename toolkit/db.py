@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -212,11 +213,11 @@ def create_engine(target: Target | URL | str, *, read_timeout: int | None = None
     else:
         url = parse_url(target) if isinstance(target, str) else target
     # The URL's own application_name and connect_timeout win over the toolkit's defaults.
-    connect_args = {key: value for key, value in (("application_name", APPLICATION_NAME),
+    connect_args: dict[str, object] = {key: value for key, value in (("application_name", APPLICATION_NAME),
                                                   ("connect_timeout", 10))
                     if key not in url.query}
     connect_args["prepare_threshold"] = None
-    connect_args.update(kwargs.pop("connect_args", {}))  # type: ignore[arg-type]
+    connect_args.update(cast("dict[str, object]", kwargs.pop("connect_args", {})))
     engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **kwargs)
     track(engine)  # a stop (Ctrl-C, SIGTERM) cancels the statement on the server: cancel.py
     statement_ms = read_timeout_ms() if read_timeout is None else read_timeout

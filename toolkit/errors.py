@@ -2,7 +2,7 @@
 
 Every expected failure is raised as a :class:`ToolkitError`; the CLI turns it into one
 line (problem, then what to do) and the exit code below, without a traceback. Keeping the
-codes here, in one table, is what lets the README document them and CI rely on them.
+codes here, in one table, is what lets docs/output.md document them and CI rely on them.
 """
 
 from __future__ import annotations

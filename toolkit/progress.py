@@ -1,6 +1,6 @@
 """How a pass's progress looks: a bar on a terminal, a line every few seconds elsewhere.
 
-Both say the same things, named the way ``plan``, the pass's closing line and the README
+Both say the same things, named the way ``plan``, the pass's closing line and the runbook
 name them: the pass (its short name, never its long description, which left an
 80-column bar no room for its numbers), the keys of the driving table scanned out of
 those the pass covers (what the percentage is of), the rows changed so far (what
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ def label(name: str, width: int = LABEL_MAX) -> str:
 
 def estimable(done: int, total: int | None, batches: int) -> bool:
     """Whether enough of the pass has run for its time left to mean something."""
-    return bool(total) and batches >= ESTIMATE_AFTER_BATCHES and done >= ESTIMATE_AFTER_SHARE * total
+    return bool(total) and batches >= ESTIMATE_AFTER_BATCHES and done >= ESTIMATE_AFTER_SHARE * (total or 0)
 
 
 def compact(n: float) -> str:
@@ -147,7 +147,7 @@ class _Bar(tqdm):
         super().__init__(*args, **kwargs)
 
     @property
-    def format_dict(self) -> dict[str, Any]:
+    def format_dict(self) -> MutableMapping[str, Any]:
         d = super().format_dict
         if not hasattr(self, "tally"):  # tqdm reads it once before __init__ is through
             return d

@@ -115,7 +115,7 @@ class AppContext:
 
 def envelope(command: str, ok: bool, exit_code: int, *, database: str | None = None,
              **parts: Any) -> dict[str, Any]:
-    """The stable shape of every --json document (documented in the README): ``database``
+    """The stable shape of every --json document (documented in docs/output.md): ``database``
     names the database the command used (masked; null when it used none), so a CI log
     shows which one a result is about."""
     return {"command": command, "ok": ok, "exit_code": exit_code, "database": database, **parts}

@@ -71,10 +71,10 @@ def demo(seed_value: int, batch_size: int) -> None:
         with runner.read_only() as conn:
             counts = table_counts(conn)
             before = take(conn)
-        out.say(f"   {counted(counts['ml_experiments'], 'experiment')}, "
-                f"{counted(counts['ml_candidates'], 'candidate')}, "
-                f"{counted(counts['ml_candidate_metrics'], 'metric')}, "
-                f"{counted(counts['packages_packages'], 'package')} "
+        out.say(f"   {counted(counts['ml_experiments'] or 0, 'experiment')}, "
+                f"{counted(counts['ml_candidates'] or 0, 'candidate')}, "
+                f"{counted(counts['ml_candidate_metrics'] or 0, 'metric')}, "
+                f"{counted(counts['packages_packages'] or 0, 'package')} "
                 f"(seeded in {report.seconds:.1f}s, data in {status.data_dir})")
         readings = stack.enter_context(ClientReadings(status.url()))
         with runner.read_only() as conn:  # the training clients' project, left out of the readings

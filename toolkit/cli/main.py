@@ -158,7 +158,8 @@ class ToolkitGroup(click.Group):
         except DBAPIError as exc:
             if debug_enabled():
                 raise
-            where = app(ctx)._target.describe() if app(ctx)._target else "the database"
+            target = app(ctx)._target
+            where = target.describe() if target else "the database"
             _report(ctx, classify(exc, where, output.out.secrets))
         except Exception as exc:
             if stop_in_chain(exc) is not None:  # a stop that a later error masked

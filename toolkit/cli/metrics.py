@@ -90,7 +90,8 @@ class MetricsTextfile:
         db = {"database": self.database}
         lines: list[str] = []
 
-        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, dict, float]]) -> None:
+        def family(name: str, kind: str, help_text: str,
+                   samples: list[tuple[str, dict, float | None]]) -> None:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
             for sample, labels, value in samples:

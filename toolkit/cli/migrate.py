@@ -329,13 +329,13 @@ def migrate(milestone: str, dry_run: bool, no_verify: bool, yes: bool, **opts: A
             _confirm_destructive(chosen)
         out.say(f"Applying {chosen.name}: {chosen.title}")
 
-    result = runner.migrate(chosen, verify_after=not no_verify, go_ahead=go_ahead, on_pass=_say_pass)
-    _report_apply(result)
-    if result.verify is not None and not result.verify.ok:
-        failure = result.verify.failure()
-        failure.details = {"result": _apply_doc(result)}
+    applied = runner.migrate(chosen, verify_after=not no_verify, go_ahead=go_ahead, on_pass=_say_pass)
+    _report_apply(applied)
+    if applied.verify is not None and not applied.verify.ok:
+        failure = applied.verify.failure()
+        failure.details = {"result": _apply_doc(applied)}
         raise failure
-    app().finish(_apply_doc(result))
+    app().finish(_apply_doc(applied))
 
 
 def _confirm_destructive(chosen: Milestone) -> None:

@@ -99,8 +99,8 @@ class Observed:
                               "os_user": _os_user(), "host": socket.gethostname()})
 
     def end(self, exit_code: int, error: dict[str, Any] | None = None) -> None:
-        """The last line: how the command ended and its exit code (README "Output and exit
-        codes"), written before the process exits; once."""
+        """The last line: how the command ended and its exit code (docs/output.md),
+        written before the process exits; once."""
         if self._ended:
             return
         self._ended = True

@@ -275,7 +275,8 @@ OUTPUT_FILE = OutputFile()
 class EventsFile(OutputFile):
     """``--events``: a file proven writable now (as :class:`OutputFile`), or ``-`` for stderr."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+    def convert(  # type: ignore[override]  # a path, or "-" for stderr
+            self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         if str(value) == "-":
             return "-"
         return str(super().convert(value, param, ctx))
@@ -287,7 +288,8 @@ EVENTS_FILE = EventsFile()
 class MetricsFile(OutputFile):
     """``--metrics-textfile``: a file proven writable now, as a path (it is replaced whole)."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+    def convert(  # type: ignore[override]  # the path as text, for the run's settings
+            self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         return str(super().convert(value, param, ctx))
 
 

@@ -52,8 +52,11 @@ class ActionRun:
 
 
 class Action(Protocol):
-    name: str
-    description: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
 
     @property
     def tables(self) -> tuple[str, ...]: ...

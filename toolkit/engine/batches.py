@@ -269,7 +269,8 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
             emit(budget.events, "retry", milestone=milestone, pass_name=kpass.name, run_id=run_id,
                  key_from=lo, attempt=attempt + 1, retries=options.retries, sqlstate=code,
                  delay_s=delay)
-            budget.events.warn(f"{kpass.name}: {TRANSIENT_STATES.get(code, 'unique violation')} on the batch "
+            what = TRANSIENT_STATES.get(code or "", "unique violation")
+            budget.events.warn(f"{kpass.name}: {what} on the batch "
                      f"after key {lo}; rolled back, retry {attempt + 1}/{options.retries} in {delay:.1f}s")
             pause(delay, budget)
     raise AssertionError("unreachable")

@@ -77,10 +77,10 @@ def last_id(conn: Connection, run_id: int) -> int:
     """The newest request made before the run's history row: a run reads only what comes
     after it (one made while it took the lock and fingerprinted is its own), never what an
     earlier run left untaken."""
-    return conn.execute(sa.text(f"""
+    return int(conn.execute(sa.text(f"""
         SELECT coalesce(max(id), 0) FROM {TABLE}
         WHERE requested_at < (SELECT started_at FROM {SCHEMA}.runs WHERE id = :run)"""),
-        {"run": run_id}).scalar_one()
+        {"run": run_id}).scalar_one())
 
 
 def paused_now(conn: Connection) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from typing import cast
 
 import psycopg
 import sqlalchemy as sa
@@ -327,7 +328,7 @@ def session_timeouts(conn: Connection, lock_ms: int, statement_ms: int) -> Itera
             conn.rollback()
             # Straight on the driver's connection: resetting the session's own settings is
             # no write of the run's, so it needs neither the lease nor a fenced commit.
-            raw = conn.connection.dbapi_connection
+            raw = cast(psycopg.Connection, conn.connection.dbapi_connection)
             with raw.cursor() as cursor:
                 cursor.execute("RESET lock_timeout")
                 cursor.execute("RESET statement_timeout")

@@ -37,7 +37,9 @@ class Progress(Protocol):
 class Events(Protocol):
     """What a run reports: narration, warnings, notes, and the progress of a pass."""
 
-    secrets: tuple[str, ...]  # never to be shown: the events' reader redacts them
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Never to be shown: the events' reader redacts them."""
 
     def say(self, message: str = "") -> None: ...
 

@@ -24,8 +24,8 @@ from toolkit.catalog import column_exists, relation_exists
 from toolkit.engine import state
 from toolkit.engine.plan import Final, MilestonePlan
 from toolkit.errors import PreconditionRefused
-from toolkit.schema.migrations import VERSION_TABLE, applied_revisions, own_schema_exists
-from toolkit.schema.own import SCHEMA
+from toolkit.schema.migrations import applied_revisions, own_schema_exists
+from toolkit.schema.own import SCHEMA, VERSION_TABLE
 
 ADOPT = "toolkit adopt"
 
@@ -111,7 +111,7 @@ def _made_by_own_revisions(conn: Connection, found: dict[str, list[str]]) -> boo
 
 
 def schema_exists(conn: Connection) -> bool:
-    return conn.execute(sa.text("SELECT to_regnamespace(:s) IS NOT NULL"), {"s": SCHEMA}).scalar_one()
+    return bool(conn.execute(sa.text("SELECT to_regnamespace(:s) IS NOT NULL"), {"s": SCHEMA}).scalar_one())
 
 
 def refuse_lost_ledger(conn: Connection, plan: MilestonePlan) -> None:

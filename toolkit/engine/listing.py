@@ -33,7 +33,7 @@ def read_to_the_end(conn: Connection) -> None:
     conn.execute(sa.text("SELECT set_config('cursor_tuple_fraction', '1', true)"))
 
 
-class Listing(list):
+class Listing(list[dict[str, Any]]):
     """The first rows of a query (a list of dicts), and ``total``: how many rows matched."""
 
     total: int

@@ -4,6 +4,8 @@ on a primary, with the privileges the milestone needs? Each failure names the fi
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy import types as t
 from sqlalchemy.engine import Connection
@@ -14,7 +16,7 @@ from toolkit.schema.gitlab import metadata as gitlab_metadata
 from toolkit.schema.own import SCHEMA
 
 
-def pg_type_name(column: sa.Column) -> str:
+def pg_type_name(column: sa.Column[Any]) -> str:
     """The column's type as PostgreSQL's format_type() spells it."""
     kind = column.type
     if isinstance(kind, t.BigInteger):
@@ -105,7 +107,7 @@ def check_writable(conn: Connection) -> None:
 
 def check_privileges(conn: Connection, updates: tuple[str, ...], reads: tuple[str, ...]) -> None:
     def allowed(sql: str, **params: str) -> bool:
-        return conn.execute(sa.text(f"SELECT {sql}"), params).scalar_one()
+        return bool(conn.execute(sa.text(f"SELECT {sql}"), params).scalar_one())
 
     missing = [f"SELECT on {table}" for table in reads
                if not allowed("has_table_privilege(:t, 'SELECT')", t=table)]

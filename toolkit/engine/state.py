@@ -45,6 +45,7 @@ class Checkpoint:
 
 # -- runs ------------------------------------------------------------------------------
 def start_run(conn: Connection, command: str, milestone: str | None, options: dict[str, Any]) -> int:
+    os_user: str | None
     try:
         os_user = getpass.getuser()
     except Exception:  # no passwd entry in some containers
@@ -57,7 +58,7 @@ def start_run(conn: Connection, command: str, milestone: str | None, options: di
     """), {"command": command, "milestone": milestone, "options": json.dumps(options, default=str),
            "os_user": os_user, "host": socket.gethostname(), "version": __version__}).scalar_one()
     conn.commit()
-    return run_id
+    return int(run_id)
 
 
 def finish_run(conn: Connection, run_id: int, outcome: str, rows_by_step: dict[str, int],

@@ -12,7 +12,7 @@ question the commands ask, so ``plan``, ``sql``, ``migrate``, ``verify`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -118,10 +118,10 @@ class Step:
     def plan(self, conn: Connection) -> StepPlan:
         raise NotImplementedError
 
-    def forward(self) -> list[Action]:
+    def forward(self) -> Sequence[Action]:
         return []
 
-    def backward(self) -> list[Action]:
+    def backward(self) -> Sequence[Action]:
         return []
 
     def verify(self, conn: Connection) -> list[Check]:

@@ -64,7 +64,7 @@ def start(conn: Connection, run_id: int) -> bool:
         UPDATE {SCHEMA}.runs SET writes_tracked = current_setting('track_counts')::boolean
         WHERE id = :r RETURNING writes_tracked"""), {"r": run_id}).scalar_one()
     conn.execute(sa.text("SELECT pg_stat_force_next_flush()"))
-    return tracked
+    return bool(tracked)
 
 
 def record(conn: Connection, run_id: int) -> None:

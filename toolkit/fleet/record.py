@@ -56,9 +56,9 @@ def _one_line(error: dict[str, Any]) -> str:
     return f"{problem}. Next: {error['next_step']}" if error.get("next_step") else problem
 
 
-def meaning(code: int) -> str:
+def meaning(code: int | None) -> str:
     try:
-        return EXIT_CODE_MEANINGS[ExitCode(code)]
+        return EXIT_CODE_MEANINGS[ExitCode(code if code is not None else -1)]
     except ValueError:
         return "not one of the toolkit's exit codes (the job's shell or runner ended it)"
 

@@ -40,9 +40,9 @@ def gather(directory: Path, fleet: Fleet | None = None) -> list[dict[str, Any]]:
             found[data["database"]] = data
     if fleet is None:
         return sorted(found.values(), key=lambda r: (str(r.get("started_at")), r["database"]))
-    records = []
+    records: list[dict[str, Any]] = []
     for database in fleet.databases:
-        records.append(found.pop(database.name, None) or {
+        records.append(found.pop(database.name, {}) or {
             "database": database.name, "wave": database.wave, "tags": list(database.tags),
             "status": "not run", "exit_code": None, "seconds": None,
             "error": "no record: the job did not run (an earlier wave failed, or it was cancelled)"})

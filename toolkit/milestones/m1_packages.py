@@ -283,7 +283,7 @@ class ConvertCandidatePackages(Step):
             SELECT p.status, count(*) FROM packages_packages p
             WHERE {ELIGIBLE} AND {CANDIDATE_LINKED} GROUP BY p.status ORDER BY p.status""")).all()
         breakdown = {PACKAGE_STATUS_NAMES.get(s, str(s)): n for s, n in by_status}
-        by_type = dict(conn.execute(sa.text(f"""
+        by_type: dict[str, int] = dict(conn.execute(sa.text(f"""
             SELECT CASE p.package_type WHEN 7 THEN 'generic' WHEN 14 THEN 'ml_model' ELSE 'other' END,
                    count(*)
             FROM packages_packages p WHERE {CANDIDATE_LINKED} GROUP BY 1""")).all())

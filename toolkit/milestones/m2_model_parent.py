@@ -124,7 +124,7 @@ class BackfillModelId(Step):
                             sql=self.forward_sql())
         count_from = self._count_sql(conn)
         rows = conn.execute(sa.text(f"SELECT count(*) {count_from}")).scalar_one()
-        context = dict(conn.execute(sa.text("""
+        context: dict[str, int] = dict(conn.execute(sa.text("""
             SELECT CASE WHEN e.model_id IS NULL THEN 'candidates of experiments without a model '
                         || '(get model_id in milestone 3)'
                         ELSE 'candidates of default experiments' END, count(*)

@@ -119,7 +119,7 @@ WITH copied AS (
 INSERT INTO {COPIED} (model_metadata_id, model_id, run_id) SELECT id, model_id, :run_id FROM copied"""
 
 
-def create_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
+def create_models_batch(conn: Connection, lo: int, hi: int, run_id: int | None) -> int:
     """The batch body: the statements of :data:`CREATE_MODELS` and friends, slugs bound."""
     bounds = {"lo": lo, "hi": hi, "run_id": run_id}
     experiments = conn.execute(sa.text(LOCK_EXPERIMENTS), bounds).all()
@@ -386,7 +386,7 @@ class CreateModelsForExperiments(Step):
             FROM ml_experiments e JOIN ml_experiment_metadata em ON em.experiment_id = e.id
             JOIN ml_model_metadata mm ON mm.model_id = e.model_id AND mm.name = em.name
             WHERE mm.value <> em.value ORDER BY e.id, em.name""")
-        context = dict(
+        context: dict[str, int] = dict(
             conn.execute(
                 sa.text("""
             SELECT 'experiment metadata rows to copy', count(*) FROM ml_experiment_metadata em

@@ -281,6 +281,8 @@ def missing_users(conn: Connection, users: list[int | str]) -> list[str]:
 
 
 def _user_row(conn: Connection, user: int | str) -> sa.Row | None:
+    where: str
+    value: int | str
     if isinstance(user, int):
         where, value = "id = :u", user
     else:

@@ -294,7 +294,8 @@ class _OneLine(logging.Handler):
             return
         if record.exc_info and isinstance(record.exc_info[1], StreamCut | ConnectionError):
             return
-        if record.name == "waitress.queue" and record.args and record.args[0] < self.QUEUE_SAID_FROM:
+        if (record.name == "waitress.queue" and isinstance(record.args, tuple) and record.args
+                and isinstance(record.args[0], int) and record.args[0] < self.QUEUE_SAID_FROM):
             return
         problem = f": {type(record.exc_info[1]).__name__}" if record.exc_info and record.exc_info[1] else ""
         out.note(f"mlflow serve: {record.getMessage().splitlines()[0][:300]}{problem}")

@@ -315,6 +315,7 @@ def set_experiment_tag(conn: Connection, ctx: WriteContext, params: dict[str, An
         for table, row in stages.add_experiment_tag(conn, ctx.stage, experiment, key, value):
             _record(conn, ctx, table, [row], "insert", model_id=experiment.model_id)
         return {}
+    assert experiment.id is not None  # its row: milestone 4 (no row) returned above
     _add_metadata(conn, ctx, "ml_experiment_metadata", "experiment_id", experiment.id, key, value,
                   model_id=experiment.model_id)
     return {}
@@ -375,6 +376,7 @@ def delete_experiment(conn: Connection, ctx: WriteContext, params: dict[str, Any
         raise ApiError(400, body={"message": "Cannot delete an experiment associated to a model"})
     if _after_milestone_4(ctx):
         raise NotImplementedError(ctx.endpoint)  # an experiment without a model: none gets past the gate
+    assert experiment.id is not None  # its row: milestone 4 (no row) returned above
     candidates = [r[0] for r in conn.execute(sa.text(
         "SELECT id FROM ml_candidates WHERE experiment_id = :e ORDER BY id FOR UPDATE"),
         {"e": experiment.id})]

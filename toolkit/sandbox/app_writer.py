@@ -97,7 +97,7 @@ class AppWriter(threading.Thread):
             project = conn.execute(sa.text("SELECT min(id) FROM projects")).scalar_one()
             iid = internal_ids.next_experiment_iid(conn, project)
             self.new_experiments.append(
-                conn.execute(sa.text(NEW_EXPERIMENT), {"n": n, "iid": iid, "p": project}).scalar())
+                conn.execute(sa.text(NEW_EXPERIMENT), {"n": n, "iid": iid, "p": project}).scalar_one())
         # the run's parent: one of the latest experiments, every other time one of a model
         parent = None
         if has_experiments and n % 2 == 0:
@@ -111,7 +111,7 @@ class AppWriter(threading.Thread):
             INSERT INTO packages_packages (created_at, updated_at, project_id, name, version, package_type)
             VALUES (now(), now(), :p, :name, :v, :t) RETURNING id"""),
             {"p": project_id, "name": f"ml_experiment_{iid}", "v": str(candidate_iid),
-             "t": self.package_type}).scalar()
+             "t": self.package_type}).scalar_one()
         # Before the cleanup GitLab names the experiment (milestone 2's trigger fills
         # model_id); the version deployed for milestone 4 sets model_id itself.
         parents = {"experiment_id": experiment_id} if has_experiments else {}
@@ -123,7 +123,7 @@ class AppWriter(threading.Thread):
             VALUES (now(), now(), {", ".join(f":{c}" for c in parents)}, gen_random_uuid(), :p, :ci,
                     :pkg, :name, 0) RETURNING id"""),
             {**parents, "p": project_id, "ci": candidate_iid, "pkg": package,
-             "name": f"live-run-{n}"}).scalar()
+             "name": f"live-run-{n}"}).scalar_one()
         conn.execute(sa.text("""
             INSERT INTO ml_candidate_params (created_at, updated_at, candidate_id, name, value, project_id)
             VALUES (now(), now(), :c, 'lr', '0.01', :p), (now(), now(), :c, 'depth', '6', :p)"""),

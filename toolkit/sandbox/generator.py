@@ -21,7 +21,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -85,7 +87,7 @@ class CopySink:
     """Buffers rows per table and writes them with COPY when a buffer fills up."""
 
     def __init__(self, conn: Connection, flush_rows: int = 25_000):
-        self._dbapi = conn.connection.driver_connection
+        self._dbapi = cast(psycopg.Connection, conn.connection.driver_connection)
         self._flush_rows = flush_rows
         self._buffers: dict[str, list[tuple]] = defaultdict(list)
         self.counts: dict[str, int] = defaultdict(int)

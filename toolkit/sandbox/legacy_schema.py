@@ -10,6 +10,8 @@ row by row, and the triggers would otherwise run a lookup for every loaded row.
 
 from __future__ import annotations
 
+from typing import cast
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import AddConstraint, CreateIndex, CreateSequence, CreateTable
@@ -28,7 +30,7 @@ def create_tables(conn: Connection) -> None:
     conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
     for table in _tables():
         if "id" in table.c:  # project_authorizations has none
-            conn.execute(CreateSequence(table.c.id.default, if_not_exists=True))
+            conn.execute(CreateSequence(cast(sa.Sequence, table.c.id.default), if_not_exists=True))
     for table in _tables():
         conn.execute(CreateTable(table, include_foreign_key_constraints=[]))
 
@@ -37,12 +39,12 @@ def finish_schema(conn: Connection) -> None:
     for table in _tables():
         if "id" in table.c:
             conn.execute(sa.text(f"ALTER SEQUENCE {table.name}_id_seq OWNED BY {table.name}.id"))
-        for index in sorted(table.indexes, key=lambda i: i.name):
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
             conn.execute(CreateIndex(index))
-        for fk in sorted(table.foreign_key_constraints, key=lambda c: c.name):
+        for fk in sorted(table.foreign_key_constraints, key=lambda c: str(c.name)):
             conn.execute(AddConstraint(fk))
-    name, table, expression = gitlab.PACKAGES_STATUS_MESSAGE_CHECK
-    conn.execute(sa.text(f"ALTER TABLE {table} ADD CONSTRAINT {name} CHECK ({expression}) NOT VALID"))
+    name, checked, expression = gitlab.PACKAGES_STATUS_MESSAGE_CHECK
+    conn.execute(sa.text(f"ALTER TABLE {checked} ADD CONSTRAINT {name} CHECK ({expression}) NOT VALID"))
     for trigger in PROJECT_ID_TRIGGERS:
         conn.execute(sa.text(trigger.create_function_sql()))
         conn.execute(sa.text(trigger.create_trigger_sql()))

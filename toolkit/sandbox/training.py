@@ -124,7 +124,7 @@ def _watch_retries(journal: Journal) -> None:
                        "error": None if error is None else type(error).__name__})
         return original(self, method, url, response, error, _pool, _stacktrace)
 
-    Retry.increment = increment
+    Retry.increment = increment  # type: ignore[method-assign]
 
 
 def worker_main(config: dict[str, Any]) -> int:
@@ -170,7 +170,7 @@ def worker_main(config: dict[str, Any]) -> int:
             _paused(pause, stop, journal, base)
             continue
         name, kind = experiment_name(worker, k, rng, made, existing, config.get("label", ""))
-        ok, experiment = call("set_experiment", lambda name=name: _set_experiment(mlflow, name),
+        ok, experiment = call("set_experiment", lambda name=name: _set_experiment(mlflow, name),  # type: ignore[misc]
                               name=name, kind=kind)
         if ok:
             journal.write({**base, "op": "experiment", "name": name, "id": experiment.experiment_id})
@@ -232,10 +232,10 @@ def _one_run(call, client, mlflow, rng: random.Random, mark: str, experiment_id:
     call("log_batch", lambda: client.log_batch(run_id, metrics=_metrics(metrics),
                                                params=_params(batch_params), tags=_tags(batch_tags)),
          run_id=run_id, metrics=metrics, params=batch_params, tags=batch_tags)
-    tags = {"team": f"team-{rng.randint(1, 9)}", "note": "δοκιμή ✓"}
-    for key, value in tags.items():
-        call("set_tags", lambda key=key, value=value: client.set_tag(run_id, key, value),
-             run_id=run_id, tags={key: value})
+    tags: dict[str, str] = {"team": f"team-{rng.randint(1, 9)}", "note": "δοκιμή ✓"}
+    for key, text in tags.items():
+        call("set_tags", lambda key=key, text=text: client.set_tag(run_id, key, text),
+             run_id=run_id, tags={key: text})
     status = rng.choice(STATUSES)
     before = int(time.time() * 1000)
     ok, _ = call("end_run", lambda: mlflow.end_run(status=status), run_id=run_id, status=status)
@@ -296,7 +296,7 @@ class Workload:
     projects: list[int]
     clients: int = 2
     seed: int = 1
-    folder: Path | None = None
+    folder: Path = None  # type: ignore[assignment]  # a temporary folder when not given
     token: str | None = None
     pause_s: float = 0.05
     iterations: int | None = None
@@ -626,7 +626,7 @@ def _read_runs(entries, client, report: Report, error) -> None:
         marks.setdefault((project, made["experiment_id"]), Counter())
     # a run made twice where the client made it once: the same training.run mark twice
     for (project, experiment_id), _ in sorted(marks.items()):
-        found = Counter()
+        found: Counter[str] = Counter()
         for run in _all_runs(client(project), experiment_id):
             if mark := run.data.tags.get("training.run"):
                 found[mark] += 1

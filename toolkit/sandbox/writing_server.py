@@ -43,6 +43,7 @@ def writing_server(database_url: str, log: Path, *extra: str) -> Iterator[Writin
     timer = threading.Timer(STARTUP_TIMEOUT_S, process.kill)  # a server that never says where
     timer.start()
     try:
+        assert process.stdout is not None  # stdout=PIPE
         for line in process.stdout:
             if line.startswith("Serving "):
                 address = line.split(" at ")[1].split()[0]

@@ -33,7 +33,7 @@ TABLE = f"{SCHEMA}.fingerprints"
 
 
 def _table_exists(conn: Connection) -> bool:
-    return conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": TABLE}).scalar_one()
+    return bool(conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": TABLE}).scalar_one())
 
 
 def load(conn: Connection, milestone: str) -> Fingerprint | None:

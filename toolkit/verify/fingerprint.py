@@ -534,8 +534,8 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
                    f"WHERE t.id <= :w{where}")
             rows, digest, buckets = bucketed_digest(conn, sql, {"w": bound(table)}, size, method, memo)
             return {"rows": rows, "hash": digest, "bucket_size": size, "buckets": buckets}
-        digest = table_digest(conn, table, f"t.id <= :w{where}", {"w": bound(table)}, memo, method)
-        return {"rows": digest.rows, "hash": digest.digest}
+        whole = table_digest(conn, table, f"t.id <= :w{where}", {"w": bound(table)}, memo, method)
+        return {"rows": whole.rows, "hash": whole.digest}
 
     named = scope.named if scope else {}
     tables: dict[str, dict[str, Any] | None] = {}
@@ -564,9 +564,11 @@ def take(conn: Connection, watermarks: dict[str, int | None] | None = None,
                 # the part's query ends with its WHERE clause (run_artifact_uris does)
                 assert "WHERE" in sql.rstrip().rsplit("\n", 1)[-1], part
                 sql = f"{sql} AND ({scope.part_rows[part]})"
-            table = DERIVED_FROM.get(part)
-            if (comparable and table and tables.get(table) is not None
-                    and _same(reference.tables.get(table), tables[table]) and part in reference.mlflow):
+            derived_from = DERIVED_FROM.get(part)
+            if (reference is not None and comparable and derived_from
+                    and tables.get(derived_from) is not None
+                    and _same(reference.tables.get(derived_from), tables[derived_from])
+                    and part in reference.mlflow):
                 mlflow[part] = reference.mlflow[part]
                 continue
             if named_keys := named.get((scope.named_parts if scope else {}).get(part, "")):

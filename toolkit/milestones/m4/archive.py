@@ -157,11 +157,11 @@ def differences(conn: Connection, *, rebuilt: bool = False) -> list[str]:
         if differ:
             problems.append(f"ml_candidates.experiment_id: {differ} candidates differ from the archive")
         return problems
-    live = conn.execute(sa.text(_CANDIDATE_PAIRS.format(id="id", table="ml_candidates"))).one()
-    kept = conn.execute(sa.text(
+    pairs = conn.execute(sa.text(_CANDIDATE_PAIRS.format(id="id", table="ml_candidates"))).one()
+    archived = conn.execute(sa.text(
         _CANDIDATE_PAIRS.format(id="candidate_id", table=M4_ARCHIVE_CANDIDATES))).one()
-    if tuple(live) != tuple(kept):
-        problems.append(f"ml_candidates.experiment_id: {live[0]} rows but the archive has {kept[0]} "
+    if tuple(pairs) != tuple(archived):
+        problems.append(f"ml_candidates.experiment_id: {pairs[0]} rows but the archive has {archived[0]} "
                         "(or their hashes differ)")
     return problems
 
