@@ -183,7 +183,7 @@ def paused_seconds(controls: list[dict[str, Any]], start: datetime, end: datetim
 
 
 def _has(conn: Connection, name: str) -> bool:
-    return conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}).scalar_one()
+    return bool(conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}).scalar_one())
 
 
 def running_run_id(conn: Connection) -> int | None:
