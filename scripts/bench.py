@@ -75,15 +75,16 @@ import bench_hand
 import bench_observe
 
 from toolkit import milestones as registry
-from toolkit.cli.migrate import batch_target
 from toolkit.db import create_engine
-from toolkit.engine.batches import RunOptions
 from toolkit.engine.runner import Runner
+from toolkit.engine.settings import RunOptions, batch_target
 from toolkit.errors import ExitCode, PreconditionRefused
 from toolkit.sandbox.app_writer import AppWriter, as_ms, percentile
 from toolkit.sandbox.scales import SCALES
 from toolkit.sandbox.server import SUPERUSER, SandboxServer, _bin
-from toolkit.sandbox.training import Workload, first_runs, read_back, read_journals, write_latencies
+from toolkit.sandbox.training import Workload, first_runs
+from toolkit.sandbox.training_journal import read_journals, write_latencies
+from toolkit.sandbox.training_readback import read_back
 from toolkit.sandbox.writing_server import writing_server
 
 

@@ -59,7 +59,7 @@ def run(out: str, argv: list[str]) -> None:
         doc.update({
             "runner_seconds": round(runner, 3), "rows": result.rows,
             # the command line's own work around the run: reading the options, connecting,
-            # the milestone's state (runner.final), and after it the report and --json document
+            # the milestone's state (runner.inspector.final), and after it the report and --json document
             "cli_before_run": round(_kept["run_began"] - began, 3),
             "cli_after_run": round(ended - _kept["run_ended"], 3),
             "phases": {

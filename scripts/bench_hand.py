@@ -132,7 +132,7 @@ $$""", f"CREATE TRIGGER {M3_TRIGGER} BEFORE INSERT ON ml_models FOR EACH ROW EXE
 
 def m3_slugs(conn: Connection) -> dict[str, Any]:
     """Every experiment without a model and its slug, by the toolkit's own rule."""
-    from toolkit.milestones.m3_models_for_experiments import planned_slugs
+    from toolkit.milestones.m3_create import planned_slugs
 
     planned = sorted((p.experiment_id, p.slug) for p in planned_slugs(conn))
     return {"ids": [i for i, _ in planned], "slugs": [s for _, s in planned]}

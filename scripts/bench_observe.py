@@ -31,8 +31,9 @@ from toolkit.cli.metrics import MetricsTextfile
 from toolkit.cli.observe import EventStream
 from toolkit.db import create_engine
 from toolkit.engine import state
-from toolkit.engine.batches import Budget, RunOptions
+from toolkit.engine.budget import Budget
 from toolkit.engine.control import Steering
+from toolkit.engine.settings import RunOptions
 from toolkit.sandbox.app_writer import percentile
 from toolkit.schema.migrations import ensure_own_tables
 from toolkit.schema.own import SCHEMA

@@ -11,7 +11,8 @@
 A ``Case`` says what is particular to one milestone: what to note before it applies
 (``capture``), what must hold after apply (``after_apply``) and after rollback
 (``after_rollback``), and around a run beside the application writer. Its databases are
-prepared by applying milestones 1..N-1 first; ``States`` builds each state (before, applied,
+prepared by applying milestones 1..N-1 first (their order is the registry's, and every
+registered milestone must have its case); ``States`` builds each state (before, applied,
 rolled back) once per session, and each test works on a copy of its own.
 """
 
@@ -23,11 +24,15 @@ from typing import Any
 
 from helpers import resolve_m1_anomalies, toolkit, toolkit_json
 
-from toolkit.milestones import slug
+from toolkit.milestones import REGISTRY, slug
+from toolkit.milestones.m1_packages import NAME as M1
+from toolkit.milestones.m2_model_parent import NAME as M2
+from toolkit.milestones.m3_models_for_experiments import NAME as M3
+from toolkit.milestones.m4 import NAME as M4
 from toolkit.sandbox.app_writer import AppWriter
 from toolkit.schema.gitlab import PACKAGE_TYPE_GENERIC
 
-MILESTONES = ("milestone-1", "milestone-2", "milestone-3", "milestone-4")
+MILESTONES = tuple(REGISTRY.milestones)  # the registered milestones, in order
 PROFILES = ("realistic", "adversarial")
 # Applies of adversarial data use it: their end state is what the kill test resumes to.
 KILL_BATCH_SIZE = 4
@@ -132,7 +137,7 @@ def _m2_after_apply(db, applied: Applied) -> None:
     moved = db.scalar("SELECT max(id) FROM ml_candidates WHERE experiment_id = :e", e=default_experiment)
     db.execute("UPDATE ml_candidates SET experiment_id = :p WHERE id = :c", p=plain, c=moved)
     assert db.scalar("SELECT model_id FROM ml_candidates WHERE id = :c", c=moved) is None
-    assert toolkit(db, "verify", "milestone-2").exit_code == 0
+    assert toolkit(db, "verify", M2).exit_code == 0
 
 
 def _m2_after_writer(db, writer: AppWriter) -> None:
@@ -229,31 +234,33 @@ def _m4_after_rollback(db, sequences: list) -> None:
 
 def _m4_after_writer(db, writer: AppWriter) -> None:
     assert db.scalar("SELECT count(*) FROM ml_candidates WHERE model_id IS NULL") == 0
-    assert toolkit(db, "rollback", "milestone-4").exit_code == 0
+    assert toolkit(db, "rollback", M4).exit_code == 0
     # every candidate, those written during and after the cleanup too, has its experiment back
     assert db.scalar("SELECT count(*) FROM ml_candidates WHERE experiment_id IS NULL") == 0
     assert db.scalar(CANDIDATES_FOLLOW_EXPERIMENTS) == 0
 
 
 CASES = {case.milestone: case for case in (
-    Case("milestone-1", apply_batch_size=25, rollback_batch_size=7, capture=_m1_capture,
+    Case(M1, apply_batch_size=25, rollback_batch_size=7, capture=_m1_capture,
          after_apply=_m1_after_apply, after_rollback=_m1_after_rollback,
          writer_options=("--batch-size", "15", "--pause-ms", "10"), after_writer=_m1_after_writer),
-    Case("milestone-2", apply_batch_size=40, capture=lambda db: db.rows(EXPECTED_MODEL_ID),
+    Case(M2, apply_batch_size=40, capture=lambda db: db.rows(EXPECTED_MODEL_ID),
          after_apply=_m2_after_apply,
          # Inserts are never queued behind the backfill: row-level locks on other rows do not
          # conflict with an INSERT, and each DDL lock is held for milliseconds.
          writer_options=("--batch-size", "10", "--pause-ms", "30"), writer_run_verifies=True,
          writer_max_latency_s=1.0, after_writer=_m2_after_writer),
-    Case("milestone-3", apply_batch_size=7, rollback_batch_size=4, capture=_m3_capture,
+    Case(M3, apply_batch_size=7, rollback_batch_size=4, capture=_m3_capture,
          after_apply=_m3_after_apply, after_rollback=_m3_after_rollback,
          writer_options=("--batch-size", "3", "--pause-ms", "20"),
          after_writer_run=_m3_after_writer_run, after_writer=_m3_after_writer),
-    Case("milestone-4", apply_batch_size=20, profiles=("adversarial",), rollback_batch_size=20, capture=_m4_capture,
+    Case(M4, apply_batch_size=20, profiles=("adversarial",), rollback_batch_size=20, capture=_m4_capture,
          after_apply=_m4_after_apply, after_rollback=_m4_after_rollback, rollback_moves_columns=True,
          exact_tables=ARCHIVE, writer_options=("--batch-size", "10", "--pause-ms", "5"),
          writer_run_verifies=True, after_writer=_m4_after_writer),
 )}
+# A milestone registered without its case would go untested: refuse it here, at collection.
+assert set(CASES) == set(MILESTONES), f"milestones without a contract case: {set(MILESTONES) - set(CASES)}"
 
 
 def apply_result(code: int, doc: dict) -> dict:

@@ -123,9 +123,9 @@ def test_history_keeps_a_driver_error_as_its_sqlstate_and_first_line_never_a_url
     import sqlalchemy as sa
     from sqlalchemy.exc import DBAPIError
 
-    from toolkit.engine.batches import RunOptions
     from toolkit.engine.events import LOGGED
     from toolkit.engine.history import RunHistory, error_text
+    from toolkit.engine.settings import RunOptions
 
     db = realistic_db
     try:

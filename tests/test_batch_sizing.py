@@ -6,8 +6,8 @@ import pytest
 from helpers import OnePassStep, toolkit_json
 
 from toolkit import milestones as registry
-from toolkit.cli.migrate import DEFAULT_TARGET_BATCH_MS
 from toolkit.engine.plan import Milestone
+from toolkit.engine.settings import DEFAULT_TARGET_BATCH_MS
 from toolkit.engine.sizing import BatchSizer
 
 MS_PER_KEY = 2
@@ -20,7 +20,7 @@ SLOW_PER_KEY = OnePassStep("slow-per-key", "ml_candidate_metrics", f"""
 
 @pytest.fixture
 def slow_milestone_1(monkeypatch):
-    m1 = Milestone(name="milestone-1", number=1, title="test-only milestone", steps=(SLOW_PER_KEY,), reads=("ml_candidate_metrics",))
+    m1 = Milestone(name="milestone-1", title="test-only milestone", steps=(SLOW_PER_KEY,), reads=("ml_candidate_metrics",))
     monkeypatch.setitem(registry.MILESTONES, "milestone-1", m1)
 
 

@@ -179,9 +179,9 @@ def test_milestone_4_with_json_in_a_terminal_says_json_cannot_prompt(before_mile
 def test_history_never_keeps_sqlalchemy_internals_from_any_path(realistic_db):
     from sqlalchemy.exc import DBAPIError, StatementError
 
-    from toolkit.engine.batches import RunOptions
     from toolkit.engine.events import LOGGED
     from toolkit.engine.history import RunHistory, error_text
+    from toolkit.engine.settings import RunOptions
 
     db = realistic_db
     try:  # not a driver error: SQLAlchemy's own, with its statement dump and link
@@ -255,8 +255,8 @@ def test_what_the_engine_says_in_the_demo_is_indented_under_its_step(realistic_d
     """`Taking the fingerprint ...` comes from the runner, in the middle of the demo's step 3."""
     from toolkit import milestones, output
     from toolkit.cli.demo import STEP_INDENT, Indented
-    from toolkit.engine.batches import RunOptions
     from toolkit.engine.runner import Runner
+    from toolkit.engine.settings import RunOptions
 
     output.configure()
     runner = Runner(realistic_db.engine, RunOptions(batch_size=500), plan=milestones.plan(),

@@ -14,9 +14,9 @@ from helpers import TALLY, OnePassStep, own_schema_exists, snapshot, toolkit, to
 
 from toolkit import milestones as registry
 from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
+from toolkit.engine.inspection import Inspector
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import StepPlan
-from toolkit.engine.runner import Runner
 from toolkit.engine.step import Step
 from toolkit.errors import ExitCode
 
@@ -36,19 +36,19 @@ class WritesDuringPlan(Step):
 @pytest.fixture
 def with_test_milestone_2(monkeypatch):
     touch_nothing = OnePassStep("touch-nothing", "ml_candidates", "SELECT 0")
-    m2 = Milestone(name="milestone-2", number=2, title="test-only milestone", steps=(touch_nothing,), reads=("ml_candidates",))
+    m2 = Milestone(name="milestone-2", title="test-only milestone", steps=(touch_nothing,), reads=("ml_candidates",))
     monkeypatch.setitem(registry.MILESTONES, "milestone-2", m2)
     return m2
 
 
 def test_dry_run_is_read_only_even_when_a_step_tries_to_write(realistic_db):
     before = snapshot(realistic_db)
-    faulty = Milestone(name="milestone-1", number=1, title="faulty", steps=(WritesDuringPlan(),), reads=("packages_packages",))
+    faulty = Milestone(name="milestone-1", title="faulty", steps=(WritesDuringPlan(),), reads=("packages_packages",))
     with pytest.raises(sa.exc.DBAPIError, match="read-only transaction"):
-        Runner(realistic_db.engine, plan=registry.plan()).plan(faulty)
+        Inspector(realistic_db.engine, registry.plan()).plan(faulty)
     assert snapshot(realistic_db) == before
     assert not own_schema_exists(realistic_db)
-    with Runner(realistic_db.engine, plan=registry.plan()).read_only() as conn:
+    with Inspector(realistic_db.engine, registry.plan()).read_only() as conn:
         assert conn.execute(sa.text("SHOW transaction_read_only")).scalar() == "on"
         assert conn.execute(sa.text("SHOW transaction_isolation")).scalar() == "repeatable read"
 

@@ -150,7 +150,8 @@ def test_a_baseline_of_format_1_is_still_compared_its_way(realistic_db):
     from dataclasses import replace
 
     from toolkit.verify import baselines
-    from toolkit.verify.fingerprint import compare, take
+    from toolkit.verify.differences import compare
+    from toolkit.verify.fingerprint import take
 
     assert toolkit(realistic_db, "migrate", "milestone-1").exit_code == 0
     with realistic_db.engine.connect() as conn:

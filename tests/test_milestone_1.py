@@ -13,8 +13,9 @@ from helpers import snapshot, toolkit, toolkit_json, toolkit_process
 
 from toolkit import milestones as registry
 from toolkit.cli.sql import positional
-from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV, RunOptions
+from toolkit.engine.batches import FAULT_KILL_AFTER_BATCHES_ENV
 from toolkit.engine.runner import Runner
+from toolkit.engine.settings import RunOptions
 from toolkit.errors import ExitCode
 from toolkit.milestones.m1_packages import CONVERT_BATCH, RESTORE_BATCH
 from toolkit.output import out

@@ -23,7 +23,7 @@ from toolkit.engine.batches import FAULT_KILL_AFTER_ACTIONS_ENV
 from toolkit.errors import ExitCode
 from toolkit.milestones import slug
 from toolkit.milestones.m4.preconditions import preconditions
-from toolkit.mlflow_api import stages
+from toolkit.mlflow_api import stage_experiments, stages
 from toolkit.mlflow_api.stages import Stage
 from toolkit.mlflow_api.views import View
 
@@ -41,7 +41,7 @@ def create(db, name: str, iid: int, tags=TAGS, expect: Stage | None = None) -> s
         stage = stages.stage_of(conn)
         if expect is not None:
             assert stage is expect
-        return stages.create_experiment(conn, stage, project_id=_project(db), name=name, tags=list(tags),
+        return stage_experiments.create_experiment(conn, stage, project_id=_project(db), name=name, tags=list(tags),
                                         user_id=None, iid=iid)
 
 
@@ -93,7 +93,7 @@ def test_from_milestone_3_then_after_milestone_4_then_both_rollbacks(ready):
         assert found == stages.ExperimentRef(late.id, 9002, _project(db), late.model_id,
                                              "Made after milestone 4", False)
         with pytest.raises(sa.exc.IntegrityError):
-            stages.create_experiment(conn, Stage.ARCHIVE, project_id=_project(db), name="Made after milestone 4",
+            stage_experiments.create_experiment(conn, Stage.ARCHIVE, project_id=_project(db), name="Made after milestone 4",
                                      tags=[], user_id=None, iid=9003)
     # a run under it (what runs/create will insert), then the reads answer both
     db.execute("""INSERT INTO ml_candidates (created_at, updated_at, project_id, eid, status, model_id, name)
@@ -210,7 +210,7 @@ def test_a_write_at_the_archive_and_the_rebuild_do_not_lose_an_experiment(ready)
     # the write first: the rebuild waits for it, then carries it over
     with db.engine.connect() as conn:
         conn.begin()
-        written = stages.create_experiment(conn, Stage.ARCHIVE, project_id=_project(db), name="in flight",
+        written = stage_experiments.create_experiment(conn, Stage.ARCHIVE, project_id=_project(db), name="in flight",
                                            tags=[("k", "v")], user_id=None, iid=9001)
         rollback = threading.Thread(target=lambda: results.append(toolkit_process(db, "rollback", "milestone-4")))
         results: list = []
@@ -257,7 +257,7 @@ def test_a_write_at_milestone_3s_stage_and_milestone_4_do_not_lose_an_experiment
     db = ready()
     with db.engine.connect() as conn:
         conn.begin()
-        written = stages.create_experiment(conn, Stage.MODELS, project_id=_project(db), name="in flight",
+        written = stage_experiments.create_experiment(conn, Stage.MODELS, project_id=_project(db), name="in flight",
                                            tags=[("k", "v")], user_id=None, iid=9001)
         results: list = []
         migrate = threading.Thread(target=lambda: results.append(

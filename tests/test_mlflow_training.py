@@ -46,12 +46,9 @@ from mlflow_serving import adversarial_database, serve_process
 
 from toolkit.engine.batches import FAULT_KILL_AFTER_ACTIONS_ENV, FAULT_KILL_AFTER_BATCHES_ENV
 from toolkit.mlflow_api.walk import client_version
-from toolkit.sandbox.training import (
-    Workload,
-    read_back,
-    read_journals,
-    write_latencies,
-)
+from toolkit.sandbox.training import Workload
+from toolkit.sandbox.training_journal import read_journals, write_latencies
+from toolkit.sandbox.training_readback import read_back
 
 MILESTONES = ("milestone-1", "milestone-2", "milestone-3", "milestone-4")
 CLIENTS, SEED = 4, 27

@@ -32,8 +32,8 @@ from test_mlflow_tokens import DB_KEY_BASE, PROJECT, SCOPE, UNAUTHORIZED, gitlab
 
 from toolkit.db import create_engine
 from toolkit.mlflow_api.internal_ids import ML_CANDIDATES, ML_EXPERIMENTS
-from toolkit.mlflow_api.registry_writes import PENDING_DESTRUCTION
 from toolkit.mlflow_api.walk import client_version
+from toolkit.schema.gitlab import PENDING_DESTRUCTION
 from toolkit.schema.migrations import ensure_own_tables
 
 pytestmark = pytest.mark.skipif(client_version() is None,

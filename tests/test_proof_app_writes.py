@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from helpers import toolkit, toolkit_json
 
-from toolkit.mlflow_api import stages
+from toolkit.mlflow_api import stage_experiments, stages
 
 ENDPOINT = "test"
 CHECK = "the MLflow view equals the fingerprint taken before {}"
@@ -81,7 +81,7 @@ def test_the_clients_writes_pass_and_are_reported(migrated):
         delete_run(conn, runs[2])
         conn.exec_driver_sql(f"UPDATE ml_experiments SET deleted_on = now() WHERE id = {experiment}")
         stages.record_write(conn, ENDPOINT, "ml_experiments", experiment, "update")
-        stages.create_experiment(conn, stages.stage_of(conn),
+        stage_experiments.create_experiment(conn, stages.stage_of(conn),
                                  project_id=db.scalar("SELECT min(project_id) FROM ml_models"),
                                  name="made during the proof", tags=[("t", "v")], user_id=None, iid=9001)
     for milestone in ("milestone-2", "milestone-3"):

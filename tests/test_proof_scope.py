@@ -37,7 +37,7 @@ def _once(write: str) -> str:
 def _milestone_1_with(monkeypatch, wrong_sql: str) -> None:
     """Milestone 1 as it is, plus a step that writes where it must not."""
     wrong = OnePassStep("wrong-step", "packages_packages", _once(wrong_sql))
-    m1 = Milestone(name="milestone-1", number=1, title="milestone 1 and a wrong step",
+    m1 = Milestone(name="milestone-1", title="milestone 1 and a wrong step",
                    steps=(*MILESTONE_1.steps, wrong), reads=MILESTONE_1.reads,
                    updates=MILESTONE_1.updates, may_change=MILESTONE_1.may_change)
     monkeypatch.setitem(registry.MILESTONES, "milestone-1", m1)

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit import milestones as registry
 from toolkit.db import create_engine
-from toolkit.engine.runner import Runner
+from toolkit.engine.inspection import Inspector
 from toolkit.errors import ExitCode
 
 
@@ -98,12 +98,12 @@ def test_the_dry_runs_transaction_is_read_only_on_the_server(realistic_db):
     assert code == 0 and doc["result"]["passes"] == [] and doc["result"]["state"] == "not started", doc
     assert not own_schema_exists(realistic_db)
     engine = create_engine(realistic_db.url)
-    runner = Runner(engine, plan=registry.plan())
+    inspector = Inspector(engine, registry.plan())
     try:
         for _ in range(2):
             with engine.begin() as conn:  # the same pooled connection, read-write
                 conn.execute(sa.text("SELECT 1"))
-            with runner.read_only() as conn:
+            with inspector.read_only() as conn:
                 assert conn.execute(sa.text("SHOW transaction_read_only")).scalar() == "on"
                 assert conn.execute(sa.text("SHOW transaction_isolation")).scalar() == "repeatable read"
                 with pytest.raises(DBAPIError) as refused:

@@ -47,7 +47,7 @@ def test_sql_has_no_named_placeholders_left():
 def test_each_statement_carries_the_timeouts_the_toolkit_runs_it_with(rollback):
     """A schema change waits 100 ms for its lock, not a batch's 2 s: the script says so
     statement by statement, and resets a session setting right after its change."""
-    from toolkit.engine.batches import RunOptions
+    from toolkit.engine.settings import RunOptions
 
     defaults = RunOptions()
     for milestone in MILESTONES:

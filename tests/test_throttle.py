@@ -23,7 +23,9 @@ from replication import Replication
 
 from toolkit.db import create_engine, parse_url
 from toolkit.engine import health
-from toolkit.engine.batches import Budget, RunOptions
+from toolkit.engine.budget import Budget
+from toolkit.engine.settings import RunOptions
+from toolkit.engine.throttle import Throttle
 from toolkit.errors import ExitCode
 from toolkit.output import configure
 from toolkit.sandbox.server import SANDBOX_DATABASE
@@ -243,7 +245,7 @@ def test_a_role_without_pg_monitor_is_warned_once_at_start(m1_db, plain_role):
     engine = create_engine(parse_url(url.render_as_string(hide_password=False)))
     try:
         shown = configure()  # the terminal, handed to the run as its events (as the CLI does)
-        throttle = health.Throttle(engine, health.Limits(), Budget(RunOptions(), events=shown))
+        throttle = Throttle(engine, health.Limits(), Budget(RunOptions(), events=shown))
         throttle.start()
         throttle.wait(("ml_candidates",), "a test")
         throttle.wait(("ml_candidates",), "a test")
@@ -261,7 +263,7 @@ def test_a_role_without_pg_monitor_is_warned_once_at_start(m1_db, plain_role):
     assert len(said) == 1 and said[0].startswith("throttling: role 'tk_no_monitor'"), doc["warnings"]
     # and a superuser (every test database's own) is not warned
     shown = configure()
-    health.Throttle(m1_db.engine, health.Limits(), Budget(RunOptions(), events=shown)).start()
+    Throttle(m1_db.engine, health.Limits(), Budget(RunOptions(), events=shown)).start()
     assert shown.warnings == []
 
 
@@ -333,7 +335,7 @@ def test_wal_archiving_that_fails_after_the_start_is_a_reason_to_wait(tmp_path):
     failing.touch()
     with _archiving_server(tmp_path, f"[ ! -e '{failing}' ]") as engine:
         configure()
-        throttle = health.Throttle(engine, health.Limits(), Budget(RunOptions()))
+        throttle = Throttle(engine, health.Limits(), Budget(RunOptions()))
         throttle.start()
         assert throttle.over(()) == []
         with engine.connect() as conn:
@@ -360,7 +362,7 @@ def test_wal_archiving_falling_behind_is_a_reason_to_wait(tmp_path):
     leave more waiting than at the start, over a limit of 2; once archived, no more."""
     with _archiving_server(tmp_path, "sleep 1") as engine:
         configure()
-        throttle = health.Throttle(engine, health.Limits(max_archive_backlog=2), Budget(RunOptions()))
+        throttle = Throttle(engine, health.Limits(max_archive_backlog=2), Budget(RunOptions()))
         throttle.start()
         assert throttle.over(()) == []
         with engine.connect() as conn:

@@ -23,6 +23,7 @@ READS = ("ml_candidates", "ml_models", "ml_candidate_params", "ml_candidate_metr
 def candidate_report(conn: Connection, project_id: int, model_name: str, metric: str | None = None,
                      order: str = "desc") -> dict[str, Any]:
     from toolkit import milestones
+    from toolkit.milestones.m2_model_parent import NAME as M2
 
     check_gitlab_schema(conn, READS, may_be_gone=milestones.plan().may_be_gone(conn))
     has_model_id = conn.execute(sa.text(
@@ -30,7 +31,7 @@ def candidate_report(conn: Connection, project_id: int, model_name: str, metric:
         "AND attname = 'model_id' AND NOT attisdropped)")).scalar_one()
     if not has_model_id:
         raise PreconditionRefused("ml_candidates has no model_id yet",
-                                  "run `toolkit migrate milestone-2` first")
+                                  f"run `toolkit migrate {M2}` first")
     model = conn.execute(sa.text("SELECT id, name FROM ml_models WHERE project_id = :p AND name = :n"),
                          {"p": project_id, "n": model_name}).one_or_none()
     if model is None:

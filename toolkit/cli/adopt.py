@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from toolkit.cli.context import app
 from toolkit.engine import state
 from toolkit.engine.ledger import ADOPT, joined, ledger_lost, schema_exists
+from toolkit.engine.results import MilestoneState
 from toolkit.errors import PreconditionRefused
 from toolkit.output import out
 from toolkit.schema.own import SCHEMA
@@ -37,7 +38,7 @@ def adopt(yes: bool) -> None:
     with runner.engine.connect() as conn:
         lost = ledger_lost(conn, runner.milestones)
         if lost is None:
-            runner.check_gitlab(conn, columns=False)  # not GitLab's: said as every command says it
+            runner.inspector.check_gitlab(conn, columns=False)  # not GitLab's: said as every command says it
         still_there = schema_exists(conn)
         conn.rollback()
     if lost is None:
@@ -62,7 +63,7 @@ def adopt(yes: bool) -> None:
             {"id": run_id, "options": json.dumps({"adopted": lost.in_place, "ledger": lost.what})})
         conn.commit()
         for name in names:
-            state.set_milestone_state(conn, name, state.APPLIED, run_id)
+            state.set_milestone_state(conn, name, MilestoneState.APPLIED, run_id)
     out.say(f"Recorded {joined(names)} as applied (run {run_id}); they can no longer be rolled back. "
             "`toolkit status` shows where each milestone stands.")
     app().finish({"adopted": lost.in_place, "run_id": run_id})

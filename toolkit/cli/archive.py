@@ -8,8 +8,10 @@ import sqlalchemy as sa
 from toolkit import catalog
 from toolkit.cli.context import app
 from toolkit.engine import state
-from toolkit.engine.runner import Runner
+from toolkit.engine.inspection import Inspector
+from toolkit.engine.results import MilestoneState
 from toolkit.errors import PreconditionRefused
+from toolkit.milestones.m4 import NAME as M4
 from toolkit.milestones.m4 import archive as m4_archive
 from toolkit.milestones.m4.final import DROP_COMMAND, archive_dropped
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS
@@ -40,11 +42,11 @@ def status() -> None:
 
     Example: toolkit archive status --json
     """
-    runner = app().runner()
-    with runner.read_only() as conn:
-        runner.check_gitlab(conn, columns=False)
+    inspector = app().inspector()
+    with inspector.read_only() as conn:
+        inspector.check_gitlab(conn, columns=False)
         counts = _counts(conn)
-        milestone = state.milestone_state(conn, "milestone-4")["state"]
+        milestone = state.milestone_state(conn, M4)["state"]
         mapping = []
         # the archive while it exists; after milestone 4's drop the ids it kept for good
         source = next((t for t in (M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS)
@@ -54,7 +56,7 @@ def status() -> None:
             mapping = [dict(r._mapping) for r in conn.execute(sa.text(
                 "SELECT project_id, iid AS mlflow_experiment_id, name, model_id "
                 f"FROM {source} ORDER BY project_id, iid LIMIT 20"))]
-    out.say(f"milestone-4: {milestone.replace('_', ' ')}")
+    out.say(f"{M4}: {milestone.replace('_', ' ')}")
     out.table(["archive table", "rows"], [[t, "absent" if n is None else n] for t, n in counts.items()])
     if mapping:
         out.say(f"MLflow experiment ids (per project) and their models, first rows (from {source}):")
@@ -63,14 +65,14 @@ def status() -> None:
     app().finish({"milestone_4": milestone, "tables": counts, "mapping_sample": mapping})
 
 
-def _refuse_unless_verified(runner: Runner) -> None:
-    with runner.read_only() as conn:
-        runner.check_gitlab(conn, columns=False)
-        milestone = state.milestone_state(conn, "milestone-4")["state"]
-    if milestone != state.VERIFIED:
+def _refuse_unless_verified(inspector: Inspector) -> None:
+    with inspector.read_only() as conn:
+        inspector.check_gitlab(conn, columns=False)
+        milestone = state.milestone_state(conn, M4)["state"]
+    if milestone != MilestoneState.VERIFIED:
         raise PreconditionRefused(
-            f"milestone-4 is {milestone.replace('_', ' ')}, not verified: the archive is still needed",
-            "run `toolkit verify milestone-4` (or finish or roll back milestone 4) first")
+            f"{M4} is {milestone.replace('_', ' ')}, not verified: the archive is still needed",
+            f"run `toolkit verify {M4}` (or finish or roll back milestone 4) first")
 
 
 @archive.command()
@@ -92,18 +94,18 @@ def drop(yes: bool) -> None:
                                   "pass --yes when you are sure (export the mapping first if needed)")
     engine = app().engine()
     runner = app().runner()
-    with runner.read_only() as conn:
-        runner.check_gitlab(conn, columns=False)
+    with runner.inspector.read_only() as conn:
+        runner.inspector.check_gitlab(conn, columns=False)
         gone = archive_dropped(conn)
     if gone is not None:
-        out.say(f"Nothing to drop: milestone-4 {gone.why}.")
+        out.say(f"Nothing to drop: {M4} {gone.why}.")
         app().finish({"dropped": {}, "already": gone.as_dict()})
         return
-    _refuse_unless_verified(runner)  # before anything is written
+    _refuse_unless_verified(runner.inspector)  # before anything is written
     # Under the runner lock and the fenced lease: a rollback of milestone 4 rebuilds from this
     # very archive, so the two must never overlap; the state is read again under the lock.
-    with runner.exclusive(DROP_COMMAND, "milestone-4"):
-        _refuse_unless_verified(runner)
+    with runner.exclusive(DROP_COMMAND, M4):
+        _refuse_unless_verified(runner.inspector)
         with engine.connect() as conn:
             counts = _counts(conn)
             m4_archive.drop_everything(conn)

@@ -15,8 +15,9 @@ from toolkit import milestones, output
 from toolkit.cli.metrics import MetricsTextfile
 from toolkit.cli.observe import EventStream, Observed, Sink, new_run_id
 from toolkit.db import Target, create_engine, resolve_target
-from toolkit.engine.batches import RunOptions
+from toolkit.engine.inspection import Inspector
 from toolkit.engine.runner import Runner
+from toolkit.engine.settings import RunOptions
 
 
 @dataclass
@@ -56,8 +57,13 @@ class AppContext:
 
     def runner(self, options: RunOptions | None = None, **kwargs: Any) -> Runner:
         """A runner over this command's database, handed the milestone plan, reporting to
-        the terminal (the engine itself prints nothing)."""
+        the terminal (the engine itself prints nothing): for a command that writes."""
         return Runner(self.engine(), options, plan=milestones.plan(), events=self.events(), **kwargs)
+
+    def inspector(self) -> Inspector:
+        """What a command that only reads uses (``plan``, ``verify``, ``status``, ...): the
+        milestones read in snapshots the server keeps read-only."""
+        return Inspector(self.engine(), milestones.plan(), events=self.events())
 
     def events(self) -> output.Output | Observed:
         """The terminal, or the terminal and the sinks --events and --metrics-textfile asked

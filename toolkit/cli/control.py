@@ -2,8 +2,9 @@
 
 A request is a row in ``toolkit.run_controls`` (engine/control.py); the run takes it at its
 next batch boundary, or within half a second while it waits. ``set`` converts its value
-with the very parameter types of the run's options (``params.py``), so a value the option
-would refuse is refused here, exit 2, before anything is stored.
+with the very parameter type of the run's option, built from the settings tree's bound
+(engine/settings.py), so a value the option would refuse is refused here, exit 2, before
+anything is stored.
 """
 
 from __future__ import annotations
@@ -14,23 +15,14 @@ from toolkit.cli import params
 from toolkit.cli.context import app
 from toolkit.engine import control as steering
 from toolkit.engine.locks import describe_runner, runner_lock_holders
+from toolkit.engine.settings import SETTABLE
 from toolkit.errors import PreconditionRefused, UsageProblem
 from toolkit.output import out
 from toolkit.schema.migrations import ensure_own_tables
 
-# set KEY: the option's own parameter type (its bounds and its words when it refuses)
-TYPES: dict[str, click.ParamType] = {
-    "batch-size": params.BATCH_SIZE,
-    "target-batch-ms": params.DURATION_MS,
-    "pause-ms": params.DURATION_MS,
-    "max-replica-lag-ms": params.DURATION_MS,
-    "max-replica-lag-bytes": params.BYTES,
-    "max-transaction-age-s": params.SECONDS,
-    "max-archive-backlog": params.SEGMENTS,
-    "max-throttle-s": params.SECONDS,
-    "max-wal-rate": params.WAL_RATE,
-}
-assert set(TYPES) == set(steering.SETTABLE)
+# set KEY: the option's own parameter type, built from the same bound of the settings tree
+TYPES: dict[str, click.ParamType] = {key: params.of(entry.spec.bound)
+                                     for key, entry in SETTABLE.items()}
 
 REASON = click.option("--reason", type=params.Text("--reason"), default=None, metavar="TEXT",
                       help="Why: kept with the request, shown by the run, `toolkit status` and history.")
@@ -49,9 +41,9 @@ def control() -> None:
 
 
 def _send(action: str, reason: str | None, key: str | None = None, value: str | None = None) -> None:
-    runner = app().runner()
-    with runner.engine.connect() as conn:
-        runner.check_gitlab(conn, columns=False)  # never a toolkit schema in another database
+    inspector = app().inspector()
+    with inspector.engine.connect() as conn:
+        inspector.check_gitlab(conn, columns=False)  # never a toolkit schema in another database
         ensure_own_tables(conn)
         holders = runner_lock_holders(conn)
         conn.rollback()
@@ -111,18 +103,21 @@ def unpostpone(reason: str | None) -> None:
     _send("unpostpone", reason)
 
 
-@control.command("set")
-@click.argument("setting", metavar="KEY=VALUE")
-@REASON
-def set_(setting: str, reason: str | None) -> None:
-    """Change an option of the running run, within the option's own bounds.
+SET_HELP = f"""Change an option of the running run, within the option's own bounds.
 
-    KEY is one of: batch-size, target-batch-ms, pause-ms, max-replica-lag-ms,
-    max-replica-lag-bytes, max-transaction-age-s, max-archive-backlog, max-throttle-s,
-    max-wal-rate (MB/s).
+    KEY is one of: {", ".join(f"{key} (MB/s)"
+                              if entry.spec.bound.kind == "rate" else key
+                              for key, entry in SETTABLE.items())}.
 
     Example: toolkit control set target-batch-ms=200
     """
+
+
+@control.command("set", help=SET_HELP)
+@click.argument("setting", metavar="KEY=VALUE")
+@REASON
+def set_(setting: str, reason: str | None) -> None:
+    """Change an option of the running run (the help is SET_HELP: the keys are the tree's)."""
     key, sep, raw = setting.partition("=")
     key = key.strip().removeprefix("--")
     if not sep or key not in TYPES:

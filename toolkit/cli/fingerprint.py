@@ -11,12 +11,15 @@ from toolkit.cli import params
 from toolkit.cli.context import app
 from toolkit.engine import state
 from toolkit.engine.plan import Milestone
+from toolkit.engine.results import MilestoneState
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
 from toolkit.output import out
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.timestamps import shown
 from toolkit.verify import baselines
-from toolkit.verify.fingerprint import NATURAL_KEYS, Difference, Fingerprint, compare, take
+from toolkit.verify.differences import Difference, compare
+from toolkit.verify.fingerprint import Fingerprint, take
+from toolkit.verify.natural_keys import NATURAL_KEYS
 
 
 @click.command()
@@ -47,9 +50,9 @@ def fingerprint(out_file: Path | None, compared: params.FingerprintAt | None, ml
         return
     reference = compared.fingerprint if compared else None
     compare_file = compared.path if compared else None
-    runner = app().runner()
-    with runner.read_only() as conn:
-        runner.check_gitlab(conn)
+    inspector = app().inspector()
+    with inspector.read_only() as conn:
+        inspector.check_gitlab(conn)
         # rows a sequence numbered (models milestone 3 created) by natural key, unless the
         # file compared with was taken before the toolkit did that (then as it was taken)
         now = take(conn, reference.watermarks if reference else None, reference=reference,
@@ -133,8 +136,8 @@ def _rebaseline(milestone: Milestone) -> None:
     runner = app().runner()
     # A write like any other: under the runner lock and the fenced lease, never beside a run.
     with runner.exclusive(f"toolkit fingerprint --baseline {milestone.name}", milestone.name):
-        with runner.read_only() as conn:
-            runner.check_gitlab(conn)
+        with runner.inspector.read_only() as conn:
+            runner.inspector.check_gitlab(conn)
             now = take(conn, scope=old.scoped)  # what the old one read, read again
             where = state.milestone_state(conn, milestone.name)["state"]
         # what it replaces, shown first (as --compare shows it): what the operator accepts
@@ -178,11 +181,11 @@ def _named_differences(old: Fingerprint, now: Fingerprint) -> list[str]:
 
 def _after_rebaseline(milestone: Milestone, where: str) -> str:
     """The command that records the milestone as it now is (verify itself writes nothing)."""
-    if where in (state.APPLIED, state.VERIFIED, state.IN_PROGRESS):
+    if where in (MilestoneState.APPLIED, MilestoneState.VERIFIED, MilestoneState.IN_PROGRESS):
         yes = " --yes" if milestone.confirm else ""
         return (f"Next: `toolkit migrate {milestone.name}{yes}` verifies it against this fingerprint "
                 "and records it verified (it changes only rows still to do); `toolkit verify "
                 f"{milestone.name}` checks without recording.")
-    if where == state.ROLLED_BACK:
+    if where == MilestoneState.ROLLED_BACK:
         return f"Next: `toolkit rollback {milestone.name}` checks the rollback against this fingerprint."
     return ""

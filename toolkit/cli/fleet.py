@@ -109,8 +109,9 @@ def _action(words: tuple[str, ...], command: str) -> tuple[str, str, tuple[str, 
     action = "rollback" if words[:1] == ("rollback",) else "migrate"
     rest = words[1:] if action == "rollback" else words
     if not rest:
-        raise UsageProblem("Missing MILESTONE", f"e.g. `toolkit fleet {command} milestone-1` or "
-                                                f"`toolkit fleet {command} rollback milestone-1`")
+        first = milestones.plan().names[0]
+        raise UsageProblem("Missing MILESTONE", f"e.g. `toolkit fleet {command} {first}` or "
+                                                f"`toolkit fleet {command} rollback {first}`")
     milestones.get(rest[0])  # an unknown milestone is refused here, before anything is written
     # the run options are read as the command will read them: a typo is refused now, not in
     # every job of the pipeline

@@ -243,8 +243,8 @@ class SubcommandHelp:
             from toolkit import milestones
 
             with formatter.section("Milestones (MILESTONE)"):
-                formatter.write_dl([(f"{m.name}, {m.number}", m.title)
-                                    for m in milestones.MILESTONES.values()])
+                formatter.write_dl([(f"{m.name}, {number}", m.title)
+                                    for number, m in enumerate(milestones.REGISTRY, start=1)])
         root = click.Context(cli, info_name="toolkit")  # the root's, even for a help built alone
         records = [record for p in cli.get_params(root) if not p.is_eager
                    and (record := p.get_help_record(root)) is not None]

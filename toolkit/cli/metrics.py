@@ -87,73 +87,68 @@ class MetricsTextfile:
         self.write()
 
     def render(self) -> str:
-        db = {"database": self.database}
-        lines: list[str] = []
+        page = _Page({"database": self.database})
+        self._batch_families(page)
+        self._run_families(page)
+        return page.text()
 
-        def family(name: str, kind: str, help_text: str,
-                   samples: list[tuple[str, dict, float | None]]) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            for sample, labels, value in samples:
-                lines.append(f"{sample}{_labels(**db, **labels)} {value:g}" if isinstance(value, float)
-                             else f"{sample}{_labels(**db, **labels)} {value}")
+    def _batch_families(self, page: _Page) -> None:
+        """GitLab's batched-migration families, each by milestone/pass, and the WAL written."""
+        page.family("batched_migration_job_updated_tuples_total", "counter",
+                    "Rows changed by the batches of this command, by milestone/pass.",
+                    _by_id(self.updated, "batched_migration_job_updated_tuples_total"))
+        page.family("batched_migration_job_duration_seconds", "summary",
+                    "Duration of the batches of this command (sum and count), by milestone/pass.",
+                    _by_id({k: float(v) for k, v in self.seconds.items()},
+                           "batched_migration_job_duration_seconds_sum")
+                    + _by_id(self.batches, "batched_migration_job_duration_seconds_count"))
+        page.family("batched_migration_job_batch_size", "gauge",
+                    "Driving-table keys the last batch took.",
+                    _by_id(self.last_size, "batched_migration_job_batch_size"))
+        page.family("batched_migration_migrated_tuples_total", "gauge",
+                    "Driving-table keys done by this command in the pass.",
+                    _by_id(self.migrated, "batched_migration_migrated_tuples_total"))
+        page.family("batched_migration_total_tuple_count", "gauge",
+                    "Driving-table keys this command had to do in the pass when it started it "
+                    "(those left after a resumed run's checkpoint).",
+                    _by_id(self.total, "batched_migration_total_tuple_count"))
+        page.family("batched_migration_last_update_time_seconds", "gauge",
+                    "Unix time of the pass's last committed batch (of its start, before one).",
+                    _by_id({k: round(v, 3) for k, v in self.last_update.items()},
+                           "batched_migration_last_update_time_seconds"))
+        page.family("toolkit_wal_bytes_total", "counter",
+                    "WAL the primary wrote during the batches (pg_current_wal_insert_lsn() before and "
+                    "after each; other sessions' writes meanwhile included), by milestone/pass.",
+                    _by_id(self.wal_bytes, "toolkit_wal_bytes_total"))
 
-        def by_id(values: dict[str, Any], sample: str) -> list[tuple[str, dict, Any]]:
-            return [(sample, {"migration_identifier": k}, v) for k, v in sorted(values.items())]
-
-        family("batched_migration_job_updated_tuples_total", "counter",
-               "Rows changed by the batches of this command, by milestone/pass.",
-               by_id(self.updated, "batched_migration_job_updated_tuples_total"))
-        family("batched_migration_job_duration_seconds", "summary",
-               "Duration of the batches of this command (sum and count), by milestone/pass.",
-               by_id({k: float(v) for k, v in self.seconds.items()},
-                     "batched_migration_job_duration_seconds_sum")
-               + by_id(self.batches, "batched_migration_job_duration_seconds_count"))
-        family("batched_migration_job_batch_size", "gauge",
-               "Driving-table keys the last batch took.",
-               by_id(self.last_size, "batched_migration_job_batch_size"))
-        family("batched_migration_migrated_tuples_total", "gauge",
-               "Driving-table keys done by this command in the pass.",
-               by_id(self.migrated, "batched_migration_migrated_tuples_total"))
-        family("batched_migration_total_tuple_count", "gauge",
-               "Driving-table keys this command had to do in the pass when it started it "
-               "(those left after a resumed run's checkpoint).",
-               by_id(self.total, "batched_migration_total_tuple_count"))
-        family("batched_migration_last_update_time_seconds", "gauge",
-               "Unix time of the pass's last committed batch (of its start, before one).",
-               by_id({k: round(v, 3) for k, v in self.last_update.items()},
-                     "batched_migration_last_update_time_seconds"))
-        family("toolkit_wal_bytes_total", "counter",
-               "WAL the primary wrote during the batches (pg_current_wal_insert_lsn() before and after "
-               "each; other sessions' writes meanwhile included), by milestone/pass.",
-               by_id(self.wal_bytes, "toolkit_wal_bytes_total"))
+    def _run_families(self, page: _Page) -> None:
+        """The run's own families: throttling, the lease, its times, how it ended."""
         signals: dict[str, float] = defaultdict(float)
         for by_signal in self.throttled.values():
             for signal, seconds in by_signal.items():
                 signals[signal] += seconds
-        family("toolkit_throttled_seconds_total", "counter",
-               "Seconds waited on the database's health, by signal.",
-               [("toolkit_throttled_seconds_total", {"signal": s}, float(v))
-                for s, v in sorted(signals.items())])
-        family("toolkit_throttled", "gauge", "1 while the run waits on the database's health.",
-               [("toolkit_throttled", {}, int(self.throttled_now))])
-        family("toolkit_lease_held", "gauge", "1 while the run holds the runner lock and lease.",
-               [("toolkit_lease_held", {}, int(self.lease_held))])
-        family("toolkit_run_start_time_seconds", "gauge", "Unix time the command started.",
-               [("toolkit_run_start_time_seconds", {}, round(self.started, 3))])
-        family("toolkit_last_update_time_seconds", "gauge", "Unix time this file was written.",
-               [("toolkit_last_update_time_seconds", {}, round(time.time(), 3))])
+        page.family("toolkit_throttled_seconds_total", "counter",
+                    "Seconds waited on the database's health, by signal.",
+                    [("toolkit_throttled_seconds_total", {"signal": s}, float(v))
+                     for s, v in sorted(signals.items())])
+        page.family("toolkit_throttled", "gauge", "1 while the run waits on the database's health.",
+                    [("toolkit_throttled", {}, int(self.throttled_now))])
+        page.family("toolkit_lease_held", "gauge", "1 while the run holds the runner lock and lease.",
+                    [("toolkit_lease_held", {}, int(self.lease_held))])
+        page.family("toolkit_run_start_time_seconds", "gauge", "Unix time the command started.",
+                    [("toolkit_run_start_time_seconds", {}, round(self.started, 3))])
+        page.family("toolkit_last_update_time_seconds", "gauge", "Unix time this file was written.",
+                    [("toolkit_last_update_time_seconds", {}, round(time.time(), 3))])
         ended = self.exit_code is not None
-        family("toolkit_run_finished", "gauge", "1 once the command has ended.",
-               [("toolkit_run_finished", {}, int(ended))])
-        family("toolkit_run_failed", "gauge",
-               "1 when the command ended with an exit code that is not a resumable stop "
-               "(0, 6, 75, 130 are not failures).",
-               [("toolkit_run_failed", {}, int(ended and self.exit_code not in RESUMABLE))])
+        page.family("toolkit_run_finished", "gauge", "1 once the command has ended.",
+                    [("toolkit_run_finished", {}, int(ended))])
+        page.family("toolkit_run_failed", "gauge",
+                    "1 when the command ended with an exit code that is not a resumable stop "
+                    "(0, 6, 75, 130 are not failures).",
+                    [("toolkit_run_failed", {}, int(ended and self.exit_code not in RESUMABLE))])
         if ended:
-            family("toolkit_run_exit_code", "gauge", "The command's exit code.",
-                   [("toolkit_run_exit_code", {}, self.exit_code)])
-        return "\n".join(lines) + "\n"
+            page.family("toolkit_run_exit_code", "gauge", "The command's exit code.",
+                        [("toolkit_run_exit_code", {}, self.exit_code)])
 
     def write(self) -> None:
         """Atomically: node_exporter reads either the last file or this one, never a mix.
@@ -176,3 +171,26 @@ class MetricsTextfile:
     def close(self) -> None:
         pass
 
+
+class _Page:
+    """A Prometheus text exposition being written: each family's HELP and TYPE lines, then
+    its samples, every one labelled with the database."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: list[tuple[str, dict, Any]]) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for sample, labels, value in samples:
+            shown = f"{value:g}" if isinstance(value, float) else f"{value}"
+            self.lines.append(f"{sample}{_labels(**self.labels, **labels)} {shown}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _by_id(values: dict[str, Any], sample: str) -> list[tuple[str, dict, Any]]:
+    """One sample per milestone/pass (its ``migration_identifier``), in their order."""
+    return [(sample, {"migration_identifier": k}, v) for k, v in sorted(values.items())]

@@ -1,4 +1,5 @@
-"""``toolkit mlflow serve``: GitLab's MLflow tracking API, read-only, over the database."""
+"""``toolkit mlflow serve``: GitLab's MLflow tracking API over the database (read-only unless
+``--allow-writes``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from toolkit.mlflow_api.auth import Authenticator, DatabaseTokens, FileTokens, T
 from toolkit.mlflow_api.server import MIB, TRACKING_PATH, Api, Limits, MlflowServer
 from toolkit.mlflow_api.views import MAX_PAGE
 from toolkit.output import out
-from toolkit.verify.fingerprint import experiments_view, mlflow_source
+from toolkit.verify.mlflow_view import experiments_view, mlflow_source
 from toolkit.words import counted
 
 SHOWN_PROJECTS = 20
@@ -137,6 +138,34 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
 
     Example: toolkit mlflow serve --port 0
     """
+    sources = _token_sources(host, tokens_file, gitlab_secrets)
+    auth = Authenticator(sources) if sources else None
+    if external_url is not None:
+        external_url = checked_external_url(external_url)
+    limits = Limits(max_body_bytes=max_body_mb * MIB, max_header_bytes=max_header_kb * 1024,
+                    idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
+                    max_connections=max_connections, threads=threads)
+    target = app().target()
+    api = Api.connect(target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
+                      page_limit=max_page_size, auth=auth, lenient=lenient, packages_dir=packages_dir,
+                      threads=threads, allow_writes=allow_writes)
+    try:
+        source, projects = _what_it_serves(api, target.describe(), sources)
+        server = _listening(host, port, api, limits, external_url, access_log)
+        listening = f"http://{server.address_text}"
+        address = server.external_url
+        _say_serving(listening, address, source, projects, packages_dir=packages_dir, auth=auth,
+                     allow_writes=allow_writes)
+        _serve_until_stopped(server)
+        app().finish({"address": listening, "external_url": address, "source": source,
+                      "projects": {str(p.project_id): p.n for p in projects}})
+    finally:
+        api.close()
+
+
+def _token_sources(host: str, tokens_file: Path | None, gitlab_secrets: Path | None) -> list[TokenSource]:
+    """Where tokens are checked (GitLab's database, a tokens file, both); refused when there
+    is none and ``host`` is not loopback."""
     sources: list[TokenSource] = []
     if gitlab_secrets is not None:
         sources.append(DatabaseTokens.from_secrets_file(gitlab_secrets))
@@ -144,76 +173,82 @@ def serve(host: str, port: int, max_page_size: int, lock_timeout_ms: int, statem
         sources.append(FileTokens.from_file(tokens_file))
     if refusal := open_reads_refusal(host, bool(sources)):
         raise UsageProblem(*refusal)
-    auth = Authenticator(sources) if sources else None
-    state = app()
-    if external_url is not None:
-        external_url = checked_external_url(external_url)
-    limits = Limits(max_body_bytes=max_body_mb * MIB, max_header_bytes=max_header_kb * 1024,
-                    idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
-                    max_connections=max_connections, threads=threads)
-    target = state.target()
-    api = Api.connect(target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms,
-                      page_limit=max_page_size, auth=auth, lenient=lenient, packages_dir=packages_dir,
-                      threads=threads, allow_writes=allow_writes)
+    return sources
+
+
+def _what_it_serves(api: Api, database: str, sources: list[TokenSource]) -> tuple[str, list[sa.Row]]:
+    """Before listening: a GitLab database (exit 3 otherwise, as every command), where the
+    MLflow view reads experiments at its stage, token sources that work, and each project
+    with its number of experiments."""
+    with api.transaction() as conn:
+        check_gitlab_database(conn, milestones.plan(), columns=False)  # exit 3, as every command
+        source = mlflow_source(conn)
+        if source is None:
+            raise PreconditionRefused(
+                f"{database} has neither ml_experiments nor the toolkit's archive of it: "
+                "there is nothing an MLflow client could read",
+                "check --database-url (GitLab's database, usually gitlabhq_production)")
+        _check_token_sources(conn, sources)
+        projects = list(conn.execute(sa.text(
+            f"SELECT e.project_id, count(*) AS n FROM ({experiments_view(conn, source)}) e "
+            "GROUP BY e.project_id ORDER BY e.project_id")))
+    return source, projects
+
+
+def _listening(host: str, port: int, api: Api, limits: Limits, external_url: str | None,
+               access_log: bool) -> MlflowServer:
+    """The server, bound (with room for its connections' files), its URL the one tokens are
+    checked for; a port taken or a host that is not one is the operator's to change."""
+    _allow_open_files(limits.max_connections)
     try:
-        with api.transaction() as conn:
-            check_gitlab_database(conn, milestones.plan(), columns=False)  # exit 3, as every command
-            source = mlflow_source(conn)
-            if source is None:
-                raise PreconditionRefused(
-                    f"{target.describe()} has neither ml_experiments nor the toolkit's archive of it: "
-                    "there is nothing an MLflow client could read",
-                    "check --database-url (GitLab's database, usually gitlabhq_production)")
-            _check_token_sources(conn, sources)
-            projects = list(conn.execute(sa.text(
-                f"SELECT e.project_id, count(*) AS n FROM ({experiments_view(conn, source)}) e "
-                "GROUP BY e.project_id ORDER BY e.project_id")))
-        _allow_open_files(max_connections)
-        try:
-            server = MlflowServer((host, port), api, limits=limits, external_url=external_url,
-                                  access_log=access_log)
-        except (OSError, ValueError) as exc:
-            raise UsageProblem(f"Cannot listen on {host} port {port}: "
-                               f"{getattr(exc, 'strerror', None) or exc}",
-                               "pass another --host or --port (0 picks a free one)") from None
-        listening = f"http://{server.address_text}"
-        address = server.external_url
-        mode = "reads and writes" if allow_writes else "read-only"
-        out.say(f"Serving GitLab's MLflow API, {mode}, at {listening} (experiments read from: {source})")
-        if address != listening:
-            out.say(f"External URL (in every URI it answers): {address}")
-        if auth is not None:
-            auth.gitlab_url = address
-        out.say(f"Tracking URI of project P: {address}{TRACKING_PATH.format(project='P')}")
-        shown = ", ".join(f"{p.project_id} ({counted(p.n, 'experiment')})" for p in projects[:SHOWN_PROJECTS])
-        more = f", and {len(projects) - SHOWN_PROJECTS} more" if len(projects) > SHOWN_PROJECTS else ""
-        out.say(f"Projects: {shown or 'none yet'}{more}")
-        first = projects[0].project_id if projects else 1
-        out.say(f"For example: MLFLOW_TRACKING_URI={address}{TRACKING_PATH.format(project=first)}")
-        out.say(f"Artifacts: downloaded from {packages_dir}" if packages_dir else
-                "Artifacts: listed; downloads need --packages-dir (GitLab's package store)")
-        if auth is None:
-            out.say("No token source: anyone on this machine reads every project without a token "
-                    "(GitLab asks for one); --tokens-file or --gitlab-secrets turn GitLab's checks on")
-        else:
-            out.say(f"Tokens: every request is checked as GitLab checks it, against {auth.describe()}")
-        if allow_writes:
-            out.say("Writes: taken (--allow-writes), as GitLab takes them, each one transaction at the "
-                    "blueprint's stage; 503 with Retry-After while a schema change holds the tables")
-        out.say("Ctrl-C stops it.")
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            server.server_close()
-        out.say("Stopped.")
-        state.finish({"address": listening, "external_url": address, "source": source,
-                      "projects": {str(p.project_id): p.n for p in projects}})
+        server = MlflowServer((host, port), api, limits=limits, external_url=external_url,
+                              access_log=access_log)
+    except (OSError, ValueError) as exc:
+        raise UsageProblem(f"Cannot listen on {host} port {port}: "
+                           f"{getattr(exc, 'strerror', None) or exc}",
+                           "pass another --host or --port (0 picks a free one)") from None
+    if api.auth is not None:  # the GitLab whose tokens it checks is the one clients reach
+        api.auth.gitlab_url = server.external_url
+    return server
+
+
+def _say_serving(listening: str, address: str, source: str, projects: list[sa.Row], *,
+                 packages_dir: Path | None, auth: Authenticator | None, allow_writes: bool) -> None:
+    """What is served, where, to whom: the lines an operator reads before pointing a client."""
+    mode = "reads and writes" if allow_writes else "read-only"
+    out.say(f"Serving GitLab's MLflow API, {mode}, at {listening} (experiments read from: {source})")
+    if address != listening:
+        out.say(f"External URL (in every URI it answers): {address}")
+    out.say(f"Tracking URI of project P: {address}{TRACKING_PATH.format(project='P')}")
+    shown = ", ".join(f"{p.project_id} ({counted(p.n, 'experiment')})" for p in projects[:SHOWN_PROJECTS])
+    more = f", and {len(projects) - SHOWN_PROJECTS} more" if len(projects) > SHOWN_PROJECTS else ""
+    out.say(f"Projects: {shown or 'none yet'}{more}")
+    first = projects[0].project_id if projects else 1
+    out.say(f"For example: MLFLOW_TRACKING_URI={address}{TRACKING_PATH.format(project=first)}")
+    out.say(f"Artifacts: downloaded from {packages_dir}" if packages_dir else
+            "Artifacts: listed; downloads need --packages-dir (GitLab's package store)")
+    if auth is None:
+        out.say("No token source: anyone on this machine reads every project without a token "
+                "(GitLab asks for one); --tokens-file or --gitlab-secrets turn GitLab's checks on")
+    else:
+        out.say(f"Tokens: every request is checked as GitLab checks it, against {auth.describe()}")
+    if allow_writes:
+        out.say("Writes: taken (--allow-writes), as GitLab takes them, each one transaction at the "
+                "blueprint's stage; 503 with Retry-After while a schema change holds the tables")
+    out.say("Ctrl-C stops it.")
+
+
+def _serve_until_stopped(server: MlflowServer) -> None:
+    """Serve until Ctrl-C or SIGTERM, then close the listening socket, and say so."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
     finally:
-        api.close()
+        signal.signal(signal.SIGTERM, previous)
+        server.server_close()
+    out.say("Stopped.")
 
 
 def open_reads_refusal(host: str, has_tokens: bool) -> tuple[str, str] | None:

@@ -22,14 +22,12 @@ from typing import Any, NamedTuple
 
 import click
 
+from toolkit.engine import settings
+from toolkit.engine.settings import BIGINT_MAX, PG_INT_MAX, Bound
 from toolkit.verify.fingerprint import Fingerprint
 from toolkit.verify.fingerprint_format import FormatProblem, check
 
-PG_INT_MAX = 2**31 - 1  # PostgreSQL's integer settings: lock_timeout, statement_timeout (ms)
-BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
-MAX_BATCH_SIZE = 10_000_000  # keys in one batch, one short transaction
-MAX_TRIES = 10_000  # retries and reconnects: beyond this a run is not waiting, it is stuck
-MAX_SECONDS = 366 * 24 * 3600  # a year: longer than any run, any wait, any limit
+BIGINT_MIN = -(2**63)
 SHOWN_DIGITS = 24  # a value longer than this is cut in the message
 
 
@@ -250,25 +248,49 @@ class FingerprintFile(click.ParamType):
                            param=param, ctx=ctx) from None
 
 
+_OF_BOUND: dict[Bound, click.ParamType] = {}
+
+
+def of(bound: Bound) -> click.ParamType:
+    """The parameter type that takes exactly what a run setting's bound allows (one instance
+    per bound): the option and ``toolkit control set`` convert with it, so both refuse alike."""
+    if bound not in _OF_BOUND:
+        kind = bound.kind
+        _OF_BOUND[bound] = (
+            Whole(int(bound.low), int(bound.high), bound.why, bound.unit) if kind == "whole" else
+            Seconds(bound.high, bound.why, low=bound.low, whole_ms=bound.whole_ms) if kind == "seconds"
+            else Rate(bound.high, bound.why, low=bound.low) if kind == "rate" else
+            Text(bound.why) if kind == "text" else FlagFile() if kind == "path" else click.BOOL)
+    return _OF_BOUND[bound]
+
+
+def shown_bounds(bound: Bound) -> str | None:
+    """A number's bounds as ``--help`` shows them (None for text, paths and flags)."""
+    kind = of(bound)
+    if isinstance(kind, Seconds):
+        return f"{bound.low:g} to {kind.shown_bound(bound.high)}"
+    if isinstance(kind, Whole):
+        return f"{int(bound.low):,} to {int(bound.high):,}{bound.unit}"
+    return None
+
+
 # The shared instances: one per kind of number, used by every command that has one.
-TIMEOUT_MS = Whole(1, PG_INT_MAX, "PostgreSQL's largest lock_timeout and statement_timeout", " ms")
-DURATION_MS = Whole(0, PG_INT_MAX, "about 24 days, the largest millisecond setting PostgreSQL has",
-                    " ms")
-BATCH_SIZE = Whole(1, MAX_BATCH_SIZE, "a batch is one short transaction")
-TRIES = Whole(0, MAX_TRIES, "beyond that a run is stuck, not waiting")
-BATCHES = Whole(1, PG_INT_MAX, "more batches than any table has keys for")
-BYTES = Whole(0, BIGINT_MAX, "PostgreSQL's bigint")
-SEGMENTS = Whole(0, PG_INT_MAX, "more WAL segments than a server can keep")
+TIMEOUT_MS = of(settings.TIMEOUT_MS)
+DURATION_MS = of(settings.DURATION_MS)
+BATCH_SIZE = of(settings.BATCH_SIZE)
+TRIES = of(settings.TRIES)
+BATCHES = of(settings.BATCHES)
+BYTES = of(settings.BYTES)
+SEGMENTS = of(settings.SEGMENTS)
+SECONDS = of(settings.SECONDS)
+WAL_RATE = of(settings.WAL_RATE)
+SQL_QUERY = of(settings.SQL_QUERY)
+FLAG_FILE = of(settings.FLAG_FILE)
 ROWS = Whole(1, PG_INT_MAX, "more rows than a table of runs holds")
 ID = Whole(1, BIGINT_MAX, "GitLab's ids are bigint")
 SEED = Whole(BIGINT_MIN, BIGINT_MAX, "the generator's seed is a bigint")
 PER_CANDIDATE = Whole(1, 10_000, "ten thousand metric rows per candidate is already billions at x25")
-SECONDS = Seconds(MAX_SECONDS, "a year")
-# 0.001 MB/s (about 1 kB/s) to 1 TB/s: below, a checkpoint alone would hold a run
-WAL_RATE = Rate(1024 * 1024, "no server writes WAL a terabyte a second", low=0.001)
 READ_TIMEOUT_S = Seconds(PG_INT_MAX / 1000, "PostgreSQL's largest statement_timeout", whole_ms=True)
-SQL_QUERY = Text("a query that returns true or false")
-FLAG_FILE = FlagFile()
 OUTPUT_FILE = OutputFile()
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from toolkit.engine.listing import count_of
-from toolkit.engine.outcomes import PlanResult
-from toolkit.engine.results import Anomaly, Check
-from toolkit.engine.undo_plan import CHECK, ROWS, UndoPlan
+from toolkit.engine.results import CHECK, ROWS, Anomaly, Check, PlanResult, UndoPlan
 from toolkit.output import out
 from toolkit.words import counted
 

@@ -30,7 +30,7 @@ def candidates(project_id: int, model_name: str, metric: str | None, order: str)
 
     Example: toolkit report candidates --project 1 --model pricing-tuned-0 --metric loss --order asc
     """
-    with app().runner().read_only() as conn:
+    with app().inspector().read_only() as conn:
         doc = candidate_report(conn, project_id, model_name, metric, order)
     metrics = doc["metric_names"]
     if metric is not None and metric not in metrics:

@@ -16,9 +16,9 @@ from toolkit import milestones as registry
 from toolkit.cli.context import app
 from toolkit.cli.migrate import MILESTONE
 from toolkit.db import NoDatabaseGiven
-from toolkit.engine.batches import RunOptions
 from toolkit.engine.ddl import StoredStatements
 from toolkit.engine.plan import Milestone
+from toolkit.engine.settings import RunOptions
 
 
 @click.command()
@@ -40,9 +40,9 @@ def sql(milestone: str, backward: bool) -> None:
     chosen = registry.get(milestone)
     context = app()
     if backward and _reads_at_run_time(chosen) and _database_given():
-        runner = context.runner()
-        with runner.read_only() as conn:
-            runner.check_gitlab(conn, columns=False)
+        inspector = context.inspector()
+        with inspector.read_only() as conn:
+            inspector.check_gitlab(conn, columns=False)
             statements = _sql_statements(chosen, backward, conn)
     else:
         statements = _sql_statements(chosen, backward)

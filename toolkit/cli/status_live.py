@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -22,7 +23,7 @@ from toolkit.cli import params
 from toolkit.cli.context import app, envelope
 from toolkit.engine import control as steering
 from toolkit.engine import live as progress
-from toolkit.engine.runner import Runner
+from toolkit.engine.inspection import Inspector
 from toolkit.output import json_value, out
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
@@ -30,6 +31,18 @@ from toolkit.timestamps import shown
 DEFAULT_WATCH_S = 2.0
 WATCH_S = params.Seconds(3600, "an hour: refreshing less often is a job for cron", low=0.1)
 FRAMES = params.Whole(1, params.PG_INT_MAX, "more refreshes than a watch lasts")
+
+
+def watch_options(func: Callable[..., None]) -> Callable[..., None]:
+    """``status --watch [SECONDS]`` and ``--count N``."""
+    func = click.option("--count", "frames", type=FRAMES, default=None, metavar="N",
+                        help="With --watch: stop after N showings (the first included).")(func)
+    return click.option("--watch", "watch_s", type=WATCH_S, is_flag=False,
+                        flag_value=DEFAULT_WATCH_S, default=None, metavar="[SECONDS]",
+                        help="Then show the running run again every SECONDS (default "
+                             f"{DEFAULT_WATCH_S:g}) until it ends, or Ctrl-C; with no run going, "
+                             "say so and stop. With --json: one document a line, a line each "
+                             "time.")(func)
 
 
 def size_text(n: int | None) -> str:
@@ -55,10 +68,10 @@ def _duration(seconds: float) -> str:
                                                                else f"{secs}s")
 
 
-def read_now(runner: Runner) -> dict[str, Any]:
+def read_now(inspector: Inspector) -> dict[str, Any]:
     """The run going now (None when there is none), its pause and its hold, in one read-only
     snapshot of the toolkit's tables."""
-    with runner.read_only() as conn:
+    with inspector.read_only() as conn:
         run_id = progress.running_run_id(conn)
         live = progress.read(conn, run_id) if run_id is not None else None
         paused = steering.paused_now(conn)
@@ -119,14 +132,14 @@ def say_run(live: progress.LiveRun | None) -> None:
         out.say(f"  control: {what} by {steering.who(c)} at {shown(c['applied_at'])}{why}")
 
 
-def _ended(runner: Runner, run_id: int) -> dict[str, Any] | None:
-    with runner.read_only() as conn:
+def _ended(inspector: Inspector, run_id: int) -> dict[str, Any] | None:
+    with inspector.read_only() as conn:
         row = conn.execute(sa.text(f"SELECT outcome, finished_at, error FROM {SCHEMA}.runs "
                                    "WHERE id = :id"), {"id": run_id}).one_or_none()
     return dict(row._mapping) if row is not None else None
 
 
-def watch(runner: Runner, every_s: float, frames: int | None, first: dict[str, Any]) -> None:
+def watch(inspector: Inspector, every_s: float, frames: int | None, first: dict[str, Any]) -> None:
     """Refresh every ``every_s`` seconds until the run ends, ``frames`` refreshes were shown
     (the first, which the caller showed, counts), or Ctrl-C. With no run going the first
     frame says so and that is all. ``--json``: one document a line, a frame each."""
@@ -140,10 +153,10 @@ def watch(runner: Runner, every_s: float, frames: int | None, first: dict[str, A
     try:
         while frames is None or shown_frames < frames:
             time.sleep(every_s)
-            now = read_now(runner)
+            now = read_now(inspector)
             shown_frames += 1
             still = now["run"] is not None and now["run"].run_id == watched
-            ended = None if still else _ended(runner, watched)
+            ended = None if still else _ended(inspector, watched)
             if json_mode:
                 result = {**as_json(now), "frame": shown_frames,
                           "ended": ended and {k: json_value(v) if hasattr(v, "isoformat") else v

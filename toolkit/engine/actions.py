@@ -30,8 +30,10 @@ from typing import Protocol
 
 from sqlalchemy.engine import Connection, Engine
 
-from toolkit.engine.batches import Budget, PassResult, RunOptions
+from toolkit.engine.budget import Budget
 from toolkit.engine.events import Events
+from toolkit.engine.results import PassResult
+from toolkit.engine.settings import RunOptions
 
 
 @dataclass(frozen=True)

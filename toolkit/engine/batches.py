@@ -14,8 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -23,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine import state
+from toolkit.engine.budget import Budget
 from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
@@ -30,6 +30,8 @@ from toolkit.engine.locks import (
     describe_holder,
     table_lock_holders,
 )
+from toolkit.engine.results import PassResult
+from toolkit.engine.settings import RunOptions
 from toolkit.engine.sizing import BatchSizer
 from toolkit.errors import LockUnavailable
 
@@ -43,111 +45,6 @@ T = TypeVar("T")
 # or right after the Nth action (a DDL change or a whole pass) of a run completes.
 FAULT_KILL_AFTER_BATCHES_ENV = "TOOLKIT_FAULT_KILL_AFTER_BATCHES"
 FAULT_KILL_AFTER_ACTIONS_ENV = "TOOLKIT_FAULT_KILL_AFTER_ACTIONS"
-
-
-@dataclass
-class RunOptions:
-    batch_size: int = 1000  # the first batch's size; every batch's without a target
-    # Aim each batch at this many milliseconds, resizing between these bounds (sizing.py).
-    target_batch_ms: int | None = None
-    min_batch_size: int = 100
-    max_batch_size: int = 50_000
-    pause_ms: int = 0
-    max_batches: int | None = None
-    max_runtime_s: float | None = None
-    lock_timeout_ms: int = 2000
-    statement_timeout_ms: int = 60_000
-    retries: int = 5
-    backoff_s: float = 0.5
-    # A DDL statement waiting for its lock queues every later query on the table behind it,
-    # so it waits only briefly and retries more often (GitLab's with_lock_retries does the same).
-    ddl_lock_timeout_ms: int = 100
-    ddl_retries: int = 20
-    ddl_backoff_max_s: float = 5.0
-    # After the database ends the session (restart, failover, terminated session): resume
-    # by itself this many times, waiting reconnect_backoff_s, doubling, at most 30 s.
-    reconnect: int = 0
-    reconnect_backoff_s: float = 1.0
-    # Throttling on the database's health (health.py): wait before a batch or schema change
-    # while a signal is over its limit, at most max_throttle_s in all (None: no limit).
-    max_replica_lag_ms: int = 1500
-    max_replica_lag_bytes: int = 16 * 1024 * 1024
-    max_transaction_age_s: float = 60.0
-    max_archive_backlog: int = 16  # WAL segments waiting to be archived, beyond those at the start
-    max_wal_rate_mb_s: float | None = None  # WAL MB/s over a few seconds (walrate.py); None: off
-    throttle_query: str | None = None
-    throttle_flag_file: str | None = None
-    # Wait before the milestone's first drop (Milestone.hold_point) until `toolkit control
-    # unpostpone`, or, with the flag file, until it is gone (control.hold).
-    hold_before_drop: bool = False
-    hold_flag_file: str | None = None
-    no_throttle: bool = False
-    max_throttle_s: float | None = None
-    # Resume an unfinished milestone another toolkit version (or other write options) left
-    # (writer.py); without it such a resume is refused.
-    resume_with_this_version: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Budget:
-    """How much of the work to do now (``--max-batches``, ``--max-runtime``, Ctrl-C)."""
-
-    options: RunOptions
-    started: float = field(default_factory=time.monotonic)
-    batches: int = 0
-    stop_requested: bool = False
-    # The run's health.Throttle (None: no throttling), and whether it waited its maximum.
-    throttle: Any = None
-    throttled_out: bool = False
-    events: Events = LOGGED  # where the run's progress and warnings go
-    # Told (milestone, step, last key) after each batch commits: what the run remembers
-    # to tell, once resumed, whether committed batches went back in time (rewind.py).
-    on_commit: Any = None
-    retries: int = 0  # retries of the batch under way (told with the batch, in its event)
-    # The run's control.Steering (None: not steered): `toolkit control` requests, read at
-    # every batch boundary and during every wait.
-    control: Any = None
-
-    def steer(self) -> None:
-        """At a batch boundary: take `toolkit control` requests; wait here while paused."""
-        if self.control is not None and not self.stop_requested:
-            self.control.boundary()
-
-    def exhausted_reason(self) -> str | None:
-        if self.stop_requested:
-            return "interrupted"
-        if self.throttled_out:
-            return "throttled"
-        if self.control is not None and self.control.aborted is not None:
-            return "aborted"
-        if self.options.max_batches is not None and self.batches >= self.options.max_batches:
-            return "max-batches"
-        if (self.options.max_runtime_s is not None
-                and time.monotonic() - self.started >= self.options.max_runtime_s):
-            return "max-runtime"
-        return None
-
-
-@dataclass
-class PassResult:
-    name: str
-    rows: int = 0
-    batches: int = 0
-    complete: bool = False
-    stopped: str | None = None
-    batch_seconds: list[float] = field(default_factory=list)
-    batch_sizes: list[int] = field(default_factory=list)  # keys each batch took
-    schema_change: bool = False  # a DDL action rather than a data pass
-    changed: bool = True
-    seconds: float = 0.0  # wall time of the whole pass or schema change, retries included
-    outcome: str | None = None  # what a check or record action found or did
-    # A pass an earlier run of the same attempt finished, not walked again: the rows that
-    # attempt changed in it (this run's ``rows`` stay 0). None: walked (or begun) by this run.
-    finished_before: int | None = None
-    wal_bytes: int = 0  # WAL the primary wrote during this run's batches of the pass
 
 
 def sqlstate(exc: DBAPIError) -> str | None:
@@ -164,13 +61,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
             conn.rollback()
             result.complete = True
             return result
-        checkpoint = state.read_checkpoint(conn, milestone, kpass.name)
-        if checkpoint is None or checkpoint.completed_at is not None or checkpoint.upper_key is None:
-            lo = 0
-            upper = conn.execute(sa.text(kpass.upper_key_sql())).scalar_one()
-            state.restart_checkpoint(conn, milestone, kpass.name, run_id, upper)
-        else:
-            lo, upper = checkpoint.last_key or 0, checkpoint.upper_key
+        lo, upper = _key_range(conn, milestone, kpass, run_id)
         total = conn.execute(sa.text(kpass.remaining_sql()), {"lo": lo, "upper": upper}).scalar_one()
         conn.commit()
         emit(budget.events, "pass_start", milestone=milestone, pass_name=kpass.name, run_id=run_id,
@@ -180,21 +71,13 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                            options.max_batch_size)
         with budget.events.progress(total, kpass.name) as bar:
             while True:
-                budget.steer()
+                if reason := _before_batch(kpass, budget):
+                    result.stopped = reason
+                    return result
                 if budget.control is not None and budget.control.resized:
                     budget.control.resized = False
                     sizer = BatchSizer(options.batch_size, options.target_batch_ms,
                                        options.min_batch_size, options.max_batch_size)
-                if reason := budget.exhausted_reason():
-                    result.stopped = reason
-                    return result
-                if budget.throttle is not None:
-                    budget.throttle.wait(kpass.tables, kpass.name)
-                    if budget.control is not None and budget.control.paused is not None:
-                        budget.steer()  # paused during the wait: no batch before the resume
-                    if reason := budget.exhausted_reason():
-                        result.stopped = reason
-                        return result
                 began = time.perf_counter()
                 budget.retries = 0
                 key_from = lo
@@ -219,11 +102,8 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 if budget.on_commit is not None:
                     budget.on_commit(milestone, kpass.name, hi)
                 lo = hi
-                result.rows += changed
-                result.batches += 1
-                budget.batches += 1
+                _counted(result, budget, changed, wal)
                 bar.update(scanned, changed)
-                result.wal_bytes += wal or 0
                 emit(budget.events, "batch", milestone=milestone, pass_name=kpass.name, run_id=run_id,
                      key_from=key_from, key_to=hi, keys=scanned, rows=changed,
                      ms=round(took * 1000, 3), retries=budget.retries,
@@ -231,6 +111,39 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
                 _maybe_inject_fault(budget.batches)
                 if options.pause_ms:
                     _pause_between(options.pause_ms / 1000, budget)
+
+
+def _key_range(conn: Connection, milestone: str, kpass: KeysetPass, run_id: int) -> tuple[int, int]:
+    """Where the pass takes up: after its checkpoint's last key, up to the upper key it
+    fixed; from the start (a new upper key, the checkpoint restarted) when it has none."""
+    checkpoint = state.read_checkpoint(conn, milestone, kpass.name)
+    if checkpoint is None or checkpoint.completed_at is not None or checkpoint.upper_key is None:
+        upper = conn.execute(sa.text(kpass.upper_key_sql())).scalar_one()
+        state.restart_checkpoint(conn, milestone, kpass.name, run_id, upper)
+        return 0, upper
+    return checkpoint.last_key or 0, checkpoint.upper_key
+
+
+def _before_batch(kpass: KeysetPass, budget: Budget) -> str | None:
+    """At a batch boundary: `toolkit control` requests taken (a pause waits here), then the
+    health throttle's wait. Why the pass stops here, if it does."""
+    budget.steer()
+    if reason := budget.exhausted_reason():
+        return reason
+    if budget.throttle is not None:
+        budget.throttle.wait(kpass.tables, kpass.name)
+        if budget.control is not None and budget.control.paused is not None:
+            budget.steer()  # paused during the wait: no batch before the resume
+        return budget.exhausted_reason()
+    return None
+
+
+def _counted(result: PassResult, budget: Budget, changed: int, wal: int | None) -> None:
+    """A committed batch in the pass's and the run's counts (its rows, its WAL)."""
+    result.rows += changed
+    result.batches += 1
+    budget.batches += 1
+    result.wal_bytes += wal or 0
 
 
 def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,

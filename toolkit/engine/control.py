@@ -10,7 +10,8 @@ its own; each request taken is marked with the moment and the run that took it, 
 table is also the run's control history.
 
 The engine validates nothing a person typed: the CLI converts ``set KEY=VALUE`` with the
-same parameter types as the options (``toolkit/cli/params.py``) before it stores it.
+parameter type it builds for the option from the settings tree (``settings.py``), bounds
+included, before it stores it; the run reads the key and the type from the same tree.
 """
 
 from __future__ import annotations
@@ -20,34 +21,25 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from toolkit.engine.events import emit
 from toolkit.engine.locks import runner_lock_holders
+from toolkit.engine.settings import SETTABLE, SIZING, RunOptions
 from toolkit.engine.walrate import WalRate
 from toolkit.schema.own import SCHEMA
+
+if TYPE_CHECKING:
+    from toolkit.engine.budget import Budget
 
 TABLE = f"{SCHEMA}.run_controls"
 ACTIONS = ("pause", "resume", "abort", "set", "unpostpone")
 POLL_S = 0.5
 SAY_EVERY_S = 60.0  # a paused run says so this often
 
-# set KEY: (the RunOptions field, the throttle Limits field or None, int or float)
-SETTABLE: dict[str, tuple[str, str | None, type]] = {
-    "batch-size": ("batch_size", None, int),
-    "target-batch-ms": ("target_batch_ms", None, int),
-    "pause-ms": ("pause_ms", None, int),
-    "max-replica-lag-ms": ("max_replica_lag_ms", "max_replica_lag_ms", int),
-    "max-replica-lag-bytes": ("max_replica_lag_bytes", "max_replica_lag_bytes", int),
-    "max-transaction-age-s": ("max_transaction_age_s", "max_transaction_age_s", float),
-    "max-archive-backlog": ("max_archive_backlog", "max_archive_backlog", int),
-    "max-throttle-s": ("max_throttle_s", None, float),
-    "max-wal-rate": ("max_wal_rate_mb_s", "max_wal_rate_mb_s", float),
-}
-SIZING = {"batch-size", "target-batch-ms"}
 
 
 def _os_user() -> str:
@@ -116,12 +108,13 @@ class Steering:
     """A run's side: reads the requests it has not taken and acts on them.
 
     ``options`` is the run's RunOptions (changed in place by ``set``, so every later batch
-    and pass uses the new value); ``budget`` the run's Budget (its events, its throttle)."""
+    and pass, and the throttle, whose limits they are, use the new value); ``budget`` the
+    run's Budget (its events, its throttle)."""
 
     engine: Engine
     run_id: int
-    options: Any
-    budget: Any
+    options: RunOptions
+    budget: Budget
     seen: int = 0
     paused: dict[str, Any] | None = None
     aborted: dict[str, Any] | None = None
@@ -182,21 +175,17 @@ class Steering:
                 events.warn(f"control set {key}={value} by {by}: not an option this run can change")
                 fields["ignored"] = True
             else:
-                attr, limit_attr, kind = SETTABLE[key]
+                attr = SETTABLE[key].name
                 before = getattr(self.options, attr)
-                new = kind(value)
-                setattr(self.options, attr, new)
+                new = SETTABLE[key].spec.bound.parse(value)
+                setattr(self.options, attr, new)  # the throttle's limits too: the same object
                 throttle = self.budget.throttle
-                if throttle is not None:
-                    if limit_attr is not None:
-                        setattr(throttle.limits, limit_attr, new)
-                    if attr == "max_throttle_s":
-                        throttle.max_throttle_s = new
-                    if attr == "max_wal_rate_mb_s":  # a new meter measures from its first read
-                        if throttle.wal is None:
-                            throttle.wal = WalRate(new)
-                        else:
-                            throttle.wal.limit_mb_s = new
+                if throttle is not None and attr == "max_wal_rate_mb_s":
+                    # a new meter measures from its first read
+                    if throttle.wal is None:
+                        throttle.wal = WalRate(new)
+                    else:
+                        throttle.wal.limit_mb_s = new
                 if key in SIZING:
                     self.resized = True
                 fields["before"] = before
@@ -295,6 +284,6 @@ def hold(control: Steering, flag_file: str | None) -> bool:
     return True
 
 
-def _sleep(seconds: float, budget: Any) -> None:
+def _sleep(seconds: float, budget: Budget) -> None:
     from toolkit.engine.batches import pause  # batches imports this module
     pause(seconds, budget)

@@ -26,7 +26,8 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine.actions import Action, ActionRun
-from toolkit.engine.batches import Budget, PassResult, RunOptions, pause, sqlstate
+from toolkit.engine.batches import pause, sqlstate
+from toolkit.engine.budget import Budget
 from toolkit.engine.events import emit
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
@@ -35,7 +36,8 @@ from toolkit.engine.locks import (
     snapshot_holders,
     table_lock_holders,
 )
-from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.results import Check, PassResult, StepPlan
+from toolkit.engine.settings import RunOptions
 from toolkit.engine.step import Step
 from toolkit.errors import LockUnavailable
 from toolkit.schema import migrations

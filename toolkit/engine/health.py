@@ -30,9 +30,7 @@ Signals the role cannot read (other sessions' statistics need ``pg_monitor`` or
 from __future__ import annotations
 
 import os
-import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,35 +38,17 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.db import TIMEOUTS_OPTION
-from toolkit.engine.batches import _sleep
-from toolkit.engine.events import emit, progress_every_s
+from toolkit.engine.settings import Limits
 from toolkit.engine.walrate import SIGNAL as WAL_RATE
 from toolkit.engine.walrate import WalRate
 from toolkit.errors import UsageProblem
 
-DEFAULT_MAX_REPLICA_LAG_MS = 1500  # gh-ost's --max-lag-millis
-DEFAULT_MAX_REPLICA_LAG_BYTES = 16 * 1024 * 1024  # one WAL segment: a second or two of replay
-DEFAULT_MAX_TRANSACTION_AGE_S = 60.0
-# WAL segments waiting to be archived beyond those waiting when the run started: 16 is
-# 256 MB at the default segment size, a backlog the archiver should clear in seconds.
-DEFAULT_MAX_ARCHIVE_BACKLOG = 16
 POLL_S = 0.5
 # A health read waits briefly for anything: it must never become what slows the database.
 READ_TIMEOUTS = (1000, 5000)
 
 SIGNALS = ("replica_lag", "vacuum", "long_transaction", "archiving", WAL_RATE, "throttle_query",
            "flag_file")
-
-
-@dataclass
-class Limits:
-    max_replica_lag_ms: int = DEFAULT_MAX_REPLICA_LAG_MS
-    max_replica_lag_bytes: int = DEFAULT_MAX_REPLICA_LAG_BYTES
-    max_transaction_age_s: float = DEFAULT_MAX_TRANSACTION_AGE_S
-    throttle_query: str | None = None
-    throttle_flag_file: str | None = None
-    max_archive_backlog: int = DEFAULT_MAX_ARCHIVE_BACKLOG
-    max_wal_rate_mb_s: float | None = None  # None: the WAL rate is not a signal
 
 
 @dataclass
@@ -277,7 +257,7 @@ def check_throttle_query(engine: Engine, query: str) -> None:
     neither true nor false (``SELECT count(*) ...`` would keep a run waiting for ever).
     Asked before the run is recorded, so a refused query leaves no run row behind."""
     try:
-        with _reading(engine) as conn:
+        with short_read(engine) as conn:
             answer = conn.execute(sa.text(query)).scalar()
     except DBAPIError as exc:
         first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
@@ -311,12 +291,12 @@ def read(conn: Connection, tables: tuple[str, ...], limits: Limits, base: Baseli
 
 def readings_now(engine: Engine, tables: tuple[str, ...], limits: Limits | None = None) -> list[Reading]:
     """What ``toolkit plan`` shows: every signal's reading, in one read-only transaction."""
-    with _reading(engine) as conn:
+    with short_read(engine) as conn:
         base = baseline(conn)
         return read(conn, tables, limits or Limits(), base)
 
 
-class _reading:
+class short_read:
     """A short READ ONLY transaction with brief timeouts, always rolled back. It names itself
     ``toolkit health`` in pg_stat_activity for its own length only, so a DBA (or a test)
     looking for the session that runs batches is not shown the throttle's reads."""
@@ -336,90 +316,3 @@ class _reading:
             self._conn.rollback()
         finally:
             self._conn.close()
-
-
-@dataclass
-class Throttle:
-    """Waits between batches while the database is unhealthy; counts the time per signal.
-
-    ``budget`` is the run's :class:`~toolkit.engine.batches.Budget`: Ctrl-C ends a wait at
-    once, and after ``max_throttle_s`` of waiting in all it is marked throttled out, so the
-    run stops at this batch boundary."""
-
-    engine: Engine
-    limits: Limits
-    budget: Any
-    max_throttle_s: float | None = None
-    poll_s: float = POLL_S
-    base: Baseline = field(default_factory=Baseline)
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    waited: float = 0.0
-    wal: WalRate | None = None  # with --max-wal-rate: the run's samples of the WAL position
-
-    def start(self) -> None:
-        """Note the archiver's failures so far; warn once about signals the role cannot read;
-        refuse a --throttle-query that does not run."""
-        with _reading(self.engine) as conn:
-            self.base = baseline(conn)
-            if self.limits.max_wal_rate_mb_s is not None:
-                self.wal = WalRate(self.limits.max_wal_rate_mb_s)
-                self.wal.sample(conn)  # the first sample: the rate is measured from the start
-            for warning in unreadable(conn, self.base):
-                self.budget.events.warn(f"throttling: {warning}")
-        if self.limits.throttle_query:
-            check_throttle_query(self.engine, self.limits.throttle_query)
-
-    def over(self, tables: tuple[str, ...]) -> list[Reading]:
-        with _reading(self.engine) as conn:
-            return [r for r in read(conn, tables, self.limits, self.base, self.wal) if r.over]
-
-    def wait(self, tables: tuple[str, ...], what: str) -> None:
-        """Return once every signal is within its limit (or the run is to stop)."""
-        current = self.over(tables)
-        if not current:
-            return
-        began = last_note = time.monotonic()
-        emit(self.budget.events, "throttle", before=what, state="waiting",
-             signals=[{"signal": r.signal, "value": r.value, "limit": r.limit, "detail": r.detail}
-                      for r in current])
-        self.budget.events.warn(f"waiting before {what}: {_said(current)}")
-        every = progress_every_s()
-        while current:
-            if self.budget.stop_requested:
-                return
-            control = getattr(self.budget, "control", None)
-            if control is not None:  # a request during the wait: an abort ends it
-                if control.due():
-                    control.poll()
-                if control.aborted is not None:
-                    return
-            if self.max_throttle_s is not None and self.waited >= self.max_throttle_s:
-                self.budget.throttled_out = True
-                return
-            step = self.poll_s
-            if self.max_throttle_s is not None:
-                step = max(0.0, min(step, self.max_throttle_s - self.waited))
-            slept_from = time.monotonic()
-            _sleep(step, self.budget)
-            slept = time.monotonic() - slept_from
-            self.waited += slept
-            for signal in {r.signal for r in current}:
-                self.seconds[signal] += slept
-            previous = {r.signal for r in current}
-            current = self.over(tables)
-            now = time.monotonic()
-            if current and ({r.signal for r in current} != previous or now - last_note >= every):
-                last_note = now
-                self.budget.events.note(
-                    f"still waiting before {what} ({now - began:.0f} s so far): {_said(current)}"
-                )
-        emit(self.budget.events, "throttle", before=what, state="resumed",
-             seconds=round(time.monotonic() - began, 3), throttled_seconds=self.totals())
-        self.budget.events.note(f"resuming {what} after waiting {time.monotonic() - began:.1f} s")
-
-    def totals(self) -> dict[str, float]:
-        return {signal: round(seconds, 3) for signal, seconds in self.seconds.items()}
-
-
-def _said(readings: list[Reading]) -> str:
-    return "; ".join(f"{r.signal.replace('_', ' ')}: {r.detail}" for r in readings)

@@ -3,7 +3,7 @@ ended, whatever ended it (a batch boundary, Ctrl-C, a lost session, a failure)."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -14,11 +14,11 @@ from toolkit.cancel import StatementCancelled, stop_in_chain
 from toolkit.conninfo import render as render_url
 from toolkit.db import cannot_connect, first_line, lost_session_error, resource_exhausted, session_lost
 from toolkit.engine import state, unrecorded, writer
-from toolkit.engine.batches import RunOptions
 from toolkit.engine.events import Events, emit
 from toolkit.engine.lease import UNFENCED, Hold
-from toolkit.engine.outcomes import ApplyResult
 from toolkit.engine.plan import Milestone
+from toolkit.engine.results import ApplyResult, MilestoneState, Outcome
+from toolkit.engine.settings import RunOptions
 from toolkit.errors import (
     Aborted,
     Interrupted,
@@ -54,7 +54,7 @@ class RunHistory:
         self.command = command
         # Ends an earlier attempt could not write (the server was gone): the next attempt
         # that holds the lease writes them.
-        self._unrecorded: list[tuple[int, str, dict[str, int], str | None, dict[str, Any] | None]] = []
+        self._unrecorded: list[tuple[int, Outcome, dict[str, int], str | None, dict[str, Any] | None]] = []
 
     def recorded_command(self, verb: str, milestone: Milestone) -> str:
         """The command for history. One that runs several milestones (``toolkit demo``) gets
@@ -67,9 +67,23 @@ class RunHistory:
 
     @contextmanager
     def recorded(self, hold: Hold, milestone: Milestone, verb: str,
-                      state_during: str) -> Iterator[ApplyResult]:
+                 state_during: MilestoneState) -> Iterator[ApplyResult]:
         """Claim the lease, open the history row and set the milestone's state; on the way
         out record how the run really ended, whatever ended it."""
+        run_id = self._open(hold, milestone, verb, state_during)
+        result = ApplyResult(milestone, run_id, [])
+        emit(self.events, "run_start", run_id=run_id, milestone=milestone.name, verb=verb,
+             command=self.recorded_command(verb, milestone))
+        try:
+            yield result
+        except (KeyboardInterrupt, Exception) as exc:
+            self._failed(result, exc)
+            raise
+        self._ended(result)
+
+    def _open(self, hold: Hold, milestone: Milestone, verb: str, state_during: MilestoneState) -> int:
+        """The run's history row, opened once it holds the lease, with the milestone's state;
+        and the ends earlier runs could not write, written now that the database answers."""
         with self.engine.connect() as conn:
             ensure_own_tables(conn)
             hold.claim(conn)
@@ -89,87 +103,101 @@ class RunHistory:
                 for end in kept:
                     unrecorded.keep(self.engine.url, end["run_id"], end["outcome"], end["rows"], end["error"])
                 raise
-        result = ApplyResult(milestone, run_id, [])
-        emit(self.events, "run_start", run_id=run_id, milestone=milestone.name, verb=verb,
-             command=self.recorded_command(verb, milestone))
-        try:
-            yield result
-        except KeyboardInterrupt:
+        return run_id
+
+    def _failed(self, result: ApplyResult, exc: BaseException) -> None:
+        """A run an exception ended: recorded as it really ended. Raises what the operator is
+        to see instead of ``exc`` (a stop, a resource run out, a lost session), if anything."""
+        name = result.milestone.name
+        if isinstance(exc, KeyboardInterrupt):
             self._stopped(result, "aborted during a batch; that batch was rolled back",
-                          f"Aborted: {milestone.name} stopped during a batch, which was rolled back")
-        except StatementCancelled as exc:
+                          f"Aborted: {name} stopped during a batch, which was rolled back")
+        if isinstance(exc, StatementCancelled):
             said = f"stopped by a signal: the statement under way was {exc}, and rolled back"
-            self._stopped(result, said, f"Stopped: {milestone.name} {said}", cause=exc)
-        except SessionLost as exc:
-            self.finish(result, "interrupted", exc.one_line())
-            raise
-        except ToolkitError as exc:
-            self._masked_stop(result, exc)
-            self.finish(result, "failed", exc.one_line())
-            raise
-        except DBAPIError as exc:
-            self._masked_stop(result, exc)
-            exhausted = resource_exhausted(exc, render_url(self.engine.url), self.events.secrets)
-            if exhausted is not None:
-                # the cause, in the line the operator saw, written from a connection of its
-                # own (the pool's pre-ping replaces the run's if the server dropped it)
-                self.finish(result, "interrupted", exhausted.one_line())
-                raise exhausted from exc
-            why = session_lost(exc, during_run=True) or (
-                "the database cannot be reached" if cannot_connect(exc) else None)
-            if why:
-                lost = lost_session_error(exc, why, render_url(self.engine.url), self.events.secrets)
-                self.finish(result, "interrupted", lost.one_line())
-                raise lost from exc
-            self.finish(result, "failed", error_text(exc, self.events.secrets))
-            raise
-        except Exception as exc:
-            self._masked_stop(result, exc)
-            self.finish(result, "failed", error_text(exc, self.events.secrets))
-            raise
-        if result.stopped == "interrupted":
-            self.finish(result, "interrupted")
-            raise Interrupted(
-                f"Stopped {milestone.name} at a batch boundary after {counted(result.rows, 'row')}",
-                "run the same command again to resume from where it stopped",
-                details={"passes": [p.__dict__ for p in result.passes]},
-            )
-        if result.stopped == "aborted":
-            self.finish(result, "aborted")
-            asked = result.controls[-1] if result.controls else {}
-            by = f"{asked.get('db_user')} ({asked.get('os_user')}@{asked.get('host')})"
-            why = f": {asked['reason']}" if asked.get("reason") else ""
-            # aborted during the closing verify (runner._steered_verify): every pass is done
-            verifying = "verify" in result.timings and result.verify is None
-            where = ("during its closing verify: it is applied, not verified" if verifying
-                     else f"at a batch boundary after {counted(result.rows, 'row')}")
-            raise Aborted(
-                f"Stopped {milestone.name} {where}: "
-                f"`toolkit control abort` by {by}{why}; nothing is half-done",
-                "run the same command again to " + ("verify it (nothing is applied again)" if verifying
-                                                    else "resume from where it stopped"),
-                details={"passes": [p.__dict__ for p in result.passes], "controls": result.controls},
-            )
-        if result.stopped == "throttled":
-            self.finish(result, "throttled")
-            waited = ", ".join(f"{signal.replace('_', ' ')} {seconds:.1f} s"
-                               for signal, seconds in result.throttled_seconds.items())
-            raise Throttled(
-                f"Stopped {milestone.name} at a batch boundary after {counted(result.rows, 'row')}: the "
-                "database "
-                f"stayed unhealthy for --max-throttle-s {self.options.max_throttle_s:g} s of waiting "
-                f"({waited}); nothing is half-done",
-                "run the same command again to resume once the database is healthy (see the health "
-                "readings in `toolkit plan`); a larger --max-throttle-s waits longer",
-                details={"passes": [p.__dict__ for p in result.passes],
-                         "throttled_seconds": result.throttled_seconds},
-            )
-        self.finish(result, result.outcome)
+            self._stopped(result, said, f"Stopped: {name} {said}", cause=exc)
+        if isinstance(exc, SessionLost):
+            self.finish(result, Outcome.INTERRUPTED, exc.one_line())
+            return
+        self._masked_stop(result, exc)
+        if isinstance(exc, ToolkitError):
+            self.finish(result, Outcome.FAILED, exc.one_line())
+        elif isinstance(exc, DBAPIError):
+            self._database_failed(result, exc)
+        else:
+            self.finish(result, Outcome.FAILED, error_text(exc, self.events.secrets))
+
+    def _database_failed(self, result: ApplyResult, exc: DBAPIError) -> None:
+        """A driver error: a resource run out and a lost session are raised as what they are
+        (their cause in the line the operator saw, written from a connection of its own: the
+        pool's pre-ping replaces the run's if the server dropped it); anything else failed."""
+        url = render_url(self.engine.url)
+        exhausted = resource_exhausted(exc, url, self.events.secrets)
+        if exhausted is not None:
+            self.finish(result, Outcome.INTERRUPTED, exhausted.one_line())
+            raise exhausted from exc
+        why = session_lost(exc, during_run=True) or (
+            "the database cannot be reached" if cannot_connect(exc) else None)
+        if why:
+            lost = lost_session_error(exc, why, url, self.events.secrets)
+            self.finish(result, Outcome.INTERRUPTED, lost.one_line())
+            raise lost from exc
+        self.finish(result, Outcome.FAILED, error_text(exc, self.events.secrets))
+
+    def _ended(self, result: ApplyResult) -> None:
+        """The run's body returned: recorded with its outcome. One stopped at a batch boundary
+        (Ctrl-C, `toolkit control abort`, the health throttle) is raised as what stopped it."""
+        stops: dict[str, Callable[[ApplyResult], ToolkitError]] = {
+            Outcome.INTERRUPTED: self._interrupted, Outcome.ABORTED: self._aborted,
+            Outcome.THROTTLED: self._throttled}
+        stopped = result.stopped  # None: whole; max-batches, max-runtime: partial
+        stop = stops.get(stopped) if stopped is not None else None
+        if stopped is None or stop is None:
+            self.finish(result, result.outcome)
+            return
+        self.finish(result, Outcome(stopped))
+        raise stop(result)
+
+    def _interrupted(self, result: ApplyResult) -> ToolkitError:
+        return Interrupted(
+            f"Stopped {result.milestone.name} at a batch boundary after {counted(result.rows, 'row')}",
+            "run the same command again to resume from where it stopped",
+            details={"passes": [p.__dict__ for p in result.passes]},
+        )
+
+    def _aborted(self, result: ApplyResult) -> ToolkitError:
+        asked = result.controls[-1] if result.controls else {}
+        by = f"{asked.get('db_user')} ({asked.get('os_user')}@{asked.get('host')})"
+        why = f": {asked['reason']}" if asked.get("reason") else ""
+        # aborted during the closing verify (runner._steered_verify): every pass is done
+        verifying = "verify" in result.timings and result.verify is None
+        where = ("during its closing verify: it is applied, not verified" if verifying
+                 else f"at a batch boundary after {counted(result.rows, 'row')}")
+        return Aborted(
+            f"Stopped {result.milestone.name} {where}: "
+            f"`toolkit control abort` by {by}{why}; nothing is half-done",
+            "run the same command again to " + ("verify it (nothing is applied again)" if verifying
+                                                else "resume from where it stopped"),
+            details={"passes": [p.__dict__ for p in result.passes], "controls": result.controls},
+        )
+
+    def _throttled(self, result: ApplyResult) -> ToolkitError:
+        waited = ", ".join(f"{signal.replace('_', ' ')} {seconds:.1f} s"
+                           for signal, seconds in result.throttled_seconds.items())
+        return Throttled(
+            f"Stopped {result.milestone.name} at a batch boundary after {counted(result.rows, 'row')}: the "
+            "database "
+            f"stayed unhealthy for --max-throttle-s {self.options.max_throttle_s:g} s of waiting "
+            f"({waited}); nothing is half-done",
+            "run the same command again to resume once the database is healthy (see the health "
+            "readings in `toolkit plan`); a larger --max-throttle-s waits longer",
+            details={"passes": [p.__dict__ for p in result.passes],
+                     "throttled_seconds": result.throttled_seconds},
+        )
 
     def _stopped(self, result: ApplyResult, recorded: str, problem: str,
                  cause: BaseException | None = None) -> NoReturn:
         """A run a signal stopped mid-statement: history says ``interrupted``, exit 130."""
-        self.finish(result, "interrupted", recorded)
+        self.finish(result, Outcome.INTERRUPTED, recorded)
         raise Interrupted(problem, "run the same command again to resume from the last completed batch"
                           ) from cause
 
@@ -180,7 +208,7 @@ class RunHistory:
             said = "aborted by a signal; the statement under way was rolled back"
             self._stopped(result, said, f"Aborted: {result.milestone.name} {said}", cause=stop)
 
-    def finish(self, result: ApplyResult, outcome: str, error: str | None = None) -> None:
+    def finish(self, result: ApplyResult, outcome: Outcome, error: str | None = None) -> None:
         extra: dict[str, Any] = {"throttled_seconds": result.throttled_seconds}
         if result.controls:  # each `toolkit control` request the run took, in its history row
             extra["controls"] = result.controls
@@ -188,7 +216,7 @@ class RunHistory:
         self.record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error, extra,
                         wal=wal)
 
-    def record_end(self, run_id: int, outcome: str, rows: dict[str, int], error: str | None,
+    def record_end(self, run_id: int, outcome: Outcome, rows: dict[str, int], error: str | None,
                     extra: dict[str, Any] | None = None, *, wal: dict[str, int] | None = None) -> None:
         """The run's own history row, written even after the hold is lost (it says so) and
         given up on, with a warning, when the server cannot be reached to write it."""

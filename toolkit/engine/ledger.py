@@ -21,8 +21,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from toolkit.catalog import column_exists, relation_exists
-from toolkit.engine import state
 from toolkit.engine.plan import Final, MilestonePlan
+from toolkit.engine.results import STARTED, MilestoneState
 from toolkit.errors import PreconditionRefused
 from toolkit.schema.migrations import applied_revisions, own_schema_exists
 from toolkit.schema.own import SCHEMA, VERSION_TABLE
@@ -95,7 +95,7 @@ def ledger_lost(conn: Connection, plan: MilestonePlan) -> LedgerLost | None:
     except DBAPIError as exc:
         first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
         return LedgerLost(f"the table {SCHEMA}.milestones cannot be read ({first})", found)
-    if not any(recorded.get(name) in state.STARTED or recorded.get(name) == state.ROLLED_BACK
+    if not any(recorded.get(name) in STARTED or recorded.get(name) == MilestoneState.ROLLED_BACK
                for name in found) and not _made_by_own_revisions(conn, found):
         return LedgerLost(f"the table {SCHEMA}.milestones records none of them", found)
     return None

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.engine import state
-from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.results import STARTED, Check, StepPlan
 from toolkit.engine.step import Step
 from toolkit.errors import UsageProblem
 from toolkit.verify.named import Fix, Named
@@ -35,10 +36,22 @@ class Final:
         return {"why": self.why, "instead": self.instead, **self.details}
 
 
+@dataclass(frozen=True)
+class Supersedes:
+    """What a later milestone takes over from earlier ones once it has started: the checks
+    of theirs that read what it removes (milestone 4 archives and drops the experiments
+    milestones 2 and 3 linked). Their steps that say so (``superseded_checks``) then plan
+    nothing, have nothing left and hold, answered by the later milestone's own checks."""
+
+    milestones: tuple[str, ...]  # the ids of the milestones whose checks it takes over
+    why: str  # shown as the superseded checks' detail and the plans' context
+    # True when what it removes is gone though its state says nothing (its state lost)
+    gone_sql: str | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Milestone:
-    name: str
-    number: int
+    name: str  # its id, "milestone-N": written once, in its own module
     title: str
     steps: tuple[Step, ...]
     reads: tuple[str, ...]  # GitLab tables that must exist with the expected columns
@@ -66,6 +79,8 @@ class Milestone:
     fixes: tuple[Fix, ...] = field(default=(), compare=False)
     # The action before which `migrate --hold-before-drop` waits (its first drop); None: no hold.
     hold_point: str | None = None
+    # The earlier milestones whose checks it takes over once started; None: none.
+    supersedes: Supersedes | None = None
 
     def final_now(self, conn: Connection) -> Final | None:
         from toolkit.engine.ledger import adopted_final  # the ledger module reads plans
@@ -100,6 +115,9 @@ class Milestone:
 
 @dataclass(frozen=True)
 class MilestonePlan:
+    """The registered milestones in their order of registration (toolkit/milestones/registry.py):
+    before, after and the short alias (``1`` for the first) all come from that order."""
+
     milestones: tuple[Milestone, ...]
 
     def __iter__(self) -> Iterator[Milestone]:
@@ -109,18 +127,41 @@ class MilestonePlan:
     def names(self) -> list[str]:
         return [m.name for m in self.milestones]
 
+    def number(self, milestone: Milestone) -> int:
+        """Its place in the plan, from 1: the short alias the commands take (``1``)."""
+        return self.names.index(milestone.name) + 1
+
     def get(self, name: str) -> Milestone:
-        key = name if name.startswith("milestone-") else f"milestone-{name}"
-        for milestone in self.milestones:
-            if milestone.name == key:
+        for number, milestone in enumerate(self.milestones, start=1):
+            if name in (milestone.name, str(number)):
                 return milestone
         raise UsageProblem(f"Unknown milestone {name!r}", f"use one of: {', '.join(self.names)}")
 
     def previous(self, milestone: Milestone) -> Milestone | None:
-        return next((m for m in self.milestones if m.number == milestone.number - 1), None)
+        at = self.number(milestone) - 1
+        return self.milestones[at - 1] if at > 0 else None
+
+    def next(self, milestone: Milestone) -> Milestone | None:
+        at = self.number(milestone)
+        return self.milestones[at] if at < len(self.milestones) else None
 
     def later(self, milestone: Milestone) -> list[Milestone]:
-        return [m for m in self.milestones if m.number > milestone.number]
+        return list(self.milestones[self.number(milestone):])
+
+    def superseding(self, name: str) -> list[Milestone]:
+        """The later milestones that take over the checks of milestone ``name``."""
+        return [m for m in self.milestones if m.supersedes is not None and name in m.supersedes.milestones]
+
+    def superseded(self, conn: Connection, name: str) -> Supersedes | None:
+        """What takes over milestone ``name``'s superseded checks now: a later milestone that
+        has started (or whose removals are found done though its state is lost), else None."""
+        for later in self.superseding(name):
+            by = later.supersedes
+            assert by is not None
+            if state.milestone_state(conn, later.name)["state"] in STARTED or (
+                    by.gone_sql and conn.execute(sa.text(by.gone_sql)).scalar_one()):
+                return by
+        return None
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -131,6 +172,6 @@ class MilestonePlan:
         """Tables and columns a milestone that has started may have dropped already."""
         gone: set[str] = set()
         for milestone in self.milestones:
-            if milestone.removes and state.milestone_state(conn, milestone.name)["state"] in state.STARTED:
+            if milestone.removes and state.milestone_state(conn, milestone.name)["state"] in STARTED:
                 gone |= milestone.removes
         return frozenset(gone)

@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 
 from toolkit.engine import state
 from toolkit.engine.actions import Action
+from toolkit.engine.results import MilestoneState
 from toolkit.engine.state import Checkpoint
 
 
@@ -55,7 +56,8 @@ class Resumption:
 def resumes(previous_state: str, verb: str) -> bool:
     """Whether a run of ``verb`` takes up an unfinished earlier one: the state that earlier
     run left is the one this verb's runs hold while they work."""
-    return previous_state == (state.IN_PROGRESS if verb == "migrate" else state.ROLLING_BACK)
+    return previous_state == (MilestoneState.IN_PROGRESS if verb == "migrate"
+                              else MilestoneState.ROLLING_BACK)
 
 
 def prepare(conn: Connection, milestone: str, verb: str, actions: list[Action],

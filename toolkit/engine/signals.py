@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from toolkit.cancel import IN_FLIGHT
-from toolkit.engine.batches import Budget
+from toolkit.engine.budget import Budget
 
 # How long the first signal lets a statement already on the server finish before it is
 # cancelled: a batch is sized to take far less, and a stop must act within a second.

@@ -18,17 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import __version__
+from toolkit.engine.results import MilestoneState, Outcome
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.schema.own import SCHEMA
-
-NOT_STARTED = "not started"
-IN_PROGRESS = "in_progress"
-APPLIED = "applied"
-VERIFIED = "verified"
-ROLLED_BACK = "rolled_back"
-ROLLING_BACK = "rolling_back"
-# A milestone in one of these has changed (or is changing) the database.
-STARTED = (IN_PROGRESS, APPLIED, VERIFIED, ROLLING_BACK)
 
 
 @dataclass
@@ -61,7 +53,7 @@ def start_run(conn: Connection, command: str, milestone: str | None, options: di
     return int(run_id)
 
 
-def finish_run(conn: Connection, run_id: int, outcome: str, rows_by_step: dict[str, int],
+def finish_run(conn: Connection, run_id: int, outcome: Outcome, rows_by_step: dict[str, int],
                error: str | None = None, extra: dict[str, Any] | None = None) -> None:
     """``extra`` is merged into the run's options: what the run found out about itself
     (``throttled_seconds``, the time it waited on the database's health, by signal)."""
@@ -91,18 +83,19 @@ def close_abandoned_runs(conn: Connection, current: int,
                    finished_at = COALESCE(last_batch_at, started_at),
                    rows_by_step = CAST(:rows AS jsonb) || rows_by_step,
                    error = :error
-            WHERE id = :id AND outcome = 'running' AND id < :current
-        """), {"id": end["run_id"], "outcome": str(end.get("outcome") or "interrupted"),
+            WHERE id = :id AND outcome = :running AND id < :current
+        """), {"id": end["run_id"], "outcome": str(end.get("outcome") or Outcome.INTERRUPTED),
+               "running": Outcome.RUNNING,
                "rows": json.dumps(end.get("rows") or {}), "current": current,
                "error": (f"{end['error']} " if end.get("error") else "")
                         + f"(recorded by run {current}: the database could not take it then)"})
     conn.execute(sa.text(f"""
-        UPDATE {SCHEMA}.runs SET outcome = 'stopped unrecorded',
+        UPDATE {SCHEMA}.runs SET outcome = :unrecorded,
                finished_at = COALESCE(last_batch_at, started_at),
                error = COALESCE(error, 'ended without recording how (killed, or its connection lost); '
                                        'a later run went on from its last commit')
-        WHERE outcome = 'running' AND id < :current
-    """), {"current": current})
+        WHERE outcome = :running AND id < :current
+    """), {"current": current, "unrecorded": Outcome.STOPPED_UNRECORDED, "running": Outcome.RUNNING})
 
 
 def history(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
@@ -230,17 +223,23 @@ def checkpoints(conn: Connection, milestone: str) -> list[Checkpoint]:
 
 # -- milestone states ------------------------------------------------------------------
 def milestone_state(conn: Connection, milestone: str) -> dict[str, Any]:
+    """The milestone's row, its ``state`` a :class:`MilestoneState` (``not started`` when
+    there is no row)."""
     if not own_schema_exists(conn):
-        return {"state": NOT_STARTED}
+        return {"state": MilestoneState.NOT_STARTED}
     row = conn.execute(sa.text(f"""
         SELECT state, applied_at, verified_at, rolled_back_at, last_run_id, updated_at
         FROM {SCHEMA}.milestones WHERE milestone = :m
     """), {"m": milestone}).one_or_none()
-    return dict(row._mapping) if row else {"state": NOT_STARTED}
+    if row is None:
+        return {"state": MilestoneState.NOT_STARTED}
+    return {**row._mapping, "state": MilestoneState(row.state)}
 
 
-def set_milestone_state(conn: Connection, milestone: str, state: str, run_id: int | None) -> None:
-    stamp = {APPLIED: "applied_at", VERIFIED: "verified_at", ROLLED_BACK: "rolled_back_at"}.get(state)
+def set_milestone_state(conn: Connection, milestone: str, state: MilestoneState,
+                        run_id: int | None) -> None:
+    stamp = {MilestoneState.APPLIED: "applied_at", MilestoneState.VERIFIED: "verified_at",
+             MilestoneState.ROLLED_BACK: "rolled_back_at"}.get(state)
     extra = f", {stamp} = clock_timestamp()" if stamp else ""
     insert_extra = (f", {stamp}", ", clock_timestamp()") if stamp else ("", "")
     conn.execute(sa.text(f"""

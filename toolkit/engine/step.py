@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from toolkit.engine.batches import PassResult, run_pass
-from toolkit.engine.results import Check, StepPlan
+from toolkit.engine.batches import run_pass
+from toolkit.engine.results import Check, PassResult, StepPlan
 
 if TYPE_CHECKING:
     from toolkit.engine.actions import Action, ActionRun

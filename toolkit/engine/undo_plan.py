@@ -4,7 +4,7 @@ The rollback's own actions are asked, in the order the rollback runs them: a bat
 counts the rows it would restore or remove (its ``count``, else the rows of the ledger or
 archive it walks), a schema change whether it is still to undo, a check or record that it
 would run. Everything is read in one transaction the server itself keeps read-only
-(engine/runner.py), so a dry run cannot write, not even the toolkit's own history.
+(engine/inspection.py), so a dry run cannot write, not even the toolkit's own history.
 
 Counted before the rollback starts: a pass's count is what it finds now, which is what
 it will change when the passes before it change other tables (each pass's ledger or
@@ -13,52 +13,14 @@ archive is its own).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
 from toolkit.engine.actions import Action
 from toolkit.engine.plan import Milestone
+from toolkit.engine.results import CHECK, ROWS, SCHEMA, MilestoneState, UndoPass, UndoPlan
 from toolkit.engine.step import KeysetPass
-
-ROWS, SCHEMA, CHECK = "rows", "schema change", "check"
-
-
-@dataclass
-class UndoPass:
-    name: str
-    description: str
-    kind: str  # ROWS, SCHEMA or CHECK
-    rows: int = 0
-    breakdown: dict[str, int] = field(default_factory=dict)
-    pending: bool = True  # a schema change still to undo, a check still to run
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "kind": self.kind,
-                "rows": self.rows, "breakdown": self.breakdown, "pending": self.pending}
-
-
-@dataclass
-class UndoPlan:
-    milestone: Milestone
-    state: str
-    passes: list[UndoPass]
-
-    @property
-    def rows(self) -> int:
-        return sum(p.rows for p in self.passes if p.kind == ROWS)
-
-    @property
-    def schema_changes(self) -> int:
-        return sum(1 for p in self.passes if p.kind == SCHEMA and p.pending)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"milestone": self.milestone.name, "title": self.milestone.title, "state": self.state,
-                "rows": self.rows, "schema_changes": self.schema_changes,
-                "passes": [p.as_dict() for p in self.passes]}
 
 
 def count_pass(conn: Connection, kpass: KeysetPass) -> UndoPass:
@@ -84,6 +46,6 @@ def count_action(conn: Connection, action: Action) -> UndoPass:
     return UndoPass(action.name, action.description, kind, pending=not action.is_done(conn))
 
 
-def undo_plan(conn: Connection, milestone: Milestone, state_now: str,
+def undo_plan(conn: Connection, milestone: Milestone, state_now: MilestoneState,
               actions: list[Action]) -> UndoPlan:
     return UndoPlan(milestone, state_now, [count_action(conn, a) for a in actions])

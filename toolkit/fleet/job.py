@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from toolkit import milestones
 from toolkit.db import create_engine
-from toolkit.engine.runner import Runner
+from toolkit.engine.inspection import Inspector
 from toolkit.errors import ExitCode, ToolkitError
 from toolkit.fleet import connect, record
 from toolkit.fleet.inventory import Database
@@ -39,7 +39,7 @@ def milestone_state(database: Database, milestone: str) -> str | None:
     except ToolkitError:
         return None
     try:
-        return Runner(engine, plan=milestones.plan()).states().get(milestone)
+        return Inspector(engine, milestones.plan()).states().get(milestone)
     except (ToolkitError, DBAPIError):  # not GitLab's, unreachable: the run's error says why
         return None
     finally:

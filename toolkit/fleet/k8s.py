@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from toolkit.fleet import record
-from toolkit.fleet.inventory import Fleet
+from toolkit.fleet.inventory import Fleet, Wave
 
 CONTAINER = "toolkit"
 MOUNT = "/etc/toolkit-fleet"
@@ -52,47 +52,65 @@ def manifests(fleet: Fleet, inventory_text: str, action: str, milestone: str, *,
             continue
         members = fleet.in_wave(wave.name)
         job_name = f"{name}-{'rollback-' if action == 'rollback' else ''}{milestone}-{wave.name}"[:63]
-        container: dict[str, Any] = {
-            "name": CONTAINER, "image": image,
-            "command": ["toolkit", "fleet", "job", "--inventory", f"{MOUNT}/fleet.yml", "--wave", wave.name,
-                        "--out", "/tmp/fleet-artifacts", *step,
-                        *(["--", *extra] if extra else [])],
-            "env": [dict(e) for e in env],
-            "volumeMounts": [{"name": "inventory", "mountPath": MOUNT, "readOnly": True},
-                             {"name": "tmp", "mountPath": "/tmp"}],
-            "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
-                                "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
-        }
-        if urls_secret:
-            container["envFrom"] = [{"secretRef": {"name": urls_secret, "optional": True}}]
-        pod_labels = {**labels, "toolkit.fleet/wave": wave.name}
-        docs.append({
-            "apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": job_name.rstrip("-"), **meta, "labels": dict(pod_labels),
-                         "annotations": {"toolkit.fleet/databases": ",".join(d.name for d in members)}},
-            "spec": {
-                "completionMode": "Indexed",
-                "completions": len(members),
-                "parallelism": min(wave.max_parallel, len(members)),
-                "backoffLimitPerIndex": backoff_limit_per_index,
-                # a stopping wave stops at its first failed database; one that continues runs them all
-                "maxFailedIndexes": 0 if wave.on_error == "stop" else len(members),
-                "podFailurePolicy": {"rules": [
-                    {"action": "FailIndex", "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn",
-                                                            "values": [0, *record.RESUMABLE]}},
-                    {"action": "Count", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                        "values": list(record.RESUMABLE)}},
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]},
-                "template": {
-                    "metadata": {"labels": pod_labels},
-                    "spec": {"restartPolicy": "Never", "containers": [container],
-                             "volumes": [{"name": "inventory", "configMap": {"name": f"{name}-inventory"}},
-                                         {"name": "tmp", "emptyDir": {}}]},
-                },
-            },
-        })
+        container = _container(image, wave.name, step, extra, env, urls_secret)
+        docs.append(_indexed_job(job_name.rstrip("-"), wave, [d.name for d in members], meta,
+                                 {**labels, "toolkit.fleet/wave": wave.name}, container,
+                                 inventory=f"{name}-inventory",
+                                 backoff_limit_per_index=backoff_limit_per_index))
     return docs
+
+
+def _container(image: str, wave: str, step: list[str], extra: tuple[str, ...], env: list[dict[str, Any]],
+               urls_secret: str | None) -> dict[str, Any]:
+    """The pod's one container: ``toolkit fleet job`` on the mounted inventory, as a
+    non-root user on a read-only root filesystem, the URLs from the Secret."""
+    container: dict[str, Any] = {
+        "name": CONTAINER, "image": image,
+        "command": ["toolkit", "fleet", "job", "--inventory", f"{MOUNT}/fleet.yml", "--wave", wave,
+                    "--out", "/tmp/fleet-artifacts", *step,
+                    *(["--", *extra] if extra else [])],
+        "env": [dict(e) for e in env],
+        "volumeMounts": [{"name": "inventory", "mountPath": MOUNT, "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+    }
+    if urls_secret:
+        container["envFrom"] = [{"secretRef": {"name": urls_secret, "optional": True}}]
+    return container
+
+
+def _indexed_job(job_name: str, wave: Wave, databases: list[str], meta: dict[str, Any],
+                 pod_labels: dict[str, str], container: dict[str, Any], *, inventory: str,
+                 backoff_limit_per_index: int) -> dict[str, Any]:
+    """One wave's Indexed Job: an index per database, as many at once as the wave allows,
+    retried per index on the toolkit's resumable exit codes only."""
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": job_name, **meta, "labels": dict(pod_labels),
+                     "annotations": {"toolkit.fleet/databases": ",".join(databases)}},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": len(databases),
+            "parallelism": min(wave.max_parallel, len(databases)),
+            "backoffLimitPerIndex": backoff_limit_per_index,
+            # a stopping wave stops at its first failed database; one that continues runs them all
+            "maxFailedIndexes": 0 if wave.on_error == "stop" else len(databases),
+            "podFailurePolicy": {"rules": [
+                {"action": "FailIndex", "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn",
+                                                        "values": [0, *record.RESUMABLE]}},
+                {"action": "Count", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                    "values": list(record.RESUMABLE)}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {"restartPolicy": "Never", "containers": [container],
+                         "volumes": [{"name": "inventory", "configMap": {"name": inventory}},
+                                     {"name": "tmp", "emptyDir": {}}]},
+            },
+        },
+    }
 
 
 def render(docs: list[dict[str, Any]], header: str) -> str:

@@ -1,7 +1,7 @@
 """``fleet plan``: every database's status and next milestone's plan, read-only, at once.
 
 Each database is read with the same library calls ``toolkit status`` and ``toolkit plan``
-make (:meth:`Runner.status`, :meth:`Runner.plan`), in their one REPEATABLE READ, READ ONLY
+make (:meth:`Inspector.status`, :meth:`Inspector.plan`), in their one REPEATABLE READ, READ ONLY
 transaction, from a thread pool: a fleet's plan costs about its slowest database, not
 their sum. A database that cannot be planned (unreachable, not GitLab's, a variable not
 set) is a row with its one-line error and the exit code ``toolkit plan`` would have given,
@@ -23,7 +23,8 @@ from sqlalchemy.exc import DBAPIError
 from toolkit import milestones
 from toolkit.db import classify, create_engine
 from toolkit.engine import state
-from toolkit.engine.runner import Runner
+from toolkit.engine.inspection import Inspector
+from toolkit.engine.results import MilestoneState
 from toolkit.errors import ExitCode, ToolkitError
 from toolkit.fleet import connect
 from toolkit.fleet.inventory import Database, Fleet
@@ -65,7 +66,7 @@ def plan_one(database: Database, read_timeout_ms: int | None = None) -> Database
         target = connect.target(database)
         where, secrets = target.describe(), target.secrets
         engine = create_engine(target, read_timeout=read_timeout_ms)
-        _read(Runner(engine, plan=milestones.plan()), row)
+        _read(Inspector(engine, milestones.plan()), row)
     except ToolkitError as exc:
         row.error, row.exit_code = _clean(exc.one_line(), secrets), int(exc.exit_code)
     except DBAPIError as exc:
@@ -87,18 +88,18 @@ def _clean(text: str, secrets: tuple[str, ...]) -> str:
     return text
 
 
-def _read(runner: Runner, row: DatabasePlan) -> None:
-    report = runner.status()  # refuses (exit 3) a database whose ML tables are not GitLab's
+def _read(inspector: Inspector, row: DatabasePlan) -> None:
+    report = inspector.status()  # refuses (exit 3) a database whose ML tables are not GitLab's
     row.states = {entry["milestone"]: entry["state"] for entry in report}
-    pending = [entry["milestone"] for entry in report if entry["state"] != state.VERIFIED]
-    with runner.engine.connect() as conn:
+    pending = [entry["milestone"] for entry in report if entry["state"] != MilestoneState.VERIFIED]
+    with inspector.engine.connect() as conn:
         row.gitlab_schema = _gitlab_schema(conn)
         row.measured_rows_per_s = _measured_rate(conn)
     if not pending:
         row.rows_to_change, row.anomalies, row.blocking_anomalies = 0, 0, 0
         return
     row.next_milestone = pending[0]
-    result = runner.plan(milestones.get(pending[0]))
+    result = inspector.plan(milestones.get(pending[0]))
     row.gate_ok = result.gate.ok
     row.rows_to_change = result.rows
     found = [a for step in result.steps for a in step.anomalies]

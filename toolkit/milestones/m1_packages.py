@@ -35,9 +35,11 @@ from toolkit.engine.step import KeysetPass, Step
 from toolkit.mlflow_api.artifact_uri import package_name_sql, path_sql
 from toolkit.names import M1_LEDGER as LEDGER
 from toolkit.schema.gitlab import PACKAGE_STATUS_NAMES, PACKAGE_TYPE_ML_MODEL
-from toolkit.verify.fingerprint import FROM_EXPERIMENTS, experiment_relations, mlflow_source
+from toolkit.verify.mlflow_view import FROM_EXPERIMENTS, experiment_relations, mlflow_source
 from toolkit.verify.named import Fix, Named
 from toolkit.words import counted
+
+NAME = "milestone-1"  # this milestone's id: everything else refers to it or to the registry
 
 # GitLab's Gitlab::Regex.semver_regex (anchored), in PostgreSQL's ARE syntax.
 SEMVER = (
@@ -140,17 +142,17 @@ RESOLUTIONS = {
         "The package belongs to another project than its candidate, so moving it under the "
         "candidate's model would expose it to the wrong project. Decide which project owns the "
         "artifacts: re-upload them to the candidate's project, or unlink the package from the "
-        "candidate (ml_candidates.package_id = NULL). Then run `toolkit migrate milestone-1` again."
+        f"candidate (ml_candidates.package_id = NULL). Then run `toolkit migrate {NAME}` again."
     ),
     "ml_model_collision": (
         "An ml_model package with the same project, name and version already exists, so the "
         "conversion would break the unique index. Keep one: mark the unwanted package "
-        "pending destruction (status 4) in GitLab, then run `toolkit migrate milestone-1` again."
+        f"pending destruction (status 4) in GitLab, then run `toolkit migrate {NAME}` again."
     ),
     "status_message_too_long": (
         "The package's status_message is longer than GitLab's 255-character limit (an old row the "
         "NOT VALID check never checked), and PostgreSQL enforces that check on any update. Shorten "
-        "the message (it is an error text shown in the UI), then run `toolkit migrate milestone-1` "
+        f"the message (it is an error text shown in the UI), then run `toolkit migrate {NAME}` "
         "again."
     ),
     "shared_package": (
@@ -312,7 +314,7 @@ class ConvertCandidatePackages(Step):
             detail="the ledger is empty" if not left else
             f"{counted(count_of(left), 'package')} kept as ml_model: a generic package with the same key "
             "exists now",
-            remedy="resolve the duplicate generic package, then run `toolkit rollback milestone-1` again"
+            remedy=f"resolve the duplicate generic package, then run `toolkit rollback {NAME}` again"
             if left else None,
             rows=left,
         )]
@@ -334,7 +336,7 @@ class ConvertCandidatePackages(Step):
             WHERE p.package_type = 7 AND {CANDIDATE_LINKED}
             ORDER BY p.id""", keep=tally)
         remedies = {**RESOLUTIONS,
-                    "not_yet_converted": "new or not yet processed: run `toolkit migrate milestone-1`"}
+                    "not_yet_converted": f"new or not yet processed: run `toolkit migrate {NAME}`"}
         checks = [Check(
             name="no candidate-linked generic packages",
             ok=not remaining,
@@ -351,7 +353,7 @@ class ConvertCandidatePackages(Step):
             name="converted packages are still ml_model",
             ok=not undone,
             detail="all are" if not undone else f"{count_of(undone)} converted packages changed type since",
-            remedy="find out what changed them; run `toolkit migrate milestone-1` to convert them again"
+            remedy=f"find out what changed them; run `toolkit migrate {NAME}` to convert them again"
             if undone else None,
             rows=undone,
         ))
@@ -365,8 +367,7 @@ def ledger_size(conn: Connection) -> int:
 
 
 MILESTONE_1 = Milestone(
-    name="milestone-1",
-    number=1,
+    name=NAME,
     title="Candidate packages become ml_model packages",
     steps=(ConvertCandidatePackages(),),
     reads=("ml_candidates", "packages_packages"),

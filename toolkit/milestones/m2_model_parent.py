@@ -20,17 +20,15 @@ from toolkit.engine.ddl import SchemaStep, is_applied
 from toolkit.engine.listing import count_of, listed
 from toolkit.engine.plan import Milestone
 from toolkit.engine.results import Check, StepPlan
-from toolkit.engine.step import KeysetPass, Step
-from toolkit.milestones.base import (
-    SUPERSEDED,
-    TransitionTriggerStep,
-    superseded_by_cleanup,
-)
+from toolkit.engine.step import KeysetPass
+from toolkit.milestones.base import Supersedable, TransitionTriggerStep
 from toolkit.names import M2_COLUMN, M3_CREATED_MODELS
 from toolkit.names import M2_FOREIGN_KEY as FK
 from toolkit.names import M2_INDEX as INDEX
 from toolkit.names import M2_TRIGGER as TRIGGER
 from toolkit.words import counted
+
+NAME = "milestone-2"  # this milestone's id: everything else refers to it or to the registry
 
 # One definition of "this candidate's model_id is not what its experiment says".
 MISMATCH = "c.model_id IS DISTINCT FROM e.model_id"
@@ -72,7 +70,7 @@ class AddModelIdColumn(SchemaStep):
     def verify(self, conn: Connection) -> list[Check]:
         ok = catalog.column_exists(conn, *M2_COLUMN)
         return [Check(name="ml_candidates.model_id exists", ok=ok, detail="present" if ok else "missing",
-                      remedy=remedy(ok, "milestone-2"))]
+                      remedy=remedy(ok, NAME))]
 
 
 class IndexModelId(SchemaStep):
@@ -82,7 +80,7 @@ class IndexModelId(SchemaStep):
     tables = ("ml_candidates",)
 
     def verify(self, conn: Connection) -> list[Check]:
-        return [index_valid(conn, INDEX, "milestone-2")]
+        return [index_valid(conn, INDEX, NAME)]
 
 
 class AddModelIdForeignKey(SchemaStep):
@@ -97,12 +95,14 @@ class AddTransitionTrigger(TransitionTriggerStep):
     description = f"{TRIGGER}: new candidates get model_id from their experiment"
     revision = "m2_0004"
     tables = ("ml_candidates",)
-    trigger, table, milestone = TRIGGER, "ml_candidates", "milestone-2"
+    trigger, table, milestone = TRIGGER, "ml_candidates", NAME
 
 
-class BackfillModelId(Step):
+class BackfillModelId(Supersedable):
     name = "backfill-model-id"
     description = "ml_candidates.model_id := its experiment's model (default experiments)"
+    milestone = NAME
+    superseded_checks = ("every candidate's model_id is its experiment's model",)
 
     def forward(self) -> list[KeysetPass]:
         return [KeysetPass(self.name, self.description, "ml_candidates", BACKFILL_BATCH,
@@ -119,9 +119,6 @@ class BackfillModelId(Step):
                 f"WHERE {MISMATCH} AND NOT {awaiting_milestone_3(conn)}")
 
     def plan(self, conn: Connection) -> StepPlan:
-        if superseded_by_cleanup(conn):
-            return StepPlan(step=self.name, description=self.description, rows=0, context={SUPERSEDED: 0},
-                            sql=self.forward_sql())
         count_from = self._count_sql(conn)
         rows = conn.execute(sa.text(f"SELECT count(*) {count_from}")).scalar_one()
         context: dict[str, int] = dict(conn.execute(sa.text("""
@@ -133,25 +130,19 @@ class BackfillModelId(Step):
                         breakdown={"set model_id": rows}, context=context, sql=self.forward_sql())
 
     def remaining(self, conn: Connection) -> int:
-        if superseded_by_cleanup(conn):
-            return 0
         return conn.execute(sa.text(f"SELECT count(*) {self._count_sql(conn)}")).scalar_one()
 
     def verify(self, conn: Connection) -> list[Check]:
         if not catalog.column_exists(conn, *M2_COLUMN):
             return []
-        if superseded_by_cleanup(conn):
-            return [
-                Check(name="every candidate's model_id is its experiment's model", ok=True, detail=SUPERSEDED)
-            ]
         wrong = listed(conn, f"""
             SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
             WHERE {MISMATCH} AND NOT {awaiting_milestone_3(conn)} ORDER BY c.id""")
-        return [Check(name="every candidate's model_id is its experiment's model", ok=not wrong,
+        return [Check(name=self.superseded_checks[0], ok=not wrong,
                       detail="all match" if not wrong
                       else f"{counted(count_of(wrong), 'candidate')} not matching",
-                      remedy=remedy(not wrong, "milestone-2", "it backfills again"),
+                      remedy=remedy(not wrong, NAME, "it backfills again"),
                       rows=wrong)]
 
 
@@ -162,7 +153,7 @@ class ValidateForeignKey(SchemaStep):
     tables = ("ml_candidates", "ml_models")
 
     def verify(self, conn: Connection) -> list[Check]:
-        return [constraint_validated(conn, "ml_candidates", FK, "milestone-2")]
+        return [constraint_validated(conn, "ml_candidates", FK, NAME)]
 
 
 def schema_applied(conn: Connection) -> bool:
@@ -170,8 +161,7 @@ def schema_applied(conn: Connection) -> bool:
 
 
 MILESTONE_2 = Milestone(
-    name="milestone-2",
-    number=2,
+    name=NAME,
     title="ml_models becomes the parent of candidates (ml_candidates.model_id)",
     steps=(AddModelIdColumn(), IndexModelId(), AddModelIdForeignKey(), AddTransitionTrigger(),
            BackfillModelId(), ValidateForeignKey()),

@@ -30,9 +30,6 @@ transaction:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-from itertools import groupby
 from operator import itemgetter
 
 import sqlalchemy as sa
@@ -42,17 +39,37 @@ from toolkit import catalog
 from toolkit.engine import state
 from toolkit.engine.catalog_checks import constraint_validated, remedy
 from toolkit.engine.ddl import SchemaStep
-from toolkit.engine.listing import STREAMED, Listing, count_of, listed, read_to_the_end
+from toolkit.engine.listing import Listing, count_of, listed
 from toolkit.engine.plan import Milestone
-from toolkit.engine.results import Anomaly, Check, StepPlan
+from toolkit.engine.results import Anomaly, Check, MilestoneState, StepPlan
 from toolkit.engine.step import KeysetPass, Step
 from toolkit.milestones import slug
-from toolkit.milestones.base import (
-    SUPERSEDED,
-    TransitionTriggerStep,
-    superseded_by_cleanup,
-)
+from toolkit.milestones.base import Supersedable, TransitionTriggerStep
 from toolkit.milestones.m2_model_parent import BACKFILL_BATCH, MISMATCH
+from toolkit.milestones.m2_model_parent import NAME as M2
+from toolkit.milestones.m3_create import (
+    COPY_METADATA,
+    CREATE_MODELS,
+    LOCK_EXPERIMENTS,
+    RECORD_CLASHES,
+    TAKEN_NAMES,
+    create_models_batch,
+    planned_slugs,
+)
+from toolkit.milestones.m3_undo import (
+    DELETE_MODEL_METADATA,
+    DELETE_MODELS,
+    FORGET_CLASHES,
+    FORGET_MODELS,
+    REMOVE_COPIED_METADATA,
+    UNDO_BATCH,
+    UNLINK_CANDIDATES,
+    UNLINK_EXPERIMENTS,
+    forget_clashes_count,
+    remove_metadata_count,
+    remove_models_batch,
+    remove_models_count,
+)
 from toolkit.names import M2_COLUMN, M3_COLUMN
 from toolkit.names import M3_CHECK as DISPLAY_CHECK
 from toolkit.names import M3_COPIED_METADATA as COPIED
@@ -61,6 +78,8 @@ from toolkit.names import M3_METADATA_CLASHES as CLASHES
 from toolkit.names import M3_TRIGGER as DISPLAY_TRIGGER
 from toolkit.words import counted
 
+NAME = "milestone-3"  # this milestone's id: everything else refers to it or to the registry
+
 BACKFILL_DISPLAY_NAME = """
 WITH changed AS (
     UPDATE ml_models SET display_name = name
@@ -68,159 +87,6 @@ WITH changed AS (
     RETURNING id
 )
 SELECT count(*) FROM changed"""
-
-LOCK_EXPERIMENTS = """
-SELECT id, project_id, iid, name FROM ml_experiments
-WHERE id > :lo AND id <= :hi AND model_id IS NULL
-ORDER BY id FOR UPDATE"""
-
-TAKEN_NAMES = "SELECT project_id, name FROM ml_models WHERE project_id = ANY(:projects)"
-
-CREATE_MODELS = f"""
-WITH input AS (
-    SELECT * FROM unnest(CAST(:experiment_ids AS bigint[]), CAST(:project_ids AS bigint[]),
-                         CAST(:slugs AS text[])) AS t(experiment_id, project_id, slug)
-), created AS (
-    INSERT INTO ml_models (created_at, updated_at, project_id, name, user_id, display_name)
-    SELECT e.created_at, e.updated_at, e.project_id, i.slug, e.user_id, e.name
-    FROM input i JOIN ml_experiments e ON e.id = i.experiment_id
-    RETURNING id, project_id, name
-), linked AS (
-    -- each new model is matched to its experiment by (project, slug), never through
-    -- the project's other experiments: a project can have thousands
-    UPDATE ml_experiments e SET model_id = c.id
-    FROM input i JOIN created c ON c.project_id = i.project_id AND c.name = i.slug
-    WHERE e.id = i.experiment_id
-    RETURNING e.id AS experiment_id, c.id AS model_id, e.project_id
-), ledger AS (
-    INSERT INTO {CREATED} (model_id, experiment_id, project_id, run_id)
-    SELECT model_id, experiment_id, project_id, :run_id FROM linked
-)
-SELECT count(*) FROM linked"""
-
-RECORD_CLASHES = f"""
-INSERT INTO {CLASHES} (experiment_id, name, model_id, experiment_value, model_value, run_id)
-SELECT e.id, em.name, e.model_id, em.value, mm.value, :run_id
-FROM ml_experiments e
-JOIN ml_experiment_metadata em ON em.experiment_id = e.id
-JOIN ml_model_metadata mm ON mm.model_id = e.model_id AND mm.name = em.name
-WHERE e.id > :lo AND e.id <= :hi AND mm.value <> em.value
-ON CONFLICT (experiment_id, name) DO NOTHING"""
-
-COPY_METADATA = f"""
-WITH copied AS (
-    INSERT INTO ml_model_metadata (created_at, updated_at, model_id, name, value, project_id)
-    SELECT em.created_at, em.updated_at, e.model_id, em.name, em.value, em.project_id
-    FROM ml_experiments e JOIN ml_experiment_metadata em ON em.experiment_id = e.id
-    WHERE e.id > :lo AND e.id <= :hi AND e.model_id IS NOT NULL
-    ON CONFLICT (model_id, name) DO NOTHING
-    RETURNING id, model_id
-)
-INSERT INTO {COPIED} (model_metadata_id, model_id, run_id) SELECT id, model_id, :run_id FROM copied"""
-
-
-def create_models_batch(conn: Connection, lo: int, hi: int, run_id: int | None) -> int:
-    """The batch body: the statements of :data:`CREATE_MODELS` and friends, slugs bound."""
-    bounds = {"lo": lo, "hi": hi, "run_id": run_id}
-    experiments = conn.execute(sa.text(LOCK_EXPERIMENTS), bounds).all()
-    created = 0
-    if experiments:
-        taken: dict[int, set[str]] = {}
-        projects = sorted({e.project_id for e in experiments})
-        for project_id, name in conn.execute(sa.text(TAKEN_NAMES), {"projects": projects}):
-            taken.setdefault(project_id, set()).add(name)
-        slugs = slug.assign_all([(e.id, e.project_id, e.iid, e.name) for e in experiments], taken)
-        ids = sorted(slugs)
-        project_of = {e.id: e.project_id for e in experiments}
-        created = conn.execute(sa.text(CREATE_MODELS), {
-            "experiment_ids": ids, "project_ids": [project_of[i] for i in ids],
-            "slugs": [slugs[i][0] for i in ids], "run_id": run_id,
-        }).scalar_one()
-    conn.execute(sa.text(RECORD_CLASHES), bounds)
-    conn.execute(sa.text(COPY_METADATA), bounds)
-    return created
-
-
-# -- rollback ---------------------------------------------------------------------------
-# A created model that GitLab has since given versions or metadata of its own is kept
-# (and stays in the ledger): deleting it would delete that work too.
-UNDO_BATCH = f"""
-SELECT l.model_id, l.experiment_id FROM {CREATED} l
-WHERE l.model_id > :lo AND l.model_id <= :hi
-  AND NOT EXISTS (SELECT 1 FROM ml_model_versions v WHERE v.model_id = l.model_id)
-  AND NOT EXISTS (SELECT 1 FROM ml_model_metadata mm WHERE mm.model_id = l.model_id
-                  AND mm.id NOT IN (SELECT model_metadata_id FROM {COPIED}))"""
-UNLINK_CANDIDATES = "UPDATE ml_candidates SET model_id = NULL WHERE model_id = ANY(:models)"
-UNLINK_EXPERIMENTS = "UPDATE ml_experiments SET model_id = NULL WHERE model_id = ANY(:models)"
-DELETE_MODEL_METADATA = "DELETE FROM ml_model_metadata WHERE model_id = ANY(:models)"
-DELETE_MODELS = "DELETE FROM ml_models WHERE id = ANY(:models)"
-FORGET_MODELS = f"""
-DELETE FROM {COPIED} WHERE model_id = ANY(:models);
-DELETE FROM {CREATED} WHERE model_id = ANY(:models)"""
-
-REMOVE_COPIED_METADATA = f"""
-WITH batch AS (
-    DELETE FROM {COPIED} WHERE model_metadata_id > :lo AND model_metadata_id <= :hi
-    RETURNING model_metadata_id
-), removed AS (
-    DELETE FROM ml_model_metadata WHERE id IN (SELECT model_metadata_id FROM batch) RETURNING id
-)
-SELECT count(*) FROM removed"""
-
-FORGET_CLASHES = f"""
-WITH gone AS (DELETE FROM {CLASHES} WHERE experiment_id > :lo AND experiment_id <= :hi RETURNING 1)
-SELECT count(*) FROM gone"""
-
-
-# rollback --dry-run: what the three undo passes would change, counted read-only, each
-# as it will find the tables (the first removes the ledger rows of the models it deletes).
-REMOVABLE = f"""SELECT l.model_id FROM {CREATED} l
-WHERE NOT EXISTS (SELECT 1 FROM ml_model_versions v WHERE v.model_id = l.model_id)
-  AND NOT EXISTS (SELECT 1 FROM ml_model_metadata mm WHERE mm.model_id = l.model_id
-                  AND mm.id NOT IN (SELECT model_metadata_id FROM {COPIED}))"""
-REMOVE_MODELS_COUNT = f"""
-WITH removable AS ({REMOVABLE})
-SELECT (SELECT count(*) FROM removable),
-       (SELECT count(*) FROM {CREATED}) - (SELECT count(*) FROM removable),
-       (SELECT count(*) FROM ml_candidates WHERE model_id IN (SELECT model_id FROM removable)),
-       (SELECT count(*) FROM ml_experiments WHERE model_id IN (SELECT model_id FROM removable)),
-       (SELECT count(*) FROM ml_model_metadata WHERE model_id IN (SELECT model_id FROM removable))"""
-REMOVE_METADATA_COUNT = f"""
-SELECT count(*) FROM {COPIED} k JOIN ml_model_metadata mm ON mm.id = k.model_metadata_id
-WHERE k.model_id NOT IN ({REMOVABLE})"""
-
-
-def remove_models_count(conn: Connection) -> dict[str, int]:
-    removed, kept, candidates, experiments, metadata = conn.execute(sa.text(REMOVE_MODELS_COUNT)).one()
-    return {"created models removed": removed,
-            "created models kept (GitLab gave them versions or metadata since)": kept,
-            "candidates unlinked (model_id := NULL)": candidates,
-            "experiments unlinked (model_id := NULL)": experiments,
-            "their metadata rows deleted": metadata}
-
-
-def remove_metadata_count(conn: Connection) -> dict[str, int]:
-    return {"copied metadata rows removed from models kept": conn.execute(
-        sa.text(REMOVE_METADATA_COUNT)).scalar_one()}
-
-
-def forget_clashes_count(conn: Connection) -> dict[str, int]:
-    return {"recorded metadata clashes forgotten": conn.execute(
-        sa.text(f"SELECT count(*) FROM {CLASHES}")).scalar_one()}
-
-
-def remove_models_batch(conn: Connection, lo: int, hi: int, run_id: int) -> int:
-    rows = conn.execute(sa.text(UNDO_BATCH), {"lo": lo, "hi": hi}).all()
-    models = [r.model_id for r in rows]
-    if not models:
-        return 0
-    # Unlink first: both foreign keys to ml_models cascade, and a cascade would delete
-    # the experiment and its candidates with the model.
-    for statement in (UNLINK_CANDIDATES, UNLINK_EXPERIMENTS, DELETE_MODEL_METADATA, DELETE_MODELS,
-                      *FORGET_MODELS.strip().split(";\n")):
-        conn.execute(sa.text(statement), {"models": models})
-    return len(models)
-
 
 def registry_additions_check(conn: Connection) -> Check:
     """What milestone 3 added to the registry is exactly its ledgers: every created model is
@@ -255,7 +121,7 @@ class AddDisplayNameTrigger(TransitionTriggerStep):
     description = f"{DISPLAY_TRIGGER}: models GitLab creates get display_name = name"
     revision = "m3_0002"
     tables = ("ml_models",)
-    trigger, table, milestone = DISPLAY_TRIGGER, "ml_models", "milestone-3"
+    trigger, table, milestone = DISPLAY_TRIGGER, "ml_models", NAME
 
 
 class BackfillDisplayName(Step):
@@ -278,11 +144,11 @@ class BackfillDisplayName(Step):
     def verify(self, conn: Connection) -> list[Check]:
         if not catalog.column_exists(conn, *M3_COLUMN):
             return [Check(name="ml_models.display_name exists", ok=False, detail="missing",
-                          remedy="run `toolkit migrate milestone-3`")]
+                          remedy=f"run `toolkit migrate {NAME}`")]
         missing = listed(conn, "SELECT id AS model_id FROM ml_models WHERE display_name IS NULL ORDER BY id")
         return [Check(name="every model has a display_name", ok=not missing,
                       detail="all do" if not missing else f"{count_of(missing)} have none",
-                      remedy=remedy(not missing, "milestone-3"), rows=missing)]
+                      remedy=remedy(not missing, NAME), rows=missing)]
 
 
 class ValidateDisplayNameCheck(SchemaStep):
@@ -292,46 +158,63 @@ class ValidateDisplayNameCheck(SchemaStep):
     tables = ("ml_models",)
 
     def verify(self, conn: Connection) -> list[Check]:
-        return [constraint_validated(conn, "ml_models", DISPLAY_CHECK, "milestone-3")]
+        return [constraint_validated(conn, "ml_models", DISPLAY_CHECK, NAME)]
 
 
-def planned_slugs(conn: Connection) -> Iterator[PlannedSlug]:
-    """The slug every experiment without a model would get, exactly as apply computes it.
-
-    Streamed one project at a time (experiments and model names both ordered by project),
-    so only one project's names are ever in memory, however many projects there are.
-    """
-    read_to_the_end(conn)
-    models = groupby(conn.execute(sa.text(
-        "SELECT project_id, name FROM ml_models ORDER BY project_id"), execution_options=STREAMED),
-        key=lambda r: r.project_id)
-    experiments = groupby(conn.execute(sa.text(
-        "SELECT id, project_id, iid, name FROM ml_experiments WHERE model_id IS NULL "
-        "ORDER BY project_id, id"), execution_options=STREAMED), key=lambda r: r.project_id)
-    names_project, names = next(models, (None, iter(())))
-    for project_id, rows in experiments:
-        while names_project is not None and names_project < project_id:
-            names_project, names = next(models, (None, iter(())))
-        taken = {r.name for r in names} if names_project == project_id else set()
-        for e in rows:
-            chosen, base, fell_back = slug.assign(e.name, e.iid, taken)
-            yield PlannedSlug(e.id, project_id, e.name, chosen, base, fell_back)
+def slug_listings(conn: Connection) -> tuple[int, Listing, Listing]:
+    """The models to create, and the experiments whose slug is not their name's: taken in
+    the project (a suffix is added), or nothing left after slugging (the fallback)."""
+    to_create = 0
+    collisions, fallbacks = Listing([], 0), Listing([], 0)
+    for planned in planned_slugs(conn):
+        to_create += 1
+        row = {"experiment_id": planned.experiment_id, "project_id": planned.project_id,
+               "name": planned.name, "wanted": planned.wanted, "slug": planned.slug}
+        if planned.fell_back:
+            del row["wanted"]
+            fallbacks.add(row)
+        elif planned.slug != planned.wanted:
+            collisions.add(row)
+    collisions.sort(key=itemgetter("experiment_id"))
+    fallbacks.sort(key=itemgetter("experiment_id"))
+    return to_create, collisions, fallbacks
 
 
-@dataclass(frozen=True)
-class PlannedSlug:
-    experiment_id: int
-    project_id: int
-    name: str
-    slug: str
-    wanted: str  # the slug before a suffix (or the fallback)
-    fell_back: bool
+def plan_anomalies(collisions: Listing, fallbacks: Listing, clashes: Listing) -> list[Anomaly]:
+    """What the plan shows the operator before models are created (none of it blocks)."""
+    return [
+        Anomaly(
+            kind="slug_collision",
+            title="slug taken in the project: a suffix is added",
+            blocking=False,
+            resolution="Nothing to do: the model's display_name keeps the experiment's name; only "
+            "its URL-safe name differs.",
+            rows=collisions,
+        ),
+        Anomaly(
+            kind="slug_fallback",
+            title="nothing left after slugging: experiment_<iid> is used",
+            blocking=False,
+            resolution="Nothing to do; rename the model in GitLab afterwards if you want another name.",
+            rows=fallbacks,
+        ),
+        Anomaly(
+            kind="metadata_clash",
+            title="model already has this metadata key with another value",
+            blocking=False,
+            resolution="The model's value is kept; the experiment's is recorded in "
+            "toolkit.m3_metadata_clashes (and archived by milestone 4). Decide which to keep.",
+            rows=clashes,
+        ),
+    ]
 
 
-class CreateModelsForExperiments(Step):
+class CreateModelsForExperiments(Supersedable):
     name = "create-models-for-experiments"
     description = ("one model per experiment without one (name = slug, display_name = experiment "
                    "name), linked as its default experiment; its metadata follows")
+    milestone = NAME
+    superseded_checks = ("every experiment has a model",)
 
     def forward(self) -> list[KeysetPass]:
         sql = ";\n".join(s.strip() for s in (LOCK_EXPERIMENTS, TAKEN_NAMES, CREATE_MODELS,
@@ -357,28 +240,11 @@ class CreateModelsForExperiments(Step):
         ]
 
     def remaining(self, conn: Connection) -> int:
-        if superseded_by_cleanup(conn):
-            return 0
         return conn.execute(sa.text(
             "SELECT count(*) FROM ml_experiments WHERE model_id IS NULL")).scalar_one()
 
     def plan(self, conn: Connection) -> StepPlan:
-        if superseded_by_cleanup(conn):
-            return StepPlan(step=self.name, description=self.description, rows=0, context={SUPERSEDED: 0},
-                            sql=self.forward_sql())
-        to_create = 0
-        collisions, fallbacks = Listing([], 0), Listing([], 0)
-        for planned in planned_slugs(conn):
-            to_create += 1
-            row = {"experiment_id": planned.experiment_id, "project_id": planned.project_id,
-                   "name": planned.name, "wanted": planned.wanted, "slug": planned.slug}
-            if planned.fell_back:
-                del row["wanted"]
-                fallbacks.add(row)
-            elif planned.slug != planned.wanted:
-                collisions.add(row)
-        collisions.sort(key=itemgetter("experiment_id"))
-        fallbacks.sort(key=itemgetter("experiment_id"))
+        to_create, collisions, fallbacks = slug_listings(conn)
         # Clashes: metadata of default experiments that their model already has, differently.
         clashes = listed(conn, """
             SELECT e.id AS experiment_id, e.model_id, em.name, left(em.value, 100) AS experiment_value,
@@ -386,56 +252,25 @@ class CreateModelsForExperiments(Step):
             FROM ml_experiments e JOIN ml_experiment_metadata em ON em.experiment_id = e.id
             JOIN ml_model_metadata mm ON mm.model_id = e.model_id AND mm.name = em.name
             WHERE mm.value <> em.value ORDER BY e.id, em.name""")
-        context: dict[str, int] = dict(
-            conn.execute(
-                sa.text("""
+        context: dict[str, int] = dict(conn.execute(sa.text("""
             SELECT 'experiment metadata rows to copy', count(*) FROM ml_experiment_metadata em
             JOIN ml_experiments e ON e.id = em.experiment_id
             WHERE NOT EXISTS (SELECT 1 FROM ml_model_metadata mm
                               WHERE mm.model_id = e.model_id AND mm.name = em.name)
             UNION ALL
             SELECT 'experiments that already have a model (kept)', count(*) FROM ml_experiments
-            WHERE model_id IS NOT NULL""")
-            ).all()
-        )
-        anomalies = [
-            Anomaly(
-                kind="slug_collision",
-                title="slug taken in the project: a suffix is added",
-                blocking=False,
-                resolution="Nothing to do: the model's display_name keeps the experiment's name; only "
-                "its URL-safe name differs.",
-                rows=collisions,
-            ),
-            Anomaly(
-                kind="slug_fallback",
-                title="nothing left after slugging: experiment_<iid> is used",
-                blocking=False,
-                resolution="Nothing to do; rename the model in GitLab afterwards if you want another name.",
-                rows=fallbacks,
-            ),
-            Anomaly(
-                kind="metadata_clash",
-                title="model already has this metadata key with another value",
-                blocking=False,
-                resolution="The model's value is kept; the experiment's is recorded in "
-                "toolkit.m3_metadata_clashes (and archived by milestone 4). Decide which to keep.",
-                rows=clashes,
-            ),
-        ]
+            WHERE model_id IS NOT NULL""")).all())
         return StepPlan(step=self.name, description=self.description, rows=to_create,
-                        breakdown={"models to create": to_create}, context=context, anomalies=anomalies,
-                        sql=self.forward_sql())
+                        breakdown={"models to create": to_create}, context=context,
+                        anomalies=plan_anomalies(collisions, fallbacks, clashes), sql=self.forward_sql())
 
     def verify(self, conn: Connection) -> list[Check]:
-        if superseded_by_cleanup(conn):
-            return [Check(name="every experiment has a model", ok=True, detail=SUPERSEDED)]
         orphans = listed(conn, "SELECT id AS experiment_id, name FROM ml_experiments "
                               "WHERE model_id IS NULL ORDER BY id")
-        checks = [Check(name="every experiment has a model", ok=not orphans,
+        checks = [Check(name=self.superseded_checks[0], ok=not orphans,
                         detail="all do" if not orphans
                         else f"{counted(count_of(orphans), 'experiment')} without one",
-                        remedy=remedy(not orphans, "milestone-3", "it catches up"),
+                        remedy=remedy(not orphans, NAME, "it catches up"),
                         rows=orphans)]
         if catalog.column_exists(conn, *M3_COLUMN) and catalog.relation_exists(conn, CREATED):
             wrong = listed(
@@ -470,7 +305,7 @@ class CreateModelsForExperiments(Step):
                       detail="none left" if not left else
                       f"{counted(count_of(left), 'model')} kept: GitLab gave them versions or metadata since",
                       remedy="decide about each model (delete it in GitLab, or keep it), then run "
-                      "`toolkit rollback milestone-3` again" if left else None, rows=left)]
+                      f"`toolkit rollback {NAME}` again" if left else None, rows=left)]
 
 
 MILESTONE_2_SETS_FIRST = ("candidates of experiments that have a model: milestone 2 sets their "
@@ -480,10 +315,10 @@ MILESTONE_2_SETS_FIRST = ("candidates of experiments that have a model: mileston
 def milestone_2_backfilled(conn: Connection) -> bool:
     """Whether milestone 2 has applied its backfill: until then the candidates of experiments
     that already have a model are its rows, not this milestone's."""
-    return state.milestone_state(conn, "milestone-2")["state"] in (state.APPLIED, state.VERIFIED)
+    return state.milestone_state(conn, M2)["state"] in (MilestoneState.APPLIED, MilestoneState.VERIFIED)
 
 
-class LinkCandidates(Step):
+class LinkCandidates(Supersedable):
     """The candidates' ``model_id``, in batches over ``ml_candidates.id`` (table order),
     after every experiment has its model: milestone 2's backfill statement, run again.
 
@@ -495,6 +330,8 @@ class LinkCandidates(Step):
 
     name = "link-candidates"
     description = "ml_candidates.model_id := its experiment's model, in batches in table order"
+    milestone = NAME
+    superseded_checks = ("every candidate's model_id is its experiment's model",)
 
     def forward(self) -> list[KeysetPass]:
         return [KeysetPass(self.name, self.description, "ml_candidates", BACKFILL_BATCH,
@@ -513,15 +350,10 @@ class LinkCandidates(Step):
         return new_model, differ
 
     def remaining(self, conn: Connection) -> int:
-        if superseded_by_cleanup(conn):
-            return 0
         new_model, differ = self._counts(conn)
         return new_model + (differ if milestone_2_backfilled(conn) else 0)
 
     def plan(self, conn: Connection) -> StepPlan:
-        if superseded_by_cleanup(conn):
-            return StepPlan(step=self.name, description=self.description, rows=0, context={SUPERSEDED: 0},
-                            sql=self.forward_sql())
         new_model, differ = self._counts(conn)
         context = {}
         if not milestone_2_backfilled(conn):
@@ -535,24 +367,21 @@ class LinkCandidates(Step):
                         context=context, sql=self.forward_sql())
 
     def verify(self, conn: Connection) -> list[Check]:
-        name = "every candidate's model_id is its experiment's model"
-        if superseded_by_cleanup(conn):
-            return [Check(name=name, ok=True, detail=SUPERSEDED)]
+        name = self.superseded_checks[0]
         if not catalog.column_exists(conn, *M2_COLUMN):
             return [Check(name=name, ok=False, detail="ml_candidates.model_id does not exist",
-                          remedy="apply milestone-2 first")]
+                          remedy=f"apply {M2} first")]
         mismatched = listed(conn, f"""
             SELECT c.id AS candidate_id, c.model_id, e.model_id AS experiment_model_id
             FROM ml_candidates c JOIN ml_experiments e ON e.id = c.experiment_id
             WHERE {MISMATCH} ORDER BY c.id""")
         return [Check(name=name, ok=not mismatched,
                       detail="all match" if not mismatched else f"{count_of(mismatched)} differ",
-                      remedy=remedy(not mismatched, "milestone-3"), rows=mismatched)]
+                      remedy=remedy(not mismatched, NAME), rows=mismatched)]
 
 
 MILESTONE_3 = Milestone(
-    name="milestone-3",
-    number=3,
+    name=NAME,
     title="A display-named model for every experiment",
     steps=(AddDisplayName(), AddDisplayNameTrigger(), BackfillDisplayName(), ValidateDisplayNameCheck(),
            CreateModelsForExperiments(), LinkCandidates()),

@@ -9,7 +9,7 @@ Grape and Rails read them (:mod:`toolkit.mlflow_api.rails`), the project as
 ``find_project!`` finds it (:mod:`toolkit.mlflow_api.projects`), rows in GitLab's order
 (:mod:`toolkit.mlflow_api.ordering`). Which tables hold experiments and how a run reaches
 its experiment depend on the stage; that knowledge lives in one place, the fingerprint's
-MLflow view (:func:`toolkit.verify.fingerprint.experiments_view`, ``run_parent``,
+MLflow view (:func:`toolkit.verify.mlflow_view.experiments_view`, ``run_parent``,
 ``runs_of_experiment``), so what the server answers is what ``verify`` proves unchanged.
 
 Pages are keyset pages (GitLab's ``keyset_paginate``): the token carries the last row's
@@ -26,7 +26,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from toolkit.catalog import relation_exists
-from toolkit.engine.state import ROLLING_BACK, milestone_state
+from toolkit.engine.results import MilestoneState
+from toolkit.engine.state import milestone_state
+from toolkit.milestones.m4 import NAME as M4
 from toolkit.mlflow_api import rails
 from toolkit.mlflow_api.artifact_uri import artifact_path_sql, artifact_uri
 from toolkit.mlflow_api.errors import ApiError, grape_errors, invalid_parameter, resource_not_found
@@ -41,7 +43,7 @@ from toolkit.mlflow_api.ordering import (
 from toolkit.mlflow_api.projects import resolve_project
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS
 from toolkit.schema.gitlab import CANDIDATE_STATUSES
-from toolkit.verify.fingerprint import (
+from toolkit.verify.mlflow_view import (
     FROM_MODELS,
     FROM_MODELS_AND_ARCHIVE,
     experiment_relations,
@@ -298,7 +300,7 @@ def reading_source(conn: Connection) -> str | None:
     batches (a fingerprint is never taken in between; a client may read then)."""
     source = mlflow_source(conn)
     if (source == FROM_MODELS and relation_exists(conn, M4_ARCHIVE_EXPERIMENTS)
-            and milestone_state(conn, "milestone-4")["state"] == ROLLING_BACK):
+            and milestone_state(conn, M4)["state"] == MilestoneState.ROLLING_BACK):
         return FROM_MODELS_AND_ARCHIVE
     return source
 

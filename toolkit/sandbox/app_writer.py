@@ -26,6 +26,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from toolkit.db import parse_url
+from toolkit.milestones.m1_packages import NAME as M1
+from toolkit.milestones.m4 import NAME as M4
 from toolkit.mlflow_api import internal_ids
 from toolkit.schema.gitlab import PACKAGE_TYPE_GENERIC, PACKAGE_TYPE_ML_MODEL
 
@@ -70,8 +72,8 @@ class AppWriter(threading.Thread):
     @classmethod
     def during(cls, url: sa.URL | str, milestone: str, **kwargs: Any) -> AppWriter:
         """GitLab as deployed while ``milestone`` runs."""
-        package_type = PACKAGE_TYPE_GENERIC if milestone == "milestone-1" else PACKAGE_TYPE_ML_MODEL
-        return cls(url, package_type=package_type, experiments=milestone != "milestone-4", **kwargs)
+        package_type = PACKAGE_TYPE_GENERIC if milestone == M1 else PACKAGE_TYPE_ML_MODEL
+        return cls(url, package_type=package_type, experiments=milestone != M4, **kwargs)
 
     def run(self) -> None:
         n = 0

@@ -17,13 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import VerificationFailed
-from toolkit.sandbox.training import (
-    Report,
-    Workload,
-    first_runs,
-    read_back,
-    top_errors,
-)
+from toolkit.sandbox.training import Workload, first_runs
+from toolkit.sandbox.training_readback import Report, read_back, top_errors
 from toolkit.sandbox.writing_server import writing_server
 
 

@@ -11,7 +11,7 @@ baseline are exactly those of transactions the baseline's snapshot did not see (
 fingerprint keeps ``pg_current_snapshot()``; a write in flight while it was taken counts).
 
 A difference is the application's when every bucket a keyed part differs in holds a run,
-model or experiment those writes name (:data:`toolkit.verify.fingerprint.KEYED`). With one
+model or experiment those writes name (:data:`toolkit.verify.mlflow_parts.KEYED`). With one
 key a bucket (up to 512 runs or models) that is exact; above, a bucket is a range of ids, and
 a change the migration made to another run of the same range would go with it: the
 fingerprint names the ranges, and ``toolkit fingerprint --compare`` reads every row. A
@@ -28,13 +28,10 @@ from sqlalchemy.engine import Connection
 
 from toolkit.catalog import relation_exists
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS
-from toolkit.verify.fingerprint import (
-    KEYED,
-    TABLE_KEYS,
-    differing_buckets,
-    experiment_relations,
-    mlflow_source,
-)
+from toolkit.verify.differences import differing_buckets
+from toolkit.verify.fingerprint import TABLE_KEYS
+from toolkit.verify.mlflow_parts import KEYED
+from toolkit.verify.mlflow_view import experiment_relations, mlflow_source
 
 WRITES = "toolkit.mlflow_writes"
 

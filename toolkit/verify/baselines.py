@@ -6,7 +6,7 @@ forgotten when the milestone is rolled back, so the next attempt starts from a f
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -16,16 +16,10 @@ from toolkit.engine.results import Check
 from toolkit.schema.own import SCHEMA
 from toolkit.timestamps import shown
 from toolkit.verify import app_writes, named
+from toolkit.verify.differences import Difference, compare
 from toolkit.verify.digest import Memo
-from toolkit.verify.fingerprint import (
-    NOT_COMPARABLE,
-    PART_TABLES,
-    Difference,
-    Fingerprint,
-    Scope,
-    compare,
-    take,
-)
+from toolkit.verify.fingerprint import Fingerprint, Scope, take
+from toolkit.verify.mlflow_parts import NOT_COMPARABLE, PART_TABLES
 from toolkit.verify.named import Fix
 from toolkit.words import counted
 
@@ -96,72 +90,107 @@ def checks_against_baseline(conn: Connection, milestone: str, *, changes: tuple[
     now = take(conn, baseline.watermarks, memo, reference=baseline,
                scope=_to_read_again(scope, changes, compare_tables))
     differences = compare(baseline, now, changes=changes, tables=compare_tables)
-    remedy = accept_remedy(milestone, rolled_back)
-    hint = f" (if the change is wanted, accept it with `toolkit fingerprint --baseline {milestone}`)"
-    verb = "is back to" if rolled_back else "equals"
-    name = f"the MLflow view {verb} the fingerprint taken before {milestone}"
     mlflow = [d for d in differences if d.part.startswith("mlflow")]
     unexpected = [d for d in differences if d.part.startswith("tables") and not d.expected]
     # The application's own writes through the server since the baseline (app_writes.py):
     # a difference confined to the runs, models and experiments they name is theirs.
     written = (app_writes.written_since(conn, baseline.snapshot) if mlflow or unexpected
                else app_writes.Written())
-    theirs = [d for d in mlflow if written.accounts_for(d.part.removeprefix("mlflow."), d.before, d.after,
-                                                           baseline.watermarks)]
+    seen = _Seen(milestone, baseline, now, written, _Proof.of(conn, milestone, scope) if scope else None,
+                 accept_remedy(milestone, rolled_back))
+    checks = [_mlflow_check(seen, mlflow, rolled_back)]
+    if compare_tables:
+        expected = [d.part.removeprefix("tables.") for d in differences if d.expected]
+        checks.append(_tables_check(seen, unexpected, expected, changes, rolled_back))
+        if scope is not None and scope.named and baseline.named_rows is not None:
+            checks.append(_named_check(conn, scope, baseline.named_rows, fixes, seen.remedy))
+    return checks
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """One comparison with a milestone's baseline: the fingerprints, what MLflow clients
+    wrote since, what the milestone's runs prove of what was not read again, and the
+    remedy a difference gets."""
+
+    milestone: str
+    baseline: Fingerprint
+    now: Fingerprint
+    written: app_writes.Written
+    proof: _Proof | None
+    remedy: str
+
+    @property
+    def hint(self) -> str:
+        return f" (if the change is wanted, accept it with `toolkit fingerprint --baseline {self.milestone}`)"
+
+    def theirs(self, differences: list[Difference]) -> list[Difference]:
+        """The differences confined to what MLflow clients wrote since the baseline."""
+        return [d for d in differences
+                if self.written.accounts_for(d.part.removeprefix("mlflow."), d.before, d.after,
+                                             self.baseline.watermarks)]
+
+    def said_theirs(self, theirs: list[Difference], prefix: str) -> str:
+        return (f"{app_writes.said(self.written, self.baseline.watermarks)}: "
+                f"{', '.join(d.part.removeprefix(prefix) for d in theirs)} differ only at {_at(theirs)}")
+
+
+def _mlflow_check(seen: _Seen, mlflow: list[Difference], rolled_back: bool) -> Check:
+    """The MLflow view against the baseline: equal but for what clients wrote since and the
+    milestones' declared differences; parts the baseline did not read proven by its runs."""
+    now, baseline, proof = seen.now, seen.baseline, seen.proof
+    verb = "is back to" if rolled_back else "equals"
+    name = f"the MLflow view {verb} the fingerprint taken before {seen.milestone}"
+    theirs = seen.theirs(mlflow)
     mlflow = [d for d in mlflow if d not in theirs]
-    tables_theirs = [d for d in unexpected if written.accounts_for(d.part, d.before, d.after,
-                                                                   baseline.watermarks)]
-    unexpected = [d for d in unexpected if d not in tables_theirs]
-    expected = [d.part.removeprefix("tables.") for d in differences if d.expected]
-    proof = _Proof.of(conn, milestone, scope) if scope else None
     if now.source is None:
         # Only `toolkit archive drop` gets here (it requires milestone 4 to verify first,
         # this comparison included): the operator gave up the experiment id mapping.
-        checks = [Check(name=name, ok=True, detail="not comparable any more: the experiment id mapping "
-                        "(toolkit.m4_archive_ml_experiments) was dropped with the archive")]
-    elif proof is not None and proof.unproven_parts:
-        checks = [Check(name=name, ok=False, detail=proof.unproven_parts, remedy=proof.remedy)]
-    else:
-        # The parts equal because the milestone's runs never wrote their tables are named below
-        # (parts_not_read), in words: not as "untouched by its runs".
-        computed = (f"{counted(len(now.mlflow) - len(theirs), 'part')} equal (computed from {now.source}; "
-                    f"baseline {shown(baseline.taken_at)})")
-        if theirs:
-            computed += (f"; {app_writes.said(written, baseline.watermarks)}: "
-                         f"{', '.join(d.part.removeprefix('mlflow.') for d in theirs)} differ only at "
-                         f"{_at(theirs)}")
-        if declared := _declared(now, milestone):
-            computed += f"; declared differences, from the ledgers: {declared}"
-        if skipped := NOT_COMPARABLE.get(now.source or "", ()):
-            computed += (f"; not comparable after the archive drop: {', '.join(skipped)} "
-                         "(the experiments' own tags went with it; the models' metadata is served)")
-        if proof is not None:
-            computed += f"; {proof.parts_not_read}"
-        checks = [Check(name=name, ok=not mlflow, detail=_summary(mlflow) + hint if mlflow else computed,
-                        remedy=remedy if mlflow else None, next_step=remedy if mlflow else None)]
-    if compare_tables:
-        problems = _summary(unexpected) + hint if unexpected else ""
-        if proof is not None and proof.stray:
-            problems = "; ".join(p for p in (proof.stray, problems) if p)
-        changed = sorted(set(expected) | set(proof.written if proof else ()) & set(changes))
-        on_purpose = f"; changed on purpose: {', '.join(changed)}" if changed else ""
-        if proof is not None and changes:
-            on_purpose += " (not hashed again: it changes them)"
-        if tables_theirs and not problems:
-            on_purpose += (f"; {app_writes.said(written, baseline.watermarks)}: "
-                           f"{', '.join(d.part.removeprefix('tables.') for d in tables_theirs)} differ only "
-                           f"at {_at(tables_theirs)}")
-        checks.append(Check(
-            name="every ML table is as it was" if rolled_back or not changes
-            else "every other ML table is unchanged",
-            ok=not problems,
-            detail=problems or ("equal" + on_purpose + (f"; {proof.tables_not_read}" if proof else "")),
-            remedy=proof.remedy if proof and proof.stray else (remedy if problems else None),
-            next_step=None if not problems or (proof and proof.stray) else remedy,
-        ))
-        if scope is not None and scope.named and baseline.named_rows is not None:
-            checks.append(_named_check(conn, scope, baseline.named_rows, fixes, remedy))
-    return checks
+        return Check(name=name, ok=True, detail="not comparable any more: the experiment id mapping "
+                     "(toolkit.m4_archive_ml_experiments) was dropped with the archive")
+    if proof is not None and proof.unproven_parts:
+        return Check(name=name, ok=False, detail=proof.unproven_parts, remedy=proof.remedy)
+    # The parts equal because the milestone's runs never wrote their tables are named below
+    # (parts_not_read), in words: not as "untouched by its runs".
+    computed = (f"{counted(len(now.mlflow) - len(theirs), 'part')} equal (computed from {now.source}; "
+                f"baseline {shown(baseline.taken_at)})")
+    if theirs:
+        computed += f"; {seen.said_theirs(theirs, 'mlflow.')}"
+    if declared := _declared(now, seen.milestone):
+        computed += f"; declared differences, from the ledgers: {declared}"
+    if skipped := NOT_COMPARABLE.get(now.source or "", ()):
+        computed += (f"; not comparable after the archive drop: {', '.join(skipped)} "
+                     "(the experiments' own tags went with it; the models' metadata is served)")
+    if proof is not None:
+        computed += f"; {proof.parts_not_read}"
+    return Check(name=name, ok=not mlflow, detail=_summary(mlflow) + seen.hint if mlflow else computed,
+                 remedy=seen.remedy if mlflow else None, next_step=seen.remedy if mlflow else None)
+
+
+def _tables_check(seen: _Seen, unexpected: list[Difference], expected: list[str], changes: tuple[str, ...],
+                  rolled_back: bool) -> Check:
+    """The ML tables against the baseline: those the milestone changes on purpose aside,
+    equal but for what clients wrote since; tables not read again proven by its runs."""
+    proof = seen.proof
+    tables_theirs = seen.theirs(unexpected)
+    unexpected = [d for d in unexpected if d not in tables_theirs]
+    problems = _summary(unexpected) + seen.hint if unexpected else ""
+    if proof is not None and proof.stray:
+        problems = "; ".join(p for p in (proof.stray, problems) if p)
+    changed = sorted(set(expected) | set(proof.written if proof else ()) & set(changes))
+    on_purpose = f"; changed on purpose: {', '.join(changed)}" if changed else ""
+    if proof is not None and changes:
+        on_purpose += " (not hashed again: it changes them)"
+    if tables_theirs and not problems:
+        on_purpose += f"; {seen.said_theirs(tables_theirs, 'tables.')}"
+    return Check(
+        name="every ML table is as it was" if rolled_back or not changes
+        else "every other ML table is unchanged",
+        ok=not problems,
+        detail=problems or ("equal" + on_purpose + (f"; {proof.tables_not_read}" if proof else "")),
+        remedy=proof.remedy if proof and proof.stray else (seen.remedy if problems else None),
+        next_step=None if not problems or (proof and proof.stray) else seen.remedy,
+    )
 
 
 NAMED_CHECK = "rows its blocking anomalies named changed only as their fix says"

@@ -18,16 +18,22 @@ remaining and backward):
 
 from __future__ import annotations
 
-from toolkit.engine.plan import Milestone
-from toolkit.milestones.m4.drop import DropLegacy
-from toolkit.milestones.m4.final import archive_dropped
-from toolkit.milestones.m4.preconditions import preconditions
-from toolkit.milestones.m4.steps import ArchiveRows, CaptureDdl, CheckArchive, ModelIdNotNull
-from toolkit.names import M4_DROPPED_COLUMN, M4_DROPPED_TABLES
+# This milestone's id, declared before its parts are imported: they name it in their messages.
+NAME = "milestone-4"
+
+from toolkit.engine.plan import Milestone, Supersedes  # noqa: E402
+from toolkit.milestones.m2_model_parent import NAME as M2  # noqa: E402
+from toolkit.milestones.m3_models_for_experiments import NAME as M3  # noqa: E402
+from toolkit.milestones.m4.drop import DropLegacy  # noqa: E402
+from toolkit.milestones.m4.final import archive_dropped  # noqa: E402
+from toolkit.milestones.m4.preconditions import preconditions  # noqa: E402
+from toolkit.milestones.m4.steps import ArchiveRows, CaptureDdl, CheckArchive, ModelIdNotNull  # noqa: E402
+from toolkit.names import M4_DROPPED_COLUMN, M4_DROPPED_TABLES  # noqa: E402
+
+SUPERSEDED = "superseded: milestone 4 archived the experiments (toolkit.m4_archive_*)"
 
 MILESTONE_4 = Milestone(
-    name="milestone-4",
-    number=4,
+    name=NAME,
     title="Cleanup: archive, then drop ml_experiments, ml_experiment_metadata, candidates' experiment_id",
     steps=(CaptureDdl(), ArchiveRows(), CheckArchive(), ModelIdNotNull(), DropLegacy()),
     reads=("ml_candidates", "ml_models"),
@@ -38,4 +44,8 @@ MILESTONE_4 = Milestone(
     confirm=True,
     final=archive_dropped,  # once `toolkit archive drop` has run: no rollback can rebuild
     hold_point="drop-transition-triggers",  # after the row-for-row check, before any drop
+    # The checks of milestones 2 and 3 that join experiments are answered, once it has
+    # started (or the experiments are found gone), by its archive and row-for-row check.
+    supersedes=Supersedes(milestones=(M2, M3), why=SUPERSEDED,
+                          gone_sql="SELECT to_regclass('ml_experiments') IS NULL"),
 )

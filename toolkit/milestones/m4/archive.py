@@ -14,6 +14,8 @@ from sqlalchemy.engine import Connection
 
 from toolkit import catalog
 from toolkit.errors import VerificationFailed
+from toolkit.milestones.m3_models_for_experiments import NAME as M3
+from toolkit.milestones.m4 import NAME
 from toolkit.names import (
     M4_ARCHIVE_CANDIDATES,
     M4_ARCHIVE_EXPERIMENTS,
@@ -172,7 +174,7 @@ def check(conn: Connection) -> None:
     if problems:
         raise VerificationFailed(
             "The archive does not match the source, so nothing was dropped: " + "; ".join(problems),
-            "run `toolkit migrate milestone-4` again (the copy resumes and catches up)",
+            f"run `toolkit migrate {NAME}` again (the copy resumes and catches up)",
             details={"differences": problems},
         )
 
@@ -209,6 +211,6 @@ def drop_everything(conn: Connection) -> None:
         if lost := conn.execute(sa.text(ARCHIVED_IDS_NOT_KEPT)).scalar_one():
             raise VerificationFailed(
                 f"{lost} archived experiments have no model, so their MLflow ids could not be kept",
-                "nothing was dropped; `toolkit verify milestone-3` names experiments without a model")
+                f"nothing was dropped; `toolkit verify {M3}` names experiments without a model")
     clear(conn, check_rebuild=False)
     conn.execute(sa.text(f"DELETE FROM {M4_ARCHIVED_DDL}"))

@@ -64,36 +64,51 @@ def _rows(conn: Connection, sql: str, **params: object) -> list[sa.Row]:
 
 
 def capture(conn: Connection) -> list[Statement]:
+    """Every statement the rollback replays, read from the catalog before anything is dropped."""
     out: list[Statement] = []
     for table in M4_DROPPED_TABLES:
-        out += _sequences(conn, table)
-        out.append(Statement(phase="tables", table=table, name=table, sql=_create_table(conn, table)))
-        for con in _rows(conn, """
-                SELECT quote_ident(conname) AS name, contype, pg_get_constraintdef(oid) AS definition
-                FROM pg_constraint
-                WHERE conrelid = CAST(:t AS regclass) AND contype IN ('p', 'u', 'c') ORDER BY conname""",
-                         t=table):
-            out.append(Statement(phase="primary_keys" if con.contype == "p" else "constraints",
-                                 table=table, name=con.name,
-                                 sql=f"ALTER TABLE {table} ADD CONSTRAINT {con.name} {con.definition}"))
-        for index in _rows(conn, """
-                SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS definition
-                FROM pg_index i
-                WHERE i.indrelid = CAST(:t AS regclass)
-                  AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
-                ORDER BY i.indexrelid::regclass::text""", t=table):
-            out.append(Statement(phase="indexes", table=table, name=index.name, sql=index.definition))
-        out += _triggers(conn, table, None)
+        out += _dropped_table(conn, table)
+    attnum, column_statements = _dropped_column(conn)
+    out += column_statements
+    out += _foreign_keys(conn, attnum)
+    for owner, trigger in TRANSITION_TRIGGERS:
+        out += _triggers(conn, owner, trigger)
+    return _dedupe(out)
 
-    # ml_candidates.experiment_id: its definition, indexes and constraints
+
+def _dropped_table(conn: Connection, table: str) -> list[Statement]:
+    """A table milestone 4 drops: its sequences, columns, constraints, indexes, triggers."""
+    out = _sequences(conn, table)
+    out.append(Statement(phase="tables", table=table, name=table, sql=_create_table(conn, table)))
+    for con in _rows(conn, """
+            SELECT quote_ident(conname) AS name, contype, pg_get_constraintdef(oid) AS definition
+            FROM pg_constraint
+            WHERE conrelid = CAST(:t AS regclass) AND contype IN ('p', 'u', 'c') ORDER BY conname""",
+                     t=table):
+        out.append(Statement(phase="primary_keys" if con.contype == "p" else "constraints",
+                             table=table, name=con.name,
+                             sql=f"ALTER TABLE {table} ADD CONSTRAINT {con.name} {con.definition}"))
+    for index in _rows(conn, """
+            SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS definition
+            FROM pg_index i
+            WHERE i.indrelid = CAST(:t AS regclass)
+              AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+            ORDER BY i.indexrelid::regclass::text""", t=table):
+        out.append(Statement(phase="indexes", table=table, name=index.name, sql=index.definition))
+    return out + _triggers(conn, table, None)
+
+
+def _dropped_column(conn: Connection) -> tuple[int, list[Statement]]:
+    """``ml_candidates.experiment_id``: its definition, NOT NULL, indexes and CHECK
+    constraints; with its attnum (its foreign keys are found by it)."""
     table, column = M4_DROPPED_COLUMN
     col = _rows(conn, f"""
         SELECT format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull, a.attnum, {NOT_NULL_NAME}
         FROM pg_attribute a
         WHERE a.attrelid = CAST(:t AS regclass) AND a.attname = :c AND NOT a.attisdropped""",
                 t=table, c=column)[0]
-    out.append(Statement(phase="candidate_column", table=table, name=column,
-                         sql=f"ALTER TABLE {table} ADD COLUMN {column} {col.type}"))
+    out = [Statement(phase="candidate_column", table=table, name=column,
+                     sql=f"ALTER TABLE {table} ADD COLUMN {column} {col.type}")]
     if col.attnotnull and col.not_null_name:  # PostgreSQL 18 and later: under its own name
         out.append(Statement(phase="candidate_not_null", table=table, name=col.not_null_name,
                              sql=f"ALTER TABLE {table} ADD CONSTRAINT {col.not_null_name} NOT NULL {column}"))
@@ -113,9 +128,15 @@ def capture(conn: Connection) -> list[Statement]:
                      t=table, n=col.attnum):
         out.append(Statement(phase="constraints", table=table, name=con.name,
                              sql=f"ALTER TABLE {table} ADD CONSTRAINT {con.name} {con.definition}"))
+    return col.attnum, out
 
-    # every foreign key from or to the dropped tables, and from the dropped column
-    for fk in _rows(conn, """
+
+def _foreign_keys(conn: Connection, attnum: int) -> list[Statement]:
+    """Every foreign key from or to the dropped tables, and from the dropped column."""
+    table, _ = M4_DROPPED_COLUMN
+    return [Statement(phase="foreign_keys", table=fk.tbl, name=fk.name,
+                      sql=f"ALTER TABLE {fk.tbl} ADD CONSTRAINT {fk.name} {fk.definition}")
+            for fk in _rows(conn, """
             SELECT c.conrelid::regclass::text AS tbl, quote_ident(c.conname) AS name,
                    pg_get_constraintdef(c.oid) AS definition
             FROM pg_constraint c
@@ -123,13 +144,7 @@ def capture(conn: Connection) -> list[Statement]:
                 c.conrelid = ANY(CAST(:tables AS regclass[]))
                 OR c.confrelid = ANY(CAST(:tables AS regclass[]))
                 OR (c.conrelid = CAST(:t AS regclass) AND :n = ANY(c.conkey)))
-            ORDER BY 1, c.conname""", tables=list(M4_DROPPED_TABLES), t=table, n=col.attnum):
-        out.append(Statement(phase="foreign_keys", table=fk.tbl, name=fk.name,
-                             sql=f"ALTER TABLE {fk.tbl} ADD CONSTRAINT {fk.name} {fk.definition}"))
-
-    for owner, trigger in TRANSITION_TRIGGERS:
-        out += _triggers(conn, owner, trigger)
-    return _dedupe(out)
+            ORDER BY 1, c.conname""", tables=list(M4_DROPPED_TABLES), t=table, n=attnum)]
 
 
 def _sequences(conn: Connection, table: str) -> list[Statement]:

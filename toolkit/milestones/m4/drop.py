@@ -22,7 +22,7 @@ from toolkit.engine.catalog_checks import remedy
 from toolkit.engine.ddl import Statements, StoredStatements
 from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.step import KeysetPass, Step
-from toolkit.milestones.m4 import archive, capture
+from toolkit.milestones.m4 import NAME, archive, capture
 from toolkit.milestones.m4.steps import EXPERIMENTS_GONE, schema_plan
 from toolkit.names import (
     M3_COPIED_METADATA,
@@ -252,11 +252,11 @@ class DropLegacy(Step):
         return [
             Check(name="ml_experiments and ml_experiment_metadata dropped", ok=not left,
                   detail="dropped" if not left else f"still present: {sorted(left)}",
-                  remedy=remedy(not left, "milestone-4")),
+                  remedy=remedy(not left, NAME)),
             Check(name="ml_candidates.experiment_id dropped", ok=column_gone,
-                  detail="dropped" if column_gone else "present", remedy=remedy(column_gone, "milestone-4")),
+                  detail="dropped" if column_gone else "present", remedy=remedy(column_gone, NAME)),
             Check(name="transition and sync triggers removed", ok=not leftovers,
                   detail="removed" if not leftovers else f"left: {leftovers}",
-                  remedy=remedy(not leftovers, "milestone-4")),
+                  remedy=remedy(not leftovers, NAME)),
         ]
 

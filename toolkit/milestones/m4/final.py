@@ -14,6 +14,8 @@ from sqlalchemy.engine import Connection
 from toolkit import catalog
 from toolkit.engine import state
 from toolkit.engine.plan import Final
+from toolkit.engine.results import MilestoneState
+from toolkit.milestones.m4 import NAME
 from toolkit.names import M4_ARCHIVE_EXPERIMENTS, M4_EXPERIMENT_IDS, OWN_SCHEMA
 from toolkit.schema.migrations import own_schema_exists
 from toolkit.timestamps import shown
@@ -44,7 +46,7 @@ def archive_dropped(conn: Connection) -> Final | None:
                      f"(`{DROP_COMMAND}`)", f"{INSTEAD} (run {drop.id})",
                      {"archive_dropped_by_run": drop.id,
                       "archive_dropped_at": drop.finished_at.isoformat() if drop.finished_at else None})
-    if state.milestone_state(conn, "milestone-4")["state"] in (state.APPLIED, state.VERIFIED):
+    if state.milestone_state(conn, NAME)["state"] in (MilestoneState.APPLIED, MilestoneState.VERIFIED):
         # Dropped by hand (or by a run history lost): the archive a rollback needs is gone all the same.
         return Final(f"its archive {M4_ARCHIVE_EXPERIMENTS} is gone (no `{DROP_COMMAND}` run is "
                      "recorded)", INSTEAD, {"archive_dropped_by_run": None, "archive_dropped_at": None})

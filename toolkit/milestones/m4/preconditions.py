@@ -7,27 +7,30 @@ from __future__ import annotations
 from sqlalchemy.engine import Connection
 
 from toolkit import catalog
+from toolkit.engine import state
 from toolkit.engine.listing import count_of, listed
-from toolkit.engine.results import Check
-from toolkit.milestones.base import cleanup_started
+from toolkit.engine.results import STARTED, Check
 from toolkit.milestones.m1_packages import MILESTONE_1
 from toolkit.milestones.m2_model_parent import MILESTONE_2, BackfillModelId
+from toolkit.milestones.m3_models_for_experiments import NAME as M3
+from toolkit.milestones.m4 import NAME
 from toolkit.names import M3_METADATA_CLASHES as CLASHES
 from toolkit.words import counted
 
-MILESTONES_BEFORE = {m.name: m for m in (MILESTONE_1, MILESTONE_2)}
+MILESTONES_BEFORE = (MILESTONE_1, MILESTONE_2)
 
 
 def preconditions(conn: Connection) -> list[Check]:
     """Milestones 1 and 2 verify too; no candidate without a model; every experiment has its
     model and its tags."""
-    if cleanup_started(conn):
+    if state.milestone_state(conn, NAME)["state"] in STARTED:
         return []  # a re-run: what was checked when it started still holds, the archive syncs the rest
     checks = []
-    for name in ("milestone-1", "milestone-2"):
+    for milestone in MILESTONES_BEFORE:
+        name = milestone.name
         # Milestone 2's backfill check is milestone 3's last check too, which the gate has
         # just run (every candidate's model_id is its experiment's model): not twice.
-        steps = [s for s in MILESTONES_BEFORE[name].steps if not isinstance(s, BackfillModelId)]
+        steps = [s for s in milestone.steps if not isinstance(s, BackfillModelId)]
         failed = [c for step in steps for c in step.verify(conn) if not c.ok]
         checks.append(
             Check(
@@ -46,7 +49,7 @@ def preconditions(conn: Connection) -> list[Check]:
                 name="precondition: every candidate has a model_id",
                 ok=not orphans,
                 detail=f"{counted(count_of(orphans), 'candidate')} without one" if orphans else "all do",
-                remedy="run `toolkit migrate milestone-3` again" if orphans else None,
+                remedy=f"run `toolkit migrate {M3}` again" if orphans else None,
                 rows=orphans,
             )
         )
@@ -80,7 +83,7 @@ def every_experiment_has_its_model_and_tags(conn: Connection) -> Check:
         name="precondition: every experiment has its model and its tags",
         ok=not odd,
         detail=f"{count_of(odd)} differ: " + ", ".join(_said(r) for r in odd[:10]) if odd else "all do",
-        remedy="run `toolkit migrate milestone-3` again (it gives experiments their models and copies "
+        remedy=f"run `toolkit migrate {M3}` again (it gives experiments their models and copies "
         "their missing tags); a tag whose value differs on the model: set one to the other's value "
         "in GitLab, then retry" if odd else None,
         rows=odd,

@@ -16,7 +16,7 @@ from toolkit.engine.catalog_checks import index_valid, remedy
 from toolkit.engine.ddl import PythonBody, Statements
 from toolkit.engine.results import Check, StepPlan
 from toolkit.engine.step import KeysetPass, Step
-from toolkit.milestones.m4 import archive, capture
+from toolkit.milestones.m4 import NAME, archive, capture
 from toolkit.names import (
     M4_ARCHIVE_EXPERIMENTS,
     M4_ARCHIVE_METADATA,
@@ -189,8 +189,8 @@ class ModelIdNotNull(Step):
         not_null = bool(catalog.column_not_null(conn, "ml_candidates", "model_id"))
         return [
             Check(name="ml_candidates.model_id is NOT NULL", ok=not_null, detail="yes" if not_null else "no",
-                  remedy=remedy(not_null, "milestone-4")),
-            index_valid(conn, M4_UNIQUE_INDEX, "milestone-4"),
+                  remedy=remedy(not_null, NAME)),
+            index_valid(conn, M4_UNIQUE_INDEX, NAME),
         ]
 
 
