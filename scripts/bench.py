@@ -72,6 +72,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, however it is run
 
 import bench_hand
+import bench_observe
 
 from toolkit import milestones as registry
 from toolkit.db import create_engine
@@ -108,6 +109,7 @@ def migrate_worker(url: str, milestone: str, options: str, out: str, whole: str)
         # the closing verify, taken while the writer still logs runs: milestones 1 and 3 then
         # find its newest rows not yet migrated (an operator runs migrate again, as below)
         "verified": result.verify.ok if result.verify else None,
+        "wal_bytes": sum(p.wal_bytes for p in result.passes),
         "timeline": [[p.name, round(s, 4), n] for p in result.passes
                      for s, n in zip(p.batch_seconds, p.batch_sizes, strict=True)]}))
 
@@ -222,6 +224,10 @@ def _timed_migrate(url: sa.URL, milestone: str, options: RunOptions, whole: bool
             "batch_p50_ms": as_ms(percentile(batches, 50)), "batch_p99_ms": as_ms(percentile(batches, 99)),
             "batch_max_ms": as_ms(max(batches, default=0)),
             "batch_size_min": min(sizes, default=0), "batch_size_max": max(sizes, default=0),
+            # WAL the batches wrote (LSN deltas read in each batch's checkpoint statement)
+            "wal_bytes": run.get("wal_bytes"),
+            "wal_bytes_per_row": (round(run["wal_bytes"] / run["rows"])
+                                  if run.get("wal_bytes") is not None and run["rows"] else None),
             "timeline": timeline, "writer": traffic, "mlflow": mlflow}
 
 
@@ -581,6 +587,10 @@ def main() -> None:
     parser.add_argument("--mlflow-clients", type=int, default=0, metavar="N",
                         help="N training clients (the real MLflow client) write through `toolkit mlflow "
                              "serve --allow-writes` during every timed run; their write p50/p99 is reported")
+    parser.add_argument("--costs-only", action="store_true",
+                        help="measure only what each transaction and each batch pays for running "
+                             "safely and being watched (events, metrics, control, live progress), "
+                             "print it and stop")
     parser.add_argument("--migrate-worker", nargs=5, metavar=("URL", "MILESTONE", "OPTIONS", "OUT", "WHOLE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -619,6 +629,14 @@ def main() -> None:
     _fresh_copy(admin, url, METRIC_TEMPLATES[10])  # the pristine seed, for the metrics variant
     results["safeguards_per_transaction"] = safeguard_cost(url)
     print(json.dumps({"safeguards_per_transaction": results["safeguards_per_transaction"]}), flush=True)
+    observed = _fresh_copy(admin, url, "bench_observe")
+    results["observe_per_batch"] = bench_observe.observe_cost(observed)
+    _drop(admin, observed.database)
+    print(json.dumps({"observe_per_batch": results["observe_per_batch"]}), flush=True)
+    if args.costs_only:
+        admin.dispose()
+        server.stop()
+        return
     results["process_start_seconds"] = process_start()
     # The operator's first command: every milestone's plan on the untouched database.
     first_plan = _toolkit("--database-url", _text(url), "plan", "--no-sql")
@@ -661,6 +679,9 @@ def main() -> None:
             }
             shown = {k: v for k, v in results["milestones"][milestone].items()
                      if k not in ("batched", "set_based", "hand")}
+            shown["wal_bytes_per_row"] = batched.get("wal_bytes_per_row")
+            shown["observe_share_of_p50_batch_pct"] = bench_observe.share_of(
+                results["observe_per_batch"], batched.get("batch_p50_ms"))
             if batched.get("mlflow"):
                 shown["mlflow_batched"] = {k: v for k, v in batched["mlflow"].items() if k != "read_back"}
             print(json.dumps(shown), flush=True)
@@ -861,6 +882,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{b['writer']['p99_ms']} | {s['writer']['p99_ms']} | {m['plan_seconds']} | "
             f"{m['verify_seconds']}{'' if m['verified'] else ' (FAILED)'} | "
             f"{b.get('peak_mb')}/{m['verify_peak_mb']} |")
+    lines += ["", *bench_observe.lines(results)]
     lines += _hand_lines(results)
     lines += _mlflow_lines(results)
     variant = results.get("metrics_variant")

@@ -67,6 +67,7 @@ def run(out: str, argv: list[str]) -> None:
                 "preflight": round(runner - sum(timings.get(p, 0.0) for p in TIMED_APART), 3),
                 **{p: timings[p] for p in ("fingerprint", "apply", "verify") if p in timings}},
             "verified": result.verify.ok if result.verify else None,
+            "wal_bytes": sum(p.wal_bytes for p in result.passes),
             "timeline": [[p.name, round(s, 4), n] for p in result.passes
                          for s, n in zip(p.batch_seconds, p.batch_sizes, strict=True)]})
     Path(out).write_text(json.dumps(doc))

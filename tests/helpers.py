@@ -149,7 +149,7 @@ class OnePassStep(Step):
 # The toolkit's own bookkeeping differs between a resumed run and one that was not
 # interrupted (two runs, other ids and times); everything else must be equal.
 BOOKKEEPING = ("runs", "checkpoints", "milestones", "fingerprints", "alembic_version", "runner_lease",
-               "run_writes", "run_controls")
+               "run_writes", "run_controls", "run_progress")
 
 
 def ledgers(db) -> dict[str, list]:

@@ -33,6 +33,7 @@ from toolkit.errors import ExitCode
 FRESH, M1, M2, M4 = (), ("milestone-1",), ("milestone-2",), ("milestone-3", "milestone-4")
 DATABASE_EXAMPLES: dict[str, tuple[tuple[str, ...], list[int]]] = {
     "toolkit status": (FRESH, [0]),
+    "toolkit status --watch 5": (FRESH, [0]),  # no run going: said once, exit 0
     "toolkit plan milestone-1 --no-sql --fail-on-blocking": (FRESH, [0]),
     "toolkit migrate milestone-1 --dry-run": (FRESH, [0]),
     "toolkit sql milestone-1 --rollback": (FRESH, [0]),

@@ -105,6 +105,12 @@ class Output:
             text = json.dumps(doc, indent=2, sort_keys=True, default=json_value)
             self._print(self._clean(text), self._out())
 
+    def json_line(self, text: str) -> None:
+        """A JSON document on one line (only with --json), for output that is a stream of
+        documents (``status --watch --json``), read line by line."""
+        if self.json_mode:
+            self._print(self._clean(text), self._out())
+
     def progress(self, total: int | None, name: str) -> PassBar | ProgressLines:
         """A pass's progress (toolkit/progress.py): a bar with rate and time left on a
         terminal. Off a terminal (a CI log, a file) a bar would be noise, and silence for a

@@ -43,6 +43,13 @@ def _arity(params: list[click.Parameter]) -> dict[str, int]:
             for name in (*param.opts, *param.secondary_opts)}
 
 
+def _optional_values(params: list[click.Parameter]) -> set[str]:
+    """Option strings whose value may be left out (``status --watch [SECONDS]``): they take
+    the next word only when it is not an option."""
+    return {name for param in params if isinstance(param, click.Option)
+            and getattr(param, "_flag_needs_value", False) for name in param.opts}
+
+
 def global_options_first(root: click.Group, ctx: click.Context, args: list[str]) -> list[str]:
     """``args`` with the root's options (--json, -q, --database-url ...) moved ahead of the
     subcommand, wherever they were given: ``toolkit status --json`` is ``toolkit --json status``,
@@ -57,6 +64,7 @@ def global_options_first(root: click.Group, ctx: click.Context, args: list[str])
     params = root.get_params(ctx)
     globals_ = _arity([p for p in params if not p.is_eager])
     local = {name: n for name, n in _arity(params).items() if name not in globals_}
+    optional: set[str] = set()
     command: click.Command = root
     moved: list[str] = []
     kept: list[str] = []
@@ -70,6 +78,8 @@ def global_options_first(root: click.Group, ctx: click.Context, args: list[str])
             has_value = word.startswith("--") and "=" in word
             name = word.split("=", 1)[0] if has_value else word
             arity = local.get(name, globals_.get(name))
+            if name in optional and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                arity = 0
             taken = 1 + (0 if has_value or arity is None else arity)
             if name in local or name not in globals_:
                 kept += args[i:i + taken]
@@ -83,6 +93,7 @@ def global_options_first(root: click.Group, ctx: click.Context, args: list[str])
             sub = command.get_command(ctx, word)
             if sub is not None:
                 command, local = sub, _arity(sub.get_params(ctx))
+                optional = _optional_values(sub.get_params(ctx))
         kept.append(word)
         i += 1
     return moved + kept

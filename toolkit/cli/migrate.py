@@ -8,10 +8,9 @@ from typing import Any
 import click
 
 from toolkit import milestones as registry
-from toolkit.cli import params, render, run_report
+from toolkit.cli import params, render, run_report, status_live
 from toolkit.cli.context import app
 from toolkit.cli.options import observe_options, run_options, runner_for
-from toolkit.engine import control as steering
 from toolkit.engine import health, state
 from toolkit.engine.locks import runner_lock_holders
 from toolkit.engine.plan import Milestone
@@ -19,7 +18,6 @@ from toolkit.engine.results import (
     STARTED,
     Check,
     MilestoneState,
-    PlanResult,
     VerifyResult,
 )
 from toolkit.errors import PreconditionRefused, UsageProblem, VerificationFailed
@@ -30,28 +28,6 @@ from toolkit.timestamps import shown
 MILESTONE = click.argument("milestone", metavar="MILESTONE")
 # The short aliases of the milestones that ask for --yes (the registry's order): "4".
 DESTRUCTIVE = ", ".join(str(n) for n, m in enumerate(registry.REGISTRY, start=1) if m.confirm)
-
-
-def _plan_summary(results: list[PlanResult]) -> dict[str, Any]:
-    """The plan's closing numbers. Each row is counted in the one milestone that changes it
-    (milestone 3 does not count again the candidates milestone 2 sets), so the total is
-    the sum of the milestones' rows."""
-    return {"rows": sum(r.rows for r in results),
-            "blocking": sum(r.blocking for r in results),
-            "warnings": sum(r.warnings for r in results),
-            "milestones": [{"milestone": r.milestone.name, "rows": r.rows, "blocking": r.blocking,
-                            "warnings": r.warnings, "gate_open": r.gate.ok,
-                            "waits_for": None if r.gate.ok else r.gate.previous} for r in results]}
-
-
-def _say_summary(summary: dict[str, Any]) -> None:
-    out.say("Summary (each row counted once, in the milestone that changes it):")
-    rows = [[m["milestone"], m["rows"], m["blocking"], m["warnings"],
-             "open" if m["gate_open"] else f"waits for {m['waits_for'] or 'its preconditions'}"]
-            for m in summary["milestones"]]
-    if len(rows) > 1:
-        rows.append(["total", summary["rows"], summary["blocking"], summary["warnings"], ""])
-    out.table(["milestone", "rows", "BLOCKING", "warnings", "gate"], rows)
 
 
 @click.command()
@@ -81,8 +57,8 @@ def plan(milestone: str | None, no_sql: bool, fail_on_blocking: bool) -> None:
     for reading in readings:
         state_word = "OVER" if reading.over else "ok" if reading.readable else "unreadable"
         out.say(f"  {reading.signal.replace('_', ' ')}: {state_word}: {reading.detail}")
-    summary = _plan_summary(results)
-    _say_summary(summary)
+    summary = run_report.plan_summary(results)
+    run_report.say_plan_summary(summary)
     doc = {"dry_run": True, "milestones": [run_report.plan_doc(r) for r in results],
            "health": [r.as_dict() for r in readings], "summary": summary}
     if fail_on_blocking and summary["blocking"]:
@@ -297,16 +273,19 @@ def rollback(milestone: str, dry_run: bool, **opts: Any) -> None:
 
 
 @click.command()
-def status() -> None:
-    """Where each milestone stands, and what is left to do, in rows. Read-only.
+@status_live.watch_options
+def status(watch_s: float | None, frames: int | None) -> None:
+    """Where each milestone stands, and what is left to do, in rows; and the run going now,
+    from any host: its pass, keys done of total, rate, time left, waits, last batch, who
+    steered it. Read-only.
 
     Example: toolkit status
+
+    Example: toolkit status --watch 5
     """
     inspector = app().inspector()
     report = inspector.status()
-    with inspector.read_only() as conn:
-        paused = steering.paused_now(conn)
-        held = steering.held_now(conn)
+    now = status_live.read_now(inspector)
     rows = []
     for entry in report:
         left = sum(entry["remaining"].values())
@@ -334,18 +313,15 @@ def status() -> None:
             out.say(f"{entry['milestone']} is rolling back (interrupted?); left to undo: "
                     + "; ".join(entry["left_to_undo"])
                     + f". Run `toolkit rollback {entry['milestone']}` to finish it.")
-    if held is not None:
-        out.say(f"held before drop since {held['applied_at'].isoformat(timespec='seconds')} "
-                f"(run {held['applied_by']}); `toolkit control unpostpone` goes on")
-    if paused is not None:
-        why = f": {paused['reason']}" if paused["reason"] else ""
-        out.say(f"run {paused['applied_by']} is paused by {steering.who(paused)} since "
-                f"{paused['applied_at'].isoformat(timespec='seconds')}{why}; "
-                "`toolkit control resume` goes on")
-    app().finish({"milestones": report, "paused": paused and {
-        **paused, "requested_at": paused["requested_at"].isoformat(),
-        "applied_at": paused["applied_at"].isoformat()},
-        "held": held and {**held, "applied_at": held["applied_at"].isoformat()}})
+    status_live.say_run(now["run"])
+    status_live.say_pause_and_hold(now)
+    result = {"milestones": report, **status_live.as_json(now)}
+    if watch_s is None:
+        app().finish(result)
+        return
+    if app().json_mode:  # a stream of one-line documents, the first of them this one
+        status_live.json_first(result)
+    status_live.watch(inspector, watch_s, frames, now)
 
 
 def _took(run: dict) -> str:
@@ -377,15 +353,22 @@ def history(limit: int) -> None:
             when = f"; its last commit was at {shown(last)}" if last else ""
             r["error"] = r["error"] or (f"ended without recording how (killed, or its connection "
                                         f"lost){when}; run the same command again")
+    for r in runs:  # WAL its batches wrote (runs.wal_bytes_by_step; absent before revision 0011)
+        r["wal_bytes"] = sum((r.get("wal_bytes_by_step") or {}).values())
     out.table(
-        ["id", "started", "took", "command", "user", "outcome", "rows"],
+        ["id", "started", "took", "command", "user", "outcome", "rows", "WAL"],
         [[r["id"], shown(r["started_at"]), _took(r), r["command"],
           f"{r['os_user']}@{r['host']} as {r['database_user']}", r["outcome"],
-          sum((r["rows_by_step"] or {}).values())] for r in runs],
+          sum((r["rows_by_step"] or {}).values()),
+          status_live.size_text(r["wal_bytes"]) if r["wal_bytes"] else "-"] for r in runs],
     )
     for r in runs:
         if r["error"]:
             out.say(f"run {r['id']}: {r['error']}")
+        if len(r.get("wal_bytes_by_step") or {}) > 1:  # by pass, with the rows it changed
+            out.say(f"run {r['id']} WAL by pass: " + "; ".join(
+                f"{step} {status_live.size_text(wal)}" + status_live.per_row(wal, r["rows_by_step"].get(step))
+                for step, wal in r["wal_bytes_by_step"].items()))
         if controls := (r.get("options") or {}).get("controls"):  # `toolkit control` it took
             out.say(f"run {r['id']} was steered: " + "; ".join(
                 f"{c['action']}{' ' + c['key'] + '=' + c['value'] if c.get('key') else ''} by "

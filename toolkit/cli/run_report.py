@@ -1,5 +1,5 @@
 """What a writing run says: a line per pass as it ends, the closing lines, and the JSON
-document of its result (``migrate``, ``rollback``, ``demo``)."""
+document of its result (``migrate``, ``rollback``, ``demo``); and the plan's summary."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def apply_doc(result: ApplyResult) -> dict[str, Any]:
         "passes": [{"name": p.name, "rows": p.rows, "batches": p.batches, "complete": p.complete,
                     "schema_change": p.schema_change, "changed": p.changed,
                     "finished_before": p.finished_before is not None,
-                    "seconds": round(p.seconds, 3), "batch_sizes": size_range(p.batch_sizes)}
+                    "seconds": round(p.seconds, 3), "batch_sizes": size_range(p.batch_sizes),
+                    "wal_bytes": p.wal_bytes}
                    for p in result.passes],
     }
     if result.verify is not None:
@@ -88,3 +89,25 @@ def report_apply(result: ApplyResult) -> None:
     if result.verify is not None:
         out.say(f"Verify {result.milestone.name}:")
         render.checks(result.verify.checks)
+
+
+def plan_summary(results: list[PlanResult]) -> dict[str, Any]:
+    """The plan's closing numbers. Each row is counted in the one milestone that changes it
+    (milestone 3 does not count again the candidates milestone 2 sets), so the total is
+    the sum of the milestones' rows."""
+    return {"rows": sum(r.rows for r in results),
+            "blocking": sum(r.blocking for r in results),
+            "warnings": sum(r.warnings for r in results),
+            "milestones": [{"milestone": r.milestone.name, "rows": r.rows, "blocking": r.blocking,
+                            "warnings": r.warnings, "gate_open": r.gate.ok,
+                            "waits_for": None if r.gate.ok else r.gate.previous} for r in results]}
+
+
+def say_plan_summary(summary: dict[str, Any]) -> None:
+    out.say("Summary (each row counted once, in the milestone that changes it):")
+    rows = [[m["milestone"], m["rows"], m["blocking"], m["warnings"],
+             "open" if m["gate_open"] else f"waits for {m['waits_for'] or 'its preconditions'}"]
+            for m in summary["milestones"]]
+    if len(rows) > 1:
+        rows.append(["total", summary["rows"], summary["blocking"], summary["warnings"], ""])
+    out.table(["milestone", "rows", "BLOCKING", "warnings", "gate"], rows)

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from toolkit.db import TIMEOUTS_OPTION
 from toolkit.engine import fenced, state
 from toolkit.engine.budget import Budget
-from toolkit.engine.events import LOGGED, Events, emit, subscribed
+from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.locks import (
     TRANSIENT_STATES,
     UNIQUE_VIOLATION,
@@ -159,8 +159,7 @@ def run_pass(engine: Engine, milestone: str, kpass: KeysetPass, run_id: int, opt
 
 
 class _Walk:
-    """One pass under way: where it is (``lo``, ``upper``), how large its batches are, and
-    the WAL position after its last commit (None: not measured)."""
+    """One pass under way: where it is (``lo``, ``upper``) and how large its batches are."""
 
     def __init__(self, conn: Connection, milestone: str, kpass: KeysetPass, run_id: int,
                  budget: Budget, result: PassResult):
@@ -187,8 +186,6 @@ class _Walk:
         fenced.commit(self.conn)
         emit(self.budget.events, "pass_start", milestone=self.milestone, pass_name=self.kpass.name,
              run_id=self.run_id, key_from=self.lo, key_upper=self.upper, keys=total)
-        # one read per batch, after it
-        self.wal_at = wal_position(self.conn) if subscribed(self.budget.events) else None
         return total
 
     def wait_turn(self) -> str | None:
@@ -213,8 +210,9 @@ class _Walk:
         began = time.perf_counter()
         self.budget.retries = 0
         key_from = self.lo
-        hi, changed, scanned = _one_batch(self.conn, self.milestone, self.kpass, self.lo, self.upper,
-                                          self.run_id, self.options, self.budget, self.sizer.size)
+        hi, changed, scanned, wal = _one_batch(self.conn, self.milestone, self.kpass, self.lo,
+                                               self.upper, self.run_id, self.options, self.budget,
+                                               self.sizer.size)
         if hi is None:
             return self._caught_up()
         took = time.perf_counter() - began
@@ -224,15 +222,12 @@ class _Walk:
         if self.budget.on_commit is not None:
             self.budget.on_commit(self.milestone, self.kpass.name, hi)
         self.lo = hi
-        self.result.rows += changed
-        self.result.batches += 1
-        self.budget.batches += 1
+        _counted(self.result, self.budget, changed, wal)
         bar.update(scanned, changed)
-        wal_before, self.wal_at = self.wal_at, wal_position(self.conn) if self.wal_at is not None else None
         emit(self.budget.events, "batch", milestone=self.milestone, pass_name=self.kpass.name,
              run_id=self.run_id, key_from=key_from, key_to=hi, keys=scanned, rows=changed,
              ms=round(took * 1000, 3), retries=self.budget.retries,
-             wal_bytes=None if self.wal_at is None or wal_before is None else self.wal_at - wal_before)
+             wal_bytes=wal)
         _maybe_inject_fault(self.budget.batches)
         if self.options.pause_ms:
             _pause_between(self.options.pause_ms / 1000, self.budget)
@@ -254,23 +249,19 @@ class _Walk:
         return False
 
 
-def wal_position(conn: Connection) -> int | None:
-    """The primary's WAL insert position in bytes (None on a standby, which writes none), read
-    in a transaction of its own. Read once after each batch's commit (and at the pass's start),
-    its delta is the WAL that replicas, archiving and DR pay for the batch: the server's, so
-    it includes what other sessions wrote meanwhile (and during a --pause-ms or a throttle
-    wait before the batch). One read, not one on each side: each costs three round trips.
-    The insert position, not ``pg_current_wal_lsn()``: that one (the write position) moves in
-    whole pages when the WAL writer gets round to it under ``synchronous_commit = off``, so a
-    batch would read 0 or 24 kB."""
-    position = conn.execute(sa.text("SELECT CASE WHEN NOT pg_is_in_recovery() "
-                                    "THEN pg_current_wal_insert_lsn() - '0/0' END")).scalar()
-    conn.rollback()  # a read: ended without a commit, which the lease would fence (a query more)
-    return None if position is None else int(position)
+def _counted(result: PassResult, budget: Budget, changed: int, wal: int | None) -> None:
+    """A committed batch in the pass's and the run's counts (its rows, its WAL)."""
+    result.rows += changed
+    result.batches += 1
+    budget.batches += 1
+    result.wal_bytes += wal or 0
 
 
 def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upper: int,
-               run_id: int, options: RunOptions, budget: Budget, size: int) -> tuple[int | None, int, int]:
+               run_id: int, options: RunOptions, budget: Budget,
+               size: int) -> tuple[int | None, int, int, int | None]:
+    """One batch in its own transaction: (its last key, rows changed, keys taken, WAL bytes
+    since the last checkpoint, read at its own: state.save_checkpoint); None: none left."""
     for attempt in range(options.retries + 1):
         try:
             with fenced.batch(conn, timeouts=(options.lock_timeout_ms, options.statement_timeout_ms)):
@@ -278,14 +269,14 @@ def _one_batch(conn: Connection, milestone: str, kpass: KeysetPass, lo: int, upp
                     sa.text(kpass.next_key_sql()), {"lo": lo, "upper": upper, "size": size},
                 ).one()
                 if hi is None:
-                    return None, 0, 0
+                    return None, 0, 0, None
                 if kpass.apply is not None:
                     changed = kpass.apply(conn, lo, hi, run_id)
                 else:
                     changed = conn.execute(sa.text(kpass.change_sql),
                                            {"lo": lo, "hi": hi, "run_id": run_id}).scalar_one()
-                state.save_checkpoint(conn, milestone, kpass.name, hi, changed, run_id)
-            return hi, changed, scanned
+                wal = state.save_checkpoint(conn, milestone, kpass.name, hi, changed, run_id, scanned)
+            return hi, changed, scanned, wal
         except DBAPIError as exc:
             code = sqlstate(exc)
             retryable = code in TRANSIENT_STATES or (

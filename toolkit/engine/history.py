@@ -173,10 +173,15 @@ class RunHistory:
         asked = result.controls[-1] if result.controls else {}
         by = f"{asked.get('db_user')} ({asked.get('os_user')}@{asked.get('host')})"
         why = f": {asked['reason']}" if asked.get("reason") else ""
+        # aborted during the closing verify (runner._steered_verify): every pass is done
+        verifying = "verify" in result.timings and result.verify is None
+        where = ("during its closing verify: it is applied, not verified" if verifying
+                 else f"at a batch boundary after {counted(result.rows, 'row')}")
         return Aborted(
-            f"Stopped {result.milestone.name} at a batch boundary after {counted(result.rows, 'row')}: "
+            f"Stopped {result.milestone.name} {where}: "
             f"`toolkit control abort` by {by}{why}; nothing is half-done",
-            "run the same command again to resume from where it stopped",
+            "run the same command again to " + ("verify it (nothing is applied again)" if verifying
+                                                else "resume from where it stopped"),
             details={"passes": [p.__dict__ for p in result.passes], "controls": result.controls},
         )
 
@@ -212,16 +217,20 @@ class RunHistory:
         extra: dict[str, Any] = {"throttled_seconds": result.throttled_seconds}
         if result.controls:  # each `toolkit control` request the run took, in its history row
             extra["controls"] = result.controls
-        self.record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error, extra)
+        wal = {p.name: p.wal_bytes for p in result.passes if p.wal_bytes}
+        self.record_end(result.run_id, outcome, {p.name: p.rows for p in result.passes}, error, extra,
+                        wal=wal)
 
     def record_end(self, run_id: int, outcome: Outcome, rows: dict[str, int], error: str | None,
-                    extra: dict[str, Any] | None = None) -> None:
+                    extra: dict[str, Any] | None = None, *, wal: dict[str, int] | None = None) -> None:
         """The run's own history row, written even after the hold is lost (it says so) and
         given up on, with a warning, when the server cannot be reached to write it."""
         if error is not None:
             error = without_database_urls(redact(without_driver_internals(error), self.events.secrets))
+        # WAL: in the event only; history's runs.wal_bytes_by_step is kept by the batches
         emit(self.events, "run_end", run_id=run_id, outcome=outcome, rows=sum(rows.values()),
-             rows_by_step=rows, error=error, **(extra or {}))
+             rows_by_step=rows, error=error, wal_bytes=sum((wal or {}).values()),
+             wal_bytes_by_step=wal or {}, **(extra or {}))
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(**{UNFENCED: True})

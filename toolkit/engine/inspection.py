@@ -8,7 +8,7 @@ it the same questions before and after it writes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -85,24 +85,31 @@ class Inspector:
             gate = self.gate(conn, milestone)
         return PlanResult(milestone, steps, gate)
 
-    def verify(self, milestone: Milestone) -> VerifyResult:
-        return self.verify_many([milestone])[0]
+    def verify(self, milestone: Milestone, between: Callable[[], None] | None = None) -> VerifyResult:
+        return self.verify_many([milestone], between)[0]
 
-    def verify_many(self, chosen: list[Milestone]) -> list[VerifyResult]:
+    def verify_many(self, chosen: list[Milestone],
+                    between: Callable[[], None] | None = None) -> list[VerifyResult]:
         """Each milestone's checks, then the comparison with the fingerprint taken before it,
         all in one snapshot (digests the fingerprints share are computed once).
         Gates run the checks only: the comparison reads every ML row and belongs to the
-        milestone's own verification, not to the next one's plan."""
+        milestone's own verification, not to the next one's plan. ``between`` is called
+        before each step's checks, before the comparison and after it (a run's closing
+        verify: runner.Runner._steered_verify)."""
         results = []
         memo: Memo = {}
         with self.read_only() as conn:
             for milestone in chosen:
                 self.check_reads(conn, milestone.reads)
-                checks = milestone.verify(conn)
+                checks = milestone.verify(conn, between)
+                if between is not None:
+                    between()
                 checks += baselines.checks_against_baseline(
                     conn, milestone.name, changes=milestone.changes,
                     compare_tables=not self.later_started(conn, milestone), memo=memo,
                     fixes=milestone.fixes)
+                if between is not None:
+                    between()
                 results.append(VerifyResult(milestone, checks))
         return results
 

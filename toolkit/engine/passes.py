@@ -41,6 +41,8 @@ class PassRunner:
     options: RunOptions
     events: Events
     on_commit: Callable[..., None] | None = None
+    # The run's `toolkit control` reader once it runs: the closing verify reads requests too
+    steering: Steering | None = None
 
     def run(self, hold: Hold, milestone: Milestone, result: ApplyResult, passes: list[Action],
             before: Callable[[Milestone, int], None] | None = None,
@@ -52,6 +54,7 @@ class PassRunner:
         budget.throttle = self._throttle(budget)
         budget.control = Steering(self.engine, result.run_id, self.options, budget)
         budget.control.start()
+        self.steering = budget.control
         with stop_on_signals(budget):
             if before is not None:
                 emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name,
@@ -105,7 +108,7 @@ class PassRunner:
         emit(self.events, "pass_end", run_id=result.run_id, milestone=result.milestone.name,
              pass_name=done.name, rows=done.rows, batches=done.batches, complete=done.complete,
              stopped=done.stopped, schema_change=done.schema_change, changed=done.changed,
-             seconds=round(done.seconds, 3))
+             seconds=round(done.seconds, 3), wal_bytes=done.wal_bytes)
         if on_pass is not None:
             on_pass(done)
 

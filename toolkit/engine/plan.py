@@ -77,8 +77,15 @@ class Milestone:
     def plan(self, conn: Connection) -> list[StepPlan]:
         return [step.plan(conn) for step in self.steps]
 
-    def verify(self, conn: Connection) -> list[Check]:
-        return [check for step in self.steps for check in step.verify(conn)]
+    def verify(self, conn: Connection, between: Callable[[], None] | None = None) -> list[Check]:
+        """Each step's checks; ``between`` is called before each step's (a run's closing
+        verify reads `toolkit control` requests there)."""
+        checks: list[Check] = []
+        for step in self.steps:
+            if between is not None:
+                between()
+            checks += step.verify(conn)
+        return checks
 
     @property
     def changes(self) -> tuple[str, ...]:

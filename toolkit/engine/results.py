@@ -328,6 +328,7 @@ class PassResult:
     # A pass an earlier run of the same attempt finished, not walked again: the rows that
     # attempt changed in it (this run's ``rows`` stay 0). None: walked (or begun) by this run.
     finished_before: int | None = None
+    wal_bytes: int = 0  # WAL the primary wrote during this run's batches of the pass
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,13 @@ from toolkit.db_errors import classify
 from toolkit.engine import baselines, fenced, resume, state, writer
 from toolkit.engine.actions import Action
 from toolkit.engine.batches import read_with_retries
+from toolkit.engine.control import Steering
 from toolkit.engine.events import LOGGED, Events, emit
 from toolkit.engine.health import check_throttle_query
 from toolkit.engine.history import RunHistory, error_text
 from toolkit.engine.inspection import Inspector
 from toolkit.engine.lease import Hold
+from toolkit.engine.live import Recorded
 from toolkit.engine.passes import OnPass, PassRunner
 from toolkit.engine.plan import Milestone, MilestonePlan
 from toolkit.engine.preflight import check_privileges, check_writable
@@ -58,6 +60,7 @@ class Runner:
                  command: str = "", lock_wait_s: float = LockWait.lock_wait_s, events: Events = LOGGED):
         self.engine = engine
         self.milestones = plan
+        events = Recorded(events, engine)  # what `toolkit status` shows, kept in the database
         self.events = events
         self.options = options or RunOptions()
         self.command = command
@@ -145,15 +148,42 @@ class Runner:
             return
         emit(self.events, "phase", run_id=result.run_id, milestone=milestone.name, phase="verify")
         with timed(result, "verify"):
-            result.verify = self._closing_verify(milestone)
-        if result.verify.ok:
+            result.verify = self._steered_verify(milestone)
+        if result.verify is None:  # aborted: applied, not verified
+            result.stopped = _why_verify_stopped(self.passes.steering)
+        elif result.verify.ok:
             self._set_state(milestone, MilestoneState.VERIFIED, result.run_id)
 
-    def _closing_verify(self, milestone: Milestone) -> VerifyResult:
+    def _steered_verify(self, milestone: Milestone) -> VerifyResult | None:
+        """The closing verify, steered as the batches are: `toolkit control` requests are
+        read before each step's checks, before the comparison with the fingerprint and after
+        it (before the milestone is recorded verified). A pause lets go of the verify's
+        snapshot (holding one open would hold back vacuum on every table), waits as a pause
+        between batches does, and the verify starts again after the resume; an abort
+        returns None: the milestone stays applied, the next run verifies it."""
+        control = self.passes.steering
+        if control is None:
+            return self._closing_verify(milestone)
+
+        def between() -> None:
+            control.poll()
+            if control.paused is not None or control.aborted is not None:
+                raise _Steered
+
+        while True:
+            try:
+                return self._closing_verify(milestone, between)
+            except _Steered:
+                control.boundary()  # waits while paused, until a resume, an abort or a stop
+                if control.aborted is not None or control.budget.stop_requested:
+                    return None
+
+    def _closing_verify(self, milestone: Milestone,
+                        between: Callable[[], None] | None = None) -> VerifyResult:
         """The verify a migrate ends with. If it cannot finish, the milestone stays recorded
         as applied (true: every batch committed) and the message says only verify is left."""
         try:
-            return self.inspector.verify(milestone)
+            return self.inspector.verify(milestone, between)
         except (ToolkitError, DBAPIError) as exc:
             problem = (exc if isinstance(exc, ToolkitError)
                        else classify(exc, render_url(self.engine.url), self.events.secrets))
@@ -301,3 +331,12 @@ class Runner:
                                         lambda conn: take(conn, scope=scope(conn)), self.events)
         with self.engine.connect() as conn:
             baselines.save(conn, milestone.name, fingerprint, run_id)
+
+
+class _Steered(Exception):
+    """A pause or an abort read during the closing verify: its snapshot is let go."""
+
+
+def _why_verify_stopped(control: Steering | None) -> str:
+    """Why a steered verify stopped: ``aborted``, or ``interrupted`` (Ctrl-C while paused)."""
+    return "aborted" if control is not None and control.aborted is not None else "interrupted"

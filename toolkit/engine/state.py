@@ -120,16 +120,39 @@ def read_checkpoint(conn: Connection, milestone: str, step: str) -> Checkpoint |
 
 
 def save_checkpoint(conn: Connection, milestone: str, step: str, last_key: int, rows: int,
-                    run_id: int) -> None:
+                    run_id: int, keys: int = 0) -> int | None:
     """Called inside the batch's own transaction: the batch, its checkpoint and the run's
     row count commit together, so history is right even for a run that never got to say
-    how it ended."""
-    conn.execute(sa.text(f"""
+    how it ended.
+
+    The same statement keeps the run's live progress (``run_progress``: what ``toolkit
+    status`` shows from any host; engine/live.py) and its WAL: the primary's WAL insert
+    position is read here and the bytes since the last batch's checkpoint (or the pass's
+    start) are added to ``runs.wal_bytes_by_step``. Returned: those bytes (None when the run
+    has no progress row, i.e. was not started through the runner)."""
+    wal = conn.execute(sa.text(f"""
+        WITH pos AS (SELECT pg_current_wal_insert_lsn() - '0/0' AS lsn),
+        live AS (
+            UPDATE {SCHEMA}.run_progress p SET pass_keys_done = p.pass_keys_done + :keys,
+                   pass_rows = p.pass_rows + :r, pass_batches = p.pass_batches + 1,
+                   last_batch_at = clock_timestamp(),
+                   last_batch_ms = 1000 * extract(epoch FROM clock_timestamp() - now()),
+                   last_batch_keys = :keys, last_batch_rows = :r, wal_lsn = pos.lsn,
+                   updated_at = clock_timestamp()
+            FROM pos, (SELECT wal_lsn FROM {SCHEMA}.run_progress WHERE run_id = :run) AS before
+            WHERE p.run_id = :run
+            RETURNING CAST(pos.lsn - before.wal_lsn AS bigint) AS wal
+        )
         UPDATE {SCHEMA}.runs SET last_batch_at = clock_timestamp(),
                rows_by_step = rows_by_step || jsonb_build_object(
-                   CAST(:s AS text), COALESCE((rows_by_step ->> CAST(:s AS text))::bigint, 0) + :r)
+                   CAST(:s AS text), COALESCE((rows_by_step ->> CAST(:s AS text))::bigint, 0) + :r),
+               wal_bytes_by_step = CASE WHEN (SELECT wal FROM live) IS NULL THEN wal_bytes_by_step
+                   ELSE wal_bytes_by_step || jsonb_build_object(CAST(:s AS text),
+                       COALESCE((wal_bytes_by_step ->> CAST(:s AS text))::bigint, 0)
+                       + (SELECT wal FROM live)) END
         WHERE id = :run
-    """), {"s": step, "r": rows, "run": run_id})
+        RETURNING (SELECT wal FROM live)
+    """), {"s": step, "r": rows, "run": run_id, "keys": keys}).scalar()
     conn.execute(sa.text(f"""
         INSERT INTO {SCHEMA}.checkpoints (milestone, step, last_key, rows_done, batches_done, run_id,
                                           completed_at, updated_at)
@@ -140,6 +163,7 @@ def save_checkpoint(conn: Connection, milestone: str, step: str, last_key: int, 
             batches_done = {SCHEMA}.checkpoints.batches_done + 1,
             run_id = EXCLUDED.run_id, completed_at = NULL, updated_at = EXCLUDED.updated_at
     """), {"m": milestone, "s": step, "k": last_key, "r": rows, "run": run_id})
+    return wal
 
 
 def restart_checkpoint(conn: Connection, milestone: str, step: str, run_id: int,

@@ -6,7 +6,7 @@ DR site across a slow link pay for (pgroll #168). A replica-lag limit only fires
 replica is already behind, and a run with no replica attached (or an archive across the
 WAN) has none to fire.
 
-The rate is measured from the primary's WAL insert position (as ``batches.wal_position``
+The rate is measured from the primary's WAL insert position (as ``state.save_checkpoint``
 reads it for each batch's WAL bytes), sampled at every health read: at each batch boundary
 and every poll of a wait. The rate is the bytes between the newest sample and the latest
 one at least ``WINDOW_S`` older (the oldest, early in a run), over the time between them:
