@@ -182,6 +182,16 @@ class Running:
         return code, self.stdout.read_text(), self.stderr.read_text()
 
 
+def end_left(started: list[Running]) -> None:
+    """At a test's end, the runs it started and left going (a paused, held or waiting run
+    would never end by itself) are killed, so a failing test leaves none behind."""
+    while started:
+        run = started.pop()
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+
+
 def start_toolkit(db: ServerDb, args: tuple[str, ...], out_dir: Path, tag: str) -> Running:
     stdout, stderr = out_dir / f"{tag}.out", out_dir / f"{tag}.err"
     env = {**os.environ, "TOOLKIT_DATABASE_URL": db.url_text}

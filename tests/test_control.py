@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faults import Running
+from faults import Running, end_left
 from faults import start_toolkit as _start_toolkit
 from helpers import differences, end_state, toolkit, toolkit_json
 
@@ -38,11 +38,7 @@ def start_toolkit(*args, **kwargs) -> Running:
 def _end_runs_left():
     """A failing test leaves no run of its own going (a paused or waiting one would not end)."""
     yield
-    while _started:
-        run = _started.pop()
-        if run.process.poll() is None:
-            run.process.kill()
-            run.process.wait()
+    end_left(_started)
 
 
 def lines_of(path: Path) -> list[dict]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faults import Running, start_toolkit
+from faults import Running, end_left, start_toolkit
 from helpers import differences, end_state, toolkit, toolkit_json
 
 from toolkit.errors import ExitCode
@@ -36,11 +36,7 @@ _started: list[Running] = []
 def _end_runs_left():
     """A failing test leaves no held run of its own going (it would never end)."""
     yield
-    while _started:
-        run = _started.pop()
-        if run.process.poll() is None:
-            run.process.kill()
-            run.process.wait()
+    end_left(_started)
 
 
 def lines_of(path: Path) -> list[dict]:

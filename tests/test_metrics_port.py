@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from faults import Running, start_toolkit
+from faults import Running, end_left, start_toolkit
 from helpers import snapshot, toolkit
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,11 +29,7 @@ _started: list[Running] = []
 def _end_runs_left():
     """A failing test leaves no paused run of its own going (it would never end)."""
     yield
-    while _started:
-        run = _started.pop()
-        if run.process.poll() is None:
-            run.process.kill()
-            run.process.wait()
+    end_left(_started)
 
 
 def free_port() -> int:
