@@ -128,6 +128,30 @@ def test_set_batch_size_changes_the_batches_that_follow(realistic_db, tmp_path):
     assert all(set(sizes[:-1]) <= {8} and sizes[-1] <= 8 for sizes in by_pass.values())
 
 
+def test_set_target_batch_ms_resizes_the_batches_that_follow(realistic_db, tmp_path):
+    """A run started with a fixed size (5 keys, no target) is given a time budget: the batches
+    that follow are sized toward it, growing at most twice per batch (engine/sizing.py)."""
+    run, events = start(realistic_db, tmp_path, "budgeted")
+    asked = toolkit(realistic_db, "control", "set", "target-batch-ms=1000", "--reason", "adapt")
+    assert asked.exit_code == 0, asked.output
+    code, _, err = run.wait()
+    assert code == 0, err
+    lines = lines_of(events)
+    at = next(i for i, e in enumerate(lines) if e["event"] == "control")
+    assert lines[at]["key"] == "target-batch-ms" and lines[at]["value"] == "1000"
+    before, after = batches(lines[:at]), batches(lines[at:])
+    assert {b["keys"] for b in before} == {5}
+    by_pass: dict[str, list[int]] = {}
+    for b in after:
+        by_pass.setdefault(b["pass_name"], []).append(b["keys"])
+    # a batch of 5 keys takes milliseconds: each next one doubles, the pass's last takes the rest
+    grown = [sizes for sizes in by_pass.values() if len(sizes) > 2]
+    assert grown, by_pass
+    for sizes in grown:
+        assert max(sizes) > 5, sizes
+        assert all(b == 2 * a for a, b in zip(sizes[:-2], sizes[1:-1], strict=True)), sizes
+
+
 def test_abort_exits_resumable_and_a_rerun_finishes(realistic_db, tmp_path):
     run, events = start(realistic_db, tmp_path, "aborted")
     asked = toolkit(realistic_db, "control", "abort", "--reason", "window over")
