@@ -196,10 +196,16 @@ class Api:
                 if code.startswith("22") or (not code and isinstance(exc.orig, psycopg.DataError)):
                     raise ApiError(400, "INVALID_PARAMETER_VALUE",
                                    f"A parameter is not valid: {first}") from exc
-                if (code in BUSY or code.startswith(UNAVAILABLE) or exc.connection_invalidated
+                if (code in BUSY or code in STAGE_CHANGED or code.startswith(UNAVAILABLE)
+                        or exc.connection_invalidated
                         or (not code and isinstance(exc.orig, psycopg.OperationalError))):
-                    # the server restarting, full or shutting down: MLflow clients retry a 503
-                    why = BUSY.get(code, "the database is unreachable or refused the connection")
+                    # the server restarting, full or shutting down, or a milestone's schema
+                    # change under way (milestone 4 drops its tables one after the other):
+                    # MLflow clients retry a 503, as they do a write's
+                    why = BUSY.get(code) or (
+                        "the schema kept changing under it (a migration step may be changing it)"
+                        if code in STAGE_CHANGED else
+                        "the database is unreachable or refused the connection")
                     raise ApiError(503, "TEMPORARILY_UNAVAILABLE",
                                    f"The database did not answer this read: {why} ({first}); "
                                    "try again") from exc
