@@ -24,6 +24,8 @@ from toolkit.errors import ExitCode
 from toolkit.milestones import slug
 from toolkit.milestones.m4.preconditions import preconditions
 from toolkit.mlflow_api import stage_experiments, stages
+from toolkit.mlflow_api.errors import ApiError
+from toolkit.mlflow_api.server import Api
 from toolkit.mlflow_api.stages import Stage
 from toolkit.mlflow_api.views import View
 
@@ -301,3 +303,23 @@ def test_a_write_that_waited_for_milestone_4s_drop_finds_the_stage_changed(ready
     writer.join(60)
     assert isinstance(outcome[0], stages.StageChanged), outcome
     assert db.scalar("SELECT count(*) FROM ml_models WHERE display_name = 'waited'") == 0
+
+
+def test_a_read_whose_table_is_dropped_under_it_is_answered_503_never_500(make_database):
+    """Milestone 4 drops ml_experiment_metadata before ml_experiments, each in its own
+    transaction: a read between the two finds its table gone at every attempt. It is a
+    schema change under way, answered 503 (the MLflow client retries), as a write's is."""
+    db = make_database("realistic:small")
+    project, name = db.rows("SELECT project_id, name FROM ml_experiments ORDER BY id LIMIT 1")[0]
+    api = Api.connect(db.url_text)
+    try:
+        found = api.answer("experiments/get-by-name", str(project), "http://mlflow.test",
+                           {"experiment_name": name})
+        assert found["experiment"]["name"] == name
+        db.execute("DROP TABLE ml_experiment_metadata")
+        with pytest.raises(ApiError) as refused:
+            api.answer("experiments/get-by-name", str(project), "http://mlflow.test",
+                       {"experiment_name": name})
+        assert refused.value.status == 503, refused.value.body
+    finally:
+        api.close()
